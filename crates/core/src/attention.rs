@@ -1,0 +1,275 @@
+//! Causal softmax attention (Vaswani et al. 2017, eq. 1) with the options modern baselines use:
+//! grouped-query / multi-query attention (Ainslie et al. 2023), QK-norm (Henry et al. 2020; RMS
+//! over the head dim), a sliding window (Beltagy et al. 2020), learnable sink tokens (Xiao et al.
+//! 2024, StreamingLLM §3.3), and RoPE with configurable θ.
+
+use crate::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
+use crate::nn::{residual_std, rms_normalize, Linear, Rope, INIT_STD};
+use crate::params::{Group, Init, Pb};
+use candle_core::{DType, Device, Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+fn default_theta() -> f64 {
+    10_000.0
+}
+
+/// Softmax attention layer config (`type = "attention"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionConfig {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (GQA); `1` is MQA. Defaults to `n_heads` (MHA).
+    #[serde(default)]
+    pub n_kv_heads: Option<usize>,
+    /// RoPE base θ.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// RMS-normalise q and k per head before RoPE.
+    #[serde(default)]
+    pub qk_norm: bool,
+    /// Sliding window: each query sees itself and the `window - 1` previous tokens.
+    #[serde(default)]
+    pub window: Option<usize>,
+    /// Learnable position-free key/value slots every query can attend to.
+    #[serde(default)]
+    pub sink_tokens: usize,
+    /// Biases on the q/k/v/o projections.
+    #[serde(default)]
+    pub bias: bool,
+}
+
+impl AttentionConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_heads.unwrap_or(self.n_heads)
+    }
+
+    /// Check the config against the model width and sequence length. The error says which field
+    /// is wrong and why.
+    pub fn validate(&self, d_model: usize, seq_len: usize) -> std::result::Result<(), String> {
+        if self.n_heads == 0 {
+            return Err("n_heads: must be at least 1".into());
+        }
+        if d_model % self.n_heads != 0 {
+            return Err(format!("n_heads: {} heads do not divide d_model = {}", self.n_heads, d_model));
+        }
+        if (d_model / self.n_heads) % 2 != 0 {
+            return Err(format!("n_heads: head dim {} must be even for RoPE", d_model / self.n_heads));
+        }
+        let kv = self.kv_heads();
+        if kv == 0 || self.n_heads % kv != 0 {
+            return Err(format!("n_kv_heads: n_heads = {} is not a multiple of n_kv_heads = {}", self.n_heads, kv));
+        }
+        if let Some(w) = self.window {
+            if w == 0 {
+                return Err("window: must be at least 1".into());
+            }
+            if w > seq_len {
+                return Err(format!("window: {w} is larger than the sequence length {seq_len}"));
+            }
+        }
+        if self.rope_theta <= 0.0 {
+            return Err("rope_theta: must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// The attention module. Fields are public so that method crates (e.g. gated attention) can reuse
+/// the projections and [`sdpa`] and insert their own operations between them.
+pub struct Attention {
+    pub cfg: AttentionConfig,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub rope: Rope,
+    pub sink_k: Option<Tensor>,
+    pub sink_v: Option<Tensor>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub qk_eps: f64,
+}
+
+impl Attention {
+    pub fn new(cfg: &AttentionConfig, ctx: &BuildCtx, pb: &Pb) -> Result<Self> {
+        let d = ctx.d_model;
+        let (h, kv) = (cfg.n_heads, cfg.kv_heads());
+        let hd = d / h;
+        let sink_k = (cfg.sink_tokens > 0)
+            .then(|| pb.get("sink_k", (kv, cfg.sink_tokens, hd), Init::Normal(INIT_STD), Group::NoDecay))
+            .transpose()?;
+        let sink_v = (cfg.sink_tokens > 0)
+            .then(|| pb.get("sink_v", (kv, cfg.sink_tokens, hd), Init::Normal(INIT_STD), Group::NoDecay))
+            .transpose()?;
+        Ok(Self {
+            q_proj: Linear::new(&pb.pp("q_proj"), d, h * hd, cfg.bias, INIT_STD)?,
+            k_proj: Linear::new(&pb.pp("k_proj"), d, kv * hd, cfg.bias, INIT_STD)?,
+            v_proj: Linear::new(&pb.pp("v_proj"), d, kv * hd, cfg.bias, INIT_STD)?,
+            o_proj: Linear::new(&pb.pp("o_proj"), h * hd, d, cfg.bias, residual_std(ctx.n_layers))?,
+            rope: Rope::new(hd, ctx.max_seq_len.max(1), cfg.rope_theta, pb.device())?,
+            sink_k,
+            sink_v,
+            n_heads: h,
+            n_kv_heads: kv,
+            head_dim: hd,
+            qk_eps: 1e-6,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// (B, T, n·hd) -> (B, n, T, hd)
+    pub fn split_heads(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        x.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+    }
+
+    /// (B, H, T, hd) -> (B, T, H·hd)
+    pub fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, t, hd) = x.dims4()?;
+        x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))
+    }
+
+    /// QK-norm (if configured) and RoPE at absolute position `offset`.
+    pub fn position(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let x = if self.cfg.qk_norm { rms_normalize(x, self.qk_eps)? } else { x.clone() };
+        self.rope.apply(&x, offset)
+    }
+
+    /// Append new keys/values to the cache (if any) and return the full K, V plus the absolute
+    /// position of the first key. Sliding-window caches keep only the last `window` entries.
+    pub fn update_cache(
+        &self,
+        k: Tensor,
+        v: Tensor,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<(Tensor, Tensor, usize)> {
+        let t = k.dim(2)?;
+        let Some(c) = cache else { return Ok((k, v, 0)) };
+        let (k_all, v_all) = if c.tensors.is_empty() {
+            (k, v)
+        } else {
+            (Tensor::cat(&[&c.tensors[0], &k], 2)?, Tensor::cat(&[&c.tensors[1], &v], 2)?)
+        };
+        let start = c.seen + t - k_all.dim(2)?;
+        c.seen += t;
+        let (ck, cv) = match self.cfg.window {
+            Some(w) if k_all.dim(2)? > w => {
+                let n = k_all.dim(2)?;
+                (k_all.narrow(2, n - w, w)?.contiguous()?, v_all.narrow(2, n - w, w)?.contiguous()?)
+            }
+            _ => (k_all.clone(), v_all.clone()),
+        };
+        c.tensors = vec![ck, cv];
+        Ok((k_all, v_all, start))
+    }
+
+    /// Scaled dot-product attention of q (B, H, T, hd) at positions `q_start..` over k, v
+    /// (B, Hkv, Tk, hd) at positions `k_start..`, with sinks, causal mask and window.
+    /// `differentiable = false` allows the fused (no-backward) softmax.
+    pub fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        q_start: usize,
+        k_start: usize,
+        differentiable: bool,
+        probe: Option<&mut LayerProbe>,
+    ) -> Result<Tensor> {
+        let (k, v, n_sink) = match (&self.sink_k, &self.sink_v) {
+            (Some(sk), Some(sv)) => {
+                let b = k.dim(0)?;
+                let sk = sk.to_dtype(k.dtype())?.unsqueeze(0)?.broadcast_as((b, sk.dim(0)?, sk.dim(1)?, sk.dim(2)?))?;
+                let sv = sv.to_dtype(v.dtype())?.unsqueeze(0)?.broadcast_as((b, sv.dim(0)?, sv.dim(1)?, sv.dim(2)?))?;
+                (Tensor::cat(&[&sk, k], 2)?, Tensor::cat(&[&sv, v], 2)?, self.cfg.sink_tokens)
+            }
+            _ => (k.clone(), v.clone(), 0),
+        };
+        let mask = attention_mask(q.dim(2)?, q_start, k.dim(2)? - n_sink, k_start, self.cfg.window, n_sink, q.device())?;
+        sdpa(q, &k, &v, &mask, differentiable, probe.map(|p| (p, n_sink)))
+    }
+}
+
+/// Additive mask (Tq, n_sink + Tk) in f32: 0 where query i (position q_start + i) may see key j
+/// (position k_start + j), -inf elsewhere. Sink columns are always visible. Built on the device
+/// from `arange`, so no host round-trip.
+pub fn attention_mask(
+    tq: usize,
+    q_start: usize,
+    tk: usize,
+    k_start: usize,
+    window: Option<usize>,
+    n_sink: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let qpos = Tensor::arange(q_start as i64, (q_start + tq) as i64, device)?.reshape((tq, 1))?;
+    let kpos = Tensor::arange(k_start as i64, (k_start + tk) as i64, device)?.reshape((1, tk))?;
+    let diff = qpos.broadcast_sub(&kpos)?; // q - k
+    let mut ok = diff.ge(0i64)?;
+    if let Some(w) = window {
+        ok = (ok.to_dtype(DType::U8)? * diff.lt(w as i64)?.to_dtype(DType::U8)?)?;
+    }
+    let zeros = Tensor::zeros((tq, tk), DType::F32, device)?;
+    let ninf = Tensor::full(f32::NEG_INFINITY, (tq, tk), device)?;
+    let m = ok.where_cond(&zeros, &ninf)?;
+    if n_sink > 0 {
+        Tensor::cat(&[&Tensor::zeros((tq, n_sink), DType::F32, device)?, &m], 1)
+    } else {
+        Ok(m)
+    }
+}
+
+/// softmax(q kᵀ / √d + mask) v with grouped heads: q (B, H, T, d), k and v (B, Hkv, Tk, d),
+/// H a multiple of Hkv (query head h reads kv head h / (H / Hkv)). Scores and softmax in f32.
+/// With a probe, the probabilities over the real (non-sink) keys are recorded as (B, H, T, Tk).
+pub fn sdpa(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    differentiable: bool,
+    probe: Option<(&mut LayerProbe, usize)>,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let (_, hkv, tk, _) = k.dims4()?;
+    let rep = h / hkv;
+    let dt = q.dtype();
+    let work = if dt == DType::F64 { DType::F64 } else { DType::F32 };
+    let qg = q.reshape((b, hkv, rep * t, d))?;
+    let scores = (qg.matmul(&k.contiguous()?.t()?)?.to_dtype(work)? * (1.0 / (d as f64).sqrt()))?;
+    let scores = scores.reshape((b, hkv, rep, t, tk))?.broadcast_add(&mask.to_dtype(work)?)?;
+    let probs = if differentiable {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
+    };
+    if let Some((p, n_sink)) = probe {
+        p.attn = Some(probs.reshape((b, h, t, tk))?.narrow(3, n_sink, tk - n_sink)?.contiguous()?);
+    }
+    let probs = probs.reshape((b, hkv, rep * t, tk))?.to_dtype(dt)?;
+    probs.matmul(&v.contiguous()?)?.reshape((b, h, t, d))
+}
+
+impl Mixer for Attention {
+    fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, probe: Option<&mut LayerProbe>) -> Result<Tensor> {
+        let offset = cache.as_ref().map(|c| c.seen).unwrap_or(0);
+        let differentiable = cache.is_none();
+        let q = self.position(&self.split_heads(&self.q_proj.forward(x)?, self.n_heads)?, offset)?;
+        let k = self.position(&self.split_heads(&self.k_proj.forward(x)?, self.n_kv_heads)?, offset)?;
+        let v = self.split_heads(&self.v_proj.forward(x)?, self.n_kv_heads)?;
+        let (k, v, k_start) = self.update_cache(k, v, cache)?;
+        let y = self.attend(&q, &k, &v, offset, k_start, differentiable, probe)?;
+        self.o_proj.forward(&self.merge_heads(&y)?)
+    }
+
+    fn cache_bytes(&self, batch: usize, seq_len: usize, dtype: DType) -> usize {
+        let kept = self.cfg.window.map_or(seq_len, |w| seq_len.min(w));
+        2 * batch * self.n_kv_heads * kept * self.head_dim * dtype.size_in_bytes()
+    }
+
+    fn kind(&self) -> String {
+        "attention".into()
+    }
+}

@@ -1,0 +1,80 @@
+//! The two plug-in interfaces of a block: the sequence mixer and the feed-forward.
+//!
+//! A method crate (gated attention, linear attention, MoE, ...) implements one of these traits and is
+//! registered in the harness's config enum; the core never needs to know the concrete type.
+
+use candle_core::{DType, Result, Tensor};
+
+/// What a layer constructor needs to know about its place in the model.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildCtx {
+    pub d_model: usize,
+    pub n_layers: usize,
+    /// 0-based index of this layer.
+    pub layer: usize,
+    /// Longest sequence the model will see (RoPE tables, windows).
+    pub max_seq_len: usize,
+}
+
+/// A layer's cache (softmax attention: K and V) or recurrent state (linear attention: S and
+/// convolution tails). The tensors are the mixer's own business; `seen` counts the tokens consumed.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    pub tensors: Vec<Tensor>,
+    pub seen: usize,
+}
+
+impl LayerCache {
+    /// Exact bytes held by this cache now.
+    pub fn bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+    }
+}
+
+/// Eval-time diagnostics a mixer may record when asked (never on the training path).
+#[derive(Debug, Default)]
+pub struct LayerProbe {
+    /// Softmax attention probabilities over the real tokens, (B, H, T, T).
+    pub attn: Option<Tensor>,
+    /// Named scalar-or-tensor statistics (e.g. gate scores); reduced by the runner.
+    pub stats: Vec<(String, Tensor)>,
+}
+
+/// A sequence mixer: maps (B, T, D) to (B, T, D), mixing information only from the past.
+///
+/// Three forms share one entry point:
+/// - `cache = None`: the full-sequence (training / parallel) form; must be differentiable.
+/// - `cache = Some(c)` with `c` empty and T ≥ 1: prefill, filling the cache.
+/// - `cache = Some(c)` after earlier calls: incremental decode; the output must equal the matching
+///   rows of the full-sequence form.
+pub trait Mixer: Send + Sync {
+    fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, probe: Option<&mut LayerProbe>) -> Result<Tensor>;
+
+    /// Exact size in bytes of this layer's cache/state after `seq_len` tokens of `batch` sequences
+    /// with activations in `dtype` (must equal [`LayerCache::bytes`] after such a prefill).
+    fn cache_bytes(&self, batch: usize, seq_len: usize, dtype: DType) -> usize;
+
+    /// A short name for tables and logs.
+    fn kind(&self) -> String;
+}
+
+/// A feed-forward's output: the value, an optional auxiliary loss to add to the LM loss (already
+/// weighted), and named statistics for logging (e.g. MoE load balance).
+#[derive(Debug)]
+pub struct FfnOut {
+    pub y: Tensor,
+    pub aux_loss: Option<Tensor>,
+    pub stats: Vec<(String, Tensor)>,
+}
+
+impl FfnOut {
+    pub fn plain(y: Tensor) -> Self {
+        Self { y, aux_loss: None, stats: Vec::new() }
+    }
+}
+
+/// A position-wise feed-forward: (B, T, D) -> (B, T, D).
+pub trait FeedForward: Send + Sync {
+    fn forward(&self, x: &Tensor) -> Result<FfnOut>;
+    fn kind(&self) -> String;
+}

@@ -1,0 +1,165 @@
+//! The decoder-only language model: token embedding (optionally tied to the head), pre-norm
+//! blocks `h += mixer(norm(h)); h += ffn(norm(h))`, final norm, LM head (GPT-2 / Llama layout).
+
+use crate::mixer::{BuildCtx, FeedForward, LayerCache, LayerProbe, Mixer};
+use crate::nn::{Embedding, Linear, RmsNorm, INIT_STD};
+use crate::params::Pb;
+use candle_core::{DType, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// Shape of the model outside its layers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LmShape {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub tie_embeddings: bool,
+    pub norm_eps: f64,
+    pub max_seq_len: usize,
+}
+
+pub struct Block {
+    pub norm1: RmsNorm,
+    pub mixer: Box<dyn Mixer>,
+    pub ffn: Option<(RmsNorm, Box<dyn FeedForward>)>,
+}
+
+/// A layer as built by the harness: its mixer and (optional) feed-forward.
+pub type LayerParts = (Box<dyn Mixer>, Option<Box<dyn FeedForward>>);
+
+pub struct Lm {
+    pub shape: LmShape,
+    pub embed: Embedding,
+    pub blocks: Vec<Block>,
+    pub norm_f: RmsNorm,
+    pub head: Option<Linear>,
+    /// Activation dtype (f32 on CPU, bf16 on CUDA, f64 in gradient checks).
+    pub dtype: DType,
+}
+
+/// Per-forward diagnostics, filled only when asked.
+#[derive(Debug, Default)]
+pub struct ModelProbe {
+    pub layers: Vec<LayerProbe>,
+    /// max |h| of the residual stream after each block, scalar tensors.
+    pub max_abs: Vec<Tensor>,
+    /// FFN statistics per layer.
+    pub ffn_stats: Vec<Vec<(String, Tensor)>>,
+}
+
+pub struct LmOutput {
+    /// (B, T, V)
+    pub logits: Tensor,
+    /// Sum of the feed-forwards' auxiliary losses, if any.
+    pub aux_loss: Option<Tensor>,
+}
+
+impl Lm {
+    /// Build the model; `layer` builds each layer's parts from its context.
+    pub fn new(
+        shape: &LmShape,
+        dtype: DType,
+        pb: &Pb,
+        mut layer: impl FnMut(&BuildCtx, &Pb) -> Result<LayerParts>,
+    ) -> Result<Self> {
+        let embed = Embedding::new(&pb.pp("embed"), shape.vocab_size, shape.d_model)?;
+        let mut blocks = Vec::with_capacity(shape.n_layers);
+        for i in 0..shape.n_layers {
+            let ctx = BuildCtx { d_model: shape.d_model, n_layers: shape.n_layers, layer: i, max_seq_len: shape.max_seq_len };
+            let lpb = pb.pp(format!("layers.{i}"));
+            let (mixer, ffn) = layer(&ctx, &lpb)?;
+            let norm1 = RmsNorm::new(&lpb.pp("norm1"), shape.d_model, shape.norm_eps)?;
+            let ffn = match ffn {
+                Some(f) => Some((RmsNorm::new(&lpb.pp("norm2"), shape.d_model, shape.norm_eps)?, f)),
+                None => None,
+            };
+            blocks.push(Block { norm1, mixer, ffn });
+        }
+        let norm_f = RmsNorm::new(&pb.pp("norm_f"), shape.d_model, shape.norm_eps)?;
+        let head = if shape.tie_embeddings {
+            None
+        } else {
+            Some(Linear::new(&pb.pp("head"), shape.d_model, shape.vocab_size, false, INIT_STD)?)
+        };
+        Ok(Self { shape: shape.clone(), embed, blocks, norm_f, head, dtype })
+    }
+
+    /// A fresh, empty cache for incremental decoding.
+    pub fn new_cache(&self) -> Vec<LayerCache> {
+        vec![LayerCache::default(); self.blocks.len()]
+    }
+
+    /// ids (B, T) u32 -> logits (B, T, V) for every position.
+    /// `cache = None` is the training form; with a cache, T new tokens are appended (prefill/decode).
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut [LayerCache]>,
+        mut probe: Option<&mut ModelProbe>,
+    ) -> Result<LmOutput> {
+        let mut h = self.embed.forward(ids, self.dtype)?;
+        let mut aux: Option<Tensor> = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|c| &mut c[i]);
+            let mut lp = probe.as_ref().map(|_| LayerProbe::default());
+            let y = block.mixer.forward(&block.norm1.forward(&h)?, layer_cache, lp.as_mut())?;
+            h = (h + y)?;
+            let mut stats = Vec::new();
+            if let Some((norm2, ffn)) = &block.ffn {
+                let out = ffn.forward(&norm2.forward(&h)?)?;
+                h = (h + out.y)?;
+                if let Some(a) = out.aux_loss {
+                    aux = Some(match aux {
+                        Some(s) => (s + a)?,
+                        None => a,
+                    });
+                }
+                stats = out.stats;
+            }
+            if let Some(p) = probe.as_mut() {
+                p.layers.push(lp.unwrap_or_default());
+                p.max_abs.push(h.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?);
+                p.ffn_stats.push(stats);
+            }
+        }
+        let h = self.norm_f.forward(&h)?;
+        let logits = match &self.head {
+            Some(head) => head.forward(&h)?,
+            None => {
+                let (b, t, d) = h.dims3()?;
+                let w = self.embed.weight.to_dtype(h.dtype())?;
+                h.reshape((b * t, d))?.matmul(&w.t()?)?.reshape((b, t, ()))?
+            }
+        };
+        Ok(LmOutput { logits, aux_loss: aux })
+    }
+
+    /// Exact cache/state bytes of the whole model after `seq_len` tokens.
+    pub fn cache_bytes(&self, batch: usize, seq_len: usize) -> usize {
+        self.blocks.iter().map(|b| b.mixer.cache_bytes(batch, seq_len, self.dtype)).sum()
+    }
+
+    /// "attention×4" style summary of the layer stack.
+    pub fn describe(&self) -> String {
+        let names: Vec<String> = self.blocks.iter().map(|b| b.mixer.kind()).collect();
+        names.join(",")
+    }
+}
+
+/// Mean cross-entropy over positions where `mask` is 1 (all positions if `mask` is None).
+/// logits (B, T, V), targets (B, T) u32, mask (B, T) in {0, 1}. Computed in f32 (f64 stays f64)
+/// from `log_softmax`, which records a backward pass.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let work = if logits.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let lp = candle_nn::ops::log_softmax(&logits.to_dtype(work)?.reshape((b * t, v))?, 1)?;
+    let nll = lp.gather(&targets.reshape((b * t, 1))?, 1)?.reshape(b * t)?.neg()?;
+    match mask {
+        None => nll.mean(0),
+        Some(m) => {
+            let m = m.reshape(b * t)?.to_dtype(work)?;
+            let n = m.sum_all()?.maximum(1.0)?;
+            (nll * &m)?.sum_all()?.broadcast_div(&n)
+        }
+    }
+}

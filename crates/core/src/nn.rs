@@ -1,0 +1,135 @@
+//! Differentiable building blocks: linear maps, embeddings, RMSNorm and RoPE.
+//!
+//! Every module here records a backward pass. Weights are stored in the master dtype (f32, or f64 in
+//! gradient checks) and cast to the activation dtype at use, so bf16 training on CUDA keeps f32 master
+//! weights: `to_dtype` is differentiable, and the gradient arrives at the f32 `Var` in f32.
+
+use crate::params::{Group, Init, Pb};
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// GPT-2 / nanoGPT initialisation: N(0, 0.02) for every weight matrix.
+pub const INIT_STD: f64 = 0.02;
+
+/// `std` for residual output projections: 0.02 / sqrt(2 · n_layers) (GPT-2 §2.3, nanoGPT `c_proj`).
+pub fn residual_std(n_layers: usize) -> f64 {
+    INIT_STD / (2.0 * n_layers as f64).sqrt()
+}
+
+/// y = x Wᵀ (+ b). Weight shape (out, in), as in PyTorch and candle-nn.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(pb: &Pb, d_in: usize, d_out: usize, bias: bool, std: f64) -> Result<Self> {
+        let weight = pb.get("weight", (d_out, d_in), Init::Normal(std), Group::Decay)?;
+        let bias = if bias { Some(pb.get("bias", d_out, Init::Const(0.0), Group::NoDecay)?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.weight.to_dtype(x.dtype())?;
+        let y = match x.dims() {
+            [b, t, d] => x.reshape((b * t, *d))?.matmul(&w.t()?)?.reshape((*b, *t, ()))?,
+            _ => x.broadcast_matmul(&w.t()?)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Token embedding table (vocab, d).
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(pb: &Pb, vocab: usize, d: usize) -> Result<Self> {
+        Ok(Self { weight: pb.get("weight", (vocab, d), Init::Normal(INIT_STD), Group::Embedding)? })
+    }
+
+    /// ids (B, T) u32 -> (B, T, d) in `dtype`.
+    pub fn forward(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        self.weight.embedding(&flat)?.to_dtype(dtype)?.reshape((b, t, ()))
+    }
+}
+
+/// Root-mean-square norm (Zhang & Sennrich 2019): y = x / sqrt(mean(x²) + ε) · g.
+/// Computed in f32 from primitive ops so that it records a backward pass (candle's fused
+/// `ops::rms_norm` does not).
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(pb: &Pb, d: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: pb.get("weight", d, Init::Const(1.0), Group::NoDecay)?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = rms_normalize(x, self.eps)?;
+        y.broadcast_mul(&self.weight.to_dtype(y.dtype())?)
+    }
+}
+
+/// x / sqrt(mean(x², last dim) + ε), without a gain; accumulates in f32 (f64 stays f64).
+pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let work = if dt == DType::F64 { DType::F64 } else { DType::F32 };
+    let xf = x.to_dtype(work)?;
+    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    xf.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(dt)
+}
+
+/// Rotary position embedding tables (Su et al. 2021, RoFormer eq. 34), half-split layout
+/// (GPT-NeoX / Llama), with base θ.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, max_len: usize, theta: f64, device: &Device) -> Result<Self> {
+        assert!(head_dim % 2 == 0, "RoPE needs an even head dim");
+        let half = head_dim / 2;
+        let inv: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+        let mut cos = Vec::with_capacity(max_len * half);
+        let mut sin = Vec::with_capacity(max_len * half);
+        for p in 0..max_len {
+            for f in &inv {
+                let a = p as f64 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_len, half), device)?,
+            sin: Tensor::from_vec(sin, (max_len, half), device)?,
+        })
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
+    /// x: (B, H, T, Dh) at absolute positions offset..offset+T. Differentiable (`rope_slow`).
+    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        if offset + t > self.max_len() {
+            candle_core::bail!("RoPE table holds {} positions, asked for {}", self.max_len(), offset + t)
+        }
+        let cos = self.cos.narrow(0, offset, t)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, offset, t)?.to_dtype(x.dtype())?;
+        candle_nn::rotary_emb::rope_slow(&x.contiguous()?, &cos, &sin)
+    }
+}

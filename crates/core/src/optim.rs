@@ -1,0 +1,252 @@
+//! AdamW with decoupled weight decay (Loshchilov & Hutter 2019, Alg. 2), global gradient-norm
+//! clipping (Pascanu et al. 2013), and the warmup + cosine schedule of nanoGPT.
+//!
+//! candle-nn's `AdamW` has one hyper-parameter group and keeps its moments private; zoo needs
+//! per-group decay and checkpointable state, so it has its own. All arithmetic stays on the device.
+
+use crate::params::{Group, ParamStore};
+use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct AdamWParams {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Apply weight decay to embedding tables too.
+    pub decay_embeddings: bool,
+}
+
+impl Default for AdamWParams {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_embeddings: false }
+    }
+}
+
+struct Slot {
+    name: String,
+    var: Var,
+    decay: bool,
+    m: Tensor,
+    v: Tensor,
+}
+
+pub struct AdamW {
+    slots: Vec<Slot>,
+    pub params: AdamWParams,
+    /// Number of updates applied.
+    pub t: usize,
+}
+
+impl AdamW {
+    pub fn new(store: &ParamStore, params: AdamWParams) -> Result<Self> {
+        let mut slots = Vec::new();
+        for (name, p) in store.params() {
+            let decay = match p.group {
+                Group::Decay => true,
+                Group::NoDecay => false,
+                Group::Embedding => params.decay_embeddings,
+            };
+            let m = p.var.zeros_like()?;
+            let v = p.var.zeros_like()?;
+            slots.push(Slot { name, var: p.var, decay, m, v });
+        }
+        Ok(Self { slots, params, t: 0 })
+    }
+
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.slots.iter().map(|s| &s.var)
+    }
+
+    /// One update with the given (already clipped) gradients at learning rate `lr`.
+    /// Parameters without a gradient are left unchanged.
+    pub fn step(&mut self, grads: &Grads, lr: f64) -> Result<()> {
+        self.t += 1;
+        let p = self.params;
+        let bc1 = 1.0 - p.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - p.beta2.powi(self.t as i32);
+        for s in self.slots.iter_mut() {
+            let Some(g) = grads.get(&s.var) else { continue };
+            let g = g.to_dtype(s.var.dtype())?;
+            s.m = ((&s.m * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
+            s.v = ((&s.v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+            let mhat = (&s.m / bc1)?;
+            let vhat = (&s.v / bc2)?;
+            let upd = (mhat / (vhat.sqrt()? + p.eps)?)?;
+            let mut w = s.var.as_tensor().clone();
+            if s.decay && p.weight_decay > 0.0 {
+                w = (w * (1.0 - lr * p.weight_decay))?;
+            }
+            s.var.set(&(w - (upd * lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    /// Moments by name (`m.<param>`, `v.<param>`) for checkpoints.
+    pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        for s in &self.slots {
+            out.insert(format!("m.{}", s.name), s.m.clone());
+            out.insert(format!("v.{}", s.name), s.v.clone());
+        }
+        out
+    }
+
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: usize) -> anyhow::Result<()> {
+        for s in self.slots.iter_mut() {
+            let dev = s.var.device().clone();
+            let get = |k: String| -> anyhow::Result<Tensor> {
+                let x = tensors.get(&k).ok_or_else(|| anyhow::anyhow!("optimizer state lacks `{k}`"))?;
+                Ok(x.to_dtype(s.var.dtype())?.to_device(&dev)?)
+            };
+            s.m = get(format!("m.{}", s.name))?;
+            s.v = get(format!("v.{}", s.name))?;
+        }
+        self.t = t;
+        Ok(())
+    }
+}
+
+/// Gradients keyed by variable, accumulated over micro-batches.
+#[derive(Default)]
+pub struct Grads {
+    map: HashMap<candle_core::TensorId, Tensor>,
+}
+
+impl Grads {
+    pub fn get(&self, v: &Var) -> Option<&Tensor> {
+        self.map.get(&v.as_tensor().id())
+    }
+
+    /// Add `scale ·` the gradients of `vars` from a backward pass.
+    pub fn accumulate<'a>(&mut self, store: &GradStore, vars: impl Iterator<Item = &'a Var>, scale: f64) -> Result<()> {
+        for v in vars {
+            if let Some(g) = store.get(v.as_tensor()) {
+                let g = if scale == 1.0 { g.clone() } else { (g * scale)? };
+                let id = v.as_tensor().id();
+                let new = match self.map.remove(&id) {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                };
+                self.map.insert(id, new);
+            }
+        }
+        Ok(())
+    }
+
+    /// Global L2 norm of all gradients, as a scalar f32 tensor on the device (no host sync).
+    pub fn global_norm(&self) -> Result<Option<Tensor>> {
+        let mut total: Option<Tensor> = None;
+        for g in self.map.values() {
+            let s = g.to_dtype(DType::F32)?.sqr()?.sum_all()?;
+            total = Some(match total {
+                Some(t) => (t + s)?,
+                None => s,
+            });
+        }
+        total.map(|t| t.sqrt()).transpose()
+    }
+
+    /// Scale all gradients so that their global norm is at most `max_norm`; returns the norm before
+    /// clipping. The scale min(1, max_norm / norm) is computed on the device.
+    pub fn clip(&mut self, max_norm: f64) -> Result<Option<Tensor>> {
+        let Some(norm) = self.global_norm()? else { return Ok(None) };
+        let scale = ((norm.clone() + 1e-6)?.recip()? * max_norm)?.minimum(1.0)?;
+        for g in self.map.values_mut() {
+            *g = g.broadcast_mul(&scale.to_dtype(g.dtype())?)?;
+        }
+        Ok(Some(norm))
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// Linear warmup to `lr`, then cosine decay to `min_lr` at `decay_steps`, then flat (nanoGPT).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Schedule {
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub decay_steps: usize,
+}
+
+impl Schedule {
+    pub fn at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / (self.warmup_steps + 1) as f64;
+        }
+        if step >= self.decay_steps {
+            return self.min_lr;
+        }
+        let span = (self.decay_steps - self.warmup_steps).max(1) as f64;
+        let ratio = (step - self.warmup_steps) as f64 / span;
+        let coeff = 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos());
+        self.min_lr + coeff * (self.lr - self.min_lr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn schedule_shape() {
+        let s = Schedule { lr: 1.0, min_lr: 0.1, warmup_steps: 10, decay_steps: 110 };
+        assert!(s.at(0) < s.at(5) && s.at(5) < s.at(9));
+        assert!((s.at(10) - 1.0).abs() < 1e-12);
+        assert!((s.at(60) - 0.55).abs() < 1e-12);
+        assert!((s.at(110) - 0.1).abs() < 1e-12);
+        assert!((s.at(1000) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn clip_scales_to_max_norm() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Var::new(&[3.0f32, 0.0], &dev)?;
+        let b = Var::new(&[0.0f32, 4.0], &dev)?;
+        let loss = (((a.as_tensor() * a.as_tensor())?.sum_all()? * 0.5)? + ((b.as_tensor() * b.as_tensor())?.sum_all()? * 0.5)?)?;
+        let gs = loss.backward()?;
+        let mut grads = Grads::default();
+        grads.accumulate(&gs, [&a, &b].into_iter(), 1.0)?;
+        let n = grads.clip(1.0)?.unwrap().to_scalar::<f32>()?;
+        assert!((n - 5.0).abs() < 1e-5);
+        let n2 = grads.global_norm()?.unwrap().to_scalar::<f32>()?;
+        assert!((n2 - 1.0).abs() < 1e-5, "{n2}");
+        // A norm below the limit is untouched.
+        let n3 = grads.clip(10.0)?.unwrap().to_scalar::<f32>()?;
+        assert!((n3 - 1.0).abs() < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn adamw_first_step_and_decay() -> Result<()> {
+        // After one step, Adam moves each coordinate by lr·sign(g) (bias-corrected), and decoupled
+        // decay shrinks decayed weights by (1 - lr·wd) first.
+        let dev = Device::Cpu;
+        let store = ParamStore::new(0, DType::F32, &dev);
+        let pb = store.root();
+        let w = pb.get("w", 2, crate::params::Init::Const(1.0), Group::Decay)?;
+        let g = pb.get("g", 2, crate::params::Init::Const(1.0), Group::NoDecay)?;
+        let mut opt = AdamW::new(&store, AdamWParams { weight_decay: 0.5, ..Default::default() })?;
+        let loss = ((w * 2.0)?.sum_all()? + (g * -3.0)?.sum_all()?)?;
+        let gs = loss.backward()?;
+        let mut grads = Grads::default();
+        grads.accumulate(&gs, opt.vars().cloned().collect::<Vec<_>>().iter(), 1.0)?;
+        opt.step(&grads, 0.1)?;
+        let p = store.params();
+        let wv = p["w"].var.as_tensor().to_vec1::<f32>()?;
+        let gv = p["g"].var.as_tensor().to_vec1::<f32>()?;
+        assert!((wv[0] - (1.0 * (1.0 - 0.05) - 0.1)).abs() < 1e-5, "{wv:?}");
+        assert!((gv[0] - 1.1).abs() < 1e-5, "{gv:?}");
+        Ok(())
+    }
+}

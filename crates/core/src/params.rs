@@ -1,0 +1,168 @@
+//! Named, trainable parameters with deterministic initialisation.
+//!
+//! candle's `VarBuilder` initialises from an unseedable CPU RNG, which breaks run determinism, so zoo
+//! keeps its own store: every parameter is a `Var` (the f32 *master* copy, or f64 in gradient checks)
+//! registered under a dotted name, initialised from [`Rng`], and tagged with whether AdamW weight decay
+//! applies (nanoGPT's rule: matrices decay; norms, biases and embeddings do not, unless configured).
+
+use crate::rng::Rng;
+use candle_core::{DType, Device, Result, Shape, Tensor, Var};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// How a parameter starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    /// Normal(0, std).
+    Normal(f64),
+    /// Uniform(-a, a).
+    Uniform(f64),
+    Const(f64),
+}
+
+/// Which AdamW group a parameter belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// Matrices of linear maps: weight decay applies.
+    Decay,
+    /// Norm gains, biases: no decay.
+    NoDecay,
+    /// Embedding tables: decay only if the config asks for it.
+    Embedding,
+}
+
+#[derive(Clone)]
+pub struct Param {
+    pub var: Var,
+    pub group: Group,
+}
+
+struct Inner {
+    params: BTreeMap<String, Param>,
+    rng: Rng,
+}
+
+/// A shared store of parameters; cheap to clone.
+#[derive(Clone)]
+pub struct ParamStore {
+    inner: Arc<Mutex<Inner>>,
+    dtype: DType,
+    device: Device,
+}
+
+impl ParamStore {
+    pub fn new(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner { params: BTreeMap::new(), rng: Rng::new(seed).fork(0x1417) })),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A builder rooted at the empty prefix.
+    pub fn root(&self) -> Pb {
+        Pb { store: self.clone(), prefix: String::new() }
+    }
+
+    /// All parameters by name (sorted, so iteration order is deterministic).
+    pub fn params(&self) -> BTreeMap<String, Param> {
+        self.inner.lock().unwrap().params.clone()
+    }
+
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.params().into_iter().map(|(k, p)| (k, p.var)).collect()
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.inner.lock().unwrap().params.values().map(|p| p.var.elem_count()).sum()
+    }
+
+    pub fn num_params_in(&self, group: Group) -> usize {
+        self.inner.lock().unwrap().params.values().filter(|p| p.group == group).map(|p| p.var.elem_count()).sum()
+    }
+
+    /// Tensors to save, by name.
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect()
+    }
+
+    /// Overwrite every parameter from `tensors` (e.g. a loaded checkpoint). Every parameter must be
+    /// present with the same shape; extra entries are an error too, so a mismatched model cannot load.
+    pub fn load(&self, tensors: &BTreeMap<String, Tensor>) -> anyhow::Result<()> {
+        let params = self.params();
+        for name in tensors.keys() {
+            anyhow::ensure!(params.contains_key(name), "checkpoint has tensor `{name}` that the model does not");
+        }
+        for (name, p) in params {
+            let t = tensors.get(&name).ok_or_else(|| anyhow::anyhow!("checkpoint lacks tensor `{name}`"))?;
+            anyhow::ensure!(
+                t.dims() == p.var.dims(),
+                "tensor `{name}`: checkpoint shape {:?}, model shape {:?}",
+                t.dims(),
+                p.var.dims()
+            );
+            p.var.set(&t.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+        }
+        Ok(())
+    }
+
+    fn create(&self, name: String, shape: Shape, init: Init, group: Group) -> Result<Tensor> {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(p) = inner.params.get(&name) {
+            if p.var.shape() != &shape {
+                candle_core::bail!("parameter `{name}` requested twice with shapes {:?} and {:?}", p.var.shape(), shape)
+            }
+            return Ok(p.var.as_tensor().clone());
+        }
+        let n = shape.elem_count();
+        let data: Vec<f64> = match init {
+            Init::Normal(std) => (0..n).map(|_| inner.rng.normal() * std).collect(),
+            Init::Uniform(a) => (0..n).map(|_| (inner.rng.uniform() * 2.0 - 1.0) * a).collect(),
+            Init::Const(c) => vec![c; n],
+        };
+        let t = Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(self.dtype)?.to_device(&self.device)?;
+        let var = Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        inner.params.insert(name, Param { var, group });
+        Ok(out)
+    }
+}
+
+/// A prefix-scoped view of a [`ParamStore`], like candle's `VarBuilder`.
+#[derive(Clone)]
+pub struct Pb {
+    store: ParamStore,
+    prefix: String,
+}
+
+impl Pb {
+    pub fn pp(&self, name: impl std::fmt::Display) -> Pb {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        Pb { store: self.store.clone(), prefix }
+    }
+
+    pub fn get(&self, name: &str, shape: impl Into<Shape>, init: Init, group: Group) -> Result<Tensor> {
+        let full = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        self.store.create(full, shape.into(), init, group)
+    }
+
+    pub fn store(&self) -> &ParamStore {
+        &self.store
+    }
+
+    pub fn device(&self) -> &Device {
+        self.store.device()
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}

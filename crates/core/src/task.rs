@@ -1,0 +1,161 @@
+//! Training tasks: where batches come from and how a model is scored.
+
+use crate::data::{Batch, Mqar, MqarSegment, TextData};
+use crate::model::{cross_entropy, Lm};
+use crate::rng::Rng;
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, D};
+use std::collections::BTreeMap;
+
+/// The result of an evaluation: the validation loss (the number training curves track) and named
+/// metrics with lm-eval-style keys (`"perplexity,none"`).
+#[derive(Debug, Clone, Default)]
+pub struct EvalOut {
+    pub loss: f64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+pub trait Task {
+    /// A training micro-batch; all randomness comes from `rng` (its state is the data position).
+    fn train_batch(&self, rng: &mut Rng) -> Result<Batch>;
+    fn evaluate(&self, model: &Lm) -> Result<EvalOut>;
+    /// Tokens per training micro-batch.
+    fn batch_tokens(&self) -> usize;
+}
+
+/// Next-token prediction on a text corpus.
+pub struct TextTask {
+    pub data: TextData,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub eval_batches: usize,
+    pub device: Device,
+    /// Report bits per byte (the tokenizer maps to known byte counts).
+    pub report_bpb: bool,
+}
+
+impl Task for TextTask {
+    fn train_batch(&self, rng: &mut Rng) -> Result<Batch> {
+        self.data.train_batch(rng, self.batch_size, self.seq_len, &self.device)
+    }
+
+    fn evaluate(&self, model: &Lm) -> Result<EvalOut> {
+        let batches = self.data.val_batches(self.batch_size, self.seq_len, self.eval_batches, &self.device)?;
+        let (mut sum, mut n) = (0.0, 0usize);
+        for b in &batches {
+            let out = model.forward(&b.inputs, None, None)?;
+            let tokens = b.inputs.elem_count();
+            sum += cross_entropy(&out.logits, &b.targets, None)?.to_dtype(DType::F64)?.to_scalar::<f64>()? * tokens as f64;
+            n += tokens;
+        }
+        let loss = sum / n as f64;
+        let mut metrics = BTreeMap::new();
+        metrics.insert("perplexity,none".into(), loss.exp());
+        if self.report_bpb {
+            metrics.insert("bits_per_byte,none".into(), loss / std::f64::consts::LN_2 / self.data.val_bytes_per_token);
+        }
+        metrics.insert("eval_tokens".into(), n as f64);
+        Ok(EvalOut { loss, metrics })
+    }
+
+    fn batch_tokens(&self) -> usize {
+        self.batch_size * self.seq_len
+    }
+}
+
+/// Multi-query associative recall: train on a mixture of segments, test on held-out examples.
+pub struct MqarTask {
+    pub train: Vec<Mqar>,
+    pub test: Vec<Mqar>,
+    pub batch_size: usize,
+    pub device: Device,
+}
+
+impl MqarTask {
+    pub fn new(vocab: usize, train: &[MqarSegment], test: &[MqarSegment], batch_size: usize, seed: u64, device: &Device) -> Result<Self> {
+        // Train and test draw from different streams, so test examples are unseen.
+        let mut rtrain = Rng::new(seed).fork(11);
+        let mut rtest = Rng::new(seed).fork(12);
+        Ok(Self {
+            train: train.iter().map(|s| Mqar::generate(vocab, s, 0.01, &mut rtrain)).collect::<Result<_>>()?,
+            test: test.iter().map(|s| Mqar::generate(vocab, s, 0.01, &mut rtest)).collect::<Result<_>>()?,
+            batch_size,
+            device: device.clone(),
+        })
+    }
+}
+
+impl Task for MqarTask {
+    fn train_batch(&self, rng: &mut Rng) -> Result<Batch> {
+        // Pick a segment in proportion to its size, then a batch of its examples.
+        let total: usize = self.train.iter().map(|s| s.len()).sum();
+        let mut r = rng.below(total);
+        let seg = self.train.iter().find(|s| {
+            if r < s.len() {
+                true
+            } else {
+                r -= s.len();
+                false
+            }
+        });
+        let seg = seg.expect("r < total");
+        let idx: Vec<usize> = (0..self.batch_size).map(|_| rng.below(seg.len())).collect();
+        seg.batch(&idx, &self.device)
+    }
+
+    fn evaluate(&self, model: &Lm) -> Result<EvalOut> {
+        let (mut loss_sum, mut loss_n) = (0.0, 0.0);
+        let (mut hit_all, mut n_all) = (0.0, 0.0);
+        let mut metrics = BTreeMap::new();
+        for seg in &self.test {
+            let (mut hit, mut n) = (0.0, 0.0);
+            let idx: Vec<usize> = (0..seg.len()).collect();
+            for chunk in idx.chunks(self.batch_size) {
+                let b = seg.batch(chunk, &self.device)?;
+                let mask = b.mask.as_ref().expect("mqar batches have masks");
+                let out = model.forward(&b.inputs, None, None)?;
+                let m = mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+                let l = cross_entropy(&out.logits, &b.targets, Some(mask))?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let pred = out.logits.argmax(D::Minus1)?;
+                let correct = pred.eq(&b.targets)?.to_dtype(DType::F32)?;
+                hit += (correct * mask)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                n += m;
+                loss_sum += l * m;
+                loss_n += m;
+            }
+            metrics.insert(format!("mqar_acc,T={},kv={}", seg.seq_len, seg.kv_pairs), hit / n);
+            hit_all += hit;
+            n_all += n;
+        }
+        metrics.insert("mqar_acc,none".into(), hit_all / n_all);
+        Ok(EvalOut { loss: loss_sum / loss_n, metrics })
+    }
+
+    fn batch_tokens(&self) -> usize {
+        self.batch_size * self.train.first().map_or(0, |s| s.seq_len)
+    }
+}
+
+/// Perplexity of `model` on a token stream, over non-overlapping windows of `seq_len`
+/// (every token scored once, except the first of each window's context), in batches.
+pub fn perplexity(model: &Lm, tokens: &[u32], seq_len: usize, batch: usize, device: &Device) -> Result<(f64, usize)> {
+    let n_windows = tokens.len().saturating_sub(1) / seq_len;
+    anyhow::ensure!(n_windows > 0, "text has {} tokens, fewer than seq_len + 1 = {}", tokens.len(), seq_len + 1);
+    let (mut sum, mut n) = (0.0, 0usize);
+    let starts: Vec<usize> = (0..n_windows).map(|i| i * seq_len).collect();
+    for chunk in starts.chunks(batch) {
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for &s in chunk {
+            x.extend_from_slice(&tokens[s..s + seq_len]);
+            y.extend_from_slice(&tokens[s + 1..s + seq_len + 1]);
+        }
+        let x = Tensor::from_vec(x, (chunk.len(), seq_len), device)?;
+        let y = Tensor::from_vec(y, (chunk.len(), seq_len), device)?;
+        let out = model.forward(&x, None, None)?;
+        let tok = chunk.len() * seq_len;
+        sum += cross_entropy(&out.logits, &y, None)?.to_dtype(DType::F64)?.to_scalar::<f64>()? * tok as f64;
+        n += tok;
+    }
+    Ok(((sum / n as f64).exp(), n))
+}

@@ -1,0 +1,244 @@
+//! The training loop: AdamW + schedule + clipping + accumulation, periodic eval, checkpoints that
+//! resume bit-exactly on CPU, and a hard stop on a non-finite loss.
+
+use crate::model::{cross_entropy, Lm};
+use crate::optim::{AdamW, AdamWParams, Grads, Schedule};
+use crate::params::ParamStore;
+use crate::rng::Rng;
+use crate::task::{EvalOut, Task};
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct TrainOpts {
+    pub steps: usize,
+    pub grad_accum: usize,
+    pub schedule: Schedule,
+    pub adamw: AdamWParams,
+    pub grad_clip: Option<f64>,
+    /// Evaluate every this many steps (and at the end).
+    pub eval_every: usize,
+    /// Save a checkpoint every this many steps (and at the end), if `checkpoint_dir` is set.
+    pub checkpoint_every: Option<usize>,
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Stop (as if killed) after this many steps in this invocation; for resume tests.
+    pub stop_after: Option<usize>,
+    /// Saved with each checkpoint (the resolved config, the tokenizer).
+    pub meta: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CurvePoint {
+    pub step: usize,
+    pub train_loss: f64,
+    pub val_loss: Option<f64>,
+    pub lr: f64,
+    pub tokens_per_s: f64,
+}
+
+/// Everything needed to continue a run exactly where it stopped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    pub step: usize,
+    /// Data RNG: batches are drawn from it, so its state is the data position.
+    pub rng: Rng,
+    pub best_val: Option<f64>,
+    pub curve: Vec<CurvePoint>,
+    pub tokens_seen: usize,
+    /// Seconds spent in training steps (evals excluded).
+    pub train_seconds: f64,
+    pub last_eval: Option<(f64, BTreeMap<String, f64>)>,
+}
+
+pub struct TrainReport {
+    pub state: TrainState,
+    /// True when `stop_after` ended the run early.
+    pub stopped_early: bool,
+}
+
+/// What the loop reports after each step (for progress bars).
+pub struct Progress<'a> {
+    pub step: usize,
+    pub steps: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub tokens_per_s: f64,
+    pub eval: Option<&'a EvalOut>,
+}
+
+/// A non-finite loss: training stopped before applying the update.
+#[derive(Debug)]
+pub struct NonFiniteLoss {
+    pub step: usize,
+    pub loss: f64,
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl std::fmt::Display for NonFiniteLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "loss became {} at step {}; training stopped before the update", self.loss, self.step)?;
+        match &self.checkpoint {
+            Some(p) => write!(f, "; the last good state is checkpointed at {}", p.display()),
+            None => write!(f, " (no checkpoint directory was set)"),
+        }
+    }
+}
+impl std::error::Error for NonFiniteLoss {}
+
+/// Train `model` (whose parameters live in `store`) on `task`. With `resume`, continue from the
+/// checkpoint in `opts.checkpoint_dir` if one exists.
+pub fn train(
+    model: &Lm,
+    store: &ParamStore,
+    task: &dyn Task,
+    opts: &TrainOpts,
+    seed: u64,
+    resume: bool,
+    on_step: &mut dyn FnMut(&Progress),
+) -> Result<TrainReport> {
+    let mut opt = AdamW::new(store, opts.adamw)?;
+    let mut st = TrainState {
+        step: 0,
+        rng: Rng::new(seed).fork(7),
+        best_val: None,
+        curve: Vec::new(),
+        tokens_seen: 0,
+        train_seconds: 0.0,
+        last_eval: None,
+    };
+    if resume {
+        if let Some(dir) = &opts.checkpoint_dir {
+            if dir.join("state.json").exists() {
+                st = load_checkpoint(dir, store, &mut opt)?;
+            }
+        }
+    }
+    let vars: Vec<_> = opt.vars().cloned().collect();
+    let accum = opts.grad_accum.max(1);
+    let step_tokens = task.batch_tokens() * accum;
+    let mut steps_here = 0;
+    let (mut win_loss, mut win_n, mut win_t) = (0.0, 0usize, 0.0);
+    while st.step < opts.steps {
+        if opts.stop_after.is_some_and(|n| steps_here >= n) {
+            return Ok(TrainReport { state: st, stopped_early: true });
+        }
+        let lr = opts.schedule.at(st.step);
+        let t0 = Instant::now();
+        let mut grads = Grads::default();
+        let mut loss_acc: Option<Tensor> = None;
+        for _ in 0..accum {
+            let b = task.train_batch(&mut st.rng)?;
+            let out = model.forward(&b.inputs, None, None)?;
+            let mut loss = cross_entropy(&out.logits, &b.targets, b.mask.as_ref())?;
+            if let Some(a) = out.aux_loss {
+                loss = (loss + a.to_dtype(DType::F32)?)?;
+            }
+            let loss = (loss / accum as f64)?;
+            grads.accumulate(&loss.backward()?, vars.iter(), 1.0)?;
+            loss_acc = Some(match loss_acc {
+                Some(l) => (l + loss)?,
+                None => loss,
+            });
+        }
+        let loss = loss_acc.expect("accum >= 1").to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !loss.is_finite() {
+            // Parameters are still those of the last good step: keep them.
+            let checkpoint = match &opts.checkpoint_dir {
+                Some(dir) => {
+                    save_checkpoint(dir, store, &opt, &st, &opts.meta)?;
+                    Some(dir.clone())
+                }
+                None => None,
+            };
+            return Err(NonFiniteLoss { step: st.step, loss, checkpoint }.into());
+        }
+        if let Some(c) = opts.grad_clip {
+            grads.clip(c)?;
+        }
+        opt.step(&grads, lr)?;
+        st.step += 1;
+        steps_here += 1;
+        let dt = t0.elapsed().as_secs_f64();
+        st.train_seconds += dt;
+        st.tokens_seen += step_tokens;
+        win_loss += loss;
+        win_n += 1;
+        win_t += dt;
+        let tps = step_tokens as f64 / dt.max(1e-9);
+        let last = st.step == opts.steps;
+        let eval = if st.step % opts.eval_every.max(1) == 0 || last {
+            let e = task.evaluate(model)?;
+            st.best_val = Some(st.best_val.map_or(e.loss, |b: f64| b.min(e.loss)));
+            st.curve.push(CurvePoint {
+                step: st.step,
+                train_loss: win_loss / win_n as f64,
+                val_loss: Some(e.loss),
+                lr,
+                tokens_per_s: (win_n * step_tokens) as f64 / win_t.max(1e-9),
+            });
+            (win_loss, win_n, win_t) = (0.0, 0, 0.0);
+            st.last_eval = Some((e.loss, e.metrics.clone()));
+            Some(e)
+        } else {
+            None
+        };
+        on_step(&Progress { step: st.step, steps: opts.steps, loss, lr, tokens_per_s: tps, eval: eval.as_ref() });
+        if let Some(dir) = &opts.checkpoint_dir {
+            if last || opts.checkpoint_every.is_some_and(|n| st.step % n == 0) {
+                save_checkpoint(dir, store, &opt, &st, &opts.meta)?;
+            }
+        }
+    }
+    Ok(TrainReport { state: st, stopped_early: false })
+}
+
+fn to_hash(m: BTreeMap<String, Tensor>) -> HashMap<String, Tensor> {
+    m.into_iter().collect()
+}
+
+/// Write `model.safetensors`, `optim.safetensors`, `state.json` and `meta.json` into a temporary
+/// folder, then swap it into place: a kill mid-save leaves the previous checkpoint intact.
+pub fn save_checkpoint(dir: &Path, store: &ParamStore, opt: &AdamW, st: &TrainState, meta: &serde_json::Value) -> Result<()> {
+    let tmp = dir.with_extension("tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    candle_core::safetensors::save(&to_hash(store.tensors()), tmp.join("model.safetensors"))?;
+    candle_core::safetensors::save(&to_hash(opt.state_tensors()), tmp.join("optim.safetensors"))?;
+    let state = serde_json::json!({ "train": st, "optimizer_t": opt.t, "adamw": opt.params });
+    std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&state)?)?;
+    std::fs::write(tmp.join("meta.json"), serde_json::to_vec_pretty(meta)?)?;
+    let old = dir.with_extension("old");
+    if dir.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        std::fs::rename(dir, &old)?;
+    }
+    std::fs::rename(&tmp, dir)?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    Ok(())
+}
+
+/// Load model weights (only) from a checkpoint folder into `store`.
+pub fn load_weights(dir: &Path, store: &ParamStore) -> Result<()> {
+    let path = dir.join("model.safetensors");
+    let t = candle_core::safetensors::load(&path, store.device()).with_context(|| format!("reading {}", path.display()))?;
+    store.load(&t.into_iter().collect())
+}
+
+fn load_checkpoint(dir: &Path, store: &ParamStore, opt: &mut AdamW) -> Result<TrainState> {
+    load_weights(dir, store)?;
+    let o = candle_core::safetensors::load(dir.join("optim.safetensors"), store.device())?;
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+    let t = state["optimizer_t"].as_u64().context("state.json: optimizer_t")? as usize;
+    opt.load_state(&o, t)?;
+    Ok(serde_json::from_value(state["train"].clone())?)
+}

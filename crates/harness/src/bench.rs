@@ -1,0 +1,228 @@
+//! `zoo bench`: train-step, prefill and decode throughput and peak memory of a config's model over
+//! sequence lengths, with warm-up iterations and device synchronisation around every timing.
+
+use crate::config::RunConfig;
+use crate::env::{self, Env};
+use crate::runner::build_model;
+use anyhow::Result;
+use serde_json::json;
+use std::time::Instant;
+use zoo_core::candle_core::{DType, Tensor};
+use zoo_core::model::cross_entropy;
+use zoo_core::optim::{AdamW, AdamWParams, Grads};
+use zoo_core::rng::Rng;
+
+pub struct BenchOpts {
+    pub seq_lens: Vec<usize>,
+    pub batch: usize,
+    pub warmup: usize,
+    pub iters: usize,
+    pub decode_tokens: usize,
+    pub skip_train: bool,
+}
+
+/// Peak memory of the process (CPU: resident set high-water mark) or the device (CUDA: the memory
+/// pool's high-water mark), resettable between phases.
+pub struct PeakMem<'a> {
+    env: &'a Env,
+}
+
+impl<'a> PeakMem<'a> {
+    pub fn reset(&self) {
+        if self.env.device.is_cpu() {
+            // Linux: writing 5 to clear_refs resets VmHWM to the current RSS.
+            let _ = std::fs::write("/proc/self/clear_refs", "5");
+        } else {
+            cuda_mem::reset_peak();
+        }
+    }
+
+    pub fn read(&self) -> Option<u64> {
+        if self.env.device.is_cpu() {
+            let s = std::fs::read_to_string("/proc/self/status").ok()?;
+            let l = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            l.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+        } else {
+            cuda_mem::peak()
+        }
+    }
+
+    pub fn what(&self) -> &'static str {
+        if self.env.device.is_cpu() {
+            "process peak resident set (VmHWM), bytes"
+        } else {
+            cuda_mem::WHAT
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_mem {
+    use zoo_core::candle_core::cuda_backend::cudarc::driver::sys;
+    pub const WHAT: &str = "CUDA default memory pool used-memory high-water mark, bytes";
+
+    fn pool() -> Option<sys::CUmemoryPool> {
+        unsafe {
+            let mut dev: sys::CUdevice = 0;
+            if sys::cuCtxGetDevice(&mut dev) != sys::CUresult::CUDA_SUCCESS {
+                return None;
+            }
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, dev) != sys::CUresult::CUDA_SUCCESS {
+                return None;
+            }
+            Some(pool)
+        }
+    }
+
+    pub fn reset_peak() {
+        if let Some(p) = pool() {
+            let mut zero: u64 = 0;
+            unsafe {
+                sys::cuMemPoolSetAttribute(p, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero as *mut u64 as *mut _);
+            }
+        }
+    }
+
+    pub fn peak() -> Option<u64> {
+        let p = pool()?;
+        let mut v: u64 = 0;
+        let r = unsafe {
+            sys::cuMemPoolGetAttribute(p, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut v as *mut u64 as *mut _)
+        };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod cuda_mem {
+    pub const WHAT: &str = "unavailable";
+    pub fn reset_peak() {}
+    pub fn peak() -> Option<u64> {
+        None
+    }
+}
+
+fn random_ids(rng: &mut Rng, b: usize, t: usize, vocab: usize, env: &Env) -> Result<Tensor> {
+    let v: Vec<u32> = (0..b * t).map(|_| rng.below(vocab) as u32).collect();
+    Ok(Tensor::from_vec(v, (b, t), &env.device)?)
+}
+
+/// Time `f` over `iters` runs after `warmup` runs; returns mean seconds per run.
+fn time(env: &Env, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    env.sync()?;
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    env.sync()?;
+    Ok(t0.elapsed().as_secs_f64() / iters.max(1) as f64)
+}
+
+pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: bool) -> Result<serde_json::Value> {
+    let max_t = o.seq_lens.iter().copied().max().unwrap_or(0) + o.decode_tokens;
+    let mut cfg = cfg.clone();
+    cfg.train.seq_len = Some(max_t);
+    if let crate::config::DataConfig::Mqar { train, .. } = &mut cfg.data {
+        // Make the RoPE tables long enough for the benchmarked lengths.
+        if let Some(s) = train.first_mut() {
+            s.seq_len = s.seq_len.max(max_t);
+        }
+    }
+    let (model, store) = build_model(&cfg, vocab, env)?;
+    let mem = PeakMem { env };
+    let mut rng = Rng::new(cfg.seed).fork(99);
+    let mut rows = Vec::new();
+    for &t in &o.seq_lens {
+        let b = o.batch;
+        let ids = random_ids(&mut rng, b, t, vocab, env)?;
+        let targets = random_ids(&mut rng, b, t, vocab, env)?;
+        let mut row = serde_json::Map::new();
+        row.insert("seq_len".into(), json!(t));
+        row.insert("batch".into(), json!(b));
+        if !o.skip_train {
+            let mut opt = AdamW::new(&store, AdamWParams::default())?;
+            let vars: Vec<_> = opt.vars().cloned().collect();
+            mem.reset();
+            let s = time(env, o.warmup, o.iters, || {
+                let out = model.forward(&ids, None, None)?;
+                let loss = cross_entropy(&out.logits, &targets, None)?;
+                let mut g = Grads::default();
+                g.accumulate(&loss.backward()?, vars.iter(), 1.0)?;
+                g.clip(1.0)?;
+                opt.step(&g, 1e-4)?;
+                Ok(())
+            })?;
+            row.insert("train_step_s".into(), json!(s));
+            row.insert("train_tokens_per_s".into(), json!((b * t) as f64 / s));
+            row.insert("train_peak_bytes".into(), json!(mem.read()));
+        }
+        mem.reset();
+        let s = time(env, o.warmup, o.iters, || {
+            let mut cache = model.new_cache();
+            let out = model.forward(&ids, Some(&mut cache), None)?;
+            drop(out);
+            Ok(())
+        })?;
+        row.insert("prefill_s".into(), json!(s));
+        row.insert("prefill_tokens_per_s".into(), json!((b * t) as f64 / s));
+        row.insert("prefill_peak_bytes".into(), json!(mem.read()));
+        // Decode: prefill T tokens, then generate greedily one token at a time.
+        if o.decode_tokens > 0 {
+            let mut cache = model.new_cache();
+            let out = model.forward(&ids, Some(&mut cache), None)?;
+            let mut next = out.logits.narrow(1, t - 1, 1)?.argmax(2)?.to_dtype(DType::U32)?;
+            for _ in 0..o.warmup.min(2) {
+                // Warm-up steps on a throwaway copy of the cache.
+                let mut c2 = cache.clone();
+                model.forward(&next, Some(&mut c2), None)?;
+            }
+            env.sync()?;
+            mem.reset();
+            let t0 = Instant::now();
+            for _ in 0..o.decode_tokens {
+                let out = model.forward(&next, Some(&mut cache), None)?;
+                next = out.logits.argmax(2)?.to_dtype(DType::U32)?;
+            }
+            env.sync()?;
+            let s = t0.elapsed().as_secs_f64();
+            row.insert("decode_tokens_per_s".into(), json!((b * o.decode_tokens) as f64 / s));
+            row.insert("decode_peak_bytes".into(), json!(mem.read()));
+            row.insert("cache_bytes_after_decode".into(), json!(cache.iter().map(|c| c.bytes()).sum::<usize>()));
+        }
+        row.insert("cache_bytes_at_seq_len".into(), json!(model.cache_bytes(b, t)));
+        if !quiet {
+            eprintln!("bench T={t}: {}", serde_json::to_string(&row)?);
+        }
+        rows.push(serde_json::Value::Object(row));
+    }
+    Ok(json!({
+        "schema": "zoo.bench/1",
+        "experiment": cfg.experiment,
+        "layers": model.describe(),
+        "config": serde_json::to_value(&cfg)?,
+        "params": { "total": store.num_params() },
+        "vocab_size": vocab,
+        "env": {
+            "git": env::git_state(),
+            "versions": env::versions(),
+            "device": env.describe(),
+            "dtype": env.dtype_name(),
+        },
+        "protocol": {
+            "warmup_iters": o.warmup,
+            "timed_iters": o.iters,
+            "decode_tokens": o.decode_tokens,
+            "train_step": "forward + cross-entropy + backward + clip + AdamW on random tokens",
+            "prefill": "forward with an empty cache (inference path)",
+            "decode": "greedy, one token per call, after a prefill of seq_len tokens",
+            "memory": mem.what(),
+            "sync": "device synchronised before and after each timed block",
+        },
+        "rows": rows,
+        "finished_at": env::now_rfc3339(),
+    }))
+}

@@ -1,0 +1,455 @@
+//! Experiment configs: typed TOML (`deny_unknown_fields` everywhere), sweeps over any field, and
+//! validation that names the field and the reason before any work starts.
+
+use crate::registry::{FfnConfig, MixerConfig};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use zoo_core::data::MqarSegment;
+
+fn yes() -> bool {
+    true
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_val_fraction() -> f64 {
+    0.1
+}
+
+/// One experiment = one run. A file may add a `[sweep]` table to expand into many runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Name of the results folder: `results/<experiment>/`.
+    pub experiment: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub seed: u64,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub d_model: usize,
+    pub n_layers: usize,
+    /// Tie the LM head to the token embedding (nanoGPT default).
+    #[serde(default = "yes")]
+    pub tie_embeddings: bool,
+    #[serde(default = "default_eps")]
+    pub norm_eps: f64,
+    /// The mixer of every layer (unless `pattern` says otherwise).
+    #[serde(default)]
+    pub mixer: Option<MixerConfig>,
+    /// Named mixers that `pattern` refers to.
+    #[serde(default)]
+    pub mixers: BTreeMap<String, MixerConfig>,
+    #[serde(default)]
+    pub pattern: Option<Pattern>,
+    /// The feed-forward of every layer; default SwiGLU.
+    #[serde(default = "default_ffn")]
+    pub ffn: FfnConfig,
+}
+
+fn default_ffn() -> FfnConfig {
+    FfnConfig::Swiglu(zoo_core::mlp::MlpConfig { hidden: None, bias: false })
+}
+
+/// Which named mixer each layer uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Pattern {
+    /// Cycle through these names: `["gla", "gla", "gla", "attn"]` gives 3:1 hybrids.
+    Repeat(Vec<String>),
+    /// One name per layer.
+    List(Vec<String>),
+    /// `default` everywhere except the listed layers: `{ default = "gla", at = { attn = [3, 7] } }`.
+    At { default: String, at: BTreeMap<String, Vec<usize>> },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DataConfig {
+    /// Zoology's multi-query associative recall; needs no download.
+    Mqar { vocab_size: usize, train: Vec<MqarSegment>, test: Vec<MqarSegment> },
+    /// A local text file (or files, concatenated in the given order).
+    Text {
+        paths: Vec<PathBuf>,
+        tokenizer: TokenizerConfig,
+        #[serde(default = "default_val_fraction")]
+        val_fraction: f64,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TokenizerConfig {
+    Bytes,
+    /// Characters seen in the corpus.
+    Chars,
+    /// A HuggingFace `tokenizer.json`.
+    Hf { path: PathBuf },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    /// Context length for text data (MQAR uses its segments' lengths).
+    #[serde(default)]
+    pub seq_len: Option<usize>,
+    pub lr: f64,
+    /// Final LR of the cosine; default lr / 10.
+    #[serde(default)]
+    pub min_lr: Option<f64>,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Steps of cosine decay; default `steps`.
+    #[serde(default)]
+    pub decay_steps: Option<usize>,
+    #[serde(default = "default_wd")]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub decay_embeddings: bool,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    /// Global gradient-norm clip; `0` disables.
+    #[serde(default = "default_clip")]
+    pub grad_clip: f64,
+    #[serde(default = "default_one")]
+    pub grad_accum: usize,
+    #[serde(default = "default_eval_every")]
+    pub eval_every: usize,
+    /// Batches per text eval.
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+    /// Checkpoint every N steps (always at the end).
+    #[serde(default)]
+    pub checkpoint_every: Option<usize>,
+}
+
+fn default_wd() -> f64 {
+    0.1
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.95
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_one() -> usize {
+    1
+}
+fn default_eval_every() -> usize {
+    250
+}
+fn default_eval_batches() -> usize {
+    20
+}
+
+/// `[sweep]`: runs = variants × grid × lrs × seeds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sweep {
+    #[serde(default)]
+    pub seeds: Vec<u64>,
+    /// Learning rates (override `train.lr`); the report keeps the best per variant.
+    #[serde(default)]
+    pub lrs: Vec<f64>,
+    /// Cartesian product over dotted field paths: `"model.d_model" = [64, 128]`.
+    #[serde(default)]
+    pub grid: BTreeMap<String, Vec<toml::Value>>,
+    /// Named override sets, one per variant: `{ name = "g1", set = { "model.mixer.type" = "gated" } }`.
+    #[serde(default)]
+    pub variants: Vec<Variant>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    pub name: String,
+    #[serde(default)]
+    pub set: BTreeMap<String, toml::Value>,
+}
+
+/// One fully resolved run of a sweep.
+#[derive(Debug, Clone)]
+pub struct PlannedRun {
+    pub id: String,
+    /// Variant name plus grid values: what the report groups by (seeds and lrs aside).
+    pub label: String,
+    pub variant: String,
+    pub overrides: BTreeMap<String, toml::Value>,
+    pub config: RunConfig,
+}
+
+/// Parse a config file and expand its sweep into validated runs. Any error names the field.
+pub fn load(path: &Path) -> Result<Vec<PlannedRun>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+    plan(&text, base_dir).with_context(|| format!("in config {}", path.display()))
+}
+
+/// Like [`load`], from text; relative data paths resolve against the current directory.
+pub fn plan(text: &str, _base_dir: &Path) -> Result<Vec<PlannedRun>> {
+    let mut root: toml::Value = toml::from_str(text).map_err(|e| anyhow!("{e}"))?;
+    let table = root.as_table_mut().ok_or_else(|| anyhow!("config must be a table"))?;
+    let sweep: Sweep = match table.remove("sweep") {
+        Some(v) => typed(v, "sweep")?,
+        None => Sweep::default(),
+    };
+    let variants = if sweep.variants.is_empty() {
+        vec![Variant { name: String::new(), set: BTreeMap::new() }]
+    } else {
+        sweep.variants.clone()
+    };
+    let mut names = std::collections::BTreeSet::new();
+    for v in &variants {
+        if !names.insert(v.name.clone()) {
+            bail!("sweep.variants: name `{}` appears twice", v.name);
+        }
+    }
+    // Cartesian product of the grid.
+    let mut points: Vec<Vec<(String, toml::Value)>> = vec![vec![]];
+    for (k, vals) in &sweep.grid {
+        if vals.is_empty() {
+            bail!("sweep.grid.\"{k}\": needs at least one value");
+        }
+        points = points
+            .into_iter()
+            .flat_map(|p| vals.iter().map(move |v| [p.clone(), vec![(k.clone(), v.clone())]].concat()))
+            .collect();
+    }
+    let lrs: Vec<Option<f64>> = if sweep.lrs.is_empty() { vec![None] } else { sweep.lrs.iter().map(|&l| Some(l)).collect() };
+    let seeds: Vec<Option<u64>> = if sweep.seeds.is_empty() { vec![None] } else { sweep.seeds.iter().map(|&s| Some(s)).collect() };
+    let mut runs = Vec::new();
+    for var in &variants {
+        for point in &points {
+            for lr in &lrs {
+                for seed in &seeds {
+                    let mut v = root.clone();
+                    let mut overrides = BTreeMap::new();
+                    for (k, val) in var.set.iter().chain(point.iter().map(|(k, v)| (k, v))) {
+                        set_path(&mut v, k, val.clone()).with_context(|| format!("sweep override `{k}`"))?;
+                        overrides.insert(k.clone(), val.clone());
+                    }
+                    if let Some(lr) = lr {
+                        set_path(&mut v, "train.lr", toml::Value::Float(*lr))?;
+                    }
+                    if let Some(s) = seed {
+                        set_path(&mut v, "seed", toml::Value::Integer(*s as i64))?;
+                    }
+                    let config: RunConfig = typed(v, "")?;
+                    let label = label_of(&var.name, point);
+                    let id = sanitize(&format!("{}__lr={}__seed={}", label, config.train.lr, config.seed));
+                    validate(&config).with_context(|| format!("run `{id}`"))?;
+                    runs.push(PlannedRun { id, label, variant: var.name.clone(), overrides, config });
+                }
+            }
+        }
+    }
+    Ok(runs)
+}
+
+fn label_of(variant: &str, point: &[(String, toml::Value)]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    if !variant.is_empty() {
+        parts.push(variant.to_string());
+    }
+    for (k, v) in point {
+        let key = k.rsplit('.').next().unwrap_or(k);
+        let val = match v {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Table(t) => t.get("type").and_then(|x| x.as_str()).unwrap_or("table").to_string(),
+            other => other.to_string(),
+        };
+        parts.push(format!("{key}={val}"));
+    }
+    if parts.is_empty() {
+        "default".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || "=.,_-".contains(c) { c } else { '_' }).collect()
+}
+
+/// Deserialize with the path of the failing field in the message.
+fn typed<T: serde::de::DeserializeOwned>(v: toml::Value, prefix: &str) -> Result<T> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let full = match (prefix.is_empty(), path == ".") {
+            (true, true) => String::new(),
+            (true, false) => path,
+            (false, true) => prefix.to_string(),
+            (false, false) => format!("{prefix}.{path}"),
+        };
+        if full.is_empty() {
+            anyhow!("{}", e.inner())
+        } else {
+            anyhow!("{full}: {}", e.inner())
+        }
+    })
+}
+
+/// Set a dotted path (`model.mixer.n_heads`) in a TOML tree, creating tables as needed.
+pub fn set_path(root: &mut toml::Value, path: &str, val: toml::Value) -> Result<()> {
+    let mut cur = root;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, p) in parts.iter().enumerate() {
+        let t = cur.as_table_mut().ok_or_else(|| anyhow!("`{}` is not a table", parts[..i].join(".")))?;
+        if i + 1 == parts.len() {
+            t.insert(p.to_string(), val);
+            return Ok(());
+        }
+        cur = t.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    unreachable!()
+}
+
+impl RunConfig {
+    /// The longest sequence the model sees.
+    pub fn max_seq_len(&self) -> usize {
+        match &self.data {
+            DataConfig::Mqar { train, test, .. } => train.iter().chain(test).map(|s| s.seq_len).max().unwrap_or(0),
+            DataConfig::Text { .. } => self.train.seq_len.unwrap_or(0),
+        }
+    }
+
+    /// The mixer of each layer, resolved from `mixer` / `mixers` + `pattern`.
+    pub fn layer_mixers(&self) -> Result<Vec<MixerConfig>> {
+        let m = &self.model;
+        let n = m.n_layers;
+        let get = |name: &str| -> Result<MixerConfig> {
+            m.mixers.get(name).cloned().ok_or_else(|| {
+                anyhow!("model.pattern: no mixer named `{name}` in model.mixers (have: {:?})", m.mixers.keys().collect::<Vec<_>>())
+            })
+        };
+        match (&m.mixer, &m.pattern) {
+            (Some(_), Some(_)) => bail!("model: give either `mixer` or `mixers` + `pattern`, not both"),
+            (None, None) => bail!("model.mixer: missing (or give `mixers` + `pattern`)"),
+            (Some(mx), None) => Ok(vec![mx.clone(); n]),
+            (None, Some(Pattern::Repeat(names))) => {
+                if names.is_empty() {
+                    bail!("model.pattern.repeat: empty");
+                }
+                (0..n).map(|i| get(&names[i % names.len()])).collect()
+            }
+            (None, Some(Pattern::List(names))) => {
+                if names.len() != n {
+                    bail!("model.pattern.list: {} names for n_layers = {n}", names.len());
+                }
+                names.iter().map(|s| get(s)).collect()
+            }
+            (None, Some(Pattern::At { default, at })) => {
+                let mut out = vec![get(default)?; n];
+                for (name, layers) in at {
+                    for &l in layers {
+                        if l >= n {
+                            bail!("model.pattern.at.{name}: layer {l} out of range (n_layers = {n})");
+                        }
+                        out[l] = get(name)?;
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Semantic checks. Errors start with the dotted field.
+pub fn validate(c: &RunConfig) -> Result<()> {
+    let m = &c.model;
+    let t = &c.train;
+    if c.experiment.is_empty() || c.experiment.contains('/') {
+        bail!("experiment: must be a non-empty name without '/'");
+    }
+    if m.d_model == 0 {
+        bail!("model.d_model: must be at least 1");
+    }
+    if m.n_layers == 0 {
+        bail!("model.n_layers: must be at least 1");
+    }
+    let seq = c.max_seq_len();
+    match &c.data {
+        DataConfig::Mqar { vocab_size, train, test } => {
+            if train.is_empty() || test.is_empty() {
+                bail!("data.train / data.test: MQAR needs at least one segment each");
+            }
+            for (which, segs) in [("train", train), ("test", test)] {
+                for (i, s) in segs.iter().enumerate() {
+                    zoo_core::data::Mqar::validate(*vocab_size, s).map_err(|e| anyhow!("data.{which}[{i}].{e}"))?;
+                }
+            }
+            if t.seq_len.is_some() {
+                bail!("train.seq_len: not used with MQAR data (segments set their own lengths)");
+            }
+        }
+        DataConfig::Text { paths, val_fraction, tokenizer } => {
+            if paths.is_empty() {
+                bail!("data.paths: needs at least one file");
+            }
+            for p in paths {
+                if !p.is_file() {
+                    bail!("data.paths: file {} not found (run scripts/fetch-data.sh for the Shakespeare corpus)", p.display());
+                }
+            }
+            if let TokenizerConfig::Hf { path } = tokenizer {
+                if !path.is_file() {
+                    bail!("data.tokenizer.path: file {} not found", path.display());
+                }
+            }
+            if !(*val_fraction > 0.0 && *val_fraction < 1.0) {
+                bail!("data.val_fraction: {val_fraction} must be in (0, 1)");
+            }
+            if t.seq_len.unwrap_or(0) == 0 {
+                bail!("train.seq_len: required for text data");
+            }
+        }
+    }
+    for (i, mx) in c.layer_mixers()?.iter().enumerate() {
+        mx.validate(m.d_model, seq).map_err(|e| anyhow!("model.mixer (layer {i}).{e}"))?;
+    }
+    m.ffn.validate().map_err(|e| anyhow!("model.ffn.{e}"))?;
+    if t.steps == 0 {
+        bail!("train.steps: must be at least 1");
+    }
+    if t.batch_size == 0 {
+        bail!("train.batch_size: must be at least 1");
+    }
+    if !(t.lr > 0.0 && t.lr.is_finite()) {
+        bail!("train.lr: {} must be positive", t.lr);
+    }
+    if t.min_lr.is_some_and(|x| x < 0.0 || x > t.lr) {
+        bail!("train.min_lr: must be in [0, lr]");
+    }
+    if t.warmup_steps > t.steps {
+        bail!("train.warmup_steps: {} exceeds steps = {}", t.warmup_steps, t.steps);
+    }
+    if t.grad_accum == 0 {
+        bail!("train.grad_accum: must be at least 1");
+    }
+    if t.eval_every == 0 {
+        bail!("train.eval_every: must be at least 1");
+    }
+    if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
+        bail!("train.beta1 / train.beta2: must be in [0, 1)");
+    }
+    if t.grad_clip < 0.0 {
+        bail!("train.grad_clip: must be >= 0 (0 disables)");
+    }
+    Ok(())
+}

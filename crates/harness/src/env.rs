@@ -1,0 +1,133 @@
+//! Where a result came from: device, dtype, git state, versions; and atomic file writes.
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::path::Path;
+use zoo_core::candle_core::{DType, Device};
+
+/// The compute device and activation dtype chosen on the command line.
+#[derive(Clone)]
+pub struct Env {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Env {
+    pub fn parse(device: &str, dtype: &str) -> Result<Self> {
+        let device = match device {
+            "cpu" => Device::Cpu,
+            d if d.starts_with("cuda") => {
+                let idx: usize = d.strip_prefix("cuda:").map_or(Ok(0), |i| i.parse()).context("--device: expected cuda:N")?;
+                Device::new_cuda(idx).with_context(|| {
+                    format!("--device {d}: CUDA is unavailable (build with `--features cuda`, see scripts/build-cuda.sh)")
+                })?
+            }
+            other => bail!("--device: unknown device `{other}` (cpu, cuda:N)"),
+        };
+        let dtype = match dtype {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            other => bail!("--dtype: unknown dtype `{other}` (f32, bf16, f16)"),
+        };
+        if dtype != DType::F32 && device.is_cpu() {
+            bail!("--dtype {dtype:?}: reduced precision is for CUDA; use f32 on CPU");
+        }
+        Ok(Self { device, dtype })
+    }
+
+    pub fn dtype_name(&self) -> &'static str {
+        match self.dtype {
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            DType::F64 => "f64",
+            _ => "f32",
+        }
+    }
+
+    /// Block until queued device work is done (for honest timings).
+    pub fn sync(&self) -> Result<()> {
+        self.device.synchronize()?;
+        Ok(())
+    }
+
+    pub fn describe(&self) -> serde_json::Value {
+        let threads = zoo_core::candle_core::utils::get_num_threads();
+        let cpu = cpu_model();
+        if self.device.is_cuda() {
+            json!({ "kind": "cuda", "name": gpu_name(), "cpu": cpu, "threads": threads })
+        } else {
+            json!({ "kind": "cpu", "name": cpu, "threads": threads })
+        }
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn gpu_name() -> String {
+    std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader", "-i", "0"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown CUDA device".into())
+}
+
+/// git sha of the checkout and whether tracked files differ from it.
+pub fn git_state() -> serde_json::Value {
+    let run = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match run(&["rev-parse", "HEAD"]) {
+        Some(sha) => json!({ "sha": sha, "dirty": run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()) }),
+        None => json!({ "sha": null, "dirty": null }),
+    }
+}
+
+pub fn versions() -> serde_json::Value {
+    json!({
+        "zoo": env!("CARGO_PKG_VERSION"),
+        "candle": env!("ZOO_CANDLE_VERSION"),
+        "rustc": env!("ZOO_RUSTC_VERSION"),
+    })
+}
+
+/// Write via a temp file in the same folder, then rename: readers never see a partial file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    // Civil-from-days (Howard Hinnant), UTC.
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+}

@@ -1,0 +1,80 @@
+//! The zoo harness as a library (the `zoo` binary is a thin CLI over it).
+
+pub mod bench;
+pub mod config;
+pub mod env;
+pub mod registry;
+pub mod report;
+pub mod runner;
+
+use anyhow::{Context, Result};
+use std::path::Path;
+use zoo_core::data::{Tokenizer, TokenizerSpec};
+
+/// The vocabulary size a config's model will have.
+pub fn vocab_size(cfg: &config::RunConfig) -> Result<usize> {
+    Ok(match &cfg.data {
+        config::DataConfig::Mqar { vocab_size, .. } => *vocab_size,
+        config::DataConfig::Text { paths, tokenizer, .. } => runner::load_text(paths, tokenizer)?.1.vocab_size(),
+    })
+}
+
+/// `zoo eval`: perplexity of a checkpoint on a text file, with the tokenizer it was trained with.
+pub fn evaluate_checkpoint(
+    ckpt: &Path,
+    text: &Path,
+    seq_len: Option<usize>,
+    batch: usize,
+    env: &env::Env,
+) -> Result<serde_json::Value> {
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(ckpt.join("meta.json")).with_context(|| format!("{} is not a zoo checkpoint", ckpt.display()))?,
+    )?;
+    let cfg: config::RunConfig = serde_json::from_value(meta["config"].clone()).context("meta.json: config")?;
+    let vocab = meta["vocab_size"].as_u64().context("meta.json: vocab_size")? as usize;
+    let spec: Option<TokenizerSpec> = serde_json::from_value(meta["tokenizer"].clone())?;
+    let tok = Tokenizer::from_spec(&spec.context("this checkpoint was not trained on text (no tokenizer)")?)?;
+    let (model, store) = runner::build_model(&cfg, vocab, env)?;
+    zoo_core::train::load_weights(ckpt, &store)?;
+    let s = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    let ids = tok.encode(&s)?;
+    let t = seq_len.unwrap_or(cfg.max_seq_len());
+    anyhow::ensure!(t <= cfg.max_seq_len(), "--seq-len {t} exceeds the model's {}", cfg.max_seq_len());
+    let (ppl, n) = zoo_core::task::perplexity(&model, &ids, t, batch, &env.device)?;
+    let bytes: usize = ids.iter().take(n + 1).map(|&i| tok.token_bytes(i)).sum();
+    Ok(serde_json::json!({
+        "checkpoint": ckpt.display().to_string(),
+        "text": text.display().to_string(),
+        "tokens_scored": n,
+        "seq_len": t,
+        "metrics": {
+            "perplexity,none": ppl,
+            "bits_per_byte,none": ppl.ln() * n as f64 / std::f64::consts::LN_2 / bytes as f64,
+        },
+    }))
+}
+
+/// A markdown table of a bench result.
+pub fn bench_table(res: &serde_json::Value) -> String {
+    let mut s = format!(
+        "{} on {} ({})\n\n| T | batch | train tok/s | prefill tok/s | decode tok/s | train peak MiB | cache MiB at T |\n|---|---|---|---|---|---|---|\n",
+        res["layers"].as_str().unwrap_or("?"),
+        res["env"]["device"]["name"].as_str().unwrap_or("?"),
+        res["env"]["dtype"].as_str().unwrap_or("?"),
+    );
+    let f = |v: &serde_json::Value| v.as_f64().map_or("–".to_string(), |x| format!("{x:.0}"));
+    let mib = |v: &serde_json::Value| v.as_f64().map_or("–".to_string(), |x| format!("{:.1}", x / 1048576.0));
+    for r in res["rows"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            r["seq_len"],
+            r["batch"],
+            f(&r["train_tokens_per_s"]),
+            f(&r["prefill_tokens_per_s"]),
+            f(&r["decode_tokens_per_s"]),
+            mib(&r["train_peak_bytes"]),
+            mib(&r["cache_bytes_at_seq_len"]),
+        ));
+    }
+    s
+}

@@ -1,0 +1,175 @@
+//! `zoo`: run configured experiments and sweeps, report tables, evaluate checkpoints, benchmark.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use zoo_harness::{bench, config, env::Env, report, runner};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "zoo", version, about = "Efficient-attention model zoo and experiment harness")]
+struct Cli {
+    /// Compute device: cpu or cuda:N.
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
+    /// Activation dtype: f32 (CPU/CUDA) or bf16 / f16 (CUDA; master weights stay f32).
+    #[arg(long, global = true, default_value = "f32")]
+    dtype: String,
+    /// No progress output.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one experiment, or every run of its sweep; writes results/<experiment>/<run>.json.
+    Run {
+        config: PathBuf,
+        /// Run only slice i of n of the sweep (0-based), e.g. `--shard 3/8` for a job array.
+        #[arg(long)]
+        shard: Option<String>,
+        /// Continue runs from their checkpoints (after a kill).
+        #[arg(long)]
+        resume: bool,
+        /// Rerun runs whose result JSON exists.
+        #[arg(long)]
+        force: bool,
+        /// Validate the config and list the runs without training.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, default_value = "results")]
+        results_dir: PathBuf,
+        /// Where checkpoints go.
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        /// Stop each run after N steps, as if killed (for resume tests).
+        #[arg(long, hide = true)]
+        stop_after: Option<usize>,
+    },
+    /// Print and write the markdown table for a results folder.
+    Report { dir: PathBuf },
+    /// Perplexity of a checkpoint on a text file.
+    Eval {
+        /// A checkpoint folder (runs/<experiment>/<run>/checkpoint).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        /// Window length (default: the training seq_len).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+    },
+    /// Throughput and memory of a config's model over sequence lengths.
+    Bench {
+        config: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+        seq_lens: Vec<usize>,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[arg(long, default_value_t = 32)]
+        decode_tokens: usize,
+        #[arg(long)]
+        skip_train: bool,
+        /// Which run of a sweep to benchmark (by index in the plan).
+        #[arg(long, default_value_t = 0)]
+        run_index: usize,
+        /// Output JSON (default results/bench/<experiment>-<device>.json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let (i, n) = s.split_once('/').context("--shard: expected i/n")?;
+    let (i, n): (usize, usize) = (i.parse().context("--shard i")?, n.parse().context("--shard n")?);
+    if n == 0 || i >= n {
+        bail!("--shard: need 0 <= i < n, got {i}/{n}");
+    }
+    Ok((i, n))
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run { config, shard, resume, force, dry_run, results_dir, runs_dir, stop_after } => {
+            // Everything is validated before any work starts.
+            let runs = config::load(&config)?;
+            let shard = shard.as_deref().map(parse_shard).transpose()?;
+            let env = Env::parse(&cli.device, &cli.dtype)?;
+            let mine: Vec<_> = runs.iter().enumerate().filter(|(i, _)| shard.is_none_or(|(s, n)| i % n == s)).map(|(_, r)| r).collect();
+            if dry_run {
+                for r in &mine {
+                    println!("{}", r.id);
+                }
+                println!("{} runs ({} in this shard), config OK", runs.len(), mine.len());
+                return Ok(());
+            }
+            let opts = runner::RunOpts { results_dir: results_dir.clone(), runs_dir, resume, quiet: cli.quiet, stop_after };
+            let total = mine.len();
+            for (k, r) in mine.iter().enumerate() {
+                let out = runner::result_path(&results_dir, r);
+                if out.exists() && !force {
+                    if !cli.quiet {
+                        eprintln!("[{}/{total}] {} — done already, skipping", k + 1, r.id);
+                    }
+                    continue;
+                }
+                if !cli.quiet {
+                    eprintln!("[{}/{total}] {}", k + 1, r.id);
+                }
+                match runner::run_one(r, &env, &opts)? {
+                    Some(res) if !cli.quiet => eprintln!(
+                        "    val_loss best {:.4}  {}",
+                        res["metrics"]["val_loss,best"].as_f64().unwrap_or(f64::NAN),
+                        res["metrics"].get("mqar_acc,none").map(|a| format!("mqar_acc {a}")).unwrap_or_default()
+                    ),
+                    Some(_) => {}
+                    None => eprintln!("    stopped early after --stop-after steps; resume with --resume"),
+                }
+            }
+            if let Some(first) = runs.first() {
+                let dir = results_dir.join(&first.config.experiment);
+                if dir.is_dir() && stop_after.is_none() {
+                    println!("{}", report::report(&dir)?);
+                }
+            }
+        }
+        Cmd::Report { dir } => println!("{}", report::report(&dir)?),
+        Cmd::Eval { checkpoint, text, seq_len, batch } => {
+            let env = Env::parse(&cli.device, &cli.dtype)?;
+            let out = zoo_harness::evaluate_checkpoint(&checkpoint, &text, seq_len, batch, &env)?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Cmd::Bench { config, seq_lens, batch, warmup, iters, decode_tokens, skip_train, run_index, out } => {
+            let runs = config::load(&config)?;
+            let run = runs.get(run_index).with_context(|| format!("--run-index {run_index}: the config has {} runs", runs.len()))?;
+            let env = Env::parse(&cli.device, &cli.dtype)?;
+            let vocab = zoo_harness::vocab_size(&run.config)?;
+            let o = bench::BenchOpts { seq_lens, batch, warmup, iters, decode_tokens, skip_train };
+            let res = bench::bench(&run.config, vocab, &env, &o, cli.quiet)?;
+            let dev = if env.device.is_cpu() { "cpu".to_string() } else { format!("cuda-{}", env.dtype_name()) };
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("results/bench/{}-{}-{dev}.json", run.config.experiment, run.id)));
+            zoo_harness::env::write_atomic(&out, &serde_json::to_vec_pretty(&res)?)?;
+            println!("{}", zoo_harness::bench_table(&res));
+            println!("wrote {}", out.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! Where the method crates meet: the config enums naming every sequence mixer and feed-forward, and
+//! the function that builds a layer from them. Adding a mixer = one enum variant + one match arm.
+
+use serde::{Deserialize, Serialize};
+use zoo_core::attention::{Attention, AttentionConfig};
+use zoo_core::candle_core::Result;
+use zoo_core::mixer::{BuildCtx, FeedForward, Mixer};
+use zoo_core::mlp::{GeluMlp, MlpConfig, SwiGlu};
+use zoo_core::params::Pb;
+
+/// A sequence mixer, chosen by `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MixerConfig {
+    /// Causal softmax attention (zoo-core).
+    Attention(AttentionConfig),
+}
+
+impl MixerConfig {
+    /// Check against the model width and the longest sequence; the error starts with the field.
+    pub fn validate(&self, d_model: usize, seq_len: usize) -> std::result::Result<(), String> {
+        match self {
+            MixerConfig::Attention(c) => c.validate(d_model, seq_len),
+        }
+    }
+
+    pub fn build(&self, ctx: &BuildCtx, pb: &Pb) -> Result<Box<dyn Mixer>> {
+        Ok(match self {
+            MixerConfig::Attention(c) => Box::new(Attention::new(c, ctx, pb)?),
+        })
+    }
+}
+
+/// A feed-forward, chosen by `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FfnConfig {
+    Swiglu(MlpConfig),
+    Gelu(MlpConfig),
+    /// No feed-forward: mixer-only blocks (Zoology's MQAR models).
+    None,
+}
+
+impl FfnConfig {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        match self {
+            FfnConfig::Swiglu(c) | FfnConfig::Gelu(c) if c.hidden == Some(0) => Err("hidden: must be at least 1".into()),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn build(&self, ctx: &BuildCtx, pb: &Pb) -> Result<Option<Box<dyn FeedForward>>> {
+        Ok(match self {
+            FfnConfig::Swiglu(c) => Some(Box::new(SwiGlu::new(c, ctx, pb)?)),
+            FfnConfig::Gelu(c) => Some(Box::new(GeluMlp::new(c, ctx, pb)?)),
+            FfnConfig::None => None,
+        })
+    }
+}

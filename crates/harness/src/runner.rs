@@ -1,0 +1,182 @@
+//! Config → model + task → training → result JSON.
+
+use crate::config::{DataConfig, PlannedRun, RunConfig, TokenizerConfig};
+use crate::env::{self, Env};
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use zoo_core::data::{TextData, Tokenizer, TokenizerSpec};
+use zoo_core::model::{Lm, LmShape};
+use zoo_core::optim::{AdamWParams, Schedule};
+use zoo_core::params::{Group, ParamStore};
+use zoo_core::task::{MqarTask, Task, TextTask};
+use zoo_core::train::{train, TrainOpts};
+
+/// Build the model a config describes, with weights initialised from `seed`.
+pub fn build_model(cfg: &RunConfig, vocab: usize, env: &Env) -> Result<(Lm, ParamStore)> {
+    let store = ParamStore::new(cfg.seed, zoo_core::candle_core::DType::F32, &env.device);
+    let shape = LmShape {
+        vocab_size: vocab,
+        d_model: cfg.model.d_model,
+        n_layers: cfg.model.n_layers,
+        tie_embeddings: cfg.model.tie_embeddings,
+        norm_eps: cfg.model.norm_eps,
+        max_seq_len: cfg.max_seq_len(),
+    };
+    let mixers = cfg.layer_mixers()?;
+    let ffn = cfg.model.ffn.clone();
+    let model = Lm::new(&shape, env.dtype, &store.root(), |ctx, pb| {
+        Ok((mixers[ctx.layer].build(ctx, &pb.pp("mixer"))?, ffn.build(ctx, &pb.pp("ffn"))?))
+    })?;
+    Ok((model, store))
+}
+
+/// Read and tokenise a text corpus as the config says.
+pub fn load_text(paths: &[PathBuf], tok: &TokenizerConfig) -> Result<(String, Tokenizer)> {
+    let mut text = String::new();
+    for p in paths {
+        text.push_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?);
+    }
+    let tokenizer = match tok {
+        TokenizerConfig::Bytes => Tokenizer::bytes(),
+        TokenizerConfig::Chars => Tokenizer::chars_from(&text),
+        TokenizerConfig::Hf { path } => Tokenizer::hf(path)?,
+    };
+    Ok((text, tokenizer))
+}
+
+/// The task and its vocabulary size (and tokenizer, for text).
+pub fn build_task(cfg: &RunConfig, env: &Env) -> Result<(Box<dyn Task>, usize, Option<TokenizerSpec>)> {
+    match &cfg.data {
+        DataConfig::Mqar { vocab_size, train, test } => {
+            let task = MqarTask::new(*vocab_size, train, test, cfg.train.batch_size, cfg.seed, &env.device)?;
+            Ok((Box::new(task), *vocab_size, None))
+        }
+        DataConfig::Text { paths, tokenizer, val_fraction } => {
+            let (text, tok) = load_text(paths, tokenizer)?;
+            let ids = tok.encode(&text)?;
+            let data = TextData::new(ids, *val_fraction, &tok)?;
+            let task = TextTask {
+                data,
+                batch_size: cfg.train.batch_size,
+                seq_len: cfg.train.seq_len.expect("validated"),
+                eval_batches: cfg.train.eval_batches,
+                device: env.device.clone(),
+                report_bpb: true,
+            };
+            Ok((Box::new(task), tok.vocab_size(), Some(tok.spec())))
+        }
+    }
+}
+
+pub struct RunOpts {
+    pub results_dir: PathBuf,
+    pub runs_dir: PathBuf,
+    pub resume: bool,
+    pub quiet: bool,
+    /// Testing aid: stop after this many steps, as if killed.
+    pub stop_after: Option<usize>,
+}
+
+pub fn result_path(results_dir: &Path, run: &PlannedRun) -> PathBuf {
+    results_dir.join(&run.config.experiment).join(format!("{}.json", run.id))
+}
+
+pub fn checkpoint_dir(runs_dir: &Path, run: &PlannedRun) -> PathBuf {
+    runs_dir.join(&run.config.experiment).join(&run.id).join("checkpoint")
+}
+
+/// Train one planned run and write its result JSON. Returns the result (None if stopped early).
+pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<serde_json::Value>> {
+    let cfg = &run.config;
+    let started = env::now_rfc3339();
+    let t0 = Instant::now();
+    let (task, vocab, tok) = build_task(cfg, env)?;
+    let (model, store) = build_model(cfg, vocab, env)?;
+    let t = &cfg.train;
+    let ckpt = checkpoint_dir(&opts.runs_dir, run);
+    let resolved = serde_json::to_value(cfg)?;
+    let train_opts = TrainOpts {
+        steps: t.steps,
+        grad_accum: t.grad_accum,
+        schedule: Schedule {
+            lr: t.lr,
+            min_lr: t.min_lr.unwrap_or(t.lr / 10.0),
+            warmup_steps: t.warmup_steps,
+            decay_steps: t.decay_steps.unwrap_or(t.steps),
+        },
+        adamw: AdamWParams { beta1: t.beta1, beta2: t.beta2, eps: 1e-8, weight_decay: t.weight_decay, decay_embeddings: t.decay_embeddings },
+        grad_clip: (t.grad_clip > 0.0).then_some(t.grad_clip),
+        eval_every: t.eval_every,
+        checkpoint_every: t.checkpoint_every,
+        checkpoint_dir: Some(ckpt.clone()),
+        stop_after: opts.stop_after,
+        meta: json!({ "config": resolved, "tokenizer": tok, "vocab_size": vocab, "run_id": run.id }),
+    };
+    let pb = if opts.quiet {
+        ProgressBar::hidden()
+    } else {
+        let pb = ProgressBar::new(t.steps as u64);
+        pb.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})").unwrap().progress_chars("=> "),
+        );
+        pb.set_prefix(run.id.clone());
+        pb
+    };
+    let mut last_val = f64::NAN;
+    let report = train(&model, &store, task.as_ref(), &train_opts, cfg.seed, opts.resume, &mut |p| {
+        if let Some(e) = p.eval {
+            last_val = e.loss;
+        }
+        pb.set_position(p.step as u64);
+        pb.set_message(format!("loss {:.4} val {:.4} lr {:.2e} {:.0} tok/s", p.loss, last_val, p.lr, p.tokens_per_s));
+    });
+    pb.finish_and_clear();
+    let report = report.with_context(|| format!("run `{}`", run.id))?;
+    if report.stopped_early {
+        return Ok(None);
+    }
+    let st = report.state;
+    let (final_val, eval_metrics) = st.last_eval.clone().context("no evaluation happened")?;
+    let mut metrics = serde_json::Map::new();
+    metrics.insert("val_loss,final".into(), json!(final_val));
+    metrics.insert("val_loss,best".into(), json!(st.best_val));
+    for (k, v) in eval_metrics {
+        metrics.insert(k, json!(v));
+    }
+    let total = store.num_params();
+    let emb = store.num_params_in(Group::Embedding);
+    let result = json!({
+        "schema": "zoo.result/1",
+        "run_id": run.id,
+        "experiment": cfg.experiment,
+        "variant": run.variant,
+        "label": run.label,
+        "overrides": run.overrides,
+        "seed": cfg.seed,
+        "lr": cfg.train.lr,
+        "config": resolved,
+        "layers": model.describe(),
+        "env": {
+            "git": env::git_state(),
+            "versions": env::versions(),
+            "device": env.describe(),
+            "dtype": env.dtype_name(),
+        },
+        "params": { "total": total, "non_embedding": total - emb },
+        "metrics": metrics,
+        "curve": st.curve,
+        "throughput": {
+            "train_tokens_per_s": st.tokens_seen as f64 / st.train_seconds.max(1e-9),
+            "tokens_seen": st.tokens_seen,
+            "train_seconds": st.train_seconds,
+        },
+        "wall_time_s": t0.elapsed().as_secs_f64(),
+        "started_at": started,
+        "finished_at": env::now_rfc3339(),
+    });
+    env::write_atomic(&result_path(&opts.results_dir, run), &serde_json::to_vec_pretty(&result)?)?;
+    Ok(Some(result))
+}

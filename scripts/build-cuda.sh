@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Build the `zoo` binary with CUDA support on this (GPU-less) machine, for an H100 (sm_90).
+#
+# Recipe:
+#  1. nvcc 13.0 + CUDA headers and the libraries candle links (cuBLAS, cuRAND, NVRTC) come from PyPI wheels,
+#     installed into .cuda/ (ignored by git).
+#  2. candle links libcuda directly; there is no driver here, so we link against a stub libcuda.so
+#     (soname libcuda.so.1) whose symbols are the `cu*` names in cudarc's driver bindings. On the GPU
+#     machine the real driver's libcuda.so.1 is found at run time.
+#  3. CUDA_COMPUTE_CAP=90, nvcc on PATH, RUSTFLAGS=-L <dir with the .so links>.
+# Output: .devbin/zoo (ignored; carry it to the device). On the device run it with
+#   LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib .devbin/zoo ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CUDA=$ROOT/.cuda
+if [ ! -x "$CUDA/py/nvidia/cu13/bin/nvcc" ] && [ -z "$(find "$CUDA/py" -name nvcc -type f 2>/dev/null | head -1)" ]; then
+  python3 -m pip install -q --target "$CUDA/py" nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 \
+    "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*" \
+    nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
+fi
+NVCC=$(find "$CUDA/py" -name nvcc -type f | head -1)
+CUHOME=$(dirname "$(dirname "$NVCC")")
+chmod +x "$NVCC" "$CUHOME"/bin/* "$CUHOME"/nvvm/bin/* 2>/dev/null || true
+# Make a CUDA_HOME-like tree: bin, include, lib64 with unversioned .so links.
+LIB=$CUDA/lib; mkdir -p "$LIB"
+for so in $(find "$CUDA/py" -name 'lib*.so*' -type f); do
+  base=$(basename "$so"); stem=${base%%.so*}
+  ln -sf "$so" "$LIB/$base"; ln -sf "$so" "$LIB/$stem.so"
+done
+# nvcc in the wheel expects nvvm next to it and the crt/cccl headers in include/.
+for inc in $(find "$CUDA/py" -type d -name include); do
+  for f in "$inc"/*; do [ -e "$CUHOME/include/$(basename "$f")" ] || ln -sf "$f" "$CUHOME/include/" 2>/dev/null || true; done
+done
+[ -e "$CUHOME/nvvm" ] || ln -sf "$(find "$CUDA/py" -type d -name nvvm | head -1)" "$CUHOME/nvvm"
+[ -e "$CUHOME/lib64" ] || ln -sf "$LIB" "$CUHOME/lib64"
+# Stub libcuda.so.1 from cudarc's driver symbol names.
+cargo fetch -q
+CUDARC=$(ls -d ~/.cargo/registry/src/*/cudarc-0.19.* | sort -V | tail -1)
+grep -rhoE '\bcu[A-Z][A-Za-z0-9_]*\b' "$CUDARC/src/driver/sys" | sort -u > "$CUDA/cu_syms.txt"
+{ echo '/* generated stub: never called, only linked against */'
+  while read -r s; do echo "int $s(void){return 999;}"; done < "$CUDA/cu_syms.txt"; } > "$CUDA/stub.c"
+gcc -shared -fPIC -o "$LIB/libcuda.so.1" -Wl,-soname,libcuda.so.1 "$CUDA/stub.c"
+ln -sf libcuda.so.1 "$LIB/libcuda.so"
+export PATH=$CUHOME/bin:$PATH CUDA_HOME=$CUHOME CUDA_PATH=$CUHOME CUDA_ROOT=$CUHOME
+export CUDA_COMPUTE_CAP=90 RUSTFLAGS="-L $LIB"
+export LD_LIBRARY_PATH=$LIB:${LD_LIBRARY_PATH:-}
+cargo build --release --features cuda -p zoo-harness --target-dir target-cuda
+mkdir -p .devbin && cp target-cuda/release/zoo .devbin/zoo
+echo "built .devbin/zoo ($(du -h .devbin/zoo | cut -f1))"
