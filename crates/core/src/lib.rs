@@ -5,6 +5,7 @@
 //! Gradients are real: every training-path op records a backward pass (see `tests/gradients.rs`).
 
 pub mod attention;
+pub mod check;
 pub mod data;
 pub mod mixer;
 pub mod mlp;

@@ -109,15 +109,18 @@ impl AdamW {
     }
 }
 
-/// Gradients keyed by variable, accumulated over micro-batches.
+/// Gradients keyed by variable, accumulated over micro-batches. Kept in insertion order (the
+/// parameter-name order of the store) so that reductions over them, like the global norm, sum in
+/// the same order every run: a hash-ordered sum differs in the last bit between runs.
 #[derive(Default)]
 pub struct Grads {
-    map: HashMap<candle_core::TensorId, Tensor>,
+    index: HashMap<candle_core::TensorId, usize>,
+    grads: Vec<Tensor>,
 }
 
 impl Grads {
     pub fn get(&self, v: &Var) -> Option<&Tensor> {
-        self.map.get(&v.as_tensor().id())
+        self.index.get(&v.as_tensor().id()).map(|&i| &self.grads[i])
     }
 
     /// Add `scale ·` the gradients of `vars` from a backward pass.
@@ -125,12 +128,13 @@ impl Grads {
         for v in vars {
             if let Some(g) = store.get(v.as_tensor()) {
                 let g = if scale == 1.0 { g.clone() } else { (g * scale)? };
-                let id = v.as_tensor().id();
-                let new = match self.map.remove(&id) {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                };
-                self.map.insert(id, new);
+                match self.index.get(&v.as_tensor().id()) {
+                    Some(&i) => self.grads[i] = (&self.grads[i] + g)?,
+                    None => {
+                        self.index.insert(v.as_tensor().id(), self.grads.len());
+                        self.grads.push(g);
+                    }
+                }
             }
         }
         Ok(())
@@ -139,7 +143,7 @@ impl Grads {
     /// Global L2 norm of all gradients, as a scalar f32 tensor on the device (no host sync).
     pub fn global_norm(&self) -> Result<Option<Tensor>> {
         let mut total: Option<Tensor> = None;
-        for g in self.map.values() {
+        for g in &self.grads {
             let s = g.to_dtype(DType::F32)?.sqr()?.sum_all()?;
             total = Some(match total {
                 Some(t) => (t + s)?,
@@ -154,18 +158,18 @@ impl Grads {
     pub fn clip(&mut self, max_norm: f64) -> Result<Option<Tensor>> {
         let Some(norm) = self.global_norm()? else { return Ok(None) };
         let scale = ((norm.clone() + 1e-6)?.recip()? * max_norm)?.minimum(1.0)?;
-        for g in self.map.values_mut() {
+        for g in self.grads.iter_mut() {
             *g = g.broadcast_mul(&scale.to_dtype(g.dtype())?)?;
         }
         Ok(Some(norm))
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.grads.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.grads.is_empty()
     }
 }
 

@@ -52,6 +52,9 @@ pub struct TrainState {
     /// Seconds spent in training steps (evals excluded).
     pub train_seconds: f64,
     pub last_eval: Option<(f64, BTreeMap<String, f64>)>,
+    /// Train loss sum, step count and seconds since the last curve point (so that a resumed run
+    /// averages the same steps as an uninterrupted one).
+    pub window: (f64, usize, f64),
 }
 
 pub struct TrainReport {
@@ -70,20 +73,23 @@ pub struct Progress<'a> {
     pub eval: Option<&'a EvalOut>,
 }
 
-/// A non-finite loss: training stopped before applying the update.
+/// A non-finite loss, gradient norm or parameter: training stopped, and the last good checkpoint
+/// (if any) was left as it was.
 #[derive(Debug)]
 pub struct NonFiniteLoss {
     pub step: usize,
-    pub loss: f64,
-    pub checkpoint: Option<PathBuf>,
+    /// What went non-finite, e.g. "loss became NaN".
+    pub what: String,
+    /// The kept checkpoint and the step it holds.
+    pub checkpoint: Option<(PathBuf, usize)>,
 }
 
 impl std::fmt::Display for NonFiniteLoss {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "loss became {} at step {}; training stopped before the update", self.loss, self.step)?;
+        write!(f, "{} at step {}; training stopped", self.what, self.step + 1)?;
         match &self.checkpoint {
-            Some(p) => write!(f, "; the last good state is checkpointed at {}", p.display()),
-            None => write!(f, " (no checkpoint directory was set)"),
+            Some((p, s)) => write!(f, "; the last good checkpoint (step {s}) is kept at {}", p.display()),
+            None => write!(f, "; no good checkpoint exists yet (set train.checkpoint_every to keep one)"),
         }
     }
 }
@@ -109,11 +115,15 @@ pub fn train(
         tokens_seen: 0,
         train_seconds: 0.0,
         last_eval: None,
+        window: (0.0, 0, 0.0),
     };
+    // The checkpoint on disk that holds finite weights, and its step.
+    let mut good_ckpt: Option<(PathBuf, usize)> = None;
     if resume {
         if let Some(dir) = &opts.checkpoint_dir {
             if dir.join("state.json").exists() {
                 st = load_checkpoint(dir, store, &mut opt)?;
+                good_ckpt = Some((dir.clone(), st.step));
             }
         }
     }
@@ -121,7 +131,6 @@ pub fn train(
     let accum = opts.grad_accum.max(1);
     let step_tokens = task.batch_tokens() * accum;
     let mut steps_here = 0;
-    let (mut win_loss, mut win_n, mut win_t) = (0.0, 0usize, 0.0);
     while st.step < opts.steps {
         if opts.stop_after.is_some_and(|n| steps_here >= n) {
             return Ok(TrainReport { state: st, stopped_early: true });
@@ -145,19 +154,19 @@ pub fn train(
             });
         }
         let loss = loss_acc.expect("accum >= 1").to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let stop = |what: String| NonFiniteLoss { step: st.step, what, checkpoint: good_ckpt.clone() };
         if !loss.is_finite() {
-            // Parameters are still those of the last good step: keep them.
-            let checkpoint = match &opts.checkpoint_dir {
-                Some(dir) => {
-                    save_checkpoint(dir, store, &opt, &st, &opts.meta)?;
-                    Some(dir.clone())
-                }
-                None => None,
-            };
-            return Err(NonFiniteLoss { step: st.step, loss, checkpoint }.into());
+            return Err(stop(format!("loss became {loss}")).into());
         }
-        if let Some(c) = opts.grad_clip {
-            grads.clip(c)?;
+        let norm = match opts.grad_clip {
+            Some(c) => grads.clip(c)?,
+            None => grads.global_norm()?,
+        };
+        if let Some(n) = norm {
+            let n = n.to_scalar::<f32>()?;
+            if !n.is_finite() {
+                return Err(stop(format!("gradient norm became {n}")).into());
+            }
         }
         opt.step(&grads, lr)?;
         st.step += 1;
@@ -165,9 +174,9 @@ pub fn train(
         let dt = t0.elapsed().as_secs_f64();
         st.train_seconds += dt;
         st.tokens_seen += step_tokens;
-        win_loss += loss;
-        win_n += 1;
-        win_t += dt;
+        st.window.0 += loss;
+        st.window.1 += 1;
+        st.window.2 += dt;
         let tps = step_tokens as f64 / dt.max(1e-9);
         let last = st.step == opts.steps;
         let eval = if st.step % opts.eval_every.max(1) == 0 || last {
@@ -175,12 +184,12 @@ pub fn train(
             st.best_val = Some(st.best_val.map_or(e.loss, |b: f64| b.min(e.loss)));
             st.curve.push(CurvePoint {
                 step: st.step,
-                train_loss: win_loss / win_n as f64,
+                train_loss: st.window.0 / st.window.1 as f64,
                 val_loss: Some(e.loss),
                 lr,
-                tokens_per_s: (win_n * step_tokens) as f64 / win_t.max(1e-9),
+                tokens_per_s: (st.window.1 * step_tokens) as f64 / st.window.2.max(1e-9),
             });
-            (win_loss, win_n, win_t) = (0.0, 0, 0.0);
+            st.window = (0.0, 0, 0.0);
             st.last_eval = Some((e.loss, e.metrics.clone()));
             Some(e)
         } else {
@@ -189,11 +198,27 @@ pub fn train(
         on_step(&Progress { step: st.step, steps: opts.steps, loss, lr, tokens_per_s: tps, eval: eval.as_ref() });
         if let Some(dir) = &opts.checkpoint_dir {
             if last || opts.checkpoint_every.is_some_and(|n| st.step % n == 0) {
+                // Never replace a good checkpoint with non-finite weights.
+                if let Some(name) = first_non_finite(store)? {
+                    return Err(NonFiniteLoss { step: st.step - 1, what: format!("parameter `{name}` became non-finite"), checkpoint: good_ckpt }.into());
+                }
                 save_checkpoint(dir, store, &opt, &st, &opts.meta)?;
+                good_ckpt = Some((dir.clone(), st.step));
             }
         }
     }
     Ok(TrainReport { state: st, stopped_early: false })
+}
+
+/// The first parameter (by name) holding a NaN or infinity.
+pub fn first_non_finite(store: &ParamStore) -> Result<Option<String>> {
+    for (name, p) in store.params() {
+        let s = p.var.as_tensor().abs()?.max_keepdim(candle_core::D::Minus1)?.flatten_all()?.max(0)?;
+        if !s.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
 }
 
 fn to_hash(m: BTreeMap<String, Tensor>) -> HashMap<String, Tensor> {

@@ -186,6 +186,8 @@ pub struct Variant {
 /// One fully resolved run of a sweep.
 #[derive(Debug, Clone)]
 pub struct PlannedRun {
+    /// Position in the expanded sweep (tables keep this order).
+    pub index: usize,
     pub id: String,
     /// Variant name plus grid values: what the report groups by (seeds and lrs aside).
     pub label: String,
@@ -254,7 +256,7 @@ pub fn plan(text: &str, _base_dir: &Path) -> Result<Vec<PlannedRun>> {
                     let label = label_of(&var.name, point);
                     let id = sanitize(&format!("{}__lr={}__seed={}", label, config.train.lr, config.seed));
                     validate(&config).with_context(|| format!("run `{id}`"))?;
-                    runs.push(PlannedRun { id, label, variant: var.name.clone(), overrides, config });
+                    runs.push(PlannedRun { index: runs.len(), id, label, variant: var.name.clone(), overrides, config });
                 }
             }
         }

@@ -18,6 +18,7 @@ pub fn load_results(dir: &Path) -> Result<Vec<Value>> {
             }
         }
     }
+    out.sort_by_key(|v| v["plan_index"].as_u64().unwrap_or(u64::MAX));
     Ok(out)
 }
 

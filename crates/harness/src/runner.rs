@@ -151,6 +151,7 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     let result = json!({
         "schema": "zoo.result/1",
         "run_id": run.id,
+        "plan_index": run.index,
         "experiment": cfg.experiment,
         "variant": run.variant,
         "label": run.label,

@@ -1,0 +1,335 @@
+//! End-to-end checks of the harness: gradient flow for every registered variant, determinism,
+//! kill-and-resume, non-finite loss, bad configs, sweeps and shards, eval.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use zoo_harness::config::{self, PlannedRun};
+use zoo_harness::env::Env;
+use zoo_harness::runner::{self, RunOpts};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("zoo-test-{}-{}", name, std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn cpu() -> Env {
+    Env::parse("cpu", "f32").unwrap()
+}
+
+const MQAR: &str = r#"
+experiment = "t"
+seed = 3
+[model]
+d_model = 16
+n_layers = 2
+mixer = { type = "attention", n_heads = 2 }
+ffn = { type = "none" }
+[data]
+type = "mqar"
+vocab_size = 32
+train = [{ seq_len = 16, kv_pairs = 2, examples = 64 }]
+test = [{ seq_len = 16, kv_pairs = 2, examples = 16 }]
+[train]
+steps = 8
+batch_size = 4
+lr = 3e-3
+warmup_steps = 2
+eval_every = 2
+checkpoint_every = 2
+"#;
+
+fn one(text: &str) -> PlannedRun {
+    let mut runs = config::plan(text, Path::new(".")).unwrap();
+    assert_eq!(runs.len(), 1);
+    runs.remove(0)
+}
+
+/// Every registered layer configuration: each parameter gets a finite, non-zero gradient.
+#[test]
+fn gradient_flow_every_variant() {
+    let mixers = [
+        r#"{ type = "attention", n_heads = 4 }"#,
+        r#"{ type = "attention", n_heads = 4, n_kv_heads = 2, qk_norm = true }"#,
+        r#"{ type = "attention", n_heads = 4, n_kv_heads = 1, window = 4, sink_tokens = 2, bias = true }"#,
+    ];
+    let ffns = [r#"{ type = "swiglu" }"#, r#"{ type = "gelu", bias = true }"#, r#"{ type = "none" }"#];
+    for m in mixers {
+        for f in ffns {
+            for tie in [true, false] {
+                let text = MQAR
+                    .replace(r#"mixer = { type = "attention", n_heads = 2 }"#, &format!("mixer = {m}\ntie_embeddings = {tie}"))
+                    .replace(r#"ffn = { type = "none" }"#, &format!("ffn = {f}"));
+                let run = one(&text);
+                let (model, store) = runner::build_model(&run.config, 32, &cpu()).unwrap();
+                let problems = zoo_core::check::gradient_flow(&model, &store, 2, 12, 0).unwrap();
+                assert!(problems.is_empty(), "mixer {m} ffn {f} tie {tie}: {problems:?}");
+            }
+        }
+    }
+}
+
+/// The gradient-flow check catches a fused, no-backward op: a mixer that normalises its input
+/// with candle's fused `ops::rms_norm` cuts the gradient to everything below it.
+#[test]
+fn gradient_flow_catches_fused_norm() {
+    use zoo_core::candle_core::{Result, Tensor};
+    use zoo_core::mixer::{LayerCache, LayerProbe, Mixer};
+    struct FusedNormAttention {
+        inner: zoo_core::attention::Attention,
+        ones: Tensor,
+    }
+    impl Mixer for FusedNormAttention {
+        fn forward(&self, x: &Tensor, c: Option<&mut LayerCache>, p: Option<&mut LayerProbe>) -> Result<Tensor> {
+            let x = zoo_core::candle_nn::ops::rms_norm(&x.contiguous()?, &self.ones, 1e-5)?;
+            self.inner.forward(&x, c, p)
+        }
+        fn cache_bytes(&self, b: usize, t: usize, d: zoo_core::candle_core::DType) -> usize {
+            self.inner.cache_bytes(b, t, d)
+        }
+        fn kind(&self) -> String {
+            "broken".into()
+        }
+    }
+    let run = one(MQAR);
+    let env = cpu();
+    let store = zoo_core::params::ParamStore::new(0, zoo_core::candle_core::DType::F32, &env.device);
+    let shape = zoo_core::model::LmShape { vocab_size: 32, d_model: 16, n_layers: 2, tie_embeddings: false, norm_eps: 1e-5, max_seq_len: 16 };
+    let cfg = match &run.config.model.mixer {
+        Some(zoo_harness::registry::MixerConfig::Attention(c)) => c.clone(),
+        _ => unreachable!(),
+    };
+    let model = zoo_core::model::Lm::new(&shape, zoo_core::candle_core::DType::F32, &store.root(), |ctx, pb| {
+        let inner = zoo_core::attention::Attention::new(&cfg, ctx, &pb.pp("mixer"))?;
+        let ones = Tensor::ones(16, zoo_core::candle_core::DType::F32, &env.device)?;
+        Ok((Box::new(FusedNormAttention { inner, ones }) as Box<dyn Mixer>, None))
+    })
+    .unwrap();
+    let problems = zoo_core::check::gradient_flow(&model, &store, 2, 12, 0).unwrap();
+    // The fused norm sits between norm1 and the attention projections: norm1's gain is cut off.
+    assert!(problems.iter().any(|p| p.starts_with("layers.0.norm1.weight")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.starts_with("layers.1.norm1.weight")), "{problems:?}");
+}
+
+fn opts(dir: &Path, stop_after: Option<usize>, resume: bool) -> RunOpts {
+    RunOpts { results_dir: dir.join("results"), runs_dir: dir.join("runs"), resume, quiet: true, stop_after }
+}
+
+fn curve(res: &serde_json::Value) -> Vec<(u64, f64, f64, f64)> {
+    res["curve"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["step"].as_u64().unwrap(), c["train_loss"].as_f64().unwrap(), c["val_loss"].as_f64().unwrap(), c["lr"].as_f64().unwrap()))
+        .collect()
+}
+
+/// Same seed, same numbers; another seed, other numbers.
+#[test]
+fn training_is_deterministic_on_cpu() {
+    let run = one(MQAR);
+    let a = runner::run_one(&run, &cpu(), &opts(&tmpdir("det-a"), None, false)).unwrap().unwrap();
+    let b = runner::run_one(&run, &cpu(), &opts(&tmpdir("det-b"), None, false)).unwrap().unwrap();
+    assert_eq!(curve(&a), curve(&b));
+    assert_eq!(a["metrics"], b["metrics"]);
+    let other = one(&MQAR.replace("seed = 3", "seed = 4"));
+    let c = runner::run_one(&other, &cpu(), &opts(&tmpdir("det-c"), None, false)).unwrap().unwrap();
+    assert_ne!(curve(&a), curve(&c));
+}
+
+/// A run killed after 5 of 8 steps (last checkpoint at step 4) and resumed gives exactly the
+/// loss curve of an uninterrupted run, through the `zoo` binary.
+#[test]
+fn kill_and_resume_matches_uninterrupted() {
+    let dir = tmpdir("resume");
+    let cfg = dir.join("c.toml");
+    std::fs::write(&cfg, MQAR.replace("eval_every = 2", "eval_every = 3")).unwrap();
+    let zoo = |args: &[&str], out: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_zoo"))
+            .args(["run", cfg.to_str().unwrap(), "-q", "--results-dir", &format!("{}/{out}/results", dir.display())])
+            .args(["--runs-dir", &format!("{}/{out}/runs", dir.display())])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    zoo(&[], "straight");
+    zoo(&["--stop-after", "5"], "killed");
+    let rid = one(MQAR).id;
+    let killed_result = dir.join(format!("killed/results/t/{rid}.json"));
+    assert!(!killed_result.exists(), "a killed run must not leave a result");
+    zoo(&["--resume"], "killed");
+    let read = |p: PathBuf| -> serde_json::Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let a = read(dir.join(format!("straight/results/t/{rid}.json")));
+    let b = read(killed_result);
+    assert_eq!(curve(&a), curve(&b));
+    assert_eq!(a["metrics"], b["metrics"]);
+}
+
+/// A non-finite loss stops the run with a clear error, keeps a finite checkpoint, writes no result.
+#[test]
+fn nan_loss_stops_and_keeps_checkpoint() {
+    let dir = tmpdir("nan");
+    let run = one(
+        &MQAR.replace("lr = 3e-3", "lr = 1e30").replace("warmup_steps = 2", "warmup_steps = 0").replace("checkpoint_every = 2", "checkpoint_every = 1"),
+    );
+    let err = runner::run_one(&run, &cpu(), &opts(&dir, None, false)).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("non-finite") || msg.contains("became"), "{msg}");
+    assert!(msg.contains("last good checkpoint (step 1) is kept"), "{msg}");
+    let ckpt = runner::checkpoint_dir(&dir.join("runs"), &run);
+    let t = zoo_core::candle_core::safetensors::load(ckpt.join("model.safetensors"), &zoo_core::candle_core::Device::Cpu).unwrap();
+    for (k, v) in t {
+        let m = v.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(m.is_finite(), "{k} is not finite in the kept checkpoint");
+    }
+    assert!(!runner::result_path(&dir.join("results"), &run).exists());
+}
+
+/// Bad configs: non-zero exit, an error naming the field and the reason, and nothing written.
+#[test]
+fn bad_configs_fail_early_with_named_field() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("unknown field", &MQAR.replace("steps = 8", "steps = 8\nstepz = 3"), &["train", "unknown field `stepz`"]),
+        (
+            "unknown mixer field",
+            &MQAR.replace("n_heads = 2 }", "n_heads = 2, heads = 3 }"),
+            &["model.mixer", "unknown field `heads`"],
+        ),
+        ("heads", &MQAR.replace("n_heads = 2", "n_heads = 3"), &["n_heads", "do not divide d_model = 16"]),
+        (
+            "kv heads",
+            &MQAR.replace("n_heads = 2", "n_heads = 4, n_kv_heads = 3"),
+            &["n_kv_heads", "not a multiple of n_kv_heads = 3"],
+        ),
+        ("window", &MQAR.replace("n_heads = 2", "n_heads = 2, window = 64"), &["window", "larger than the sequence length 16"]),
+        (
+            "missing file",
+            r#"experiment = "t"
+[model]
+d_model = 16
+n_layers = 1
+mixer = { type = "attention", n_heads = 2 }
+[data]
+type = "text"
+paths = ["/nonexistent/corpus.txt"]
+tokenizer = { type = "chars" }
+[train]
+steps = 2
+batch_size = 2
+seq_len = 8
+lr = 1e-3
+"#,
+            &["data.paths", "/nonexistent/corpus.txt", "not found"],
+        ),
+        ("unknown mixer type", &MQAR.replace(r#"type = "attention""#, r#"type = "attn""#), &["model.mixer", "unknown variant `attn`"]),
+        ("mqar too short", &MQAR.replace("kv_pairs = 2, examples = 64", "kv_pairs = 6, examples = 64"), &["data.train[0].seq_len"]),
+        ("sweep path", &format!("{MQAR}\n[sweep.grid]\n\"model.d_model\" = [\"wide\"]\n"), &["model.d_model", "invalid type"]),
+    ];
+    for (name, text, needles) in cases {
+        let dir = tmpdir(&format!("bad-{}", name.replace(' ', "-")));
+        let cfg = dir.join("c.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_zoo"))
+            .args(["run", cfg.to_str().unwrap(), "-q", "--results-dir"])
+            .arg(dir.join("results"))
+            .arg("--runs-dir")
+            .arg(dir.join("runs"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{name}: should fail");
+        for n in *needles {
+            assert!(err.contains(n), "{name}: error should mention `{n}`, got: {err}");
+        }
+        assert!(!dir.join("results").exists() && !dir.join("runs").exists(), "{name}: wrote files");
+    }
+}
+
+/// Sweeps expand variants × grid × lrs × seeds; shards partition them; rerun skips finished runs.
+#[test]
+fn sweep_shards_and_skip() {
+    let text = format!(
+        "{MQAR}\n[sweep]\nseeds = [0, 1]\nlrs = [1e-3, 3e-3]\n[sweep.grid]\n\"model.d_model\" = [8, 16]\n[[sweep.variants]]\nname = \"mha\"\n[[sweep.variants]]\nname = \"mqa\"\nset = {{ \"model.mixer.n_kv_heads\" = 1 }}\n"
+    );
+    let runs = config::plan(&text, Path::new(".")).unwrap();
+    assert_eq!(runs.len(), 2 * 2 * 2 * 2);
+    let ids: std::collections::BTreeSet<_> = runs.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(ids.len(), runs.len(), "run ids are unique");
+    assert!(runs.iter().any(|r| r.label == "mqa,d_model=8"));
+    let dir = tmpdir("shard");
+    let cfg = dir.join("c.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let mut all = Vec::new();
+    for s in 0..3 {
+        let o = Command::new(env!("CARGO_BIN_EXE_zoo")).args(["run", cfg.to_str().unwrap(), "--dry-run", "--shard", &format!("{s}/3")]).output().unwrap();
+        assert!(o.status.success());
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        all.extend(out.lines().filter(|l| l.contains("__seed=")).map(String::from));
+    }
+    all.sort();
+    assert_eq!(all, ids.into_iter().collect::<Vec<_>>());
+    // Run one tiny shard twice: the second time everything is skipped.
+    let small = dir.join("small.toml");
+    std::fs::write(&small, MQAR.replace("steps = 8", "steps = 2")).unwrap();
+    let go = || {
+        Command::new(env!("CARGO_BIN_EXE_zoo"))
+            .args(["run", small.to_str().unwrap(), "--results-dir"])
+            .arg(dir.join("results"))
+            .arg("--runs-dir")
+            .arg(dir.join("runs"))
+            .output()
+            .unwrap()
+    };
+    assert!(go().status.success());
+    let o = go();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("done already, skipping"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("| run |"), "report table printed");
+}
+
+/// Text training with every tokenizer type, then `zoo eval` on the checkpoint.
+#[test]
+fn text_run_and_eval_checkpoint() {
+    let dir = tmpdir("text");
+    let corpus = dir.join("corpus.txt");
+    let text: String = (0..400).map(|i| format!("the {} cat sat on the mat. ", ["red", "blue", "green"][i % 3])).collect();
+    std::fs::write(&corpus, &text).unwrap();
+    let cfg = format!(
+        r#"experiment = "txt"
+[model]
+d_model = 16
+n_layers = 1
+mixer = {{ type = "attention", n_heads = 2 }}
+[data]
+type = "text"
+paths = ["{}"]
+tokenizer = {{ type = "chars" }}
+[train]
+steps = 30
+batch_size = 4
+seq_len = 16
+lr = 1e-2
+eval_every = 10
+eval_batches = 4
+"#,
+        corpus.display()
+    );
+    let run = one(&cfg);
+    let res = runner::run_one(&run, &cpu(), &opts(&dir, None, false)).unwrap().unwrap();
+    let ppl = res["metrics"]["perplexity,none"].as_f64().unwrap();
+    let bpb = res["metrics"]["bits_per_byte,none"].as_f64().unwrap();
+    assert!(ppl > 1.0 && ppl < 8.0, "char ppl {ppl} should beat the uniform 16-char baseline");
+    assert!(bpb > 0.0 && bpb.is_finite());
+    assert!(res["params"]["non_embedding"].as_u64().unwrap() < res["params"]["total"].as_u64().unwrap());
+    let ckpt = runner::checkpoint_dir(&dir.join("runs"), &run);
+    let o = Command::new(env!("CARGO_BIN_EXE_zoo")).args(["eval", "--checkpoint"]).arg(&ckpt).arg("--text").arg(&corpus).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ev: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let eppl = ev["metrics"]["perplexity,none"].as_f64().unwrap();
+    assert!(eppl > 1.0 && eppl < 8.0, "eval ppl {eppl}");
+    // Bytes tokenizer too.
+    let run = one(&cfg.replace(r#"type = "chars""#, r#"type = "bytes""#).replace("\"txt\"", "\"txt-bytes\""));
+    let res = runner::run_one(&run, &cpu(), &opts(&dir, None, false)).unwrap().unwrap();
+    assert!(res["metrics"]["perplexity,none"].as_f64().unwrap() < 256.0);
+}
