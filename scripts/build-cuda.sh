@@ -28,10 +28,8 @@ for so in $(find "$CUDA/py" -name 'lib*.so*' -type f); do
   base=$(basename "$so"); stem=${base%%.so*}
   ln -sf "$so" "$LIB/$base"; ln -sf "$so" "$LIB/$stem.so"
 done
-# nvcc in the wheel expects nvvm next to it and the crt/cccl headers in include/.
-for inc in $(find "$CUDA/py" -type d -name include); do
-  for f in "$inc"/*; do [ -e "$CUHOME/include/$(basename "$f")" ] || ln -sf "$f" "$CUHOME/include/" 2>/dev/null || true; done
-done
+# All the wheels unpack into one nvidia/cu13 tree (bin, include, nvvm, lib), which is what nvcc
+# expects; only lib64 needs adding.
 [ -e "$CUHOME/nvvm" ] || ln -sf "$(find "$CUDA/py" -type d -name nvvm | head -1)" "$CUHOME/nvvm"
 [ -e "$CUHOME/lib64" ] || ln -sf "$LIB" "$CUHOME/lib64"
 # Stub libcuda.so.1 from cudarc's driver symbol names.

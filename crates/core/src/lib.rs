@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod check;
+pub mod conv;
 pub mod data;
 pub mod mixer;
 pub mod mlp;

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use zoo_core::attention::{Attention, AttentionConfig};
 use zoo_core::candle_core::Result;
+use zoo_core::conv::{ShortConv, ShortConvConfig};
 use zoo_core::mixer::{BuildCtx, FeedForward, Mixer};
 use zoo_core::mlp::{GeluMlp, MlpConfig, SwiGlu};
 use zoo_core::params::Pb;
@@ -14,6 +15,8 @@ use zoo_core::params::Pb;
 pub enum MixerConfig {
     /// Causal softmax attention (zoo-core).
     Attention(AttentionConfig),
+    /// Zoology's BaseConv: a gated short causal convolution (zoo-core).
+    ShortConv(ShortConvConfig),
 }
 
 impl MixerConfig {
@@ -21,12 +24,14 @@ impl MixerConfig {
     pub fn validate(&self, d_model: usize, seq_len: usize) -> std::result::Result<(), String> {
         match self {
             MixerConfig::Attention(c) => c.validate(d_model, seq_len),
+            MixerConfig::ShortConv(c) => c.validate(d_model, seq_len),
         }
     }
 
     pub fn build(&self, ctx: &BuildCtx, pb: &Pb) -> Result<Box<dyn Mixer>> {
         Ok(match self {
             MixerConfig::Attention(c) => Box::new(Attention::new(c, ctx, pb)?),
+            MixerConfig::ShortConv(c) => Box::new(ShortConv::new(c, ctx, pb)?),
         })
     }
 }

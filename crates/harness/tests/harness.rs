@@ -46,21 +46,28 @@ fn one(text: &str) -> PlannedRun {
     runs.remove(0)
 }
 
+/// One config per registered mixer variant (and its main options). Every new mixer joins here.
+const MIXERS: &[&str] = &[
+    r#"{ type = "attention", n_heads = 4 }"#,
+    r#"{ type = "attention", n_heads = 4, n_kv_heads = 2, qk_norm = true }"#,
+    r#"{ type = "attention", n_heads = 4, n_kv_heads = 1, window = 4, sink_tokens = 2, bias = true }"#,
+    r#"{ type = "short_conv", kernel_size = 3 }"#,
+    r#"{ type = "short_conv", kernel_size = 1 }"#,
+];
+
+fn with_mixer(m: &str) -> String {
+    MQAR.replace(r#"mixer = { type = "attention", n_heads = 2 }"#, &format!("mixer = {m}"))
+}
+
 /// Every registered layer configuration: each parameter gets a finite, non-zero gradient.
 #[test]
 fn gradient_flow_every_variant() {
-    let mixers = [
-        r#"{ type = "attention", n_heads = 4 }"#,
-        r#"{ type = "attention", n_heads = 4, n_kv_heads = 2, qk_norm = true }"#,
-        r#"{ type = "attention", n_heads = 4, n_kv_heads = 1, window = 4, sink_tokens = 2, bias = true }"#,
-    ];
     let ffns = [r#"{ type = "swiglu" }"#, r#"{ type = "gelu", bias = true }"#, r#"{ type = "none" }"#];
-    for m in mixers {
+    for m in MIXERS {
         for f in ffns {
             for tie in [true, false] {
-                let text = MQAR
-                    .replace(r#"mixer = { type = "attention", n_heads = 2 }"#, &format!("mixer = {m}\ntie_embeddings = {tie}"))
-                    .replace(r#"ffn = { type = "none" }"#, &format!("ffn = {f}"));
+                let text = with_mixer(&format!("{m}\ntie_embeddings = {tie}")).replace(r#"ffn = { type = "none" }"#, &format!("ffn = {f}"));
+
                 let run = one(&text);
                 let (model, store) = runner::build_model(&run.config, 32, &cpu()).unwrap();
                 let problems = zoo_core::check::gradient_flow(&model, &store, 2, 12, 0).unwrap();
@@ -110,6 +117,30 @@ fn gradient_flow_catches_fused_norm() {
     // The fused norm sits between norm1 and the attention projections: norm1's gain is cut off.
     assert!(problems.iter().any(|p| p.starts_with("layers.0.norm1.weight")), "{problems:?}");
     assert!(problems.iter().any(|p| p.starts_with("layers.1.norm1.weight")), "{problems:?}");
+}
+
+/// Every registered mixer: prefill + one-token decode reproduces the full forward, and the cache
+/// holds exactly `cache_bytes`.
+#[test]
+fn decode_matches_full_forward_every_variant() {
+    use zoo_core::candle_core::{Device, Tensor};
+    for m in MIXERS {
+        let run = one(&with_mixer(m));
+        let (model, _) = runner::build_model(&run.config, 32, &cpu()).unwrap();
+        let mut r = zoo_core::rng::Rng::new(2);
+        let x = Tensor::from_vec((0..2 * 14).map(|_| r.below(32) as u32).collect::<Vec<_>>(), (2, 14), &Device::Cpu).unwrap();
+        let full = model.forward(&x, None, None).unwrap().logits;
+        let mut cache = model.new_cache();
+        let mut outs = vec![model.forward(&x.narrow(1, 0, 6).unwrap(), Some(&mut cache), None).unwrap().logits];
+        for t in 6..14 {
+            outs.push(model.forward(&x.narrow(1, t, 1).unwrap(), Some(&mut cache), None).unwrap().logits);
+        }
+        let inc = Tensor::cat(&outs, 1).unwrap();
+        let rel = ((inc - &full).unwrap().sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap())
+            / full.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+        assert!(rel < 1e-5, "{m}: relative error {rel}");
+        assert_eq!(cache.iter().map(|c| c.bytes()).sum::<usize>(), model.cache_bytes(2, 14), "{m}");
+    }
 }
 
 fn opts(dir: &Path, stop_after: Option<usize>, resume: bool) -> RunOpts {
