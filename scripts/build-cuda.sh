@@ -44,5 +44,5 @@ export PATH=$CUHOME/bin:$PATH CUDA_HOME=$CUHOME CUDA_PATH=$CUHOME CUDA_ROOT=$CUH
 export CUDA_COMPUTE_CAP=90 RUSTFLAGS="-L $LIB"
 export LD_LIBRARY_PATH=$LIB:${LD_LIBRARY_PATH:-}
 cargo build --release --features cuda -p zoo-harness --target-dir target-cuda
-mkdir -p .devbin && cp target-cuda/release/zoo .devbin/zoo
-echo "built .devbin/zoo ($(du -h .devbin/zoo | cut -f1))"
+mkdir -p .devbin .devpkg && cp target-cuda/release/zoo .devbin/zoo && strip .devbin/zoo && gzip -c .devbin/zoo > .devpkg/zoo.gz
+echo "built .devbin/zoo and .devpkg/zoo.gz (carry .devpkg to the device: gunzip -c .devpkg/zoo.gz > /tmp/zoo)"

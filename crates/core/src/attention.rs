@@ -90,6 +90,8 @@ pub struct Attention {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub qk_eps: f64,
+    /// The full-sequence mask of the last length seen (training reuses it every step).
+    mask_cache: std::sync::Mutex<Option<(usize, Tensor)>>,
 }
 
 impl Attention {
@@ -115,6 +117,7 @@ impl Attention {
             n_kv_heads: kv,
             head_dim: hd,
             qk_eps: 1e-6,
+            mask_cache: std::sync::Mutex::new(None),
             cfg: cfg.clone(),
         })
     }
@@ -187,7 +190,23 @@ impl Attention {
             }
             _ => (k.clone(), v.clone(), 0),
         };
-        let mask = attention_mask(q.dim(2)?, q_start, k.dim(2)? - n_sink, k_start, self.cfg.window, n_sink, q.device())?;
+        let (tq, tk) = (q.dim(2)?, k.dim(2)? - n_sink);
+        let full_seq = q_start == 0 && k_start == 0 && tq == tk;
+        let cached = if full_seq {
+            self.mask_cache.lock().unwrap().as_ref().filter(|(t, _)| *t == tq).map(|(_, m)| m.clone())
+        } else {
+            None
+        };
+        let mask = match cached {
+            Some(m) => m,
+            None => {
+                let m = attention_mask(tq, q_start, tk, k_start, self.cfg.window, n_sink, q.device())?;
+                if full_seq {
+                    *self.mask_cache.lock().unwrap() = Some((tq, m.clone()));
+                }
+                m
+            }
+        };
         sdpa(q, &k, &v, &mask, differentiable, probe.map(|p| (p, n_sink)))
     }
 }
@@ -237,8 +256,9 @@ pub fn sdpa(
     let rep = h / hkv;
     let dt = q.dtype();
     let work = if dt == DType::F64 { DType::F64 } else { DType::F32 };
-    let qg = q.reshape((b, hkv, rep * t, d))?;
-    let scores = (qg.matmul(&k.contiguous()?.t()?)?.to_dtype(work)? * (1.0 / (d as f64).sqrt()))?;
+    // Scale q (T·d elements) rather than the scores (T·Tk): one T² tensor fewer to keep for backward.
+    let qg = (q * (1.0 / (d as f64).sqrt()))?.reshape((b, hkv, rep * t, d))?;
+    let scores = qg.matmul(&k.contiguous()?.t()?)?.to_dtype(work)?;
     let scores = scores.reshape((b, hkv, rep, t, tk))?.broadcast_add(&mask.to_dtype(work)?)?;
     let probs = if differentiable {
         candle_nn::ops::softmax(&scores, D::Minus1)?

@@ -14,8 +14,10 @@ pub fn gradient_flow(model: &Lm, store: &ParamStore, batch: usize, seq_len: usiz
     let mut rng = Rng::new(seed);
     let v = model.shape.vocab_size;
     let dev = store.device();
-    let ids = Tensor::from_vec((0..batch * seq_len).map(|_| rng.below(v) as u32).collect::<Vec<_>>(), (batch, seq_len), dev)?;
-    let tgt = Tensor::from_vec((0..batch * seq_len).map(|_| rng.below(v) as u32).collect::<Vec<_>>(), (batch, seq_len), dev)?;
+    let ids =
+        Tensor::from_vec((0..batch * seq_len).map(|_| rng.below(v) as u32).collect::<Vec<_>>(), (batch, seq_len), dev)?;
+    let tgt =
+        Tensor::from_vec((0..batch * seq_len).map(|_| rng.below(v) as u32).collect::<Vec<_>>(), (batch, seq_len), dev)?;
     let out = model.forward(&ids, None, None)?;
     let mut loss = cross_entropy(&out.logits, &tgt, None)?;
     if let Some(a) = out.aux_loss {

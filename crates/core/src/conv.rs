@@ -47,8 +47,7 @@ impl CausalConv1d {
                 *s = Some(xp.narrow(1, t, k - 1)?.contiguous()?);
             }
         }
-        y.expect("kernel >= 1")
-            .reshape((b, t, c))
+        y.expect("kernel >= 1").reshape((b, t, c))
     }
 }
 

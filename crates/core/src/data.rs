@@ -91,11 +91,9 @@ impl Tokenizer {
                 .chars()
                 .map(|c| index.get(&c).copied().with_context(|| format!("character {c:?} is not in the vocabulary")))
                 .collect(),
-            Tokenizer::Hf { tok, .. } => Ok(tok
-                .encode(text, false)
-                .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
-                .get_ids()
-                .to_vec()),
+            Tokenizer::Hf { tok, .. } => {
+                Ok(tok.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
+            }
         }
     }
 
@@ -203,7 +201,11 @@ impl Mqar {
             return Err("kv_pairs: must be at least 1".into());
         }
         if seg.kv_pairs > vocab / 2 - 1 {
-            return Err(format!("kv_pairs: {} exceeds the {} distinct keys of vocab {vocab}", seg.kv_pairs, vocab / 2 - 1));
+            return Err(format!(
+                "kv_pairs: {} exceeds the {} distinct keys of vocab {vocab}",
+                seg.kv_pairs,
+                vocab / 2 - 1
+            ));
         }
         let ctx = 2 * seg.kv_pairs;
         if seg.seq_len < ctx + 2 || (seg.seq_len - ctx) / 2 < seg.kv_pairs {
@@ -347,7 +349,11 @@ mod tests {
         for e in 0..400 {
             for j in 0..256 {
                 if d.mask[e * 256 + j] == 1.0 {
-                    if j < 8 + 2 * 30 { near += 1 } else { far += 1 }
+                    if j < 8 + 2 * 30 {
+                        near += 1
+                    } else {
+                        far += 1
+                    }
                 }
             }
         }
@@ -356,9 +362,15 @@ mod tests {
 
     #[test]
     fn mqar_bad_configs() {
-        assert!(Mqar::validate(128, &MqarSegment { seq_len: 16, kv_pairs: 8, examples: 1 }).unwrap_err().starts_with("seq_len"));
-        assert!(Mqar::validate(127, &MqarSegment { seq_len: 64, kv_pairs: 4, examples: 1 }).unwrap_err().starts_with("vocab_size"));
-        assert!(Mqar::validate(16, &MqarSegment { seq_len: 64, kv_pairs: 8, examples: 1 }).unwrap_err().starts_with("kv_pairs"));
+        assert!(Mqar::validate(128, &MqarSegment { seq_len: 16, kv_pairs: 8, examples: 1 })
+            .unwrap_err()
+            .starts_with("seq_len"));
+        assert!(Mqar::validate(127, &MqarSegment { seq_len: 64, kv_pairs: 4, examples: 1 })
+            .unwrap_err()
+            .starts_with("vocab_size"));
+        assert!(Mqar::validate(16, &MqarSegment { seq_len: 64, kv_pairs: 8, examples: 1 })
+            .unwrap_err()
+            .starts_with("kv_pairs"));
     }
 
     #[test]

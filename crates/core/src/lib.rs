@@ -14,6 +14,7 @@ pub mod model;
 pub mod nn;
 pub mod optim;
 pub mod params;
+pub mod probe;
 pub mod rng;
 pub mod task;
 pub mod train;

@@ -217,7 +217,8 @@ mod tests {
         let dev = Device::Cpu;
         let a = Var::new(&[3.0f32, 0.0], &dev)?;
         let b = Var::new(&[0.0f32, 4.0], &dev)?;
-        let loss = (((a.as_tensor() * a.as_tensor())?.sum_all()? * 0.5)? + ((b.as_tensor() * b.as_tensor())?.sum_all()? * 0.5)?)?;
+        let loss = (((a.as_tensor() * a.as_tensor())?.sum_all()? * 0.5)?
+            + ((b.as_tensor() * b.as_tensor())?.sum_all()? * 0.5)?)?;
         let gs = loss.backward()?;
         let mut grads = Grads::default();
         grads.accumulate(&gs, [&a, &b].into_iter(), 1.0)?;

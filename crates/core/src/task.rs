@@ -21,6 +21,8 @@ pub trait Task {
     fn evaluate(&self, model: &Lm) -> Result<EvalOut>;
     /// Tokens per training micro-batch.
     fn batch_tokens(&self) -> usize;
+    /// A fixed held-out batch for eval-time probes (attention sink, massive activations).
+    fn probe_batch(&self) -> Result<Batch>;
 }
 
 /// Next-token prediction on a text corpus.
@@ -45,7 +47,8 @@ impl Task for TextTask {
         for b in &batches {
             let out = model.forward(&b.inputs, None, None)?;
             let tokens = b.inputs.elem_count();
-            sum += cross_entropy(&out.logits, &b.targets, None)?.to_dtype(DType::F64)?.to_scalar::<f64>()? * tokens as f64;
+            sum +=
+                cross_entropy(&out.logits, &b.targets, None)?.to_dtype(DType::F64)?.to_scalar::<f64>()? * tokens as f64;
             n += tokens;
         }
         let loss = sum / n as f64;
@@ -61,6 +64,10 @@ impl Task for TextTask {
     fn batch_tokens(&self) -> usize {
         self.batch_size * self.seq_len
     }
+
+    fn probe_batch(&self) -> Result<Batch> {
+        Ok(self.data.val_batches(self.batch_size, self.seq_len, 1, &self.device)?.remove(0))
+    }
 }
 
 /// Multi-query associative recall: train on a mixture of segments, test on held-out examples.
@@ -72,7 +79,14 @@ pub struct MqarTask {
 }
 
 impl MqarTask {
-    pub fn new(vocab: usize, train: &[MqarSegment], test: &[MqarSegment], batch_size: usize, seed: u64, device: &Device) -> Result<Self> {
+    pub fn new(
+        vocab: usize,
+        train: &[MqarSegment],
+        test: &[MqarSegment],
+        batch_size: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         // Train and test draw from different streams, so test examples are unseen.
         let mut rtrain = Rng::new(seed).fork(11);
         let mut rtest = Rng::new(seed).fork(12);
@@ -133,6 +147,11 @@ impl Task for MqarTask {
 
     fn batch_tokens(&self) -> usize {
         self.batch_size * self.train.first().map_or(0, |s| s.seq_len)
+    }
+
+    fn probe_batch(&self) -> Result<Batch> {
+        let seg = &self.test[0];
+        seg.batch(&(0..self.batch_size.min(seg.len())).collect::<Vec<_>>(), &self.device)
     }
 }
 

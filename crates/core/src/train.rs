@@ -200,7 +200,12 @@ pub fn train(
             if last || opts.checkpoint_every.is_some_and(|n| st.step % n == 0) {
                 // Never replace a good checkpoint with non-finite weights.
                 if let Some(name) = first_non_finite(store)? {
-                    return Err(NonFiniteLoss { step: st.step - 1, what: format!("parameter `{name}` became non-finite"), checkpoint: good_ckpt }.into());
+                    return Err(NonFiniteLoss {
+                        step: st.step - 1,
+                        what: format!("parameter `{name}` became non-finite"),
+                        checkpoint: good_ckpt,
+                    }
+                    .into());
                 }
                 save_checkpoint(dir, store, &opt, &st, &opts.meta)?;
                 good_ckpt = Some((dir.clone(), st.step));
@@ -227,7 +232,13 @@ fn to_hash(m: BTreeMap<String, Tensor>) -> HashMap<String, Tensor> {
 
 /// Write `model.safetensors`, `optim.safetensors`, `state.json` and `meta.json` into a temporary
 /// folder, then swap it into place: a kill mid-save leaves the previous checkpoint intact.
-pub fn save_checkpoint(dir: &Path, store: &ParamStore, opt: &AdamW, st: &TrainState, meta: &serde_json::Value) -> Result<()> {
+pub fn save_checkpoint(
+    dir: &Path,
+    store: &ParamStore,
+    opt: &AdamW,
+    st: &TrainState,
+    meta: &serde_json::Value,
+) -> Result<()> {
     let tmp = dir.with_extension("tmp");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
@@ -255,7 +266,8 @@ pub fn save_checkpoint(dir: &Path, store: &ParamStore, opt: &AdamW, st: &TrainSt
 /// Load model weights (only) from a checkpoint folder into `store`.
 pub fn load_weights(dir: &Path, store: &ParamStore) -> Result<()> {
     let path = dir.join("model.safetensors");
-    let t = candle_core::safetensors::load(&path, store.device()).with_context(|| format!("reading {}", path.display()))?;
+    let t =
+        candle_core::safetensors::load(&path, store.device()).with_context(|| format!("reading {}", path.display()))?;
     store.load(&t.into_iter().collect())
 }
 

@@ -10,13 +10,22 @@ use zoo_core::params::ParamStore;
 use zoo_core::rng::Rng;
 
 fn attn(n_heads: usize, kv: usize, qk_norm: bool, window: Option<usize>, sinks: usize) -> AttentionConfig {
-    AttentionConfig { n_heads, n_kv_heads: Some(kv), rope_theta: 10_000.0, qk_norm, window, sink_tokens: sinks, bias: true }
+    AttentionConfig {
+        n_heads,
+        n_kv_heads: Some(kv),
+        rope_theta: 10_000.0,
+        qk_norm,
+        window,
+        sink_tokens: sinks,
+        bias: true,
+    }
 }
 
 fn tiny(dtype: DType, cfg: AttentionConfig, tie: bool, seed: u64) -> Result<(Lm, ParamStore)> {
     let dev = Device::Cpu;
     let store = ParamStore::new(seed, dtype, &dev);
-    let shape = LmShape { vocab_size: 11, d_model: 8, n_layers: 2, tie_embeddings: tie, norm_eps: 1e-5, max_seq_len: 16 };
+    let shape =
+        LmShape { vocab_size: 11, d_model: 8, n_layers: 2, tie_embeddings: tie, norm_eps: 1e-5, max_seq_len: 16 };
     let model = Lm::new(&shape, dtype, &store.root(), |ctx, pb| {
         let m: Box<dyn Mixer> = Box::new(Attention::new(&cfg, ctx, &pb.pp("mixer"))?);
         let f: Box<dyn zoo_core::mixer::FeedForward> =
@@ -44,7 +53,8 @@ fn finite_difference_gradients_f64() -> Result<()> {
         }
         let x = ids(&mut r, 2, 7, 11)?;
         let y = ids(&mut r, 2, 7, 11)?;
-        let loss_of = || -> Result<f64> { cross_entropy(&model.forward(&x, None, None)?.logits, &y, None)?.to_scalar::<f64>() };
+        let loss_of =
+            || -> Result<f64> { cross_entropy(&model.forward(&x, None, None)?.logits, &y, None)?.to_scalar::<f64>() };
         let grads = cross_entropy(&model.forward(&x, None, None)?.logits, &y, None)?.backward()?;
         let eps = 1e-6;
         let mut checked = 0;
@@ -65,7 +75,11 @@ fn finite_difference_gradients_f64() -> Result<()> {
                 p.var.set(&Tensor::from_vec(base.clone(), p.var.shape(), &Device::Cpu)?)?;
                 let fd = (lp - lm) / (2.0 * eps);
                 let err = (fd - g[idx]).abs() / (fd.abs().max(g[idx].abs()).max(1e-7));
-                assert!(err < 1e-4, "{name}[{idx}]: finite difference {fd:e} vs backprop {:e} (rel err {err:e})", g[idx]);
+                assert!(
+                    err < 1e-4,
+                    "{name}[{idx}]: finite difference {fd:e} vs backprop {:e} (rel err {err:e})",
+                    g[idx]
+                );
                 checked += 1;
             }
         }

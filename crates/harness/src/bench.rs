@@ -79,7 +79,11 @@ mod cuda_mem {
         if let Some(p) = pool() {
             let mut zero: u64 = 0;
             unsafe {
-                sys::cuMemPoolSetAttribute(p, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero as *mut u64 as *mut _);
+                sys::cuMemPoolSetAttribute(
+                    p,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    &mut zero as *mut u64 as *mut _,
+                );
             }
         }
     }
@@ -88,7 +92,11 @@ mod cuda_mem {
         let p = pool()?;
         let mut v: u64 = 0;
         let r = unsafe {
-            sys::cuMemPoolGetAttribute(p, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut v as *mut u64 as *mut _)
+            sys::cuMemPoolGetAttribute(
+                p,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut v as *mut u64 as *mut _,
+            )
         };
         (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
     }
@@ -143,55 +151,74 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
         let mut row = serde_json::Map::new();
         row.insert("seq_len".into(), json!(t));
         row.insert("batch".into(), json!(b));
+        // A phase that fails (e.g. out of memory at long T) is recorded in its row, and the
+        // benchmark goes on with the next phase and length.
+        let record = |row: &mut serde_json::Map<String, serde_json::Value>, phase: &str, r: Result<()>| {
+            if let Err(e) = r {
+                row.insert(format!("{phase}_error"), json!(format!("{e:#}")));
+            }
+        };
         if !o.skip_train {
-            let mut opt = AdamW::new(&store, AdamWParams::default())?;
-            let vars: Vec<_> = opt.vars().cloned().collect();
+            let r = (|| -> Result<()> {
+                let mut opt = AdamW::new(&store, AdamWParams::default())?;
+                let vars: Vec<_> = opt.vars().cloned().collect();
+                mem.reset();
+                let s = time(env, o.warmup, o.iters, || {
+                    let out = model.forward(&ids, None, None)?;
+                    let loss = cross_entropy(&out.logits, &targets, None)?;
+                    let mut g = Grads::default();
+                    g.accumulate(&loss.backward()?, vars.iter(), 1.0)?;
+                    g.clip(1.0)?;
+                    opt.step(&g, 1e-4)?;
+                    Ok(())
+                })?;
+                row.insert("train_step_s".into(), json!(s));
+                row.insert("train_tokens_per_s".into(), json!((b * t) as f64 / s));
+                row.insert("train_peak_bytes".into(), json!(mem.read()));
+                Ok(())
+            })();
+            record(&mut row, "train", r);
+        }
+        let r = (|| -> Result<()> {
             mem.reset();
             let s = time(env, o.warmup, o.iters, || {
-                let out = model.forward(&ids, None, None)?;
-                let loss = cross_entropy(&out.logits, &targets, None)?;
-                let mut g = Grads::default();
-                g.accumulate(&loss.backward()?, vars.iter(), 1.0)?;
-                g.clip(1.0)?;
-                opt.step(&g, 1e-4)?;
+                let mut cache = model.new_cache();
+                let out = model.forward(&ids, Some(&mut cache), None)?;
+                drop(out);
                 Ok(())
             })?;
-            row.insert("train_step_s".into(), json!(s));
-            row.insert("train_tokens_per_s".into(), json!((b * t) as f64 / s));
-            row.insert("train_peak_bytes".into(), json!(mem.read()));
-        }
-        mem.reset();
-        let s = time(env, o.warmup, o.iters, || {
-            let mut cache = model.new_cache();
-            let out = model.forward(&ids, Some(&mut cache), None)?;
-            drop(out);
+            row.insert("prefill_s".into(), json!(s));
+            row.insert("prefill_tokens_per_s".into(), json!((b * t) as f64 / s));
+            row.insert("prefill_peak_bytes".into(), json!(mem.read()));
             Ok(())
-        })?;
-        row.insert("prefill_s".into(), json!(s));
-        row.insert("prefill_tokens_per_s".into(), json!((b * t) as f64 / s));
-        row.insert("prefill_peak_bytes".into(), json!(mem.read()));
+        })();
+        record(&mut row, "prefill", r);
         // Decode: prefill T tokens, then generate greedily one token at a time.
         if o.decode_tokens > 0 {
-            let mut cache = model.new_cache();
-            let out = model.forward(&ids, Some(&mut cache), None)?;
-            let mut next = out.logits.narrow(1, t - 1, 1)?.argmax(2)?.to_dtype(DType::U32)?;
-            for _ in 0..o.warmup.min(2) {
-                // Warm-up steps on a throwaway copy of the cache.
-                let mut c2 = cache.clone();
-                model.forward(&next, Some(&mut c2), None)?;
-            }
-            env.sync()?;
-            mem.reset();
-            let t0 = Instant::now();
-            for _ in 0..o.decode_tokens {
-                let out = model.forward(&next, Some(&mut cache), None)?;
-                next = out.logits.argmax(2)?.to_dtype(DType::U32)?;
-            }
-            env.sync()?;
-            let s = t0.elapsed().as_secs_f64();
-            row.insert("decode_tokens_per_s".into(), json!((b * o.decode_tokens) as f64 / s));
-            row.insert("decode_peak_bytes".into(), json!(mem.read()));
-            row.insert("cache_bytes_after_decode".into(), json!(cache.iter().map(|c| c.bytes()).sum::<usize>()));
+            let r = (|| -> Result<()> {
+                let mut cache = model.new_cache();
+                let out = model.forward(&ids, Some(&mut cache), None)?;
+                let mut next = out.logits.narrow(1, t - 1, 1)?.argmax(2)?.to_dtype(DType::U32)?;
+                for _ in 0..o.warmup.min(2) {
+                    // Warm-up steps on a throwaway copy of the cache.
+                    let mut c2 = cache.clone();
+                    model.forward(&next, Some(&mut c2), None)?;
+                }
+                env.sync()?;
+                mem.reset();
+                let t0 = Instant::now();
+                for _ in 0..o.decode_tokens {
+                    let out = model.forward(&next, Some(&mut cache), None)?;
+                    next = out.logits.argmax(2)?.to_dtype(DType::U32)?;
+                }
+                env.sync()?;
+                let s = t0.elapsed().as_secs_f64();
+                row.insert("decode_tokens_per_s".into(), json!((b * o.decode_tokens) as f64 / s));
+                row.insert("decode_peak_bytes".into(), json!(mem.read()));
+                row.insert("cache_bytes_after_decode".into(), json!(cache.iter().map(|c| c.bytes()).sum::<usize>()));
+                Ok(())
+            })();
+            record(&mut row, "decode", r);
         }
         row.insert("cache_bytes_at_seq_len".into(), json!(model.cache_bytes(b, t)));
         if !quiet {

@@ -93,7 +93,9 @@ pub enum TokenizerConfig {
     /// Characters seen in the corpus.
     Chars,
     /// A HuggingFace `tokenizer.json`.
-    Hf { path: PathBuf },
+    Hf {
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -233,8 +235,10 @@ pub fn plan(text: &str, _base_dir: &Path) -> Result<Vec<PlannedRun>> {
             .flat_map(|p| vals.iter().map(move |v| [p.clone(), vec![(k.clone(), v.clone())]].concat()))
             .collect();
     }
-    let lrs: Vec<Option<f64>> = if sweep.lrs.is_empty() { vec![None] } else { sweep.lrs.iter().map(|&l| Some(l)).collect() };
-    let seeds: Vec<Option<u64>> = if sweep.seeds.is_empty() { vec![None] } else { sweep.seeds.iter().map(|&s| Some(s)).collect() };
+    let lrs: Vec<Option<f64>> =
+        if sweep.lrs.is_empty() { vec![None] } else { sweep.lrs.iter().map(|&l| Some(l)).collect() };
+    let seeds: Vec<Option<u64>> =
+        if sweep.seeds.is_empty() { vec![None] } else { sweep.seeds.iter().map(|&s| Some(s)).collect() };
     let mut runs = Vec::new();
     for var in &variants {
         for point in &points {
@@ -256,7 +260,14 @@ pub fn plan(text: &str, _base_dir: &Path) -> Result<Vec<PlannedRun>> {
                     let label = label_of(&var.name, point);
                     let id = sanitize(&format!("{}__lr={}__seed={}", label, config.train.lr, config.seed));
                     validate(&config).with_context(|| format!("run `{id}`"))?;
-                    runs.push(PlannedRun { index: runs.len(), id, label, variant: var.name.clone(), overrides, config });
+                    runs.push(PlannedRun {
+                        index: runs.len(),
+                        id,
+                        label,
+                        variant: var.name.clone(),
+                        overrides,
+                        config,
+                    });
                 }
             }
         }
@@ -285,8 +296,16 @@ fn label_of(variant: &str, point: &[(String, toml::Value)]) -> String {
     }
 }
 
+/// Run ids are file names: letters, digits, '.', '_' and '-' only (`d_model=64,lr=0.01` becomes
+/// `d_model-64_lr-0.01`).
 fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || "=.,_-".contains(c) { c } else { '_' }).collect()
+    s.chars()
+        .map(|c| match c {
+            '=' => '-',
+            c if c.is_ascii_alphanumeric() || "._-".contains(c) => c,
+            _ => '_',
+        })
+        .collect()
 }
 
 /// Deserialize with the path of the failing field in the message.
@@ -337,7 +356,10 @@ impl RunConfig {
         let n = m.n_layers;
         let get = |name: &str| -> Result<MixerConfig> {
             m.mixers.get(name).cloned().ok_or_else(|| {
-                anyhow!("model.pattern: no mixer named `{name}` in model.mixers (have: {:?})", m.mixers.keys().collect::<Vec<_>>())
+                anyhow!(
+                    "model.pattern: no mixer named `{name}` in model.mixers (have: {:?})",
+                    m.mixers.keys().collect::<Vec<_>>()
+                )
             })
         };
         match (&m.mixer, &m.pattern) {
@@ -406,7 +428,10 @@ pub fn validate(c: &RunConfig) -> Result<()> {
             }
             for p in paths {
                 if !p.is_file() {
-                    bail!("data.paths: file {} not found (run scripts/fetch-data.sh for the Shakespeare corpus)", p.display());
+                    bail!(
+                        "data.paths: file {} not found (run scripts/fetch-data.sh for the Shakespeare corpus)",
+                        p.display()
+                    );
                 }
             }
             if let TokenizerConfig::Hf { path } = tokenizer {

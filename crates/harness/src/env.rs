@@ -17,9 +17,12 @@ impl Env {
         let device = match device {
             "cpu" => Device::Cpu,
             d if d.starts_with("cuda") => {
-                let idx: usize = d.strip_prefix("cuda:").map_or(Ok(0), |i| i.parse()).context("--device: expected cuda:N")?;
+                let idx: usize =
+                    d.strip_prefix("cuda:").map_or(Ok(0), |i| i.parse()).context("--device: expected cuda:N")?;
                 Device::new_cuda(idx).with_context(|| {
-                    format!("--device {d}: CUDA is unavailable (build with `--features cuda`, see scripts/build-cuda.sh)")
+                    format!(
+                        "--device {d}: CUDA is unavailable (build with `--features cuda`, see scripts/build-cuda.sh)"
+                    )
                 })?
             }
             other => bail!("--device: unknown device `{other}` (cpu, cuda:N)"),
@@ -65,7 +68,11 @@ impl Env {
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
@@ -91,7 +98,9 @@ pub fn git_state() -> serde_json::Value {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
     match run(&["rev-parse", "HEAD"]) {
-        Some(sha) => json!({ "sha": sha, "dirty": run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()) }),
+        Some(sha) => {
+            json!({ "sha": sha, "dirty": run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()) })
+        }
         None => json!({ "sha": null, "dirty": null }),
     }
 }

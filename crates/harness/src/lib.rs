@@ -28,7 +28,8 @@ pub fn evaluate_checkpoint(
     env: &env::Env,
 ) -> Result<serde_json::Value> {
     let meta: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(ckpt.join("meta.json")).with_context(|| format!("{} is not a zoo checkpoint", ckpt.display()))?,
+        &std::fs::read(ckpt.join("meta.json"))
+            .with_context(|| format!("{} is not a zoo checkpoint", ckpt.display()))?,
     )?;
     let cfg: config::RunConfig = serde_json::from_value(meta["config"].clone()).context("meta.json: config")?;
     let vocab = meta["vocab_size"].as_u64().context("meta.json: vocab_size")? as usize;

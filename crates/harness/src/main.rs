@@ -113,7 +113,12 @@ fn real_main() -> Result<()> {
             let runs = config::load(&config)?;
             let shard = shard.as_deref().map(parse_shard).transpose()?;
             let env = Env::parse(&cli.device, &cli.dtype)?;
-            let mine: Vec<_> = runs.iter().enumerate().filter(|(i, _)| shard.is_none_or(|(s, n)| i % n == s)).map(|(_, r)| r).collect();
+            let mine: Vec<_> = runs
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| shard.is_none_or(|(s, n)| i % n == s))
+                .map(|(_, r)| r)
+                .collect();
             if dry_run {
                 for r in &mine {
                     println!("{}", r.id);
@@ -121,7 +126,8 @@ fn real_main() -> Result<()> {
                 println!("{} runs ({} in this shard), config OK", runs.len(), mine.len());
                 return Ok(());
             }
-            let opts = runner::RunOpts { results_dir: results_dir.clone(), runs_dir, resume, quiet: cli.quiet, stop_after };
+            let opts =
+                runner::RunOpts { results_dir: results_dir.clone(), runs_dir, resume, quiet: cli.quiet, stop_after };
             let total = mine.len();
             for (k, r) in mine.iter().enumerate() {
                 let out = runner::result_path(&results_dir, r);
@@ -159,13 +165,17 @@ fn real_main() -> Result<()> {
         }
         Cmd::Bench { config, seq_lens, batch, warmup, iters, decode_tokens, skip_train, run_index, out } => {
             let runs = config::load(&config)?;
-            let run = runs.get(run_index).with_context(|| format!("--run-index {run_index}: the config has {} runs", runs.len()))?;
+            let run = runs
+                .get(run_index)
+                .with_context(|| format!("--run-index {run_index}: the config has {} runs", runs.len()))?;
             let env = Env::parse(&cli.device, &cli.dtype)?;
             let vocab = zoo_harness::vocab_size(&run.config)?;
             let o = bench::BenchOpts { seq_lens, batch, warmup, iters, decode_tokens, skip_train };
             let res = bench::bench(&run.config, vocab, &env, &o, cli.quiet)?;
             let dev = if env.device.is_cpu() { "cpu".to_string() } else { format!("cuda-{}", env.dtype_name()) };
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("results/bench/{}-{}-{dev}.json", run.config.experiment, run.id)));
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from(format!("results/bench/{}-{}-{dev}.json", run.config.experiment, run.id))
+            });
             zoo_harness::env::write_atomic(&out, &serde_json::to_vec_pretty(&res)?)?;
             println!("{}", zoo_harness::bench_table(&res));
             println!("wrote {}", out.display());

@@ -49,7 +49,9 @@ pub enum FfnConfig {
 impl FfnConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         match self {
-            FfnConfig::Swiglu(c) | FfnConfig::Gelu(c) if c.hidden == Some(0) => Err("hidden: must be at least 1".into()),
+            FfnConfig::Swiglu(c) | FfnConfig::Gelu(c) if c.hidden == Some(0) => {
+                Err("hidden: must be at least 1".into())
+            }
             _ => Ok(()),
         }
     }

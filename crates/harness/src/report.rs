@@ -7,12 +7,14 @@ use std::path::Path;
 
 pub fn load_results(dir: &Path) -> Result<Vec<Value>> {
     let mut out = Vec::new();
-    let mut entries: Vec<_> = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten().collect();
+    let mut entries: Vec<_> =
+        std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten().collect();
     entries.sort_by_key(|e| e.path());
     for e in entries {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "json") {
-            let v: Value = serde_json::from_slice(&std::fs::read(&p)?).with_context(|| format!("parsing {}", p.display()))?;
+            let v: Value =
+                serde_json::from_slice(&std::fs::read(&p)?).with_context(|| format!("parsing {}", p.display()))?;
             if v.get("schema").and_then(|s| s.as_str()) == Some("zoo.result/1") {
                 out.push(v);
             }
@@ -39,7 +41,13 @@ fn fmt_ms(xs: &[f64]) -> String {
         return "–".into();
     }
     let (m, s) = mean_std(xs);
-    let digits = if m.abs() >= 100.0 { 1 } else if m.abs() >= 1.0 { 3 } else { 4 };
+    let digits = if m.abs() >= 100.0 {
+        1
+    } else if m.abs() >= 1.0 {
+        3
+    } else {
+        4
+    };
     if xs.len() > 1 {
         format!("{m:.digits$} ± {s:.digits$}")
     } else {

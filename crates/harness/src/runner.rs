@@ -107,7 +107,13 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
             warmup_steps: t.warmup_steps,
             decay_steps: t.decay_steps.unwrap_or(t.steps),
         },
-        adamw: AdamWParams { beta1: t.beta1, beta2: t.beta2, eps: 1e-8, weight_decay: t.weight_decay, decay_embeddings: t.decay_embeddings },
+        adamw: AdamWParams {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: 1e-8,
+            weight_decay: t.weight_decay,
+            decay_embeddings: t.decay_embeddings,
+        },
         grad_clip: (t.grad_clip > 0.0).then_some(t.grad_clip),
         eval_every: t.eval_every,
         checkpoint_every: t.checkpoint_every,
@@ -120,7 +126,9 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     } else {
         let pb = ProgressBar::new(t.steps as u64);
         pb.set_style(
-            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})").unwrap().progress_chars("=> "),
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
+                .unwrap()
+                .progress_chars("=> "),
         );
         pb.set_prefix(run.id.clone());
         pb
@@ -146,6 +154,7 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     for (k, v) in eval_metrics {
         metrics.insert(k, json!(v));
     }
+    let probes = zoo_core::probe::probe(&model, &task.probe_batch()?.inputs)?;
     let total = store.num_params();
     let emb = store.num_params_in(Group::Embedding);
     let result = json!({
@@ -168,6 +177,7 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
         },
         "params": { "total": total, "non_embedding": total - emb },
         "metrics": metrics,
+        "probes": probes,
         "curve": st.curve,
         "throughput": {
             "train_tokens_per_s": st.tokens_seen as f64 / st.train_seconds.max(1e-9),

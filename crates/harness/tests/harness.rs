@@ -66,7 +66,8 @@ fn gradient_flow_every_variant() {
     for m in MIXERS {
         for f in ffns {
             for tie in [true, false] {
-                let text = with_mixer(&format!("{m}\ntie_embeddings = {tie}")).replace(r#"ffn = { type = "none" }"#, &format!("ffn = {f}"));
+                let text = with_mixer(&format!("{m}\ntie_embeddings = {tie}"))
+                    .replace(r#"ffn = { type = "none" }"#, &format!("ffn = {f}"));
 
                 let run = one(&text);
                 let (model, store) = runner::build_model(&run.config, 32, &cpu()).unwrap();
@@ -102,7 +103,14 @@ fn gradient_flow_catches_fused_norm() {
     let run = one(MQAR);
     let env = cpu();
     let store = zoo_core::params::ParamStore::new(0, zoo_core::candle_core::DType::F32, &env.device);
-    let shape = zoo_core::model::LmShape { vocab_size: 32, d_model: 16, n_layers: 2, tie_embeddings: false, norm_eps: 1e-5, max_seq_len: 16 };
+    let shape = zoo_core::model::LmShape {
+        vocab_size: 32,
+        d_model: 16,
+        n_layers: 2,
+        tie_embeddings: false,
+        norm_eps: 1e-5,
+        max_seq_len: 16,
+    };
     let cfg = match &run.config.model.mixer {
         Some(zoo_harness::registry::MixerConfig::Attention(c)) => c.clone(),
         _ => unreachable!(),
@@ -128,7 +136,8 @@ fn decode_matches_full_forward_every_variant() {
         let run = one(&with_mixer(m));
         let (model, _) = runner::build_model(&run.config, 32, &cpu()).unwrap();
         let mut r = zoo_core::rng::Rng::new(2);
-        let x = Tensor::from_vec((0..2 * 14).map(|_| r.below(32) as u32).collect::<Vec<_>>(), (2, 14), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec((0..2 * 14).map(|_| r.below(32) as u32).collect::<Vec<_>>(), (2, 14), &Device::Cpu)
+            .unwrap();
         let full = model.forward(&x, None, None).unwrap().logits;
         let mut cache = model.new_cache();
         let mut outs = vec![model.forward(&x.narrow(1, 0, 6).unwrap(), Some(&mut cache), None).unwrap().logits];
@@ -136,8 +145,9 @@ fn decode_matches_full_forward_every_variant() {
             outs.push(model.forward(&x.narrow(1, t, 1).unwrap(), Some(&mut cache), None).unwrap().logits);
         }
         let inc = Tensor::cat(&outs, 1).unwrap();
-        let rel = ((inc - &full).unwrap().sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap())
-            / full.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+        let rel =
+            ((inc - &full).unwrap().sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap())
+                / full.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
         assert!(rel < 1e-5, "{m}: relative error {rel}");
         assert_eq!(cache.iter().map(|c| c.bytes()).sum::<usize>(), model.cache_bytes(2, 14), "{m}");
     }
@@ -152,7 +162,14 @@ fn curve(res: &serde_json::Value) -> Vec<(u64, f64, f64, f64)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| (c["step"].as_u64().unwrap(), c["train_loss"].as_f64().unwrap(), c["val_loss"].as_f64().unwrap(), c["lr"].as_f64().unwrap()))
+        .map(|c| {
+            (
+                c["step"].as_u64().unwrap(),
+                c["train_loss"].as_f64().unwrap(),
+                c["val_loss"].as_f64().unwrap(),
+                c["lr"].as_f64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -202,15 +219,18 @@ fn kill_and_resume_matches_uninterrupted() {
 #[test]
 fn nan_loss_stops_and_keeps_checkpoint() {
     let dir = tmpdir("nan");
-    let run = one(
-        &MQAR.replace("lr = 3e-3", "lr = 1e30").replace("warmup_steps = 2", "warmup_steps = 0").replace("checkpoint_every = 2", "checkpoint_every = 1"),
-    );
+    let run = one(&MQAR
+        .replace("lr = 3e-3", "lr = 1e30")
+        .replace("warmup_steps = 2", "warmup_steps = 0")
+        .replace("checkpoint_every = 2", "checkpoint_every = 1"));
     let err = runner::run_one(&run, &cpu(), &opts(&dir, None, false)).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("non-finite") || msg.contains("became"), "{msg}");
     assert!(msg.contains("last good checkpoint (step 1) is kept"), "{msg}");
     let ckpt = runner::checkpoint_dir(&dir.join("runs"), &run);
-    let t = zoo_core::candle_core::safetensors::load(ckpt.join("model.safetensors"), &zoo_core::candle_core::Device::Cpu).unwrap();
+    let t =
+        zoo_core::candle_core::safetensors::load(ckpt.join("model.safetensors"), &zoo_core::candle_core::Device::Cpu)
+            .unwrap();
     for (k, v) in t {
         let m = v.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(m.is_finite(), "{k} is not finite in the kept checkpoint");
@@ -234,7 +254,11 @@ fn bad_configs_fail_early_with_named_field() {
             &MQAR.replace("n_heads = 2", "n_heads = 4, n_kv_heads = 3"),
             &["n_kv_heads", "not a multiple of n_kv_heads = 3"],
         ),
-        ("window", &MQAR.replace("n_heads = 2", "n_heads = 2, window = 64"), &["window", "larger than the sequence length 16"]),
+        (
+            "window",
+            &MQAR.replace("n_heads = 2", "n_heads = 2, window = 64"),
+            &["window", "larger than the sequence length 16"],
+        ),
         (
             "missing file",
             r#"experiment = "t"
@@ -254,9 +278,21 @@ lr = 1e-3
 "#,
             &["data.paths", "/nonexistent/corpus.txt", "not found"],
         ),
-        ("unknown mixer type", &MQAR.replace(r#"type = "attention""#, r#"type = "attn""#), &["model.mixer", "unknown variant `attn`"]),
-        ("mqar too short", &MQAR.replace("kv_pairs = 2, examples = 64", "kv_pairs = 6, examples = 64"), &["data.train[0].seq_len"]),
-        ("sweep path", &format!("{MQAR}\n[sweep.grid]\n\"model.d_model\" = [\"wide\"]\n"), &["model.d_model", "invalid type"]),
+        (
+            "unknown mixer type",
+            &MQAR.replace(r#"type = "attention""#, r#"type = "attn""#),
+            &["model.mixer", "unknown variant `attn`"],
+        ),
+        (
+            "mqar too short",
+            &MQAR.replace("kv_pairs = 2, examples = 64", "kv_pairs = 6, examples = 64"),
+            &["data.train[0].seq_len"],
+        ),
+        (
+            "sweep path",
+            &format!("{MQAR}\n[sweep.grid]\n\"model.d_model\" = [\"wide\"]\n"),
+            &["model.d_model", "invalid type"],
+        ),
     ];
     for (name, text, needles) in cases {
         let dir = tmpdir(&format!("bad-{}", name.replace(' ', "-")));
@@ -294,10 +330,13 @@ fn sweep_shards_and_skip() {
     std::fs::write(&cfg, &text).unwrap();
     let mut all = Vec::new();
     for s in 0..3 {
-        let o = Command::new(env!("CARGO_BIN_EXE_zoo")).args(["run", cfg.to_str().unwrap(), "--dry-run", "--shard", &format!("{s}/3")]).output().unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_zoo"))
+            .args(["run", cfg.to_str().unwrap(), "--dry-run", "--shard", &format!("{s}/3")])
+            .output()
+            .unwrap();
         assert!(o.status.success());
         let out = String::from_utf8_lossy(&o.stdout).to_string();
-        all.extend(out.lines().filter(|l| l.contains("__seed=")).map(String::from));
+        all.extend(out.lines().filter(|l| l.contains("__seed-")).map(String::from));
     }
     all.sort();
     assert_eq!(all, ids.into_iter().collect::<Vec<_>>());
@@ -324,7 +363,8 @@ fn sweep_shards_and_skip() {
 fn text_run_and_eval_checkpoint() {
     let dir = tmpdir("text");
     let corpus = dir.join("corpus.txt");
-    let text: String = (0..400).map(|i| format!("the {} cat sat on the mat. ", ["red", "blue", "green"][i % 3])).collect();
+    let text: String =
+        (0..400).map(|i| format!("the {} cat sat on the mat. ", ["red", "blue", "green"][i % 3])).collect();
     std::fs::write(&corpus, &text).unwrap();
     let cfg = format!(
         r#"experiment = "txt"
@@ -354,7 +394,13 @@ eval_batches = 4
     assert!(bpb > 0.0 && bpb.is_finite());
     assert!(res["params"]["non_embedding"].as_u64().unwrap() < res["params"]["total"].as_u64().unwrap());
     let ckpt = runner::checkpoint_dir(&dir.join("runs"), &run);
-    let o = Command::new(env!("CARGO_BIN_EXE_zoo")).args(["eval", "--checkpoint"]).arg(&ckpt).arg("--text").arg(&corpus).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(["eval", "--checkpoint"])
+        .arg(&ckpt)
+        .arg("--text")
+        .arg(&corpus)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ev: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let eppl = ev["metrics"]["perplexity,none"].as_f64().unwrap();
