@@ -190,24 +190,49 @@ impl Attention {
             }
             _ => (k.clone(), v.clone(), 0),
         };
-        let (tq, tk) = (q.dim(2)?, k.dim(2)? - n_sink);
-        let full_seq = q_start == 0 && k_start == 0 && tq == tk;
-        let cached = if full_seq {
-            self.mask_cache.lock().unwrap().as_ref().filter(|(t, _)| *t == tq).map(|(_, m)| m.clone())
-        } else {
-            None
-        };
-        let mask = match cached {
-            Some(m) => m,
-            None => {
-                let m = attention_mask(tq, q_start, tk, k_start, self.cfg.window, n_sink, q.device())?;
-                if full_seq {
-                    *self.mask_cache.lock().unwrap() = Some((tq, m.clone()));
-                }
-                m
+        let mask = self.mask(q.dim(2)?, q_start, k.dim(2)? - n_sink, k_start, n_sink, q.device())?;
+        sdpa(q, &k, &v, mask.as_ref(), differentiable, probe.map(|p| (p, n_sink)))
+    }
+}
+
+impl Attention {
+    /// The additive mask for `tq` queries from `q_start` over `tk` keys from `k_start`, built
+    /// without a host round-trip on the hot paths: the full-sequence (training / prefill) mask is
+    /// cached, and a one-token decode step needs none, or a device-side fill for the window edge.
+    /// Only chunked prefill at an offset builds one from host positions.
+    fn mask(&self, tq: usize, q_start: usize, tk: usize, k_start: usize, n_sink: usize, dev: &Device) -> Result<Option<Tensor>> {
+        if tq == 1 {
+            // The query is the newest token, every cached key is in its past.
+            let hidden = match self.cfg.window {
+                Some(w) if tk > w => tk - w,
+                _ => 0,
+            };
+            if hidden == 0 {
+                return Ok(None);
             }
-        };
-        sdpa(q, &k, &v, &mask, differentiable, probe.map(|p| (p, n_sink)))
+            let m = Tensor::cat(
+                &[
+                    Tensor::zeros((1, n_sink), DType::F32, dev)?,
+                    Tensor::full(f32::NEG_INFINITY, (1, hidden), dev)?,
+                    Tensor::zeros((1, tk - hidden), DType::F32, dev)?,
+                ],
+                1,
+            )?;
+            return Ok(Some(m));
+        }
+        let full_seq = q_start == 0 && k_start == 0 && tq == tk;
+        if full_seq {
+            if let Some((t, m)) = self.mask_cache.lock().unwrap().as_ref() {
+                if *t == tq {
+                    return Ok(Some(m.clone()));
+                }
+            }
+        }
+        let m = attention_mask(tq, q_start, tk, k_start, self.cfg.window, n_sink, dev)?;
+        if full_seq {
+            *self.mask_cache.lock().unwrap() = Some((tq, m.clone()));
+        }
+        Ok(Some(m))
     }
 }
 
@@ -247,7 +272,7 @@ pub fn sdpa(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &Tensor,
+    mask: Option<&Tensor>,
     differentiable: bool,
     probe: Option<(&mut LayerProbe, usize)>,
 ) -> Result<Tensor> {
@@ -259,7 +284,11 @@ pub fn sdpa(
     // Scale q (T·d elements) rather than the scores (T·Tk): one T² tensor fewer to keep for backward.
     let qg = (q * (1.0 / (d as f64).sqrt()))?.reshape((b, hkv, rep * t, d))?;
     let scores = qg.matmul(&k.contiguous()?.t()?)?.to_dtype(work)?;
-    let scores = scores.reshape((b, hkv, rep, t, tk))?.broadcast_add(&mask.to_dtype(work)?)?;
+    let scores = scores.reshape((b, hkv, rep, t, tk))?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(&m.to_dtype(work)?)?,
+        None => scores,
+    };
     let probs = if differentiable {
         candle_nn::ops::softmax(&scores, D::Minus1)?
     } else {
