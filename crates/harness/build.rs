@@ -20,4 +20,20 @@ fn main() {
     println!("cargo:rustc-env=ZOO_CANDLE_VERSION={candle}");
     println!("cargo:rustc-env=ZOO_RUSTC_VERSION={rv}");
     println!("cargo:rerun-if-changed=../../Cargo.lock");
+    // The commit the binary is built from (for results produced outside a checkout).
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    if let Some(sha) = git(&["rev-parse", "HEAD"]) {
+        println!("cargo:rustc-env=ZOO_BUILD_GIT_SHA={sha}");
+        let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+        println!("cargo:rustc-env=ZOO_BUILD_GIT_DIRTY={dirty}");
+    }
+    println!("cargo:rerun-if-changed=../../.git/HEAD");
+    println!("cargo:rerun-if-changed=../../.git/index");
 }

@@ -200,7 +200,15 @@ impl Attention {
     /// without a host round-trip on the hot paths: the full-sequence (training / prefill) mask is
     /// cached, and a one-token decode step needs none, or a device-side fill for the window edge.
     /// Only chunked prefill at an offset builds one from host positions.
-    fn mask(&self, tq: usize, q_start: usize, tk: usize, k_start: usize, n_sink: usize, dev: &Device) -> Result<Option<Tensor>> {
+    fn mask(
+        &self,
+        tq: usize,
+        q_start: usize,
+        tk: usize,
+        k_start: usize,
+        n_sink: usize,
+        dev: &Device,
+    ) -> Result<Option<Tensor>> {
         if tq == 1 {
             // The query is the newest token, every cached key is in its past.
             let hidden = match self.cfg.window {

@@ -55,6 +55,11 @@ pub struct TrainState {
     /// Train loss sum, step count and seconds since the last curve point (so that a resumed run
     /// averages the same steps as an uninterrupted one).
     pub window: (f64, usize, f64),
+    /// Steps whose train loss exceeded 1.5 × the running minimum of the train loss (loss spikes).
+    #[serde(default)]
+    pub spikes: usize,
+    #[serde(default)]
+    pub running_min: Option<f64>,
 }
 
 pub struct TrainReport {
@@ -82,6 +87,8 @@ pub struct NonFiniteLoss {
     pub what: String,
     /// The kept checkpoint and the step it holds.
     pub checkpoint: Option<(PathBuf, usize)>,
+    /// The training state when it stopped (curve, spikes), for divergence reports.
+    pub state: Box<TrainState>,
 }
 
 impl std::fmt::Display for NonFiniteLoss {
@@ -116,6 +123,8 @@ pub fn train(
         train_seconds: 0.0,
         last_eval: None,
         window: (0.0, 0, 0.0),
+        spikes: 0,
+        running_min: None,
     };
     // The checkpoint on disk that holds finite weights, and its step.
     let mut good_ckpt: Option<(PathBuf, usize)> = None;
@@ -154,7 +163,12 @@ pub fn train(
             });
         }
         let loss = loss_acc.expect("accum >= 1").to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let stop = |what: String| NonFiniteLoss { step: st.step, what, checkpoint: good_ckpt.clone() };
+        let stop = |what: String| NonFiniteLoss {
+            step: st.step,
+            what,
+            checkpoint: good_ckpt.clone(),
+            state: Box::new(st.clone()),
+        };
         if !loss.is_finite() {
             return Err(stop(format!("loss became {loss}")).into());
         }
@@ -168,6 +182,10 @@ pub fn train(
                 return Err(stop(format!("gradient norm became {n}")).into());
             }
         }
+        if st.running_min.is_some_and(|m| loss > 1.5 * m) {
+            st.spikes += 1;
+        }
+        st.running_min = Some(st.running_min.map_or(loss, |m: f64| m.min(loss)));
         opt.step(&grads, lr)?;
         st.step += 1;
         steps_here += 1;
@@ -204,6 +222,7 @@ pub fn train(
                         step: st.step - 1,
                         what: format!("parameter `{name}` became non-finite"),
                         checkpoint: good_ckpt,
+                        state: Box::new(st.clone()),
                     }
                     .into());
                 }

@@ -155,7 +155,9 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
         // benchmark goes on with the next phase and length.
         let record = |row: &mut serde_json::Map<String, serde_json::Value>, phase: &str, r: Result<()>| {
             if let Err(e) = r {
-                row.insert(format!("{phase}_error"), json!(format!("{e:#}")));
+                // candle's errors can carry a backtrace after the first line.
+                let msg = format!("{e:#}");
+                row.insert(format!("{phase}_error"), json!(msg.lines().next().unwrap_or("").trim()));
             }
         };
         if !o.skip_train {

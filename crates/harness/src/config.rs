@@ -136,6 +136,10 @@ pub struct TrainConfig {
     /// Checkpoint every N steps (always at the end).
     #[serde(default)]
     pub checkpoint_every: Option<usize>,
+    /// On a non-finite loss, write a result marked `"diverged"` instead of failing the run
+    /// (learning-rate stability sweeps).
+    #[serde(default)]
+    pub record_divergence: bool,
 }
 
 fn default_wd() -> f64 {

@@ -87,7 +87,9 @@ fn gpu_name() -> String {
         .unwrap_or_else(|| "unknown CUDA device".into())
 }
 
-/// git sha of the checkout and whether tracked files differ from it.
+/// git sha of the checkout and whether tracked files differ from it. Where the working directory
+/// is no git checkout (a copy on a GPU machine), the sha the binary was built from is reported,
+/// with `"source": "build"`.
 pub fn git_state() -> serde_json::Value {
     let run = |args: &[&str]| {
         std::process::Command::new("git")
@@ -101,7 +103,11 @@ pub fn git_state() -> serde_json::Value {
         Some(sha) => {
             json!({ "sha": sha, "dirty": run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()) })
         }
-        None => json!({ "sha": null, "dirty": null }),
+        None => json!({
+            "sha": option_env!("ZOO_BUILD_GIT_SHA"),
+            "dirty": option_env!("ZOO_BUILD_GIT_DIRTY").map(|d| d == "true"),
+            "source": "build",
+        }),
     }
 }
 

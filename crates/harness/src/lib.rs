@@ -3,9 +3,11 @@
 pub mod bench;
 pub mod config;
 pub mod env;
+pub mod plot;
 pub mod registry;
 pub mod report;
 pub mod runner;
+pub mod stats;
 
 use anyhow::{Context, Result};
 use std::path::Path;

@@ -8,6 +8,7 @@ use zoo_core::conv::{ShortConv, ShortConvConfig};
 use zoo_core::mixer::{BuildCtx, FeedForward, Mixer};
 use zoo_core::mlp::{GeluMlp, MlpConfig, SwiGlu};
 use zoo_core::params::Pb;
+use zoo_gated_attention::{GatedAttention, GatedAttentionConfig};
 
 /// A sequence mixer, chosen by `type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -17,6 +18,8 @@ pub enum MixerConfig {
     Attention(AttentionConfig),
     /// Zoology's BaseConv: a gated short causal convolution (zoo-core).
     ShortConv(ShortConvConfig),
+    /// Softmax attention with a gate at G1–G5 (zoo-gated-attention).
+    GatedAttention(GatedAttentionConfig),
 }
 
 impl MixerConfig {
@@ -25,6 +28,7 @@ impl MixerConfig {
         match self {
             MixerConfig::Attention(c) => c.validate(d_model, seq_len),
             MixerConfig::ShortConv(c) => c.validate(d_model, seq_len),
+            MixerConfig::GatedAttention(c) => c.validate(d_model, seq_len),
         }
     }
 
@@ -32,6 +36,7 @@ impl MixerConfig {
         Ok(match self {
             MixerConfig::Attention(c) => Box::new(Attention::new(c, ctx, pb)?),
             MixerConfig::ShortConv(c) => Box::new(ShortConv::new(c, ctx, pb)?),
+            MixerConfig::GatedAttention(c) => Box::new(GatedAttention::new(c, ctx, pb)?),
         })
     }
 }

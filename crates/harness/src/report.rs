@@ -80,29 +80,35 @@ pub fn table(results: &[Value]) -> String {
         .collect();
     // Primary metric first.
     metric_keys.sort_by_key(|k| (k != primary, k.clone()));
+    let has_probes = results.iter().any(|r| r["probes"].is_object());
+    let has_gate = results.iter().any(|r| probe_stat(r, "gate_mean").is_some());
+    let baseline: Option<Vec<f64>> = best_runs(results, primary, &better)
+        .into_iter()
+        .find(|(label, _, _)| label == "baseline")
+        .map(|(_, _, runs)| runs.iter().filter_map(|r| metric(r, primary)).collect());
     let mut head = vec!["run".to_string(), "params".into(), "seeds".into(), "lr".into()];
     head.extend(metric_keys.iter().cloned());
+    if baseline.is_some() {
+        head.push(format!("p vs baseline ({primary})"));
+    }
+    if has_probes {
+        head.extend(["first-token share".to_string(), "max abs act".into()]);
+    }
+    if has_gate {
+        head.extend(["gate mean".to_string(), "gate < 0.1".into()]);
+    }
     head.push("train tok/s".into());
     let mut out = String::new();
     out.push_str(&format!("| {} |\n", head.join(" | ")));
     out.push_str(&format!("|{}\n", head.iter().map(|_| "---|").collect::<String>()));
-    for label in order {
-        let by_lr = &groups[&label];
-        let lr_count = by_lr.len();
-        // Best LR by mean primary metric.
-        let (best_lr, runs) = by_lr
+    let _ = (&groups, &order);
+    for (label, best_lr, runs) in best_runs(results, primary, &better) {
+        let lr_count = results
             .iter()
-            .map(|(lr, runs)| {
-                let xs: Vec<f64> = runs.iter().filter_map(|r| metric(r, primary)).collect();
-                (lr, runs, if xs.is_empty() { f64::NAN } else { mean_std(&xs).0 })
-            })
-            .fold(None::<(&String, &Vec<&Value>, f64)>, |acc, cur| match acc {
-                None => Some(cur),
-                Some(a) if cur.2.is_nan() || (!a.2.is_nan() && !better(cur.2, a.2)) => Some(a),
-                Some(_) => Some(cur),
-            })
-            .map(|(lr, runs, _)| (lr.clone(), runs.clone()))
-            .unwrap();
+            .filter(|r| r["label"].as_str() == Some(&label))
+            .map(|r| format!("{}", r["lr"]))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
         let params = runs[0]["params"]["total"].as_u64().unwrap_or(0);
         let mut row = vec![
             label.clone(),
@@ -114,6 +120,32 @@ pub fn table(results: &[Value]) -> String {
             let xs: Vec<f64> = runs.iter().filter_map(|r| metric(r, k)).collect();
             row.push(fmt_ms(&xs));
         }
+        if let Some(base) = &baseline {
+            let xs: Vec<f64> = runs.iter().filter_map(|r| metric(r, primary)).collect();
+            row.push(match crate::stats::welch_p(&xs, base) {
+                Some(p) if label != "baseline" => format!("{p:.3}"),
+                _ => "–".into(),
+            });
+        }
+        if has_probes {
+            let sink: Vec<f64> = runs.iter().filter_map(|r| layer_mean(&r["probes"]["first_token_share"])).collect();
+            let act: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| {
+                    r["probes"]["max_abs_activation"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|v| v.as_f64()).fold(f64::NAN, f64::max))
+                })
+                .collect();
+            row.push(fmt_ms(&sink));
+            row.push(fmt_ms(&act));
+        }
+        if has_gate {
+            let g: Vec<f64> = runs.iter().filter_map(|r| probe_stat(r, "gate_mean")).collect();
+            let f: Vec<f64> = runs.iter().filter_map(|r| probe_stat(r, "gate_frac_below_0.1")).collect();
+            row.push(fmt_ms(&g));
+            row.push(fmt_ms(&f));
+        }
         let tps: Vec<f64> = runs.iter().filter_map(|r| r["throughput"]["train_tokens_per_s"].as_f64()).collect();
         row.push(if tps.is_empty() { "–".into() } else { format!("{:.0}", mean_std(&tps).0) });
         out.push_str(&format!("| {} |\n", row.join(" | ")));
@@ -124,6 +156,107 @@ pub fn table(results: &[Value]) -> String {
             r["env"]["device"]["name"].as_str().unwrap_or("?"),
             r["env"]["device"]["threads"],
             r["env"]["dtype"].as_str().unwrap_or("?")
+        ));
+    }
+    out
+}
+
+/// Per label (in plan order): the best learning rate by mean `primary`, and its runs.
+fn best_runs<'a>(
+    results: &'a [Value],
+    primary: &str,
+    better: &dyn Fn(f64, f64) -> bool,
+) -> Vec<(String, String, Vec<&'a Value>)> {
+    let mut groups: BTreeMap<String, BTreeMap<String, Vec<&Value>>> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for r in results {
+        let label = r["label"].as_str().unwrap_or("?").to_string();
+        if !groups.contains_key(&label) {
+            order.push(label.clone());
+        }
+        groups.entry(label).or_default().entry(format!("{}", r["lr"])).or_default().push(r);
+    }
+    order
+        .into_iter()
+        .map(|label| {
+            let (lr, runs) = groups[&label]
+                .iter()
+                .map(|(lr, runs)| {
+                    let xs: Vec<f64> = runs.iter().filter_map(|r| metric(r, primary)).collect();
+                    (lr, runs, if xs.is_empty() { f64::NAN } else { mean_std(&xs).0 })
+                })
+                .fold(None::<(&String, &Vec<&Value>, f64)>, |acc, cur| match acc {
+                    None => Some(cur),
+                    Some(a) if cur.2.is_nan() || (!a.2.is_nan() && !better(cur.2, a.2)) => Some(a),
+                    Some(_) => Some(cur),
+                })
+                .map(|(lr, runs, _)| (lr.clone(), runs.clone()))
+                .unwrap();
+            (label, lr, runs)
+        })
+        .collect()
+}
+
+/// Mean over the layers that have a value (attention layers for sink shares).
+fn layer_mean(v: &Value) -> Option<f64> {
+    let xs: Vec<f64> = v.as_array()?.iter().filter_map(|x| x.as_f64()).collect();
+    (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+}
+
+/// Mean over layers of a named probe statistic.
+fn probe_stat(r: &Value, key: &str) -> Option<f64> {
+    let xs: Vec<f64> =
+        r["probes"]["stats"].as_array()?.iter().filter_map(|m| m.get(key).and_then(|x| x.as_f64())).collect();
+    (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+}
+
+/// SVG plots: validation loss against step, and the per-layer first-token attention share,
+/// one line per run label (mean over seeds, at the best learning rate).
+pub fn plots(results: &[Value]) -> Vec<(String, String)> {
+    use crate::plot::{line_chart, Series};
+    let recall = results.iter().any(|r| metric(r, "mqar_acc,none").is_some());
+    let primary = if recall { "mqar_acc,none" } else { "val_loss,best" };
+    let better = |a: f64, b: f64| if recall { a > b } else { a < b };
+    let best = best_runs(results, primary, &better);
+    let mean_by = |runs: &[&Value], pts: &dyn Fn(&Value) -> Vec<(f64, f64)>| -> Vec<(f64, f64)> {
+        let mut acc: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+        for r in runs {
+            for (x, y) in pts(r) {
+                acc.entry((x * 1000.0) as i64).or_default().push(y);
+            }
+        }
+        acc.into_iter().map(|(x, ys)| (x as f64 / 1000.0, ys.iter().sum::<f64>() / ys.len() as f64)).collect()
+    };
+    let curve = |r: &Value| -> Vec<(f64, f64)> {
+        r["curve"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| Some((c["step"].as_f64()?, c["val_loss"].as_f64()?)))
+            .collect()
+    };
+    let sink = |r: &Value| -> Vec<(f64, f64)> {
+        r["probes"]["first_token_share"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, v)| Some((i as f64, v.as_f64()?)))
+            .collect()
+    };
+    let mut out = Vec::new();
+    let loss: Vec<Series> =
+        best.iter().map(|(l, _, runs)| Series { name: l.clone(), points: mean_by(runs, &curve) }).collect();
+    out.push(("loss.svg".to_string(), line_chart("validation loss", "step", "val loss (nats/token)", &loss, false)));
+    let sinks: Vec<Series> = best
+        .iter()
+        .map(|(l, _, runs)| Series { name: l.clone(), points: mean_by(runs, &sink) })
+        .filter(|s| !s.points.is_empty())
+        .collect();
+    if !sinks.is_empty() {
+        out.push((
+            "first_token_share.svg".to_string(),
+            line_chart("attention on the first token", "layer", "mean attention share", &sinks, false),
         ));
     }
     out
@@ -144,7 +277,12 @@ pub fn report(dir: &Path) -> Result<String> {
     let results = load_results(dir)?;
     anyhow::ensure!(!results.is_empty(), "no result JSON in {}", dir.display());
     let name = results[0]["experiment"].as_str().unwrap_or("results").to_string();
-    let md = format!("# {name}\n\n{}", table(&results));
+    let mut md = format!("# {name}\n\n{}", table(&results));
+    let plots = plots(&results);
+    for (file, svg) in &plots {
+        crate::env::write_atomic(&dir.join(file), svg.as_bytes())?;
+        md.push_str(&format!("\n![{file}]({file})\n"));
+    }
     crate::env::write_atomic(&dir.join("report.md"), md.as_bytes())?;
     Ok(md)
 }

@@ -142,19 +142,38 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
         pb.set_message(format!("loss {:.4} val {:.4} lr {:.2e} {:.0} tok/s", p.loss, last_val, p.lr, p.tokens_per_s));
     });
     pb.finish_and_clear();
-    let report = report.with_context(|| format!("run `{}`", run.id))?;
-    if report.stopped_early {
-        return Ok(None);
-    }
-    let st = report.state;
-    let (final_val, eval_metrics) = st.last_eval.clone().context("no evaluation happened")?;
+    let (st, diverged) = match report {
+        Ok(r) if r.stopped_early => return Ok(None),
+        Ok(r) => (r.state, None),
+        Err(e) => match e.downcast::<zoo_core::train::NonFiniteLoss>() {
+            Ok(nf) if t.record_divergence => {
+                let msg = nf.to_string();
+                (*nf.state, Some((nf.step + 1, msg)))
+            }
+            Ok(nf) => return Err(anyhow::Error::new(nf).context(format!("run `{}`", run.id))),
+            Err(e) => return Err(e.context(format!("run `{}`", run.id))),
+        },
+    };
     let mut metrics = serde_json::Map::new();
-    metrics.insert("val_loss,final".into(), json!(final_val));
-    metrics.insert("val_loss,best".into(), json!(st.best_val));
-    for (k, v) in eval_metrics {
-        metrics.insert(k, json!(v));
+    if let Some((final_val, eval_metrics)) = st.last_eval.clone() {
+        metrics.insert("val_loss,final".into(), json!(if diverged.is_some() { f64::NAN } else { final_val }));
+        metrics.insert("val_loss,best".into(), json!(st.best_val));
+        if diverged.is_none() {
+            for (k, v) in eval_metrics {
+                metrics.insert(k, json!(v));
+            }
+        }
     }
-    let probes = zoo_core::probe::probe(&model, &task.probe_batch()?.inputs)?;
+    metrics.insert("loss_spikes".into(), json!(st.spikes));
+    metrics.insert("diverged".into(), json!(if diverged.is_some() { 1.0 } else { 0.0 }));
+    if let Some((step, _)) = &diverged {
+        metrics.insert("diverged_at_step".into(), json!(step));
+    }
+    // Probes only on a healthy model.
+    let probes = match diverged {
+        None => Some(zoo_core::probe::probe(&model, &task.probe_batch()?.inputs)?),
+        Some(_) => None,
+    };
     let total = store.num_params();
     let emb = store.num_params_in(Group::Embedding);
     let result = json!({
@@ -178,6 +197,7 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
         "params": { "total": total, "non_embedding": total - emb },
         "metrics": metrics,
         "probes": probes,
+        "divergence": diverged.as_ref().map(|(_, m)| m.clone()),
         "curve": st.curve,
         "throughput": {
             "train_tokens_per_s": st.tokens_seen as f64 / st.train_seconds.max(1e-9),

@@ -53,6 +53,8 @@ const MIXERS: &[&str] = &[
     r#"{ type = "attention", n_heads = 4, n_kv_heads = 1, window = 4, sink_tokens = 2, bias = true }"#,
     r#"{ type = "short_conv", kernel_size = 3 }"#,
     r#"{ type = "short_conv", kernel_size = 1 }"#,
+    r#"{ type = "gated_attention", attention = { n_heads = 4, n_kv_heads = 2 }, gate = { position = "sdpa_output", granularity = "headwise" } }"#,
+    r#"{ type = "gated_attention", attention = { n_heads = 4 }, gate = { position = "value", sharing = "shared", input = { first_k = 8 }, init = { bias = 2.0 } } }"#,
 ];
 
 fn with_mixer(m: &str) -> String {

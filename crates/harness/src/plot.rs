@@ -1,0 +1,120 @@
+//! Minimal SVG line plots, written by `zoo report` beside the tables.
+
+use std::fmt::Write;
+
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+const COLORS: [&str; 10] =
+    ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+
+/// A line chart with axes, ticks and a legend. Non-finite points are skipped.
+pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[Series], log_y: bool) -> String {
+    let (w, h, l, r, t, b) = (760.0, 440.0, 70.0, 220.0, 40.0, 50.0);
+    let fy = |y: f64| if log_y { y.max(1e-12).log10() } else { y };
+    let pts: Vec<(f64, f64)> =
+        series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>"#
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
+        (l + w - r) / 2.0,
+        esc(title)
+    );
+    if pts.is_empty() {
+        svg.push_str("</svg>");
+        return svg;
+    }
+    let (mut x0, mut x1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (mut y0, mut y1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(fy(p.1)), b.max(fy(p.1))));
+    if x1 == x0 {
+        x1 += 1.0;
+        x0 -= 1.0;
+    }
+    if y1 == y0 {
+        y1 += 0.5;
+        y0 -= 0.5;
+    }
+    let pad = (y1 - y0) * 0.05;
+    let (y0, y1) = (y0 - pad, y1 + pad);
+    let px = |x: f64| l + (x - x0) / (x1 - x0) * (w - l - r);
+    let py = |y: f64| h - b - (fy(y) - y0) / (y1 - y0) * (h - t - b);
+    let _ = write!(
+        svg,
+        r##"<line x1="{l}" y1="{}" x2="{}" y2="{}" stroke="#333"/><line x1="{l}" y1="{t}" x2="{l}" y2="{}" stroke="#333"/>"##,
+        h - b,
+        w - r,
+        h - b,
+        h - b
+    );
+    for i in 0..=5 {
+        let xv = x0 + (x1 - x0) * i as f64 / 5.0;
+        let yv = y0 + (y1 - y0) * i as f64 / 5.0;
+        let ylab = if log_y { 10f64.powf(yv) } else { yv };
+        let _ = write!(svg, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, px(xv), h - b + 16.0, num(xv));
+        let ypix = h - b - (yv - y0) / (y1 - y0) * (h - t - b);
+        let _ = write!(
+            svg,
+            r##"<text x="{}" y="{}" text-anchor="end">{}</text><line x1="{l}" y1="{ypix}" x2="{}" y2="{ypix}" stroke="#eee"/>"##,
+            l - 6.0,
+            ypix + 4.0,
+            num(ylab),
+            w - r
+        );
+    }
+    let _ =
+        write!(svg, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, (l + w - r) / 2.0, h - 12.0, esc(xlabel));
+    let _ = write!(
+        svg,
+        r#"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {})">{}</text>"#,
+        (t + h - b) / 2.0,
+        (t + h - b) / 2.0,
+        esc(ylabel)
+    );
+    for (i, s) in series.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let path: Vec<String> = s
+            .points
+            .iter()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y)))
+            .collect();
+        let _ = write!(svg, r#"<polyline fill="none" stroke="{c}" stroke-width="1.8" points="{}"/>"#, path.join(" "));
+        for p in &path {
+            let (x, y) = p.split_once(',').unwrap();
+            let _ = write!(svg, r#"<circle cx="{x}" cy="{y}" r="2.2" fill="{c}"/>"#);
+        }
+        let ly = t + 14.0 + 18.0 * i as f64;
+        let _ = write!(
+            svg,
+            r#"<rect x="{}" y="{}" width="14" height="3" fill="{c}"/><text x="{}" y="{}">{}</text>"#,
+            w - r + 12.0,
+            ly - 4.0,
+            w - r + 32.0,
+            ly,
+            esc(&s.name)
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn num(v: f64) -> String {
+    if v.abs() >= 1000.0 {
+        format!("{:.0}", v)
+    } else if v.abs() >= 10.0 {
+        format!("{:.1}", v)
+    } else {
+        format!("{:.3}", v)
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
