@@ -78,6 +78,10 @@ pub fn table(results: &[Value]) -> String {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
+    // Uninformative columns: divergence when nothing diverged, loss spikes on recall tasks (a
+    // near-zero loss makes every fluctuation a "spike").
+    let all_zero = |k: &str| results.iter().all(|r| metric(r, k).is_none_or(|v| v == 0.0));
+    metric_keys.retain(|k| !(k == "diverged" && all_zero(k)) && !(k == "loss_spikes" && recall));
     // Primary metric first.
     metric_keys.sort_by_key(|k| (k != primary, k.clone()));
     let has_probes = results.iter().any(|r| r["probes"].is_object());
