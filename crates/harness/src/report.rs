@@ -57,20 +57,8 @@ fn fmt_ms(xs: &[f64]) -> String {
 
 /// The markdown table for a set of results.
 pub fn table(results: &[Value]) -> String {
-    // Is this a recall task (maximise accuracy) or LM (minimise loss)?
-    let recall = results.iter().any(|r| metric(r, "mqar_acc,none").is_some());
-    let primary = if recall { "mqar_acc,none" } else { "val_loss,best" };
+    let (primary, recall) = objective(results);
     let better = |a: f64, b: f64| if recall { a > b } else { a < b };
-    // label -> lr -> runs
-    let mut groups: BTreeMap<String, BTreeMap<String, Vec<&Value>>> = BTreeMap::new();
-    let mut order: Vec<String> = Vec::new();
-    for r in results {
-        let label = r["label"].as_str().unwrap_or("?").to_string();
-        if !groups.contains_key(&label) {
-            order.push(label.clone());
-        }
-        groups.entry(label).or_default().entry(format!("{}", r["lr"])).or_default().push(r);
-    }
     let mut metric_keys: Vec<String> = results
         .iter()
         .flat_map(|r| r["metrics"].as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default())
@@ -105,7 +93,6 @@ pub fn table(results: &[Value]) -> String {
     let mut out = String::new();
     out.push_str(&format!("| {} |\n", head.join(" | ")));
     out.push_str(&format!("|{}\n", head.iter().map(|_| "---|").collect::<String>()));
-    let _ = (&groups, &order);
     for (label, best_lr, runs) in best_runs(results, primary, &better) {
         let lr_count = results
             .iter()
@@ -165,6 +152,13 @@ pub fn table(results: &[Value]) -> String {
     out
 }
 
+/// The metric that picks the best learning rate, and whether higher is better: MQAR accuracy for
+/// recall tasks, else the best validation loss.
+fn objective(results: &[Value]) -> (&'static str, bool) {
+    let recall = results.iter().any(|r| metric(r, "mqar_acc,none").is_some());
+    (if recall { "mqar_acc,none" } else { "val_loss,best" }, recall)
+}
+
 /// Per label (in plan order): the best learning rate by mean `primary`, and its runs.
 fn best_runs<'a>(
     results: &'a [Value],
@@ -218,8 +212,7 @@ fn probe_stat(r: &Value, key: &str) -> Option<f64> {
 /// one line per run label (mean over seeds, at the best learning rate).
 pub fn plots(results: &[Value]) -> Vec<(String, String)> {
     use crate::plot::{line_chart, Series};
-    let recall = results.iter().any(|r| metric(r, "mqar_acc,none").is_some());
-    let primary = if recall { "mqar_acc,none" } else { "val_loss,best" };
+    let (primary, recall) = objective(results);
     let better = |a: f64, b: f64| if recall { a > b } else { a < b };
     let best = best_runs(results, primary, &better);
     let mean_by = |runs: &[&Value], pts: &dyn Fn(&Value) -> Vec<(f64, f64)>| -> Vec<(f64, f64)> {

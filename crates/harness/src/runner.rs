@@ -156,9 +156,10 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     };
     let mut metrics = serde_json::Map::new();
     if let Some((final_val, eval_metrics)) = st.last_eval.clone() {
-        metrics.insert("val_loss,final".into(), json!(if diverged.is_some() { f64::NAN } else { final_val }));
         metrics.insert("val_loss,best".into(), json!(st.best_val));
+        // A diverged run has no final model to score.
         if diverged.is_none() {
+            metrics.insert("val_loss,final".into(), json!(final_val));
             for (k, v) in eval_metrics {
                 metrics.insert(k, json!(v));
             }
