@@ -240,6 +240,29 @@ fn nan_loss_stops_and_keeps_checkpoint() {
     assert!(!runner::result_path(&dir.join("results"), &run).exists());
 }
 
+/// With `record_divergence`, a non-finite loss ends the run with a result marked diverged (for LR
+/// stability sweeps) instead of an error.
+#[test]
+fn divergence_is_recorded_when_asked() {
+    let dir = tmpdir("diverge");
+    let run = one(&MQAR
+        .replace("lr = 3e-3", "lr = 1e30")
+        .replace("warmup_steps = 2", "warmup_steps = 0\nrecord_divergence = true"));
+    let res = runner::run_one(&run, &cpu(), &opts(&dir, None, false)).unwrap().unwrap();
+    assert_eq!(res["metrics"]["diverged"], 1.0);
+    let at = res["metrics"]["diverged_at_step"].as_u64().unwrap();
+    assert!((1..=8).contains(&at), "{at}");
+    assert!(res["metrics"].get("val_loss,final").is_none());
+    assert!(
+        res["divergence"].as_str().unwrap().contains("non-finite")
+            || res["divergence"].as_str().unwrap().contains("became")
+    );
+    assert!(runner::result_path(&dir.join("results"), &run).exists());
+    // A healthy run records no divergence.
+    let ok = runner::run_one(&one(MQAR), &cpu(), &opts(&tmpdir("diverge-ok"), None, false)).unwrap().unwrap();
+    assert_eq!(ok["metrics"]["diverged"], 0.0);
+}
+
 /// Bad configs: non-zero exit, an error naming the field and the reason, and nothing written.
 #[test]
 fn bad_configs_fail_early_with_named_field() {
@@ -411,4 +434,27 @@ eval_batches = 4
     let run = one(&cfg.replace(r#"type = "chars""#, r#"type = "bytes""#).replace("\"txt\"", "\"txt-bytes\""));
     let res = runner::run_one(&run, &cpu(), &opts(&dir, None, false)).unwrap().unwrap();
     assert!(res["metrics"]["perplexity,none"].as_f64().unwrap() < 256.0);
+    // And a HuggingFace tokenizer.json (word level, whitespace pre-tokenizer), through `tokenizers`.
+    let tok = dir.join("tokenizer.json");
+    let words = ["the", "red", "blue", "green", "cat", "sat", "on", "mat.", "[UNK]"];
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        words.iter().enumerate().map(|(i, w)| (w.to_string(), serde_json::json!(i))).collect();
+    let tj = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": { "type": "WhitespaceSplit" }, "post_processor": null, "decoder": null,
+        "model": { "type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]" }
+    });
+    std::fs::write(&tok, serde_json::to_vec(&tj).unwrap()).unwrap();
+    let t = zoo_core::data::Tokenizer::hf(&tok).unwrap();
+    assert_eq!(t.vocab_size(), 9);
+    assert_eq!(t.encode("the red cat sat on the mat.").unwrap(), vec![0, 1, 4, 5, 6, 0, 7]);
+    let run = one(&cfg
+        .replace(
+            r#"tokenizer = { type = "chars" }"#,
+            &format!(r#"tokenizer = {{ type = "hf", path = "{}" }}"#, tok.display()),
+        )
+        .replace("\"txt\"", "\"txt-hf\""));
+    let res = runner::run_one(&run, &cpu(), &opts(&dir, None, false)).unwrap().unwrap();
+    let ppl = res["metrics"]["perplexity,none"].as_f64().unwrap();
+    assert!(ppl > 1.0 && ppl < 4.0, "word-level ppl {ppl} should beat the 3 colour choices per sentence");
 }
