@@ -9,6 +9,9 @@ use zoo_core::mixer::{BuildCtx, FeedForward, Mixer};
 use zoo_core::mlp::{GeluMlp, MlpConfig, SwiGlu};
 use zoo_core::params::Pb;
 use zoo_gated_attention::{GatedAttention, GatedAttentionConfig};
+use zoo_linear_attention::gla::{Gla, GlaConfig};
+use zoo_linear_attention::linear::{LinearAttention, LinearAttentionConfig};
+use zoo_linear_attention::retnet::{RetNetConfig, Retention};
 
 /// A sequence mixer, chosen by `type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -20,6 +23,12 @@ pub enum MixerConfig {
     ShortConv(ShortConvConfig),
     /// Softmax attention with a gate at G1–G5 (zoo-gated-attention).
     GatedAttention(GatedAttentionConfig),
+    /// Katharopoulos linear attention (zoo-linear-attention).
+    LinearAttention(LinearAttentionConfig),
+    /// RetNet retention (zoo-linear-attention).
+    Retnet(RetNetConfig),
+    /// Gated linear attention (zoo-linear-attention).
+    Gla(GlaConfig),
 }
 
 impl MixerConfig {
@@ -29,6 +38,9 @@ impl MixerConfig {
             MixerConfig::Attention(c) => c.validate(d_model, seq_len),
             MixerConfig::ShortConv(c) => c.validate(d_model, seq_len),
             MixerConfig::GatedAttention(c) => c.validate(d_model, seq_len),
+            MixerConfig::LinearAttention(c) => c.validate(d_model),
+            MixerConfig::Retnet(c) => c.validate(d_model),
+            MixerConfig::Gla(c) => c.validate(d_model),
         }
     }
 
@@ -37,6 +49,9 @@ impl MixerConfig {
             MixerConfig::Attention(c) => Box::new(Attention::new(c, ctx, pb)?),
             MixerConfig::ShortConv(c) => Box::new(ShortConv::new(c, ctx, pb)?),
             MixerConfig::GatedAttention(c) => Box::new(GatedAttention::new(c, ctx, pb)?),
+            MixerConfig::LinearAttention(c) => Box::new(LinearAttention::new(c, ctx, pb)?),
+            MixerConfig::Retnet(c) => Box::new(Retention::new(c, ctx, pb)?),
+            MixerConfig::Gla(c) => Box::new(Gla::new(c, ctx, pb)?),
         })
     }
 }

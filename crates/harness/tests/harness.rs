@@ -55,7 +55,18 @@ const MIXERS: &[&str] = &[
     r#"{ type = "short_conv", kernel_size = 1 }"#,
     r#"{ type = "gated_attention", attention = { n_heads = 4, n_kv_heads = 2 }, gate = { position = "sdpa_output", granularity = "headwise" } }"#,
     r#"{ type = "gated_attention", attention = { n_heads = 4 }, gate = { position = "value", sharing = "shared", input = { first_k = 8 }, init = { bias = 2.0 } } }"#,
+    r#"{ type = "linear_attention", n_heads = 2, chunk = 4 }"#,
+    r#"{ type = "linear_attention", n_heads = 2, feature_map = "relu", chunk = 5 }"#,
+    r#"{ type = "linear_attention", n_heads = 2, feature_map = "identity", normalize = false }"#,
+    r#"{ type = "retnet", n_heads = 2, chunk = 4 }"#,
+    r#"{ type = "gla", n_heads = 2, chunk = 4, gate_rank = 4 }"#,
 ];
+
+/// A 1:1 hybrid (GLA, attention) decodes across its mixed caches (a recurrent state and a KV cache).
+const HYBRID: &str = r#"{ type = "gla", n_heads = 2, chunk = 4 }
+mixers.attn = { type = "attention", n_heads = 2 }
+mixers.lin = { type = "gla", n_heads = 2, chunk = 4 }
+pattern = { repeat = ["lin", "attn"] }"#;
 
 fn with_mixer(m: &str) -> String {
     MQAR.replace(r#"mixer = { type = "attention", n_heads = 2 }"#, &format!("mixer = {m}"))
@@ -134,8 +145,10 @@ fn gradient_flow_catches_fused_norm() {
 #[test]
 fn decode_matches_full_forward_every_variant() {
     use zoo_core::candle_core::{Device, Tensor};
-    for m in MIXERS {
-        let run = one(&with_mixer(m));
+    let hybrid = with_mixer(HYBRID).replacen("mixer = { type = \"gla\", n_heads = 2, chunk = 4 }\n", "", 1);
+    let configs: Vec<String> = MIXERS.iter().map(|m| with_mixer(m)).chain([hybrid]).collect();
+    for (m, text) in MIXERS.iter().copied().chain(["hybrid"]).zip(&configs) {
+        let run = one(text);
         let (model, _) = runner::build_model(&run.config, 32, &cpu()).unwrap();
         let mut r = zoo_core::rng::Rng::new(2);
         let x = Tensor::from_vec((0..2 * 14).map(|_| r.below(32) as u32).collect::<Vec<_>>(), (2, 14), &Device::Cpu)

@@ -1,0 +1,105 @@
+//! Gated Linear Attention (Yang et al. 2024, eq. 3–4 and §4.1): `S_t = Diag(α_t) S_{t−1} + k_tᵀ v_t`
+//! with a data-dependent per-channel decay from a rank-16 projection,
+//! `log α_t = logsigmoid(x_t W_1 W_2 + b) / 16`, kept in log space, the state in f32; the output
+//! is normalised per head (RMSNorm) and gated: `Y = (RMSNorm(O) ⊙ swish(X W_r)) W_O`.
+
+use crate::kernel::{head_rms_norm, log_sigmoid};
+use crate::{check_heads, default_chunk, heads, merge, recur, state_bytes};
+use serde::{Deserialize, Serialize};
+use zoo_core::candle_core::{DType, Result, Tensor};
+use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
+use zoo_core::nn::{residual_std, Linear, INIT_STD};
+use zoo_core::params::{Group, Init, Pb};
+
+fn default_rank() -> usize {
+    16
+}
+fn default_norm() -> f64 {
+    16.0
+}
+
+/// `type = "gla"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlaConfig {
+    pub n_heads: usize,
+    /// Rank of the gate projection W_1 W_2.
+    #[serde(default = "default_rank")]
+    pub gate_rank: usize,
+    /// The gate logit normaliser (log α = logsigmoid(·) / this).
+    #[serde(default = "default_norm")]
+    pub gate_normalizer: f64,
+    #[serde(default = "default_chunk")]
+    pub chunk: usize,
+}
+
+impl GlaConfig {
+    pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
+        check_heads(self.n_heads, d_model)?;
+        if self.gate_rank == 0 {
+            return Err("gate_rank: must be at least 1".into());
+        }
+        if self.gate_normalizer <= 0.0 {
+            return Err("gate_normalizer: must be positive".into());
+        }
+        if self.chunk == 0 {
+            return Err("chunk: must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+pub struct Gla {
+    cfg: GlaConfig,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    gk1: Linear,
+    gk2: Linear,
+    r: Linear,
+    o: Linear,
+    norm: Tensor,
+    d: usize,
+}
+
+impl Gla {
+    pub fn new(cfg: &GlaConfig, ctx: &BuildCtx, pb: &Pb) -> Result<Self> {
+        let d = ctx.d_model;
+        Ok(Self {
+            q: Linear::new(&pb.pp("q_proj"), d, d, false, INIT_STD)?,
+            k: Linear::new(&pb.pp("k_proj"), d, d, false, INIT_STD)?,
+            v: Linear::new(&pb.pp("v_proj"), d, d, false, INIT_STD)?,
+            gk1: Linear::new(&pb.pp("gk_proj.0"), d, cfg.gate_rank, false, INIT_STD)?,
+            gk2: Linear::new(&pb.pp("gk_proj.1"), cfg.gate_rank, d, true, INIT_STD)?,
+            r: Linear::new(&pb.pp("g_proj"), d, d, false, INIT_STD)?,
+            o: Linear::new(&pb.pp("o_proj"), d, d, false, residual_std(ctx.n_layers))?,
+            norm: pb.get("g_norm.weight", d / cfg.n_heads, Init::Const(1.0), Group::NoDecay)?,
+            cfg: cfg.clone(),
+            d,
+        })
+    }
+}
+
+impl Mixer for Gla {
+    fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, _probe: Option<&mut LayerProbe>) -> Result<Tensor> {
+        let h = self.cfg.n_heads;
+        let scale = 1.0 / ((self.d / h) as f64).sqrt();
+        let q = (heads(&self.q.forward(x)?, h)? * scale)?;
+        let k = heads(&self.k.forward(x)?, h)?;
+        let v = heads(&self.v.forward(x)?, h)?;
+        let logits = self.gk2.forward(&self.gk1.forward(x)?)?.to_dtype(DType::F32)?;
+        let g = heads(&(log_sigmoid(&logits)? / self.cfg.gate_normalizer)?, h)?;
+        let o = recur(&q, &k, &v, Some(&g), cache, self.cfg.chunk)?;
+        let o = head_rms_norm(&o, &self.norm, 1e-5)?.to_dtype(x.dtype())?;
+        self.o.forward(&(merge(&o)? * self.r.forward(x)?.silu()?)?)
+    }
+
+    fn cache_bytes(&self, batch: usize, _seq_len: usize, _dtype: DType) -> usize {
+        let hd = self.d / self.cfg.n_heads;
+        state_bytes(batch, self.cfg.n_heads, hd, hd)
+    }
+
+    fn kind(&self) -> String {
+        "gla".into()
+    }
+}

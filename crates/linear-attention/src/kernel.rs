@@ -1,0 +1,125 @@
+//! The gated linear recurrence every mixer of this crate reduces to, in its three forms (fla's
+//! layout: a naive reference, a chunked parallel form for training/prefill, a one-step form for
+//! decode):
+//!
+//! `S_t = Diag(α_t) S_{t−1} + k_tᵀ v_t,   o_t = q_t S_t`
+//!
+//! with q, k (B, H, T, d_k), v (B, H, T, d_v), state S (B, H, d_k, d_v) and the decay given in log
+//! space, `g_t = log α_t`, shaped (B, H, T, d_k) for a per-channel gate (GLA), (B, H, T, 1) for a
+//! scalar per head (RetNet, Lightning), or absent (α = 1: plain linear attention). State and decay
+//! arithmetic run in f32.
+//!
+//! Chunked form (GLA paper §3.3, Lightning Attention-2 tiling): with b the inclusive cumulative sum
+//! of g inside a chunk, `o_t = (q_t ⊙ e^{b_t}) S_0 + Σ_{s≤t} ((q_t ⊙ e^{b_t}) · (k_s ⊙ e^{−b_s})) v_s` and
+//! `S_C = e^{b_C} ⊙ S_0 + (k ⊙ e^{b_C − b})ᵀ v`. The e^{−b_s} factor is exact in f32 as long as the
+//! cumulative log decay of a chunk stays above about −80 (GLA's logsigmoid/16 gates give ≥ −4·C/16).
+
+use zoo_core::candle_core::{DType, Result, Tensor, D};
+
+/// Reference: loop over time. Returns (o (B, H, T, d_v), S_T).
+pub fn naive(q: &Tensor, k: &Tensor, v: &Tensor, g: Option<&Tensor>, s0: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    let (b, h, t, dk) = q.dims4()?;
+    let dv = v.dim(3)?;
+    let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+    let g = g.map(|g| g.to_dtype(DType::F32)?.contiguous()).transpose()?;
+    let g = g.as_ref();
+    let mut s = match s0 {
+        Some(s) => s.to_dtype(DType::F32)?,
+        None => Tensor::zeros((b, h, dk, dv), DType::F32, q.device())?,
+    };
+    let mut outs = Vec::with_capacity(t);
+    for i in 0..t {
+        let qi = q.narrow(2, i, 1)?; // (B, H, 1, dk)
+        let ki = k.narrow(2, i, 1)?;
+        let vi = v.narrow(2, i, 1)?;
+        if let Some(g) = g {
+            let a = g.narrow(2, i, 1)?.exp()?.transpose(2, 3)?; // (B, H, dk|1, 1)
+            s = s.broadcast_mul(&a)?;
+        }
+        s = (s + ki.transpose(2, 3)?.matmul(&vi)?)?;
+        outs.push(qi.matmul(&s)?);
+    }
+    Ok((Tensor::cat(&outs, 2)?, s))
+}
+
+/// One decode step (T = 1): the recurrence itself.
+pub fn step(q: &Tensor, k: &Tensor, v: &Tensor, g: Option<&Tensor>, s0: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    naive(q, k, v, g, s0)
+}
+
+/// Chunked parallel form; equal to [`naive`] up to float rounding.
+pub fn chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: Option<&Tensor>,
+    s0: Option<&Tensor>,
+    chunk: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (b, h, t, dk) = q.dims4()?;
+    let dv = v.dim(3)?;
+    let dev = q.device();
+    let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+    let g = g.map(|g| g.to_dtype(DType::F32)?.contiguous()).transpose()?;
+    let mut s = match s0 {
+        Some(s) => s.to_dtype(DType::F32)?,
+        None => Tensor::zeros((b, h, dk, dv), DType::F32, dev)?,
+    };
+    let mut outs = Vec::new();
+    let mut start = 0;
+    while start < t {
+        let c = chunk.min(t - start);
+        let (qc, kc, vc) = (q.narrow(2, start, c)?, k.narrow(2, start, c)?, v.narrow(2, start, c)?);
+        // s ≤ t inside the chunk.
+        let causal = Tensor::tril2(c, DType::F32, dev)?;
+        let (o, s_next) = match &g {
+            None => {
+                let a = qc.matmul(&kc.t()?)?.broadcast_mul(&causal)?;
+                let o = (a.matmul(&vc)? + qc.matmul(&s)?)?;
+                (o, (s + kc.t()?.matmul(&vc)?)?)
+            }
+            Some(g) => {
+                let bcum = g.narrow(2, start, c)?.cumsum(2)?; // (B, H, c, dk|1)
+                let b_last = bcum.narrow(2, c - 1, 1)?; // (B, H, 1, dk|1)
+                let q_dec = qc.broadcast_mul(&bcum.exp()?)?;
+                let a = if bcum.dim(3)? == 1 {
+                    // Scalar decay: form e^{b_t − b_s} directly (no overflow at any decay).
+                    let diff = bcum.broadcast_sub(&bcum.transpose(2, 3)?)?; // (B, H, c, c): b_t − b_s
+                    let decay = diff.broadcast_mul(&causal)?.exp()?.broadcast_mul(&causal)?;
+                    (qc.matmul(&kc.t()?)? * decay)?
+                } else {
+                    let k_inv = kc.broadcast_mul(&bcum.neg()?.exp()?)?;
+                    q_dec.matmul(&k_inv.t()?)?.broadcast_mul(&causal)?
+                };
+                let o = (a.matmul(&vc)? + q_dec.matmul(&s)?)?;
+                let k_tail = kc.broadcast_mul(&b_last.broadcast_sub(&bcum)?.exp()?)?;
+                let s_next = (s.broadcast_mul(&b_last.exp()?.transpose(2, 3)?)? + k_tail.t()?.matmul(&vc)?)?;
+                (o, s_next)
+            }
+        };
+        outs.push(o);
+        s = s_next;
+        start += c;
+    }
+    Ok((Tensor::cat(&outs, 2)?, s))
+}
+
+/// log σ(x) = min(x, 0) − log(1 + e^{−|x|}), stable and differentiable.
+pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    x.minimum(0.0)? - (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+}
+
+/// Per-head RMS normalisation over the last dim with a gain of size d (GLA's output norm).
+pub fn head_rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
+    zoo_core::nn::rms_normalize(x, eps)?.broadcast_mul(&gain.to_dtype(x.dtype())?)
+}
+
+/// Per-head layer normalisation (RetNet's GroupNorm with one group per head), gain of size d.
+pub fn head_layer_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let mu = xf.mean_keepdim(D::Minus1)?;
+    let xc = xf.broadcast_sub(&mu)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dt)?.broadcast_mul(&gain.to_dtype(dt)?)
+}
