@@ -4,7 +4,7 @@
 //! is normalised per head (RMSNorm) and gated: `Y = (RMSNorm(O) ⊙ swish(X W_r)) W_O`.
 
 use crate::kernel::{head_rms_norm, log_sigmoid};
-use crate::{check_heads, default_chunk, heads, merge, recur, state_bytes};
+use crate::{check_heads_chunk, default_chunk, heads, merge, recur, state_bytes};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
 use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
@@ -35,15 +35,12 @@ pub struct GlaConfig {
 
 impl GlaConfig {
     pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
-        check_heads(self.n_heads, d_model)?;
+        check_heads_chunk(self.n_heads, d_model, self.chunk)?;
         if self.gate_rank == 0 {
             return Err("gate_rank: must be at least 1".into());
         }
         if self.gate_normalizer <= 0.0 {
             return Err("gate_normalizer: must be positive".into());
-        }
-        if self.chunk == 0 {
-            return Err("chunk: must be at least 1".into());
         }
         Ok(())
     }

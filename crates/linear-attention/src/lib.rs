@@ -58,9 +58,13 @@ pub(crate) fn merge(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))
 }
 
-pub(crate) fn check_heads(n_heads: usize, d_model: usize) -> std::result::Result<(), String> {
+/// The checks every linear mixer config shares: heads divide the width, chunk ≥ 1.
+pub(crate) fn check_heads_chunk(n_heads: usize, d_model: usize, chunk: usize) -> std::result::Result<(), String> {
     if n_heads == 0 || d_model % n_heads != 0 {
         return Err(format!("n_heads: {n_heads} heads do not divide d_model = {d_model}"));
+    }
+    if chunk == 0 {
+        return Err("chunk: must be at least 1".into());
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! optionally divided by the normaliser `φ(q_t) Σ_{s≤t} φ(k_s)ᵀ`. The normaliser rides in the same
 //! recurrence as an extra all-ones value column, so S is (d_k, d_v + 1).
 
-use crate::{check_heads, default_chunk, heads, merge, recur, state_bytes};
+use crate::{check_heads_chunk, default_chunk, heads, merge, recur, state_bytes};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor, D};
 use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
@@ -39,10 +39,7 @@ pub struct LinearAttentionConfig {
 
 impl LinearAttentionConfig {
     pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
-        check_heads(self.n_heads, d_model)?;
-        if self.chunk == 0 {
-            return Err("chunk: must be at least 1".into());
-        }
+        check_heads_chunk(self.n_heads, d_model, self.chunk)?;
         if self.normalize && self.feature_map == FeatureMap::Identity {
             return Err("normalize: the identity feature map can make the denominator zero; use elu1 or relu".into());
         }

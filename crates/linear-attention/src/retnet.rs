@@ -4,7 +4,7 @@
 //! gate: `Y = (swish(X W_G) ⊙ GN(O)) W_O`.
 
 use crate::kernel::head_layer_norm;
-use crate::{check_heads, default_chunk, heads, merge, recur, state_bytes};
+use crate::{check_heads_chunk, default_chunk, heads, merge, recur, state_bytes};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
 use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
@@ -28,12 +28,9 @@ pub struct RetNetConfig {
 
 impl RetNetConfig {
     pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
-        check_heads(self.n_heads, d_model)?;
+        check_heads_chunk(self.n_heads, d_model, self.chunk)?;
         if (d_model / self.n_heads) % 2 != 0 {
             return Err("n_heads: head dim must be even for RoPE".into());
-        }
-        if self.chunk == 0 {
-            return Err("chunk: must be at least 1".into());
         }
         Ok(())
     }
