@@ -12,6 +12,7 @@ use zoo_gated_attention::{GatedAttention, GatedAttentionConfig};
 use zoo_linear_attention::gla::{Gla, GlaConfig};
 use zoo_linear_attention::linear::{LinearAttention, LinearAttentionConfig};
 use zoo_linear_attention::retnet::{RetNetConfig, Retention};
+use zoo_linear_attention::simple_gla::{SimpleGla, SimpleGlaConfig};
 
 /// A sequence mixer, chosen by `type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +30,8 @@ pub enum MixerConfig {
     Retnet(RetNetConfig),
     /// Gated linear attention (zoo-linear-attention).
     Gla(GlaConfig),
+    /// Simple GLA / Lightning: scalar per-head decay (zoo-linear-attention).
+    SimpleGla(SimpleGlaConfig),
 }
 
 impl MixerConfig {
@@ -41,6 +44,7 @@ impl MixerConfig {
             MixerConfig::LinearAttention(c) => c.validate(d_model),
             MixerConfig::Retnet(c) => c.validate(d_model),
             MixerConfig::Gla(c) => c.validate(d_model),
+            MixerConfig::SimpleGla(c) => c.validate(d_model),
         }
     }
 
@@ -52,6 +56,7 @@ impl MixerConfig {
             MixerConfig::LinearAttention(c) => Box::new(LinearAttention::new(c, ctx, pb)?),
             MixerConfig::Retnet(c) => Box::new(Retention::new(c, ctx, pb)?),
             MixerConfig::Gla(c) => Box::new(Gla::new(c, ctx, pb)?),
+            MixerConfig::SimpleGla(c) => Box::new(SimpleGla::new(c, ctx, pb)?),
         })
     }
 }

@@ -60,6 +60,8 @@ const MIXERS: &[&str] = &[
     r#"{ type = "linear_attention", n_heads = 2, feature_map = "identity", normalize = false }"#,
     r#"{ type = "retnet", n_heads = 2, chunk = 4 }"#,
     r#"{ type = "gla", n_heads = 2, chunk = 4, gate_rank = 4 }"#,
+    r#"{ type = "simple_gla", n_heads = 2, chunk = 4 }"#,
+    r#"{ type = "simple_gla", n_heads = 2, decay = "data_dependent", chunk = 3 }"#,
 ];
 
 /// A 1:1 hybrid (GLA, attention) decodes across its mixed caches (a recurrent state and a KV cache).

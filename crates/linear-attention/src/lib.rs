@@ -4,12 +4,14 @@
 //!
 //! - [`linear::LinearAttention`]: Katharopoulos et al. 2020 (α = 1, feature maps, normaliser).
 //! - [`retnet::Retention`]: Sun et al. 2023, RetNet (fixed multi-scale per-head decay γ_h).
+//! - [`simple_gla::SimpleGla`]: Simple GLA / Lightning (scalar per-head decay, fixed or data-dependent).
 //! - [`gla::Gla`]: Yang et al. 2024, GLA (data-dependent per-channel decay, low-rank gate).
 
 pub mod gla;
 pub mod kernel;
 pub mod linear;
 pub mod retnet;
+pub mod simple_gla;
 
 use zoo_core::candle_core::{DType, Result, Tensor};
 use zoo_core::mixer::LayerCache;
