@@ -9,6 +9,7 @@ use zoo_core::mixer::{BuildCtx, FeedForward, Mixer};
 use zoo_core::mlp::{GeluMlp, MlpConfig, SwiGlu};
 use zoo_core::params::Pb;
 use zoo_gated_attention::{GatedAttention, GatedAttentionConfig};
+use zoo_linear_attention::based::{Based, BasedConfig};
 use zoo_linear_attention::gla::{Gla, GlaConfig};
 use zoo_linear_attention::linear::{LinearAttention, LinearAttentionConfig};
 use zoo_linear_attention::retnet::{RetNetConfig, Retention};
@@ -32,6 +33,8 @@ pub enum MixerConfig {
     Gla(GlaConfig),
     /// Simple GLA / Lightning: scalar per-head decay (zoo-linear-attention).
     SimpleGla(SimpleGlaConfig),
+    /// Based: Taylor-feature linear attention (zoo-linear-attention).
+    Based(BasedConfig),
 }
 
 impl MixerConfig {
@@ -45,6 +48,7 @@ impl MixerConfig {
             MixerConfig::Retnet(c) => c.validate(d_model),
             MixerConfig::Gla(c) => c.validate(d_model),
             MixerConfig::SimpleGla(c) => c.validate(d_model),
+            MixerConfig::Based(c) => c.validate(d_model),
         }
     }
 
@@ -57,6 +61,7 @@ impl MixerConfig {
             MixerConfig::Retnet(c) => Box::new(Retention::new(c, ctx, pb)?),
             MixerConfig::Gla(c) => Box::new(Gla::new(c, ctx, pb)?),
             MixerConfig::SimpleGla(c) => Box::new(SimpleGla::new(c, ctx, pb)?),
+            MixerConfig::Based(c) => Box::new(Based::new(c, ctx, pb)?),
         })
     }
 }

@@ -62,6 +62,7 @@ const MIXERS: &[&str] = &[
     r#"{ type = "gla", n_heads = 2, chunk = 4, gate_rank = 4 }"#,
     r#"{ type = "simple_gla", n_heads = 2, chunk = 4 }"#,
     r#"{ type = "simple_gla", n_heads = 2, decay = "data_dependent", chunk = 3 }"#,
+    r#"{ type = "based", n_heads = 2, feature_dim = 4, chunk = 4 }"#,
 ];
 
 /// A 1:1 hybrid (GLA, attention) decodes across its mixed caches (a recurrent state and a KV cache).

@@ -2,11 +2,13 @@
 //! (`S_t = Diag(α_t) S_{t−1} + k_tᵀ v_t`, `o_t = q_t S_t`), trained with the chunked form, decoded
 //! with the one-step form (the state S is the layer cache), and checked against the naive loop.
 //!
+//! - [`based::Based`]: Arora et al. 2024, Based (2nd-order Taylor feature map, d′ = 16).
 //! - [`linear::LinearAttention`]: Katharopoulos et al. 2020 (α = 1, feature maps, normaliser).
 //! - [`retnet::Retention`]: Sun et al. 2023, RetNet (fixed multi-scale per-head decay γ_h).
 //! - [`simple_gla::SimpleGla`]: Simple GLA / Lightning (scalar per-head decay, fixed or data-dependent).
 //! - [`gla::Gla`]: Yang et al. 2024, GLA (data-dependent per-channel decay, low-rank gate).
 
+pub mod based;
 pub mod gla;
 pub mod kernel;
 pub mod linear;
