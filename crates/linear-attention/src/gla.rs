@@ -3,8 +3,8 @@
 //! `log α_t = logsigmoid(x_t W_1 W_2 + b) / 16`, kept in log space, the state in f32; the output
 //! is normalised per head (RMSNorm) and gated: `Y = (RMSNorm(O) ⊙ swish(X W_r)) W_O`.
 
-use crate::kernel::{head_rms_norm, log_sigmoid};
-use crate::{check_heads_chunk, default_chunk, heads, merge, recur, state_bytes};
+use crate::kernel::log_sigmoid;
+use crate::{check_heads_chunk, default_chunk, heads, norm_gate_out, recur, state_bytes};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
 use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
@@ -87,8 +87,7 @@ impl Mixer for Gla {
         let logits = self.gk2.forward(&self.gk1.forward(x)?)?.to_dtype(DType::F32)?;
         let g = heads(&(log_sigmoid(&logits)? / self.cfg.gate_normalizer)?, h)?;
         let o = recur(&q, &k, &v, Some(&g), cache, self.cfg.chunk)?;
-        let o = head_rms_norm(&o, &self.norm, 1e-5)?.to_dtype(x.dtype())?;
-        self.o.forward(&(merge(&o)? * self.r.forward(x)?.silu()?)?)
+        norm_gate_out(&o, &self.norm, &self.r, &self.o, x)
     }
 
     fn cache_bytes(&self, batch: usize, _seq_len: usize, _dtype: DType) -> usize {

@@ -67,11 +67,12 @@ pub fn chunked(
     };
     let mut outs = Vec::new();
     let mut start = 0;
+    // s ≤ t inside a chunk; built once per call (a shorter last chunk uses its top-left corner).
+    let causal_full = Tensor::tril2(chunk.min(t.max(1)), DType::F32, dev)?;
     while start < t {
         let c = chunk.min(t - start);
         let (qc, kc, vc) = (q.narrow(2, start, c)?, k.narrow(2, start, c)?, v.narrow(2, start, c)?);
-        // s ≤ t inside the chunk.
-        let causal = Tensor::tril2(c, DType::F32, dev)?;
+        let causal = causal_full.narrow(0, 0, c)?.narrow(1, 0, c)?.contiguous()?;
         let (o, s_next) = match &g {
             None => {
                 let a = qc.matmul(&kc.t()?)?.broadcast_mul(&causal)?;

@@ -45,6 +45,19 @@ pub(crate) fn recur(
     }
 }
 
+/// GLA-style output (GLA §4.1; also Simple GLA): per-head RMSNorm of the recurrence output,
+/// a swish gate from `r`, then the output projection: `(RMSNorm(O) ⊙ swish(X W_r)) W_O`.
+pub(crate) fn norm_gate_out(
+    o: &Tensor,
+    norm: &Tensor,
+    r: &zoo_core::nn::Linear,
+    out: &zoo_core::nn::Linear,
+    x: &Tensor,
+) -> Result<Tensor> {
+    let o = kernel::head_rms_norm(o, norm, 1e-5)?.to_dtype(x.dtype())?;
+    out.forward(&(merge(&o)? * r.forward(x)?.silu()?)?)
+}
+
 /// Bytes of an f32 state (B, H, d_k, d_v).
 pub(crate) fn state_bytes(batch: usize, h: usize, dk: usize, dv: usize) -> usize {
     batch * h * dk * dv * DType::F32.size_in_bytes()

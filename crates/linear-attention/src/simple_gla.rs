@@ -8,8 +8,8 @@
 //!
 //! Output as in GLA: per-head RMSNorm and a swish gate, `Y = (RMSNorm(O) ⊙ swish(X W_r)) W_O`.
 
-use crate::kernel::{head_rms_norm, log_sigmoid};
-use crate::{check_heads_chunk, default_chunk, heads, merge, recur, state_bytes};
+use crate::kernel::log_sigmoid;
+use crate::{check_heads_chunk, default_chunk, heads, norm_gate_out, recur, state_bytes};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
 use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
@@ -121,8 +121,7 @@ impl Mixer for SimpleGla {
             (None, None) => unreachable!("one decay source is always built"),
         };
         let o = recur(&q, &k, &v, Some(&g), cache, self.cfg.chunk)?;
-        let o = head_rms_norm(&o, &self.norm, 1e-5)?.to_dtype(x.dtype())?;
-        self.o.forward(&(merge(&o)? * self.r.forward(x)?.silu()?)?)
+        norm_gate_out(&o, &self.norm, &self.r, &self.o, x)
     }
 
     fn cache_bytes(&self, batch: usize, _seq_len: usize, _dtype: DType) -> usize {
