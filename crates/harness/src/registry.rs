@@ -10,6 +10,7 @@ use zoo_core::mlp::{GeluMlp, MlpConfig, SwiGlu};
 use zoo_core::params::Pb;
 use zoo_gated_attention::{GatedAttention, GatedAttentionConfig};
 use zoo_linear_attention::based::{Based, BasedConfig};
+use zoo_linear_attention::deltanet::{DeltaNet, DeltaNetConfig};
 use zoo_linear_attention::gla::{Gla, GlaConfig};
 use zoo_linear_attention::linear::{LinearAttention, LinearAttentionConfig};
 use zoo_linear_attention::retnet::{RetNetConfig, Retention};
@@ -35,6 +36,8 @@ pub enum MixerConfig {
     SimpleGla(SimpleGlaConfig),
     /// Based: Taylor-feature linear attention (zoo-linear-attention).
     Based(BasedConfig),
+    /// DeltaNet / Gated DeltaNet: the delta rule (zoo-linear-attention).
+    Deltanet(DeltaNetConfig),
 }
 
 impl MixerConfig {
@@ -49,6 +52,7 @@ impl MixerConfig {
             MixerConfig::Gla(c) => c.validate(d_model),
             MixerConfig::SimpleGla(c) => c.validate(d_model),
             MixerConfig::Based(c) => c.validate(d_model),
+            MixerConfig::Deltanet(c) => c.validate(d_model),
         }
     }
 
@@ -62,6 +66,7 @@ impl MixerConfig {
             MixerConfig::Gla(c) => Box::new(Gla::new(c, ctx, pb)?),
             MixerConfig::SimpleGla(c) => Box::new(SimpleGla::new(c, ctx, pb)?),
             MixerConfig::Based(c) => Box::new(Based::new(c, ctx, pb)?),
+            MixerConfig::Deltanet(c) => Box::new(DeltaNet::new(c, ctx, pb)?),
         })
     }
 }

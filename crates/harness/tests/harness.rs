@@ -63,6 +63,11 @@ const MIXERS: &[&str] = &[
     r#"{ type = "simple_gla", n_heads = 2, chunk = 4 }"#,
     r#"{ type = "simple_gla", n_heads = 2, decay = "data_dependent", chunk = 3 }"#,
     r#"{ type = "based", n_heads = 2, feature_dim = 4, chunk = 4 }"#,
+    r#"{ type = "based", n_heads = 2, feature_dim = 4, short_conv = 3 }"#,
+    r#"{ type = "gla", n_heads = 2, chunk = 4, short_conv = 4 }"#,
+    r#"{ type = "deltanet", n_heads = 2, chunk = 4 }"#,
+    r#"{ type = "deltanet", n_heads = 2, chunk = 5, short_conv = 0 }"#,
+    r#"{ type = "deltanet", n_heads = 2, chunk = 4, gated = true, short_conv = 2 }"#,
 ];
 
 /// A 1:1 hybrid (GLA, attention) decodes across its mixed caches (a recurrent state and a KV cache).

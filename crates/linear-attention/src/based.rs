@@ -6,7 +6,7 @@
 //! The paper pairs it with small sliding-window softmax attention (window 64); here that is a
 //! hybrid pattern: `mixers.win = { type = "attention", n_heads = H, window = 64 }`.
 
-use crate::{check_heads_chunk, default_chunk, heads, merge, recur};
+use crate::{check_heads_chunk, default_chunk, heads, merge, recur, QkvConv};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor, D};
 use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
@@ -25,6 +25,9 @@ pub struct BasedConfig {
     /// d′: the per-head width of the q/k projections fed to the Taylor map.
     #[serde(default = "default_feature_dim")]
     pub feature_dim: usize,
+    /// Kernel size of an optional short causal conv + SiLU on q, k, v; 0 = off.
+    #[serde(default)]
+    pub short_conv: usize,
     #[serde(default = "default_chunk")]
     pub chunk: usize,
 }
@@ -58,6 +61,7 @@ pub struct Based {
     k: Linear,
     v: Linear,
     o: Linear,
+    conv: Option<QkvConv>,
     d: usize,
 }
 
@@ -70,6 +74,7 @@ impl Based {
             k: Linear::new(&pb.pp("k_proj"), d, f, false, INIT_STD)?,
             v: Linear::new(&pb.pp("v_proj"), d, d, false, INIT_STD)?,
             o: Linear::new(&pb.pp("o_proj"), d, d, false, residual_std(ctx.n_layers))?,
+            conv: QkvConv::new(&pb.pp("qkv_conv"), [f, f, d], cfg.short_conv)?,
             cfg: cfg.clone(),
             d,
         })
@@ -79,22 +84,26 @@ impl Based {
 impl Mixer for Based {
     fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, _probe: Option<&mut LayerProbe>) -> Result<Tensor> {
         let h = self.cfg.n_heads;
-        let q = taylor_features(&heads(&self.q.forward(x)?, h)?)?;
-        let k = taylor_features(&heads(&self.k.forward(x)?, h)?)?;
-        let v = heads(&self.v.forward(x)?, h)?;
+        let mut cache = cache;
+        let (q, k, v, hist) = crate::maybe_conv(&self.conv, [&self.q, &self.k, &self.v], x, cache.as_deref())?;
+        let q = taylor_features(&heads(&q, h)?)?;
+        let k = taylor_features(&heads(&k, h)?)?;
+        let v = heads(&v, h)?;
         // The denominator rides in the recurrence as an all-ones value column.
         let ones = Tensor::ones((v.dim(0)?, h, v.dim(2)?, 1), v.dtype(), v.device())?;
         let v = Tensor::cat(&[&v, &ones], D::Minus1)?;
-        let o = recur(&q, &k, &v, None, cache, self.cfg.chunk)?;
+        let o = recur(&q, &k, &v, None, cache.as_deref_mut(), self.cfg.chunk)?;
+        crate::keep_hist(cache, hist);
         let dv = o.dim(3)? - 1;
         // φ(q)·φ(k) ≥ 1/2 for all q, k (a quadratic in q·k), so the denominator is positive.
         let o = o.narrow(3, 0, dv)?.broadcast_div(&o.narrow(3, dv, 1)?)?;
         self.o.forward(&merge(&o.to_dtype(x.dtype())?)?)
     }
 
-    fn cache_bytes(&self, batch: usize, _seq_len: usize, _dtype: DType) -> usize {
+    fn cache_bytes(&self, batch: usize, _seq_len: usize, dtype: DType) -> usize {
         let f = self.cfg.feature_dim;
         crate::state_bytes(batch, self.cfg.n_heads, 1 + f + f * f, self.d / self.cfg.n_heads + 1)
+            + self.conv.as_ref().map_or(0, |c| c.cache_bytes(batch, dtype))
     }
 
     fn kind(&self) -> String {

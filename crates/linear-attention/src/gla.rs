@@ -4,7 +4,7 @@
 //! is normalised per head (RMSNorm) and gated: `Y = (RMSNorm(O) ⊙ swish(X W_r)) W_O`.
 
 use crate::kernel::log_sigmoid;
-use crate::{check_heads_chunk, default_chunk, heads, norm_gate_out, recur, state_bytes};
+use crate::{check_heads_chunk, default_chunk, heads, norm_gate_out, recur, state_bytes, QkvConv};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
 use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
@@ -29,6 +29,9 @@ pub struct GlaConfig {
     /// The gate logit normaliser (log α = logsigmoid(·) / this).
     #[serde(default = "default_norm")]
     pub gate_normalizer: f64,
+    /// Kernel size of an optional short causal conv + SiLU on q, k, v (fla's `use_short_conv`); 0 = off.
+    #[serde(default)]
+    pub short_conv: usize,
     #[serde(default = "default_chunk")]
     pub chunk: usize,
 }
@@ -56,6 +59,7 @@ pub struct Gla {
     r: Linear,
     o: Linear,
     norm: Tensor,
+    conv: Option<QkvConv>,
     d: usize,
 }
 
@@ -71,6 +75,7 @@ impl Gla {
             r: Linear::new(&pb.pp("g_proj"), d, d, false, INIT_STD)?,
             o: Linear::new(&pb.pp("o_proj"), d, d, false, residual_std(ctx.n_layers))?,
             norm: pb.get("g_norm.weight", d / cfg.n_heads, Init::Const(1.0), Group::NoDecay)?,
+            conv: QkvConv::new(&pb.pp("qkv_conv"), [d, d, d], cfg.short_conv)?,
             cfg: cfg.clone(),
             d,
         })
@@ -81,18 +86,20 @@ impl Mixer for Gla {
     fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, _probe: Option<&mut LayerProbe>) -> Result<Tensor> {
         let h = self.cfg.n_heads;
         let scale = 1.0 / ((self.d / h) as f64).sqrt();
-        let q = (heads(&self.q.forward(x)?, h)? * scale)?;
-        let k = heads(&self.k.forward(x)?, h)?;
-        let v = heads(&self.v.forward(x)?, h)?;
+        let mut cache = cache;
+        let (q, k, v, hist) = crate::maybe_conv(&self.conv, [&self.q, &self.k, &self.v], x, cache.as_deref())?;
+        let q = (heads(&q, h)? * scale)?;
+        let (k, v) = (heads(&k, h)?, heads(&v, h)?);
         let logits = self.gk2.forward(&self.gk1.forward(x)?)?.to_dtype(DType::F32)?;
         let g = heads(&(log_sigmoid(&logits)? / self.cfg.gate_normalizer)?, h)?;
-        let o = recur(&q, &k, &v, Some(&g), cache, self.cfg.chunk)?;
+        let o = recur(&q, &k, &v, Some(&g), cache.as_deref_mut(), self.cfg.chunk)?;
+        crate::keep_hist(cache, hist);
         norm_gate_out(&o, &self.norm, &self.r, &self.o, x)
     }
 
-    fn cache_bytes(&self, batch: usize, _seq_len: usize, _dtype: DType) -> usize {
+    fn cache_bytes(&self, batch: usize, _seq_len: usize, dtype: DType) -> usize {
         let hd = self.d / self.cfg.n_heads;
-        state_bytes(batch, self.cfg.n_heads, hd, hd)
+        state_bytes(batch, self.cfg.n_heads, hd, hd) + self.conv.as_ref().map_or(0, |c| c.cache_bytes(batch, dtype))
     }
 
     fn kind(&self) -> String {

@@ -7,8 +7,11 @@
 //! - [`retnet::Retention`]: Sun et al. 2023, RetNet (fixed multi-scale per-head decay γ_h).
 //! - [`simple_gla::SimpleGla`]: Simple GLA / Lightning (scalar per-head decay, fixed or data-dependent).
 //! - [`gla::Gla`]: Yang et al. 2024, GLA (data-dependent per-channel decay, low-rank gate).
+//! - [`deltanet::DeltaNet`]: the delta rule (Yang et al. 2024) and Gated DeltaNet (Yang et al.
+//!   2025); its own kernel (chunked WY form), since its transition is not diagonal.
 
 pub mod based;
+pub mod deltanet;
 pub mod gla;
 pub mod kernel;
 pub mod linear;
@@ -16,7 +19,9 @@ pub mod retnet;
 pub mod simple_gla;
 
 use zoo_core::candle_core::{DType, Result, Tensor};
+use zoo_core::conv::CausalConv1d;
 use zoo_core::mixer::LayerCache;
+use zoo_core::params::Pb;
 
 fn default_chunk() -> usize {
     64
@@ -32,16 +37,88 @@ pub(crate) fn recur(
     cache: Option<&mut LayerCache>,
     chunk: usize,
 ) -> Result<Tensor> {
+    recur_with(cache, q.dim(2)?, |s0, decode| {
+        if decode {
+            kernel::step(q, k, v, g, s0)
+        } else {
+            kernel::chunked(q, k, v, g, s0, chunk)
+        }
+    })
+}
+
+/// The cache protocol of every recurrent mixer here: `run(S_0, decode)` returns (o, S_T); the
+/// state lives in `cache.tensors[0]` (any later slots, e.g. a convolution history, are the
+/// mixer's to re-append after this call).
+pub(crate) fn recur_with(
+    cache: Option<&mut LayerCache>,
+    t: usize,
+    run: impl FnOnce(Option<&Tensor>, bool) -> Result<(Tensor, Tensor)>,
+) -> Result<Tensor> {
     match cache {
-        None => Ok(kernel::chunked(q, k, v, g, None, chunk)?.0),
+        None => Ok(run(None, false)?.0),
         Some(c) => {
-            let t = q.dim(2)?;
-            let s0 = c.tensors.first();
-            let (o, s) = if t == 1 { kernel::step(q, k, v, g, s0)? } else { kernel::chunked(q, k, v, g, s0, chunk)? };
+            let (o, s) = run(c.tensors.first(), t == 1)?;
             c.tensors = vec![s];
             c.seen += t;
             Ok(o)
         }
+    }
+}
+
+/// The optional short causal convolution + SiLU on q, k, v (fla's `ShortConvolution`, used by
+/// DeltaNet, GLA and Based variants): one depthwise conv over the concatenated channels. Its
+/// decode history (the last k−1 inputs) is the cache's slot 1.
+pub struct QkvConv {
+    conv: CausalConv1d,
+    widths: [usize; 3],
+}
+
+impl QkvConv {
+    /// `kernel = 0` means no convolution.
+    pub fn new(pb: &Pb, widths: [usize; 3], kernel: usize) -> Result<Option<Self>> {
+        if kernel == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Self { conv: CausalConv1d::new(pb, widths.iter().sum(), kernel)?, widths }))
+    }
+
+    /// Returns the convolved q, k, v and, when decoding with a cache, the new history to store.
+    pub fn forward(
+        &self,
+        [q, k, v]: [Tensor; 3],
+        cache: Option<&LayerCache>,
+    ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+        let x = Tensor::cat(&[&q, &k, &v], 2)?;
+        let mut hist = cache.map(|c| c.tensors.get(1).cloned());
+        let y = self.conv.forward(&x, hist.as_mut())?.silu()?;
+        let [a, b, _] = self.widths;
+        let c = self.widths[2];
+        Ok((y.narrow(2, 0, a)?, y.narrow(2, a, b)?, y.narrow(2, a + b, c)?, hist.flatten()))
+    }
+
+    pub fn cache_bytes(&self, batch: usize, dtype: DType) -> usize {
+        batch * (self.conv.kernel - 1) * self.widths.iter().sum::<usize>() * dtype.size_in_bytes()
+    }
+}
+
+/// Project q, k, v from x, then apply the short convolution if the mixer has one.
+pub(crate) fn maybe_conv(
+    conv: &Option<QkvConv>,
+    [q, k, v]: [&zoo_core::nn::Linear; 3],
+    x: &Tensor,
+    cache: Option<&LayerCache>,
+) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+    let (q, k, v) = (q.forward(x)?, k.forward(x)?, v.forward(x)?);
+    match conv {
+        None => Ok((q, k, v, None)),
+        Some(c) => c.forward([q, k, v], cache),
+    }
+}
+
+/// After [`recur_with`] has replaced the cache with the new state, append the conv history.
+pub(crate) fn keep_hist(cache: Option<&mut LayerCache>, hist: Option<Tensor>) {
+    if let (Some(c), Some(h)) = (cache, hist) {
+        c.tensors.push(h);
     }
 }
 

@@ -1,0 +1,336 @@
+//! DeltaNet (Schlag et al. 2021; Yang et al. 2024, "Parallelizing Linear Transformers with the Delta
+//! Rule over Sequence Length") and Gated DeltaNet (Yang et al. 2025, "Gated Delta Networks").
+//!
+//! Recurrence, with the state S (d_k, d_v) read as `o_t = q_t S_t` (row vectors):
+//!
+//! `S_t = α_t (I − β_t k_tᵀ k_t) S_{t−1} + β_t k_tᵀ v_t`
+//!
+//! α_t = 1 for DeltaNet; for Gated DeltaNet `log α_t = −e^{A_h} · softplus(x_t w_h + b_h)` (Mamba-2's
+//! decay parametrisation). β_t = σ(x_t w_β) per head; q and k are L2-normalised per head (so the
+//! transition `I − β k kᵀ` has spectral norm ≤ 1), q is scaled by 1/√d_k. Output: per-head RMSNorm
+//! (DeltaNet) or RMSNorm with a swish output gate (Gated DeltaNet), then W_O. An optional short
+//! causal convolution + SiLU on q, k, v precedes all this, as in fla's layer (on by default, k = 4).
+//!
+//! Three forms of the recurrence: [`naive`] (loop over time), [`step`] (decode) and [`chunked`],
+//! the chunkwise WY form (Yang et al. 2024, §3): inside a chunk with cumulative log decay b_t
+//! (b = 0 without a gate) and Γ_{ts} = e^{b_t − b_s} (t ≥ s), the pseudo-values
+//! `U = (I + StrictTril(diag(β) (K Kᵀ ⊙ Γ)))⁻¹ diag(β) (V − diag(e^b) K S_0)` give
+//! `O = diag(e^b) Q S_0 + Tril(Q Kᵀ ⊙ Γ) U` and `S_C = e^{b_C} S_0 + (K ⊙ e^{b_C − b})ᵀ U`.
+//! Every decay factor is ≤ 1, so this stays finite for any gate. The unit lower-triangular inverse
+//! is taken by recursive block doubling (each level is a true sub-block of the inverse, as stable
+//! as forward substitution), in log₂ C rounds of batched matmuls.
+
+use crate::kernel::head_rms_norm;
+use crate::{check_heads_chunk, default_chunk, heads, merge, norm_gate_out, recur_with, state_bytes, QkvConv};
+use serde::{Deserialize, Serialize};
+use zoo_core::candle_core::{DType, Device, Result, Tensor, D};
+use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
+use zoo_core::nn::{residual_std, Linear, INIT_STD};
+use zoo_core::params::{Group, Init, Pb};
+
+fn default_conv() -> usize {
+    4
+}
+
+/// `type = "deltanet"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaNetConfig {
+    pub n_heads: usize,
+    /// Gated DeltaNet: add the per-head decay α_t and the swish output gate.
+    #[serde(default)]
+    pub gated: bool,
+    /// Kernel size of the short causal convolution on q, k, v (fla's default 4); `0` turns it off.
+    #[serde(default = "default_conv")]
+    pub short_conv: usize,
+    #[serde(default = "default_chunk")]
+    pub chunk: usize,
+}
+
+impl DeltaNetConfig {
+    pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
+        check_heads_chunk(self.n_heads, d_model, self.chunk)
+    }
+}
+
+/// Reference: loop over time. q, k (B, H, T, d_k), v (B, H, T, d_v), β (B, H, T, 1), log α
+/// (B, H, T, 1) or none, S_0 (B, H, d_k, d_v). Returns (o (B, H, T, d_v), S_T), f32.
+pub fn naive(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    beta: &Tensor,
+    g: Option<&Tensor>,
+    s0: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let (b, h, t, dk) = q.dims4()?;
+    let dv = v.dim(3)?;
+    let f = |x: &Tensor| x.to_dtype(DType::F32);
+    let (q, k, v, beta) = (f(q)?, f(k)?, f(v)?, f(beta)?);
+    let g = g.map(f).transpose()?;
+    let mut s = match s0 {
+        Some(s) => f(s)?,
+        None => Tensor::zeros((b, h, dk, dv), DType::F32, q.device())?,
+    };
+    let mut outs = Vec::with_capacity(t);
+    for i in 0..t {
+        let (qi, ki, vi, bi) = (q.narrow(2, i, 1)?, k.narrow(2, i, 1)?, v.narrow(2, i, 1)?, beta.narrow(2, i, 1)?);
+        if let Some(g) = &g {
+            s = s.broadcast_mul(&g.narrow(2, i, 1)?.exp()?)?;
+        }
+        // S ← S + β kᵀ (v − k S): the delta rule's error-correcting write.
+        let u = (vi - ki.matmul(&s)?)?.broadcast_mul(&bi)?;
+        s = (s + ki.transpose(2, 3)?.matmul(&u)?)?;
+        outs.push(qi.matmul(&s)?);
+    }
+    Ok((Tensor::cat(&outs, 2)?, s))
+}
+
+/// One decode step (T = 1): the recurrence itself.
+pub fn step(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    beta: &Tensor,
+    g: Option<&Tensor>,
+    s0: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    naive(q, k, v, beta, g, s0)
+}
+
+/// (I + L)⁻¹ for strictly lower-triangular L (X, C, C), by block doubling: with the inverse's
+/// diagonal blocks of size s known (Inv_s), those of size 2s are `Inv_s − Inv_s L_s Inv_s`, where
+/// L_s keeps the lower-left s×s block inside each 2s×2s diagonal block.
+pub fn unit_lower_inverse(l: &Tensor) -> Result<Tensor> {
+    let c = l.dim(D::Minus1)?;
+    let mut inv: Option<Tensor> = None; // None = the identity (Inv_1)
+    let mut s = 1;
+    while s < c {
+        let mask: Vec<f32> = (0..c * c)
+            .map(|ij| {
+                let (i, j) = (ij / c, ij % c);
+                f32::from(i / (2 * s) == j / (2 * s) && i / s != j / s && i > j)
+            })
+            .collect();
+        let lb = l.broadcast_mul(&Tensor::from_vec(mask, (c, c), l.device())?)?;
+        inv = Some(match inv {
+            None => {
+                let eye = Tensor::eye(c, DType::F32, l.device())?;
+                lb.neg()?.broadcast_add(&eye)?
+            }
+            Some(a) => (&a - a.matmul(&lb.matmul(&a)?)?)?,
+        });
+        s *= 2;
+    }
+    match inv {
+        Some(a) => Ok(a),
+        None => Tensor::eye(c, DType::F32, l.device())?.broadcast_as(l.shape())?.contiguous(),
+    }
+}
+
+fn lower(c: usize, strict: bool, dev: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..c * c).map(|ij| f32::from(if strict { ij / c > ij % c } else { ij / c >= ij % c })).collect();
+    Tensor::from_vec(m, (c, c), dev)
+}
+
+/// Chunkwise parallel form (WY representation); equal to [`naive`] up to float rounding. The
+/// sequence is zero-padded to whole chunks (k = v = β = 0 rows leave the state unchanged).
+pub fn chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    beta: &Tensor,
+    g: Option<&Tensor>,
+    s0: Option<&Tensor>,
+    chunk: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (b, h, t, dk) = q.dims4()?;
+    let dv = v.dim(3)?;
+    let dev = q.device();
+    let c = chunk.min(t).max(1);
+    let n = t.div_ceil(c);
+    let pad = n * c - t;
+    // (B, H, T, d) -> (B·H·N, C, d), f32, zero-padded.
+    let blocks = |x: &Tensor| -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        let d = x.dim(3)?;
+        let x = if pad > 0 { Tensor::cat(&[&x, &Tensor::zeros((b, h, pad, d), DType::F32, dev)?], 2)? } else { x };
+        x.reshape((b * h * n, c, d))
+    };
+    let (q, k, v, beta) = (blocks(q)?, blocks(k)?, blocks(v)?, blocks(beta)?);
+    let incl = lower(c, false, dev)?;
+    let strict = lower(c, true, dev)?;
+    let kt = k.t()?;
+    let kk = k.matmul(&kt)?; // (X, C, C)
+    let qk = q.matmul(&kt)?.broadcast_mul(&incl)?;
+    // Decay factors: Γ (X, C, C), e^{b} (X, C, 1), e^{b_C − b} (X, C, 1), e^{b_C} (X, 1, 1).
+    let decay = match g {
+        None => None,
+        Some(g) => {
+            let bc = blocks(g)?.cumsum(1)?;
+            let last = bc.narrow(1, c - 1, 1)?;
+            let gamma = bc.broadcast_sub(&bc.t()?)?.broadcast_mul(&incl)?.exp()?.broadcast_mul(&incl)?;
+            Some((gamma, bc.exp()?, last.broadcast_sub(&bc)?.exp()?, last.exp()?))
+        }
+    };
+    let (l, a, kw) = match &decay {
+        None => (kk.broadcast_mul(&strict)?, qk, k.broadcast_mul(&beta)?),
+        Some((gamma, eb, _, _)) => {
+            ((kk * gamma)?.broadcast_mul(&strict)?, (qk * gamma)?, k.broadcast_mul(&beta)?.broadcast_mul(eb)?)
+        }
+    };
+    let tinv = unit_lower_inverse(&l.broadcast_mul(&beta)?)?;
+    let u = tinv.matmul(&v.broadcast_mul(&beta)?)?; // (X, C, d_v)
+    let w = tinv.matmul(&kw)?; // (X, C, d_k)
+    let (qs, ktail, elast) = match &decay {
+        None => (q, k, None),
+        Some((_, eb, tail, last)) => (q.broadcast_mul(eb)?, k.broadcast_mul(tail)?, Some(last.reshape((b * h, n, 1, 1))?)),
+    };
+    let per = |x: Tensor| -> Result<Tensor> {
+        let (cc, d) = (x.dim(1)?, x.dim(2)?);
+        x.reshape((b * h, n, cc, d))
+    };
+    let (u, w, a, qs, ktail) = (per(u)?, per(w)?, per(a)?, per(qs)?, per(ktail)?);
+    let mut s = match s0 {
+        Some(s) => s.to_dtype(DType::F32)?.reshape((b * h, dk, dv))?,
+        None => Tensor::zeros((b * h, dk, dv), DType::F32, dev)?,
+    };
+    let mut outs = Vec::with_capacity(n);
+    for i in 0..n {
+        let at = |x: &Tensor| x.narrow(1, i, 1)?.squeeze(1);
+        let ui = (at(&u)? - at(&w)?.matmul(&s)?)?;
+        outs.push((at(&qs)?.matmul(&s)? + at(&a)?.matmul(&ui)?)?);
+        let write = at(&ktail)?.t()?.matmul(&ui)?;
+        s = match &elast {
+            None => (s + write)?,
+            Some(e) => (s.broadcast_mul(&at(e)?)? + write)?,
+        };
+    }
+    let o = Tensor::cat(&outs, 1)?.narrow(1, 0, t)?.reshape((b, h, t, dv))?;
+    Ok((o, s.reshape((b, h, dk, dv))?))
+}
+
+/// Gated DeltaNet's decay `log α_t = −e^{A_h} softplus(x_t w_h + b_h)` and its output gate. A and
+/// b are trainable offsets from fixed per-head initial values (`a0`, `dt0`).
+struct Decay {
+    proj: Linear,
+    a_log: Tensor,
+    dt_bias: Tensor,
+    a0: Tensor,
+    dt0: Tensor,
+    gate: Linear,
+}
+
+impl Decay {
+    /// (B, T, D) -> log α (B, H, T, 1), f32.
+    fn log_alpha(&self, x: &Tensor) -> Result<Tensor> {
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let z = f(&self.proj.forward(x)?)?.broadcast_add(&(f(&self.dt_bias)? + &self.dt0)?)?;
+        let lg = softplus(&z)?.broadcast_mul(&(f(&self.a_log)? + &self.a0)?.exp()?)?.neg()?; // (B, T, H)
+        lg.transpose(1, 2)?.unsqueeze(3)
+    }
+}
+
+pub struct DeltaNet {
+    cfg: DeltaNetConfig,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    beta: Linear,
+    conv: Option<QkvConv>,
+    a: Option<Decay>,
+    o: Linear,
+    norm: Tensor,
+    d: usize,
+}
+
+impl DeltaNet {
+    pub fn new(cfg: &DeltaNetConfig, ctx: &BuildCtx, pb: &Pb) -> Result<Self> {
+        let d = ctx.d_model;
+        let h = cfg.n_heads;
+        let a = if cfg.gated {
+            // Mamba-2 / Gated DeltaNet init, made deterministic: A_h spread over [1, 16] and the
+            // step Δ_h = softplus(bias) over [0.001, 0.1] log-uniformly, as per-head offsets of
+            // zero-initialised trainable parameters (the same gradient as training them directly).
+            let spread = |i: usize| if h == 1 { 0.5 } else { i as f64 / (h - 1) as f64 };
+            let a0: Vec<f32> = (0..h).map(|i| (1.0 + 15.0 * spread(i)).ln() as f32).collect();
+            let dt0: Vec<f32> = (0..h)
+                .map(|i| {
+                    let dt = (0.001f64.ln() + spread(i) * (0.1f64.ln() - 0.001f64.ln())).exp();
+                    (dt + (-(-dt).exp_m1()).ln()) as f32 // softplus⁻¹(Δ) = Δ + ln(1 − e^{−Δ})
+                })
+                .collect();
+            Some(Decay {
+                proj: Linear::new(&pb.pp("a_proj"), d, h, false, INIT_STD)?,
+                a_log: pb.get("A_log", h, Init::Const(0.0), Group::NoDecay)?,
+                dt_bias: pb.get("dt_bias", h, Init::Const(0.0), Group::NoDecay)?,
+                a0: Tensor::from_vec(a0, h, pb.device())?,
+                dt0: Tensor::from_vec(dt0, h, pb.device())?,
+                gate: Linear::new(&pb.pp("g_proj"), d, d, false, INIT_STD)?,
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            q: Linear::new(&pb.pp("q_proj"), d, d, false, INIT_STD)?,
+            k: Linear::new(&pb.pp("k_proj"), d, d, false, INIT_STD)?,
+            v: Linear::new(&pb.pp("v_proj"), d, d, false, INIT_STD)?,
+            beta: Linear::new(&pb.pp("b_proj"), d, h, false, INIT_STD)?,
+            conv: QkvConv::new(&pb.pp("qkv_conv"), [d, d, d], cfg.short_conv)?,
+            a,
+            o: Linear::new(&pb.pp("o_proj"), d, d, false, residual_std(ctx.n_layers))?,
+            norm: pb.get("o_norm.weight", d / h, Init::Const(1.0), Group::NoDecay)?,
+            cfg: cfg.clone(),
+            d,
+        })
+    }
+}
+
+/// L2 normalisation over the last dim (fla's `l2norm`), from primitives so it has a backward.
+fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    x.broadcast_div(&(x.sqr()?.sum_keepdim(D::Minus1)? + 1e-6)?.sqrt()?)
+}
+
+impl Mixer for DeltaNet {
+    fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, _probe: Option<&mut LayerProbe>) -> Result<Tensor> {
+        let h = self.cfg.n_heads;
+        let mut cache = cache;
+        let (q, k, v, hist) = crate::maybe_conv(&self.conv, [&self.q, &self.k, &self.v], x, cache.as_deref())?;
+        let q = (l2_normalize(&heads(&q.to_dtype(DType::F32)?, h)?)? * (1.0 / ((self.d / h) as f64).sqrt()))?;
+        let k = l2_normalize(&heads(&k.to_dtype(DType::F32)?, h)?)?;
+        let v = heads(&v, h)?;
+        let beta = zoo_core::candle_nn::ops::sigmoid(&self.beta.forward(x)?.to_dtype(DType::F32)?)?; // (B, T, H)
+        let beta = beta.transpose(1, 2)?.unsqueeze(3)?;
+        let g = self.a.as_ref().map(|a| a.log_alpha(x)).transpose()?;
+        let chunk = self.cfg.chunk;
+        let o = recur_with(cache.as_deref_mut(), x.dim(1)?, |s0, decode| {
+            if decode {
+                step(&q, &k, &v, &beta, g.as_ref(), s0)
+            } else {
+                chunked(&q, &k, &v, &beta, g.as_ref(), s0, chunk)
+            }
+        })?;
+        crate::keep_hist(cache, hist);
+        match &self.a {
+            Some(a) => norm_gate_out(&o, &self.norm, &a.gate, &self.o, x),
+            None => {
+                let o = head_rms_norm(&o, &self.norm, 1e-5)?.to_dtype(x.dtype())?;
+                self.o.forward(&merge(&o)?)
+            }
+        }
+    }
+
+    fn cache_bytes(&self, batch: usize, _seq_len: usize, dtype: DType) -> usize {
+        let hd = self.d / self.cfg.n_heads;
+        state_bytes(batch, self.cfg.n_heads, hd, hd) + self.conv.as_ref().map_or(0, |c| c.cache_bytes(batch, dtype))
+    }
+
+    fn kind(&self) -> String {
+        if self.cfg.gated { "gated_deltanet" } else { "deltanet" }.into()
+    }
+}
+
+/// softplus(x) = max(x, 0) + log(1 + e^{−|x|}), stable and differentiable.
+fn softplus(x: &Tensor) -> Result<Tensor> {
+    x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+}
