@@ -354,6 +354,19 @@ impl RunConfig {
         }
     }
 
+    /// The sequence lengths a result reports the state / KV-cache size at: the task's own
+    /// lengths, plus 256 and 4096 (the linear-vs-softmax comparison points).
+    pub fn state_report_lens(&self) -> Vec<usize> {
+        let mut ls: Vec<usize> = match &self.data {
+            DataConfig::Mqar { train, test, .. } => train.iter().chain(test).map(|s| s.seq_len).collect(),
+            DataConfig::Text { .. } => self.train.seq_len.into_iter().collect(),
+        };
+        ls.extend([256, 4096]);
+        ls.sort_unstable();
+        ls.dedup();
+        ls
+    }
+
     /// The mixer of each layer, resolved from `mixer` / `mixers` + `pattern`.
     pub fn layer_mixers(&self) -> Result<Vec<MixerConfig>> {
         let m = &self.model;

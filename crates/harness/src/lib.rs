@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod crossover;
 pub mod env;
 pub mod plot;
 pub mod registry;

@@ -171,7 +171,9 @@ fn real_main() -> Result<()> {
             let env = Env::parse(&cli.device, &cli.dtype)?;
             let vocab = zoo_harness::vocab_size(&run.config)?;
             let o = bench::BenchOpts { seq_lens, batch, warmup, iters, decode_tokens, skip_train };
-            let res = bench::bench(&run.config, vocab, &env, &o, cli.quiet)?;
+            let mut res = bench::bench(&run.config, vocab, &env, &o, cli.quiet)?;
+            res["label"] = serde_json::json!(run.label);
+            res["plan_index"] = serde_json::json!(run.index);
             let dev = if env.device.is_cpu() { "cpu".to_string() } else { format!("cuda-{}", env.dtype_name()) };
             let out = out.unwrap_or_else(|| {
                 PathBuf::from(format!("results/bench/{}-{}-{dev}.json", run.config.experiment, run.id))

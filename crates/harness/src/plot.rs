@@ -12,6 +12,26 @@ const COLORS: [&str; 10] =
 
 /// A line chart with axes, ticks and a legend. Non-finite points are skipped.
 pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[Series], log_y: bool) -> String {
+    line_chart_axes(title, xlabel, ylabel, series, false, log_y)
+}
+
+/// [`line_chart`] with a choice of log scale on either axis (positive values only on a log axis).
+pub fn line_chart_axes(title: &str, xlabel: &str, ylabel: &str, series: &[Series], log_x: bool, log_y: bool) -> String {
+    if log_x {
+        let logged: Vec<Series> = series
+            .iter()
+            .map(|s| Series {
+                name: s.name.clone(),
+                points: s.points.iter().filter(|p| p.0 > 0.0).map(|&(x, y)| (x.log10(), y)).collect(),
+            })
+            .collect();
+        return chart(title, xlabel, ylabel, &logged, true, log_y);
+    }
+    chart(title, xlabel, ylabel, series, false, log_y)
+}
+
+/// `x_is_log10`: x values are log₁₀ of the data; tick labels show 10^x.
+fn chart(title: &str, xlabel: &str, ylabel: &str, series: &[Series], x_is_log10: bool, log_y: bool) -> String {
     let (w, h, l, r, t, b) = (760.0, 440.0, 70.0, 220.0, 40.0, 50.0);
     let fy = |y: f64| if log_y { y.max(1e-12).log10() } else { y };
     let pts: Vec<(f64, f64)> =
@@ -57,7 +77,8 @@ pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[Series], lo
         let xv = x0 + (x1 - x0) * i as f64 / 5.0;
         let yv = y0 + (y1 - y0) * i as f64 / 5.0;
         let ylab = if log_y { 10f64.powf(yv) } else { yv };
-        let _ = write!(svg, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, px(xv), h - b + 16.0, num(xv));
+        let xlab = if x_is_log10 { num(10f64.powf(xv)) } else { num(xv) };
+        let _ = write!(svg, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, px(xv), h - b + 16.0, xlab);
         let ypix = h - b - (yv - y0) / (y1 - y0) * (h - t - b);
         let _ = write!(
             svg,

@@ -6,6 +6,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub fn load_results(dir: &Path) -> Result<Vec<Value>> {
+    load_schema(dir, "zoo.result/1")
+}
+
+/// Every JSON in `dir` whose `schema` is `schema`, in plan order.
+pub fn load_schema(dir: &Path, schema: &str) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     let mut entries: Vec<_> =
         std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten().collect();
@@ -15,7 +20,7 @@ pub fn load_results(dir: &Path) -> Result<Vec<Value>> {
         if p.extension().is_some_and(|x| x == "json") {
             let v: Value =
                 serde_json::from_slice(&std::fs::read(&p)?).with_context(|| format!("parsing {}", p.display()))?;
-            if v.get("schema").and_then(|s| s.as_str()) == Some("zoo.result/1") {
+            if v.get("schema").and_then(|s| s.as_str()) == Some(schema) {
                 out.push(v);
             }
         }
@@ -89,6 +94,10 @@ pub fn table(results: &[Value]) -> String {
     if has_gate {
         head.extend(["gate mean".to_string(), "gate < 0.1".into()]);
     }
+    let has_state = results.iter().any(|r| r["state_bytes"].is_object());
+    if has_state {
+        head.extend(["state @T=256".to_string(), "state @T=4096".into()]);
+    }
     head.push("train tok/s".into());
     let mut out = String::new();
     out.push_str(&format!("| {} |\n", head.join(" | ")));
@@ -136,6 +145,11 @@ pub fn table(results: &[Value]) -> String {
             let f: Vec<f64> = runs.iter().filter_map(|r| probe_stat(r, "gate_frac_below_0.1")).collect();
             row.push(fmt_ms(&g));
             row.push(fmt_ms(&f));
+        }
+        if has_state {
+            for t in ["256", "4096"] {
+                row.push(runs[0]["state_bytes"][t].as_u64().map_or("–".into(), bytes));
+            }
         }
         let tps: Vec<f64> = runs.iter().filter_map(|r| r["throughput"]["train_tokens_per_s"].as_f64()).collect();
         row.push(if tps.is_empty() { "–".into() } else { format!("{:.0}", mean_std(&tps).0) });
@@ -256,7 +270,74 @@ pub fn plots(results: &[Value]) -> Vec<(String, String)> {
             line_chart("attention on the first token", "layer", "mean attention share", &sinks, false),
         ));
     }
+    out.extend(recall_vs_state(&best));
     out
+}
+
+/// Zoology's figure: per MQAR test point, accuracy against the state size (bytes of recurrent
+/// state or KV cache for one sequence at that point's length, log scale), one line per variant
+/// through its model widths (the labels of that variant, each at its best learning rate).
+fn recall_vs_state(best: &[(String, String, Vec<&Value>)]) -> Vec<(String, String)> {
+    use crate::plot::{line_chart_axes, Series};
+    let points: std::collections::BTreeSet<String> = best
+        .iter()
+        .flat_map(|(_, _, runs)| runs.iter())
+        .flat_map(|r| r["metrics"].as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default())
+        .filter(|k| k.starts_with("mqar_acc,T="))
+        .collect();
+    let mut out = Vec::new();
+    for key in points {
+        let Some((t, kv)) = key.trim_start_matches("mqar_acc,T=").split_once(",kv=") else { continue };
+        let mut by_variant: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+        let mut order: Vec<String> = Vec::new();
+        for (_, _, runs) in best {
+            let variant = runs[0]["variant"].as_str().unwrap_or("?").to_string();
+            let Some(state) = runs[0]["state_bytes"][t].as_f64() else { continue };
+            let accs: Vec<f64> = runs.iter().filter_map(|r| metric(r, &key)).collect();
+            if accs.is_empty() {
+                continue;
+            }
+            if !by_variant.contains_key(&variant) {
+                order.push(variant.clone());
+            }
+            by_variant.entry(variant).or_default().push((state, mean_std(&accs).0));
+        }
+        if by_variant.len() < 2 && by_variant.values().all(|p| p.len() < 2) {
+            continue;
+        }
+        let series: Vec<Series> = order
+            .into_iter()
+            .map(|v| {
+                let mut pts = by_variant.remove(&v).unwrap_or_default();
+                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                Series { name: v, points: pts }
+            })
+            .collect();
+        out.push((
+            format!("mqar_state_T{t}_kv{kv}.svg"),
+            line_chart_axes(
+                &format!("MQAR recall vs state size (T = {t}, {kv} kv pairs)"),
+                "state bytes per sequence (log scale)",
+                "accuracy",
+                &series,
+                true,
+                false,
+            ),
+        ));
+    }
+    out
+}
+
+/// Bytes in binary units.
+fn bytes(n: u64) -> String {
+    let x = n as f64;
+    if x >= 1024.0 * 1024.0 {
+        format!("{:.2} MiB", x / (1024.0 * 1024.0))
+    } else if x >= 1024.0 {
+        format!("{:.1} KiB", x / 1024.0)
+    } else {
+        format!("{n} B")
+    }
 }
 
 fn human(n: u64) -> String {
@@ -269,10 +350,15 @@ fn human(n: u64) -> String {
     }
 }
 
-/// Print the table for a results folder and write it to `report.md` inside it.
+/// Print the table for a results folder and write it to `report.md` inside it. A folder of
+/// `zoo bench` JSONs (no run results) gets the throughput-crossover report instead.
 pub fn report(dir: &Path) -> Result<String> {
     let results = load_results(dir)?;
-    anyhow::ensure!(!results.is_empty(), "no result JSON in {}", dir.display());
+    if results.is_empty() {
+        let benches = load_schema(dir, "zoo.bench/1")?;
+        anyhow::ensure!(!benches.is_empty(), "no result or bench JSON in {}", dir.display());
+        return crate::crossover::report(dir, &benches);
+    }
     let name = results[0]["experiment"].as_str().unwrap_or("results").to_string();
     let mut md = format!("# {name}\n\n{}", table(&results));
     let plots = plots(&results);

@@ -196,6 +196,12 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
             "dtype": env.dtype_name(),
         },
         "params": { "total": total, "non_embedding": total - emb },
+        // Recurrent state / KV cache of one sequence at length T, all layers (Zoology's state axis).
+        "state_bytes": cfg
+            .state_report_lens()
+            .into_iter()
+            .map(|t| (t.to_string(), json!(model.cache_bytes(1, t))))
+            .collect::<serde_json::Map<_, _>>(),
         "metrics": metrics,
         "probes": probes,
         "divergence": diverged.as_ref().map(|(_, m)| m.clone()),
