@@ -57,12 +57,23 @@ impl Env {
     pub fn describe(&self) -> serde_json::Value {
         let threads = zoo_core::candle_core::utils::get_num_threads();
         let cpu = cpu_model();
-        if self.device.is_cuda() {
+        let mut d = if self.device.is_cuda() {
             json!({ "kind": "cuda", "name": gpu_name(), "cpu": cpu, "threads": threads })
         } else {
             json!({ "kind": "cpu", "name": cpu, "threads": threads })
+        };
+        // Runs sharing the device (scripts/device-pool.sh sets this): their tokens/s are not
+        // throughput measurements, and the report says so.
+        if let Some(n) = concurrent_runs() {
+            d["concurrent_runs"] = json!(n);
         }
+        d
     }
+}
+
+/// `ZOO_CONCURRENT_RUNS`: how many runs share this device, when more than one.
+pub fn concurrent_runs() -> Option<u64> {
+    std::env::var("ZOO_CONCURRENT_RUNS").ok()?.parse().ok().filter(|&n| n > 1)
 }
 
 fn cpu_model() -> String {

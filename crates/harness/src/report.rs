@@ -152,7 +152,12 @@ pub fn table(results: &[Value]) -> String {
             }
         }
         let tps: Vec<f64> = runs.iter().filter_map(|r| r["throughput"]["train_tokens_per_s"].as_f64()).collect();
-        row.push(if tps.is_empty() { "–".into() } else { format!("{:.0}", mean_std(&tps).0) });
+        let shared = runs.iter().any(|r| r["env"]["device"]["concurrent_runs"].as_u64().is_some());
+        row.push(match (tps.is_empty(), shared) {
+            (true, _) => "–".into(),
+            (false, false) => format!("{:.0}", mean_std(&tps).0),
+            (false, true) => format!("({:.0})", mean_std(&tps).0),
+        });
         out.push_str(&format!("| {} |\n", row.join(" | ")));
     }
     if let Some(r) = results.first() {
@@ -162,6 +167,9 @@ pub fn table(results: &[Value]) -> String {
             r["env"]["device"]["threads"],
             r["env"]["dtype"].as_str().unwrap_or("?")
         ));
+    }
+    if results.iter().any(|r| r["env"]["device"]["concurrent_runs"].as_u64().is_some()) {
+        out.push_str("Train tok/s in parentheses: runs that shared the device with other runs (`concurrent_runs` in their JSON), so not a throughput measurement; use `zoo bench` for that.\n");
     }
     out
 }

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Run a sweep's runs on one GPU with several worker processes at once: small models leave an H100
+# mostly idle (one kernel launch at a time), so concurrent runs finish a sweep several times faster.
+# Starts the CUDA MPS daemon when it can (one shared context, kernels of different processes
+# overlap). Workers take run indices from a shared counter; none starts a run after SECONDS.
+# Every run records ZOO_CONCURRENT_RUNS in its JSON: its tokens/s is then not a throughput number.
+# Finished runs (result JSON present) are skipped by `zoo run`.
+# usage: scripts/device-pool.sh CONFIG SECONDS WORKERS [extra zoo args]
+set -u
+cfg=$1; budget=$2; workers=$3; shift 3
+ZOO=${ZOO:-/tmp/zoo}
+if command -v nvidia-cuda-mps-control > /dev/null; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d 2> /dev/null && echo "MPS daemon started" || echo "MPS daemon not started"
+else
+  echo "no MPS control binary; workers time-slice the GPU"
+fi
+n=$("$ZOO" run "$cfg" --dry-run | tail -1 | cut -d' ' -f1)
+counter=$(mktemp); echo 0 > "$counter"
+start=$(date +%s)
+export ZOO_CONCURRENT_RUNS=$workers
+worker() {
+  while true; do
+    [ $(( $(date +%s) - start )) -gt "$budget" ] && break
+    i=$(flock "$counter" sh -c 'i=$(cat "$0"); echo $((i + 1)) > "$0"; echo $i' "$counter")
+    [ "$i" -ge "$n" ] && break
+    "$ZOO" run "$cfg" --device cuda:0 --dtype bf16 --shard "$i/$n" -q "$@" > /dev/null 2>> /tmp/pool-errors.log \
+      || echo "run $i failed"
+  done
+}
+for w in $(seq 1 "$workers"); do worker & done
+wait
+echo "pool done after $(( $(date +%s) - start )) s; next index $(cat "$counter") of $n"
