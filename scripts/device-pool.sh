@@ -26,7 +26,7 @@ worker() {
     i=$(flock "$counter" sh -c 'i=$(cat "$0"); echo $((i + 1)) > "$0"; echo $i' "$counter")
     [ "$i" -ge "$n" ] && break
     "$ZOO" run "$cfg" --device cuda:0 --dtype bf16 --shard "$i/$n" -q "$@" > /dev/null 2>> /tmp/pool-errors.log \
-      || echo "run $i failed"
+      && echo "run $i finished at $(( $(date +%s) - start )) s" || echo "run $i failed"
   done
 }
 for w in $(seq 1 "$workers"); do worker & done

@@ -11,10 +11,16 @@
 //!
 //! Chunked form (GLA paper §3.3, Lightning Attention-2 tiling): with b the inclusive cumulative sum
 //! of g inside a chunk, `o_t = (q_t ⊙ e^{b_t}) S_0 + Σ_{s≤t} ((q_t ⊙ e^{b_t}) · (k_s ⊙ e^{−b_s})) v_s` and
-//! `S_C = e^{b_C} ⊙ S_0 + (k ⊙ e^{b_C − b})ᵀ v`. The e^{−b_s} factor is exact in f32 as long as the
-//! cumulative log decay of a chunk stays above about −80 (GLA's logsigmoid/16 gates give ≥ −4·C/16).
+//! `S_C = e^{b_C} ⊙ S_0 + (k ⊙ e^{b_C − b})ᵀ v`. Every exponent is ≤ 0: the intra-chunk scores are
+//! formed from the differences b_t − b_s (masked to s ≤ t before exp), never from e^{−b_s} alone,
+//! which overflows once a strongly negative gate (logsigmoid is unbounded below) accumulates in a
+//! chunk. The per-channel case forms them elementwise over (c, c, d_k), so its chunk is capped at
+//! [`VECTOR_CHUNK`].
 
 use zoo_core::candle_core::{DType, Result, Tensor, D};
+
+/// The largest chunk the per-channel (GLA) decay uses.
+pub const VECTOR_CHUNK: usize = 16;
 
 /// Reference: loop over time. Returns (o (B, H, T, d_v), S_T).
 pub fn naive(q: &Tensor, k: &Tensor, v: &Tensor, g: Option<&Tensor>, s0: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
@@ -65,6 +71,9 @@ pub fn chunked(
         Some(s) => s.to_dtype(DType::F32)?,
         None => Tensor::zeros((b, h, dk, dv), DType::F32, dev)?,
     };
+    // The per-channel form holds (c, c, d_k) scores per chunk: cap its chunk at 16 (fla's GLA
+    // kernels use 16-token sub-chunks for the same part of the computation).
+    let chunk = if g.as_ref().is_some_and(|g| g.dim(3).is_ok_and(|d| d > 1)) { chunk.min(VECTOR_CHUNK) } else { chunk };
     let mut outs = Vec::new();
     let mut start = 0;
     // s ≤ t inside a chunk; built once per call (a shorter last chunk uses its top-left corner).
@@ -89,8 +98,13 @@ pub fn chunked(
                     let decay = diff.broadcast_mul(&causal)?.exp()?.broadcast_mul(&causal)?;
                     (qc.matmul(&kc.t()?)? * decay)?
                 } else {
-                    let k_inv = kc.broadcast_mul(&bcum.neg()?.exp()?)?;
-                    q_dec.matmul(&k_inv.t()?)?.broadcast_mul(&causal)?
+                    // Per-channel decay: Σ_d q_td k_sd e^{b_td − b_sd}, formed elementwise with the
+                    // exponent masked to ≤ 0 before exp, so no gate value can overflow it.
+                    let diff = bcum.unsqueeze(3)?.broadcast_sub(&bcum.unsqueeze(2)?)?; // (B, H, c, c, dk)
+                    let mask = causal.unsqueeze(2)?; // (c, c, 1)
+                    let decay = diff.broadcast_mul(&mask)?.exp()?.broadcast_mul(&mask)?;
+                    let qk = qc.unsqueeze(3)?.broadcast_mul(&kc.unsqueeze(2)?)?; // (B, H, c, c, dk)
+                    (qk * decay)?.sum(4)?
                 };
                 let o = (a.matmul(&vc)? + q_dec.matmul(&s)?)?;
                 let k_tail = kc.broadcast_mul(&b_last.broadcast_sub(&bcum)?.exp()?)?;

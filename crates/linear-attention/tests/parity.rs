@@ -111,3 +111,21 @@ fn strong_scalar_decay_is_stable() -> Result<()> {
     assert!(rel(&oc, &on) < 1e-4, "{}", rel(&oc, &on));
     Ok(())
 }
+
+/// Strongly negative per-channel gates (logsigmoid of large negative logits, as GLA's gate
+/// projection can produce at high learning rates) stay finite and exact in the chunked form: the
+/// cumulative log decay of a chunk reaches −500 here, where e^{−b} alone would overflow f32.
+#[test]
+fn strong_vector_decay_is_stable() -> Result<()> {
+    let mut r = Rng::new(4);
+    let q = randn(&mut r, &[1, 2, 40, DK], 1.0);
+    let k = randn(&mut r, &[1, 2, 40, DK], 1.0);
+    let v = randn(&mut r, &[1, 2, 40, DV], 1.0);
+    let g = log_sigmoid(&(randn(&mut r, &[1, 2, 40, DK], 20.0) - 30.0)?)?; // mostly ≈ −30 per step
+    let (oc, sc) = chunked(&q, &k, &v, Some(&g), None, 64)?;
+    let (on, sn) = naive(&q, &k, &v, Some(&g), None)?;
+    assert!(oc.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite()));
+    assert!(rel(&oc, &on) < 1e-4, "{}", rel(&oc, &on));
+    assert!(rel(&sc, &sn) < 1e-4 || sn.abs()?.max_all()?.to_scalar::<f32>()? < 1e-30);
+    Ok(())
+}
