@@ -110,9 +110,16 @@ pub fn git_state() -> serde_json::Value {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
+    // The commit the binary was built from is recorded too: a checkout copied to another machine
+    // can carry a stale .git (the device copies do), so the two can differ.
+    let build = json!({
+        "sha": option_env!("ZOO_BUILD_GIT_SHA"),
+        "dirty": option_env!("ZOO_BUILD_GIT_DIRTY").map(|d| d == "true"),
+    });
     match run(&["rev-parse", "HEAD"]) {
         Some(sha) => {
-            json!({ "sha": sha, "dirty": run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()) })
+            let dirty = run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+            json!({ "sha": sha, "dirty": dirty, "build": build })
         }
         None => json!({
             "sha": option_env!("ZOO_BUILD_GIT_SHA"),
