@@ -135,7 +135,8 @@ pub fn report(dir: &Path, benches: &[Value]) -> Result<String> {
             } else {
                 (show(crossover(m, base, "train_step_s", &ts)), show(crossover(m, base, "prefill_s", &ts)))
             };
-            let _ = writeln!(md, "| {} | {tr} | {pf} | {} | {} |", m.label, growth("train_step_s"), growth("prefill_s"));
+            let _ =
+                writeln!(md, "| {} | {tr} | {pf} | {} | {} |", m.label, growth("train_step_s"), growth("prefill_s"));
         }
     }
     let plot = |key: &str, per_token: bool| -> Vec<Series> {
@@ -170,4 +171,32 @@ pub fn report(dir: &Path, benches: &[Value]) -> Result<String> {
     }
     crate::env::write_atomic(&dir.join("report.md"), md.as_bytes())?;
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn crossover_is_the_first_length_of_a_lasting_win() {
+        let base_rows = [
+            json!({"seq_len": 512, "train_step_s": 1.0}),
+            json!({"seq_len": 1024, "train_step_s": 2.0}),
+            json!({"seq_len": 2048, "train_step_s": 3.0}),
+            json!({"seq_len": 4096, "train_error": "out of memory"}),
+        ];
+        let lin_rows = [
+            json!({"seq_len": 512, "train_step_s": 0.5}),  // faster, but not lasting
+            json!({"seq_len": 1024, "train_step_s": 2.5}), // slower
+            json!({"seq_len": 2048, "train_step_s": 2.9}), // faster from here on
+            json!({"seq_len": 4096, "train_step_s": 6.0}), // baseline OOM counts as slower
+        ];
+        let base = Model { label: "transformer".into(), rows: base_rows.iter().collect() };
+        let lin = Model { label: "linear".into(), rows: lin_rows.iter().collect() };
+        let ts = [512, 1024, 2048, 4096];
+        assert_eq!(crossover(&lin, &base, "train_step_s", &ts), Some(2048));
+        assert_eq!(crossover(&base, &lin, "train_step_s", &ts), None);
+        assert_eq!(cell(row(&base, 4096), "train_step_s", "train", &|x| x.to_string()), "OOM");
+    }
 }

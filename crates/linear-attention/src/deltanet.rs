@@ -184,7 +184,9 @@ pub fn chunked(
     let w = tinv.matmul(&kw)?; // (X, C, d_k)
     let (qs, ktail, elast) = match &decay {
         None => (q, k, None),
-        Some((_, eb, tail, last)) => (q.broadcast_mul(eb)?, k.broadcast_mul(tail)?, Some(last.reshape((b * h, n, 1, 1))?)),
+        Some((_, eb, tail, last)) => {
+            (q.broadcast_mul(eb)?, k.broadcast_mul(tail)?, Some(last.reshape((b * h, n, 1, 1))?))
+        }
     };
     let per = |x: Tensor| -> Result<Tensor> {
         let (cc, d) = (x.dim(1)?, x.dim(2)?);

@@ -71,8 +71,11 @@ fn chunked_matches_naive_outputs_state_and_gradients() -> Result<()> {
     for (name, g) in gates(&mut r) {
         for chunk in [1, 8, 16, 64] {
             let x = inputs(&mut r);
-            let vars: Vec<Var> =
-                [&x.q, &x.k, &x.v, &x.beta, &x.s0].into_iter().chain(g.as_ref()).map(Var::from_tensor).collect::<Result<_>>()?;
+            let vars: Vec<Var> = [&x.q, &x.k, &x.v, &x.beta, &x.s0]
+                .into_iter()
+                .chain(g.as_ref())
+                .map(Var::from_tensor)
+                .collect::<Result<_>>()?;
             let w = randn(&mut r, &[B, H, T, DV], 1.0);
             let ws = randn(&mut r, &[B, H, DK, DV], 1.0);
             let run = |chunked_form: bool| -> Result<(Tensor, Tensor, Vec<Tensor>)> {
@@ -110,8 +113,15 @@ fn prefill_then_steps_matches_full() -> Result<()> {
         let p = 20;
         let cut = |t: &Tensor, a: usize, n: usize| t.narrow(2, a, n).unwrap();
         let gp = g.as_ref().map(|g| cut(g, 0, p));
-        let (pre, mut s) =
-            chunked(&cut(&x.q, 0, p), &cut(&x.k, 0, p), &cut(&x.v, 0, p), &cut(&x.beta, 0, p), gp.as_ref(), Some(&x.s0), 16)?;
+        let (pre, mut s) = chunked(
+            &cut(&x.q, 0, p),
+            &cut(&x.k, 0, p),
+            &cut(&x.v, 0, p),
+            &cut(&x.beta, 0, p),
+            gp.as_ref(),
+            Some(&x.s0),
+            16,
+        )?;
         let mut outs = vec![pre];
         for t in p..T {
             let gt = g.as_ref().map(|g| cut(g, t, 1));
