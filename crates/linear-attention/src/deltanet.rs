@@ -20,10 +20,10 @@
 //! is taken by recursive block doubling (each level is a true sub-block of the inverse, as stable
 //! as forward substitution), in log₂ C rounds of batched matmuls.
 
-use crate::kernel::head_rms_norm;
+use crate::kernel::{head_rms_norm, initial_state};
 use crate::{check_heads_chunk, default_chunk, heads, merge, norm_gate_out, recur_with, state_bytes, QkvConv};
 use serde::{Deserialize, Serialize};
-use zoo_core::candle_core::{DType, Device, Result, Tensor, D};
+use zoo_core::candle_core::{DType, Result, Tensor, D};
 use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
 use zoo_core::nn::{residual_std, Linear, INIT_STD};
 use zoo_core::params::{Group, Init, Pb};
@@ -68,10 +68,7 @@ pub fn naive(
     let f = |x: &Tensor| x.to_dtype(DType::F32);
     let (q, k, v, beta) = (f(q)?, f(k)?, f(v)?, f(beta)?);
     let g = g.map(f).transpose()?;
-    let mut s = match s0 {
-        Some(s) => f(s)?,
-        None => Tensor::zeros((b, h, dk, dv), DType::F32, q.device())?,
-    };
+    let mut s = initial_state(s0, (b, h, dk, dv), q.device())?;
     let mut outs = Vec::with_capacity(t);
     for i in 0..t {
         let (qi, ki, vi, bi) = (q.narrow(2, i, 1)?, k.narrow(2, i, 1)?, v.narrow(2, i, 1)?, beta.narrow(2, i, 1)?);
@@ -128,11 +125,6 @@ pub fn unit_lower_inverse(l: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn lower(c: usize, strict: bool, dev: &Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..c * c).map(|ij| f32::from(if strict { ij / c > ij % c } else { ij / c >= ij % c })).collect();
-    Tensor::from_vec(m, (c, c), dev)
-}
-
 /// Chunkwise parallel form (WY representation); equal to [`naive`] up to float rounding. The
 /// sequence is zero-padded to whole chunks (k = v = β = 0 rows leave the state unchanged).
 pub fn chunked(
@@ -158,8 +150,8 @@ pub fn chunked(
         x.reshape((b * h * n, c, d))
     };
     let (q, k, v, beta) = (blocks(q)?, blocks(k)?, blocks(v)?, blocks(beta)?);
-    let incl = lower(c, false, dev)?;
-    let strict = lower(c, true, dev)?;
+    let incl = Tensor::tril2(c, DType::F32, dev)?;
+    let strict = (&incl - Tensor::eye(c, DType::F32, dev)?)?;
     let kt = k.t()?;
     let kk = k.matmul(&kt)?; // (X, C, C)
     let qk = q.matmul(&kt)?.broadcast_mul(&incl)?;
@@ -193,10 +185,7 @@ pub fn chunked(
         x.reshape((b * h, n, cc, d))
     };
     let (u, w, a, qs, ktail) = (per(u)?, per(w)?, per(a)?, per(qs)?, per(ktail)?);
-    let mut s = match s0 {
-        Some(s) => s.to_dtype(DType::F32)?.reshape((b * h, dk, dv))?,
-        None => Tensor::zeros((b * h, dk, dv), DType::F32, dev)?,
-    };
+    let mut s = initial_state(s0, (b, h, dk, dv), dev)?.reshape((b * h, dk, dv))?;
     let mut outs = Vec::with_capacity(n);
     for i in 0..n {
         let at = |x: &Tensor| x.narrow(1, i, 1)?.squeeze(1);

@@ -17,10 +17,18 @@
 //! chunk. The per-channel case forms them elementwise over (c, c, d_k), so its chunk is capped at
 //! [`VECTOR_CHUNK`].
 
-use zoo_core::candle_core::{DType, Result, Tensor, D};
+use zoo_core::candle_core::{DType, Device, Result, Tensor, D};
 
 /// The largest chunk the per-channel (GLA) decay uses.
 pub const VECTOR_CHUNK: usize = 16;
+
+/// The recurrent state to start from, in f32: the given S_0, or zeros of `shape` (B, H, d_k, d_v).
+pub fn initial_state(s0: Option<&Tensor>, shape: (usize, usize, usize, usize), dev: &Device) -> Result<Tensor> {
+    match s0 {
+        Some(s) => s.to_dtype(DType::F32),
+        None => Tensor::zeros(shape, DType::F32, dev),
+    }
+}
 
 /// Reference: loop over time. Returns (o (B, H, T, d_v), S_T).
 pub fn naive(q: &Tensor, k: &Tensor, v: &Tensor, g: Option<&Tensor>, s0: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
@@ -29,10 +37,7 @@ pub fn naive(q: &Tensor, k: &Tensor, v: &Tensor, g: Option<&Tensor>, s0: Option<
     let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
     let g = g.map(|g| g.to_dtype(DType::F32)?.contiguous()).transpose()?;
     let g = g.as_ref();
-    let mut s = match s0 {
-        Some(s) => s.to_dtype(DType::F32)?,
-        None => Tensor::zeros((b, h, dk, dv), DType::F32, q.device())?,
-    };
+    let mut s = initial_state(s0, (b, h, dk, dv), q.device())?;
     let mut outs = Vec::with_capacity(t);
     for i in 0..t {
         let qi = q.narrow(2, i, 1)?; // (B, H, 1, dk)
@@ -67,10 +72,7 @@ pub fn chunked(
     let dev = q.device();
     let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
     let g = g.map(|g| g.to_dtype(DType::F32)?.contiguous()).transpose()?;
-    let mut s = match s0 {
-        Some(s) => s.to_dtype(DType::F32)?,
-        None => Tensor::zeros((b, h, dk, dv), DType::F32, dev)?,
-    };
+    let mut s = initial_state(s0, (b, h, dk, dv), dev)?;
     // The per-channel form holds (c, c, d_k) scores per chunk: cap its chunk at 16 (fla's GLA
     // kernels use 16-token sub-chunks for the same part of the computation).
     let chunk = if g.as_ref().is_some_and(|g| g.dim(3).is_ok_and(|d| d > 1)) { chunk.min(VECTOR_CHUNK) } else { chunk };

@@ -91,8 +91,7 @@ impl QkvConv {
         let x = Tensor::cat(&[&q, &k, &v], 2)?;
         let mut hist = cache.map(|c| c.tensors.get(1).cloned());
         let y = self.conv.forward(&x, hist.as_mut())?.silu()?;
-        let [a, b, _] = self.widths;
-        let c = self.widths[2];
+        let [a, b, c] = self.widths;
         Ok((y.narrow(2, 0, a)?, y.narrow(2, a, b)?, y.narrow(2, a + b, c)?, hist.flatten()))
     }
 

@@ -4,19 +4,11 @@
 
 use zoo_core::candle_core::{DType, Device, Result, Tensor, Var, D};
 use zoo_core::rng::Rng;
+
+mod common;
+use common::{randn, rel};
 use zoo_linear_attention::deltanet::{chunked, naive, step, unit_lower_inverse};
 use zoo_linear_attention::kernel::log_sigmoid;
-
-fn randn(r: &mut Rng, shape: &[usize], scale: f64) -> Tensor {
-    let n: usize = shape.iter().product();
-    Tensor::from_vec((0..n).map(|_| (r.normal() * scale) as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
-    let den = b.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
-    num / den.max(1e-12)
-}
 
 fn l2(x: &Tensor) -> Tensor {
     x.broadcast_div(&x.sqr().unwrap().sum_keepdim(D::Minus1).unwrap().sqrt().unwrap()).unwrap()
