@@ -5,6 +5,9 @@
 # overlap). Workers take run indices from a shared counter; none starts a run after SECONDS.
 # Every run records ZOO_CONCURRENT_RUNS in its JSON: its tokens/s is then not a throughput number.
 # Finished runs (result JSON present) are skipped by `zoo run`.
+# Runs start breadth-first, so a budget that ends the pool early leaves a usable table: all of
+# seed 0 before seed 1, and within a seed the learning rates in POOL_LR_ORDER (default: the order
+# of sweep.lrs) before the next, then by model width. The order is printed.
 # usage: scripts/device-pool.sh CONFIG SECONDS WORKERS [extra zoo args]
 set -u
 cfg=$1; budget=$2; workers=$3; shift 3
@@ -16,19 +19,30 @@ if command -v nvidia-cuda-mps-control > /dev/null; then
 else
   echo "no MPS control binary; workers time-slice the GPU"
 fi
-n=$("$ZOO" run "$cfg" --dry-run | tail -1 | cut -d' ' -f1)
+plan=$(mktemp); "$ZOO" run "$cfg" --dry-run > "$plan"
+n=$(tail -1 "$plan" | cut -d' ' -f1)
+# index, seed, lr rank, width: sort, keep the indices.
+order=$(mktemp)
+head -n "$n" "$plan" | awk -v lrs="${POOL_LR_ORDER:-}" '
+  BEGIN { m = split(lrs, L, ","); for (i = 1; i <= m; i++) rank[L[i]] = i }
+  { id = $0; seed = id; sub(/.*__seed-/, "", seed); lr = id; sub(/.*__lr-/, "", lr); sub(/__.*/, "", lr)
+    d = 0; if (match(id, /d_model-[0-9]+/)) d = substr(id, RSTART + 8, RLENGTH - 8)
+    r = (lr in rank) ? rank[lr] : 0
+    printf "%d %d %d %d\n", NR - 1, seed, r, d }' | sort -s -k2,2n -k3,3n -k4,4n | cut -d' ' -f1 > "$order"
+echo "run order: $(tr '\n' ' ' < "$order")"
 counter=$(mktemp); echo 0 > "$counter"
 start=$(date +%s)
 export ZOO_CONCURRENT_RUNS=$workers
 worker() {
   while true; do
     [ $(( $(date +%s) - start )) -gt "$budget" ] && break
-    i=$(flock "$counter" sh -c 'i=$(cat "$0"); echo $((i + 1)) > "$0"; echo $i' "$counter")
-    [ "$i" -ge "$n" ] && break
+    p=$(flock "$counter" sh -c 'i=$(cat "$0"); echo $((i + 1)) > "$0"; echo $i' "$counter")
+    [ "$p" -ge "$n" ] && break
+    i=$(sed -n "$((p + 1))p" "$order")
     "$ZOO" run "$cfg" --device cuda:0 --dtype bf16 --shard "$i/$n" -q "$@" > /dev/null 2>> /tmp/pool-errors.log \
       && echo "run $i finished at $(( $(date +%s) - start )) s" || echo "run $i failed"
   done
 }
 for w in $(seq 1 "$workers"); do worker & done
 wait
-echo "pool done after $(( $(date +%s) - start )) s; next index $(cat "$counter") of $n"
+echo "pool done after $(( $(date +%s) - start )) s; started $(cat "$counter") of $n runs"

@@ -229,16 +229,14 @@ impl Mqar {
         let space = (t - ctx) / 2;
         let p: Vec<f64> = (1..=space).map(|g| power_a * (g as f64).powf(power_a - 1.0)).collect();
         let half = vocab / 2;
-        let key_pool: Vec<u32> = (1..half as u32).collect();
-        let val_pool: Vec<u32> = (half as u32..vocab as u32).collect();
+        let mut key_pool: Vec<u32> = (1..half as u32).collect();
+        let mut val_pool: Vec<u32> = (half as u32..vocab as u32).collect();
         let mut inputs = Vec::with_capacity(seg.examples * t);
         let mut targets = Vec::with_capacity(seg.examples * t);
         let mut mask = Vec::with_capacity(seg.examples * t);
         for _ in 0..seg.examples {
-            let mut keys = key_pool.clone();
-            rng.shuffle(&mut keys);
-            let mut vals = val_pool.clone();
-            rng.shuffle(&mut vals);
+            let keys = rng.sample_distinct(&mut key_pool, kv);
+            let vals = rng.sample_distinct(&mut val_pool, kv);
             // Full sequence of t + 1 tokens; inputs = seq[..t], targets = seq[1..].
             let mut seq = vec![0u32; t + 1];
             let mut lab = vec![None::<u32>; t + 1];
@@ -280,6 +278,13 @@ impl Mqar {
 
     pub fn is_empty(&self) -> bool {
         self.inputs.is_empty()
+    }
+
+    /// Example `i`: its inputs, targets and mask.
+    pub fn row(&self, i: usize) -> (&[u32], &[u32], &[f32]) {
+        let t = self.seq_len;
+        let r = i * t..(i + 1) * t;
+        (&self.inputs[r.clone()], &self.targets[r.clone()], &self.mask[r])
     }
 
     /// The examples at `idx` as a batch.

@@ -16,6 +16,7 @@ pub mod optim;
 pub mod params;
 pub mod probe;
 pub mod rng;
+pub mod spikes;
 pub mod task;
 pub mod train;
 

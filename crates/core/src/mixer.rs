@@ -14,6 +14,11 @@ pub struct BuildCtx {
     pub layer: usize,
     /// Longest sequence the model will see (RoPE tables, windows).
     pub max_seq_len: usize,
+    /// 0-based index of this layer among the stack's layers of the same mixer type, and their
+    /// count (depth schedules such as Lightning's count only their own layers). [`crate::model::Lm::new`]
+    /// sets them to `layer` and `n_layers`; the builder of a mixed stack overrides them.
+    pub kind_layer: usize,
+    pub kind_layers: usize,
 }
 
 /// A layer's cache (softmax attention: K and V) or recurrent state (linear attention: S and

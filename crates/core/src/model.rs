@@ -65,8 +65,14 @@ impl Lm {
         let embed = Embedding::new(&pb.pp("embed"), shape.vocab_size, shape.d_model)?;
         let mut blocks = Vec::with_capacity(shape.n_layers);
         for i in 0..shape.n_layers {
-            let ctx =
-                BuildCtx { d_model: shape.d_model, n_layers: shape.n_layers, layer: i, max_seq_len: shape.max_seq_len };
+            let ctx = BuildCtx {
+                d_model: shape.d_model,
+                n_layers: shape.n_layers,
+                layer: i,
+                max_seq_len: shape.max_seq_len,
+                kind_layer: i,
+                kind_layers: shape.n_layers,
+            };
             let lpb = pb.pp(format!("layers.{i}"));
             let (mixer, ffn) = layer(&ctx, &lpb)?;
             let norm1 = RmsNorm::new(&lpb.pp("norm1"), shape.d_model, shape.norm_eps)?;

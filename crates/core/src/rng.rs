@@ -56,6 +56,17 @@ impl Rng {
         }
     }
 
+    /// The first `k` items of a uniform random permutation of `xs` (a partial Fisher–Yates
+    /// shuffle: O(k), so drawing a few keys from a vocabulary of 8192 stays cheap). Reorders `xs`.
+    pub fn sample_distinct<T: Copy>(&mut self, xs: &mut [T], k: usize) -> Vec<T> {
+        assert!(k <= xs.len());
+        for i in 0..k {
+            let j = i + self.below(xs.len() - i);
+            xs.swap(i, j);
+        }
+        xs[..k].to_vec()
+    }
+
     /// `k` distinct indices from `0..n` drawn with probabilities proportional to `weights`
     /// (sequential sampling without replacement, as `numpy.random.choice(replace=False, p=...)`).
     pub fn choose_weighted_distinct(&mut self, weights: &[f64], k: usize) -> Vec<usize> {

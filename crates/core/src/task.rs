@@ -101,20 +101,41 @@ impl MqarTask {
 
 impl Task for MqarTask {
     fn train_batch(&self, rng: &mut Rng) -> Result<Batch> {
-        // Pick a segment in proportion to its size, then a batch of its examples.
+        // Zoology pools every training example and shuffles them together, so one batch mixes
+        // lengths and pair counts. Draw each row uniformly from the pool; shorter rows are padded
+        // on the right to the batch's longest (mask 0: a causal model's real positions never see
+        // the padding, and padded positions never count).
         let total: usize = self.train.iter().map(|s| s.len()).sum();
-        let mut r = rng.below(total);
-        let seg = self.train.iter().find(|s| {
-            if r < s.len() {
-                true
-            } else {
-                r -= s.len();
-                false
-            }
-        });
-        let seg = seg.expect("r < total");
-        let idx: Vec<usize> = (0..self.batch_size).map(|_| rng.below(seg.len())).collect();
-        seg.batch(&idx, &self.device)
+        let rows: Vec<(usize, usize)> = (0..self.batch_size)
+            .map(|_| {
+                let mut r = rng.below(total);
+                let mut seg = 0;
+                while r >= self.train[seg].len() {
+                    r -= self.train[seg].len();
+                    seg += 1;
+                }
+                (seg, r)
+            })
+            .collect();
+        let t = rows.iter().map(|&(s, _)| self.train[s].seq_len).max().expect("batch_size >= 1");
+        let n = rows.len() * t;
+        let (mut x, mut y, mut m) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for &(s, i) in &rows {
+            let (xi, yi, mi) = self.train[s].row(i);
+            let pad = t - xi.len();
+            x.extend_from_slice(xi);
+            x.extend(std::iter::repeat_n(0u32, pad));
+            y.extend_from_slice(yi);
+            y.extend(std::iter::repeat_n(0u32, pad));
+            m.extend_from_slice(mi);
+            m.extend(std::iter::repeat_n(0f32, pad));
+        }
+        let b = rows.len();
+        Ok(Batch {
+            inputs: Tensor::from_vec(x, (b, t), &self.device)?,
+            targets: Tensor::from_vec(y, (b, t), &self.device)?,
+            mask: Some(Tensor::from_vec(m, (b, t), &self.device)?),
+        })
     }
 
     fn evaluate(&self, model: &Lm) -> Result<EvalOut> {
@@ -145,8 +166,11 @@ impl Task for MqarTask {
         Ok(EvalOut { loss: loss_sum / loss_n, metrics })
     }
 
+    /// Real (unpadded) tokens per batch on average: batch size × the pool's mean length.
     fn batch_tokens(&self) -> usize {
-        self.batch_size * self.train.first().map_or(0, |s| s.seq_len)
+        let total: usize = self.train.iter().map(|s| s.len()).sum();
+        let toks: usize = self.train.iter().map(|s| s.len() * s.seq_len).sum();
+        (self.batch_size * toks).checked_div(total).unwrap_or(0)
     }
 
     fn probe_batch(&self) -> Result<Batch> {
@@ -177,4 +201,44 @@ pub fn perplexity(model: &Lm, tokens: &[u32], seq_len: usize, batch: usize, devi
         n += tok;
     }
     Ok(((sum / n as f64).exp(), n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Zoology pools all training examples: one batch holds rows of every segment, each row equal
+    /// to a stored example on its own positions and masked out on its padding.
+    #[test]
+    fn mqar_batches_mix_segments_and_mask_padding() -> Result<()> {
+        let segs = [
+            MqarSegment { seq_len: 16, kv_pairs: 2, examples: 50 },
+            MqarSegment { seq_len: 32, kv_pairs: 4, examples: 50 },
+        ];
+        let task = MqarTask::new(64, &segs, &segs[..1], 64, 0, &Device::Cpu)?;
+        let mut rng = Rng::new(3);
+        let b = task.train_batch(&mut rng)?;
+        assert_eq!(b.inputs.dims(), &[64, 32]);
+        let x: Vec<Vec<u32>> = b.inputs.to_vec2()?;
+        let m: Vec<Vec<f32>> = b.mask.as_ref().unwrap().to_vec2()?;
+        let (mut short, mut long) = (0, 0);
+        for (row, mask) in x.iter().zip(&m) {
+            // A row is one stored example of the short segment (then padding) or of the long one.
+            let is_short = (0..50).any(|i| task.train[0].row(i).0 == &row[..16]) && row[16..].iter().all(|&t| t == 0);
+            let is_long = (0..50).any(|i| task.train[1].row(i).0 == &row[..]);
+            assert!(is_short || is_long, "row {row:?} is no stored example");
+            if is_short && !is_long {
+                short += 1;
+                assert!(mask[16..].iter().all(|&v| v == 0.0), "padding must not count");
+                assert_eq!(mask[..16].iter().sum::<f32>(), 2.0, "both queries of the short example count");
+            } else {
+                long += 1;
+                assert_eq!(mask.iter().sum::<f32>(), 4.0);
+            }
+        }
+        assert!(short > 10 && long > 10, "a batch of 64 mixes both segments: {short} short, {long} long");
+        // Tokens per batch: the mean real length (16 and 32 equally often).
+        assert_eq!(task.batch_tokens(), 64 * 24);
+        Ok(())
+    }
 }

@@ -5,6 +5,7 @@ use crate::model::{cross_entropy, Lm};
 use crate::optim::{AdamW, AdamWParams, Grads, Schedule};
 use crate::params::ParamStore;
 use crate::rng::Rng;
+use crate::spikes::SpikeDetector;
 use crate::task::{EvalOut, Task};
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
@@ -55,11 +56,9 @@ pub struct TrainState {
     /// Train loss sum, step count and seconds since the last curve point (so that a resumed run
     /// averages the same steps as an uninterrupted one).
     pub window: (f64, usize, f64),
-    /// Steps whose train loss exceeded 1.5 × the running minimum of the train loss (loss spikes).
+    /// Loss-spike events of the per-step train loss ([`crate::spikes`]).
     #[serde(default)]
-    pub spikes: usize,
-    #[serde(default)]
-    pub running_min: Option<f64>,
+    pub spikes: SpikeDetector,
 }
 
 pub struct TrainReport {
@@ -123,8 +122,7 @@ pub fn train(
         train_seconds: 0.0,
         last_eval: None,
         window: (0.0, 0, 0.0),
-        spikes: 0,
-        running_min: None,
+        spikes: SpikeDetector::default(),
     };
     // The checkpoint on disk that holds finite weights, and its step.
     let mut good_ckpt: Option<(PathBuf, usize)> = None;
@@ -182,10 +180,7 @@ pub fn train(
                 return Err(stop(format!("gradient norm became {n}")).into());
             }
         }
-        if st.running_min.is_some_and(|m| loss > 1.5 * m) {
-            st.spikes += 1;
-        }
-        st.running_min = Some(st.running_min.map_or(loss, |m: f64| m.min(loss)));
+        st.spikes.observe(st.step + 1, loss);
         opt.step(&grads, lr)?;
         st.step += 1;
         steps_here += 1;

@@ -71,6 +71,19 @@ impl MixerConfig {
     }
 }
 
+/// For each layer, (its index among the layers with the same mixer `type`, how many there are).
+pub fn kind_positions(mixers: &[MixerConfig]) -> Vec<(usize, usize)> {
+    let kind = |m: &MixerConfig| std::mem::discriminant(m);
+    mixers
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let before = mixers[..i].iter().filter(|o| kind(o) == kind(m)).count();
+            (before, mixers.iter().filter(|o| kind(o) == kind(m)).count())
+        })
+        .collect()
+}
+
 /// A feed-forward, chosen by `type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -71,10 +71,11 @@ pub fn table(results: &[Value]) -> String {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    // Uninformative columns: divergence when nothing diverged, loss spikes on recall tasks (a
-    // near-zero loss makes every fluctuation a "spike").
+    // Uninformative columns: divergence when nothing diverged; the old `loss_spikes` (1.5 × the
+    // running minimum: it counted most steps of converged recall runs) is never shown. Its
+    // replacement is `loss_spikes,robust` (zoo_core::spikes); results written before it show "–".
     let all_zero = |k: &str| results.iter().all(|r| metric(r, k).is_none_or(|v| v == 0.0));
-    metric_keys.retain(|k| !(k == "diverged" && all_zero(k)) && !(k == "loss_spikes" && recall));
+    metric_keys.retain(|k| !(k == "diverged" && all_zero(k)) && k != "loss_spikes");
     // Primary metric first.
     metric_keys.sort_by_key(|k| (k != primary, k.clone()));
     let has_probes = results.iter().any(|r| r["probes"].is_object());

@@ -8,6 +8,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use zoo_core::data::{TextData, Tokenizer, TokenizerSpec};
+use zoo_core::mixer::BuildCtx;
 use zoo_core::model::{Lm, LmShape};
 use zoo_core::optim::{AdamWParams, Schedule};
 use zoo_core::params::{Group, ParamStore};
@@ -27,8 +28,10 @@ pub fn build_model(cfg: &RunConfig, vocab: usize, env: &Env) -> Result<(Lm, Para
     };
     let mixers = cfg.layer_mixers()?;
     let ffn = cfg.model.ffn.clone();
+    let kinds = crate::registry::kind_positions(&mixers);
     let model = Lm::new(&shape, env.dtype, &store.root(), |ctx, pb| {
-        Ok((mixers[ctx.layer].build(ctx, &pb.pp("mixer"))?, ffn.build(ctx, &pb.pp("ffn"))?))
+        let ctx = BuildCtx { kind_layer: kinds[ctx.layer].0, kind_layers: kinds[ctx.layer].1, ..*ctx };
+        Ok((mixers[ctx.layer].build(&ctx, &pb.pp("mixer"))?, ffn.build(&ctx, &pb.pp("ffn"))?))
     })?;
     Ok((model, store))
 }
@@ -165,7 +168,9 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
             }
         }
     }
-    metrics.insert("loss_spikes".into(), json!(st.spikes));
+    // Spike events by the robust rule of zoo_core::spikes (results written before it recorded a
+    // `loss_spikes` from the old 1.5 × running-minimum rule, which the report does not show).
+    metrics.insert("loss_spikes,robust".into(), json!(st.spikes.events));
     metrics.insert("diverged".into(), json!(if diverged.is_some() { 1.0 } else { 0.0 }));
     if let Some((step, _)) = &diverged {
         metrics.insert("diverged_at_step".into(), json!(step));

@@ -68,7 +68,50 @@ const MIXERS: &[&str] = &[
     r#"{ type = "deltanet", n_heads = 2, chunk = 4 }"#,
     r#"{ type = "deltanet", n_heads = 2, chunk = 5, short_conv = 0 }"#,
     r#"{ type = "deltanet", n_heads = 2, chunk = 4, gated = true, short_conv = 2 }"#,
+    r#"{ type = "deltanet", n_heads = 2, chunk = 4, gated = true, output_gate = "none", expand_v = 2.0 }"#,
+    r#"{ type = "deltanet", n_heads = 2, chunk = 3, output_gate = "sigmoid" }"#,
+    r#"{ type = "gla", n_heads = 2, chunk = 3, expand_k = 1.0, expand_v = 2.0, output_gate = "none" }"#,
+    r#"{ type = "gla", n_heads = 1, output_gate = "sigmoid", short_conv = 2, gate_normalizer = 4.0 }"#,
+    r#"{ type = "retnet", n_heads = 2, chunk = 3, norm = "rms_norm", output_gate = "none", short_conv = 3 }"#,
+    r#"{ type = "retnet", n_heads = 1, expand_v = 1.0, output_gate = "sigmoid" }"#,
+    r#"{ type = "simple_gla", n_heads = 2, decay = "data_dependent", expand_k = 0.5, short_conv = 4, output_gate = "none" }"#,
+    r#"{ type = "simple_gla", n_heads = 2, expand_v = 2.0, gate_normalizer = 8.0, chunk = 5 }"#,
 ];
+
+/// Lightning's depth schedule counts only the Simple GLA layers of the stack: in Zoology's
+/// [conv, mixer, conv, mixer] layout the two mixers are layers 0 and 1 of 2 (not 1 and 3 of 4,
+/// which left the last one with a log-decay of ≈ −1e-5·slope: plain linear attention).
+#[test]
+fn lightning_depth_counts_its_own_layers() {
+    use zoo_harness::registry::{kind_positions, MixerConfig};
+    let conv: MixerConfig = toml::from_str(r#"type = "short_conv""#).unwrap();
+    let sg: MixerConfig = toml::from_str("type = \"simple_gla\"\nn_heads = 2").unwrap();
+    let pos = kind_positions(&[conv.clone(), sg.clone(), conv, sg]);
+    assert_eq!(pos, vec![(0, 2), (0, 2), (1, 2), (1, 2)]);
+    // And the layer built from that position gets the schedule of mixer layer 1 of 2.
+    let store = zoo_core::params::ParamStore::new(0, zoo_core::candle_core::DType::F32, &cpu().device);
+    let ctx = zoo_core::mixer::BuildCtx {
+        d_model: 8,
+        n_layers: 4,
+        layer: 3,
+        max_seq_len: 16,
+        kind_layer: pos[3].0,
+        kind_layers: pos[3].1,
+    };
+    let cfg: zoo_linear_attention::simple_gla::SimpleGlaConfig = toml::from_str("n_heads = 2").unwrap();
+    let layer = zoo_linear_attention::simple_gla::SimpleGla::new(&cfg, &ctx, &store.root()).unwrap();
+    let got: Vec<f32> = layer.fixed_log_decay().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let want = zoo_linear_attention::simple_gla::lightning_log_decay(2, 1, 2);
+    for (g, w) in got.iter().zip(&want) {
+        assert!((*g as f64 - w).abs() < 1e-6, "{got:?} vs {want:?}");
+    }
+    // The first mixer (stack layer 1) is Lightning layer 0 of 2: the full slope (2 heads: 2^-4,
+    // 2^-8), not 2/3 of it as layer 1 of 4 gave.
+    let first = zoo_linear_attention::simple_gla::lightning_log_decay(2, pos[1].0, pos[1].1);
+    assert!((first[0] + 0.0625 * (1.0 + 1e-5)).abs() < 1e-12, "{first:?}");
+    let old = zoo_linear_attention::simple_gla::lightning_log_decay(2, 1, 4);
+    assert!((old[0] - first[0]).abs() > 0.02);
+}
 
 /// A 1:1 hybrid (GLA, attention) decodes across its mixed caches (a recurrent state and a KV cache).
 const HYBRID: &str = r#"{ type = "gla", n_heads = 2, chunk = 4 }

@@ -7,9 +7,11 @@
 //!
 //! α_t = 1 for DeltaNet; for Gated DeltaNet `log α_t = −e^{A_h} · softplus(x_t w_h + b_h)` (Mamba-2's
 //! decay parametrisation). β_t = σ(x_t w_β) per head; q and k are L2-normalised per head (so the
-//! transition `I − β k kᵀ` has spectral norm ≤ 1), q is scaled by 1/√d_k. Output: per-head RMSNorm
-//! (DeltaNet) or RMSNorm with a swish output gate (Gated DeltaNet), then W_O. An optional short
-//! causal convolution + SiLU on q, k, v precedes all this, as in fla's layer (on by default, k = 4).
+//! transition `I − β k kᵀ` has spectral norm ≤ 1), q is scaled by 1/√d_k. Output: per-head RMSNorm,
+//! an optional output gate (`output_gate`; fla's defaults: none for DeltaNet, swish for Gated
+//! DeltaNet), then W_O. A short causal convolution + SiLU on q, k, v precedes all this, as in fla's
+//! layers (on by default, k = 4). Key width d; value width `expand_v · d` (fla: 1 for DeltaNet,
+//! 2 for Gated DeltaNet; default 1 here for both).
 //!
 //! Three forms of the recurrence: [`naive`] (loop over time), [`step`] (decode) and [`chunked`],
 //! the chunkwise WY form (Yang et al. 2024, §3): inside a chunk with cumulative log decay b_t
@@ -20,12 +22,15 @@
 //! is taken by recursive block doubling (each level is a true sub-block of the inverse, as stable
 //! as forward substitution), in log₂ C rounds of batched matmuls.
 
-use crate::kernel::{head_rms_norm, initial_state};
-use crate::{check_heads_chunk, default_chunk, heads, merge, norm_gate_out, recur_with, state_bytes, QkvConv};
+use crate::kernel::initial_state;
+use crate::{
+    check_heads_chunk, default_chunk, expanded, heads, recur_with, state_bytes, GatedOutput, OutputGate, OutputNorm,
+    QkvConv,
+};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor, D};
 use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
-use zoo_core::nn::{residual_std, Linear, INIT_STD};
+use zoo_core::nn::{Linear, INIT_STD};
 use zoo_core::params::{Group, Init, Pb};
 
 fn default_conv() -> usize {
@@ -43,14 +48,42 @@ pub struct DeltaNetConfig {
     /// Kernel size of the short causal convolution on q, k, v (fla's default 4); `0` turns it off.
     #[serde(default = "default_conv")]
     pub short_conv: usize,
+    /// Value width as a multiple of d_model (fla's `expand_v`; default 1).
+    #[serde(default = "crate::one")]
+    pub expand_v: f64,
+    /// Output gate activation, or `none`. Unset: swish when `gated`, none otherwise (fla's
+    /// `use_gate` defaults for GatedDeltaNet and DeltaNet).
+    #[serde(default)]
+    pub output_gate: Option<OutputGate>,
     #[serde(default = "default_chunk")]
     pub chunk: usize,
 }
 
 impl DeltaNetConfig {
     pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
-        check_heads_chunk(self.n_heads, d_model, self.chunk)
+        check_heads_chunk(self.n_heads, d_model, self.chunk)?;
+        expanded("expand_v", d_model, self.expand_v, self.n_heads).map(|_| ())
     }
+
+    /// The output gate in effect.
+    pub fn gate(&self) -> OutputGate {
+        self.output_gate.unwrap_or(if self.gated { OutputGate::Swish } else { OutputGate::None })
+    }
+}
+
+/// Gated DeltaNet's fixed per-head initial values (A_h, the softplus⁻¹ of Δ_h) that the trainable
+/// `A_log` and `dt_bias` offsets add to: A_h spread over [1, 16] and Δ_h over [0.001, 0.1]
+/// log-uniformly (Mamba-2's ranges, made deterministic). Returns (ln A_h, softplus⁻¹(Δ_h)).
+pub fn gated_init(h: usize) -> (Vec<f32>, Vec<f32>) {
+    let spread = |i: usize| if h == 1 { 0.5 } else { i as f64 / (h - 1) as f64 };
+    let a0 = (0..h).map(|i| (1.0 + 15.0 * spread(i)).ln() as f32).collect();
+    let dt0 = (0..h)
+        .map(|i| {
+            let dt = (0.001f64.ln() + spread(i) * (0.1f64.ln() - 0.001f64.ln())).exp();
+            (dt + (-(-dt).exp_m1()).ln()) as f32 // softplus⁻¹(Δ) = Δ + ln(1 − e^{−Δ})
+        })
+        .collect();
+    (a0, dt0)
 }
 
 /// Reference: loop over time. q, k (B, H, T, d_k), v (B, H, T, d_v), β (B, H, T, 1), log α
@@ -201,15 +234,14 @@ pub fn chunked(
     Ok((o, s.reshape((b, h, dk, dv))?))
 }
 
-/// Gated DeltaNet's decay `log α_t = −e^{A_h} softplus(x_t w_h + b_h)` and its output gate. A and
-/// b are trainable offsets from fixed per-head initial values (`a0`, `dt0`).
+/// Gated DeltaNet's decay `log α_t = −e^{A_h} softplus(x_t w_h + b_h)`. A and b are trainable
+/// offsets from fixed per-head initial values ([`gated_init`]).
 struct Decay {
     proj: Linear,
     a_log: Tensor,
     dt_bias: Tensor,
     a0: Tensor,
     dt0: Tensor,
-    gate: Linear,
 }
 
 impl Decay {
@@ -230,34 +262,26 @@ pub struct DeltaNet {
     beta: Linear,
     conv: Option<QkvConv>,
     a: Option<Decay>,
-    o: Linear,
-    norm: Tensor,
+    out: GatedOutput,
     d: usize,
+    dv: usize,
 }
 
 impl DeltaNet {
     pub fn new(cfg: &DeltaNetConfig, ctx: &BuildCtx, pb: &Pb) -> Result<Self> {
         let d = ctx.d_model;
         let h = cfg.n_heads;
+        let dv = expanded("expand_v", d, cfg.expand_v, h).map_err(zoo_core::candle_core::Error::msg)?;
         let a = if cfg.gated {
-            // Mamba-2 / Gated DeltaNet init, made deterministic: A_h spread over [1, 16] and the
-            // step Δ_h = softplus(bias) over [0.001, 0.1] log-uniformly, as per-head offsets of
-            // zero-initialised trainable parameters (the same gradient as training them directly).
-            let spread = |i: usize| if h == 1 { 0.5 } else { i as f64 / (h - 1) as f64 };
-            let a0: Vec<f32> = (0..h).map(|i| (1.0 + 15.0 * spread(i)).ln() as f32).collect();
-            let dt0: Vec<f32> = (0..h)
-                .map(|i| {
-                    let dt = (0.001f64.ln() + spread(i) * (0.1f64.ln() - 0.001f64.ln())).exp();
-                    (dt + (-(-dt).exp_m1()).ln()) as f32 // softplus⁻¹(Δ) = Δ + ln(1 − e^{−Δ})
-                })
-                .collect();
+            // A and Δ as per-head offsets of zero-initialised trainable parameters (the same
+            // gradient as training them directly).
+            let (a0, dt0) = gated_init(h);
             Some(Decay {
                 proj: Linear::new(&pb.pp("a_proj"), d, h, false, INIT_STD)?,
                 a_log: pb.get("A_log", h, Init::Const(0.0), Group::NoDecay)?,
                 dt_bias: pb.get("dt_bias", h, Init::Const(0.0), Group::NoDecay)?,
                 a0: Tensor::from_vec(a0, h, pb.device())?,
                 dt0: Tensor::from_vec(dt0, h, pb.device())?,
-                gate: Linear::new(&pb.pp("g_proj"), d, d, false, INIT_STD)?,
             })
         } else {
             None
@@ -265,14 +289,14 @@ impl DeltaNet {
         Ok(Self {
             q: Linear::new(&pb.pp("q_proj"), d, d, false, INIT_STD)?,
             k: Linear::new(&pb.pp("k_proj"), d, d, false, INIT_STD)?,
-            v: Linear::new(&pb.pp("v_proj"), d, d, false, INIT_STD)?,
+            v: Linear::new(&pb.pp("v_proj"), d, dv, false, INIT_STD)?,
             beta: Linear::new(&pb.pp("b_proj"), d, h, false, INIT_STD)?,
-            conv: QkvConv::new(&pb.pp("qkv_conv"), [d, d, d], cfg.short_conv)?,
+            conv: QkvConv::new(&pb.pp("qkv_conv"), [d, d, dv], cfg.short_conv)?,
             a,
-            o: Linear::new(&pb.pp("o_proj"), d, d, false, residual_std(ctx.n_layers))?,
-            norm: pb.get("o_norm.weight", d / h, Init::Const(1.0), Group::NoDecay)?,
+            out: GatedOutput::new(pb, ctx, dv, h, cfg.gate(), OutputNorm::RmsNorm, "o_norm.weight")?,
             cfg: cfg.clone(),
             d,
+            dv,
         })
     }
 }
@@ -302,18 +326,12 @@ impl Mixer for DeltaNet {
             }
         })?;
         crate::keep_hist(cache, hist);
-        match &self.a {
-            Some(a) => norm_gate_out(&o, &self.norm, &a.gate, &self.o, x),
-            None => {
-                let o = head_rms_norm(&o, &self.norm, 1e-5)?.to_dtype(x.dtype())?;
-                self.o.forward(&merge(&o)?)
-            }
-        }
+        self.out.forward(&o, x)
     }
 
     fn cache_bytes(&self, batch: usize, _seq_len: usize, dtype: DType) -> usize {
-        let hd = self.d / self.cfg.n_heads;
-        state_bytes(batch, self.cfg.n_heads, hd, hd) + self.conv.as_ref().map_or(0, |c| c.cache_bytes(batch, dtype))
+        let h = self.cfg.n_heads;
+        state_bytes(batch, h, self.d / h, self.dv / h) + self.conv.as_ref().map_or(0, |c| c.cache_bytes(batch, dtype))
     }
 
     fn kind(&self) -> String {

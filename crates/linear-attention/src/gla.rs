@@ -2,20 +2,29 @@
 //! with a data-dependent per-channel decay from a rank-16 projection,
 //! `log α_t = logsigmoid(x_t W_1 W_2 + b) / 16`, kept in log space, the state in f32; the output
 //! is normalised per head (RMSNorm) and gated: `Y = (RMSNorm(O) ⊙ swish(X W_r)) W_O`.
+//!
+//! Defaults follow fla's `GatedLinearAttention` layer (`fla/layers/gla.py`), which is also the layer
+//! Zoology's GLA MQAR runs use (`zoology/mixers/gla.py`): key width `0.5·d` (`expand_k`), value
+//! width `d` (`expand_v`), rank-16 gate, normaliser 16, swish output gate, no short convolution.
 
 use crate::kernel::log_sigmoid;
-use crate::{check_heads_chunk, default_chunk, heads, norm_gate_out, recur, state_bytes, QkvConv};
+use crate::{
+    check_heads_chunk, default_chunk, expanded, heads, recur, state_bytes, GatedOutput, OutputGate, OutputNorm, QkvConv,
+};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
 use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
-use zoo_core::nn::{residual_std, Linear, INIT_STD};
-use zoo_core::params::{Group, Init, Pb};
+use zoo_core::nn::{Linear, INIT_STD};
+use zoo_core::params::Pb;
 
 fn default_rank() -> usize {
     16
 }
 fn default_norm() -> f64 {
     16.0
+}
+fn half() -> f64 {
+    0.5
 }
 
 /// `type = "gla"`.
@@ -32,13 +41,31 @@ pub struct GlaConfig {
     /// Kernel size of an optional short causal conv + SiLU on q, k, v (fla's `use_short_conv`); 0 = off.
     #[serde(default)]
     pub short_conv: usize,
+    /// Key (and decay) width as a multiple of d_model (fla's `expand_k`, default 0.5).
+    #[serde(default = "half")]
+    pub expand_k: f64,
+    /// Value width as a multiple of d_model (fla's `expand_v`, default 1).
+    #[serde(default = "crate::one")]
+    pub expand_v: f64,
+    /// Output gate activation, or `none` (fla's `use_output_gate` / `gate_fn`; default swish).
+    #[serde(default)]
+    pub output_gate: OutputGate,
     #[serde(default = "default_chunk")]
     pub chunk: usize,
 }
 
 impl GlaConfig {
+    /// (key width, value width).
+    pub fn widths(&self, d_model: usize) -> std::result::Result<(usize, usize), String> {
+        Ok((
+            expanded("expand_k", d_model, self.expand_k, self.n_heads)?,
+            expanded("expand_v", d_model, self.expand_v, self.n_heads)?,
+        ))
+    }
+
     pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
         check_heads_chunk(self.n_heads, d_model, self.chunk)?;
+        self.widths(d_model)?;
         if self.gate_rank == 0 {
             return Err("gate_rank: must be at least 1".into());
         }
@@ -56,28 +83,27 @@ pub struct Gla {
     v: Linear,
     gk1: Linear,
     gk2: Linear,
-    r: Linear,
-    o: Linear,
-    norm: Tensor,
+    out: GatedOutput,
     conv: Option<QkvConv>,
-    d: usize,
+    dk: usize,
+    dv: usize,
 }
 
 impl Gla {
     pub fn new(cfg: &GlaConfig, ctx: &BuildCtx, pb: &Pb) -> Result<Self> {
         let d = ctx.d_model;
+        let (dk, dv) = cfg.widths(d).map_err(zoo_core::candle_core::Error::msg)?;
         Ok(Self {
-            q: Linear::new(&pb.pp("q_proj"), d, d, false, INIT_STD)?,
-            k: Linear::new(&pb.pp("k_proj"), d, d, false, INIT_STD)?,
-            v: Linear::new(&pb.pp("v_proj"), d, d, false, INIT_STD)?,
+            q: Linear::new(&pb.pp("q_proj"), d, dk, false, INIT_STD)?,
+            k: Linear::new(&pb.pp("k_proj"), d, dk, false, INIT_STD)?,
+            v: Linear::new(&pb.pp("v_proj"), d, dv, false, INIT_STD)?,
             gk1: Linear::new(&pb.pp("gk_proj.0"), d, cfg.gate_rank, false, INIT_STD)?,
-            gk2: Linear::new(&pb.pp("gk_proj.1"), cfg.gate_rank, d, true, INIT_STD)?,
-            r: Linear::new(&pb.pp("g_proj"), d, d, false, INIT_STD)?,
-            o: Linear::new(&pb.pp("o_proj"), d, d, false, residual_std(ctx.n_layers))?,
-            norm: pb.get("g_norm.weight", d / cfg.n_heads, Init::Const(1.0), Group::NoDecay)?,
-            conv: QkvConv::new(&pb.pp("qkv_conv"), [d, d, d], cfg.short_conv)?,
+            gk2: Linear::new(&pb.pp("gk_proj.1"), cfg.gate_rank, dk, true, INIT_STD)?,
+            out: GatedOutput::new(pb, ctx, dv, cfg.n_heads, cfg.output_gate, OutputNorm::RmsNorm, "g_norm.weight")?,
+            conv: QkvConv::new(&pb.pp("qkv_conv"), [dk, dk, dv], cfg.short_conv)?,
             cfg: cfg.clone(),
-            d,
+            dk,
+            dv,
         })
     }
 }
@@ -85,7 +111,7 @@ impl Gla {
 impl Mixer for Gla {
     fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, _probe: Option<&mut LayerProbe>) -> Result<Tensor> {
         let h = self.cfg.n_heads;
-        let scale = 1.0 / ((self.d / h) as f64).sqrt();
+        let scale = 1.0 / ((self.dk / h) as f64).sqrt();
         let mut cache = cache;
         let (q, k, v, hist) = crate::maybe_conv(&self.conv, [&self.q, &self.k, &self.v], x, cache.as_deref())?;
         let q = (heads(&q, h)? * scale)?;
@@ -94,12 +120,12 @@ impl Mixer for Gla {
         let g = heads(&(log_sigmoid(&logits)? / self.cfg.gate_normalizer)?, h)?;
         let o = recur(&q, &k, &v, Some(&g), cache.as_deref_mut(), self.cfg.chunk)?;
         crate::keep_hist(cache, hist);
-        norm_gate_out(&o, &self.norm, &self.r, &self.o, x)
+        self.out.forward(&o, x)
     }
 
     fn cache_bytes(&self, batch: usize, _seq_len: usize, dtype: DType) -> usize {
-        let hd = self.d / self.cfg.n_heads;
-        state_bytes(batch, self.cfg.n_heads, hd, hd) + self.conv.as_ref().map_or(0, |c| c.cache_bytes(batch, dtype))
+        let h = self.cfg.n_heads;
+        state_bytes(batch, h, self.dk / h, self.dv / h) + self.conv.as_ref().map_or(0, |c| c.cache_bytes(batch, dtype))
     }
 
     fn kind(&self) -> String {

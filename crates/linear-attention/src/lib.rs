@@ -18,10 +18,12 @@ pub mod linear;
 pub mod retnet;
 pub mod simple_gla;
 
+use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
 use zoo_core::conv::CausalConv1d;
-use zoo_core::mixer::LayerCache;
-use zoo_core::params::Pb;
+use zoo_core::mixer::{BuildCtx, LayerCache};
+use zoo_core::nn::{residual_std, Linear, INIT_STD};
+use zoo_core::params::{Group, Init, Pb};
 
 fn default_chunk() -> usize {
     64
@@ -121,17 +123,95 @@ pub(crate) fn keep_hist(cache: Option<&mut LayerCache>, hist: Option<Tensor>) {
     }
 }
 
-/// GLA-style output (GLA §4.1; also Simple GLA): per-head RMSNorm of the recurrence output,
-/// a swish gate from `r`, then the output projection: `(RMSNorm(O) ⊙ swish(X W_r)) W_O`.
-pub(crate) fn norm_gate_out(
-    o: &Tensor,
-    norm: &Tensor,
-    r: &zoo_core::nn::Linear,
-    out: &zoo_core::nn::Linear,
-    x: &Tensor,
-) -> Result<Tensor> {
-    let o = kernel::head_rms_norm(o, norm, 1e-5)?.to_dtype(x.dtype())?;
-    out.forward(&(merge(&o)? * r.forward(x)?.silu()?)?)
+/// The output gate of the GLA family (fla's `use_output_gate` and `gate_fn`):
+/// `Y = (Norm(O) ⊙ act(X W_g)) W_O`, or `Y = Norm(O) W_O` with `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputGate {
+    /// swish(x) = x·σ(x): fla's default `gate_fn` and the GLA / RetNet papers' gate.
+    #[default]
+    Swish,
+    Sigmoid,
+    /// No gate (fla's `use_output_gate = False`; Zoology's (Gated) DeltaNet MQAR configs).
+    None,
+}
+
+/// The per-head normalisation of the recurrence output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputNorm {
+    /// RMSNorm per head (GLA paper §4.1; fla uses it in every layer, RetNet's included).
+    #[default]
+    RmsNorm,
+    /// LayerNorm per head without bias: the GroupNorm of the RetNet paper (eq. 8).
+    GroupNorm,
+}
+
+/// The output stage shared by GLA, Simple GLA, RetNet and (Gated) DeltaNet: per-head norm of the
+/// recurrence output O (B, H, T, d_v), the optional gate from x, then W_O.
+pub struct GatedOutput {
+    gate: Option<Linear>,
+    act: OutputGate,
+    norm_kind: OutputNorm,
+    norm: Tensor,
+    o: Linear,
+}
+
+impl GatedOutput {
+    /// `norm_name` is the gain's parameter name (it differs between the layers, as in fla).
+    pub fn new(
+        pb: &Pb,
+        ctx: &BuildCtx,
+        value_dim: usize,
+        n_heads: usize,
+        act: OutputGate,
+        norm_kind: OutputNorm,
+        norm_name: &str,
+    ) -> Result<Self> {
+        let d = ctx.d_model;
+        let gate = match act {
+            OutputGate::None => None,
+            _ => Some(Linear::new(&pb.pp("g_proj"), d, value_dim, false, INIT_STD)?),
+        };
+        Ok(Self {
+            gate,
+            act,
+            norm_kind,
+            norm: pb.get(norm_name, value_dim / n_heads, Init::Const(1.0), Group::NoDecay)?,
+            o: Linear::new(&pb.pp("o_proj"), value_dim, d, false, residual_std(ctx.n_layers))?,
+        })
+    }
+
+    pub fn forward(&self, o: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let o = match self.norm_kind {
+            OutputNorm::RmsNorm => kernel::head_rms_norm(o, &self.norm, 1e-5)?,
+            OutputNorm::GroupNorm => kernel::head_layer_norm(o, &self.norm, 1e-5)?,
+        };
+        let o = merge(&o.to_dtype(x.dtype())?)?;
+        let o = match (&self.gate, self.act) {
+            (Some(g), OutputGate::Swish) => (o * g.forward(x)?.silu()?)?,
+            (Some(g), OutputGate::Sigmoid) => (o * zoo_core::candle_nn::ops::sigmoid(&g.forward(x)?)?)?,
+            _ => o,
+        };
+        self.o.forward(&o)
+    }
+}
+
+/// A width `d · ratio` (fla's `expand_k` / `expand_v`), checked to split into `n_heads` heads.
+pub(crate) fn expanded(field: &str, d_model: usize, ratio: f64, n_heads: usize) -> std::result::Result<usize, String> {
+    let w = (d_model as f64 * ratio).round();
+    if !(ratio > 0.0) || !ratio.is_finite() || w < 1.0 || (w - d_model as f64 * ratio).abs() > 1e-9 {
+        return Err(format!("{field}: {ratio} × d_model = {d_model} is not a positive whole width"));
+    }
+    let w = w as usize;
+    if w % n_heads != 0 {
+        return Err(format!("{field}: width {w} (= {ratio} × {d_model}) does not split into {n_heads} heads"));
+    }
+    Ok(w)
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// Bytes of an f32 state (B, H, d_k, d_v).

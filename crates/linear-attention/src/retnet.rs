@@ -1,18 +1,29 @@
 //! Retention (Sun et al. 2023, RetNet, eq. 1–8): `S_t = γ_h S_{t−1} + k_tᵀ v_t`, `o_t = q_t S_t`,
 //! with a fixed decay per head γ_h = 1 − 2^{−5−h} (multi-scale retention, §2.2), RoPE on q and k
-//! (standing in for xPos), k scaled by d_k^{−1/2}, a per-head GroupNorm on the output and a swish
+//! (standing in for xPos), q·k scaled by d_k^{−1/2}, a per-head norm on the output and a swish
 //! gate: `Y = (swish(X W_G) ⊙ GN(O)) W_O`.
+//!
+//! Widths follow the paper and fla's `MultiScaleRetention` (`fla/layers/multiscale_retention.py`):
+//! key width d, value width 2d (`expand_v = 2`). The output norm is the paper's GroupNorm by
+//! default; fla uses an RMSNorm per head instead (`norm = "rms_norm"` selects it).
 
-use crate::kernel::head_layer_norm;
-use crate::{check_heads_chunk, default_chunk, heads, merge, recur, state_bytes};
+use crate::{
+    check_heads_chunk, default_chunk, expanded, heads, recur, state_bytes, GatedOutput, OutputGate, OutputNorm, QkvConv,
+};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
 use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
-use zoo_core::nn::{residual_std, Linear, Rope, INIT_STD};
-use zoo_core::params::{Group, Init, Pb};
+use zoo_core::nn::{Linear, Rope, INIT_STD};
+use zoo_core::params::Pb;
 
 fn default_theta() -> f64 {
     10_000.0
+}
+fn two() -> f64 {
+    2.0
+}
+fn group_norm() -> OutputNorm {
+    OutputNorm::GroupNorm
 }
 
 /// `type = "retnet"`.
@@ -24,16 +35,45 @@ pub struct RetNetConfig {
     pub chunk: usize,
     #[serde(default = "default_theta")]
     pub rope_theta: f64,
+    /// Key width as a multiple of d_model (default 1, the paper's and fla's).
+    #[serde(default = "crate::one")]
+    pub expand_k: f64,
+    /// Value width as a multiple of d_model (default 2, the paper's and fla's).
+    #[serde(default = "two")]
+    pub expand_v: f64,
+    /// Output gate activation, or `none` (default swish).
+    #[serde(default)]
+    pub output_gate: OutputGate,
+    /// Per-head output norm: `group_norm` (the paper, default) or `rms_norm` (fla).
+    #[serde(default = "group_norm")]
+    pub norm: OutputNorm,
+    /// Kernel size of a short causal conv + SiLU on q, k, v (fla's `use_short_conv`); 0 = off.
+    #[serde(default)]
+    pub short_conv: usize,
 }
 
 impl RetNetConfig {
+    /// (key width, value width).
+    pub fn widths(&self, d_model: usize) -> std::result::Result<(usize, usize), String> {
+        Ok((
+            expanded("expand_k", d_model, self.expand_k, self.n_heads)?,
+            expanded("expand_v", d_model, self.expand_v, self.n_heads)?,
+        ))
+    }
+
     pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
         check_heads_chunk(self.n_heads, d_model, self.chunk)?;
-        if (d_model / self.n_heads) % 2 != 0 {
-            return Err("n_heads: head dim must be even for RoPE".into());
+        let (dk, _) = self.widths(d_model)?;
+        if (dk / self.n_heads) % 2 != 0 {
+            return Err("expand_k: the key head dim must be even for RoPE".into());
         }
         Ok(())
     }
+}
+
+/// log γ_h of the multi-scale decay for `n_heads` heads.
+pub fn retnet_log_gamma(n_heads: usize) -> Vec<f64> {
+    (0..n_heads).map(|i| (1.0 - 2f64.powi(-5 - i as i32)).ln()).collect()
 }
 
 pub struct Retention {
@@ -41,31 +81,36 @@ pub struct Retention {
     q: Linear,
     k: Linear,
     v: Linear,
-    gate: Linear,
-    o: Linear,
-    gn: Tensor,
+    out: GatedOutput,
+    conv: Option<QkvConv>,
     rope: Rope,
     /// log γ_h, shaped (1, H, 1, 1).
     log_gamma: Tensor,
-    d: usize,
+    dk: usize,
+    dv: usize,
 }
 
 impl Retention {
     pub fn new(cfg: &RetNetConfig, ctx: &BuildCtx, pb: &Pb) -> Result<Self> {
         let d = ctx.d_model;
         let h = cfg.n_heads;
-        let lg: Vec<f32> = (0..h).map(|i| (1.0 - 2f64.powi(-5 - i as i32)).ln() as f32).collect();
+        let (dk, dv) = cfg.widths(d).map_err(zoo_core::candle_core::Error::msg)?;
+        let lg: Vec<f32> = retnet_log_gamma(h).into_iter().map(|x| x as f32).collect();
+        let norm_name = match cfg.norm {
+            OutputNorm::GroupNorm => "group_norm.weight",
+            OutputNorm::RmsNorm => "g_norm.weight",
+        };
         Ok(Self {
-            q: Linear::new(&pb.pp("q_proj"), d, d, false, INIT_STD)?,
-            k: Linear::new(&pb.pp("k_proj"), d, d, false, INIT_STD)?,
-            v: Linear::new(&pb.pp("v_proj"), d, d, false, INIT_STD)?,
-            gate: Linear::new(&pb.pp("g_proj"), d, d, false, INIT_STD)?,
-            o: Linear::new(&pb.pp("o_proj"), d, d, false, residual_std(ctx.n_layers))?,
-            gn: pb.get("group_norm.weight", d / h, Init::Const(1.0), Group::NoDecay)?,
-            rope: Rope::new(d / h, ctx.max_seq_len.max(1), cfg.rope_theta, pb.device())?,
+            q: Linear::new(&pb.pp("q_proj"), d, dk, false, INIT_STD)?,
+            k: Linear::new(&pb.pp("k_proj"), d, dk, false, INIT_STD)?,
+            v: Linear::new(&pb.pp("v_proj"), d, dv, false, INIT_STD)?,
+            out: GatedOutput::new(pb, ctx, dv, h, cfg.output_gate, cfg.norm, norm_name)?,
+            conv: QkvConv::new(&pb.pp("qkv_conv"), [dk, dk, dv], cfg.short_conv)?,
+            rope: Rope::new(dk / h, ctx.max_seq_len.max(1), cfg.rope_theta, pb.device())?,
             log_gamma: Tensor::from_vec(lg, (1, h, 1, 1), pb.device())?,
             cfg: cfg.clone(),
-            d,
+            dk,
+            dv,
         })
     }
 }
@@ -75,18 +120,20 @@ impl Mixer for Retention {
         let (b, t, _) = x.dims3()?;
         let h = self.cfg.n_heads;
         let offset = cache.as_ref().map_or(0, |c| c.seen);
-        let q = self.rope.apply(&heads(&self.q.forward(x)?, h)?, offset)?;
-        let k = (self.rope.apply(&heads(&self.k.forward(x)?, h)?, offset)? * (1.0 / ((self.d / h) as f64).sqrt()))?;
-        let v = heads(&self.v.forward(x)?, h)?;
+        let mut cache = cache;
+        let (q, k, v, hist) = crate::maybe_conv(&self.conv, [&self.q, &self.k, &self.v], x, cache.as_deref())?;
+        let q = (self.rope.apply(&heads(&q, h)?, offset)? * (1.0 / ((self.dk / h) as f64).sqrt()))?;
+        let k = self.rope.apply(&heads(&k, h)?, offset)?;
+        let v = heads(&v, h)?;
         let g = self.log_gamma.broadcast_as((b, h, t, 1))?;
-        let o = recur(&q, &k, &v, Some(&g), cache, self.cfg.chunk)?;
-        let o = head_layer_norm(&o, &self.gn, 1e-5)?.to_dtype(x.dtype())?;
-        self.o.forward(&(self.gate.forward(x)?.silu()? * merge(&o)?)?)
+        let o = recur(&q, &k, &v, Some(&g), cache.as_deref_mut(), self.cfg.chunk)?;
+        crate::keep_hist(cache, hist);
+        self.out.forward(&o, x)
     }
 
-    fn cache_bytes(&self, batch: usize, _seq_len: usize, _dtype: DType) -> usize {
-        let hd = self.d / self.cfg.n_heads;
-        state_bytes(batch, self.cfg.n_heads, hd, hd)
+    fn cache_bytes(&self, batch: usize, _seq_len: usize, dtype: DType) -> usize {
+        let h = self.cfg.n_heads;
+        state_bytes(batch, h, self.dk / h, self.dv / h) + self.conv.as_ref().map_or(0, |c| c.cache_bytes(batch, dtype))
     }
 
     fn kind(&self) -> String {

@@ -3,18 +3,24 @@
 //!
 //! - `decay = "lightning"`: data-independent, TransNormerLLM / Lightning Attention-2's schedule:
 //!   λ_h = exp(−s_h · (1 − l/(L−1) + 1e−5)) for layer l of L, with the ALiBi slopes s_h
-//!   (Press et al. 2022; `_build_slope_tensor` in the lightning-attention reference).
-//! - `decay = "data_dependent"`: log λ_t = logsigmoid(x_t w_h) / 16 (fla's Simple GLA).
+//!   (Press et al. 2022; `_build_slope_tensor` in the lightning-attention reference). l and L count
+//!   only the stack's Simple GLA layers ([`BuildCtx::kind_layer`]), not the convolutions or
+//!   attention layers around them: TransNormerLLM's stack is all Lightning layers.
+//! - `decay = "data_dependent"`: log λ_t = logsigmoid(x_t w_h) / `gate_normalizer` (fla's
+//!   `SimpleGatedLinearAttention`, `fla/layers/simple_gla.py`).
 //!
 //! Output as in GLA: per-head RMSNorm and a swish gate, `Y = (RMSNorm(O) ⊙ swish(X W_r)) W_O`.
+//! Defaults follow fla's layer: key and value width d, swish output gate, no short convolution.
 
 use crate::kernel::log_sigmoid;
-use crate::{check_heads_chunk, default_chunk, heads, norm_gate_out, recur, state_bytes};
+use crate::{
+    check_heads_chunk, default_chunk, expanded, heads, recur, state_bytes, GatedOutput, OutputGate, OutputNorm, QkvConv,
+};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
 use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
-use zoo_core::nn::{residual_std, Linear, INIT_STD};
-use zoo_core::params::{Group, Init, Pb};
+use zoo_core::nn::{Linear, INIT_STD};
+use zoo_core::params::Pb;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -24,6 +30,10 @@ pub enum ScalarDecay {
     DataDependent,
 }
 
+fn default_norm() -> f64 {
+    16.0
+}
+
 /// `type = "simple_gla"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,13 +41,40 @@ pub struct SimpleGlaConfig {
     pub n_heads: usize,
     #[serde(default)]
     pub decay: ScalarDecay,
+    /// `data_dependent` only: log λ = logsigmoid(·) / this (fla's `gate_logit_normalizer`, 16).
+    #[serde(default = "default_norm")]
+    pub gate_normalizer: f64,
+    /// Key width as a multiple of d_model (fla's `expand_k`, default 1).
+    #[serde(default = "crate::one")]
+    pub expand_k: f64,
+    /// Value width as a multiple of d_model (fla's `expand_v`, default 1).
+    #[serde(default = "crate::one")]
+    pub expand_v: f64,
+    /// Output gate activation, or `none` (default swish).
+    #[serde(default)]
+    pub output_gate: OutputGate,
+    /// Kernel size of a short causal conv + SiLU on q, k, v (fla's `use_short_conv`); 0 = off.
+    #[serde(default)]
+    pub short_conv: usize,
     #[serde(default = "default_chunk")]
     pub chunk: usize,
 }
 
 impl SimpleGlaConfig {
+    /// (key width, value width).
+    pub fn widths(&self, d_model: usize) -> std::result::Result<(usize, usize), String> {
+        Ok((
+            expanded("expand_k", d_model, self.expand_k, self.n_heads)?,
+            expanded("expand_v", d_model, self.expand_v, self.n_heads)?,
+        ))
+    }
+
     pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
-        check_heads_chunk(self.n_heads, d_model, self.chunk)
+        check_heads_chunk(self.n_heads, d_model, self.chunk)?;
+        if !(self.gate_normalizer > 0.0) || !self.gate_normalizer.is_finite() {
+            return Err("gate_normalizer: must be positive".into());
+        }
+        self.widths(d_model).map(|_| ())
     }
 }
 
@@ -68,40 +105,46 @@ pub struct SimpleGla {
     q: Linear,
     k: Linear,
     v: Linear,
-    r: Linear,
-    o: Linear,
     /// Data-dependent: the per-head gate projection.
     g: Option<Linear>,
     /// Lightning: fixed log λ_h, (1, H, 1, 1).
     fixed: Option<Tensor>,
-    norm: Tensor,
-    d: usize,
+    out: GatedOutput,
+    conv: Option<QkvConv>,
+    dk: usize,
+    dv: usize,
 }
 
 impl SimpleGla {
     pub fn new(cfg: &SimpleGlaConfig, ctx: &BuildCtx, pb: &Pb) -> Result<Self> {
         let d = ctx.d_model;
         let h = cfg.n_heads;
+        let (dk, dv) = cfg.widths(d).map_err(zoo_core::candle_core::Error::msg)?;
         let (g, fixed) = match cfg.decay {
             ScalarDecay::DataDependent => (Some(Linear::new(&pb.pp("gk_proj"), d, h, true, INIT_STD)?), None),
             ScalarDecay::Lightning => {
                 let lg: Vec<f32> =
-                    lightning_log_decay(h, ctx.layer, ctx.n_layers).into_iter().map(|x| x as f32).collect();
+                    lightning_log_decay(h, ctx.kind_layer, ctx.kind_layers).into_iter().map(|x| x as f32).collect();
                 (None, Some(Tensor::from_vec(lg, (1, h, 1, 1), pb.device())?))
             }
         };
         Ok(Self {
-            q: Linear::new(&pb.pp("q_proj"), d, d, false, INIT_STD)?,
-            k: Linear::new(&pb.pp("k_proj"), d, d, false, INIT_STD)?,
-            v: Linear::new(&pb.pp("v_proj"), d, d, false, INIT_STD)?,
-            r: Linear::new(&pb.pp("g_proj"), d, d, false, INIT_STD)?,
-            o: Linear::new(&pb.pp("o_proj"), d, d, false, residual_std(ctx.n_layers))?,
-            norm: pb.get("g_norm.weight", d / h, Init::Const(1.0), Group::NoDecay)?,
+            q: Linear::new(&pb.pp("q_proj"), d, dk, false, INIT_STD)?,
+            k: Linear::new(&pb.pp("k_proj"), d, dk, false, INIT_STD)?,
+            v: Linear::new(&pb.pp("v_proj"), d, dv, false, INIT_STD)?,
+            out: GatedOutput::new(pb, ctx, dv, h, cfg.output_gate, OutputNorm::RmsNorm, "g_norm.weight")?,
+            conv: QkvConv::new(&pb.pp("qkv_conv"), [dk, dk, dv], cfg.short_conv)?,
             g,
             fixed,
             cfg: cfg.clone(),
-            d,
+            dk,
+            dv,
         })
+    }
+
+    /// log λ of this layer's Lightning schedule, (1, H, 1, 1); `None` for the data-dependent decay.
+    pub fn fixed_log_decay(&self) -> Option<&Tensor> {
+        self.fixed.as_ref()
     }
 }
 
@@ -109,24 +152,27 @@ impl Mixer for SimpleGla {
     fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, _probe: Option<&mut LayerProbe>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let h = self.cfg.n_heads;
-        let q = (heads(&self.q.forward(x)?, h)? * (1.0 / ((self.d / h) as f64).sqrt()))?;
-        let k = heads(&self.k.forward(x)?, h)?;
-        let v = heads(&self.v.forward(x)?, h)?;
+        let mut cache = cache;
+        let (q, k, v, hist) = crate::maybe_conv(&self.conv, [&self.q, &self.k, &self.v], x, cache.as_deref())?;
+        let q = (heads(&q, h)? * (1.0 / ((self.dk / h) as f64).sqrt()))?;
+        let (k, v) = (heads(&k, h)?, heads(&v, h)?);
         let g = match (&self.g, &self.fixed) {
             (Some(proj), _) => {
                 let logits = proj.forward(x)?.to_dtype(DType::F32)?; // (B, T, H)
-                (log_sigmoid(&logits)? / 16.0)?.transpose(1, 2)?.unsqueeze(3)? // (B, H, T, 1)
+                (log_sigmoid(&logits)? / self.cfg.gate_normalizer)?.transpose(1, 2)?.unsqueeze(3)?
+                // (B, H, T, 1)
             }
             (None, Some(f)) => f.broadcast_as((b, h, t, 1))?,
             (None, None) => unreachable!("one decay source is always built"),
         };
-        let o = recur(&q, &k, &v, Some(&g), cache, self.cfg.chunk)?;
-        norm_gate_out(&o, &self.norm, &self.r, &self.o, x)
+        let o = recur(&q, &k, &v, Some(&g), cache.as_deref_mut(), self.cfg.chunk)?;
+        crate::keep_hist(cache, hist);
+        self.out.forward(&o, x)
     }
 
-    fn cache_bytes(&self, batch: usize, _seq_len: usize, _dtype: DType) -> usize {
-        let hd = self.d / self.cfg.n_heads;
-        state_bytes(batch, self.cfg.n_heads, hd, hd)
+    fn cache_bytes(&self, batch: usize, _seq_len: usize, dtype: DType) -> usize {
+        let h = self.cfg.n_heads;
+        state_bytes(batch, h, self.dk / h, self.dv / h) + self.conv.as_ref().map_or(0, |c| c.cache_bytes(batch, dtype))
     }
 
     fn kind(&self) -> String {

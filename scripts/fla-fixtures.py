@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Outside-reference fixtures: fla's linear-attention layers, run in f32 on a GPU, dumped as small
+safetensors files that zoo's Rust tests load (crates/linear-attention/tests/fla_parity.rs).
+
+For each case: an fla layer (flash-linear-attention 0.6.0, the layers of fla/layers/*.py with their
+production kernels) built with a fixed seed, its parameters perturbed (norm gains and biases away
+from their 1/0 inits, so a wrong name mapping cannot pass), an input x (B, T, D), the output y, and
+for loss = sum(y * dy) the gradients of x and of every parameter. f32 throughout: TF32 off in torch
+and TRITON_F32_DEFAULT=ieee so Triton's tl.dot runs full f32 matmuls.
+
+Each fixture also records the zoo mixer config (TOML) that must reproduce the layer. Where zoo's
+layer differs from fla's on purpose, that config selects fla's behaviour (RetNet: norm = "rms_norm"
+instead of the paper's GroupNorm).
+
+On the GPU machine (no network; fla and einops come as wheels carried in .devpkg/wheels):
+  pip install --no-deps --target /tmp/pylib .devpkg/wheels/*.whl
+  PYTHONPATH=/tmp/pylib python scripts/fla-fixtures.py --out crates/linear-attention/tests/fla
+"""
+import argparse
+import json
+import os
+
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+os.environ.setdefault("FLA_USE_COMPILE", "0")  # no torch.compile: nothing to wait for but Triton
+
+import faulthandler  # noqa: E402
+import sys  # noqa: E402
+
+faulthandler.dump_traceback_later(30, repeat=True, file=sys.stderr)  # where it is, if it stalls
+
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+# fla's kernels autotune over many configs; compiling them all for f32 took over 7 minutes for the
+# first layer alone. Numerics do not depend on the tile configuration, so keep the first config.
+_autotune = triton.autotune
+
+
+def _first_config(configs, key, **kw):
+    return _autotune(configs=list(configs)[:1], key=key, **kw)
+
+
+triton.autotune = _first_config
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+# T = 63: odd, and ≤ 64, where fla's layers in eval mode take their fused recurrent kernels (fewer
+# kernels to compile; those that have only a chunked form use it).
+D, B, T, H = 32, 2, 63, 2
+
+
+def cases():
+    from fla.layers import (BasedLinearAttention, DeltaNet, GatedDeltaNet, GatedLinearAttention,
+                            LinearAttention, MultiScaleRetention)
+    from fla.layers.simple_gla import SimpleGatedLinearAttention
+    return [
+        ("gla", lambda: GatedLinearAttention(hidden_size=D, num_heads=H),
+         'type = "gla"\nn_heads = 2'),
+        ("gla_conv_nogate", lambda: GatedLinearAttention(hidden_size=D, num_heads=H, use_short_conv=True,
+                                                          conv_size=4, use_output_gate=False),
+         'type = "gla"\nn_heads = 2\nshort_conv = 4\noutput_gate = "none"'),
+        ("retnet", lambda: MultiScaleRetention(hidden_size=D, num_heads=H),
+         'type = "retnet"\nn_heads = 2\nnorm = "rms_norm"'),
+        ("simple_gla", lambda: SimpleGatedLinearAttention(hidden_size=D, num_heads=H),
+         'type = "simple_gla"\nn_heads = 2\ndecay = "data_dependent"'),
+        ("deltanet", lambda: DeltaNet(hidden_size=D, num_heads=H),
+         'type = "deltanet"\nn_heads = 2'),
+        ("gated_deltanet", lambda: GatedDeltaNet(hidden_size=D, num_heads=H, head_dim=D // H, expand_v=2),
+         'type = "deltanet"\nn_heads = 2\ngated = true\nexpand_v = 2.0'),
+        ("gated_deltanet_nogate", lambda: GatedDeltaNet(hidden_size=D, num_heads=H, head_dim=D // H, expand_v=1,
+                                                        use_gate=False),
+         'type = "deltanet"\nn_heads = 2\ngated = true\noutput_gate = "none"'),
+        ("based", lambda: BasedLinearAttention(hidden_size=D, feature_dim=16, num_heads=H, num_key_value_heads=H),
+         'type = "based"\nn_heads = 2\nfeature_dim = 16'),
+        ("linear_attention", lambda: LinearAttention(hidden_size=D, num_heads=H, feature_map="elu",
+                                                     output_norm="identity", do_feature_map_norm=True),
+         'type = "linear_attention"\nn_heads = 2\nfeature_map = "elu1"'),
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tar", help="after each case, pack --out into this .tgz (partial results survive a kill)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    import fla
+    dev = torch.device("cuda")
+    index = {}
+    for i, (name, build, zoo_cfg) in enumerate(cases()):
+        t0 = time.time()
+        torch.manual_seed(1000 + i)
+        print(f"{name}: building", flush=True)
+        layer = build().to(dev, torch.float32).eval()
+        with torch.no_grad():
+            for pname, p in layer.named_parameters():
+                if p.ndim == 1 and ("norm" in pname or pname.endswith("bias")) and "A_log" not in pname:
+                    p.add_(0.3 * torch.randn_like(p))
+        x = torch.randn(B, T, D, device=dev, requires_grad=True)
+        out = layer(x)
+        y = out[0] if isinstance(out, tuple) else out
+        dy = torch.randn_like(y)
+        (y * dy).sum().backward()
+        t = {"x": x.detach(), "dy": dy, "y": y.detach(), "dx": x.grad}
+        for pname, p in layer.named_parameters():
+            t["w." + pname] = p.detach()
+            t["g." + pname] = p.grad if p.grad is not None else torch.zeros_like(p)
+        t = {k: v.float().contiguous().cpu() for k, v in t.items()}
+        save_file(t, os.path.join(args.out, f"{name}.safetensors"))
+        index[name] = {
+            "fla_class": type(layer).__name__,
+            "zoo_config": zoo_cfg,
+            "shape": [B, T, D],
+            "params": {k: list(v.shape) for k, v in layer.state_dict().items()},
+        }
+        print(f"{name}: {type(layer).__name__} |y| = {y.norm():.4f} |dx| = {x.grad.norm():.4f} "
+              f"({time.time() - t0:.1f} s)", flush=True)
+        write_index(args, fla, index)
+
+
+def write_index(args, fla, index):
+    meta = {"fla_version": getattr(fla, "__version__", "?"), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(), "cases": index}
+    with open(os.path.join(args.out, "index.json"), "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+    if args.tar:
+        subprocess.run(["tar", "czf", args.tar, "-C", args.out, "."], check=True)
+
+
+if __name__ == "__main__":
+    main()
