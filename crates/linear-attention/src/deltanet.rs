@@ -24,7 +24,7 @@
 
 use crate::kernel::initial_state;
 use crate::{
-    check_heads_chunk, default_chunk, expanded, heads, recur_with, state_bytes, GatedOutput, OutputGate, OutputNorm,
+    check_heads_chunk, default_chunk, expanded, heads, recur_with, GatedOutput, OutputGate, OutputNorm,
     QkvConv,
 };
 use serde::{Deserialize, Serialize};
@@ -330,8 +330,7 @@ impl Mixer for DeltaNet {
     }
 
     fn cache_bytes(&self, batch: usize, _seq_len: usize, dtype: DType) -> usize {
-        let h = self.cfg.n_heads;
-        state_bytes(batch, h, self.d / h, self.dv / h) + self.conv.as_ref().map_or(0, |c| c.cache_bytes(batch, dtype))
+        crate::recurrent_bytes(batch, self.cfg.n_heads, self.d, self.dv, &self.conv, dtype)
     }
 
     fn kind(&self) -> String {

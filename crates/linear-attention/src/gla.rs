@@ -9,7 +9,7 @@
 
 use crate::kernel::log_sigmoid;
 use crate::{
-    check_heads_chunk, default_chunk, expanded, heads, recur, state_bytes, GatedOutput, OutputGate, OutputNorm, QkvConv,
+    check_heads_chunk, default_chunk, heads, recur, GatedOutput, OutputGate, OutputNorm, QkvConv,
 };
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
@@ -57,10 +57,7 @@ pub struct GlaConfig {
 impl GlaConfig {
     /// (key width, value width).
     pub fn widths(&self, d_model: usize) -> std::result::Result<(usize, usize), String> {
-        Ok((
-            expanded("expand_k", d_model, self.expand_k, self.n_heads)?,
-            expanded("expand_v", d_model, self.expand_v, self.n_heads)?,
-        ))
+        crate::kv_widths(d_model, self.expand_k, self.expand_v, self.n_heads)
     }
 
     pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
@@ -124,8 +121,7 @@ impl Mixer for Gla {
     }
 
     fn cache_bytes(&self, batch: usize, _seq_len: usize, dtype: DType) -> usize {
-        let h = self.cfg.n_heads;
-        state_bytes(batch, h, self.dk / h, self.dv / h) + self.conv.as_ref().map_or(0, |c| c.cache_bytes(batch, dtype))
+        crate::recurrent_bytes(batch, self.cfg.n_heads, self.dk, self.dv, &self.conv, dtype)
     }
 
     fn kind(&self) -> String {

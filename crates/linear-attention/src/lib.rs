@@ -210,6 +210,22 @@ pub(crate) fn expanded(field: &str, d_model: usize, ratio: f64, n_heads: usize) 
     Ok(w)
 }
 
+/// (key width, value width) = (d·expand_k, d·expand_v), each checked to split into `n_heads` heads.
+pub(crate) fn kv_widths(
+    d_model: usize,
+    expand_k: f64,
+    expand_v: f64,
+    n_heads: usize,
+) -> std::result::Result<(usize, usize), String> {
+    Ok((expanded("expand_k", d_model, expand_k, n_heads)?, expanded("expand_v", d_model, expand_v, n_heads)?))
+}
+
+/// Bytes of a recurrent mixer's cache: the f32 state (B, H, dk/H, dv/H) and, with a short
+/// convolution, its history.
+pub(crate) fn recurrent_bytes(batch: usize, h: usize, dk: usize, dv: usize, conv: &Option<QkvConv>, dtype: DType) -> usize {
+    state_bytes(batch, h, dk / h, dv / h) + conv.as_ref().map_or(0, |c| c.cache_bytes(batch, dtype))
+}
+
 fn one() -> f64 {
     1.0
 }

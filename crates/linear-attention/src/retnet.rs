@@ -8,7 +8,7 @@
 //! default; fla uses an RMSNorm per head instead (`norm = "rms_norm"` selects it).
 
 use crate::{
-    check_heads_chunk, default_chunk, expanded, heads, recur, state_bytes, GatedOutput, OutputGate, OutputNorm, QkvConv,
+    check_heads_chunk, default_chunk, heads, recur, GatedOutput, OutputGate, OutputNorm, QkvConv,
 };
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
@@ -55,10 +55,7 @@ pub struct RetNetConfig {
 impl RetNetConfig {
     /// (key width, value width).
     pub fn widths(&self, d_model: usize) -> std::result::Result<(usize, usize), String> {
-        Ok((
-            expanded("expand_k", d_model, self.expand_k, self.n_heads)?,
-            expanded("expand_v", d_model, self.expand_v, self.n_heads)?,
-        ))
+        crate::kv_widths(d_model, self.expand_k, self.expand_v, self.n_heads)
     }
 
     pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
@@ -132,8 +129,7 @@ impl Mixer for Retention {
     }
 
     fn cache_bytes(&self, batch: usize, _seq_len: usize, dtype: DType) -> usize {
-        let h = self.cfg.n_heads;
-        state_bytes(batch, h, self.dk / h, self.dv / h) + self.conv.as_ref().map_or(0, |c| c.cache_bytes(batch, dtype))
+        crate::recurrent_bytes(batch, self.cfg.n_heads, self.dk, self.dv, &self.conv, dtype)
     }
 
     fn kind(&self) -> String {
