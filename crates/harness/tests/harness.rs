@@ -138,7 +138,14 @@ fn linear_mixers_match_finite_differences() {
             continue;
         }
         let store = zoo_core::params::ParamStore::new(1, zoo_core::candle_core::DType::F32, &Device::Cpu);
-        let ctx = zoo_core::mixer::BuildCtx { d_model: d, n_layers: 2, layer: 0, max_seq_len: t, kind_layer: 0, kind_layers: 2 };
+        let ctx = zoo_core::mixer::BuildCtx {
+            d_model: d,
+            n_layers: 2,
+            layer: 0,
+            max_seq_len: t,
+            kind_layer: 0,
+            kind_layers: 2,
+        };
         let mixer = cfg.build(&ctx, &store.root()).unwrap();
         let x = Var::from_tensor(&randn(&[b, t, d])).unwrap();
         let r = randn(&[b, t, d]);

@@ -24,8 +24,7 @@
 
 use crate::kernel::initial_state;
 use crate::{
-    check_heads_chunk, default_chunk, expanded, heads, recur_with, GatedOutput, OutputGate, OutputNorm,
-    QkvConv,
+    check_heads_chunk, default_chunk, expanded, heads, recur_with, GatedOutput, OutputGate, OutputNorm, QkvConv,
 };
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor, D};

@@ -8,9 +8,7 @@
 //! width `d` (`expand_v`), rank-16 gate, normaliser 16, swish output gate, no short convolution.
 
 use crate::kernel::log_sigmoid;
-use crate::{
-    check_heads_chunk, default_chunk, heads, recur, GatedOutput, OutputGate, OutputNorm, QkvConv,
-};
+use crate::{check_heads_chunk, default_chunk, heads, recur, GatedOutput, OutputGate, OutputNorm, QkvConv};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
 use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};

@@ -222,7 +222,14 @@ pub(crate) fn kv_widths(
 
 /// Bytes of a recurrent mixer's cache: the f32 state (B, H, dk/H, dv/H) and, with a short
 /// convolution, its history.
-pub(crate) fn recurrent_bytes(batch: usize, h: usize, dk: usize, dv: usize, conv: &Option<QkvConv>, dtype: DType) -> usize {
+pub(crate) fn recurrent_bytes(
+    batch: usize,
+    h: usize,
+    dk: usize,
+    dv: usize,
+    conv: &Option<QkvConv>,
+    dtype: DType,
+) -> usize {
     state_bytes(batch, h, dk / h, dv / h) + conv.as_ref().map_or(0, |c| c.cache_bytes(batch, dtype))
 }
 

@@ -7,9 +7,7 @@
 //! key width d, value width 2d (`expand_v = 2`). The output norm is the paper's GroupNorm by
 //! default; fla uses an RMSNorm per head instead (`norm = "rms_norm"` selects it).
 
-use crate::{
-    check_heads_chunk, default_chunk, heads, recur, GatedOutput, OutputGate, OutputNorm, QkvConv,
-};
+use crate::{check_heads_chunk, default_chunk, heads, recur, GatedOutput, OutputGate, OutputNorm, QkvConv};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
 use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};

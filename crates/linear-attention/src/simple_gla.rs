@@ -13,9 +13,7 @@
 //! Defaults follow fla's layer: key and value width d, swish output gate, no short convolution.
 
 use crate::kernel::log_sigmoid;
-use crate::{
-    check_heads_chunk, default_chunk, heads, recur, GatedOutput, OutputGate, OutputNorm, QkvConv,
-};
+use crate::{check_heads_chunk, default_chunk, heads, recur, GatedOutput, OutputGate, OutputNorm, QkvConv};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
 use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
