@@ -56,9 +56,11 @@ pub struct TrainState {
     /// Train loss sum, step count and seconds since the last curve point (so that a resumed run
     /// averages the same steps as an uninterrupted one).
     pub window: (f64, usize, f64),
-    /// Loss-spike events of the per-step train loss ([`crate::spikes`]).
+    /// Loss-spike events of the per-step train loss ([`crate::spikes`]). (Checkpoints written before
+    /// it hold `spikes` and `running_min` of the old rule: ignored on resume, and the detector starts
+    /// afresh.)
     #[serde(default)]
-    pub spikes: SpikeDetector,
+    pub spike_detector: SpikeDetector,
 }
 
 pub struct TrainReport {
@@ -122,7 +124,7 @@ pub fn train(
         train_seconds: 0.0,
         last_eval: None,
         window: (0.0, 0, 0.0),
-        spikes: SpikeDetector::default(),
+        spike_detector: SpikeDetector::default(),
     };
     // The checkpoint on disk that holds finite weights, and its step.
     let mut good_ckpt: Option<(PathBuf, usize)> = None;
@@ -180,7 +182,7 @@ pub fn train(
                 return Err(stop(format!("gradient norm became {n}")).into());
             }
         }
-        st.spikes.observe(st.step + 1, loss);
+        st.spike_detector.observe(st.step + 1, loss);
         opt.step(&grads, lr)?;
         st.step += 1;
         steps_here += 1;
@@ -292,4 +294,20 @@ fn load_checkpoint(dir: &Path, store: &ParamStore, opt: &mut AdamW) -> Result<Tr
     let t = state["optimizer_t"].as_u64().context("state.json: optimizer_t")? as usize;
     opt.load_state(&o, t)?;
     Ok(serde_json::from_value(state["train"].clone())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint's state.json from before the robust spike detector (`spikes` as a count,
+    /// `running_min`) still resumes; its detector starts afresh.
+    #[test]
+    fn old_train_state_still_loads() {
+        let old = r#"{"step": 7, "rng": {"state": 1}, "best_val": 1.5, "curve": [], "tokens_seen": 70,
+            "train_seconds": 1.0, "last_eval": null, "window": [2.0, 1, 0.1], "spikes": 3, "running_min": 1.2}"#;
+        let st: TrainState = serde_json::from_str(old).unwrap();
+        assert_eq!(st.step, 7);
+        assert_eq!(st.spike_detector, SpikeDetector::default());
+    }
 }

@@ -170,7 +170,7 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     }
     // Spike events by the robust rule of zoo_core::spikes (results written before it recorded a
     // `loss_spikes` from the old 1.5 × running-minimum rule, which the report does not show).
-    metrics.insert("loss_spikes,robust".into(), json!(st.spikes.events));
+    metrics.insert("loss_spikes,robust".into(), json!(st.spike_detector.events));
     metrics.insert("diverged".into(), json!(if diverged.is_some() { 1.0 } else { 0.0 }));
     if let Some((step, _)) = &diverged {
         metrics.insert("diverged_at_step".into(), json!(step));
