@@ -5,9 +5,10 @@
 # overlap). Workers take run indices from a shared counter; none starts a run after SECONDS.
 # Every run records ZOO_CONCURRENT_RUNS in its JSON: its tokens/s is then not a throughput number.
 # Finished runs (result JSON present) are skipped by `zoo run`.
-# Runs start breadth-first, so a budget that ends the pool early leaves a usable table: all of
-# seed 0 before seed 1, and within a seed the learning rates in POOL_LR_ORDER (default: the order
-# of sweep.lrs) before the next, then by model width. The order is printed.
+# Runs start breadth-first, so a budget that ends the pool early leaves a usable table: sorted by
+# seed, then by the rank of the run's learning rate in POOL_LR_ORDER (e.g. "0.003,0.001,0.01";
+# unset or unlisted rates rank first), then by model width; ties keep the plan's order. The order
+# is printed.
 # usage: scripts/device-pool.sh CONFIG SECONDS WORKERS [extra zoo args]
 set -u
 cfg=$1; budget=$2; workers=$3; shift 3

@@ -3,7 +3,7 @@
 
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
@@ -289,22 +289,33 @@ impl Mqar {
 
     /// The examples at `idx` as a batch.
     pub fn batch(&self, idx: &[usize], device: &Device) -> Result<Batch> {
-        let t = self.seq_len;
-        let mut x = Vec::with_capacity(idx.len() * t);
-        let mut y = Vec::with_capacity(idx.len() * t);
-        let mut m = Vec::with_capacity(idx.len() * t);
-        for &i in idx {
-            x.extend_from_slice(&self.inputs[i * t..(i + 1) * t]);
-            y.extend_from_slice(&self.targets[i * t..(i + 1) * t]);
-            m.extend_from_slice(&self.mask[i * t..(i + 1) * t]);
-        }
-        let b = idx.len();
-        Ok(Batch {
-            inputs: Tensor::from_vec(x, (b, t), device)?,
-            targets: Tensor::from_vec(y, (b, t), device)?,
-            mask: Some(Tensor::from_vec(m, (b, t), device)?.to_dtype(DType::F32)?),
-        })
+        let rows: Vec<_> = idx.iter().map(|&i| self.row(i)).collect();
+        padded_batch(&rows, device)
     }
+}
+
+/// Stack example rows (inputs, targets, mask) into a batch, each right-padded to the longest with
+/// token 0 and mask 0 (a causal model's real positions never see the padding, and padded
+/// positions never count). Rows of one length are stacked as they are.
+pub fn padded_batch(rows: &[(&[u32], &[u32], &[f32])], device: &Device) -> Result<Batch> {
+    let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    let n = rows.len() * t;
+    let (mut x, mut y, mut m) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for &(xi, yi, mi) in rows {
+        let pad = t - xi.len();
+        x.extend_from_slice(xi);
+        x.extend(std::iter::repeat_n(0u32, pad));
+        y.extend_from_slice(yi);
+        y.extend(std::iter::repeat_n(0u32, pad));
+        m.extend_from_slice(mi);
+        m.extend(std::iter::repeat_n(0f32, pad));
+    }
+    let b = rows.len();
+    Ok(Batch {
+        inputs: Tensor::from_vec(x, (b, t), device)?,
+        targets: Tensor::from_vec(y, (b, t), device)?,
+        mask: Some(Tensor::from_vec(m, (b, t), device)?),
+    })
 }
 
 #[cfg(test)]

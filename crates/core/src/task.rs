@@ -1,6 +1,6 @@
 //! Training tasks: where batches come from and how a model is scored.
 
-use crate::data::{Batch, Mqar, MqarSegment, TextData};
+use crate::data::{padded_batch, Batch, Mqar, MqarSegment, TextData};
 use crate::model::{cross_entropy, Lm};
 use crate::rng::Rng;
 use anyhow::Result;
@@ -103,8 +103,7 @@ impl Task for MqarTask {
     fn train_batch(&self, rng: &mut Rng) -> Result<Batch> {
         // Zoology pools every training example and shuffles them together, so one batch mixes
         // lengths and pair counts. Draw each row uniformly from the pool; shorter rows are padded
-        // on the right to the batch's longest (mask 0: a causal model's real positions never see
-        // the padding, and padded positions never count).
+        // to the batch's longest.
         let total: usize = self.train.iter().map(|s| s.len()).sum();
         let rows: Vec<(usize, usize)> = (0..self.batch_size)
             .map(|_| {
@@ -117,25 +116,8 @@ impl Task for MqarTask {
                 (seg, r)
             })
             .collect();
-        let t = rows.iter().map(|&(s, _)| self.train[s].seq_len).max().expect("batch_size >= 1");
-        let n = rows.len() * t;
-        let (mut x, mut y, mut m) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        for &(s, i) in &rows {
-            let (xi, yi, mi) = self.train[s].row(i);
-            let pad = t - xi.len();
-            x.extend_from_slice(xi);
-            x.extend(std::iter::repeat_n(0u32, pad));
-            y.extend_from_slice(yi);
-            y.extend(std::iter::repeat_n(0u32, pad));
-            m.extend_from_slice(mi);
-            m.extend(std::iter::repeat_n(0f32, pad));
-        }
-        let b = rows.len();
-        Ok(Batch {
-            inputs: Tensor::from_vec(x, (b, t), &self.device)?,
-            targets: Tensor::from_vec(y, (b, t), &self.device)?,
-            mask: Some(Tensor::from_vec(m, (b, t), &self.device)?),
-        })
+        let rows: Vec<_> = rows.iter().map(|&(s, i)| self.train[s].row(i)).collect();
+        padded_batch(&rows, &self.device)
     }
 
     fn evaluate(&self, model: &Lm) -> Result<EvalOut> {

@@ -175,7 +175,7 @@ fn linear_mixers_match_finite_differences() {
                 .sum();
             let orig: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy().unwrap()).collect();
             let eps = 3e-3;
-            let mut at = |sign: f64| {
+            let at = |sign: f64| {
                 for ((v, o), u) in vars.iter().zip(&orig).zip(&us) {
                     v.set(&(o + (u * (sign * eps)).unwrap()).unwrap()).unwrap();
                 }
