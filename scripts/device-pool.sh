@@ -7,8 +7,9 @@
 # Finished runs (result JSON present) are skipped by `zoo run`.
 # Runs start breadth-first, so a budget that ends the pool early leaves a usable table: sorted by
 # seed, then by the rank of the run's learning rate in POOL_LR_ORDER (e.g. "0.003,0.001,0.01";
-# unset or unlisted rates rank first), then by model width; ties keep the plan's order. The order
-# is printed.
+# unset or unlisted rates rank first), then by model width; ties keep the plan's order. With
+# POOL_LR_FIRST=1 the learning-rate rank sorts before the seed, so a pool that stops early leaves
+# every seed of the first rates rather than every rate of the first seed. The order is printed.
 # usage: scripts/device-pool.sh CONFIG SECONDS WORKERS [extra zoo args]
 set -u
 cfg=$1; budget=$2; workers=$3; shift 3
@@ -29,7 +30,10 @@ head -n "$n" "$plan" | awk -v lrs="${POOL_LR_ORDER:-}" '
   { id = $0; seed = id; sub(/.*__seed-/, "", seed); lr = id; sub(/.*__lr-/, "", lr); sub(/__.*/, "", lr)
     d = 0; if (match(id, /d_model-[0-9]+/)) d = substr(id, RSTART + 8, RLENGTH - 8)
     r = (lr in rank) ? rank[lr] : 0
-    printf "%d %d %d %d\n", NR - 1, seed, r, d }' | sort -s -k2,2n -k3,3n -k4,4n | cut -d' ' -f1 > "$order"
+    printf "%d %d %d %d\n", NR - 1, seed, r, d }' > "$order.keys"
+if [ "${POOL_LR_FIRST:-0}" = 1 ]; then keys="-k3,3n -k2,2n -k4,4n"; else keys="-k2,2n -k3,3n -k4,4n"; fi
+# shellcheck disable=SC2086
+sort -s $keys "$order.keys" | cut -d' ' -f1 > "$order"
 echo "run order: $(tr '\n' ' ' < "$order")"
 counter=$(mktemp); echo 0 > "$counter"
 start=$(date +%s)

@@ -13,8 +13,13 @@ layer differs from fla's on purpose, that config selects fla's behaviour (RetNet
 instead of the paper's GroupNorm).
 
 fla 0.6.0 refuses the chunked backward of its gated kernels (Simple GLA, Gated DeltaNet) on Hopper
-with Triton < 3.7.1 (its issue #640); with the GPU machine's Triton 3.6 those two cases fail until a
-newer Triton (or tilelang) travels as a wheel. Run the others with --cases.
+with Triton < 3.7.1 (its issue #640), and the GPU machine has Triton 3.6 (a newer Triton wheel is too
+big to carry). For those two layers the script swaps the chunked Triton op, inside fla's own layer,
+for fla's own PyTorch reference of it (fla/ops/simple_gla/naive.py, fla/ops/gated_delta_rule/naive.py);
+what the Gated DeltaNet kernel does in-kernel (q/k L2 norm, β = sigmoid, the gate
+-exp(A_log)·softplus(a + dt_bias) via fla's `naive_gdn_gate`) runs in PyTorch before it. Everything
+else (projections, short convolutions, norms, output gates) is fla's layer code unchanged, and the
+index records which cases ran this way (`op`).
 
 On the GPU machine (no network; fla and einops come as wheels carried in .devpkg/wheels):
   pip install --no-deps --target /tmp/pylib .devpkg/wheels/*.whl
@@ -93,6 +98,42 @@ def cases():
     ]
 
 
+NAIVE_OP_CASES = {"simple_gla", "gated_deltanet", "gated_deltanet_nogate"}
+
+
+def use_naive_ops():
+    """Point fla's Simple GLA and Gated DeltaNet layers at fla's naive recurrent references."""
+    import fla.layers.gated_deltanet as gd
+    import fla.layers.simple_gla as sg
+    from fla.ops.gated_delta_rule.gate import naive_gdn_gate
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+    from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
+
+    def simple_gla(q, k, v, g, initial_state=None, output_final_state=False, state_v_first=False,
+                   cu_seqlens=None, scale=None):
+        assert initial_state is None and cu_seqlens is None
+        o, _ = naive_recurrent_simple_gla(q, k, v, g, scale=scale)
+        return o, None
+
+    def gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=False,
+                         use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False,
+                         allow_neg_eigval=False, state_v_first=False, cu_seqlens=None,
+                         use_gate_in_kernel=False, A_log=None, dt_bias=None, scale=None):
+        assert initial_state is None and cu_seqlens is None
+        if use_qk_l2norm_in_kernel:  # fla's l2norm_fwd: x / sqrt(sum x^2 + 1e-6)
+            q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6)
+            k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+        if use_beta_sigmoid_in_kernel:  # fla's fused_beta_sigmoid
+            beta = beta.sigmoid() * (2.0 if allow_neg_eigval else 1.0)
+        if use_gate_in_kernel:
+            g = naive_gdn_gate(g, A_log, dt_bias)
+        o, _ = naive_recurrent_gated_delta_rule(q, k, v, beta, g, scale=scale)
+        return o, None
+
+    sg.chunk_simple_gla = sg.fused_recurrent_simple_gla = simple_gla
+    gd.chunk_gated_delta_rule = gd.fused_recurrent_gated_delta_rule = gated_delta_rule
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -104,6 +145,7 @@ def main():
     dev = torch.device("cuda")
     index = {}
     wanted = set(args.cases.split(",")) if args.cases else None
+    use_naive_ops()
     for i, (name, build, zoo_cfg) in enumerate(cases()):
         if wanted is not None and name not in wanted:
             continue
@@ -128,6 +170,7 @@ def main():
         save_file(t, os.path.join(args.out, f"{name}.safetensors"))
         index[name] = {
             "fla_class": type(layer).__name__,
+            "op": "fla naive (PyTorch)" if name in NAIVE_OP_CASES else "fla Triton",
             "zoo_config": zoo_cfg,
             "shape": [B, T, D],
             "params": {k: list(v.shape) for k, v in layer.state_dict().items()},

@@ -8,11 +8,13 @@
 //! gradient and every weight gradient must match with relative error ‖a − b‖ / ‖b‖ ≤ 1e-4. No
 //! PyTorch is needed to run this.
 //!
-//! Fixtures present: GLA (fla defaults; and with short conv, no output gate), MultiScaleRetention
-//! (zoo's `norm = "rms_norm"`), DeltaNet, Based, LinearAttention (elu, normalised, no output norm).
-//! Missing: Simple GLA and Gated DeltaNet. fla 0.6.0 refuses their chunked backward on Hopper with
-//! the Triton 3.6 of the GPU machine ("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect
-//! results for gated chunk_bwd_dqkwg"); they need Triton ≥ 3.7.1 or tilelang carried as wheels.
+//! Fixtures: GLA (fla defaults; and with short conv, no output gate), MultiScaleRetention (zoo's
+//! `norm = "rms_norm"`), SimpleGatedLinearAttention (data-dependent decay), DeltaNet, GatedDeltaNet
+//! (with and without its output gate), Based, LinearAttention (elu, normalised, no output norm).
+//! fla 0.6.0 refuses the chunked backward of Simple GLA and Gated DeltaNet on Hopper with the
+//! GPU machine's Triton 3.6 ("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results
+//! for gated chunk_bwd_dqkwg"), so their fixtures ran fla's layer with fla's naive PyTorch op
+//! (index.json: `op`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -56,7 +58,17 @@ fn cases() -> Vec<Case> {
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir().join("index.json")).expect("tests/fla/index.json")).unwrap();
     let cases = index["cases"].as_object().expect("cases");
-    for want in ["gla", "gla_conv_nogate", "retnet", "deltanet", "based", "linear_attention"] {
+    for want in [
+        "gla",
+        "gla_conv_nogate",
+        "retnet",
+        "simple_gla",
+        "deltanet",
+        "gated_deltanet",
+        "gated_deltanet_nogate",
+        "based",
+        "linear_attention",
+    ] {
         assert!(cases.contains_key(want), "fixture `{want}` is missing from tests/fla");
     }
     cases

@@ -10,7 +10,9 @@
 //!   `SimpleGatedLinearAttention`, `fla/layers/simple_gla.py`).
 //!
 //! Output as in GLA: per-head RMSNorm and a swish gate, `Y = (RMSNorm(O) ⊙ swish(X W_r)) W_O`.
-//! Defaults follow fla's layer: key and value width d, swish output gate, no short convolution.
+//! Defaults follow fla's layer (key and value width d, swish output gate, a short convolution of
+//! size 4 on q, k and v), except the decay: `lightning` unless `decay = "data_dependent"` (fla's
+//! only decay). TransNormerLLM's Lightning layers have no short convolution: set `short_conv = 0`.
 
 use crate::kernel::log_sigmoid;
 use crate::{check_heads_chunk, default_chunk, heads, recur, GatedOutput, OutputGate, OutputNorm, QkvConv};
@@ -32,6 +34,10 @@ fn default_norm() -> f64 {
     16.0
 }
 
+fn default_conv() -> usize {
+    4
+}
+
 /// `type = "simple_gla"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,8 +57,9 @@ pub struct SimpleGlaConfig {
     /// Output gate activation, or `none` (default swish).
     #[serde(default)]
     pub output_gate: OutputGate,
-    /// Kernel size of a short causal conv + SiLU on q, k, v (fla's `use_short_conv`); 0 = off.
-    #[serde(default)]
+    /// Kernel size of a short causal conv + SiLU on q, k, v (fla's `use_short_conv`, `conv_size`);
+    /// 0 = off. Default 4, as fla's layer.
+    #[serde(default = "default_conv")]
     pub short_conv: usize,
     #[serde(default = "default_chunk")]
     pub chunk: usize,
