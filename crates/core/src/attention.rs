@@ -3,7 +3,7 @@
 //! over the head dim), a sliding window (Beltagy et al. 2020), learnable sink tokens (Xiao et al.
 //! 2024, StreamingLLM §3.3), and RoPE with configurable θ.
 
-use crate::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
+use crate::mixer::{BuildCtx, KvCache, LayerProbe, LayerState, Mixer, Phase};
 use crate::nn::{residual_std, rms_normalize, Linear, Rope, INIT_STD};
 use crate::params::{Group, Init, Pb};
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -140,45 +140,31 @@ impl Attention {
         self.rope.apply(&x, offset)
     }
 
-    /// Append new keys/values to the cache (if any) and return the full K, V plus the absolute
-    /// position of the first key. Sliding-window caches keep only the last `window` entries.
+    /// Append new keys/values to the layer's [`KvCache`] (if any) and return what the new queries
+    /// attend over: K, V and the keys' absolute positions.
     pub fn update_cache(
         &self,
         k: Tensor,
         v: Tensor,
-        cache: Option<&mut LayerCache>,
-    ) -> Result<(Tensor, Tensor, usize)> {
-        let t = k.dim(2)?;
-        let Some(c) = cache else { return Ok((k, v, 0)) };
-        let (k_all, v_all) = if c.tensors.is_empty() {
-            (k, v)
-        } else {
-            (Tensor::cat(&[&c.tensors[0], &k], 2)?, Tensor::cat(&[&c.tensors[1], &v], 2)?)
-        };
-        let start = c.seen + t - k_all.dim(2)?;
-        c.seen += t;
-        let (ck, cv) = match self.cfg.window {
-            Some(w) if k_all.dim(2)? > w => {
-                let n = k_all.dim(2)?;
-                (k_all.narrow(2, n - w, w)?.contiguous()?, v_all.narrow(2, n - w, w)?.contiguous()?)
-            }
-            _ => (k_all.clone(), v_all.clone()),
-        };
-        c.tensors = vec![ck, cv];
-        Ok((k_all, v_all, start))
+        state: Option<&mut LayerState>,
+    ) -> Result<(Tensor, Tensor, KeyPositions)> {
+        let Some(st) = state else { return Ok((k, v, KeyPositions::From(0))) };
+        let (k, v, pos) = st.kv()?.append(&k, &v)?;
+        Ok((k, v, KeyPositions::of(pos)))
     }
 
     /// Scaled dot-product attention of q (B, H, T, hd) at positions `q_start..` over k, v
-    /// (B, Hkv, Tk, hd) at positions `k_start..`, with sinks, causal mask and window.
-    /// `differentiable = false` allows the fused (no-backward) softmax.
+    /// (B, Hkv, Tk, hd) at positions `kpos`, with sinks, causal mask and window. Outside
+    /// [`Phase::Train`] the fused (no-backward) softmax runs.
+    #[allow(clippy::too_many_arguments)]
     pub fn attend(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         q_start: usize,
-        k_start: usize,
-        differentiable: bool,
+        kpos: &KeyPositions,
+        phase: Phase,
         probe: Option<&mut LayerProbe>,
     ) -> Result<Tensor> {
         let (k, v, n_sink) = match (&self.sink_k, &self.sink_v) {
@@ -190,8 +176,21 @@ impl Attention {
             }
             _ => (k.clone(), v.clone(), 0),
         };
-        let mask = self.mask(q.dim(2)?, q_start, k.dim(2)? - n_sink, k_start, n_sink, q.device())?;
-        sdpa(q, &k, &v, mask.as_ref(), differentiable, probe.map(|p| (p, n_sink)))
+        let tk = k.dim(2)? - n_sink;
+        let mask = match kpos {
+            KeyPositions::From(k_start) => self.mask(q.dim(2)?, q_start, tk, *k_start, n_sink, q.device())?,
+            // One query that sees every stored key (a window's ring while decoding): no mask.
+            KeyPositions::List(pos)
+                if q.dim(2)? == 1
+                    && pos.iter().all(|&p| p <= q_start && self.cfg.window.is_none_or(|w| q_start - p < w)) =>
+            {
+                None
+            }
+            KeyPositions::List(pos) => {
+                Some(attention_mask_at(q_start, q.dim(2)?, pos, self.cfg.window, n_sink, q.device())?)
+            }
+        };
+        sdpa(q, &k, &v, mask.as_ref(), phase, probe.map(|p| (p, n_sink)))
     }
 }
 
@@ -273,6 +272,50 @@ pub fn attention_mask(
     }
 }
 
+/// The absolute positions of the keys a query block attends over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyPositions {
+    /// Consecutive positions from this one (no cache, or a cache never evicted from).
+    From(usize),
+    /// Any positions, one per key (after eviction, or a window's ring).
+    List(Vec<usize>),
+}
+
+impl KeyPositions {
+    pub fn of(pos: Vec<usize>) -> Self {
+        match pos.first() {
+            Some(&p0) if pos.iter().enumerate().all(|(j, &p)| p == p0 + j) => KeyPositions::From(p0),
+            None => KeyPositions::From(0),
+            _ => KeyPositions::List(pos),
+        }
+    }
+}
+
+/// Additive mask (Tq, n_sink + Tk) in f32 for queries at positions `q_start..q_start + tq` over
+/// keys at the given positions (any order): 0 where the key is in the query's past (and within
+/// the window), -inf elsewhere; sink columns always visible. Built on the host.
+pub fn attention_mask_at(
+    q_start: usize,
+    tq: usize,
+    kpos: &[usize],
+    window: Option<usize>,
+    n_sink: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let tk = kpos.len();
+    let mut m = vec![0f32; tq * (n_sink + tk)];
+    for i in 0..tq {
+        let qp = q_start + i;
+        for (j, &kp) in kpos.iter().enumerate() {
+            let visible = kp <= qp && window.is_none_or(|w| qp - kp < w);
+            if !visible {
+                m[i * (n_sink + tk) + n_sink + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Tensor::from_vec(m, (tq, n_sink + tk), device)
+}
+
 /// softmax(q kᵀ / √d + mask) v with grouped heads: q (B, H, T, d), k and v (B, Hkv, Tk, d),
 /// H a multiple of Hkv (query head h reads kv head h / (H / Hkv)). Scores and softmax in f32.
 /// With a probe, the probabilities over the real (non-sink) keys are recorded as (B, H, T, Tk).
@@ -281,7 +324,7 @@ pub fn sdpa(
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
-    differentiable: bool,
+    phase: Phase,
     probe: Option<(&mut LayerProbe, usize)>,
 ) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
@@ -297,10 +340,10 @@ pub fn sdpa(
         Some(m) => scores.broadcast_add(&m.to_dtype(work)?)?,
         None => scores,
     };
-    let probs = if differentiable {
+    let probs = if phase.differentiable() {
         candle_nn::ops::softmax(&scores, D::Minus1)?
     } else {
-        candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
+        crate::ops::softmax_last_dim_fused(&scores.contiguous()?, phase)?
     };
     if let Some((p, n_sink)) = probe {
         p.attn = Some(probs.reshape((b, h, t, tk))?.narrow(3, n_sink, tk - n_sink)?.contiguous()?);
@@ -310,15 +353,24 @@ pub fn sdpa(
 }
 
 impl Mixer for Attention {
-    fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, probe: Option<&mut LayerProbe>) -> Result<Tensor> {
-        let offset = cache.as_ref().map(|c| c.seen).unwrap_or(0);
-        let differentiable = cache.is_none();
+    fn forward(
+        &self,
+        x: &Tensor,
+        phase: Phase,
+        state: Option<&mut LayerState>,
+        probe: Option<&mut LayerProbe>,
+    ) -> Result<Tensor> {
+        let offset = state.as_ref().map_or(0, |s| s.seen());
         let q = self.position(&self.split_heads(&self.q_proj.forward(x)?, self.n_heads)?, offset)?;
         let k = self.position(&self.split_heads(&self.k_proj.forward(x)?, self.n_kv_heads)?, offset)?;
         let v = self.split_heads(&self.v_proj.forward(x)?, self.n_kv_heads)?;
-        let (k, v, k_start) = self.update_cache(k, v, cache)?;
-        let y = self.attend(&q, &k, &v, offset, k_start, differentiable, probe)?;
+        let (k, v, kpos) = self.update_cache(k, v, state)?;
+        let y = self.attend(&q, &k, &v, offset, &kpos, phase, probe)?;
         self.o_proj.forward(&self.merge_heads(&y)?)
+    }
+
+    fn new_state(&self, capacity: usize) -> LayerState {
+        LayerState::Kv(KvCache::with_capacity(capacity, self.cfg.window))
     }
 
     fn cache_bytes(&self, batch: usize, seq_len: usize, dtype: DType) -> usize {

@@ -2,7 +2,7 @@
 //! BaseConv layer Zoology (Arora et al. 2023, §4) puts in front of every MQAR mixer. Also the
 //! short q/k/v convolution of GLA / Based / DeltaNet variants.
 
-use crate::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
+use crate::mixer::{BuildCtx, LayerProbe, LayerState, Mixer, Phase, RecurrentState};
 use crate::nn::{residual_std, Linear, INIT_STD};
 use crate::params::{Group, Init, Pb};
 use candle_core::{DType, Result, Tensor};
@@ -97,19 +97,28 @@ impl ShortConv {
 }
 
 impl Mixer for ShortConv {
-    fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, _probe: Option<&mut LayerProbe>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        _phase: Phase,
+        state: Option<&mut LayerState>,
+        _probe: Option<&mut LayerProbe>,
+    ) -> Result<Tensor> {
         let u = self.b.forward(x)?;
-        let y = match cache {
+        let y = match state {
             None => self.conv.forward(&u, None)?,
-            Some(c) => {
-                let mut st = c.tensors.first().cloned();
-                let y = self.conv.forward(&u, Some(&mut st))?;
-                c.tensors = st.into_iter().collect();
-                c.seen += x.dim(1)?;
+            Some(st) => {
+                let r = st.recurrent()?;
+                let y = self.conv.forward(&u, Some(&mut r.conv))?;
+                r.seen += x.dim(1)?;
                 y
             }
         };
         self.o.forward(&(self.a.forward(x)? * y)?)
+    }
+
+    fn new_state(&self, _capacity: usize) -> LayerState {
+        LayerState::Recurrent(RecurrentState::default())
     }
 
     fn cache_bytes(&self, batch: usize, _seq_len: usize, dtype: DType) -> usize {

@@ -12,11 +12,13 @@ pub mod mixer;
 pub mod mlp;
 pub mod model;
 pub mod nn;
+pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod probe;
 pub mod rng;
 pub mod spikes;
+pub mod state;
 pub mod task;
 pub mod train;
 

@@ -5,6 +5,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
+pub use crate::state::{KvCache, LayerState, Phase, RecurrentState};
+
 /// What a layer constructor needs to know about its place in the model.
 #[derive(Debug, Clone, Copy)]
 pub struct BuildCtx {
@@ -21,21 +23,6 @@ pub struct BuildCtx {
     pub kind_layers: usize,
 }
 
-/// A layer's cache (softmax attention: K and V) or recurrent state (linear attention: S and
-/// convolution tails). The tensors are the mixer's own business; `seen` counts the tokens consumed.
-#[derive(Debug, Clone, Default)]
-pub struct LayerCache {
-    pub tensors: Vec<Tensor>,
-    pub seen: usize,
-}
-
-impl LayerCache {
-    /// Exact bytes held by this cache now.
-    pub fn bytes(&self) -> usize {
-        self.tensors.iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
-    }
-}
-
 /// Eval-time diagnostics a mixer may record when asked (never on the training path).
 #[derive(Debug, Default)]
 pub struct LayerProbe {
@@ -47,16 +34,28 @@ pub struct LayerProbe {
 
 /// A sequence mixer: maps (B, T, D) to (B, T, D), mixing information only from the past.
 ///
-/// Three forms share one entry point:
-/// - `cache = None`: the full-sequence (training / parallel) form; must be differentiable.
-/// - `cache = Some(c)` with `c` empty and T ≥ 1: prefill, filling the cache.
-/// - `cache = Some(c)` after earlier calls: incremental decode; the output must equal the matching
-///   rows of the full-sequence form.
+/// Three forms share one entry point, told apart by the [`Phase`]:
+/// - `Train`, `state = None`: the full-sequence form; must be differentiable.
+/// - `Prefill`, a fresh or earlier state and T ≥ 2: appends T tokens, filling the state.
+/// - `Decode`, T = 1: incremental decode; the output must equal the matching rows of the
+///   full-sequence form.
 pub trait Mixer: Send + Sync {
-    fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, probe: Option<&mut LayerProbe>) -> Result<Tensor>;
+    fn forward(
+        &self,
+        x: &Tensor,
+        phase: Phase,
+        state: Option<&mut LayerState>,
+        probe: Option<&mut LayerProbe>,
+    ) -> Result<Tensor>;
+
+    /// A fresh state of the kind this mixer keeps. `capacity`: the number of tokens it is expected
+    /// to hold (a KV cache allocates that many slots at its first write; 0 = what the first write
+    /// brings, then doubling).
+    fn new_state(&self, capacity: usize) -> LayerState;
 
     /// Exact size in bytes of this layer's cache/state after `seq_len` tokens of `batch` sequences
-    /// with activations in `dtype` (must equal [`LayerCache::bytes`] after such a prefill).
+    /// with activations in `dtype` (must equal [`LayerState::bytes`] after such a prefill into a
+    /// fresh state of capacity 0).
     fn cache_bytes(&self, batch: usize, seq_len: usize, dtype: DType) -> usize;
 
     /// A short name for tables and logs.

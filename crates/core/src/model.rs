@@ -1,7 +1,7 @@
 //! The decoder-only language model: token embedding (optionally tied to the head), pre-norm
 //! blocks `h += mixer(norm(h)); h += ffn(norm(h))`, final norm, LM head (GPT-2 / Llama layout).
 
-use crate::mixer::{BuildCtx, FeedForward, LayerCache, LayerProbe, Mixer};
+use crate::mixer::{BuildCtx, FeedForward, LayerProbe, LayerState, Mixer, Phase};
 use crate::nn::{Embedding, Linear, RmsNorm, INIT_STD};
 use crate::params::Pb;
 use candle_core::{DType, Result, Tensor};
@@ -91,25 +91,33 @@ impl Lm {
         Ok(Self { shape: shape.clone(), embed, blocks, norm_f, head, dtype })
     }
 
-    /// A fresh, empty cache for incremental decoding.
-    pub fn new_cache(&self) -> Vec<LayerCache> {
-        vec![LayerCache::default(); self.blocks.len()]
+    /// A fresh, empty state per layer for prefill and decode; KV caches allocate as they fill.
+    pub fn new_cache(&self) -> Vec<LayerState> {
+        self.new_cache_with_capacity(0)
+    }
+
+    /// A fresh state per layer whose KV caches allocate `capacity` tokens at their first write
+    /// (prompt + tokens to generate: decode then allocates nothing more).
+    pub fn new_cache_with_capacity(&self, capacity: usize) -> Vec<LayerState> {
+        self.blocks.iter().map(|b| b.mixer.new_state(capacity)).collect()
     }
 
     /// ids (B, T) u32 -> logits (B, T, V) for every position.
-    /// `cache = None` is the training form; with a cache, T new tokens are appended (prefill/decode).
+    /// `cache = None` is the training form ([`Phase::Train`]); with a cache, T new tokens are
+    /// appended ([`Phase::Prefill`], or [`Phase::Decode`] for one token).
     pub fn forward(
         &self,
         ids: &Tensor,
-        mut cache: Option<&mut [LayerCache]>,
+        mut cache: Option<&mut [LayerState]>,
         mut probe: Option<&mut ModelProbe>,
     ) -> Result<LmOutput> {
+        let phase = Phase::of(cache.is_some(), ids.dim(1)?);
         let mut h = self.embed.forward(ids, self.dtype)?;
         let mut aux: Option<Tensor> = None;
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c[i]);
             let mut lp = probe.as_ref().map(|_| LayerProbe::default());
-            let y = block.mixer.forward(&block.norm1.forward(&h)?, layer_cache, lp.as_mut())?;
+            let y = block.mixer.forward(&block.norm1.forward(&h)?, phase, layer_cache, lp.as_mut())?;
             h = (h + y)?;
             let mut stats = Vec::new();
             if let Some((norm2, ffn)) = &block.ffn {

@@ -5,7 +5,7 @@ use crate::gate::{Gate, GateConfig, GatePosition};
 use serde::{Deserialize, Serialize};
 use zoo_core::attention::{Attention, AttentionConfig};
 use zoo_core::candle_core::{DType, Result, Tensor};
-use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
+use zoo_core::mixer::{BuildCtx, LayerProbe, LayerState, Mixer, Phase};
 use zoo_core::params::Pb;
 
 /// `type = "gated_attention"`: `attention = { ... }` takes every option of plain attention
@@ -45,11 +45,16 @@ impl GatedAttention {
 }
 
 impl Mixer for GatedAttention {
-    fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, probe: Option<&mut LayerProbe>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        phase: Phase,
+        cache: Option<&mut LayerState>,
+        probe: Option<&mut LayerProbe>,
+    ) -> Result<Tensor> {
         let a = &self.attn;
         let pos = self.gate.cfg.position;
-        let offset = cache.as_ref().map(|c| c.seen).unwrap_or(0);
-        let differentiable = cache.is_none();
+        let offset = cache.as_ref().map_or(0, |c| c.seen());
         let g = self.gate.scores(x)?;
         let at = |p: GatePosition, y: Tensor| if pos == p { self.gate.apply(&y, &g) } else { Ok(y) };
         let q = at(GatePosition::Query, a.q_proj.forward(x)?)?;
@@ -58,9 +63,9 @@ impl Mixer for GatedAttention {
         let q = a.position(&a.split_heads(&q, a.n_heads)?, offset)?;
         let k = a.position(&a.split_heads(&k, a.n_kv_heads)?, offset)?;
         let v = a.split_heads(&v, a.n_kv_heads)?;
-        let (k, v, k_start) = a.update_cache(k, v, cache)?;
+        let (k, v, kpos) = a.update_cache(k, v, cache)?;
         let mut probe = probe;
-        let y = a.attend(&q, &k, &v, offset, k_start, differentiable, probe.as_deref_mut())?;
+        let y = a.attend(&q, &k, &v, offset, &kpos, phase, probe.as_deref_mut())?;
         let y = at(GatePosition::SdpaOutput, a.merge_heads(&y)?)?;
         let out = at(GatePosition::DenseOutput, a.o_proj.forward(&y)?)?;
         if let Some(p) = probe {
@@ -69,6 +74,10 @@ impl Mixer for GatedAttention {
             p.stats.push(("gate_frac_below_0.1".into(), gf.lt(0.1f32)?.to_dtype(DType::F32)?));
         }
         Ok(out)
+    }
+
+    fn new_state(&self, capacity: usize) -> LayerState {
+        self.attn.new_state(capacity)
     }
 
     fn cache_bytes(&self, batch: usize, seq_len: usize, dtype: DType) -> usize {

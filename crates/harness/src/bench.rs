@@ -198,7 +198,8 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
         // Decode: prefill T tokens, then generate greedily one token at a time.
         if o.decode_tokens > 0 {
             let r = (|| -> Result<()> {
-                let mut cache = model.new_cache();
+                // Room for the prompt and every generated token: decode allocates no cache.
+                let mut cache = model.new_cache_with_capacity(t + o.decode_tokens);
                 let out = model.forward(&ids, Some(&mut cache), None)?;
                 let mut next = out.logits.narrow(1, t - 1, 1)?.argmax(2)?.to_dtype(DType::U32)?;
                 for _ in 0..o.warmup.min(2) {
@@ -218,6 +219,10 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
                 row.insert("decode_tokens_per_s".into(), json!((b * o.decode_tokens) as f64 / s));
                 row.insert("decode_peak_bytes".into(), json!(mem.read()));
                 row.insert("cache_bytes_after_decode".into(), json!(cache.iter().map(|c| c.bytes()).sum::<usize>()));
+                row.insert(
+                    "cache_allocated_bytes_after_decode".into(),
+                    json!(cache.iter().map(|c| c.allocated_bytes()).sum::<usize>()),
+                );
                 Ok(())
             })();
             record(&mut row, "decode", r);

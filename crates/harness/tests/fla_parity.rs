@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use zoo_core::candle_core::{DType, Device, Tensor, Var};
-use zoo_core::mixer::BuildCtx;
+use zoo_core::mixer::{BuildCtx, Phase};
 use zoo_core::params::ParamStore;
 use zoo_harness::registry::MixerConfig;
 
@@ -124,7 +124,7 @@ fn zoo_layers_match_fla_outputs_and_gradients() {
     for case in cases() {
         let (mixer, store) = load(&case);
         let x = Var::from_tensor(&case.t["x"]).unwrap();
-        let y = mixer.forward(x.as_tensor(), None, None).unwrap();
+        let y = mixer.forward(x.as_tensor(), Phase::Train, None, None).unwrap();
         let mut errs = vec![("y".to_string(), rel(&y, &case.t["y"]))];
         let loss = (&y * &case.t["dy"]).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
@@ -169,7 +169,7 @@ fn a_perturbed_weight_is_caught() {
     let (name, var) = store.vars().into_iter().find(|(n, _)| n.ends_with("k_proj.weight")).unwrap();
     let w = var.as_tensor();
     var.set(&(w + ((w * 1000.0).unwrap().sin().unwrap() * 0.01).unwrap()).unwrap()).unwrap();
-    let y = mixer.forward(&case.t["x"], None, None).unwrap();
+    let y = mixer.forward(&case.t["x"], Phase::Train, None, None).unwrap();
     let e = rel(&y, &case.t["y"]);
     assert!(e > TOL, "{name} perturbed still matches ({e:.2e})");
 }

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use zoo_core::mixer::Phase;
 use zoo_harness::config::{self, PlannedRun};
 use zoo_harness::env::Env;
 use zoo_harness::runner::{self, RunOpts};
@@ -157,10 +158,10 @@ fn linear_mixers_match_finite_differences() {
             v.set(&(v.as_tensor() + (n * 0.05).unwrap()).unwrap()).unwrap();
         }
         let loss = |x: &Tensor| -> f64 {
-            let y = mixer.forward(x, None, None).unwrap();
+            let y = mixer.forward(x, Phase::Train, None, None).unwrap();
             (y * &r).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
         };
-        let y = mixer.forward(x.as_tensor(), None, None).unwrap();
+        let y = mixer.forward(x.as_tensor(), Phase::Train, None, None).unwrap();
         let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         for trial in 0..2 {
             // Steps of 0.05 ε per element: small next to the weights (N(0, 0.02) at init).
@@ -227,15 +228,24 @@ fn gradient_flow_every_variant() {
 #[test]
 fn gradient_flow_catches_fused_norm() {
     use zoo_core::candle_core::{Result, Tensor};
-    use zoo_core::mixer::{LayerCache, LayerProbe, Mixer};
+    use zoo_core::mixer::{LayerProbe, LayerState, Mixer, Phase};
     struct FusedNormAttention {
         inner: zoo_core::attention::Attention,
         ones: Tensor,
     }
     impl Mixer for FusedNormAttention {
-        fn forward(&self, x: &Tensor, c: Option<&mut LayerCache>, p: Option<&mut LayerProbe>) -> Result<Tensor> {
+        fn forward(
+            &self,
+            x: &Tensor,
+            ph: Phase,
+            c: Option<&mut LayerState>,
+            p: Option<&mut LayerProbe>,
+        ) -> Result<Tensor> {
             let x = zoo_core::candle_nn::ops::rms_norm(&x.contiguous()?, &self.ones, 1e-5)?;
-            self.inner.forward(&x, c, p)
+            self.inner.forward(&x, ph, c, p)
+        }
+        fn new_state(&self, capacity: usize) -> LayerState {
+            self.inner.new_state(capacity)
         }
         fn cache_bytes(&self, b: usize, t: usize, d: zoo_core::candle_core::DType) -> usize {
             self.inner.cache_bytes(b, t, d)

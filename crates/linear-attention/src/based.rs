@@ -9,7 +9,7 @@
 use crate::{check_heads_chunk, default_chunk, heads, merge, recur, QkvConv};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor, D};
-use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
+use zoo_core::mixer::{BuildCtx, LayerProbe, LayerState, Mixer, Phase};
 use zoo_core::nn::{residual_std, Linear, INIT_STD};
 use zoo_core::params::Pb;
 
@@ -82,10 +82,16 @@ impl Based {
 }
 
 impl Mixer for Based {
-    fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, _probe: Option<&mut LayerProbe>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        _phase: Phase,
+        cache: Option<&mut LayerState>,
+        _probe: Option<&mut LayerProbe>,
+    ) -> Result<Tensor> {
         let h = self.cfg.n_heads;
         let mut cache = cache;
-        let (q, k, v, hist) = crate::maybe_conv(&self.conv, [&self.q, &self.k, &self.v], x, cache.as_deref())?;
+        let (q, k, v) = crate::maybe_conv(&self.conv, [&self.q, &self.k, &self.v], x, cache.as_deref_mut())?;
         let q = taylor_features(&heads(&q, h)?)?;
         let k = taylor_features(&heads(&k, h)?)?;
         let v = heads(&v, h)?;
@@ -93,11 +99,14 @@ impl Mixer for Based {
         let ones = Tensor::ones((v.dim(0)?, h, v.dim(2)?, 1), v.dtype(), v.device())?;
         let v = Tensor::cat(&[&v, &ones], D::Minus1)?;
         let o = recur(&q, &k, &v, None, cache.as_deref_mut(), self.cfg.chunk)?;
-        crate::keep_hist(cache, hist);
         let dv = o.dim(3)? - 1;
         // φ(q)·φ(k) ≥ 1/2 for all q, k (a quadratic in q·k), so the denominator is positive.
         let o = o.narrow(3, 0, dv)?.broadcast_div(&o.narrow(3, dv, 1)?)?;
         self.o.forward(&merge(&o.to_dtype(x.dtype())?)?)
+    }
+
+    fn new_state(&self, _capacity: usize) -> LayerState {
+        crate::recurrent_state()
     }
 
     fn cache_bytes(&self, batch: usize, _seq_len: usize, dtype: DType) -> usize {

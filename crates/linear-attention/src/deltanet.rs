@@ -28,7 +28,7 @@ use crate::{
 };
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor, D};
-use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
+use zoo_core::mixer::{BuildCtx, LayerProbe, LayerState, Mixer, Phase};
 use zoo_core::nn::{Linear, INIT_STD};
 use zoo_core::params::{Group, Init, Pb};
 
@@ -306,10 +306,16 @@ fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 }
 
 impl Mixer for DeltaNet {
-    fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, _probe: Option<&mut LayerProbe>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        _phase: Phase,
+        cache: Option<&mut LayerState>,
+        _probe: Option<&mut LayerProbe>,
+    ) -> Result<Tensor> {
         let h = self.cfg.n_heads;
         let mut cache = cache;
-        let (q, k, v, hist) = crate::maybe_conv(&self.conv, [&self.q, &self.k, &self.v], x, cache.as_deref())?;
+        let (q, k, v) = crate::maybe_conv(&self.conv, [&self.q, &self.k, &self.v], x, cache.as_deref_mut())?;
         let q = (l2_normalize(&heads(&q.to_dtype(DType::F32)?, h)?)? * (1.0 / ((self.d / h) as f64).sqrt()))?;
         let k = l2_normalize(&heads(&k.to_dtype(DType::F32)?, h)?)?;
         let v = heads(&v, h)?;
@@ -324,8 +330,11 @@ impl Mixer for DeltaNet {
                 chunked(&q, &k, &v, &beta, g.as_ref(), s0, chunk)
             }
         })?;
-        crate::keep_hist(cache, hist);
         self.out.forward(&o, x)
+    }
+
+    fn new_state(&self, _capacity: usize) -> LayerState {
+        crate::recurrent_state()
     }
 
     fn cache_bytes(&self, batch: usize, _seq_len: usize, dtype: DType) -> usize {

@@ -21,7 +21,7 @@ pub mod simple_gla;
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
 use zoo_core::conv::CausalConv1d;
-use zoo_core::mixer::{BuildCtx, LayerCache};
+use zoo_core::mixer::{BuildCtx, LayerState};
 use zoo_core::nn::{residual_std, Linear, INIT_STD};
 use zoo_core::params::{Group, Init, Pb};
 
@@ -29,14 +29,14 @@ fn default_chunk() -> usize {
     64
 }
 
-/// Run the recurrence in the form the call needs: chunked (training: no cache; prefill: T > 1),
-/// or one step (decode). The cache holds the f32 state S (B, H, d_k, d_v).
+/// Run the recurrence in the form the call needs: chunked (training: no state; prefill: T > 1),
+/// or one step (decode). The state holds the f32 matrix S (B, H, d_k, d_v).
 pub(crate) fn recur(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     g: Option<&Tensor>,
-    cache: Option<&mut LayerCache>,
+    cache: Option<&mut LayerState>,
     chunk: usize,
 ) -> Result<Tensor> {
     recur_with(cache, q.dim(2)?, |s0, decode| {
@@ -48,28 +48,34 @@ pub(crate) fn recur(
     })
 }
 
-/// The cache protocol of every recurrent mixer here: `run(S_0, decode)` returns (o, S_T); the
-/// state lives in `cache.tensors[0]` (any later slots, e.g. a convolution history, are the
-/// mixer's to re-append after this call).
+/// The state protocol of every recurrent mixer here: `run(S_0, decode)` returns (o, S_T); the
+/// state lives in [`RecurrentState::s`](zoo_core::mixer::RecurrentState) (its `conv` history is
+/// [`QkvConv`]'s).
 pub(crate) fn recur_with(
-    cache: Option<&mut LayerCache>,
+    cache: Option<&mut LayerState>,
     t: usize,
     run: impl FnOnce(Option<&Tensor>, bool) -> Result<(Tensor, Tensor)>,
 ) -> Result<Tensor> {
     match cache {
         None => Ok(run(None, false)?.0),
-        Some(c) => {
-            let (o, s) = run(c.tensors.first(), t == 1)?;
-            c.tensors = vec![s];
-            c.seen += t;
+        Some(st) => {
+            let r = st.recurrent()?;
+            let (o, s) = run(r.s.as_ref(), t == 1)?;
+            r.s = Some(s);
+            r.seen += t;
             Ok(o)
         }
     }
 }
 
+/// A fresh state for the recurrent mixers here.
+pub(crate) fn recurrent_state() -> LayerState {
+    LayerState::Recurrent(zoo_core::mixer::RecurrentState::default())
+}
+
 /// The optional short causal convolution + SiLU on q, k, v (fla's `ShortConvolution`, used by
 /// DeltaNet, GLA and Based variants): one depthwise conv over the concatenated channels. Its
-/// decode history (the last k−1 inputs) is the cache's slot 1.
+/// decode history (the last k−1 inputs) is the state's `conv`.
 pub struct QkvConv {
     conv: CausalConv1d,
     widths: [usize; 3],
@@ -84,17 +90,16 @@ impl QkvConv {
         Ok(Some(Self { conv: CausalConv1d::new(pb, widths.iter().sum(), kernel)?, widths }))
     }
 
-    /// Returns the convolved q, k, v and, when decoding with a cache, the new history to store.
-    pub fn forward(
-        &self,
-        [q, k, v]: [Tensor; 3],
-        cache: Option<&LayerCache>,
-    ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+    /// Returns the convolved q, k, v; with a state, its convolution history is read and updated.
+    pub fn forward(&self, [q, k, v]: [Tensor; 3], cache: Option<&mut LayerState>) -> Result<(Tensor, Tensor, Tensor)> {
         let x = Tensor::cat(&[&q, &k, &v], 2)?;
-        let mut hist = cache.map(|c| c.tensors.get(1).cloned());
-        let y = self.conv.forward(&x, hist.as_mut())?.silu()?;
+        let y = match cache {
+            Some(st) => self.conv.forward(&x, Some(&mut st.recurrent()?.conv))?,
+            None => self.conv.forward(&x, None)?,
+        }
+        .silu()?;
         let [a, b, c] = self.widths;
-        Ok((y.narrow(2, 0, a)?, y.narrow(2, a, b)?, y.narrow(2, a + b, c)?, hist.flatten()))
+        Ok((y.narrow(2, 0, a)?, y.narrow(2, a, b)?, y.narrow(2, a + b, c)?))
     }
 
     pub fn cache_bytes(&self, batch: usize, dtype: DType) -> usize {
@@ -107,19 +112,12 @@ pub(crate) fn maybe_conv(
     conv: &Option<QkvConv>,
     [q, k, v]: [&zoo_core::nn::Linear; 3],
     x: &Tensor,
-    cache: Option<&LayerCache>,
-) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+    cache: Option<&mut LayerState>,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (q, k, v) = (q.forward(x)?, k.forward(x)?, v.forward(x)?);
     match conv {
-        None => Ok((q, k, v, None)),
+        None => Ok((q, k, v)),
         Some(c) => c.forward([q, k, v], cache),
-    }
-}
-
-/// After [`recur_with`] has replaced the cache with the new state, append the conv history.
-pub(crate) fn keep_hist(cache: Option<&mut LayerCache>, hist: Option<Tensor>) {
-    if let (Some(c), Some(h)) = (cache, hist) {
-        c.tensors.push(h);
     }
 }
 

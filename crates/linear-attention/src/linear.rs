@@ -5,7 +5,7 @@
 use crate::{check_heads_chunk, default_chunk, heads, merge, recur, state_bytes};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor, D};
-use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
+use zoo_core::mixer::{BuildCtx, LayerProbe, LayerState, Mixer, Phase};
 use zoo_core::nn::{residual_std, Linear, INIT_STD};
 use zoo_core::params::Pb;
 
@@ -79,7 +79,13 @@ impl LinearAttention {
 }
 
 impl Mixer for LinearAttention {
-    fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, _probe: Option<&mut LayerProbe>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        _phase: Phase,
+        cache: Option<&mut LayerState>,
+        _probe: Option<&mut LayerProbe>,
+    ) -> Result<Tensor> {
         let h = self.cfg.n_heads;
         let q = self.phi(&heads(&self.q.forward(x)?, h)?)?;
         let k = self.phi(&heads(&self.k.forward(x)?, h)?)?;
@@ -96,6 +102,10 @@ impl Mixer for LinearAttention {
             o
         };
         self.o.forward(&merge(&o.to_dtype(x.dtype())?)?)
+    }
+
+    fn new_state(&self, _capacity: usize) -> LayerState {
+        crate::recurrent_state()
     }
 
     fn cache_bytes(&self, batch: usize, _seq_len: usize, _dtype: DType) -> usize {

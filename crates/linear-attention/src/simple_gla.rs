@@ -18,7 +18,7 @@ use crate::kernel::log_sigmoid;
 use crate::{check_heads_chunk, default_chunk, heads, recur, GatedOutput, OutputGate, OutputNorm, QkvConv};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor};
-use zoo_core::mixer::{BuildCtx, LayerCache, LayerProbe, Mixer};
+use zoo_core::mixer::{BuildCtx, LayerProbe, LayerState, Mixer, Phase};
 use zoo_core::nn::{Linear, INIT_STD};
 use zoo_core::params::Pb;
 
@@ -151,11 +151,17 @@ impl SimpleGla {
 }
 
 impl Mixer for SimpleGla {
-    fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, _probe: Option<&mut LayerProbe>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        _phase: Phase,
+        cache: Option<&mut LayerState>,
+        _probe: Option<&mut LayerProbe>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let h = self.cfg.n_heads;
         let mut cache = cache;
-        let (q, k, v, hist) = crate::maybe_conv(&self.conv, [&self.q, &self.k, &self.v], x, cache.as_deref())?;
+        let (q, k, v) = crate::maybe_conv(&self.conv, [&self.q, &self.k, &self.v], x, cache.as_deref_mut())?;
         let q = (heads(&q, h)? * (1.0 / ((self.dk / h) as f64).sqrt()))?;
         let (k, v) = (heads(&k, h)?, heads(&v, h)?);
         let g = match (&self.g, &self.fixed) {
@@ -168,8 +174,11 @@ impl Mixer for SimpleGla {
             (None, None) => unreachable!("one decay source is always built"),
         };
         let o = recur(&q, &k, &v, Some(&g), cache.as_deref_mut(), self.cfg.chunk)?;
-        crate::keep_hist(cache, hist);
         self.out.forward(&o, x)
+    }
+
+    fn new_state(&self, _capacity: usize) -> LayerState {
+        crate::recurrent_state()
     }
 
     fn cache_bytes(&self, batch: usize, _seq_len: usize, dtype: DType) -> usize {

@@ -1,0 +1,327 @@
+//! Typed per-layer state for prefill and decode, and the phase a forward pass runs in.
+//!
+//! - [`Phase`]: `Train` (the full-sequence form, backward available; training and evaluation
+//!   losses), `Prefill` (T ≥ 2 tokens appended to a state) or `Decode` (one token). Ops without a
+//!   backward pass may run only outside `Train` ([`Phase::forbid_train`]).
+//! - [`KvCache`]: softmax attention's keys and values, written in place into a preallocated buffer
+//!   (grown ×2 when full, or sized up front from the expected length), each slot stored with its
+//!   absolute position, so masks, windows and sinks come from positions and entries can be evicted
+//!   ([`KvCache::retain`]) without breaking them.
+//! - [`RecurrentState`]: a recurrent mixer's state tensor and its short-convolution history.
+//!
+//! ```
+//! use zoo_core::candle_core::{DType, Device, Tensor};
+//! use zoo_core::state::KvCache;
+//! let dev = Device::Cpu;
+//! let mut c = KvCache::with_capacity(8, None);
+//! let k = Tensor::zeros((1, 2, 3, 4), DType::F32, &dev)?; // (B, H, T, hd)
+//! c.append(&k, &k)?;
+//! c.append(&k.narrow(2, 0, 1)?, &k.narrow(2, 0, 1)?)?;
+//! assert_eq!((c.len(), c.seen()), (4, 4));
+//! c.retain(&[0, 3])?; // evict the middle two
+//! assert_eq!(c.positions(), &[0, 3]);
+//! assert_eq!(c.bytes(), 2 * 2 * 2 * 4 * 4); // K and V of 2 tokens, 2 heads, hd 4, f32
+//! assert_eq!(c.allocated_bytes(), 2 * 8 * 2 * 4 * 4); // buffers of capacity 8
+//! # Ok::<(), zoo_core::candle_core::Error>(())
+//! ```
+
+use candle_core::{bail, Result, Tensor};
+
+/// What a forward pass is for; passed down to every mixer so kernels choose by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The full-sequence form, no state: training, and evaluation losses. Differentiable.
+    Train,
+    /// Two or more tokens appended to a layer state (the prompt, or a chunk of it).
+    Prefill,
+    /// One token appended to a layer state.
+    Decode,
+}
+
+impl Phase {
+    /// The phase of a model call: `Train` without a state, else `Decode` for one token and
+    /// `Prefill` for more.
+    pub fn of(has_state: bool, t: usize) -> Self {
+        match (has_state, t) {
+            (false, _) => Phase::Train,
+            (true, 1) => Phase::Decode,
+            (true, _) => Phase::Prefill,
+        }
+    }
+
+    /// Whether gradients may flow through this pass.
+    pub fn differentiable(self) -> bool {
+        self == Phase::Train
+    }
+
+    /// The guard every backward-less op calls: an error in `Train`, naming the op.
+    pub fn forbid_train(self, op: &str) -> Result<()> {
+        if self == Phase::Train {
+            bail!("{op} has no backward pass and cannot run in Phase::Train")
+        }
+        Ok(())
+    }
+}
+
+/// One layer's state between calls; each mixer says which kind it keeps
+/// ([`crate::mixer::Mixer::new_state`]).
+#[derive(Debug, Clone)]
+pub enum LayerState {
+    Kv(KvCache),
+    Recurrent(RecurrentState),
+}
+
+impl LayerState {
+    /// Tokens consumed so far.
+    pub fn seen(&self) -> usize {
+        match self {
+            LayerState::Kv(c) => c.seen(),
+            LayerState::Recurrent(r) => r.seen,
+        }
+    }
+
+    /// Bytes of the state held now (a KV cache: its used slots).
+    pub fn bytes(&self) -> usize {
+        match self {
+            LayerState::Kv(c) => c.bytes(),
+            LayerState::Recurrent(r) => r.bytes(),
+        }
+    }
+
+    /// Bytes allocated now (a KV cache: its capacity).
+    pub fn allocated_bytes(&self) -> usize {
+        match self {
+            LayerState::Kv(c) => c.allocated_bytes(),
+            LayerState::Recurrent(r) => r.bytes(),
+        }
+    }
+
+    pub fn kv(&mut self) -> Result<&mut KvCache> {
+        match self {
+            LayerState::Kv(c) => Ok(c),
+            LayerState::Recurrent(_) => bail!("layer state: expected a KV cache, found a recurrent state"),
+        }
+    }
+
+    pub fn recurrent(&mut self) -> Result<&mut RecurrentState> {
+        match self {
+            LayerState::Recurrent(r) => Ok(r),
+            LayerState::Kv(_) => bail!("layer state: expected a recurrent state, found a KV cache"),
+        }
+    }
+}
+
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+/// A recurrent mixer's state: `s` (e.g. the f32 matrix S of linear attention) and `conv`, the last
+/// k − 1 inputs of a short causal convolution. Both are replaced, not grown, at each call.
+#[derive(Debug, Clone, Default)]
+pub struct RecurrentState {
+    pub s: Option<Tensor>,
+    pub conv: Option<Tensor>,
+    pub seen: usize,
+}
+
+impl RecurrentState {
+    pub fn bytes(&self) -> usize {
+        self.s.iter().chain(self.conv.iter()).map(tensor_bytes).sum()
+    }
+}
+
+/// Softmax attention's keys and values, (B, H, capacity, hd) each, written in place; slot j holds
+/// the token at absolute position `positions()[j]`. Slots are shared by all heads.
+///
+/// Without a window, a fresh cache allocates exactly what its first append needs (or the capacity
+/// given to [`KvCache::with_capacity`]) and doubles when full. With a window of w tokens it keeps at
+/// most w slots and a one-token append overwrites the oldest slot (a ring: the order of keys does
+/// not matter to attention, their positions do).
+#[derive(Debug)]
+pub struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    pos: Vec<usize>,
+    seen: usize,
+    capacity: usize,
+    window: Option<usize>,
+}
+
+/// A deep copy: the buffers are written in place, so a clone must not share them.
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        let copy = |t: &Option<Tensor>| t.as_ref().map(|t| t.copy().expect("copy of a KV buffer"));
+        Self {
+            k: copy(&self.k),
+            v: copy(&self.v),
+            pos: self.pos.clone(),
+            seen: self.seen,
+            capacity: self.capacity,
+            window: self.window,
+        }
+    }
+}
+
+impl KvCache {
+    /// An empty cache; `capacity` slots are allocated at the first append (0: as many as it
+    /// brings). `window`: keep only keys the next query can still see.
+    pub fn with_capacity(capacity: usize, window: Option<usize>) -> Self {
+        Self { k: None, v: None, pos: Vec::new(), seen: 0, capacity, window }
+    }
+
+    /// Tokens consumed so far (the absolute position of the next token).
+    pub fn seen(&self) -> usize {
+        self.seen
+    }
+
+    /// Slots in use.
+    pub fn len(&self) -> usize {
+        self.pos.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos.is_empty()
+    }
+
+    /// Absolute position of the token in each used slot.
+    pub fn positions(&self) -> &[usize] {
+        &self.pos
+    }
+
+    /// Allocated slots.
+    pub fn capacity(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0))
+    }
+
+    /// Bytes of the keys and values held (the used slots).
+    pub fn bytes(&self) -> usize {
+        let cap = self.capacity();
+        if cap == 0 {
+            return 0;
+        }
+        self.allocated_bytes() / cap * self.pos.len()
+    }
+
+    /// Bytes allocated: both buffers at their capacity (≥ [`KvCache::bytes`]).
+    pub fn allocated_bytes(&self) -> usize {
+        self.k.iter().chain(self.v.iter()).map(tensor_bytes).sum()
+    }
+
+    /// The used slots: K and V (B, H, len, hd).
+    pub fn kv(&self) -> Result<Option<(Tensor, Tensor)>> {
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) if !self.pos.is_empty() => {
+                let n = self.pos.len();
+                Ok(Some((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether the used slots hold consecutive positions in order (the common case, whose masks
+    /// need no host positions).
+    pub fn contiguous_from(&self) -> Option<usize> {
+        let p0 = *self.pos.first()?;
+        self.pos.iter().enumerate().all(|(j, &p)| p == p0 + j).then_some(p0)
+    }
+
+    fn alloc(like: &Tensor, cap: usize) -> Result<Tensor> {
+        let (b, h, _, d) = like.dims4()?;
+        Tensor::zeros((b, h, cap, d), like.dtype(), like.device())
+    }
+
+    /// Make room for `extra` more slots, doubling (or, with a window, capping at the window).
+    fn reserve(&mut self, like: &Tensor, extra: usize) -> Result<()> {
+        let need = self.pos.len() + extra;
+        let cap = self.capacity();
+        if need <= cap {
+            return Ok(());
+        }
+        let mut new_cap = if cap == 0 { need.max(self.capacity) } else { need.max(2 * cap) };
+        if let Some(w) = self.window {
+            new_cap = new_cap.min(w.max(need));
+        }
+        let (nk, nv) = (Self::alloc(like, new_cap)?, Self::alloc(like, new_cap)?);
+        if let Some((k, v)) = self.kv()? {
+            nk.slice_set(&k.contiguous()?, 2, 0)?;
+            nv.slice_set(&v.contiguous()?, 2, 0)?;
+        }
+        self.k = Some(nk);
+        self.v = Some(nv);
+        Ok(())
+    }
+
+    /// Append t new keys and values (B, H, t, hd) at positions `seen..seen + t`.
+    ///
+    /// Returns what the new queries attend over: the keys, values and their positions. That is the
+    /// stored slots after the write, except for a multi-token append to a windowed cache, where it
+    /// is the old slots followed by all t new keys (the earliest new queries still see keys that
+    /// the window then drops).
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, Vec<usize>)> {
+        let t = k.dim(2)?;
+        let new_pos: Vec<usize> = (self.seen..self.seen + t).collect();
+        self.seen += t;
+        match self.window {
+            Some(w) if t == 1 && self.pos.len() >= w => {
+                // Ring: overwrite the oldest slot, which the new query can no longer see.
+                let (j, _) = self.pos.iter().enumerate().min_by_key(|(_, &p)| p).expect("window ≥ 1");
+                self.k.as_ref().expect("allocated").slice_set(&k.contiguous()?, 2, j)?;
+                self.v.as_ref().expect("allocated").slice_set(&v.contiguous()?, 2, j)?;
+                self.pos[j] = new_pos[0];
+                let (ka, va) = self.kv()?.expect("non-empty");
+                Ok((ka, va, self.pos.clone()))
+            }
+            Some(w) if self.pos.len() + t > w => {
+                // Attend over old + new, then keep the last w positions.
+                let (ka, va, pa) = match self.kv()? {
+                    Some((ok, ov)) => {
+                        let mut pa = self.pos.clone();
+                        pa.extend(&new_pos);
+                        (Tensor::cat(&[&ok, k], 2)?, Tensor::cat(&[&ov, v], 2)?, pa)
+                    }
+                    None => (k.clone(), v.clone(), new_pos.clone()),
+                };
+                let mut order: Vec<usize> = (0..pa.len()).collect();
+                order.sort_by_key(|&j| pa[j]);
+                let keep: Vec<usize> = order[order.len() - w..].to_vec();
+                let idx = Tensor::new(keep.iter().map(|&j| j as u32).collect::<Vec<_>>(), k.device())?;
+                let (kk, vk) = (ka.contiguous()?.index_select(&idx, 2)?, va.contiguous()?.index_select(&idx, 2)?);
+                if self.capacity() < w {
+                    self.k = Some(Self::alloc(k, w)?);
+                    self.v = Some(Self::alloc(k, w)?);
+                }
+                self.k.as_ref().expect("allocated").slice_set(&kk, 2, 0)?;
+                self.v.as_ref().expect("allocated").slice_set(&vk, 2, 0)?;
+                self.pos = keep.iter().map(|&j| pa[j]).collect();
+                Ok((ka, va, pa))
+            }
+            _ => {
+                self.reserve(k, t)?;
+                let at = self.pos.len();
+                self.k.as_ref().expect("reserved").slice_set(&k.contiguous()?, 2, at)?;
+                self.v.as_ref().expect("reserved").slice_set(&v.contiguous()?, 2, at)?;
+                self.pos.extend(new_pos);
+                let (ka, va) = self.kv()?.expect("non-empty");
+                Ok((ka, va, self.pos.clone()))
+            }
+        }
+    }
+
+    /// Keep only the given used slots, in the given order, and free nothing else: the eviction
+    /// primitive of KV compression. Positions travel with their slots; `seen` is unchanged, so new
+    /// tokens continue from the original length.
+    pub fn retain(&mut self, slots: &[usize]) -> Result<()> {
+        if let Some(&bad) = slots.iter().find(|&&j| j >= self.pos.len()) {
+            bail!("KvCache::retain: slot {bad} is not in use ({} used)", self.pos.len())
+        }
+        let Some((k, v)) = self.kv()? else { return Ok(()) };
+        if !slots.is_empty() {
+            let idx = Tensor::new(slots.iter().map(|&j| j as u32).collect::<Vec<_>>(), k.device())?;
+            let (kk, vk) = (k.contiguous()?.index_select(&idx, 2)?, v.contiguous()?.index_select(&idx, 2)?);
+            self.k.as_ref().expect("allocated").slice_set(&kk, 2, 0)?;
+            self.v.as_ref().expect("allocated").slice_set(&vk, 2, 0)?;
+        }
+        self.pos = slots.iter().map(|&j| self.pos[j]).collect();
+        Ok(())
+    }
+}
