@@ -178,7 +178,7 @@ impl Attention {
         };
         let tk = k.dim(2)? - n_sink;
         let mask = match kpos {
-            KeyPositions::From(k_start) => self.mask(q.dim(2)?, q_start, tk, *k_start, n_sink, q.device())?,
+            KeyPositions::From(k_start) => self.mask(q.dim(2)?, q_start, tk, *k_start, n_sink, phase, q.device())?,
             // One query that sees every stored key (a window's ring while decoding): no mask.
             KeyPositions::List(pos)
                 if q.dim(2)? == 1
@@ -196,9 +196,10 @@ impl Attention {
 
 impl Attention {
     /// The additive mask for `tq` queries from `q_start` over `tk` keys from `k_start`, built
-    /// without a host round-trip on the hot paths: the full-sequence (training / prefill) mask is
-    /// cached, and a one-token decode step needs none, or a device-side fill for the window edge.
-    /// Only chunked prefill at an offset builds one from host positions.
+    /// without a host round-trip on the hot paths: the full-sequence training mask is cached (a
+    /// prefill builds its own and keeps nothing: a T×T mask per layer would outlive the prompt),
+    /// and a one-token decode step needs none, or a device-side fill for the window edge.
+    #[allow(clippy::too_many_arguments)]
     fn mask(
         &self,
         tq: usize,
@@ -206,6 +207,7 @@ impl Attention {
         tk: usize,
         k_start: usize,
         n_sink: usize,
+        phase: Phase,
         dev: &Device,
     ) -> Result<Option<Tensor>> {
         if tq == 1 {
@@ -227,7 +229,7 @@ impl Attention {
             )?;
             return Ok(Some(m));
         }
-        let full_seq = q_start == 0 && k_start == 0 && tq == tk;
+        let full_seq = phase == Phase::Train && q_start == 0 && k_start == 0 && tq == tk;
         if full_seq {
             if let Some((t, m)) = self.mask_cache.lock().unwrap().as_ref() {
                 if *t == tq {

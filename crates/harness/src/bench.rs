@@ -30,7 +30,10 @@ pub struct PeakMem<'a> {
 impl<'a> PeakMem<'a> {
     pub fn reset(&self) {
         if self.env.device.is_cpu() {
-            // Linux: writing 5 to clear_refs resets VmHWM to the current RSS.
+            // Return the memory freed by earlier phases to the OS (the binary's allocator is
+            // mimalloc), then reset VmHWM to the current RSS (Linux: write 5 to clear_refs).
+            // SAFETY: mi_collect only releases free pages of mimalloc's own heaps.
+            unsafe { libmimalloc_sys::mi_collect(true) };
             let _ = std::fs::write("/proc/self/clear_refs", "5");
         } else {
             cuda_mem::reset_peak();
@@ -49,7 +52,7 @@ impl<'a> PeakMem<'a> {
 
     pub fn what(&self) -> &'static str {
         if self.env.device.is_cpu() {
-            "process peak resident set (VmHWM), bytes"
+            "process peak resident set (VmHWM) after returning freed memory to the OS, bytes"
         } else {
             cuda_mem::WHAT
         }
@@ -200,8 +203,9 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
             let r = (|| -> Result<()> {
                 // Room for the prompt and every generated token: decode allocates no cache.
                 let mut cache = model.new_cache_with_capacity(t + o.decode_tokens);
-                let out = model.forward(&ids, Some(&mut cache), None)?;
-                let mut next = out.logits.narrow(1, t - 1, 1)?.argmax(2)?.to_dtype(DType::U32)?;
+                let logits = model.forward(&ids, Some(&mut cache), None)?.logits;
+                let mut next = logits.narrow(1, t - 1, 1)?.argmax(2)?.to_dtype(DType::U32)?;
+                drop(logits); // (B, T, V): not part of what decode holds
                 for _ in 0..o.warmup.min(2) {
                     // Warm-up steps on a throwaway copy of the cache.
                     let mut c2 = cache.clone();
@@ -238,7 +242,10 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
         "experiment": cfg.experiment,
         "layers": model.describe(),
         "config": serde_json::to_value(&cfg)?,
-        "params": { "total": store.num_params() },
+        "params": {
+            "total": store.num_params(),
+            "bytes": store.vars().iter().map(|(_, v)| v.elem_count() * v.dtype().size_in_bytes()).sum::<usize>(),
+        },
         "vocab_size": vocab,
         "env": {
             "git": env::git_state(),
