@@ -3,6 +3,7 @@
 //! A method crate (gated attention, linear attention, MoE, ...) implements one of these traits and is
 //! registered in the harness's config enum; the core never needs to know the concrete type.
 
+use crate::params::Pb;
 use candle_core::{DType, Result, Tensor};
 
 pub use crate::state::{KvCache, LayerState, Phase, RecurrentState};
@@ -60,6 +61,34 @@ pub trait Mixer: Send + Sync {
 
     /// A short name for tables and logs.
     fn kind(&self) -> String;
+}
+
+/// A mixer's config (burn's `Config::init` style): it checks itself against the build context,
+/// builds its layer, and names small example configs covering its main options. The shared contract
+/// checks ([`crate::check::mixer_contract`]: gradient flow, decode parity, cache bytes, determinism)
+/// iterate `examples()`, so a new mixer is covered by construction.
+pub trait MixerSpec: Sized + std::fmt::Debug {
+    /// Check against the model width and the longest sequence (`ctx.max_seq_len`); the error
+    /// starts with the field's name.
+    fn validate(&self, ctx: &BuildCtx) -> std::result::Result<(), String>;
+
+    fn build(&self, ctx: &BuildCtx, pb: &Pb) -> Result<Box<dyn Mixer>>;
+
+    /// Small configs (valid at d_model = 16, sequences ≥ 8) covering the main options.
+    fn examples() -> Vec<Self>;
+}
+
+/// Parse example configs written as the inside of a TOML inline table, e.g.
+/// `"n_heads = 4, qk_norm = true"`: how [`MixerSpec::examples`] implementations list theirs.
+pub fn examples_from_toml<T: serde::de::DeserializeOwned>(items: &[&str]) -> Vec<T> {
+    items
+        .iter()
+        .map(|s| {
+            let table: toml::Table =
+                toml::from_str(&format!("x = {{ {s} }}")).unwrap_or_else(|e| panic!("example `{s}`: {e}"));
+            table["x"].clone().try_into().unwrap_or_else(|e| panic!("example `{s}`: {e}"))
+        })
+        .collect()
 }
 
 /// A feed-forward's output: the value, an optional auxiliary loss to add to the LM loss (already

@@ -464,8 +464,18 @@ pub fn validate(c: &RunConfig) -> Result<()> {
             }
         }
     }
-    for (i, mx) in c.layer_mixers()?.iter().enumerate() {
-        mx.validate(m.d_model, seq).map_err(|e| anyhow!("model.mixer (layer {i}).{e}"))?;
+    let mixers = c.layer_mixers()?;
+    let kinds = crate::registry::kind_positions(&mixers);
+    for (i, mx) in mixers.iter().enumerate() {
+        let ctx = zoo_core::mixer::BuildCtx {
+            d_model: m.d_model,
+            n_layers: mixers.len(),
+            layer: i,
+            max_seq_len: seq,
+            kind_layer: kinds[i].0,
+            kind_layers: kinds[i].1,
+        };
+        zoo_core::mixer::MixerSpec::validate(mx, &ctx).map_err(|e| anyhow!("model.mixer (layer {i}).{e}"))?;
     }
     m.ffn.validate().map_err(|e| anyhow!("model.ffn.{e}"))?;
     if t.steps == 0 {

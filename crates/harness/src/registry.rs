@@ -1,25 +1,58 @@
-//! Where the method crates meet: the config enums naming every sequence mixer and feed-forward, and
-//! the function that builds a layer from them. Adding a mixer = one enum variant + one match arm.
+//! Where the method crates meet: the config enums naming every sequence mixer and feed-forward.
+//! Each mixer config is a [`MixerSpec`] (it validates and builds itself, next to its struct);
+//! adding a mixer = one line in [`mixers!`].
 
 use serde::{Deserialize, Serialize};
-use zoo_core::attention::{Attention, AttentionConfig};
+use zoo_core::attention::AttentionConfig;
 use zoo_core::candle_core::Result;
-use zoo_core::conv::{ShortConv, ShortConvConfig};
-use zoo_core::mixer::{BuildCtx, FeedForward, Mixer};
+use zoo_core::conv::ShortConvConfig;
+use zoo_core::mixer::{BuildCtx, FeedForward, Mixer, MixerSpec};
 use zoo_core::mlp::{GeluMlp, MlpConfig, SwiGlu};
 use zoo_core::params::Pb;
-use zoo_gated_attention::{GatedAttention, GatedAttentionConfig};
-use zoo_linear_attention::based::{Based, BasedConfig};
-use zoo_linear_attention::deltanet::{DeltaNet, DeltaNetConfig};
-use zoo_linear_attention::gla::{Gla, GlaConfig};
-use zoo_linear_attention::linear::{LinearAttention, LinearAttentionConfig};
-use zoo_linear_attention::retnet::{RetNetConfig, Retention};
-use zoo_linear_attention::simple_gla::{SimpleGla, SimpleGlaConfig};
+use zoo_gated_attention::GatedAttentionConfig;
+use zoo_linear_attention::based::BasedConfig;
+use zoo_linear_attention::deltanet::DeltaNetConfig;
+use zoo_linear_attention::gla::GlaConfig;
+use zoo_linear_attention::linear::LinearAttentionConfig;
+use zoo_linear_attention::retnet::RetNetConfig;
+use zoo_linear_attention::simple_gla::SimpleGlaConfig;
 
-/// A sequence mixer, chosen by `type`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum MixerConfig {
+/// One line per mixer: its `type` (the variant, in snake_case), its config (a
+/// [`MixerSpec`]) and a doc line. The macro writes the enum and the dispatch: adding a mixer is one
+/// file in its method crate (config + layer + `impl MixerSpec`) and one line here.
+macro_rules! mixers {
+    ($($(#[$doc:meta])* $variant:ident($cfg:ty),)*) => {
+        /// A sequence mixer, chosen by `type`.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        pub enum MixerConfig {
+            $($(#[$doc])* $variant($cfg),)*
+        }
+
+        impl MixerSpec for MixerConfig {
+            fn validate(&self, ctx: &BuildCtx) -> std::result::Result<(), String> {
+                match self {
+                    $(MixerConfig::$variant(c) => <$cfg as MixerSpec>::validate(c, ctx),)*
+                }
+            }
+
+            fn build(&self, ctx: &BuildCtx, pb: &Pb) -> Result<Box<dyn Mixer>> {
+                match self {
+                    $(MixerConfig::$variant(c) => <$cfg as MixerSpec>::build(c, ctx, pb),)*
+                }
+            }
+
+            /// Every registered variant's examples.
+            fn examples() -> Vec<Self> {
+                let mut all = Vec::new();
+                $(all.extend(<$cfg as MixerSpec>::examples().into_iter().map(MixerConfig::$variant));)*
+                all
+            }
+        }
+    };
+}
+
+mixers! {
     /// Causal softmax attention (zoo-core).
     Attention(AttentionConfig),
     /// Zoology's BaseConv: a gated short causal convolution (zoo-core).
@@ -41,33 +74,9 @@ pub enum MixerConfig {
 }
 
 impl MixerConfig {
-    /// Check against the model width and the longest sequence; the error starts with the field.
-    pub fn validate(&self, d_model: usize, seq_len: usize) -> std::result::Result<(), String> {
-        match self {
-            MixerConfig::Attention(c) => c.validate(d_model, seq_len),
-            MixerConfig::ShortConv(c) => c.validate(d_model, seq_len),
-            MixerConfig::GatedAttention(c) => c.validate(d_model, seq_len),
-            MixerConfig::LinearAttention(c) => c.validate(d_model),
-            MixerConfig::Retnet(c) => c.validate(d_model),
-            MixerConfig::Gla(c) => c.validate(d_model),
-            MixerConfig::SimpleGla(c) => c.validate(d_model),
-            MixerConfig::Based(c) => c.validate(d_model),
-            MixerConfig::Deltanet(c) => c.validate(d_model),
-        }
-    }
-
-    pub fn build(&self, ctx: &BuildCtx, pb: &Pb) -> Result<Box<dyn Mixer>> {
-        Ok(match self {
-            MixerConfig::Attention(c) => Box::new(Attention::new(c, ctx, pb)?),
-            MixerConfig::ShortConv(c) => Box::new(ShortConv::new(c, ctx, pb)?),
-            MixerConfig::GatedAttention(c) => Box::new(GatedAttention::new(c, ctx, pb)?),
-            MixerConfig::LinearAttention(c) => Box::new(LinearAttention::new(c, ctx, pb)?),
-            MixerConfig::Retnet(c) => Box::new(Retention::new(c, ctx, pb)?),
-            MixerConfig::Gla(c) => Box::new(Gla::new(c, ctx, pb)?),
-            MixerConfig::SimpleGla(c) => Box::new(SimpleGla::new(c, ctx, pb)?),
-            MixerConfig::Based(c) => Box::new(Based::new(c, ctx, pb)?),
-            MixerConfig::Deltanet(c) => Box::new(DeltaNet::new(c, ctx, pb)?),
-        })
+    /// The mixer's `type` name, as written in configs.
+    pub fn kind(&self) -> String {
+        serde_json::to_value(self).ok().and_then(|v| v["type"].as_str().map(String::from)).unwrap_or_default()
     }
 }
 

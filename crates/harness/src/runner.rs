@@ -31,7 +31,10 @@ pub fn build_model(cfg: &RunConfig, vocab: usize, env: &Env) -> Result<(Lm, Para
     let kinds = crate::registry::kind_positions(&mixers);
     let model = Lm::new(&shape, env.dtype, &store.root(), |ctx, pb| {
         let ctx = BuildCtx { kind_layer: kinds[ctx.layer].0, kind_layers: kinds[ctx.layer].1, ..*ctx };
-        Ok((mixers[ctx.layer].build(&ctx, &pb.pp("mixer"))?, ffn.build(&ctx, &pb.pp("ffn"))?))
+        Ok((
+            zoo_core::mixer::MixerSpec::build(&mixers[ctx.layer], &ctx, &pb.pp("mixer"))?,
+            ffn.build(&ctx, &pb.pp("ffn"))?,
+        ))
     })?;
     Ok((model, store))
 }

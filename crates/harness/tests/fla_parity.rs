@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use zoo_core::candle_core::{DType, Device, Tensor, Var};
-use zoo_core::mixer::{BuildCtx, Phase};
+use zoo_core::mixer::{BuildCtx, MixerSpec, Phase};
 use zoo_core::params::ParamStore;
 use zoo_harness::registry::MixerConfig;
 
@@ -89,7 +89,7 @@ fn load(case: &Case) -> (Box<dyn zoo_core::mixer::Mixer>, ParamStore) {
     let (_, t, d) = case.t["x"].dims3().unwrap();
     let store = ParamStore::new(0, DType::F32, &Device::Cpu);
     let ctx = BuildCtx { d_model: d, n_layers: 1, layer: 0, max_seq_len: t, kind_layer: 0, kind_layers: 1 };
-    case.cfg.validate(d, t).unwrap();
+    case.cfg.validate(&ctx).unwrap();
     let mixer = case.cfg.build(&ctx, &store.root()).unwrap();
     let mut w = BTreeMap::new();
     let fla: BTreeMap<&str, &Tensor> =

@@ -47,37 +47,17 @@ fn one(text: &str) -> PlannedRun {
     runs.remove(0)
 }
 
-/// One config per registered mixer variant (and its main options). Every new mixer joins here.
-const MIXERS: &[&str] = &[
-    r#"{ type = "attention", n_heads = 4 }"#,
-    r#"{ type = "attention", n_heads = 4, n_kv_heads = 2, qk_norm = true }"#,
-    r#"{ type = "attention", n_heads = 4, n_kv_heads = 1, window = 4, sink_tokens = 2, bias = true }"#,
-    r#"{ type = "short_conv", kernel_size = 3 }"#,
-    r#"{ type = "short_conv", kernel_size = 1 }"#,
-    r#"{ type = "gated_attention", attention = { n_heads = 4, n_kv_heads = 2 }, gate = { position = "sdpa_output", granularity = "headwise" } }"#,
-    r#"{ type = "gated_attention", attention = { n_heads = 4 }, gate = { position = "value", sharing = "shared", input = { first_k = 8 }, init = { bias = 2.0 } } }"#,
-    r#"{ type = "linear_attention", n_heads = 2, chunk = 4 }"#,
-    r#"{ type = "linear_attention", n_heads = 2, feature_map = "relu", chunk = 5 }"#,
-    r#"{ type = "linear_attention", n_heads = 2, feature_map = "identity", normalize = false }"#,
-    r#"{ type = "retnet", n_heads = 2, chunk = 4 }"#,
-    r#"{ type = "gla", n_heads = 2, chunk = 4, gate_rank = 4 }"#,
-    r#"{ type = "simple_gla", n_heads = 2, chunk = 4 }"#,
-    r#"{ type = "simple_gla", n_heads = 2, decay = "data_dependent", chunk = 3 }"#,
-    r#"{ type = "based", n_heads = 2, feature_dim = 4, chunk = 4 }"#,
-    r#"{ type = "based", n_heads = 2, feature_dim = 4, short_conv = 3 }"#,
-    r#"{ type = "gla", n_heads = 2, chunk = 4, short_conv = 4 }"#,
-    r#"{ type = "deltanet", n_heads = 2, chunk = 4 }"#,
-    r#"{ type = "deltanet", n_heads = 2, chunk = 5, short_conv = 0 }"#,
-    r#"{ type = "deltanet", n_heads = 2, chunk = 4, gated = true, short_conv = 2 }"#,
-    r#"{ type = "deltanet", n_heads = 2, chunk = 4, gated = true, output_gate = "none", expand_v = 2.0 }"#,
-    r#"{ type = "deltanet", n_heads = 2, chunk = 3, output_gate = "sigmoid" }"#,
-    r#"{ type = "gla", n_heads = 2, chunk = 3, expand_k = 1.0, expand_v = 2.0, output_gate = "none" }"#,
-    r#"{ type = "gla", n_heads = 1, output_gate = "sigmoid", short_conv = 2, gate_normalizer = 4.0 }"#,
-    r#"{ type = "retnet", n_heads = 2, chunk = 3, norm = "rms_norm", output_gate = "none", short_conv = 3 }"#,
-    r#"{ type = "retnet", n_heads = 1, expand_v = 1.0, output_gate = "sigmoid" }"#,
-    r#"{ type = "simple_gla", n_heads = 2, decay = "data_dependent", expand_k = 0.5, short_conv = 4, output_gate = "none" }"#,
-    r#"{ type = "simple_gla", n_heads = 2, expand_v = 2.0, gate_normalizer = 8.0, chunk = 5 }"#,
-];
+/// Every registered mixer's example configs (each method file lists its own in `examples()`).
+fn mixers() -> Vec<zoo_harness::registry::MixerConfig> {
+    <zoo_harness::registry::MixerConfig as zoo_core::mixer::MixerSpec>::examples()
+}
+
+/// A planned run from `text` with its single mixer replaced by `m`.
+fn one_with(text: &str, m: &zoo_harness::registry::MixerConfig) -> PlannedRun {
+    let mut run = one(text);
+    run.config.model.mixer = Some(m.clone());
+    run
+}
 
 /// Lightning's depth schedule counts only the Simple GLA layers of the stack: in Zoology's
 /// [conv, mixer, conv, mixer] layout the two mixers are layers 0 and 1 of 2 (not 1 and 3 of 4,
@@ -114,7 +94,7 @@ fn lightning_depth_counts_its_own_layers() {
     assert!((old[0] - first[0]).abs() > 0.02);
 }
 
-/// Finite differences: for every linear mixer configuration of [`MIXERS`], the analytic directional
+/// Finite differences: for every linear mixer example configuration, the analytic directional
 /// derivative ⟨∇L, u⟩ (L = Σ y ⊙ r over a random input, u a random direction over the input and all
 /// parameters, 0.05·N(0, 1) per element) equals the central difference (L(θ + εu) − L(θ − εu)) / 2ε.
 /// The layers compute in f32, so ε = 3e-3 (where the difference agrees to ~1e-4 on every config)
@@ -122,7 +102,7 @@ fn lightning_depth_counts_its_own_layers() {
 #[test]
 fn linear_mixers_match_finite_differences() {
     use zoo_core::candle_core::{Device, Tensor, Var};
-    use zoo_harness::registry::MixerConfig;
+    use zoo_core::mixer::MixerSpec;
     let linear = ["linear_attention", "retnet", "gla", "simple_gla", "based", "deltanet"];
     let mut rng = zoo_core::rng::Rng::new(9);
     let mut randn = |shape: &[usize]| {
@@ -131,11 +111,9 @@ fn linear_mixers_match_finite_differences() {
     };
     let (b, t, d) = (1, 9, 16);
     let mut checked = 0;
-    for m in MIXERS {
-        let table: toml::Table = toml::from_str(&format!("m = {m}")).unwrap();
-        let cfg: MixerConfig = table["m"].clone().try_into().unwrap();
-        let kind = serde_json::to_value(&cfg).unwrap()["type"].as_str().unwrap().to_string();
-        if !linear.contains(&kind.as_str()) {
+    for cfg in mixers() {
+        let m = format!("{cfg:?}");
+        if !linear.contains(&cfg.kind().as_str()) {
             continue;
         }
         let store = zoo_core::params::ParamStore::new(1, zoo_core::candle_core::DType::F32, &Device::Cpu);
@@ -208,16 +186,16 @@ fn with_mixer(m: &str) -> String {
 #[test]
 fn gradient_flow_every_variant() {
     let ffns = [r#"{ type = "swiglu" }"#, r#"{ type = "gelu", bias = true }"#, r#"{ type = "none" }"#];
-    for m in MIXERS {
+    for m in mixers() {
         for f in ffns {
             for tie in [true, false] {
-                let text = with_mixer(&format!("{m}\ntie_embeddings = {tie}"))
+                let text = with_mixer(&format!("{{ type = \"attention\", n_heads = 2 }}\ntie_embeddings = {tie}"))
                     .replace(r#"ffn = { type = "none" }"#, &format!("ffn = {f}"));
 
-                let run = one(&text);
+                let run = one_with(&text, &m);
                 let (model, store) = runner::build_model(&run.config, 32, &cpu()).unwrap();
                 let problems = zoo_core::check::gradient_flow(&model, &store, 2, 12, 0).unwrap();
-                assert!(problems.is_empty(), "mixer {m} ffn {f} tie {tie}: {problems:?}");
+                assert!(problems.is_empty(), "mixer {m:?} ffn {f} tie {tie}: {problems:?}");
             }
         }
     }
@@ -281,15 +259,25 @@ fn gradient_flow_catches_fused_norm() {
     assert!(problems.iter().any(|p| p.starts_with("layers.1.norm1.weight")), "{problems:?}");
 }
 
+/// Every registered mixer keeps the shared contract on its examples (gradient flow, decode parity,
+/// cache bytes, determinism).
+#[test]
+fn registered_mixers_keep_the_contract() {
+    let problems = zoo_core::check::mixer_contract::<zoo_harness::registry::MixerConfig>().unwrap();
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(mixers().len() >= 28, "only {} examples", mixers().len());
+}
+
 /// Every registered mixer: prefill + one-token decode reproduces the full forward, and the cache
 /// holds exactly `cache_bytes`.
 #[test]
 fn decode_matches_full_forward_every_variant() {
     use zoo_core::candle_core::{Device, Tensor};
     let hybrid = with_mixer(HYBRID).replacen("mixer = { type = \"gla\", n_heads = 2, chunk = 4 }\n", "", 1);
-    let configs: Vec<String> = MIXERS.iter().map(|m| with_mixer(m)).chain([hybrid]).collect();
-    for (m, text) in MIXERS.iter().copied().chain(["hybrid"]).zip(&configs) {
-        let run = one(text);
+    let base = with_mixer(r#"{ type = "attention", n_heads = 2 }"#);
+    let runs =
+        mixers().into_iter().map(|m| (format!("{m:?}"), one_with(&base, &m))).chain([("hybrid".into(), one(&hybrid))]);
+    for (m, run) in runs {
         let (model, _) = runner::build_model(&run.config, 32, &cpu()).unwrap();
         let mut r = zoo_core::rng::Rng::new(2);
         let x = Tensor::from_vec((0..2 * 14).map(|_| r.below(32) as u32).collect::<Vec<_>>(), (2, 14), &Device::Cpu)

@@ -350,3 +350,23 @@ impl Mixer for DeltaNet {
 fn softplus(x: &Tensor) -> Result<Tensor> {
     x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
 }
+
+impl zoo_core::mixer::MixerSpec for DeltaNetConfig {
+    fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
+        DeltaNetConfig::validate(self, ctx.d_model)
+    }
+
+    fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {
+        Ok(Box::new(DeltaNet::new(self, ctx, pb)?))
+    }
+
+    fn examples() -> Vec<Self> {
+        zoo_core::mixer::examples_from_toml(&[
+            r#"n_heads = 2, chunk = 4"#,
+            r#"n_heads = 2, chunk = 5, short_conv = 0"#,
+            r#"n_heads = 2, chunk = 4, gated = true, short_conv = 2"#,
+            r#"n_heads = 2, chunk = 4, gated = true, output_gate = "none", expand_v = 2.0"#,
+            r#"n_heads = 2, chunk = 3, output_gate = "sigmoid""#,
+        ])
+    }
+}

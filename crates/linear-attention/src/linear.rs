@@ -117,3 +117,21 @@ impl Mixer for LinearAttention {
         "linear_attention".into()
     }
 }
+
+impl zoo_core::mixer::MixerSpec for LinearAttentionConfig {
+    fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
+        LinearAttentionConfig::validate(self, ctx.d_model)
+    }
+
+    fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {
+        Ok(Box::new(LinearAttention::new(self, ctx, pb)?))
+    }
+
+    fn examples() -> Vec<Self> {
+        zoo_core::mixer::examples_from_toml(&[
+            r#"n_heads = 2, chunk = 4"#,
+            r#"n_heads = 2, feature_map = "relu", chunk = 5"#,
+            r#"n_heads = 2, feature_map = "identity", normalize = false"#,
+        ])
+    }
+}
