@@ -24,13 +24,57 @@ pub struct BuildCtx {
     pub kind_layers: usize,
 }
 
+/// What a statistic's values index: nothing (one number), heads, or experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatShape {
+    Scalar,
+    PerHead,
+    PerExpert,
+}
+
+/// A named statistic a module reports. `Scalar`: the mean of all of `value`; `PerHead` /
+/// `PerExpert`: the last dimension of `value` is the head / expert axis and the leading dimensions
+/// are averaged, so a load vector stays a vector.
+#[derive(Debug, Clone)]
+pub struct Stat {
+    pub name: String,
+    pub shape: StatShape,
+    pub value: Tensor,
+}
+
+/// A [`Stat`] reduced to host numbers, as results store it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StatValue {
+    pub shape: StatShape,
+    pub values: Vec<f64>,
+}
+
+impl Stat {
+    pub fn new(name: impl Into<String>, shape: StatShape, value: Tensor) -> Self {
+        Self { name: name.into(), shape, value }
+    }
+
+    pub fn reduce(&self) -> Result<StatValue> {
+        let v = self.value.to_dtype(DType::F64)?;
+        let values = match self.shape {
+            StatShape::Scalar => vec![v.mean_all()?.to_scalar::<f64>()?],
+            StatShape::PerHead | StatShape::PerExpert => {
+                let n = v.dims().last().copied().unwrap_or(1);
+                v.reshape(((), n))?.mean(0)?.to_vec1::<f64>()?
+            }
+        };
+        Ok(StatValue { shape: self.shape, values })
+    }
+}
+
 /// Eval-time diagnostics a mixer may record when asked (never on the training path).
 #[derive(Debug, Default)]
 pub struct LayerProbe {
     /// Softmax attention probabilities over the real tokens, (B, H, T, T).
     pub attn: Option<Tensor>,
-    /// Named scalar-or-tensor statistics (e.g. gate scores); reduced by the runner.
-    pub stats: Vec<(String, Tensor)>,
+    /// Named statistics (e.g. gate scores).
+    pub stats: Vec<Stat>,
 }
 
 /// A sequence mixer: maps (B, T, D) to (B, T, D), mixing information only from the past.
@@ -61,6 +105,11 @@ pub trait Mixer: Send + Sync {
 
     /// A short name for tables and logs.
     fn kind(&self) -> String;
+
+    /// Update non-gradient state after each optimiser step (e.g. a balancing bias); default none.
+    fn after_step(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A mixer's config (burn's `Config::init` style): it checks itself against the build context,
@@ -92,12 +141,13 @@ pub fn examples_from_toml<T: serde::de::DeserializeOwned>(items: &[&str]) -> Vec
 }
 
 /// A feed-forward's output: the value, an optional auxiliary loss to add to the LM loss (already
-/// weighted), and named statistics for logging (e.g. MoE load balance).
+/// weighted; the training loop adds it and logs it), and named statistics (e.g. MoE expert load,
+/// [`StatShape::PerExpert`]), which training keeps unreduced at its eval points.
 #[derive(Debug)]
 pub struct FfnOut {
     pub y: Tensor,
     pub aux_loss: Option<Tensor>,
-    pub stats: Vec<(String, Tensor)>,
+    pub stats: Vec<Stat>,
 }
 
 impl FfnOut {
@@ -110,4 +160,10 @@ impl FfnOut {
 pub trait FeedForward: Send + Sync {
     fn forward(&self, x: &Tensor) -> Result<FfnOut>;
     fn kind(&self) -> String;
+
+    /// Update non-gradient state after each optimiser step (the aux-loss-free MoE bias); default
+    /// none.
+    fn after_step(&self) -> Result<()> {
+        Ok(())
+    }
 }

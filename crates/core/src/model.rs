@@ -1,7 +1,7 @@
 //! The decoder-only language model: token embedding (optionally tied to the head), pre-norm
 //! blocks `h += mixer(norm(h)); h += ffn(norm(h))`, final norm, LM head (GPT-2 / Llama layout).
 
-use crate::mixer::{BuildCtx, FeedForward, LayerProbe, LayerState, Mixer, Phase};
+use crate::mixer::{BuildCtx, FeedForward, LayerProbe, LayerState, Mixer, Phase, Stat};
 use crate::nn::{Embedding, Linear, RmsNorm, INIT_STD};
 use crate::params::Pb;
 use candle_core::{DType, Result, Tensor};
@@ -44,7 +44,7 @@ pub struct ModelProbe {
     /// max |h| of the residual stream after each block, scalar tensors.
     pub max_abs: Vec<Tensor>,
     /// FFN statistics per layer.
-    pub ffn_stats: Vec<Vec<(String, Tensor)>>,
+    pub ffn_stats: Vec<Vec<Stat>>,
 }
 
 pub struct LmOutput {
@@ -52,6 +52,8 @@ pub struct LmOutput {
     pub logits: Tensor,
     /// Sum of the feed-forwards' auxiliary losses, if any.
     pub aux_loss: Option<Tensor>,
+    /// The feed-forwards' statistics of this forward, per layer (empty lists for plain MLPs).
+    pub stats: Vec<Vec<Stat>>,
 }
 
 impl Lm {
@@ -114,6 +116,7 @@ impl Lm {
         let phase = Phase::of(cache.is_some(), ids.dim(1)?);
         let mut h = self.embed.forward(ids, self.dtype)?;
         let mut aux: Option<Tensor> = None;
+        let mut all_stats = Vec::with_capacity(self.blocks.len());
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c[i]);
             let mut lp = probe.as_ref().map(|_| LayerProbe::default());
@@ -134,8 +137,9 @@ impl Lm {
             if let Some(p) = probe.as_mut() {
                 p.layers.push(lp.unwrap_or_default());
                 p.max_abs.push(h.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?);
-                p.ffn_stats.push(stats);
+                p.ffn_stats.push(stats.clone());
             }
+            all_stats.push(stats);
         }
         let h = self.norm_f.forward(&h)?;
         let logits = match &self.head {
@@ -146,7 +150,19 @@ impl Lm {
                 h.reshape((b * t, d))?.matmul(&w.t()?)?.reshape((b, t, ()))?
             }
         };
-        Ok(LmOutput { logits, aux_loss: aux })
+        Ok(LmOutput { logits, aux_loss: aux, stats: all_stats })
+    }
+
+    /// Let every mixer and feed-forward update its non-gradient state; the training loop calls this
+    /// after each optimiser step.
+    pub fn after_step(&self) -> Result<()> {
+        for b in &self.blocks {
+            b.mixer.after_step()?;
+            if let Some((_, f)) = &b.ffn {
+                f.after_step()?;
+            }
+        }
+        Ok(())
     }
 
     /// Exact cache/state bytes of the whole model after `seq_len` tokens.

@@ -2,6 +2,7 @@
 //! token, Xiao et al. 2024), attention entropy, and massive activations (Sun et al. 2024: the
 //! largest |h| in the residual stream per layer). Computed on request only, never in training.
 
+use crate::mixer::StatValue;
 use crate::model::{Lm, ModelProbe};
 use candle_core::{DType, Result, Tensor, D};
 use serde::Serialize;
@@ -18,6 +19,9 @@ pub struct ProbeSummary {
     pub max_abs_activation: Vec<f64>,
     /// Means of the named statistics mixers and feed-forwards recorded, per layer.
     pub stats: Vec<BTreeMap<String, f64>>,
+    /// The same statistics reduced only to their shape (per head / per expert vectors kept), per
+    /// layer.
+    pub stats_by_shape: Vec<BTreeMap<String, StatValue>>,
 }
 
 /// First-token share and entropy of attention probabilities (B, H, T, T) over the real tokens.
@@ -45,10 +49,13 @@ pub fn summarize(probe: &ModelProbe) -> Result<ProbeSummary> {
         }
         s.max_abs_activation.push(probe.max_abs[i].to_dtype(DType::F64)?.to_scalar::<f64>()?);
         let mut m = BTreeMap::new();
-        for (k, t) in layer.stats.iter().chain(probe.ffn_stats.get(i).into_iter().flatten()) {
-            m.insert(k.clone(), t.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?);
+        let mut shaped = BTreeMap::new();
+        for st in layer.stats.iter().chain(probe.ffn_stats.get(i).into_iter().flatten()) {
+            m.insert(st.name.clone(), st.value.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?);
+            shaped.insert(st.name.clone(), st.reduce()?);
         }
         s.stats.push(m);
+        s.stats_by_shape.push(shaped);
     }
     Ok(s)
 }

@@ -1,6 +1,7 @@
 //! The training loop: AdamW + schedule + clipping + accumulation, periodic eval, checkpoints that
 //! resume bit-exactly on CPU, and a hard stop on a non-finite loss.
 
+use crate::mixer::{Stat, StatValue};
 use crate::model::{cross_entropy, Lm};
 use crate::optim::{AdamW, AdamWParams, Grads, Schedule};
 use crate::params::ParamStore;
@@ -39,6 +40,14 @@ pub struct CurvePoint {
     pub val_loss: Option<f64>,
     pub lr: f64,
     pub tokens_per_s: f64,
+    /// Mean auxiliary loss (already weighted, included in `train_loss`) since the last point;
+    /// only for models whose feed-forwards have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aux_loss: Option<f64>,
+    /// The feed-forwards' statistics of the last training batch before this point, per layer,
+    /// reduced only to their shape; only for models that report any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<Vec<BTreeMap<String, StatValue>>>,
 }
 
 /// Everything needed to continue a run exactly where it stopped.
@@ -61,6 +70,9 @@ pub struct TrainState {
     /// afresh.)
     #[serde(default)]
     pub spike_detector: SpikeDetector,
+    /// Sum of the auxiliary loss since the last curve point (steps counted in `window`).
+    #[serde(default)]
+    pub aux_window: Option<f64>,
 }
 
 pub struct TrainReport {
@@ -125,6 +137,7 @@ pub fn train(
         last_eval: None,
         window: (0.0, 0, 0.0),
         spike_detector: SpikeDetector::default(),
+        aux_window: None,
     };
     // The checkpoint on disk that holds finite weights, and its step.
     let mut good_ckpt: Option<(PathBuf, usize)> = None;
@@ -148,13 +161,18 @@ pub fn train(
         let t0 = Instant::now();
         let mut grads = Grads::default();
         let mut loss_acc: Option<Tensor> = None;
+        let mut aux_acc: Option<f64> = None;
+        let mut stats = Vec::new();
         for _ in 0..accum {
             let b = task.train_batch(&mut st.rng)?;
             let out = model.forward(&b.inputs, None, None)?;
             let mut loss = cross_entropy(&out.logits, &b.targets, b.mask.as_ref())?;
             if let Some(a) = out.aux_loss {
-                loss = (loss + a.to_dtype(DType::F32)?)?;
+                let a = a.to_dtype(DType::F32)?;
+                *aux_acc.get_or_insert(0.0) += a.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
+                loss = (loss + a)?;
             }
+            stats = out.stats;
             let loss = (loss / accum as f64)?;
             grads.accumulate(&loss.backward()?, vars.iter(), 1.0)?;
             loss_acc = Some(match loss_acc {
@@ -184,6 +202,10 @@ pub fn train(
         }
         st.spike_detector.observe(st.step + 1, loss);
         opt.step(&grads, lr)?;
+        model.after_step()?;
+        if let Some(a) = aux_acc {
+            *st.aux_window.get_or_insert(0.0) += a;
+        }
         st.step += 1;
         steps_here += 1;
         let dt = t0.elapsed().as_secs_f64();
@@ -203,8 +225,11 @@ pub fn train(
                 val_loss: Some(e.loss),
                 lr,
                 tokens_per_s: (st.window.1 * step_tokens) as f64 / st.window.2.max(1e-9),
+                aux_loss: st.aux_window.map(|a| a / st.window.1 as f64),
+                stats: reduce_stats(&stats)?,
             });
             st.window = (0.0, 0, 0.0);
+            st.aux_window = None;
             st.last_eval = Some((e.loss, e.metrics.clone()));
             Some(e)
         } else {
@@ -229,6 +254,22 @@ pub fn train(
         }
     }
     Ok(TrainReport { state: st, stopped_early: false })
+}
+
+/// Per-layer statistics reduced to their shapes; `None` when no layer reports any.
+fn reduce_stats(stats: &[Vec<Stat>]) -> Result<Option<Vec<BTreeMap<String, StatValue>>>> {
+    if stats.iter().all(|l| l.is_empty()) {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(stats.len());
+    for layer in stats {
+        let mut m = BTreeMap::new();
+        for s in layer {
+            m.insert(s.name.clone(), s.reduce()?);
+        }
+        out.push(m);
+    }
+    Ok(Some(out))
 }
 
 /// The first parameter (by name) holding a NaN or infinity.

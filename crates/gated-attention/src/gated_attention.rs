@@ -5,7 +5,7 @@ use crate::gate::{Gate, GateConfig, GatePosition};
 use serde::{Deserialize, Serialize};
 use zoo_core::attention::{Attention, AttentionConfig};
 use zoo_core::candle_core::{DType, Result, Tensor};
-use zoo_core::mixer::{BuildCtx, LayerProbe, LayerState, Mixer, Phase};
+use zoo_core::mixer::{BuildCtx, LayerProbe, LayerState, Mixer, Phase, Stat, StatShape};
 use zoo_core::params::Pb;
 
 /// `type = "gated_attention"`: `attention = { ... }` takes every option of plain attention
@@ -70,8 +70,8 @@ impl Mixer for GatedAttention {
         let out = at(GatePosition::DenseOutput, a.o_proj.forward(&y)?)?;
         if let Some(p) = probe {
             let gf = g.to_dtype(DType::F32)?;
-            p.stats.push(("gate_mean".into(), gf.clone()));
-            p.stats.push(("gate_frac_below_0.1".into(), gf.lt(0.1f32)?.to_dtype(DType::F32)?));
+            p.stats.push(Stat::new("gate_mean", StatShape::Scalar, gf.clone()));
+            p.stats.push(Stat::new("gate_frac_below_0.1", StatShape::Scalar, gf.lt(0.1f32)?.to_dtype(DType::F32)?));
         }
         Ok(out)
     }
