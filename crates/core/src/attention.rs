@@ -124,14 +124,12 @@ impl Attention {
 
     /// (B, T, n·hd) -> (B, n, T, hd)
     pub fn split_heads(&self, x: &Tensor, n: usize) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        x.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+        crate::ops::split_heads(x, n)
     }
 
     /// (B, H, T, hd) -> (B, T, H·hd)
     pub fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, t, hd) = x.dims4()?;
-        x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))
+        crate::ops::merge_heads(x)
     }
 
     /// QK-norm (if configured) and RoPE at absolute position `offset`.

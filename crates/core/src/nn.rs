@@ -5,7 +5,7 @@
 //! weights: `to_dtype` is differentiable, and the gradient arrives at the f32 `Var` in f32.
 
 use crate::params::{Group, Init, Pb};
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// GPT-2 / nanoGPT initialisation: N(0, 0.02) for every weight matrix.
 pub const INIT_STD: f64 = 0.02;
@@ -81,14 +81,7 @@ impl RmsNorm {
     }
 }
 
-/// x / sqrt(mean(x², last dim) + ε), without a gain; accumulates in f32 (f64 stays f64).
-pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let dt = x.dtype();
-    let work = if dt == DType::F64 { DType::F64 } else { DType::F32 };
-    let xf = x.to_dtype(work)?;
-    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
-    xf.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(dt)
-}
+pub use crate::ops::rms_normalize;
 
 /// Rotary position embedding tables (Su et al. 2021, RoFormer eq. 34), half-split layout
 /// (GPT-NeoX / Llama), with base θ.

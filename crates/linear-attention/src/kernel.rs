@@ -17,7 +17,7 @@
 //! chunk. The per-channel case forms them elementwise over (c, c, d_k), so its chunk is capped at
 //! [`VECTOR_CHUNK`].
 
-use zoo_core::candle_core::{DType, Device, Result, Tensor, D};
+use zoo_core::candle_core::{DType, Device, Result, Tensor};
 
 /// The largest chunk the per-channel (GLA) decay uses.
 pub const VECTOR_CHUNK: usize = 16;
@@ -121,22 +121,4 @@ pub fn chunked(
     Ok((Tensor::cat(&outs, 2)?, s))
 }
 
-/// log σ(x) = min(x, 0) − log(1 + e^{−|x|}), stable and differentiable.
-pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    x.minimum(0.0)? - (x.abs()?.neg()?.exp()? + 1.0)?.log()?
-}
-
-/// Per-head RMS normalisation over the last dim with a gain of size d (GLA's output norm).
-pub fn head_rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
-    zoo_core::nn::rms_normalize(x, eps)?.broadcast_mul(&gain.to_dtype(x.dtype())?)
-}
-
-/// Per-head layer normalisation (RetNet's GroupNorm with one group per head), gain of size d.
-pub fn head_layer_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
-    let dt = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let mu = xf.mean_keepdim(D::Minus1)?;
-    let xc = xf.broadcast_sub(&mu)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dt)?.broadcast_mul(&gain.to_dtype(dt)?)
-}
+pub use zoo_core::ops::{head_layer_norm, head_rms_norm, log_sigmoid};

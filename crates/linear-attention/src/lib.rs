@@ -11,6 +11,7 @@
 //!   2025); its own kernel (chunked WY form), since its transition is not diagonal.
 
 pub mod based;
+pub mod delta_rule;
 pub mod deltanet;
 pub mod gla;
 pub mod kernel;
@@ -240,17 +241,7 @@ pub(crate) fn state_bytes(batch: usize, h: usize, dk: usize, dv: usize) -> usize
     batch * h * dk * dv * DType::F32.size_in_bytes()
 }
 
-/// (B, T, H·d) -> (B, H, T, d)
-pub(crate) fn heads(x: &Tensor, h: usize) -> Result<Tensor> {
-    let (b, t, c) = x.dims3()?;
-    x.reshape((b, t, h, c / h))?.transpose(1, 2)?.contiguous()
-}
-
-/// (B, H, T, d) -> (B, T, H·d)
-pub(crate) fn merge(x: &Tensor) -> Result<Tensor> {
-    let (b, h, t, d) = x.dims4()?;
-    x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))
-}
+pub(crate) use zoo_core::ops::{merge_heads as merge, split_heads as heads};
 
 /// The checks every linear mixer config shares: heads divide the width, chunk ≥ 1.
 pub(crate) fn check_heads_chunk(n_heads: usize, d_model: usize, chunk: usize) -> std::result::Result<(), String> {
