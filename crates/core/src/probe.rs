@@ -5,11 +5,11 @@
 use crate::mixer::StatValue;
 use crate::model::{Lm, ModelProbe};
 use candle_core::{DType, Result, Tensor, D};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Per-layer summaries; `None` where a layer has no softmax attention.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct ProbeSummary {
     /// Mean over batch, heads and queries of the attention probability on position 0.
     pub first_token_share: Vec<Option<f64>>,
@@ -20,8 +20,13 @@ pub struct ProbeSummary {
     /// Means of the named statistics mixers and feed-forwards recorded, per layer.
     pub stats: Vec<BTreeMap<String, f64>>,
     /// The same statistics reduced only to their shape (per head / per expert vectors kept), per
-    /// layer.
+    /// layer; absent when no layer reports any.
+    #[serde(default, skip_serializing_if = "no_stats")]
     pub stats_by_shape: Vec<BTreeMap<String, StatValue>>,
+}
+
+fn no_stats(s: &[BTreeMap<String, StatValue>]) -> bool {
+    s.iter().all(|m| m.is_empty())
 }
 
 /// First-token share and entropy of attention probabilities (B, H, T, T) over the real tokens.

@@ -237,23 +237,25 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
         }
         rows.push(serde_json::Value::Object(row));
     }
-    Ok(json!({
-        "schema": "zoo.bench/1",
-        "experiment": cfg.experiment,
-        "layers": model.describe(),
-        "config": serde_json::to_value(&cfg)?,
-        "params": {
+    let result = crate::schema::BenchResult {
+        schema: crate::schema::BENCH_SCHEMA.into(),
+        experiment: cfg.experiment.clone(),
+        label: None,
+        plan_index: None,
+        layers: model.describe(),
+        config: serde_json::to_value(&cfg)?,
+        params: json!({
             "total": store.num_params(),
             "bytes": store.vars().iter().map(|(_, v)| v.elem_count() * v.dtype().size_in_bytes()).sum::<usize>(),
+        }),
+        vocab_size: vocab as u64,
+        env: crate::schema::EnvRecord {
+            git: env::git_state(),
+            versions: serde_json::from_value(env::versions())?,
+            device: serde_json::from_value(env.describe())?,
+            dtype: env.dtype_name().into(),
         },
-        "vocab_size": vocab,
-        "env": {
-            "git": env::git_state(),
-            "versions": env::versions(),
-            "device": env.describe(),
-            "dtype": env.dtype_name(),
-        },
-        "protocol": {
+        protocol: json!({
             "warmup_iters": o.warmup,
             "timed_iters": o.iters,
             "decode_tokens": o.decode_tokens,
@@ -262,8 +264,9 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
             "decode": "greedy, one token per call, after a prefill of seq_len tokens",
             "memory": mem.what(),
             "sync": "device synchronised before and after each timed block",
-        },
-        "rows": rows,
-        "finished_at": env::now_rfc3339(),
-    }))
+        }),
+        rows,
+        finished_at: env::now_rfc3339(),
+    };
+    Ok(result.to_json()?)
 }

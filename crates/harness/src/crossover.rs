@@ -4,6 +4,7 @@
 //! stays flat as T grows (Lightning Attention-2's claim for linear forms).
 
 use crate::plot::{line_chart_axes, Series};
+use crate::schema::BenchResult;
 use anyhow::Result;
 use serde_json::Value;
 use std::fmt::Write;
@@ -15,14 +16,14 @@ struct Model<'a> {
     rows: Vec<&'a Value>,
 }
 
-fn models(benches: &[Value]) -> Vec<Model<'_>> {
+fn models(benches: &[BenchResult]) -> Vec<Model<'_>> {
     let mut ms: Vec<(u64, Model)> = benches
         .iter()
         .map(|b| {
-            let label = b["label"].as_str().or(b["layers"].as_str()).unwrap_or("?").to_string();
-            let mut rows: Vec<&Value> = b["rows"].as_array().map(|r| r.iter().collect()).unwrap_or_default();
+            let label = b.label.clone().unwrap_or_else(|| b.layers.clone());
+            let mut rows: Vec<&Value> = b.rows.iter().collect();
             rows.sort_by_key(|r| r["seq_len"].as_u64());
-            (b["plan_index"].as_u64().unwrap_or(u64::MAX), Model { label, rows })
+            (b.plan_index.unwrap_or(u64::MAX), Model { label, rows })
         })
         .collect();
     ms.sort_by_key(|(i, m)| (*i, m.label.clone()));
@@ -67,23 +68,23 @@ fn crossover(m: &Model, base: &Model, key: &str, ts: &[u64]) -> Option<u64> {
     first
 }
 
-pub fn report(dir: &Path, benches: &[Value]) -> Result<String> {
+pub fn report(dir: &Path, benches: &[BenchResult]) -> Result<String> {
     let ms = models(benches);
     let mut ts: Vec<u64> = ms.iter().flat_map(|m| m.rows.iter().filter_map(|r| r["seq_len"].as_u64())).collect();
     ts.sort_unstable();
     ts.dedup();
     let first = &benches[0];
-    let batch = first["rows"][0]["batch"].as_u64().unwrap_or(1);
+    let batch = first.rows.first().and_then(|r| r["batch"].as_u64()).unwrap_or(1);
     let mut md = format!(
         "# throughput crossover: {}\n\nDevice: {} ({} threads), dtype {}, batch {batch}. Protocol: {}; {}; {}. Memory: {}.\n",
-        first["experiment"].as_str().unwrap_or("?"),
-        first["env"]["device"]["name"].as_str().unwrap_or("?"),
-        first["env"]["device"]["threads"],
-        first["env"]["dtype"].as_str().unwrap_or("?"),
-        first["protocol"]["train_step"].as_str().unwrap_or("?"),
-        first["protocol"]["prefill"].as_str().unwrap_or("?"),
-        first["protocol"]["decode"].as_str().unwrap_or("?"),
-        first["protocol"]["memory"].as_str().unwrap_or("?"),
+        first.experiment,
+        first.env.device.name,
+        first.env.device.threads,
+        first.env.dtype,
+        first.protocol["train_step"].as_str().unwrap_or("?"),
+        first.protocol["prefill"].as_str().unwrap_or("?"),
+        first.protocol["decode"].as_str().unwrap_or("?"),
+        first.protocol["memory"].as_str().unwrap_or("?"),
     );
     let ms_f = |x: f64| format!("{:.1}", x * 1e3);
     let mib = |x: f64| format!("{:.0}", x / 1048576.0);

@@ -8,6 +8,7 @@ pub mod plot;
 pub mod registry;
 pub mod report;
 pub mod runner;
+pub mod schema;
 pub mod stats;
 
 use anyhow::{Context, Result};

@@ -141,11 +141,14 @@ fn real_main() -> Result<()> {
                     eprintln!("[{}/{total}] {}", k + 1, r.id);
                 }
                 match runner::run_one(r, &env, &opts)? {
-                    Some(res) if !cli.quiet => eprintln!(
-                        "    val_loss best {:.4}  {}",
-                        res["metrics"]["val_loss,best"].as_f64().unwrap_or(f64::NAN),
-                        res["metrics"].get("mqar_acc,none").map(|a| format!("mqar_acc {a}")).unwrap_or_default()
-                    ),
+                    Some(res) if !cli.quiet => {
+                        let res = zoo_harness::schema::parse_run(res, &out)?;
+                        eprintln!(
+                            "    val_loss best {:.4}  {}",
+                            res.metric("val_loss,best").unwrap_or(f64::NAN),
+                            res.metric("mqar_acc,none").map(|a| format!("mqar_acc {a}")).unwrap_or_default()
+                        )
+                    }
                     Some(_) => {}
                     None => eprintln!("    stopped early after --stop-after steps; resume with --resume"),
                 }

@@ -1,16 +1,27 @@
 //! `zoo report`: results folder → markdown table (mean ± std over seeds, best over learning rates).
 
+use crate::schema::{RunResult, BENCH_SCHEMA, RESULT_SCHEMA};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub fn load_results(dir: &Path) -> Result<Vec<Value>> {
-    load_schema(dir, "zoo.result/1")
+/// Every run result (`zoo.result/1`) in `dir`, in plan order; a file that does not parse as one
+/// is an error naming it.
+pub fn load_results(dir: &Path) -> Result<Vec<RunResult>> {
+    let mut out = Vec::new();
+    for (path, v) in load_schema_paths(dir, RESULT_SCHEMA)? {
+        out.push(crate::schema::parse_run(v, &path)?);
+    }
+    Ok(out)
 }
 
 /// Every JSON in `dir` whose `schema` is `schema`, in plan order.
 pub fn load_schema(dir: &Path, schema: &str) -> Result<Vec<Value>> {
+    Ok(load_schema_paths(dir, schema)?.into_iter().map(|(_, v)| v).collect())
+}
+
+fn load_schema_paths(dir: &Path, schema: &str) -> Result<Vec<(std::path::PathBuf, Value)>> {
     let mut out = Vec::new();
     let mut entries: Vec<_> =
         std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten().collect();
@@ -21,11 +32,11 @@ pub fn load_schema(dir: &Path, schema: &str) -> Result<Vec<Value>> {
             let v: Value =
                 serde_json::from_slice(&std::fs::read(&p)?).with_context(|| format!("parsing {}", p.display()))?;
             if v.get("schema").and_then(|s| s.as_str()) == Some(schema) {
-                out.push(v);
+                out.push((p, v));
             }
         }
     }
-    out.sort_by_key(|v| v["plan_index"].as_u64().unwrap_or(u64::MAX));
+    out.sort_by_key(|(_, v)| v["plan_index"].as_u64().unwrap_or(u64::MAX));
     Ok(out)
 }
 
@@ -37,8 +48,8 @@ pub fn mean_std(xs: &[f64]) -> (f64, f64) {
     (m, s)
 }
 
-fn metric(v: &Value, key: &str) -> Option<f64> {
-    v["metrics"].get(key).and_then(|x| x.as_f64())
+fn metric(v: &RunResult, key: &str) -> Option<f64> {
+    v.metric(key)
 }
 
 fn fmt_ms(xs: &[f64]) -> String {
@@ -61,12 +72,12 @@ fn fmt_ms(xs: &[f64]) -> String {
 }
 
 /// The markdown table for a set of results.
-pub fn table(results: &[Value]) -> String {
+pub fn table(results: &[RunResult]) -> String {
     let (primary, recall) = objective(results);
     let better = |a: f64, b: f64| if recall { a > b } else { a < b };
     let mut metric_keys: Vec<String> = results
         .iter()
-        .flat_map(|r| r["metrics"].as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default())
+        .flat_map(|r| r.metrics.keys().cloned())
         .filter(|k| k != "eval_tokens")
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
@@ -78,8 +89,8 @@ pub fn table(results: &[Value]) -> String {
     metric_keys.retain(|k| !(k == "diverged" && all_zero(k)) && k != "loss_spikes");
     // Primary metric first.
     metric_keys.sort_by_key(|k| (k != primary, k.clone()));
-    let has_probes = results.iter().any(|r| r["probes"].is_object());
-    let has_gate = results.iter().any(|r| probe_stat(r, "gate_mean").is_some());
+    let has_probes = results.iter().any(|r| r.probes.is_some());
+    let has_gate = results.iter().any(|r| r.probe_stat("gate_mean").is_some());
     let baseline: Option<Vec<f64>> = best_runs(results, primary, &better)
         .into_iter()
         .find(|(label, _, _)| label == "baseline")
@@ -95,7 +106,7 @@ pub fn table(results: &[Value]) -> String {
     if has_gate {
         head.extend(["gate mean".to_string(), "gate < 0.1".into()]);
     }
-    let has_state = results.iter().any(|r| r["state_bytes"].is_object());
+    let has_state = results.iter().any(|r| !r.state_bytes.is_empty());
     if has_state {
         head.extend(["state @T=256".to_string(), "state @T=4096".into()]);
     }
@@ -106,11 +117,11 @@ pub fn table(results: &[Value]) -> String {
     for (label, best_lr, runs) in best_runs(results, primary, &better) {
         let lr_count = results
             .iter()
-            .filter(|r| r["label"].as_str() == Some(&label))
-            .map(|r| format!("{}", r["lr"]))
+            .filter(|r| r.label == label)
+            .map(|r| r.lr_text())
             .collect::<std::collections::BTreeSet<_>>()
             .len();
-        let params = runs[0]["params"]["total"].as_u64().unwrap_or(0);
+        let params = runs[0].params.total;
         let mut row = vec![
             label.clone(),
             human(params),
@@ -129,31 +140,28 @@ pub fn table(results: &[Value]) -> String {
             });
         }
         if has_probes {
-            let sink: Vec<f64> = runs.iter().filter_map(|r| layer_mean(&r["probes"]["first_token_share"])).collect();
+            let sink: Vec<f64> =
+                runs.iter().filter_map(|r| layer_mean(&r.probes.as_ref()?.first_token_share)).collect();
             let act: Vec<f64> = runs
                 .iter()
-                .filter_map(|r| {
-                    r["probes"]["max_abs_activation"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|v| v.as_f64()).fold(f64::NAN, f64::max))
-                })
+                .filter_map(|r| Some(r.probes.as_ref()?.max_abs_activation.iter().copied().fold(f64::NAN, f64::max)))
                 .collect();
             row.push(fmt_ms(&sink));
             row.push(fmt_ms(&act));
         }
         if has_gate {
-            let g: Vec<f64> = runs.iter().filter_map(|r| probe_stat(r, "gate_mean")).collect();
-            let f: Vec<f64> = runs.iter().filter_map(|r| probe_stat(r, "gate_frac_below_0.1")).collect();
+            let g: Vec<f64> = runs.iter().filter_map(|r| r.probe_stat("gate_mean")).collect();
+            let f: Vec<f64> = runs.iter().filter_map(|r| r.probe_stat("gate_frac_below_0.1")).collect();
             row.push(fmt_ms(&g));
             row.push(fmt_ms(&f));
         }
         if has_state {
             for t in ["256", "4096"] {
-                row.push(runs[0]["state_bytes"][t].as_u64().map_or("–".into(), bytes));
+                row.push(runs[0].state_bytes.get(t).copied().map_or("–".into(), bytes));
             }
         }
-        let tps: Vec<f64> = runs.iter().filter_map(|r| r["throughput"]["train_tokens_per_s"].as_f64()).collect();
-        let shared = runs.iter().any(|r| r["env"]["device"]["concurrent_runs"].as_u64().is_some());
+        let tps: Vec<f64> = runs.iter().map(|r| r.throughput.train_tokens_per_s).collect();
+        let shared = runs.iter().any(|r| r.shared_device());
         row.push(match (tps.is_empty(), shared) {
             (true, _) => "–".into(),
             (false, false) => format!("{:.0}", mean_std(&tps).0),
@@ -164,12 +172,10 @@ pub fn table(results: &[Value]) -> String {
     if let Some(r) = results.first() {
         out.push_str(&format!(
             "\nDevice: {} ({} threads), dtype {}. Mean ± sample std over seeds; with several learning rates, the best by mean `{primary}`.\n",
-            r["env"]["device"]["name"].as_str().unwrap_or("?"),
-            r["env"]["device"]["threads"],
-            r["env"]["dtype"].as_str().unwrap_or("?")
+            r.env.device.name, r.env.device.threads, r.env.dtype
         ));
     }
-    if results.iter().any(|r| r["env"]["device"]["concurrent_runs"].as_u64().is_some()) {
+    if results.iter().any(|r| r.shared_device()) {
         out.push_str("Train tok/s in parentheses: runs that shared the device with other runs (`concurrent_runs` in their JSON), so not a throughput measurement; use `zoo bench` for that.\n");
     }
     out
@@ -177,25 +183,25 @@ pub fn table(results: &[Value]) -> String {
 
 /// The metric that picks the best learning rate, and whether higher is better: MQAR accuracy for
 /// recall tasks, else the best validation loss.
-fn objective(results: &[Value]) -> (&'static str, bool) {
+fn objective(results: &[RunResult]) -> (&'static str, bool) {
     let recall = results.iter().any(|r| metric(r, "mqar_acc,none").is_some());
     (if recall { "mqar_acc,none" } else { "val_loss,best" }, recall)
 }
 
 /// Per label (in plan order): the best learning rate by mean `primary`, and its runs.
 fn best_runs<'a>(
-    results: &'a [Value],
+    results: &'a [RunResult],
     primary: &str,
     better: &dyn Fn(f64, f64) -> bool,
-) -> Vec<(String, String, Vec<&'a Value>)> {
-    let mut groups: BTreeMap<String, BTreeMap<String, Vec<&Value>>> = BTreeMap::new();
+) -> Vec<(String, String, Vec<&'a RunResult>)> {
+    let mut groups: BTreeMap<String, BTreeMap<String, Vec<&RunResult>>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     for r in results {
-        let label = r["label"].as_str().unwrap_or("?").to_string();
+        let label = r.label.clone();
         if !groups.contains_key(&label) {
             order.push(label.clone());
         }
-        groups.entry(label).or_default().entry(format!("{}", r["lr"])).or_default().push(r);
+        groups.entry(label).or_default().entry(r.lr_text()).or_default().push(r);
     }
     order
         .into_iter()
@@ -206,7 +212,7 @@ fn best_runs<'a>(
                     let xs: Vec<f64> = runs.iter().filter_map(|r| metric(r, primary)).collect();
                     (lr, runs, if xs.is_empty() { f64::NAN } else { mean_std(&xs).0 })
                 })
-                .fold(None::<(&String, &Vec<&Value>, f64)>, |acc, cur| match acc {
+                .fold(None::<(&String, &Vec<&RunResult>, f64)>, |acc, cur| match acc {
                     None => Some(cur),
                     Some(a) if cur.2.is_nan() || (!a.2.is_nan() && !better(cur.2, a.2)) => Some(a),
                     Some(_) => Some(cur),
@@ -219,26 +225,19 @@ fn best_runs<'a>(
 }
 
 /// Mean over the layers that have a value (attention layers for sink shares).
-fn layer_mean(v: &Value) -> Option<f64> {
-    let xs: Vec<f64> = v.as_array()?.iter().filter_map(|x| x.as_f64()).collect();
-    (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
-}
-
-/// Mean over layers of a named probe statistic.
-fn probe_stat(r: &Value, key: &str) -> Option<f64> {
-    let xs: Vec<f64> =
-        r["probes"]["stats"].as_array()?.iter().filter_map(|m| m.get(key).and_then(|x| x.as_f64())).collect();
+fn layer_mean(v: &[Option<f64>]) -> Option<f64> {
+    let xs: Vec<f64> = v.iter().flatten().copied().collect();
     (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
 }
 
 /// SVG plots: validation loss against step, and the per-layer first-token attention share,
 /// one line per run label (mean over seeds, at the best learning rate).
-pub fn plots(results: &[Value]) -> Vec<(String, String)> {
+pub fn plots(results: &[RunResult]) -> Vec<(String, String)> {
     use crate::plot::{line_chart, Series};
     let (primary, recall) = objective(results);
     let better = |a: f64, b: f64| if recall { a > b } else { a < b };
     let best = best_runs(results, primary, &better);
-    let mean_by = |runs: &[&Value], pts: &dyn Fn(&Value) -> Vec<(f64, f64)>| -> Vec<(f64, f64)> {
+    let mean_by = |runs: &[&RunResult], pts: &dyn Fn(&RunResult) -> Vec<(f64, f64)>| -> Vec<(f64, f64)> {
         let mut acc: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
         for r in runs {
             for (x, y) in pts(r) {
@@ -247,22 +246,12 @@ pub fn plots(results: &[Value]) -> Vec<(String, String)> {
         }
         acc.into_iter().map(|(x, ys)| (x as f64 / 1000.0, ys.iter().sum::<f64>() / ys.len() as f64)).collect()
     };
-    let curve = |r: &Value| -> Vec<(f64, f64)> {
-        r["curve"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| Some((c["step"].as_f64()?, c["val_loss"].as_f64()?)))
-            .collect()
+    let curve = |r: &RunResult| -> Vec<(f64, f64)> {
+        r.curve.iter().filter_map(|c| Some((c.step as f64, c.val_loss?))).collect()
     };
-    let sink = |r: &Value| -> Vec<(f64, f64)> {
-        r["probes"]["first_token_share"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .enumerate()
-            .filter_map(|(i, v)| Some((i as f64, v.as_f64()?)))
-            .collect()
+    let sink = |r: &RunResult| -> Vec<(f64, f64)> {
+        let shares = r.probes.as_ref().map(|p| p.first_token_share.as_slice()).unwrap_or_default();
+        shares.iter().enumerate().filter_map(|(i, v)| Some((i as f64, (*v)?))).collect()
     };
     let mut out = Vec::new();
     let loss: Vec<Series> =
@@ -286,12 +275,12 @@ pub fn plots(results: &[Value]) -> Vec<(String, String)> {
 /// Zoology's figure: per MQAR test point, accuracy against the state size (bytes of recurrent
 /// state or KV cache for one sequence at that point's length, log scale), one line per variant
 /// through its model widths (the labels of that variant, each at its best learning rate).
-fn recall_vs_state(best: &[(String, String, Vec<&Value>)]) -> Vec<(String, String)> {
+fn recall_vs_state(best: &[(String, String, Vec<&RunResult>)]) -> Vec<(String, String)> {
     use crate::plot::{line_chart_axes, Series};
     let points: std::collections::BTreeSet<String> = best
         .iter()
         .flat_map(|(_, _, runs)| runs.iter())
-        .flat_map(|r| r["metrics"].as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default())
+        .flat_map(|r| r.metrics.keys().cloned())
         .filter(|k| k.starts_with("mqar_acc,T="))
         .collect();
     let mut out = Vec::new();
@@ -300,8 +289,8 @@ fn recall_vs_state(best: &[(String, String, Vec<&Value>)]) -> Vec<(String, Strin
         let mut by_variant: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
         let mut order: Vec<String> = Vec::new();
         for (_, _, runs) in best {
-            let variant = runs[0]["variant"].as_str().unwrap_or("?").to_string();
-            let Some(state) = runs[0]["state_bytes"][t].as_f64() else { continue };
+            let variant = runs[0].variant.clone();
+            let Some(state) = runs[0].state_bytes.get(t).map(|&b| b as f64) else { continue };
             let accs: Vec<f64> = runs.iter().filter_map(|r| metric(r, &key)).collect();
             if accs.is_empty() {
                 continue;
@@ -364,11 +353,14 @@ fn human(n: u64) -> String {
 pub fn report(dir: &Path) -> Result<String> {
     let results = load_results(dir)?;
     if results.is_empty() {
-        let benches = load_schema(dir, "zoo.bench/1")?;
+        let mut benches = Vec::new();
+        for (path, v) in load_schema_paths(dir, BENCH_SCHEMA)? {
+            benches.push(crate::schema::parse_bench(v, &path)?);
+        }
         anyhow::ensure!(!benches.is_empty(), "no result or bench JSON in {}", dir.display());
         return crate::crossover::report(dir, &benches);
     }
-    let name = results[0]["experiment"].as_str().unwrap_or("results").to_string();
+    let name = results[0].experiment.clone();
     let mut md = format!("# {name}\n\n{}", table(&results));
     let plots = plots(&results);
     for (file, svg) in &plots {

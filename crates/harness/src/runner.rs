@@ -185,44 +185,46 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     };
     let total = store.num_params();
     let emb = store.num_params_in(Group::Embedding);
-    let result = json!({
-        "schema": "zoo.result/1",
-        "run_id": run.id,
-        "plan_index": run.index,
-        "experiment": cfg.experiment,
-        "variant": run.variant,
-        "label": run.label,
-        "overrides": run.overrides,
-        "seed": cfg.seed,
-        "lr": cfg.train.lr,
-        "config": resolved,
-        "layers": model.describe(),
-        "env": {
-            "git": env::git_state(),
-            "versions": env::versions(),
-            "device": env.describe(),
-            "dtype": env.dtype_name(),
+    let device: crate::schema::DeviceRecord = serde_json::from_value(env.describe())?;
+    let result = crate::schema::RunResult {
+        schema: crate::schema::RESULT_SCHEMA.into(),
+        run_id: run.id.clone(),
+        plan_index: run.index as u64,
+        experiment: cfg.experiment.clone(),
+        variant: run.variant.clone(),
+        label: run.label.clone(),
+        overrides: serde_json::to_value(&run.overrides)?,
+        seed: cfg.seed,
+        lr: cfg.train.lr,
+        config: resolved.clone(),
+        layers: model.describe(),
+        env: crate::schema::EnvRecord {
+            git: env::git_state(),
+            versions: serde_json::from_value(env::versions())?,
+            device,
+            dtype: env.dtype_name().into(),
         },
-        "params": { "total": total, "non_embedding": total - emb },
+        params: crate::schema::Params { total: total as u64, non_embedding: (total - emb) as u64 },
         // Recurrent state / KV cache of one sequence at length T, all layers (Zoology's state axis).
-        "state_bytes": cfg
+        state_bytes: cfg
             .state_report_lens()
             .into_iter()
-            .map(|t| (t.to_string(), json!(model.cache_bytes(1, t))))
-            .collect::<serde_json::Map<_, _>>(),
-        "metrics": metrics,
-        "probes": probes,
-        "divergence": diverged.as_ref().map(|(_, m)| m.clone()),
-        "curve": st.curve,
-        "throughput": {
-            "train_tokens_per_s": st.tokens_seen as f64 / st.train_seconds.max(1e-9),
-            "tokens_seen": st.tokens_seen,
-            "train_seconds": st.train_seconds,
+            .map(|t| (t.to_string(), model.cache_bytes(1, t) as u64))
+            .collect(),
+        metrics: metrics.into_iter().collect(),
+        probes,
+        divergence: diverged.as_ref().map(|(_, m)| m.clone()),
+        curve: st.curve,
+        throughput: crate::schema::Throughput {
+            train_tokens_per_s: st.tokens_seen as f64 / st.train_seconds.max(1e-9),
+            tokens_seen: st.tokens_seen as u64,
+            train_seconds: st.train_seconds,
         },
-        "wall_time_s": t0.elapsed().as_secs_f64(),
-        "started_at": started,
-        "finished_at": env::now_rfc3339(),
-    });
+        wall_time_s: t0.elapsed().as_secs_f64(),
+        started_at: started,
+        finished_at: env::now_rfc3339(),
+    };
+    let result = result.to_json()?;
     env::write_atomic(&result_path(&opts.results_dir, run), &serde_json::to_vec_pretty(&result)?)?;
     Ok(Some(result))
 }

@@ -1,0 +1,46 @@
+//! The typed result schema describes every committed result: each `zoo.result/1` and
+//! `zoo.bench/1` file under `results/` parses into its type and serialises back to the same JSON.
+
+use std::path::Path;
+use zoo_harness::schema::{parse_bench, parse_run, BENCH_SCHEMA, RESULT_SCHEMA};
+
+#[test]
+fn schema_round_trips_every_committed_result() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../results");
+    let (mut runs, mut benches) = (0, 0);
+    for dir in std::fs::read_dir(&root).unwrap().flatten() {
+        for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            let p = f.path();
+            if p.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            let back = match v["schema"].as_str() {
+                Some(RESULT_SCHEMA) => {
+                    runs += 1;
+                    parse_run(v.clone(), &p).unwrap().to_json().unwrap()
+                }
+                Some(BENCH_SCHEMA) => {
+                    benches += 1;
+                    parse_bench(v.clone(), &p).unwrap().to_json().unwrap()
+                }
+                _ => continue,
+            };
+            let mut want = v.clone();
+            // Results written before `state_bytes` existed read it as empty.
+            if want.get("schema").and_then(|s| s.as_str()) == Some(RESULT_SCHEMA) && want.get("state_bytes").is_none() {
+                want["state_bytes"] = serde_json::json!({});
+            }
+            assert_eq!(back, want, "{} does not round-trip", p.display());
+        }
+    }
+    assert!(runs > 100 && benches > 10, "only {runs} results and {benches} benches found");
+}
+
+/// A result missing a required field is an error that names the file and the field.
+#[test]
+fn a_broken_result_names_file_and_field() {
+    let p = Path::new("x/run.json");
+    let e = parse_run(serde_json::json!({ "schema": RESULT_SCHEMA, "run_id": "a" }), p).unwrap_err().to_string();
+    assert!(e.contains("x/run.json") && e.contains("missing field"), "{e}");
+}
