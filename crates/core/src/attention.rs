@@ -46,7 +46,7 @@ impl AttentionConfig {
 
     /// Check the config against the model width and sequence length. The error says which field
     /// is wrong and why.
-    pub fn validate(&self, d_model: usize, seq_len: usize) -> std::result::Result<(), String> {
+    fn check(&self, d_model: usize, seq_len: usize) -> std::result::Result<(), String> {
         if self.n_heads == 0 {
             return Err("n_heads: must be at least 1".into());
         }
@@ -385,7 +385,7 @@ impl Mixer for Attention {
 
 impl crate::mixer::MixerSpec for AttentionConfig {
     fn validate(&self, ctx: &crate::mixer::BuildCtx) -> std::result::Result<(), String> {
-        AttentionConfig::validate(self, ctx.d_model, ctx.max_seq_len)
+        AttentionConfig::check(self, ctx.d_model, ctx.max_seq_len)
     }
 
     fn build(&self, ctx: &crate::mixer::BuildCtx, pb: &crate::params::Pb) -> Result<Box<dyn Mixer>> {

@@ -64,7 +64,7 @@ pub struct ShortConvConfig {
 }
 
 impl ShortConvConfig {
-    pub fn validate(&self, _d_model: usize, seq_len: usize) -> std::result::Result<(), String> {
+    fn check(&self, _d_model: usize, seq_len: usize) -> std::result::Result<(), String> {
         if self.kernel_size == 0 {
             return Err("kernel_size: must be at least 1".into());
         }
@@ -132,7 +132,7 @@ impl Mixer for ShortConv {
 
 impl crate::mixer::MixerSpec for ShortConvConfig {
     fn validate(&self, ctx: &crate::mixer::BuildCtx) -> std::result::Result<(), String> {
-        ShortConvConfig::validate(self, ctx.d_model, ctx.max_seq_len)
+        ShortConvConfig::check(self, ctx.d_model, ctx.max_seq_len)
     }
 
     fn build(&self, ctx: &crate::mixer::BuildCtx, pb: &crate::params::Pb) -> Result<Box<dyn Mixer>> {

@@ -19,8 +19,9 @@ pub struct GatedAttentionConfig {
 }
 
 impl GatedAttentionConfig {
-    pub fn validate(&self, d_model: usize, seq_len: usize) -> std::result::Result<(), String> {
-        self.attention.validate(d_model, seq_len).map_err(|e| format!("attention.{e}"))?;
+    fn check(&self, d_model: usize, seq_len: usize) -> std::result::Result<(), String> {
+        let ctx = BuildCtx { d_model, max_seq_len: seq_len, n_layers: 1, layer: 0, kind_layer: 0, kind_layers: 1 };
+        zoo_core::mixer::MixerSpec::validate(&self.attention, &ctx).map_err(|e| format!("attention.{e}"))?;
         self.gate.validate(d_model)
     }
 }
@@ -92,7 +93,7 @@ impl Mixer for GatedAttention {
 
 impl zoo_core::mixer::MixerSpec for GatedAttentionConfig {
     fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
-        GatedAttentionConfig::validate(self, ctx.d_model, ctx.max_seq_len)
+        GatedAttentionConfig::check(self, ctx.d_model, ctx.max_seq_len)
     }
 
     fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {

@@ -7,6 +7,24 @@
 //! (G1–G5), granularity (headwise / elementwise), sharing across heads, activation (sigmoid /
 //! SiLU), combine rule (multiplicative / additive), the gate's input, and its initialisation.
 //! [`layout`] converts to and from the reference release's widened `q_proj`.
+//!
+//! ```
+//! use zoo_core::candle_core::{DType, Device, Tensor};
+//! use zoo_core::mixer::{examples_from_toml, BuildCtx, MixerSpec, Phase};
+//! use zoo_core::params::ParamStore;
+//! use zoo_gated_attention::GatedAttentionConfig;
+//! let store = ParamStore::new(0, DType::F32, &Device::Cpu);
+//! let ctx = BuildCtx { d_model: 16, n_layers: 1, layer: 0, max_seq_len: 8, kind_layer: 0, kind_layers: 1 };
+//! // G1: a head-specific sigmoid gate on the SDPA output.
+//! let cfg: GatedAttentionConfig = examples_from_toml(&[
+//!     r#"attention = { n_heads = 4 }, gate = { position = "sdpa_output", granularity = "headwise" }"#,
+//! ])
+//! .remove(0);
+//! let layer = cfg.build(&ctx, &store.root())?;
+//! let y = layer.forward(&Tensor::ones((2, 8, 16), DType::F32, &Device::Cpu)?, Phase::Train, None, None)?;
+//! assert_eq!(y.dims(), &[2, 8, 16]);
+//! # Ok::<(), zoo_core::candle_core::Error>(())
+//! ```
 
 pub mod gate;
 pub mod gated_attention;

@@ -1,4 +1,36 @@
-//! The zoo harness as a library (the `zoo` binary is a thin CLI over it).
+//! The zoo harness as a library (the `zoo` binary is a thin CLI over it): typed configs
+//! ([`config`]), the mixer registry ([`registry`]), training runs ([`runner`]), benchmarks
+//! ([`bench`]), the result schema ([`schema`]) and reports ([`report`]).
+//!
+//! A config expands into its sweep's runs before any work, and a wrong field fails by name:
+//!
+//! ```
+//! use std::path::Path;
+//! let text = r#"
+//! experiment = "demo"
+//! [model]
+//! d_model = 16
+//! n_layers = 2
+//! mixer = { type = "gla", n_heads = 2 }
+//! [data]
+//! type = "mqar"
+//! vocab_size = 32
+//! train = [{ seq_len = 16, kv_pairs = 2, examples = 64 }]
+//! test = [{ seq_len = 16, kv_pairs = 2, examples = 16 }]
+//! [train]
+//! steps = 4
+//! batch_size = 4
+//! lr = 1e-3
+//! [sweep]
+//! seeds = [0, 1]
+//! lrs = [1e-3, 3e-3]
+//! "#;
+//! let runs = zoo_harness::config::plan(text, Path::new(".")).unwrap();
+//! assert_eq!(runs.len(), 4);
+//! let bad = text.replace("n_heads = 2", "n_heads = 3");
+//! let e = zoo_harness::config::plan(&bad, Path::new(".")).unwrap_err();
+//! assert!(format!("{e:#}").contains("n_heads"), "{e:#}");
+//! ```
 
 pub mod bench;
 pub mod config;

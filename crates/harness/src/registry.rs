@@ -17,7 +17,7 @@ use zoo_linear_attention::linear::LinearAttentionConfig;
 use zoo_linear_attention::retnet::RetNetConfig;
 use zoo_linear_attention::simple_gla::SimpleGlaConfig;
 
-/// One line per mixer: its `type` (the variant, in snake_case), its config (a
+/// One line per mixer: its `type` (the variant in snake_case, or a `serde(rename)`), its config (a
 /// [`MixerSpec`]) and a doc line. The macro writes the enum and the dispatch: adding a mixer is one
 /// file in its method crate (config + layer + `impl MixerSpec`) and one line here.
 macro_rules! mixers {
@@ -62,7 +62,8 @@ mixers! {
     /// Katharopoulos linear attention (zoo-linear-attention).
     LinearAttention(LinearAttentionConfig),
     /// RetNet retention (zoo-linear-attention).
-    Retnet(RetNetConfig),
+    #[serde(rename = "retnet")]
+    RetNet(RetNetConfig),
     /// Gated linear attention (zoo-linear-attention).
     Gla(GlaConfig),
     /// Simple GLA / Lightning: scalar per-head decay (zoo-linear-attention).
@@ -70,7 +71,8 @@ mixers! {
     /// Based: Taylor-feature linear attention (zoo-linear-attention).
     Based(BasedConfig),
     /// DeltaNet / Gated DeltaNet: the delta rule (zoo-linear-attention).
-    Deltanet(DeltaNetConfig),
+    #[serde(rename = "deltanet")]
+    DeltaNet(DeltaNetConfig),
 }
 
 impl MixerConfig {

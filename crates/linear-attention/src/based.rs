@@ -33,7 +33,7 @@ pub struct BasedConfig {
 }
 
 impl BasedConfig {
-    pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
+    fn check(&self, d_model: usize) -> std::result::Result<(), String> {
         check_heads_chunk(self.n_heads, d_model, self.chunk)?;
         if self.feature_dim == 0 {
             return Err("feature_dim: must be at least 1".into());
@@ -140,7 +140,7 @@ mod tests {
 
 impl zoo_core::mixer::MixerSpec for BasedConfig {
     fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
-        BasedConfig::validate(self, ctx.d_model)
+        BasedConfig::check(self, ctx.d_model)
     }
 
     fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {

@@ -58,7 +58,7 @@ pub struct DeltaNetConfig {
 }
 
 impl DeltaNetConfig {
-    pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
+    fn check(&self, d_model: usize) -> std::result::Result<(), String> {
         check_heads_chunk(self.n_heads, d_model, self.chunk)?;
         expanded("expand_v", d_model, self.expand_v, self.n_heads).map(|_| ())
     }
@@ -198,7 +198,7 @@ impl Mixer for DeltaNet {
 
 impl zoo_core::mixer::MixerSpec for DeltaNetConfig {
     fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
-        DeltaNetConfig::validate(self, ctx.d_model)
+        DeltaNetConfig::check(self, ctx.d_model)
     }
 
     fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {

@@ -58,7 +58,7 @@ impl GlaConfig {
         crate::kv_widths(d_model, self.expand_k, self.expand_v, self.n_heads)
     }
 
-    pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
+    fn check(&self, d_model: usize) -> std::result::Result<(), String> {
         check_heads_chunk(self.n_heads, d_model, self.chunk)?;
         self.widths(d_model)?;
         if self.gate_rank == 0 {
@@ -138,7 +138,7 @@ impl Mixer for Gla {
 
 impl zoo_core::mixer::MixerSpec for GlaConfig {
     fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
-        GlaConfig::validate(self, ctx.d_model)
+        GlaConfig::check(self, ctx.d_model)
     }
 
     fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {

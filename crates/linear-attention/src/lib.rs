@@ -8,7 +8,31 @@
 //! - [`simple_gla::SimpleGla`]: Simple GLA / Lightning (scalar per-head decay, fixed or data-dependent).
 //! - [`gla::Gla`]: Yang et al. 2024, GLA (data-dependent per-channel decay, low-rank gate).
 //! - [`deltanet::DeltaNet`]: the delta rule (Yang et al. 2024) and Gated DeltaNet (Yang et al.
-//!   2025); its own kernel (chunked WY form), since its transition is not diagonal.
+//!   2025); its own ops ([`delta_rule`], chunked WY form), since its transition is not diagonal.
+//!
+//! A layer from its config, run in the training form and then prefilled and decoded from its
+//! recurrent state (the outputs agree):
+//!
+//! ```
+//! use zoo_core::candle_core::{DType, Device, Tensor};
+//! use zoo_core::mixer::{examples_from_toml, BuildCtx, MixerSpec, Phase};
+//! use zoo_core::params::ParamStore;
+//! use zoo_linear_attention::gla::GlaConfig;
+//! let store = ParamStore::new(0, DType::F32, &Device::Cpu);
+//! let ctx = BuildCtx { d_model: 16, n_layers: 1, layer: 0, max_seq_len: 8, kind_layer: 0, kind_layers: 1 };
+//! let cfg: GlaConfig = examples_from_toml(&["n_heads = 2, chunk = 4"]).remove(0);
+//! cfg.validate(&ctx).unwrap(); // MixerSpec: checks against d_model and the sequence length
+//! let gla = cfg.build(&ctx, &store.root())?;
+//! let x = Tensor::randn(0f32, 1.0, (1, 8, 16), &Device::Cpu)?;
+//! let full = gla.forward(&x, Phase::Train, None, None)?;
+//! let mut state = gla.new_state(0);
+//! let a = gla.forward(&x.narrow(1, 0, 7)?, Phase::Prefill, Some(&mut state), None)?;
+//! let b = gla.forward(&x.narrow(1, 7, 1)?, Phase::Decode, Some(&mut state), None)?;
+//! let inc = Tensor::cat(&[&a, &b], 1)?;
+//! let err = (inc - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
+//! assert!(err < 1e-5, "{err}");
+//! # Ok::<(), zoo_core::candle_core::Error>(())
+//! ```
 
 pub mod based;
 pub mod delta_rule;

@@ -38,7 +38,7 @@ pub struct LinearAttentionConfig {
 }
 
 impl LinearAttentionConfig {
-    pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
+    fn check(&self, d_model: usize) -> std::result::Result<(), String> {
         check_heads_chunk(self.n_heads, d_model, self.chunk)?;
         if self.normalize && self.feature_map == FeatureMap::Identity {
             return Err("normalize: the identity feature map can make the denominator zero; use elu1 or relu".into());
@@ -120,7 +120,7 @@ impl Mixer for LinearAttention {
 
 impl zoo_core::mixer::MixerSpec for LinearAttentionConfig {
     fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
-        LinearAttentionConfig::validate(self, ctx.d_model)
+        LinearAttentionConfig::check(self, ctx.d_model)
     }
 
     fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {

@@ -56,7 +56,7 @@ impl RetNetConfig {
         crate::kv_widths(d_model, self.expand_k, self.expand_v, self.n_heads)
     }
 
-    pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
+    fn check(&self, d_model: usize) -> std::result::Result<(), String> {
         check_heads_chunk(self.n_heads, d_model, self.chunk)?;
         let (dk, _) = self.widths(d_model)?;
         if (dk / self.n_heads) % 2 != 0 {
@@ -146,7 +146,7 @@ impl Mixer for Retention {
 
 impl zoo_core::mixer::MixerSpec for RetNetConfig {
     fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
-        RetNetConfig::validate(self, ctx.d_model)
+        RetNetConfig::check(self, ctx.d_model)
     }
 
     fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {

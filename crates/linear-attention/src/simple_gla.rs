@@ -71,7 +71,7 @@ impl SimpleGlaConfig {
         crate::kv_widths(d_model, self.expand_k, self.expand_v, self.n_heads)
     }
 
-    pub fn validate(&self, d_model: usize) -> std::result::Result<(), String> {
+    fn check(&self, d_model: usize) -> std::result::Result<(), String> {
         check_heads_chunk(self.n_heads, d_model, self.chunk)?;
         if !(self.gate_normalizer > 0.0) || !self.gate_normalizer.is_finite() {
             return Err("gate_normalizer: must be positive".into());
@@ -217,7 +217,7 @@ mod tests {
 
 impl zoo_core::mixer::MixerSpec for SimpleGlaConfig {
     fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
-        SimpleGlaConfig::validate(self, ctx.d_model)
+        SimpleGlaConfig::check(self, ctx.d_model)
     }
 
     fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {
