@@ -14,10 +14,8 @@ pub fn gradient_flow(model: &Lm, store: &ParamStore, batch: usize, seq_len: usiz
     let mut rng = Rng::new(seed);
     let v = model.shape.vocab_size;
     let dev = store.device();
-    let ids =
-        Tensor::from_vec((0..batch * seq_len).map(|_| rng.below(v) as u32).collect::<Vec<_>>(), (batch, seq_len), dev)?;
-    let tgt =
-        Tensor::from_vec((0..batch * seq_len).map(|_| rng.below(v) as u32).collect::<Vec<_>>(), (batch, seq_len), dev)?;
+    let ids = random_ids(&mut rng, batch, seq_len, v, dev)?;
+    let tgt = random_ids(&mut rng, batch, seq_len, v, dev)?;
     let out = model.forward(&ids, None, None)?;
     let mut loss = cross_entropy(&out.logits, &tgt, None)?;
     if let Some(a) = out.aux_loss {
@@ -42,6 +40,33 @@ pub fn gradient_flow(model: &Lm, store: &ParamStore, batch: usize, seq_len: usiz
         }
     }
     Ok(problems)
+}
+
+/// `b × t` token ids drawn uniformly below `vocab` from `rng`, as a (b, t) u32 tensor.
+pub fn random_ids(rng: &mut Rng, b: usize, t: usize, vocab: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    Tensor::from_vec((0..b * t).map(|_| rng.below(vocab) as u32).collect::<Vec<_>>(), (b, t), dev)
+}
+
+/// ‖a − b‖ / ‖b‖ in f64 (the relative error the parity tests bound).
+pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_dtype(DType::F64)?;
+    let b = b.to_dtype(DType::F64)?;
+    let d = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    let n = b.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    Ok((d / n.max(1e-300)).sqrt())
+}
+
+/// Prefill `ids[.., ..prefix]` into a fresh cache, then decode the rest one token at a time;
+/// returns the relative error of those logits against the full forward, and the cache.
+pub fn decode_parity(model: &Lm, ids: &Tensor, prefix: usize) -> Result<(f64, Vec<crate::mixer::LayerState>)> {
+    let t = ids.dim(1)?;
+    let full = model.forward(ids, None, None)?.logits;
+    let mut cache = model.new_cache();
+    let mut outs = vec![model.forward(&ids.narrow(1, 0, prefix)?, Some(&mut cache), None)?.logits];
+    for i in prefix..t {
+        outs.push(model.forward(&ids.narrow(1, i, 1)?, Some(&mut cache), None)?.logits);
+    }
+    Ok((rel_err(&Tensor::cat(&outs, 1)?, &full)?, cache))
 }
 
 /// The contract every mixer signs, checked on each of `S::examples()` in a tiny LM (vocab 32,
@@ -83,18 +108,10 @@ pub fn mixer_contract<S: crate::mixer::MixerSpec>() -> Result<Vec<String>> {
         for p in gradient_flow(&model, &store, 2, 12, 0)? {
             problems.push(format!("{ex:?}: gradient flow: {p}"));
         }
-        let mut rng = Rng::new(2);
-        let x = Tensor::from_vec((0..2 * 14).map(|_| rng.below(32) as u32).collect::<Vec<_>>(), (2, 14), &dev)?;
+        let x = random_ids(&mut Rng::new(2), 2, 14, 32, &dev)?;
         let full = model.forward(&x, None, None)?.logits;
-        let mut cache = model.new_cache();
-        let mut outs = vec![model.forward(&x.narrow(1, 0, 6)?, Some(&mut cache), None)?.logits];
-        for t in 6..14 {
-            outs.push(model.forward(&x.narrow(1, t, 1)?, Some(&mut cache), None)?.logits);
-        }
-        let inc = Tensor::cat(&outs, 1)?;
-        let norm = |t: &Tensor| -> Result<f32> { t.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>() };
-        let rel = norm(&(inc - &full)?)? / norm(&full)?;
-        if !(rel < 1e-5) {
+        let (rel, cache) = decode_parity(&model, &x, 6)?;
+        if rel.is_nan() || rel >= 1e-5 {
             problems.push(format!("{ex:?}: prefill + decode differs from the full forward (relative error {rel:e})"));
         }
         let held: usize = cache.iter().map(|c| c.bytes()).sum();

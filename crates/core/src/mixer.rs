@@ -127,6 +127,15 @@ pub trait MixerSpec: Sized + std::fmt::Debug {
     fn examples() -> Vec<Self>;
 }
 
+/// A feed-forward's config, as [`MixerSpec`] for mixers: it validates against the build context,
+/// builds its module (`None`: a mixer-only block), and lists example configs that the harness's
+/// test matrix iterates.
+pub trait FfnSpec: Sized + std::fmt::Debug {
+    fn validate(&self, ctx: &BuildCtx) -> std::result::Result<(), String>;
+    fn build(&self, ctx: &BuildCtx, pb: &Pb) -> Result<Option<Box<dyn FeedForward>>>;
+    fn examples() -> Vec<Self>;
+}
+
 /// Parse example configs written as the inside of a TOML inline table, e.g.
 /// `"n_heads = 4, qk_norm = true"`: how [`MixerSpec::examples`] implementations list theirs.
 pub fn examples_from_toml<T: serde::de::DeserializeOwned>(items: &[&str]) -> Vec<T> {

@@ -477,7 +477,15 @@ pub fn validate(c: &RunConfig) -> Result<()> {
         };
         zoo_core::mixer::MixerSpec::validate(mx, &ctx).map_err(|e| anyhow!("model.mixer (layer {i}).{e}"))?;
     }
-    m.ffn.validate().map_err(|e| anyhow!("model.ffn.{e}"))?;
+    let ctx = zoo_core::mixer::BuildCtx {
+        d_model: m.d_model,
+        n_layers: mixers.len(),
+        layer: 0,
+        max_seq_len: seq,
+        kind_layer: 0,
+        kind_layers: mixers.len(),
+    };
+    zoo_core::mixer::FfnSpec::validate(&m.ffn, &ctx).map_err(|e| anyhow!("model.ffn.{e}"))?;
     if t.steps == 0 {
         bail!("train.steps: must be at least 1");
     }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use zoo_core::attention::AttentionConfig;
 use zoo_core::candle_core::Result;
 use zoo_core::conv::ShortConvConfig;
-use zoo_core::mixer::{BuildCtx, FeedForward, Mixer, MixerSpec};
+use zoo_core::mixer::{BuildCtx, FeedForward, FfnSpec, Mixer, MixerSpec};
 use zoo_core::mlp::{GeluMlp, MlpConfig, SwiGlu};
 use zoo_core::params::Pb;
 use zoo_gated_attention::GatedAttentionConfig;
@@ -105,8 +105,8 @@ pub enum FfnConfig {
     None,
 }
 
-impl FfnConfig {
-    pub fn validate(&self) -> std::result::Result<(), String> {
+impl FfnSpec for FfnConfig {
+    fn validate(&self, _ctx: &BuildCtx) -> std::result::Result<(), String> {
         match self {
             FfnConfig::Swiglu(c) | FfnConfig::Gelu(c) if c.hidden == Some(0) => {
                 Err("hidden: must be at least 1".into())
@@ -115,11 +115,19 @@ impl FfnConfig {
         }
     }
 
-    pub fn build(&self, ctx: &BuildCtx, pb: &Pb) -> Result<Option<Box<dyn FeedForward>>> {
+    fn build(&self, ctx: &BuildCtx, pb: &Pb) -> Result<Option<Box<dyn FeedForward>>> {
         Ok(match self {
             FfnConfig::Swiglu(c) => Some(Box::new(SwiGlu::new(c, ctx, pb)?)),
             FfnConfig::Gelu(c) => Some(Box::new(GeluMlp::new(c, ctx, pb)?)),
             FfnConfig::None => None,
         })
+    }
+
+    fn examples() -> Vec<Self> {
+        zoo_core::mixer::examples_from_toml(&[
+            r#"type = "swiglu""#,
+            r#"type = "gelu", bias = true"#,
+            r#"type = "none""#,
+        ])
     }
 }

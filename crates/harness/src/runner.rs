@@ -33,7 +33,7 @@ pub fn build_model(cfg: &RunConfig, vocab: usize, env: &Env) -> Result<(Lm, Para
         let ctx = BuildCtx { kind_layer: kinds[ctx.layer].0, kind_layers: kinds[ctx.layer].1, ..*ctx };
         Ok((
             zoo_core::mixer::MixerSpec::build(&mixers[ctx.layer], &ctx, &pb.pp("mixer"))?,
-            ffn.build(&ctx, &pb.pp("ffn"))?,
+            zoo_core::mixer::FfnSpec::build(&ffn, &ctx, &pb.pp("ffn"))?,
         ))
     })?;
     Ok((model, store))

@@ -185,17 +185,18 @@ fn with_mixer(m: &str) -> String {
 /// Every registered layer configuration: each parameter gets a finite, non-zero gradient.
 #[test]
 fn gradient_flow_every_variant() {
-    let ffns = [r#"{ type = "swiglu" }"#, r#"{ type = "gelu", bias = true }"#, r#"{ type = "none" }"#];
+    use zoo_core::mixer::FfnSpec;
+    let ffns = zoo_harness::registry::FfnConfig::examples();
+    assert_eq!(ffns.len(), 3);
     for m in mixers() {
-        for f in ffns {
+        for f in &ffns {
             for tie in [true, false] {
-                let text = with_mixer(&format!("{{ type = \"attention\", n_heads = 2 }}\ntie_embeddings = {tie}"))
-                    .replace(r#"ffn = { type = "none" }"#, &format!("ffn = {f}"));
-
-                let run = one_with(&text, &m);
+                let text = with_mixer(&format!("{{ type = \"attention\", n_heads = 2 }}\ntie_embeddings = {tie}"));
+                let mut run = one_with(&text, &m);
+                run.config.model.ffn = f.clone();
                 let (model, store) = runner::build_model(&run.config, 32, &cpu()).unwrap();
                 let problems = zoo_core::check::gradient_flow(&model, &store, 2, 12, 0).unwrap();
-                assert!(problems.is_empty(), "mixer {m:?} ffn {f} tie {tie}: {problems:?}");
+                assert!(problems.is_empty(), "mixer {m:?} ffn {f:?} tie {tie}: {problems:?}");
             }
         }
     }
@@ -272,26 +273,15 @@ fn registered_mixers_keep_the_contract() {
 /// holds exactly `cache_bytes`.
 #[test]
 fn decode_matches_full_forward_every_variant() {
-    use zoo_core::candle_core::{Device, Tensor};
+    use zoo_core::candle_core::Device;
     let hybrid = with_mixer(HYBRID).replacen("mixer = { type = \"gla\", n_heads = 2, chunk = 4 }\n", "", 1);
     let base = with_mixer(r#"{ type = "attention", n_heads = 2 }"#);
     let runs =
         mixers().into_iter().map(|m| (format!("{m:?}"), one_with(&base, &m))).chain([("hybrid".into(), one(&hybrid))]);
     for (m, run) in runs {
         let (model, _) = runner::build_model(&run.config, 32, &cpu()).unwrap();
-        let mut r = zoo_core::rng::Rng::new(2);
-        let x = Tensor::from_vec((0..2 * 14).map(|_| r.below(32) as u32).collect::<Vec<_>>(), (2, 14), &Device::Cpu)
-            .unwrap();
-        let full = model.forward(&x, None, None).unwrap().logits;
-        let mut cache = model.new_cache();
-        let mut outs = vec![model.forward(&x.narrow(1, 0, 6).unwrap(), Some(&mut cache), None).unwrap().logits];
-        for t in 6..14 {
-            outs.push(model.forward(&x.narrow(1, t, 1).unwrap(), Some(&mut cache), None).unwrap().logits);
-        }
-        let inc = Tensor::cat(&outs, 1).unwrap();
-        let rel =
-            ((inc - &full).unwrap().sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap())
-                / full.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+        let x = zoo_core::check::random_ids(&mut zoo_core::rng::Rng::new(2), 2, 14, 32, &Device::Cpu).unwrap();
+        let (rel, cache) = zoo_core::check::decode_parity(&model, &x, 6).unwrap();
         assert!(rel < 1e-5, "{m}: relative error {rel}");
         assert_eq!(cache.iter().map(|c| c.bytes()).sum::<usize>(), model.cache_bytes(2, 14), "{m}");
     }
