@@ -148,19 +148,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The current UTC time as RFC 3339 with whole seconds.
 pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    // Civil-from-days (Howard Hinnant), UTC.
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+    let now = time::OffsetDateTime::now_utc();
+    // Whole seconds, UTC ("2026-12-01T23:55:01Z"), as results have always carried.
+    let now = now.replace_nanosecond(0).unwrap_or(now);
+    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod time_tests {
+    #[test]
+    fn timestamps_are_rfc3339_whole_seconds_utc() {
+        let t = super::now_rfc3339();
+        let b = t.as_bytes();
+        assert_eq!(b.len(), 20, "{t}");
+        assert!(t.starts_with("20") && t.ends_with('Z') && b[10] == b'T' && b[4] == b'-' && b[13] == b':', "{t}");
+    }
 }
