@@ -71,10 +71,35 @@ fn fmt_ms(xs: &[f64]) -> String {
     }
 }
 
-/// The markdown table for a set of results.
-pub fn table(results: &[RunResult]) -> String {
-    let (primary, recall) = objective(results);
-    let better = |a: f64, b: f64| if recall { a > b } else { a < b };
+/// One row of the table: a run label at its best learning rate.
+struct Group<'a> {
+    label: String,
+    best_lr: String,
+    lr_count: usize,
+    runs: Vec<&'a RunResult>,
+}
+
+/// One column of the table: its header and how a row's cell is computed.
+struct Column<'a> {
+    head: String,
+    cell: Box<dyn Fn(&Group) -> String + 'a>,
+}
+
+impl<'a> Column<'a> {
+    fn new(head: impl Into<String>, cell: impl Fn(&Group) -> String + 'a) -> Self {
+        Self { head: head.into(), cell: Box::new(cell) }
+    }
+}
+
+/// Mean ± std over a row's runs of one number per run.
+fn over_runs<'a>(head: impl Into<String>, f: impl Fn(&RunResult) -> Option<f64> + 'a) -> Column<'a> {
+    Column::new(head, move |g: &Group| fmt_ms(&g.runs.iter().filter_map(|r| f(r)).collect::<Vec<_>>()))
+}
+
+/// The table's columns for these results: identity, every metric (primary first), the p-value
+/// against a `baseline` label, probes, gate statistics, state size and throughput, each only where
+/// some result has it.
+fn columns<'a>(results: &'a [RunResult], primary: &'static str, baseline: Option<Vec<f64>>) -> Vec<Column<'a>> {
     let mut metric_keys: Vec<String> = results
         .iter()
         .flat_map(|r| r.metrics.keys().cloned())
@@ -89,84 +114,80 @@ pub fn table(results: &[RunResult]) -> String {
     metric_keys.retain(|k| !(k == "diverged" && all_zero(k)) && k != "loss_spikes");
     // Primary metric first.
     metric_keys.sort_by_key(|k| (k != primary, k.clone()));
-    let has_probes = results.iter().any(|r| r.probes.is_some());
-    let has_gate = results.iter().any(|r| r.probe_stat("gate_mean").is_some());
-    let baseline: Option<Vec<f64>> = best_runs(results, primary, &better)
-        .into_iter()
+    let mut cols = vec![
+        Column::new("run", |g: &Group| g.label.clone()),
+        Column::new("params", |g: &Group| human(g.runs[0].params.total)),
+        Column::new("seeds", |g: &Group| g.runs.len().to_string()),
+        Column::new("lr", |g: &Group| {
+            if g.lr_count > 1 {
+                format!("{} (best of {})", g.best_lr, g.lr_count)
+            } else {
+                g.best_lr.clone()
+            }
+        }),
+    ];
+    for k in metric_keys {
+        cols.push(over_runs(k.clone(), move |r| metric(r, &k)));
+    }
+    if let Some(base) = baseline {
+        cols.push(Column::new(format!("p vs baseline ({primary})"), move |g: &Group| {
+            let xs: Vec<f64> = g.runs.iter().filter_map(|r| metric(r, primary)).collect();
+            match crate::stats::welch_p(&xs, &base) {
+                Some(p) if g.label != "baseline" => format!("{p:.3}"),
+                _ => "–".into(),
+            }
+        }));
+    }
+    if results.iter().any(|r| r.probes.is_some()) {
+        cols.push(over_runs("first-token share", |r| layer_mean(&r.probes.as_ref()?.first_token_share)));
+        cols.push(over_runs("max abs act", |r| {
+            Some(r.probes.as_ref()?.max_abs_activation.iter().copied().fold(f64::NAN, f64::max))
+        }));
+    }
+    if results.iter().any(|r| r.probe_stat("gate_mean").is_some()) {
+        cols.push(over_runs("gate mean", |r| r.probe_stat("gate_mean")));
+        cols.push(over_runs("gate < 0.1", |r| r.probe_stat("gate_frac_below_0.1")));
+    }
+    if results.iter().any(|r| !r.state_bytes.is_empty()) {
+        for t in ["256", "4096"] {
+            cols.push(Column::new(format!("state @T={t}"), move |g: &Group| {
+                g.runs[0].state_bytes.get(t).copied().map_or("–".into(), bytes)
+            }));
+        }
+    }
+    cols.push(Column::new("train tok/s", |g: &Group| {
+        let tps: Vec<f64> = g.runs.iter().map(|r| r.throughput.train_tokens_per_s).collect();
+        match (tps.is_empty(), g.runs.iter().any(|r| r.shared_device())) {
+            (true, _) => "–".into(),
+            (false, false) => format!("{:.0}", mean_std(&tps).0),
+            (false, true) => format!("({:.0})", mean_std(&tps).0),
+        }
+    }));
+    cols
+}
+
+/// The markdown table for a set of results.
+pub fn table(results: &[RunResult]) -> String {
+    let (primary, recall) = objective(results);
+    let better = |a: f64, b: f64| if recall { a > b } else { a < b };
+    let best = best_runs(results, primary, &better);
+    let baseline: Option<Vec<f64>> = best
+        .iter()
         .find(|(label, _, _)| label == "baseline")
         .map(|(_, _, runs)| runs.iter().filter_map(|r| metric(r, primary)).collect());
-    let mut head = vec!["run".to_string(), "params".into(), "seeds".into(), "lr".into()];
-    head.extend(metric_keys.iter().cloned());
-    if baseline.is_some() {
-        head.push(format!("p vs baseline ({primary})"));
-    }
-    if has_probes {
-        head.extend(["first-token share".to_string(), "max abs act".into()]);
-    }
-    if has_gate {
-        head.extend(["gate mean".to_string(), "gate < 0.1".into()]);
-    }
-    let has_state = results.iter().any(|r| !r.state_bytes.is_empty());
-    if has_state {
-        head.extend(["state @T=256".to_string(), "state @T=4096".into()]);
-    }
-    head.push("train tok/s".into());
+    let cols = columns(results, primary, baseline);
     let mut out = String::new();
-    out.push_str(&format!("| {} |\n", head.join(" | ")));
-    out.push_str(&format!("|{}\n", head.iter().map(|_| "---|").collect::<String>()));
-    for (label, best_lr, runs) in best_runs(results, primary, &better) {
+    out.push_str(&format!("| {} |\n", cols.iter().map(|c| c.head.as_str()).collect::<Vec<_>>().join(" | ")));
+    out.push_str(&format!("|{}\n", cols.iter().map(|_| "---|").collect::<String>()));
+    for (label, best_lr, runs) in best {
         let lr_count = results
             .iter()
             .filter(|r| r.label == label)
             .map(|r| r.lr_text())
             .collect::<std::collections::BTreeSet<_>>()
             .len();
-        let params = runs[0].params.total;
-        let mut row = vec![
-            label.clone(),
-            human(params),
-            runs.len().to_string(),
-            if lr_count > 1 { format!("{best_lr} (best of {lr_count})") } else { best_lr },
-        ];
-        for k in &metric_keys {
-            let xs: Vec<f64> = runs.iter().filter_map(|r| metric(r, k)).collect();
-            row.push(fmt_ms(&xs));
-        }
-        if let Some(base) = &baseline {
-            let xs: Vec<f64> = runs.iter().filter_map(|r| metric(r, primary)).collect();
-            row.push(match crate::stats::welch_p(&xs, base) {
-                Some(p) if label != "baseline" => format!("{p:.3}"),
-                _ => "–".into(),
-            });
-        }
-        if has_probes {
-            let sink: Vec<f64> =
-                runs.iter().filter_map(|r| layer_mean(&r.probes.as_ref()?.first_token_share)).collect();
-            let act: Vec<f64> = runs
-                .iter()
-                .filter_map(|r| Some(r.probes.as_ref()?.max_abs_activation.iter().copied().fold(f64::NAN, f64::max)))
-                .collect();
-            row.push(fmt_ms(&sink));
-            row.push(fmt_ms(&act));
-        }
-        if has_gate {
-            let g: Vec<f64> = runs.iter().filter_map(|r| r.probe_stat("gate_mean")).collect();
-            let f: Vec<f64> = runs.iter().filter_map(|r| r.probe_stat("gate_frac_below_0.1")).collect();
-            row.push(fmt_ms(&g));
-            row.push(fmt_ms(&f));
-        }
-        if has_state {
-            for t in ["256", "4096"] {
-                row.push(runs[0].state_bytes.get(t).copied().map_or("–".into(), bytes));
-            }
-        }
-        let tps: Vec<f64> = runs.iter().map(|r| r.throughput.train_tokens_per_s).collect();
-        let shared = runs.iter().any(|r| r.shared_device());
-        row.push(match (tps.is_empty(), shared) {
-            (true, _) => "–".into(),
-            (false, false) => format!("{:.0}", mean_std(&tps).0),
-            (false, true) => format!("({:.0})", mean_std(&tps).0),
-        });
+        let g = Group { label, best_lr, lr_count, runs };
+        let row: Vec<String> = cols.iter().map(|c| (c.cell)(&g)).collect();
         out.push_str(&format!("| {} |\n", row.join(" | ")));
     }
     if let Some(r) = results.first() {
