@@ -56,6 +56,19 @@ pub struct ModelConfig {
     pub ffn: FfnConfig,
 }
 
+impl ModelConfig {
+    /// The model's own sizes (its layers are checked by [`validate`] with the build context).
+    pub fn validate_shape(&self) -> Result<()> {
+        if self.d_model == 0 {
+            bail!("model.d_model: must be at least 1");
+        }
+        if self.n_layers == 0 {
+            bail!("model.n_layers: must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 fn default_ffn() -> FfnConfig {
     FfnConfig::Swiglu(zoo_core::mlp::MlpConfig { hidden: None, bias: false })
 }
@@ -84,6 +97,52 @@ pub enum DataConfig {
         #[serde(default = "default_val_fraction")]
         val_fraction: f64,
     },
+}
+
+impl DataConfig {
+    /// Check the data section (and the train fields that depend on it).
+    pub fn validate(&self, tc: &TrainConfig) -> Result<()> {
+        match self {
+            DataConfig::Mqar { vocab_size, train, test } => {
+                if train.is_empty() || test.is_empty() {
+                    bail!("data.train / data.test: MQAR needs at least one segment each");
+                }
+                for (which, segs) in [("train", train), ("test", test)] {
+                    for (i, s) in segs.iter().enumerate() {
+                        zoo_core::data::Mqar::validate(*vocab_size, s).map_err(|e| anyhow!("data.{which}[{i}].{e}"))?;
+                    }
+                }
+                if tc.seq_len.is_some() {
+                    bail!("tc.seq_len: not used with MQAR data (segments set their own lengths)");
+                }
+            }
+            DataConfig::Text { paths, val_fraction, tokenizer } => {
+                if paths.is_empty() {
+                    bail!("data.paths: needs at least one file");
+                }
+                for p in paths {
+                    if !p.is_file() {
+                        bail!(
+                            "data.paths: file {} not found (run scripts/fetch-data.sh for the Shakespeare corpus)",
+                            p.display()
+                        );
+                    }
+                }
+                if let TokenizerConfig::Hf { path } = tokenizer {
+                    if !path.is_file() {
+                        bail!("data.tokenizer.path: file {} not found", path.display());
+                    }
+                }
+                if !(*val_fraction > 0.0 && *val_fraction < 1.0) {
+                    bail!("data.val_fraction: {val_fraction} must be in (0, 1)");
+                }
+                if tc.seq_len.unwrap_or(0) == 0 {
+                    bail!("tc.seq_len: required for text data");
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,6 +199,39 @@ pub struct TrainConfig {
     /// (learning-rate stability sweeps).
     #[serde(default)]
     pub record_divergence: bool,
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            bail!("train.steps: must be at least 1");
+        }
+        if self.batch_size == 0 {
+            bail!("train.batch_size: must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("train.lr: {} must be positive", self.lr);
+        }
+        if self.min_lr.is_some_and(|x| x < 0.0 || x > self.lr) {
+            bail!("train.min_lr: must be in [0, lr]");
+        }
+        if self.warmup_steps > self.steps {
+            bail!("train.warmup_steps: {} exceeds steps = {}", self.warmup_steps, self.steps);
+        }
+        if self.grad_accum == 0 {
+            bail!("train.grad_accum: must be at least 1");
+        }
+        if self.eval_every == 0 {
+            bail!("train.eval_every: must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            bail!("train.beta1 / train.beta2: must be in [0, 1)");
+        }
+        if self.grad_clip < 0.0 {
+            bail!("train.grad_clip: must be >= 0 (0 disables)");
+        }
+        Ok(())
+    }
 }
 
 fn default_wd() -> f64 {
@@ -413,57 +505,19 @@ impl RunConfig {
 
 /// Semantic checks. Errors start with the dotted field.
 pub fn validate(c: &RunConfig) -> Result<()> {
-    let m = &c.model;
-    let t = &c.train;
     if c.experiment.is_empty() || c.experiment.contains('/') {
         bail!("experiment: must be a non-empty name without '/'");
     }
-    if m.d_model == 0 {
-        bail!("model.d_model: must be at least 1");
-    }
-    if m.n_layers == 0 {
-        bail!("model.n_layers: must be at least 1");
-    }
+    c.model.validate_shape()?;
+    c.data.validate(&c.train)?;
+    validate_layers(c)?;
+    c.train.validate()
+}
+
+/// Every layer's mixer and the feed-forward, against the model width and the longest sequence.
+fn validate_layers(c: &RunConfig) -> Result<()> {
+    let m = &c.model;
     let seq = c.max_seq_len();
-    match &c.data {
-        DataConfig::Mqar { vocab_size, train, test } => {
-            if train.is_empty() || test.is_empty() {
-                bail!("data.train / data.test: MQAR needs at least one segment each");
-            }
-            for (which, segs) in [("train", train), ("test", test)] {
-                for (i, s) in segs.iter().enumerate() {
-                    zoo_core::data::Mqar::validate(*vocab_size, s).map_err(|e| anyhow!("data.{which}[{i}].{e}"))?;
-                }
-            }
-            if t.seq_len.is_some() {
-                bail!("train.seq_len: not used with MQAR data (segments set their own lengths)");
-            }
-        }
-        DataConfig::Text { paths, val_fraction, tokenizer } => {
-            if paths.is_empty() {
-                bail!("data.paths: needs at least one file");
-            }
-            for p in paths {
-                if !p.is_file() {
-                    bail!(
-                        "data.paths: file {} not found (run scripts/fetch-data.sh for the Shakespeare corpus)",
-                        p.display()
-                    );
-                }
-            }
-            if let TokenizerConfig::Hf { path } = tokenizer {
-                if !path.is_file() {
-                    bail!("data.tokenizer.path: file {} not found", path.display());
-                }
-            }
-            if !(*val_fraction > 0.0 && *val_fraction < 1.0) {
-                bail!("data.val_fraction: {val_fraction} must be in (0, 1)");
-            }
-            if t.seq_len.unwrap_or(0) == 0 {
-                bail!("train.seq_len: required for text data");
-            }
-        }
-    }
     let mixers = c.layer_mixers()?;
     let kinds = crate::registry::kind_positions(&mixers);
     for (i, mx) in mixers.iter().enumerate() {
@@ -486,32 +540,5 @@ pub fn validate(c: &RunConfig) -> Result<()> {
         kind_layers: mixers.len(),
     };
     zoo_core::mixer::FfnSpec::validate(&m.ffn, &ctx).map_err(|e| anyhow!("model.ffn.{e}"))?;
-    if t.steps == 0 {
-        bail!("train.steps: must be at least 1");
-    }
-    if t.batch_size == 0 {
-        bail!("train.batch_size: must be at least 1");
-    }
-    if !(t.lr > 0.0 && t.lr.is_finite()) {
-        bail!("train.lr: {} must be positive", t.lr);
-    }
-    if t.min_lr.is_some_and(|x| x < 0.0 || x > t.lr) {
-        bail!("train.min_lr: must be in [0, lr]");
-    }
-    if t.warmup_steps > t.steps {
-        bail!("train.warmup_steps: {} exceeds steps = {}", t.warmup_steps, t.steps);
-    }
-    if t.grad_accum == 0 {
-        bail!("train.grad_accum: must be at least 1");
-    }
-    if t.eval_every == 0 {
-        bail!("train.eval_every: must be at least 1");
-    }
-    if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
-        bail!("train.beta1 / train.beta2: must be in [0, 1)");
-    }
-    if t.grad_clip < 0.0 {
-        bail!("train.grad_clip: must be >= 0 (0 disables)");
-    }
     Ok(())
 }

@@ -104,41 +104,9 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     let t = &cfg.train;
     let ckpt = checkpoint_dir(&opts.runs_dir, run);
     let resolved = serde_json::to_value(cfg)?;
-    let train_opts = TrainOpts {
-        steps: t.steps,
-        grad_accum: t.grad_accum,
-        schedule: Schedule {
-            lr: t.lr,
-            min_lr: t.min_lr.unwrap_or(t.lr / 10.0),
-            warmup_steps: t.warmup_steps,
-            decay_steps: t.decay_steps.unwrap_or(t.steps),
-        },
-        adamw: AdamWParams {
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: 1e-8,
-            weight_decay: t.weight_decay,
-            decay_embeddings: t.decay_embeddings,
-        },
-        grad_clip: (t.grad_clip > 0.0).then_some(t.grad_clip),
-        eval_every: t.eval_every,
-        checkpoint_every: t.checkpoint_every,
-        checkpoint_dir: Some(ckpt.clone()),
-        stop_after: opts.stop_after,
-        meta: json!({ "config": resolved, "tokenizer": tok, "vocab_size": vocab, "run_id": run.id }),
-    };
-    let pb = if opts.quiet {
-        ProgressBar::hidden()
-    } else {
-        let pb = ProgressBar::new(t.steps as u64);
-        pb.set_style(
-            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
-                .unwrap()
-                .progress_chars("=> "),
-        );
-        pb.set_prefix(run.id.clone());
-        pb
-    };
+    let meta = json!({ "config": resolved, "tokenizer": tok, "vocab_size": vocab, "run_id": run.id });
+    let train_opts = train_opts(t, ckpt.clone(), opts.stop_after, meta);
+    let pb = progress_bar(run, opts.quiet);
     let mut last_val = f64::NAN;
     let report = train(&model, &store, task.as_ref(), &train_opts, cfg.seed, opts.resume, &mut |p| {
         if let Some(e) = p.eval {
@@ -160,24 +128,7 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
             Err(e) => return Err(e.context(format!("run `{}`", run.id))),
         },
     };
-    let mut metrics = serde_json::Map::new();
-    if let Some((final_val, eval_metrics)) = st.last_eval.clone() {
-        metrics.insert("val_loss,best".into(), json!(st.best_val));
-        // A diverged run has no final model to score.
-        if diverged.is_none() {
-            metrics.insert("val_loss,final".into(), json!(final_val));
-            for (k, v) in eval_metrics {
-                metrics.insert(k, json!(v));
-            }
-        }
-    }
-    // Spike events by the robust rule of zoo_core::spikes (results written before it recorded a
-    // `loss_spikes` from the old 1.5 × running-minimum rule, which the report does not show).
-    metrics.insert("loss_spikes,robust".into(), json!(st.spike_detector.events));
-    metrics.insert("diverged".into(), json!(if diverged.is_some() { 1.0 } else { 0.0 }));
-    if let Some((step, _)) = &diverged {
-        metrics.insert("diverged_at_step".into(), json!(step));
-    }
+    let metrics = metrics_of(&st, diverged.as_ref());
     // Probes only on a healthy model.
     let probes = match diverged {
         None => Some(zoo_core::probe::probe(&model, &task.probe_batch()?.inputs)?),
@@ -211,7 +162,7 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
             .into_iter()
             .map(|t| (t.to_string(), model.cache_bytes(1, t) as u64))
             .collect(),
-        metrics: metrics.into_iter().collect(),
+        metrics,
         probes,
         divergence: diverged.as_ref().map(|(_, m)| m.clone()),
         curve: st.curve,
@@ -227,4 +178,76 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     let result = result.to_json()?;
     env::write_atomic(&result_path(&opts.results_dir, run), &serde_json::to_vec_pretty(&result)?)?;
     Ok(Some(result))
+}
+
+/// The training options a run's `[train]` section asks for.
+fn train_opts(
+    t: &crate::config::TrainConfig,
+    ckpt: PathBuf,
+    stop_after: Option<usize>,
+    meta: serde_json::Value,
+) -> TrainOpts {
+    TrainOpts {
+        steps: t.steps,
+        grad_accum: t.grad_accum,
+        schedule: Schedule {
+            lr: t.lr,
+            min_lr: t.min_lr.unwrap_or(t.lr / 10.0),
+            warmup_steps: t.warmup_steps,
+            decay_steps: t.decay_steps.unwrap_or(t.steps),
+        },
+        adamw: AdamWParams {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: 1e-8,
+            weight_decay: t.weight_decay,
+            decay_embeddings: t.decay_embeddings,
+        },
+        grad_clip: (t.grad_clip > 0.0).then_some(t.grad_clip),
+        eval_every: t.eval_every,
+        checkpoint_every: t.checkpoint_every,
+        checkpoint_dir: Some(ckpt),
+        stop_after,
+        meta,
+    }
+}
+
+/// A progress bar for the run's steps (hidden with `--quiet`).
+fn progress_bar(run: &PlannedRun, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(run.config.train.steps as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})").unwrap().progress_chars("=> "),
+    );
+    pb.set_prefix(run.id.clone());
+    pb
+}
+
+/// The result's metrics: validation losses and task metrics of the last eval (a diverged run has no
+/// final model to score), spike events, and divergence.
+fn metrics_of(
+    st: &zoo_core::train::TrainState,
+    diverged: Option<&(usize, String)>,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut metrics = std::collections::BTreeMap::new();
+    if let Some((final_val, eval_metrics)) = st.last_eval.clone() {
+        metrics.insert("val_loss,best".into(), json!(st.best_val));
+        // A diverged run has no final model to score.
+        if diverged.is_none() {
+            metrics.insert("val_loss,final".into(), json!(final_val));
+            for (k, v) in eval_metrics {
+                metrics.insert(k, json!(v));
+            }
+        }
+    }
+    // Spike events by the robust rule of zoo_core::spikes (results written before it recorded a
+    // `loss_spikes` from the old 1.5 × running-minimum rule, which the report does not show).
+    metrics.insert("loss_spikes,robust".into(), json!(st.spike_detector.events));
+    metrics.insert("diverged".into(), json!(if diverged.is_some() { 1.0 } else { 0.0 }));
+    if let Some((step, _)) = diverged {
+        metrics.insert("diverged_at_step".into(), json!(step));
+    }
+    metrics
 }
