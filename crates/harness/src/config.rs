@@ -65,6 +65,9 @@ impl ModelConfig {
         if self.n_layers == 0 {
             bail!("model.n_layers: must be at least 1");
         }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            bail!("model.norm_eps: {} must be positive and finite", self.norm_eps);
+        }
         Ok(())
     }
 }
@@ -99,6 +102,11 @@ pub enum DataConfig {
     },
 }
 
+/// The largest vocabulary a config may ask for.
+pub const MAX_VOCAB: usize = 1 << 24;
+/// The most MQAR tokens one split may hold in memory (4 bytes each for inputs and targets).
+pub const MAX_DATA_TOKENS: f64 = 2.5e8;
+
 impl DataConfig {
     /// Check the data section (and the train fields that depend on it).
     pub fn validate(&self, tc: &TrainConfig) -> Result<()> {
@@ -107,13 +115,20 @@ impl DataConfig {
                 if train.is_empty() || test.is_empty() {
                     bail!("data.train / data.test: MQAR needs at least one segment each");
                 }
+                if *vocab_size > MAX_VOCAB {
+                    bail!("data.vocab_size: {vocab_size} exceeds {MAX_VOCAB} (token ids are u32 and embeddings d × V)");
+                }
                 for (which, segs) in [("train", train), ("test", test)] {
+                    let tokens: f64 = segs.iter().map(|s| s.seq_len as f64 * s.examples as f64).sum();
+                    if tokens > MAX_DATA_TOKENS {
+                        bail!("data.{which}: {tokens:.3e} tokens (seq_len × examples) exceed {MAX_DATA_TOKENS:.0e} held in memory");
+                    }
                     for (i, s) in segs.iter().enumerate() {
                         zoo_core::data::Mqar::validate(*vocab_size, s).map_err(|e| anyhow!("data.{which}[{i}].{e}"))?;
                     }
                 }
                 if tc.seq_len.is_some() {
-                    bail!("tc.seq_len: not used with MQAR data (segments set their own lengths)");
+                    bail!("train.seq_len: not used with MQAR data (segments set their own lengths)");
                 }
             }
             DataConfig::Text { paths, val_fraction, tokenizer } => {
@@ -137,7 +152,7 @@ impl DataConfig {
                     bail!("data.val_fraction: {val_fraction} must be in (0, 1)");
                 }
                 if tc.seq_len.unwrap_or(0) == 0 {
-                    bail!("tc.seq_len: required for text data");
+                    bail!("train.seq_len: required for text data");
                 }
             }
         }
@@ -212,8 +227,20 @@ impl TrainConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             bail!("train.lr: {} must be positive", self.lr);
         }
-        if self.min_lr.is_some_and(|x| x < 0.0 || x > self.lr) {
+        if self.min_lr.is_some_and(|x| !(x.is_finite() && x >= 0.0 && x <= self.lr)) {
             bail!("train.min_lr: must be in [0, lr]");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!("train.weight_decay: {} must be finite and >= 0", self.weight_decay);
+        }
+        if self.decay_steps == Some(0) {
+            bail!("train.decay_steps: must be at least 1");
+        }
+        if self.eval_batches == 0 {
+            bail!("train.eval_batches: must be at least 1");
+        }
+        if self.checkpoint_every == Some(0) {
+            bail!("train.checkpoint_every: must be at least 1 (leave it out for a checkpoint at the end only)");
         }
         if self.warmup_steps > self.steps {
             bail!("train.warmup_steps: {} exceeds steps = {}", self.warmup_steps, self.steps);
@@ -227,8 +254,8 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             bail!("train.beta1 / train.beta2: must be in [0, 1)");
         }
-        if self.grad_clip < 0.0 {
-            bail!("train.grad_clip: must be >= 0 (0 disables)");
+        if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) {
+            bail!("train.grad_clip: must be finite and >= 0 (0 disables)");
         }
         Ok(())
     }
@@ -315,6 +342,9 @@ pub fn plan(text: &str, _base_dir: &Path) -> Result<Vec<PlannedRun>> {
         sweep.variants.clone()
     };
     let mut names = std::collections::BTreeSet::new();
+    for v in &sweep.variants {
+        check_name("sweep.variants.name", &v.name)?;
+    }
     for v in &variants {
         if !names.insert(v.name.clone()) {
             bail!("sweep.variants: name `{}` appears twice", v.name);
@@ -505,13 +535,97 @@ impl RunConfig {
 
 /// Semantic checks. Errors start with the dotted field.
 pub fn validate(c: &RunConfig) -> Result<()> {
-    if c.experiment.is_empty() || c.experiment.contains('/') {
-        bail!("experiment: must be a non-empty name without '/'");
-    }
+    check_name("experiment", &c.experiment)?;
     c.model.validate_shape()?;
     c.data.validate(&c.train)?;
     validate_layers(c)?;
     c.train.validate()
+}
+
+/// Rough upper estimates of what one run allocates, from the config alone (before any
+/// allocation): parameters (embeddings + ~16 d² per layer, which covers attention + SwiGLU and the
+/// linear mixers' wider projections), and the bytes of a training step: f32 weights, gradients and
+/// two AdamW moments (16 bytes per parameter) plus activations (~40 d floats per token and layer,
+/// 3 vocab-wide f32 tensors per token for the loss, and 3 f32 T×T score tensors per head and layer
+/// where a layer has heads).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Footprint {
+    pub params: f64,
+    pub weight_bytes: f64,
+    pub activation_bytes: f64,
+}
+
+impl Footprint {
+    pub fn total(&self) -> f64 {
+        self.weight_bytes + self.activation_bytes
+    }
+
+    /// An error naming the fields that drive the estimate when it exceeds `limit` bytes.
+    pub fn check(&self, limit: f64, what: &str) -> Result<()> {
+        if self.total() <= limit {
+            return Ok(());
+        }
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        let fields = if self.weight_bytes >= self.activation_bytes {
+            "model.d_model / model.n_layers / data.vocab_size"
+        } else {
+            "train.batch_size / sequence length / model.d_model"
+        };
+        bail!(
+            "{fields}: {what} needs an estimated {:.1} GiB ({:.3e} parameters: {:.1} GiB of weights, gradients and \
+             AdamW state; {:.1} GiB of activations), more than the {:.1} GiB of this device (override with --max-memory)",
+            gib(self.total()),
+            self.params,
+            gib(self.weight_bytes),
+            gib(self.activation_bytes),
+            gib(limit)
+        )
+    }
+}
+
+impl RunConfig {
+    /// [`Footprint`] of a training step at batch `batch` and length `t` with `vocab` tokens.
+    pub fn footprint_at(&self, vocab: usize, batch: usize, t: usize) -> Footprint {
+        let m = &self.model;
+        let (d, l, v) = (m.d_model as f64, m.n_layers as f64, vocab as f64);
+        let params = v * d * if m.tie_embeddings { 1.0 } else { 2.0 } + l * 16.0 * d * d;
+        let heads = self
+            .layer_mixers()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|mx| max_field(&serde_json::to_value(mx).ok()?, "n_heads"))
+            .fold(0.0, f64::max);
+        let (b, t) = (batch as f64, t as f64);
+        let activation_bytes = 4.0 * b * t * (40.0 * d * l + 3.0 * v) + 4.0 * 3.0 * b * heads * t * t * l;
+        Footprint { params, weight_bytes: 16.0 * params, activation_bytes }
+    }
+
+    /// [`Footprint`] of this run's training step.
+    pub fn footprint(&self, vocab: usize) -> Footprint {
+        self.footprint_at(vocab, self.train.batch_size, self.max_seq_len())
+    }
+}
+
+/// The largest number under key `key` anywhere in a JSON value.
+fn max_field(v: &serde_json::Value, key: &str) -> Option<f64> {
+    let fold = |a: Option<f64>, x: f64| Some(a.map_or(x, |a| a.max(x)));
+    match v {
+        serde_json::Value::Object(m) => {
+            m.iter().filter_map(|(k, x)| if k == key { x.as_f64() } else { max_field(x, key) }).fold(None, fold)
+        }
+        serde_json::Value::Array(xs) => xs.iter().filter_map(|x| max_field(x, key)).fold(None, fold),
+        _ => None,
+    }
+}
+
+/// A name that becomes a file or folder name: letters, digits, `.`, `_`, `-`, not starting with
+/// `.` (so never `..`), at most 100 characters.
+fn check_name(field: &str, name: &str) -> Result<()> {
+    let ok_char = |ch: char| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-');
+    if name.is_empty() || name.len() > 100 || name.starts_with('.') || !name.chars().all(ok_char) {
+        bail!("{field}: {name:?} must be 1-100 characters of letters, digits, '.', '_', '-', not starting with '.'");
+    }
+    Ok(())
 }
 
 /// Every layer's mixer and the feed-forward, against the model width and the longest sequence.

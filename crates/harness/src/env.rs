@@ -10,6 +10,8 @@ use zoo_core::candle_core::{DType, Device};
 pub struct Env {
     pub device: Device,
     pub dtype: DType,
+    /// Memory a run may plan for (`--max-memory`); default: the device's total memory.
+    pub max_memory: Option<u64>,
 }
 
 impl Env {
@@ -36,7 +38,17 @@ impl Env {
         if dtype != DType::F32 && device.is_cpu() {
             bail!("--dtype {dtype:?}: reduced precision is for CUDA; use f32 on CPU");
         }
-        Ok(Self { device, dtype })
+        Ok(Self { device, dtype, max_memory: None })
+    }
+
+    /// Bytes a run may plan for: `--max-memory` if given, else the device's total memory (CPU:
+    /// MemTotal of /proc/meminfo; CUDA: the GPU's total memory), else unlimited.
+    pub fn memory_limit(&self) -> f64 {
+        if let Some(m) = self.max_memory {
+            return m as f64;
+        }
+        let total = if self.device.is_cpu() { cpu_mem_total() } else { cuda_mem_total() };
+        total.map_or(f64::INFINITY, |b| b as f64)
     }
 
     pub fn dtype_name(&self) -> &'static str {
@@ -165,4 +177,40 @@ mod time_tests {
         assert_eq!(b.len(), 20, "{t}");
         assert!(t.starts_with("20") && t.ends_with('Z') && b[10] == b'T' && b[4] == b'-' && b[13] == b':', "{t}");
     }
+}
+
+fn cpu_mem_total() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = s.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_mem_total() -> Option<u64> {
+    zoo_core::candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok().map(|(_, total)| total as u64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_mem_total() -> Option<u64> {
+    None
+}
+
+/// Parse a memory size: bytes, or a number with KB/MB/GB (10^3) or KiB/MiB/GiB (2^10) suffix.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("--max-memory: {s:?} is not a size like 24GiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => anyhow::bail!("--max-memory: unknown unit {u:?} (use B, KB, MB, GB, KiB, MiB or GiB)"),
+    };
+    anyhow::ensure!(x.is_finite() && x > 0.0, "--max-memory: {s:?} must be positive");
+    Ok((x * mult) as u64)
 }

@@ -17,6 +17,10 @@ struct Cli {
     /// Activation dtype: f32 (CPU/CUDA) or bf16 / f16 (CUDA; master weights stay f32).
     #[arg(long, global = true, default_value = "f32")]
     dtype: String,
+    /// Memory a run or bench may plan for, e.g. 24GiB (default: the device's total memory). Runs
+    /// whose estimated footprint exceeds it are refused before any allocation.
+    #[arg(long, global = true)]
+    max_memory: Option<String>,
     /// No progress output.
     #[arg(long, short, global = true)]
     quiet: bool,
@@ -98,21 +102,35 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
     Ok((i, n))
 }
 
+/// Exit codes: 0 success; 1 a sweep finished but some runs failed (each is reported, the others
+/// ran); 2 an error before or outside the runs (bad config, bad arguments, I/O).
 fn main() {
-    if let Err(e) = real_main() {
-        eprintln!("error: {e:#}");
-        std::process::exit(2);
+    match real_main() {
+        Ok(0) => {}
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
     }
 }
 
-fn real_main() -> Result<()> {
+fn env_of(cli: &Cli) -> Result<Env> {
+    let mut env = Env::parse(&cli.device, &cli.dtype)?;
+    env.max_memory = cli.max_memory.as_deref().map(zoo_harness::env::parse_bytes).transpose()?;
+    Ok(env)
+}
+
+fn real_main() -> Result<i32> {
     let cli = Cli::parse();
-    match cli.cmd {
+    let env = || env_of(&cli);
+    match &cli.cmd {
         Cmd::Run { config, shard, resume, force, dry_run, results_dir, runs_dir, stop_after } => {
+            let (resume, force, dry_run, stop_after) = (*resume, *force, *dry_run, *stop_after);
             // Everything is validated before any work starts.
-            let runs = config::load(&config)?;
+            let runs = config::load(config)?;
             let shard = shard.as_deref().map(parse_shard).transpose()?;
-            let env = Env::parse(&cli.device, &cli.dtype)?;
+            let env = env()?;
             let mine: Vec<_> = runs
                 .iter()
                 .enumerate()
@@ -124,23 +142,52 @@ fn real_main() -> Result<()> {
                     println!("{}", r.id);
                 }
                 println!("{} runs ({} in this shard), config OK", runs.len(), mine.len());
-                return Ok(());
+                return Ok(0);
             }
-            let opts =
-                runner::RunOpts { results_dir: results_dir.clone(), runs_dir, resume, quiet: cli.quiet, stop_after };
+            let opts = runner::RunOpts {
+                results_dir: results_dir.clone(),
+                runs_dir: runs_dir.clone(),
+                resume,
+                quiet: cli.quiet,
+                stop_after,
+            };
             let total = mine.len();
+            let mut failed = Vec::new();
             for (k, r) in mine.iter().enumerate() {
-                let out = runner::result_path(&results_dir, r);
-                if out.exists() && !force {
-                    if !cli.quiet {
-                        eprintln!("[{}/{total}] {} — done already, skipping", k + 1, r.id);
+                let out = runner::result_path(results_dir, r);
+                if !force {
+                    // Trust an existing result only if it is readable and was made from this
+                    // run's resolved config; otherwise say why and run it again.
+                    match runner::existing_result(r, &out) {
+                        runner::Existing::Valid => {
+                            if !cli.quiet {
+                                eprintln!("[{}/{total}] {} — done already, skipping", k + 1, r.id);
+                            }
+                            continue;
+                        }
+                        runner::Existing::Missing => {}
+                        runner::Existing::Stale(why) => {
+                            eprintln!(
+                                "[{}/{total}] {}: the existing result is not trusted ({why}); running again",
+                                k + 1,
+                                r.id
+                            )
+                        }
                     }
-                    continue;
                 }
                 if !cli.quiet {
                     eprintln!("[{}/{total}] {}", k + 1, r.id);
                 }
-                match runner::run_one(r, &env, &opts)? {
+                let res = match runner::run_one(r, &env, &opts) {
+                    Ok(res) => res,
+                    Err(e) => {
+                        // One failed run never stops the sweep: report it, go on, exit 1 at the end.
+                        eprintln!("    run {} failed: {e:#}", r.id);
+                        failed.push(r.id.clone());
+                        continue;
+                    }
+                };
+                match res {
                     Some(res) if !cli.quiet => {
                         let res = zoo_harness::schema::parse_run(res, &out)?;
                         eprintln!(
@@ -159,26 +206,56 @@ fn real_main() -> Result<()> {
                     println!("{}", report::report(&dir)?);
                 }
             }
+            if !failed.is_empty() {
+                eprintln!("{} of {total} runs failed: {}", failed.len(), failed.join(", "));
+                return Ok(1);
+            }
         }
-        Cmd::Report { dir } => println!("{}", report::report(&dir)?),
+        Cmd::Report { dir } => println!("{}", report::report(dir)?),
         Cmd::Eval { checkpoint, text, seq_len, batch } => {
-            let env = Env::parse(&cli.device, &cli.dtype)?;
-            let out = zoo_harness::evaluate_checkpoint(&checkpoint, &text, seq_len, batch, &env)?;
+            if *seq_len == Some(0) {
+                bail!("--seq-len: must be at least 1");
+            }
+            if *batch == 0 {
+                bail!("--batch: must be at least 1");
+            }
+            let out = zoo_harness::evaluate_checkpoint(checkpoint, text, *seq_len, *batch, &env()?)?;
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Cmd::Bench { config, seq_lens, batch, warmup, iters, decode_tokens, skip_train, run_index, out } => {
-            let runs = config::load(&config)?;
+            let (batch, run_index) = (*batch, *run_index);
+            if *iters == 0 {
+                bail!("--iters: must be at least 1 (timed iterations)");
+            }
+            if batch == 0 {
+                bail!("--batch: must be at least 1");
+            }
+            if seq_lens.is_empty() || seq_lens.contains(&0) {
+                bail!("--seq-lens: needs one or more lengths, each at least 1");
+            }
+            let runs = config::load(config)?;
             let run = runs
                 .get(run_index)
                 .with_context(|| format!("--run-index {run_index}: the config has {} runs", runs.len()))?;
-            let env = Env::parse(&cli.device, &cli.dtype)?;
+            let env = env()?;
             let vocab = zoo_harness::vocab_size(&run.config)?;
-            let o = bench::BenchOpts { seq_lens, batch, warmup, iters, decode_tokens, skip_train };
+            let longest = seq_lens.iter().max().copied().unwrap_or(0) + decode_tokens;
+            run.config
+                .footprint_at(vocab, batch, longest)
+                .check(env.memory_limit(), &format!("bench at T = {longest}"))?;
+            let o = bench::BenchOpts {
+                seq_lens: seq_lens.clone(),
+                batch,
+                warmup: *warmup,
+                iters: *iters,
+                decode_tokens: *decode_tokens,
+                skip_train: *skip_train,
+            };
             let mut res = bench::bench(&run.config, vocab, &env, &o, cli.quiet)?;
             res["label"] = serde_json::json!(run.label);
             res["plan_index"] = serde_json::json!(run.index);
             let dev = if env.device.is_cpu() { "cpu".to_string() } else { format!("cuda-{}", env.dtype_name()) };
-            let out = out.unwrap_or_else(|| {
+            let out = out.clone().unwrap_or_else(|| {
                 PathBuf::from(format!("results/bench/{}-{}-{dev}.json", run.config.experiment, run.id))
             });
             zoo_harness::env::write_atomic(&out, &serde_json::to_vec_pretty(&res)?)?;
@@ -186,5 +263,5 @@ fn real_main() -> Result<()> {
             println!("wrote {}", out.display());
         }
     }
-    Ok(())
+    Ok(0)
 }

@@ -94,11 +94,71 @@ pub fn checkpoint_dir(runs_dir: &Path, run: &PlannedRun) -> PathBuf {
     runs_dir.join(&run.config.experiment).join(&run.id).join("checkpoint")
 }
 
+/// What is at a run's result path.
+#[derive(Debug, PartialEq)]
+pub enum Existing {
+    Missing,
+    /// Readable, and made from this run's resolved config.
+    Valid,
+    /// Present but not to be trusted, and why (unreadable, truncated, another experiment or run, or
+    /// a different config).
+    Stale(String),
+}
+
+/// Check a run's existing result file against the run: results are keyed by content (the resolved
+/// config), not only by their file name.
+pub fn existing_result(run: &PlannedRun, path: &Path) -> Existing {
+    let Ok(bytes) = std::fs::read(path) else {
+        return if path.exists() { Existing::Stale("unreadable".into()) } else { Existing::Missing };
+    };
+    let v: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => return Existing::Stale(format!("not valid JSON: {e}")),
+    };
+    let r = match crate::schema::parse_run(v, path) {
+        Ok(r) => r,
+        Err(e) => return Existing::Stale(format!("{e:#}")),
+    };
+    if r.experiment != run.config.experiment || r.run_id != run.id {
+        return Existing::Stale(format!("it belongs to experiment `{}`, run `{}`", r.experiment, r.run_id));
+    }
+    match serde_json::to_value(&run.config) {
+        Ok(c) if c == r.config => Existing::Valid,
+        Ok(c) => Existing::Stale(format!(
+            "made from a different config (differs at {})",
+            first_difference(&r.config, &c, "")
+        )),
+        Err(e) => Existing::Stale(e.to_string()),
+    }
+}
+
+/// The dotted path of the first field where two JSON values differ.
+pub fn first_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> String {
+    use serde_json::Value::Object;
+    match (a, b) {
+        (Object(x), Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                match (x.get(k), y.get(k)) {
+                    (Some(p), Some(q)) if p == q => {}
+                    (Some(p), Some(q)) => return first_difference(p, q, &path),
+                    _ => return path,
+                }
+            }
+            at.to_string()
+        }
+        _ => at.to_string(),
+    }
+}
+
 /// Train one planned run and write its result JSON. Returns the result (None if stopped early).
 pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<serde_json::Value>> {
     let cfg = &run.config;
     let started = env::now_rfc3339();
     let t0 = Instant::now();
+    // Before any allocation: the run must fit the device (MQAR's data is bounded by validation).
+    cfg.footprint(crate::vocab_size(cfg)?).check(env.memory_limit(), &format!("run `{}`", run.id))?;
     let (task, vocab, tok) = build_task(cfg, env)?;
     let (model, store) = build_model(cfg, vocab, env)?;
     let t = &cfg.train;

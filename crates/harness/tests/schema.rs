@@ -44,3 +44,27 @@ fn a_broken_result_names_file_and_field() {
     let e = parse_run(serde_json::json!({ "schema": RESULT_SCHEMA, "run_id": "a" }), p).unwrap_err().to_string();
     assert!(e.contains("x/run.json") && e.contains("missing field"), "{e}");
 }
+
+/// `zoo run` trusts a committed result only if it was made from the run's resolved config: every
+/// committed result of every config in `configs/` still is (editing a config invalidates them).
+#[test]
+fn committed_results_match_their_configs() {
+    use zoo_harness::runner::{existing_result, result_path, Existing};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut checked = 0;
+    let mut stale = Vec::new();
+    for f in std::fs::read_dir(root.join("configs")).unwrap().flatten() {
+        let text = std::fs::read_to_string(f.path()).unwrap();
+        let Ok(runs) = zoo_harness::config::plan(&text, &root) else { continue };
+        for run in runs {
+            match existing_result(&run, &result_path(&root.join("results"), &run)) {
+                Existing::Valid => checked += 1,
+                Existing::Missing => {}
+                Existing::Stale(why) => stale.push(format!("{}: {why}", run.id)),
+            }
+        }
+    }
+    println!("{checked} trusted, {} stale", stale.len());
+    assert!(stale.is_empty(), "{stale:#?}");
+    assert!(checked > 50, "only {checked} results checked");
+}
