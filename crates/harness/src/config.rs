@@ -62,8 +62,8 @@ impl ModelConfig {
         if self.d_model == 0 {
             bail!("model.d_model: must be at least 1");
         }
-        if self.n_layers == 0 {
-            bail!("model.n_layers: must be at least 1");
+        if self.n_layers == 0 || self.n_layers > MAX_LAYERS {
+            bail!("model.n_layers: {} must be in 1..={MAX_LAYERS}", self.n_layers);
         }
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
             bail!("model.norm_eps: {} must be positive and finite", self.norm_eps);
@@ -102,6 +102,8 @@ pub enum DataConfig {
     },
 }
 
+/// The deepest stack a config may ask for.
+pub const MAX_LAYERS: usize = 10_000;
 /// The largest vocabulary a config may ask for.
 pub const MAX_VOCAB: usize = 1 << 24;
 /// The most MQAR tokens one split may hold in memory (4 bytes each for inputs and targets).

@@ -85,12 +85,17 @@ impl MixerConfig {
 /// For each layer, (its index among the layers with the same mixer `type`, how many there are).
 pub fn kind_positions(mixers: &[MixerConfig]) -> Vec<(usize, usize)> {
     let kind = |m: &MixerConfig| std::mem::discriminant(m);
+    let mut total = std::collections::HashMap::new();
+    for m in mixers {
+        *total.entry(kind(m)).or_insert(0usize) += 1;
+    }
+    let mut seen = std::collections::HashMap::new();
     mixers
         .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let before = mixers[..i].iter().filter(|o| kind(o) == kind(m)).count();
-            (before, mixers.iter().filter(|o| kind(o) == kind(m)).count())
+        .map(|m| {
+            let i = seen.entry(kind(m)).or_insert(0usize);
+            *i += 1;
+            (*i - 1, total[&kind(m)])
         })
         .collect()
 }

@@ -6,12 +6,15 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Every run result (`zoo.result/1`) in `dir`, in plan order; a file that does not parse as one
-/// is an error naming it.
+/// Every run result (`zoo.result/1`) in `dir`, in plan order; a file that is not valid JSON or not
+/// a readable result is skipped with a warning naming it.
 pub fn load_results(dir: &Path) -> Result<Vec<RunResult>> {
     let mut out = Vec::new();
     for (path, v) in load_schema_paths(dir, RESULT_SCHEMA)? {
-        out.push(crate::schema::parse_run(v, &path)?);
+        match crate::schema::parse_run(v, &path) {
+            Ok(r) => out.push(r),
+            Err(e) => eprintln!("warning: skipping {e:#}"),
+        }
     }
     Ok(out)
 }
@@ -29,8 +32,15 @@ fn load_schema_paths(dir: &Path, schema: &str) -> Result<Vec<(std::path::PathBuf
     for e in entries {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "json") {
-            let v: Value =
-                serde_json::from_slice(&std::fs::read(&p)?).with_context(|| format!("parsing {}", p.display()))?;
+            let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+            let v: Value = match serde_json::from_slice(&bytes) {
+                Ok(v) => v,
+                Err(e) => {
+                    // A truncated or garbled file (a kill mid-copy) must not block the report.
+                    eprintln!("warning: skipping {}: not valid JSON ({e})", p.display());
+                    continue;
+                }
+            };
             if v.get("schema").and_then(|s| s.as_str()) == Some(schema) {
                 out.push((p, v));
             }

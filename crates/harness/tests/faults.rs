@@ -1,0 +1,275 @@
+//! Fault suite: bad settings, absurd sizes, divergence, stale or broken results and bad CLI
+//! arguments each end in an error naming the field or file (never a panic or an allocation), and a
+//! seeded config fuzzer checks that for thousands of mutated configs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+use zoo_harness::config;
+use zoo_harness::env::Env;
+use zoo_harness::runner::{self, RunOpts};
+
+const BASE: &str = r#"experiment = "f"
+seed = 1
+[model]
+d_model = 16
+n_layers = 2
+norm_eps = 1e-5
+mixer = { type = "attention", n_heads = 2 }
+ffn = { type = "swiglu" }
+[data]
+type = "mqar"
+vocab_size = 32
+train = [{ seq_len = 16, kv_pairs = 2, examples = 64 }]
+test = [{ seq_len = 16, kv_pairs = 2, examples = 16 }]
+[train]
+steps = 6
+batch_size = 4
+lr = 3e-3
+min_lr = 3e-4
+warmup_steps = 1
+weight_decay = 0.1
+grad_clip = 1.0
+eval_every = 3
+eval_batches = 2
+checkpoint_every = 3
+"#;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("zoo-faults-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn plan_err(text: &str) -> String {
+    match config::plan(text, Path::new(".")) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+fn cpu() -> Env {
+    Env::parse("cpu", "f32").unwrap()
+}
+
+fn opts(dir: &Path) -> RunOpts {
+    RunOpts {
+        results_dir: dir.join("results"),
+        runs_dir: dir.join("runs"),
+        resume: false,
+        quiet: true,
+        stop_after: None,
+    }
+}
+
+#[test]
+fn meaningless_and_nan_settings_fail_by_name() {
+    let cases = [
+        ("checkpoint_every = 3", "checkpoint_every = 0", "train.checkpoint_every"),
+        ("eval_batches = 2", "eval_batches = 0", "train.eval_batches"),
+        ("grad_clip = 1.0", "grad_clip = nan", "train.grad_clip"),
+        ("weight_decay = 0.1", "weight_decay = nan", "train.weight_decay"),
+        ("weight_decay = 0.1", "weight_decay = -1.0", "train.weight_decay"),
+        ("min_lr = 3e-4", "min_lr = nan", "train.min_lr"),
+        ("norm_eps = 1e-5", "norm_eps = -1e-5", "model.norm_eps"),
+        ("norm_eps = 1e-5", "norm_eps = inf", "model.norm_eps"),
+        ("lr = 3e-3", "lr = nan", "train.lr"),
+        ("steps = 6", "steps = 6\ndecay_steps = 0", "train.decay_steps"),
+        (r#"experiment = "f""#, r#"experiment = "..""#, "experiment"),
+        (r#"experiment = "f""#, r#"experiment = "a/../../b""#, "experiment"),
+    ];
+    for (from, to, field) in cases {
+        assert!(BASE.contains(from), "{from}");
+        let e = plan_err(&BASE.replace(from, to));
+        assert!(e.contains(field), "{to}: error should name {field}: {e}");
+    }
+}
+
+/// Sizes no machine here can hold are refused from the config, before data or weights exist.
+#[test]
+fn absurd_sizes_are_refused_before_any_allocation() {
+    let plan_cases = [
+        ("vocab_size = 32", "vocab_size = 2000000000", "data.vocab_size"),
+        (
+            "train = [{ seq_len = 16, kv_pairs = 2, examples = 64 }]",
+            "train = [{ seq_len = 1000000000, kv_pairs = 2, examples = 64 }]",
+            "data.train",
+        ),
+        ("n_layers = 2", "n_layers = 1000000", "model.n_layers"),
+    ];
+    for (from, to, field) in plan_cases {
+        let e = plan_err(&BASE.replace(from, to));
+        assert!(e.contains(field), "{to}: {e}");
+    }
+    // Valid shapes whose footprint exceeds the device: refused by run_one in well under a second.
+    for (from, to) in [("d_model = 16", "d_model = 1000000000"), ("n_layers = 2", "n_layers = 10000\nd_model = 4096")] {
+        let text = BASE.replace(from, to).replace("n_heads = 2", "n_heads = 1");
+        let text = if to.contains("4096") { text.replace("d_model = 16\n", "") } else { text };
+        let run = config::plan(&text, Path::new(".")).unwrap().remove(0);
+        let mut env = cpu();
+        env.max_memory = Some(24 << 30);
+        let t0 = Instant::now();
+        let e = format!("{:#}", runner::run_one(&run, &env, &opts(&tmpdir("absurd"))).unwrap_err());
+        assert!(t0.elapsed().as_secs_f64() < 2.0, "{to}: took {:?}", t0.elapsed());
+        assert!(e.contains("model.d_model") && e.contains("GiB") && e.contains("--max-memory"), "{to}: {e}");
+    }
+}
+
+/// lr = 10 keeps the loss finite but far above where it started: the loss rule catches it and the
+/// result records the divergence.
+#[test]
+fn a_finite_but_diverged_run_is_recorded_as_diverged() {
+    let text = BASE
+        .replace("lr = 3e-3", "lr = 10.0")
+        .replace("min_lr = 3e-4", "min_lr = 1.0")
+        .replace("checkpoint_every = 3", "checkpoint_every = 3\nrecord_divergence = true");
+    let run = config::plan(&text, Path::new(".")).unwrap().remove(0);
+    let res = runner::run_one(&run, &cpu(), &opts(&tmpdir("lr10"))).unwrap().unwrap();
+    assert_eq!(res["metrics"]["diverged"], 1.0, "{:#}", res["metrics"]);
+    let msg = res["divergence"].as_str().unwrap();
+    assert!(msg.contains("diverged") || msg.contains("NaN") || msg.contains("inf"), "{msg}");
+}
+
+#[test]
+fn the_divergence_rule() {
+    use zoo_core::train::diverged;
+    assert!(!diverged(3.5, 3.4));
+    assert!(!diverged(3.5, 4.4)); // +0.9 nat
+    assert!(!diverged(3.5, 5.2)); // +1.7 nat but < 1.5x
+    assert!(diverged(3.5, 5.3));
+    assert!(diverged(3.5, 250.0));
+    assert!(!diverged(0.5, 1.2)); // 2.4x but < 1 nat
+}
+
+fn zoo(args: &[&str], dir: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_zoo")).args(args).current_dir(dir).output().unwrap()
+}
+
+/// A run that fails does not stop the sweep: the other runs finish, and the exit code is 1.
+#[test]
+fn a_failed_run_does_not_stop_the_sweep() {
+    let dir = tmpdir("sweep");
+    let text = format!(
+        "{BASE}[sweep]\n[[sweep.variants]]\nname = \"bad\"\nset = {{ \"train.lr\" = 10.0, \"train.min_lr\" = 1.0 }}\n[[sweep.variants]]\nname = \"good\"\n"
+    );
+    std::fs::write(dir.join("c.toml"), text).unwrap();
+    let o = zoo(&["run", "c.toml", "-q"], &dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("1 of 2 runs failed") && err.contains("bad"), "{err}");
+    assert!(dir.join("results/f/good__lr-0.003__seed-1.json").is_file(), "{err}");
+}
+
+/// Results are keyed by content: after the config changes, or when the file is truncated, zoo run
+/// does the run again; zoo report skips an unreadable file with a warning.
+#[test]
+fn stale_or_broken_results_are_not_trusted() {
+    let dir = tmpdir("stale");
+    std::fs::write(dir.join("c.toml"), BASE).unwrap();
+    assert!(zoo(&["run", "c.toml", "-q"], &dir).status.success());
+    let out = dir.join("results/f/default__lr-0.003__seed-1.json");
+    let first = std::fs::read(&out).unwrap();
+    // Unchanged: skipped (the file is not rewritten).
+    let o = zoo(&["run", "c.toml"], &dir);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("done already"));
+    assert_eq!(std::fs::read(&out).unwrap(), first);
+    // Edited config: the old result is not trusted.
+    std::fs::write(dir.join("c.toml"), BASE.replace("steps = 6", "steps = 3")).unwrap();
+    let o = zoo(&["run", "c.toml"], &dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not trusted") && err.contains("train.steps"), "{err}");
+    let redone: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(redone["config"]["train"]["steps"], 3);
+    // Truncated: not trusted, redone; meanwhile the report skips it with a warning.
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::write(&out, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(dir.join("results/f/other.json"), &bytes[..100]).unwrap();
+    let o = zoo(&["report", "results/f"], &dir);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("skipping"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = zoo(&["run", "c.toml"], &dir);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not valid JSON"), "{}", String::from_utf8_lossy(&o.stderr));
+    let _: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+}
+
+#[test]
+fn bench_and_eval_reject_zero_sizes() {
+    let dir = tmpdir("cli");
+    std::fs::write(dir.join("c.toml"), BASE).unwrap();
+    for (args, field) in [
+        (vec!["bench", "c.toml", "--iters", "0"], "--iters"),
+        (vec!["bench", "c.toml", "--batch", "0"], "--batch"),
+        (vec!["bench", "c.toml", "--seq-lens", "0"], "--seq-lens"),
+        (vec!["bench", "c.toml", "--seq-lens", "1000000", "--max-memory", "1GiB"], "GiB"),
+        (vec!["eval", "--checkpoint", "x", "--text", "y", "--seq-len", "0"], "--seq-len"),
+        (vec!["eval", "--checkpoint", "x", "--text", "y", "--batch", "0"], "--batch"),
+        (vec!["run", "c.toml", "--max-memory", "lots"], "--max-memory"),
+    ] {
+        let o = zoo(&args, &dir);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(field) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// Seeded config fuzzer: every `key = value` line of the base config is dropped, duplicated,
+/// retyped, scaled by 1e9, set to NaN, zero or a negative number, alone and in pairs. No mutation
+/// panics; each rejected config's error names a field (a dotted path or a backquoted key); each
+/// accepted one's footprint is either within 24 GiB or refused by name.
+#[test]
+fn config_fuzzer() {
+    let lines: Vec<&str> = BASE.lines().collect();
+    let fields: Vec<usize> = (0..lines.len()).filter(|&i| lines[i].contains(" = ")).collect();
+    let mutate = |line: &str, how: u64| -> String {
+        let (k, v) = line.split_once(" = ").unwrap();
+        match how {
+            0 => String::new(),
+            1 => format!("{line}\n{line}"),
+            2 => format!("{k} = \"x\""),
+            3 => format!("{k} = {}", scale(v)),
+            4 => format!("{k} = nan"),
+            5 => format!("{k} = 0"),
+            6 => format!("{k} = -3"),
+            _ => format!("{k} = [1, 2]"),
+        }
+    };
+    let mut rng = zoo_core::rng::Rng::new(12345);
+    let (mut accepted, mut rejected) = (0, 0);
+    for trial in 0..3000 {
+        let mut ls: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
+        for _ in 0..1 + trial % 2 {
+            let i = fields[rng.below(fields.len())];
+            ls[i] = mutate(lines[i], rng.below(8) as u64);
+        }
+        let text = ls.join("\n");
+        let r = std::panic::catch_unwind(|| config::plan(&text, Path::new(".")));
+        let Ok(r) = r else { panic!("panic on:\n{text}") };
+        match r {
+            Err(e) => {
+                let e = format!("{e:#}");
+                let named = e.contains('`') || e.contains('.') && e.contains(':');
+                assert!(named, "error names no field: {e}\n{text}");
+                rejected += 1;
+            }
+            Ok(runs) => {
+                for run in runs {
+                    let vocab = zoo_harness::vocab_size(&run.config).unwrap();
+                    let f = run.config.footprint(vocab);
+                    if let Err(e) = f.check((24u64 << 30) as f64, "run") {
+                        assert!(format!("{e}").contains("model.d_model"), "{e}");
+                    }
+                }
+                accepted += 1;
+            }
+        }
+    }
+    assert!(accepted > 100 && rejected > 1000, "accepted {accepted}, rejected {rejected}");
+}
+
+fn scale(v: &str) -> String {
+    match v.parse::<f64>() {
+        Ok(x) if v.contains('.') || v.contains('e') => format!("{:e}", x * 1e9),
+        Ok(x) => format!("{}", (x * 1e9) as i64),
+        Err(_) => v.to_string(),
+    }
+}
