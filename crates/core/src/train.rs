@@ -155,6 +155,7 @@ pub fn train(
     let mut good_ckpt: Option<(PathBuf, usize)> = None;
     if resume {
         if let Some(dir) = &opts.checkpoint_dir {
+            recover_checkpoint(dir)?;
             if dir.join("state.json").exists() {
                 st = load_checkpoint(dir, store, &mut opt)?;
                 good_ckpt = Some((dir.clone(), st.step));
@@ -314,8 +315,52 @@ fn to_hash(m: BTreeMap<String, Tensor>) -> HashMap<String, Tensor> {
     m.into_iter().collect()
 }
 
-/// Write `model.safetensors`, `optim.safetensors`, `state.json` and `meta.json` into a temporary
-/// folder, then swap it into place: a kill mid-save leaves the previous checkpoint intact.
+/// The marker file that makes a checkpoint folder complete.
+pub const COMPLETE: &str = "COMPLETE";
+
+fn complete(dir: &Path) -> bool {
+    dir.join(COMPLETE).is_file()
+}
+
+/// Bring a checkpoint folder back to a complete state after a kill at any point of
+/// [`save_checkpoint`]: `dir` complete (or from before the marker existed: `state.json` present
+/// and no save in flight) is kept; else a complete `dir.tmp` (killed between the renames) or a
+/// complete `dir.old` (killed before the new one was complete) takes its place. Returns what was
+/// done, if anything.
+pub fn recover_checkpoint(dir: &Path) -> Result<Option<String>> {
+    let (tmp, old) = (dir.with_extension("tmp"), dir.with_extension("old"));
+    let legacy = dir.join("state.json").is_file() && !tmp.exists() && !old.exists();
+    if complete(dir) || legacy {
+        return Ok(None);
+    }
+    for (src, what) in [(&tmp, "the checkpoint being saved when the run was killed"), (&old, "the previous checkpoint")]
+    {
+        if complete(src) {
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+            }
+            std::fs::rename(src, dir).with_context(|| format!("renaming {} to {}", src.display(), dir.display()))?;
+            return Ok(Some(format!("recovered {what} into {}", dir.display())));
+        }
+    }
+    if dir.exists() && !dir.join("state.json").is_file() {
+        anyhow::bail!(
+            "checkpoint {}: incomplete (no state.json) and no complete .tmp or .old beside it",
+            dir.display()
+        );
+    }
+    Ok(None)
+}
+
+/// The step a complete checkpoint holds, if there is one.
+pub fn checkpoint_step(dir: &Path) -> Option<usize> {
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json")).ok()?).ok()?;
+    state["train"]["step"].as_u64().map(|s| s as usize)
+}
+
+/// Write `model.safetensors`, `optim.safetensors`, `state.json`, `meta.json` and last the
+/// [`COMPLETE`] marker into a temporary folder, then swap it into place: a kill at any point
+/// leaves a complete checkpoint that [`recover_checkpoint`] finds.
 pub fn save_checkpoint(
     dir: &Path,
     store: &ParamStore,
@@ -333,6 +378,8 @@ pub fn save_checkpoint(
     let state = serde_json::json!({ "train": st, "optimizer_t": opt.t, "adamw": opt.params });
     std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&state)?)?;
     std::fs::write(tmp.join("meta.json"), serde_json::to_vec_pretty(meta)?)?;
+    // The commit point: a checkpoint folder is complete iff it holds this marker, written last.
+    std::fs::write(tmp.join(COMPLETE), format!("{}\n", st.step))?;
     let old = dir.with_extension("old");
     if dir.exists() {
         if old.exists() {
@@ -357,11 +404,16 @@ pub fn load_weights(dir: &Path, store: &ParamStore) -> Result<()> {
 
 fn load_checkpoint(dir: &Path, store: &ParamStore, opt: &mut AdamW) -> Result<TrainState> {
     load_weights(dir, store)?;
-    let o = candle_core::safetensors::load(dir.join("optim.safetensors"), store.device())?;
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
-    let t = state["optimizer_t"].as_u64().context("state.json: optimizer_t")? as usize;
-    opt.load_state(&o, t)?;
-    Ok(serde_json::from_value(state["train"].clone())?)
+    let optim = dir.join("optim.safetensors");
+    let o = candle_core::safetensors::load(&optim, store.device())
+        .with_context(|| format!("reading {}", optim.display()))?;
+    let sp = dir.join("state.json");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&sp).with_context(|| format!("reading {}", sp.display()))?)
+            .with_context(|| format!("parsing {}", sp.display()))?;
+    let t = state["optimizer_t"].as_u64().with_context(|| format!("{}: optimizer_t", sp.display()))? as usize;
+    opt.load_state(&o, t).with_context(|| format!("loading {}", optim.display()))?;
+    serde_json::from_value(state["train"].clone()).with_context(|| format!("{}: train state", sp.display()))
 }
 
 #[cfg(test)]

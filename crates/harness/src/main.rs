@@ -148,6 +148,7 @@ fn real_main() -> Result<i32> {
                 results_dir: results_dir.clone(),
                 runs_dir: runs_dir.clone(),
                 resume,
+                force,
                 quiet: cli.quiet,
                 stop_after,
             };
@@ -203,7 +204,11 @@ fn real_main() -> Result<i32> {
             if let Some(first) = runs.first() {
                 let dir = results_dir.join(&first.config.experiment);
                 if dir.is_dir() && stop_after.is_none() {
-                    println!("{}", report::report(&dir)?);
+                    // The table is a convenience here: its failure does not fail the sweep.
+                    match report::report(&dir) {
+                        Ok(md) => println!("{md}"),
+                        Err(e) => eprintln!("warning: no report for {}: {e:#}", dir.display()),
+                    }
                 }
             }
             if !failed.is_empty() {

@@ -81,6 +81,8 @@ pub struct RunOpts {
     pub results_dir: PathBuf,
     pub runs_dir: PathBuf,
     pub resume: bool,
+    /// Start over even where a checkpoint of this run exists (it is deleted).
+    pub force: bool,
     pub quiet: bool,
     /// Testing aid: stop after this many steps, as if killed.
     pub stop_after: Option<usize>,
@@ -92,6 +94,87 @@ pub fn result_path(results_dir: &Path, run: &PlannedRun) -> PathBuf {
 
 pub fn checkpoint_dir(runs_dir: &Path, run: &PlannedRun) -> PathBuf {
     runs_dir.join(&run.config.experiment).join(&run.id).join("checkpoint")
+}
+
+/// A per-run lock file beside the checkpoint (`lock`, holding the pid): two processes never
+/// train one run. A lock left by a process that no longer exists is taken over. Removed on drop.
+pub struct RunLock {
+    path: PathBuf,
+}
+
+impl RunLock {
+    pub fn acquire(ckpt: &Path, run_id: &str) -> Result<Self> {
+        let dir = ckpt.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("lock");
+        let me = std::process::id();
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    write!(f, "{me}").with_context(|| format!("writing {}", path.display()))?;
+                    return Ok(Self { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                    let alive = holder.trim().parse::<u32>().is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                    if alive && !holder.trim().is_empty() {
+                        anyhow::bail!(
+                            "run `{run_id}`: process {} is training it (lock {}); wait for it, or delete the lock if that process is gone",
+                            holder.trim(),
+                            path.display()
+                        );
+                    }
+                    // Stale (its process is gone): take it over.
+                    std::fs::remove_file(&path).with_context(|| format!("removing stale lock {}", path.display()))?;
+                }
+                Err(e) => return Err(e).with_context(|| format!("creating lock {}", path.display())),
+            }
+        }
+        anyhow::bail!("run `{run_id}`: could not take the lock {}", path.display())
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Before training: recover an interrupted checkpoint save; with `--resume`, refuse a checkpoint
+/// made from another config (naming the first differing field); without it, refuse to overwrite
+/// this run's saved progress unless `--force` (which deletes it). A checkpoint from another config
+/// is replaced when the new run saves its first one.
+fn check_checkpoint(run: &PlannedRun, ckpt: &Path, resolved: &serde_json::Value, opts: &RunOpts) -> Result<()> {
+    if let Some(note) = zoo_core::train::recover_checkpoint(ckpt)? {
+        eprintln!("run `{}`: {note}", run.id);
+    }
+    let Some(step) = zoo_core::train::checkpoint_step(ckpt) else { return Ok(()) };
+    let meta_path = ckpt.join("meta.json");
+    let meta: serde_json::Value = std::fs::read(&meta_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .with_context(|| format!("reading {}", meta_path.display()))?;
+    let same = meta["config"] == *resolved;
+    match (opts.resume, same, opts.force) {
+        (true, false, _) => anyhow::bail!(
+            "run `{}`: --resume: the checkpoint {} was made from a different config (differs at {}); \
+             rerun without --resume to start over",
+            run.id,
+            ckpt.display(),
+            first_difference(&meta["config"], resolved, "")
+        ),
+        (false, true, false) if step > 0 => anyhow::bail!(
+            "run `{}`: a checkpoint at step {step} exists ({}); --resume continues it, --force starts over and deletes it",
+            run.id,
+            ckpt.display()
+        ),
+        (false, _, true) => {
+            std::fs::remove_dir_all(ckpt).with_context(|| format!("removing {}", ckpt.display()))?;
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// What is at a run's result path.
@@ -164,6 +247,8 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     let t = &cfg.train;
     let ckpt = checkpoint_dir(&opts.runs_dir, run);
     let resolved = serde_json::to_value(cfg)?;
+    let _lock = RunLock::acquire(&ckpt, &run.id)?;
+    check_checkpoint(run, &ckpt, &resolved, opts)?;
     let meta = json!({ "config": resolved, "tokenizer": tok, "vocab_size": vocab, "run_id": run.id });
     let train_opts = train_opts(t, ckpt.clone(), opts.stop_after, meta);
     let pb = progress_bar(run, opts.quiet);

@@ -58,6 +58,7 @@ fn opts(dir: &Path) -> RunOpts {
         results_dir: dir.join("results"),
         runs_dir: dir.join("runs"),
         resume: false,
+        force: false,
         quiet: true,
         stop_after: None,
     }
@@ -187,9 +188,62 @@ fn stale_or_broken_results_are_not_trusted() {
     std::fs::write(dir.join("results/f/other.json"), &bytes[..100]).unwrap();
     let o = zoo(&["report", "results/f"], &dir);
     assert!(String::from_utf8_lossy(&o.stderr).contains("skipping"), "{}", String::from_utf8_lossy(&o.stderr));
+    // The run's final checkpoint is this config's progress: without --resume it is not
+    // overwritten; with --resume the result is written again from it.
     let o = zoo(&["run", "c.toml"], &dir);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not valid JSON"), "{}", String::from_utf8_lossy(&o.stderr));
-    let _: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not valid JSON") && err.contains("--resume continues it"), "{err}");
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let o = zoo(&["run", "c.toml", "--resume"], &dir);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let again: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(again["metrics"], redone["metrics"]);
+    assert_eq!(again["curve"], redone["curve"]);
+}
+
+/// Checkpoints: a kill between the two renames of a save is recovered; `--resume` refuses a
+/// checkpoint from another config, naming the field; a live lock refuses a second process and a
+/// stale one is taken over.
+#[test]
+fn checkpoints_recover_refuse_and_lock() {
+    let dir = tmpdir("ckpt");
+    std::fs::write(dir.join("c.toml"), BASE.replace("steps = 6", "steps = 6\nrecord_divergence = false")).unwrap();
+    let o = zoo(&["run", "c.toml", "-q", "--stop-after", "3"], &dir);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ck = dir.join("runs/f/default__lr-0.003__seed-1/checkpoint");
+    assert!(ck.join("COMPLETE").is_file());
+    // Killed after `dir` was renamed away and before `dir.tmp` took its place.
+    std::fs::rename(&ck, ck.with_extension("tmp")).unwrap();
+    let o = zoo(&["run", "c.toml", "-q", "--resume"], &dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("recovered"), "{err}");
+    let res: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("results/f/default__lr-0.003__seed-1.json")).unwrap()).unwrap();
+    // Uninterrupted twin, for the curve.
+    let twin = tmpdir("ckpt-twin");
+    std::fs::write(twin.join("c.toml"), BASE.replace("steps = 6", "steps = 6\nrecord_divergence = false")).unwrap();
+    assert!(zoo(&["run", "c.toml", "-q"], &twin).status.success());
+    let want: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(twin.join("results/f/default__lr-0.003__seed-1.json")).unwrap()).unwrap();
+    let strip = |c: &serde_json::Value| -> Vec<serde_json::Value> {
+        c.as_array().unwrap().iter().map(|p| serde_json::json!([p["step"], p["train_loss"], p["val_loss"]])).collect()
+    };
+    assert_eq!(strip(&res["curve"]), strip(&want["curve"]));
+    // --resume with a different config: refused by name.
+    std::fs::write(dir.join("c.toml"), BASE.replace("weight_decay = 0.1", "weight_decay = 0.2")).unwrap();
+    let o = zoo(&["run", "c.toml", "-q", "--resume", "--force"], &dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("different config") && err.contains("train.weight_decay"), "{err}");
+    // A lock held by a live process (this test's) refuses; a stale one is taken over.
+    let lock = dir.join("runs/f/default__lr-0.003__seed-1/lock");
+    std::fs::write(&lock, std::process::id().to_string()).unwrap();
+    let o = zoo(&["run", "c.toml", "-q", "--force"], &dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("is training it") && err.contains("lock"), "{err}");
+    std::fs::write(&lock, "999999999").unwrap();
+    let o = zoo(&["run", "c.toml", "-q", "--force"], &dir);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!lock.exists());
 }
 
 #[test]

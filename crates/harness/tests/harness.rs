@@ -288,7 +288,14 @@ fn decode_matches_full_forward_every_variant() {
 }
 
 fn opts(dir: &Path, stop_after: Option<usize>, resume: bool) -> RunOpts {
-    RunOpts { results_dir: dir.join("results"), runs_dir: dir.join("runs"), resume, quiet: true, stop_after }
+    RunOpts {
+        results_dir: dir.join("results"),
+        runs_dir: dir.join("runs"),
+        resume,
+        force: false,
+        quiet: true,
+        stop_after,
+    }
 }
 
 fn curve(res: &serde_json::Value) -> Vec<(u64, f64, f64, f64)> {
