@@ -31,7 +31,29 @@ pub struct TrainOpts {
     pub stop_after: Option<usize>,
     /// Saved with each checkpoint (the resolved config, the tokenizer).
     pub meta: serde_json::Value,
+    /// Set (to the signal number) by a SIGINT/SIGTERM handler: the loop finishes its step, writes
+    /// a checkpoint and returns [`Interrupted`].
+    pub stop_signal: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
 }
+
+/// Training stopped on a signal after finishing a step; the checkpoint (if any) holds that step.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub signal: usize,
+    pub step: usize,
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stopped by signal {} after step {}", self.signal, self.step)?;
+        match &self.checkpoint {
+            Some(p) => write!(f, "; checkpoint saved at {} (continue with --resume)", p.display()),
+            None => write!(f, "; no checkpoint directory was set, progress is lost"),
+        }
+    }
+}
+impl std::error::Error for Interrupted {}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CurvePoint {
@@ -279,6 +301,17 @@ pub fn train(
                 save_checkpoint(dir, store, &opt, &st, &opts.meta)?;
                 good_ckpt = Some((dir.clone(), st.step));
             }
+        }
+        let signal = opts.stop_signal.as_ref().map_or(0, |f| f.load(std::sync::atomic::Ordering::SeqCst));
+        if signal != 0 && st.step < opts.steps {
+            let mut checkpoint = None;
+            if let Some(dir) = &opts.checkpoint_dir {
+                if good_ckpt.as_ref().is_none_or(|(_, s)| *s != st.step) && first_non_finite(store)?.is_none() {
+                    save_checkpoint(dir, store, &opt, &st, &opts.meta)?;
+                }
+                checkpoint = Some(dir.clone());
+            }
+            return Err(Interrupted { signal, step: st.step, checkpoint }.into());
         }
     }
     Ok(TrainReport { state: st, stopped_early: false })

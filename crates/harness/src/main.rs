@@ -181,6 +181,13 @@ fn real_main() -> Result<i32> {
                 }
                 let res = match runner::run_one(r, &env, &opts) {
                     Ok(res) => res,
+                    Err(e) if e.downcast_ref::<zoo_core::train::Interrupted>().is_some() => {
+                        // SIGINT/SIGTERM: the step finished and was saved; stop the sweep, exit
+                        // 128 + signal as a shell expects.
+                        let sig = e.downcast_ref::<zoo_core::train::Interrupted>().map_or(2, |i| i.signal);
+                        eprintln!("    run {}: {e:#}", r.id);
+                        return Ok(128 + sig as i32);
+                    }
                     Err(e) => {
                         // One failed run never stops the sweep: report it, go on, exit 1 at the end.
                         eprintln!("    run {} failed: {e:#}", r.id);

@@ -354,7 +354,24 @@ fn train_opts(
         checkpoint_dir: Some(ckpt),
         stop_after,
         meta,
+        stop_signal: Some(stop_signal()),
     }
+}
+
+/// The process-wide flag SIGINT and SIGTERM set (to their number), registered on first use.
+pub fn stop_signal() -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::sync::{atomic::AtomicUsize, Arc, OnceLock};
+    static FLAG: OnceLock<Arc<AtomicUsize>> = OnceLock::new();
+    FLAG.get_or_init(|| {
+        let f = Arc::new(AtomicUsize::new(0));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            // Without a handler the default (immediate exit) stays: progress since the last
+            // checkpoint is then lost, as before.
+            let _ = signal_hook::flag::register_usize(sig, f.clone(), sig as usize);
+        }
+        f
+    })
+    .clone()
 }
 
 /// A progress bar for the run's steps (hidden with `--quiet`).

@@ -327,3 +327,103 @@ fn scale(v: &str) -> String {
         Err(_) => v.to_string(),
     }
 }
+
+fn curve_of(path: &Path) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    v["curve"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| serde_json::json!([p["step"], p["train_loss"], p["val_loss"]]))
+        .collect()
+}
+
+/// 40 steps with a checkpoint after every step.
+fn kill_config() -> String {
+    BASE.replace("steps = 6", "steps = 40\nrecord_divergence = false")
+        .replace("checkpoint_every = 3", "checkpoint_every = 1")
+        .replace("eval_every = 3", "eval_every = 10")
+}
+
+/// SIGINT and SIGTERM: the step finishes, a checkpoint is written and named, the exit code is
+/// 128 + signal, and --resume ends with the uninterrupted curve.
+#[test]
+fn signals_checkpoint_and_exit_with_128_plus_signal() {
+    let twin = tmpdir("sig-twin");
+    std::fs::write(twin.join("c.toml"), kill_config()).unwrap();
+    assert!(zoo(&["run", "c.toml", "-q"], &twin).status.success());
+    let want = curve_of(&twin.join("results/f/default__lr-0.003__seed-1.json"));
+    let mut landed = 0;
+    for (sig, code) in [("-INT", 130), ("-TERM", 143)] {
+        let dir = tmpdir(&format!("sig{sig}"));
+        std::fs::write(dir.join("c.toml"), kill_config()).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_zoo"))
+            .args(["run", "c.toml", "-q"])
+            .current_dir(&dir)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait for the first checkpoint, so the signal lands mid-training.
+        let ck = dir.join("runs/f/default__lr-0.003__seed-1/checkpoint/COMPLETE");
+        let t0 = Instant::now();
+        while !ck.exists() && t0.elapsed().as_secs() < 30 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        if o.status.success() {
+            continue; // finished before the signal arrived: nothing to check
+        }
+        landed += 1;
+        assert_eq!(o.status.code(), Some(code), "{sig}: {err}");
+        assert!(err.contains("checkpoint saved at") && err.contains("--resume"), "{sig}: {err}");
+        let o = zoo(&["run", "c.toml", "-q", "--resume"], &dir);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(curve_of(&dir.join("results/f/default__lr-0.003__seed-1.json")), want, "{sig}");
+    }
+    assert!(landed >= 1, "no signal arrived before the run finished");
+}
+
+/// Kill -9 at 20 seeded random moments (checkpoints are written every step, so many kills land in
+/// a save), then --resume until the run completes: the result's curve equals an uninterrupted run's
+/// bit for bit.
+#[test]
+fn kill_nine_anywhere_then_resume_is_bit_identical() {
+    let twin = tmpdir("k9-twin");
+    std::fs::write(twin.join("c.toml"), kill_config()).unwrap();
+    let t0 = Instant::now();
+    assert!(zoo(&["run", "c.toml", "-q"], &twin).status.success());
+    let full_ms = t0.elapsed().as_millis().max(20) as usize;
+    let want = curve_of(&twin.join("results/f/default__lr-0.003__seed-1.json"));
+    let mut rng = zoo_core::rng::Rng::new(99);
+    let mut killed = 0;
+    for trial in 0..20 {
+        let dir = tmpdir(&format!("k9-{trial}"));
+        std::fs::write(dir.join("c.toml"), kill_config()).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_zoo"))
+            .args(["run", "c.toml", "-q"])
+            .current_dir(&dir)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(rng.below(full_ms) as u64));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            killed += 1;
+        }
+        child.wait().unwrap();
+        let mut ok = false;
+        for _ in 0..3 {
+            let o = zoo(&["run", "c.toml", "-q", "--resume"], &dir);
+            if o.status.success() {
+                ok = true;
+                break;
+            }
+            eprintln!("trial {trial}: resume failed: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        assert!(ok, "trial {trial}: resume never completed");
+        assert_eq!(curve_of(&dir.join("results/f/default__lr-0.003__seed-1.json")), want, "trial {trial}");
+    }
+    assert!(killed >= 10, "only {killed} of 20 trials were killed mid-run");
+}
