@@ -181,6 +181,11 @@ fn real_main() -> Result<i32> {
                 }
                 let res = match runner::run_one(r, &env, &opts) {
                     Ok(res) => res,
+                    Err(e) if e.downcast_ref::<runner::RunLocked>().is_some() => {
+                        // Another process of this sweep has it: not ours to run, not a failure.
+                        eprintln!("    skipping: {e:#}");
+                        continue;
+                    }
                     Err(e) if e.downcast_ref::<zoo_core::train::Interrupted>().is_some() => {
                         // SIGINT/SIGTERM: the step finished and was saved; stop the sweep, exit
                         // 128 + signal as a shell expects.

@@ -108,32 +108,62 @@ impl RunLock {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("lock");
         let me = std::process::id();
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut f) => {
-                    use std::io::Write;
-                    write!(f, "{me}").with_context(|| format!("writing {}", path.display()))?;
-                    return Ok(Self { path });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                    let alive = holder.trim().parse::<u32>().is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
-                    if alive && !holder.trim().is_empty() {
-                        anyhow::bail!(
-                            "run `{run_id}`: process {} is training it (lock {}); wait for it, or delete the lock if that process is gone",
-                            holder.trim(),
-                            path.display()
-                        );
+        // The pid is written to a private file first and hard-linked into place, which fails if a
+        // lock exists: a lock file is never seen half-written.
+        let mine = dir.join(format!("lock.{me}"));
+        std::fs::write(&mine, me.to_string()).with_context(|| format!("writing {}", mine.display()))?;
+        let result = (|| -> Result<Self> {
+            for _ in 0..2 {
+                match std::fs::hard_link(&mine, &path) {
+                    Ok(()) => return Ok(Self { path: path.clone() }),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                        let alive =
+                            holder.trim().parse::<u32>().is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                        if alive {
+                            return Err(RunLocked {
+                                run_id: run_id.into(),
+                                pid: holder.trim().into(),
+                                lock: path.clone(),
+                            }
+                            .into());
+                        }
+                        // Stale (its process is gone): take it over.
+                        let _ = std::fs::remove_file(&path);
                     }
-                    // Stale (its process is gone): take it over.
-                    std::fs::remove_file(&path).with_context(|| format!("removing stale lock {}", path.display()))?;
+                    Err(e) => return Err(e).with_context(|| format!("creating lock {}", path.display())),
                 }
-                Err(e) => return Err(e).with_context(|| format!("creating lock {}", path.display())),
             }
-        }
-        anyhow::bail!("run `{run_id}`: could not take the lock {}", path.display())
+            anyhow::bail!("run `{run_id}`: could not take the lock {}", path.display())
+        })();
+        let _ = std::fs::remove_file(&mine);
+        result
     }
 }
+
+/// Another live process holds the run's lock: the sweep skips the run (it is not a failure).
+#[derive(Debug)]
+pub struct RunLocked {
+    pub run_id: String,
+    pub pid: String,
+    pub lock: PathBuf,
+}
+
+impl std::fmt::Display for RunLocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.lock.as_os_str().is_empty() {
+            return write!(f, "run `{}`: {} finished it meanwhile", self.run_id, self.pid);
+        }
+        write!(
+            f,
+            "run `{}`: process {} is training it (lock {}); delete the lock if that process is gone",
+            self.run_id,
+            self.pid,
+            self.lock.display()
+        )
+    }
+}
+impl std::error::Error for RunLocked {}
 
 impl Drop for RunLock {
     fn drop(&mut self) {
@@ -248,6 +278,10 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     let ckpt = checkpoint_dir(&opts.runs_dir, run);
     let resolved = serde_json::to_value(cfg)?;
     let _lock = RunLock::acquire(&ckpt, &run.id)?;
+    // Another process may have finished it between our check and the lock.
+    if !opts.force && existing_result(run, &result_path(&opts.results_dir, run)) == Existing::Valid {
+        return Err(RunLocked { run_id: run.id.clone(), pid: "another process".into(), lock: PathBuf::new() }.into());
+    }
     check_checkpoint(run, &ckpt, &resolved, opts)?;
     let meta = json!({ "config": resolved, "tokenizer": tok, "vocab_size": vocab, "run_id": run.id });
     let train_opts = train_opts(t, ckpt.clone(), opts.stop_after, meta);

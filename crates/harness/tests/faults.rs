@@ -239,7 +239,7 @@ fn checkpoints_recover_refuse_and_lock() {
     std::fs::write(&lock, std::process::id().to_string()).unwrap();
     let o = zoo(&["run", "c.toml", "-q", "--force"], &dir);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("is training it") && err.contains("lock"), "{err}");
+    assert!(err.contains("is training it") && err.contains("lock") && err.contains("skipping"), "{err}");
     std::fs::write(&lock, "999999999").unwrap();
     let o = zoo(&["run", "c.toml", "-q", "--force"], &dir);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -426,4 +426,41 @@ fn kill_nine_anywhere_then_resume_is_bit_identical() {
         assert_eq!(curve_of(&dir.join("results/f/default__lr-0.003__seed-1.json")), want, "trial {trial}");
     }
     assert!(killed >= 10, "only {killed} of 20 trials were killed mid-run");
+}
+
+/// Two processes on one sweep directory: every run is trained by exactly one of them, every result
+/// exists once and parses, and both exit 0.
+#[test]
+fn two_processes_share_a_sweep() {
+    let dir = tmpdir("two");
+    let text = format!("{}[sweep]\nseeds = [0, 1, 2, 3, 4, 5]\n", BASE.replace("steps = 6", "steps = 12"));
+    std::fs::write(dir.join("c.toml"), text).unwrap();
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_zoo"))
+            .args(["run", "c.toml"])
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let logs = [String::from_utf8_lossy(&a.stderr).to_string(), String::from_utf8_lossy(&b.stderr).to_string()];
+    assert!(a.status.success() && b.status.success(), "{logs:#?}");
+    for seed in 0..6 {
+        let id = format!("default__lr-0.003__seed-{seed}");
+        let trained: usize = logs.iter().map(|l| l.lines().filter(|x| x.ends_with(&format!("] {id}"))).count()).sum();
+        let skipped_locked: usize = logs
+            .iter()
+            .map(|l| {
+                l.matches(&format!("run `{id}`: process")).count() + l.matches(&format!("run `{id}`: another")).count()
+            })
+            .sum();
+        // Started once for real; any second start found the lock (or the finished result).
+        assert!(trained >= 1 && trained - skipped_locked == 1, "{id}: {logs:#?}");
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(format!("results/f/{id}.json"))).unwrap()).unwrap();
+        assert_eq!(v["run_id"], id.as_str());
+    }
 }
