@@ -27,14 +27,29 @@ pub enum TokenizerSpec {
     Bytes,
     /// Characters; `chars` is the vocabulary in id order (built from the corpus).
     Chars { chars: Vec<char> },
-    /// A HuggingFace `tokenizer.json` file.
-    Hf { path: String },
+    /// A HuggingFace `tokenizer.json` file, with the FNV-1a 64 hash of its bytes at training time
+    /// (checked when the spec is loaded again; absent in checkpoints from before it).
+    Hf {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hash: Option<String>,
+    },
+}
+
+/// FNV-1a 64 of a byte string, as 16 hex digits: a content fingerprint (not a cryptographic hash).
+pub fn fnv1a_hex(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 pub enum Tokenizer {
     Bytes,
     Chars { chars: Vec<char>, index: HashMap<char, u32> },
-    Hf { tok: Box<tokenizers::Tokenizer>, path: String },
+    Hf { tok: Box<tokenizers::Tokenizer>, path: String, hash: String },
 }
 
 impl Tokenizer {
@@ -55,16 +70,27 @@ impl Tokenizer {
     }
 
     pub fn hf(path: &Path) -> Result<Self> {
-        let tok = tokenizers::Tokenizer::from_file(path)
+        let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("reading tokenizer {}: {e}", path.display()))?;
+        let tok = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", path.display()))?;
-        Ok(Tokenizer::Hf { tok: Box::new(tok), path: path.display().to_string() })
+        Ok(Tokenizer::Hf { tok: Box::new(tok), path: path.display().to_string(), hash: fnv1a_hex(&bytes) })
     }
 
     pub fn from_spec(spec: &TokenizerSpec) -> Result<Self> {
         Ok(match spec {
             TokenizerSpec::Bytes => Tokenizer::Bytes,
             TokenizerSpec::Chars { chars } => Self::from_chars(chars.clone()),
-            TokenizerSpec::Hf { path } => Self::hf(Path::new(path))?,
+            TokenizerSpec::Hf { path, hash } => {
+                let tok = Self::hf(Path::new(path))?;
+                if let (Some(want), Tokenizer::Hf { hash: got, .. }) = (hash, &tok) {
+                    anyhow::ensure!(
+                        want == got,
+                        "tokenizer {path} changed since training (hash {got}, trained with {want}): its ids would not \
+                         match the checkpoint's"
+                    );
+                }
+                tok
+            }
         })
     }
 
@@ -72,7 +98,7 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => TokenizerSpec::Bytes,
             Tokenizer::Chars { chars, .. } => TokenizerSpec::Chars { chars: chars.clone() },
-            Tokenizer::Hf { path, .. } => TokenizerSpec::Hf { path: path.clone() },
+            Tokenizer::Hf { path, hash, .. } => TokenizerSpec::Hf { path: path.clone(), hash: Some(hash.clone()) },
         }
     }
 

@@ -120,3 +120,31 @@ fn backward_less_ops_refuse_train_and_states_are_typed() -> Result<()> {
     assert!(st.kv().unwrap_err().to_string().contains("expected a KV cache"));
     Ok(())
 }
+
+/// A checkpoint's HF tokenizer spec records the file's hash; loading it after the file changed is
+/// an error naming the file (older specs without a hash still load).
+#[test]
+fn a_changed_tokenizer_file_is_refused() -> anyhow::Result<()> {
+    use zoo_core::data::{Tokenizer, TokenizerSpec};
+    let dir = std::env::temp_dir().join(format!("zoo-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("tokenizer.json");
+    let tok = |vocab: &str| {
+        format!(
+            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+            "pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,
+            "model":{{"type":"WordLevel","vocab":{vocab},"unk_token":"[UNK]"}}}}"#
+        )
+    };
+    std::fs::write(&path, tok(r#"{"a":0,"b":1,"[UNK]":2}"#))?;
+    let spec = Tokenizer::hf(&path)?.spec();
+    let TokenizerSpec::Hf { hash: Some(_), .. } = &spec else { panic!("no hash in {spec:?}") };
+    Tokenizer::from_spec(&spec)?;
+    std::fs::write(&path, tok(r#"{"b":0,"a":1,"[UNK]":2}"#))?;
+    let e = Tokenizer::from_spec(&spec).err().expect("changed file accepted").to_string();
+    assert!(e.contains("changed since training") && e.contains("tokenizer.json"), "{e}");
+    let old: TokenizerSpec =
+        serde_json::from_str(&format!(r#"{{"type":"hf","path":{:?}}}"#, path.display().to_string()))?;
+    Tokenizer::from_spec(&old)?;
+    Ok(())
+}

@@ -464,3 +464,15 @@ fn two_processes_share_a_sweep() {
         assert_eq!(v["run_id"], id.as_str());
     }
 }
+
+/// A results path that is a file: the error names it.
+#[test]
+fn io_errors_name_their_path() {
+    let dir = tmpdir("io");
+    std::fs::write(dir.join("c.toml"), BASE).unwrap();
+    std::fs::write(dir.join("blocked"), "a file where a folder should be").unwrap();
+    let o = zoo(&["run", "c.toml", "-q", "--results-dir", "blocked"], &dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("blocked"), "{err}");
+}
