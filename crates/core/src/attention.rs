@@ -383,20 +383,8 @@ impl Mixer for Attention {
     }
 }
 
-impl crate::mixer::MixerSpec for AttentionConfig {
-    fn validate(&self, ctx: &crate::mixer::BuildCtx) -> std::result::Result<(), String> {
-        AttentionConfig::check(self, ctx.d_model, ctx.max_seq_len)
-    }
-
-    fn build(&self, ctx: &crate::mixer::BuildCtx, pb: &crate::params::Pb) -> Result<Box<dyn Mixer>> {
-        Ok(Box::new(Attention::new(self, ctx, pb)?))
-    }
-
-    fn examples() -> Vec<Self> {
-        crate::mixer::examples_from_toml(&[
-            r#"n_heads = 4"#,
-            r#"n_heads = 4, n_kv_heads = 2, qk_norm = true"#,
-            r#"n_heads = 4, n_kv_heads = 1, window = 4, sink_tokens = 2, bias = true"#,
-        ])
-    }
-}
+crate::mixer_spec!(AttentionConfig => Attention, check(d_model, max_seq_len), [
+    r#"n_heads = 4"#,
+    r#"n_heads = 4, n_kv_heads = 2, qk_norm = true"#,
+    r#"n_heads = 4, n_kv_heads = 1, window = 4, sink_tokens = 2, bias = true"#,
+]);

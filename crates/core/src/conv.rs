@@ -130,16 +130,7 @@ impl Mixer for ShortConv {
     }
 }
 
-impl crate::mixer::MixerSpec for ShortConvConfig {
-    fn validate(&self, ctx: &crate::mixer::BuildCtx) -> std::result::Result<(), String> {
-        ShortConvConfig::check(self, ctx.d_model, ctx.max_seq_len)
-    }
-
-    fn build(&self, ctx: &crate::mixer::BuildCtx, pb: &crate::params::Pb) -> Result<Box<dyn Mixer>> {
-        Ok(Box::new(ShortConv::new(self, ctx, pb)?))
-    }
-
-    fn examples() -> Vec<Self> {
-        crate::mixer::examples_from_toml(&[r#"kernel_size = 3"#, r#"kernel_size = 1"#])
-    }
-}
+crate::mixer_spec!(ShortConvConfig => ShortConv, check(d_model, max_seq_len), [
+    r#"kernel_size = 3"#,
+    r#"kernel_size = 1"#,
+]);

@@ -136,6 +136,32 @@ pub trait FfnSpec: Sized + std::fmt::Debug {
     fn examples() -> Vec<Self>;
 }
 
+/// Implements [`MixerSpec`] for a config whose layer is built by `Layer::new(&cfg, ctx, pb)` and
+/// which checks itself with a private `check` taking the named [`BuildCtx`] fields, e.g.
+/// `mixer_spec!(GlaConfig => Gla, check(d_model), ["n_heads = 2, chunk = 4"]);`.
+#[macro_export]
+macro_rules! mixer_spec {
+    ($cfg:ty => $layer:ty, check($($arg:ident),*), [$($ex:expr),* $(,)?]) => {
+        impl $crate::mixer::MixerSpec for $cfg {
+            fn validate(&self, ctx: &$crate::mixer::BuildCtx) -> std::result::Result<(), String> {
+                <$cfg>::check(self, $(ctx.$arg),*)
+            }
+
+            fn build(
+                &self,
+                ctx: &$crate::mixer::BuildCtx,
+                pb: &$crate::params::Pb,
+            ) -> $crate::candle_core::Result<Box<dyn $crate::mixer::Mixer>> {
+                Ok(Box::new(<$layer>::new(self, ctx, pb)?))
+            }
+
+            fn examples() -> Vec<Self> {
+                $crate::mixer::examples_from_toml(&[$($ex),*])
+            }
+        }
+    };
+}
+
 /// Parse example configs written as the inside of a TOML inline table, e.g.
 /// `"n_heads = 4, qk_norm = true"`: how [`MixerSpec::examples`] implementations list theirs.
 pub fn examples_from_toml<T: serde::de::DeserializeOwned>(items: &[&str]) -> Vec<T> {

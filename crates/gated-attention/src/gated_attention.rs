@@ -91,19 +91,7 @@ impl Mixer for GatedAttention {
     }
 }
 
-impl zoo_core::mixer::MixerSpec for GatedAttentionConfig {
-    fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
-        GatedAttentionConfig::check(self, ctx.d_model, ctx.max_seq_len)
-    }
-
-    fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {
-        Ok(Box::new(GatedAttention::new(self, ctx, pb)?))
-    }
-
-    fn examples() -> Vec<Self> {
-        zoo_core::mixer::examples_from_toml(&[
-            r#"attention = { n_heads = 4, n_kv_heads = 2 }, gate = { position = "sdpa_output", granularity = "headwise" }"#,
-            r#"attention = { n_heads = 4 }, gate = { position = "value", sharing = "shared", input = { first_k = 8 }, init = { bias = 2.0 } }"#,
-        ])
-    }
-}
+zoo_core::mixer_spec!(GatedAttentionConfig => GatedAttention, check(d_model, max_seq_len), [
+    r#"attention = { n_heads = 4, n_kv_heads = 2 }, gate = { position = "sdpa_output", granularity = "headwise" }"#,
+    r#"attention = { n_heads = 4 }, gate = { position = "value", sharing = "shared", input = { first_k = 8 }, init = { bias = 2.0 } }"#,
+]);

@@ -138,19 +138,7 @@ mod tests {
     }
 }
 
-impl zoo_core::mixer::MixerSpec for BasedConfig {
-    fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
-        BasedConfig::check(self, ctx.d_model)
-    }
-
-    fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {
-        Ok(Box::new(Based::new(self, ctx, pb)?))
-    }
-
-    fn examples() -> Vec<Self> {
-        zoo_core::mixer::examples_from_toml(&[
-            r#"n_heads = 2, feature_dim = 4, chunk = 4"#,
-            r#"n_heads = 2, feature_dim = 4, short_conv = 3"#,
-        ])
-    }
-}
+zoo_core::mixer_spec!(BasedConfig => Based, check(d_model), [
+    r#"n_heads = 2, feature_dim = 4, chunk = 4"#,
+    r#"n_heads = 2, feature_dim = 4, short_conv = 3"#,
+]);

@@ -196,22 +196,10 @@ impl Mixer for DeltaNet {
     }
 }
 
-impl zoo_core::mixer::MixerSpec for DeltaNetConfig {
-    fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
-        DeltaNetConfig::check(self, ctx.d_model)
-    }
-
-    fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {
-        Ok(Box::new(DeltaNet::new(self, ctx, pb)?))
-    }
-
-    fn examples() -> Vec<Self> {
-        zoo_core::mixer::examples_from_toml(&[
-            r#"n_heads = 2, chunk = 4"#,
-            r#"n_heads = 2, chunk = 5, short_conv = 0"#,
-            r#"n_heads = 2, chunk = 4, gated = true, short_conv = 2"#,
-            r#"n_heads = 2, chunk = 4, gated = true, output_gate = "none", expand_v = 2.0"#,
-            r#"n_heads = 2, chunk = 3, output_gate = "sigmoid""#,
-        ])
-    }
-}
+zoo_core::mixer_spec!(DeltaNetConfig => DeltaNet, check(d_model), [
+    r#"n_heads = 2, chunk = 4"#,
+    r#"n_heads = 2, chunk = 5, short_conv = 0"#,
+    r#"n_heads = 2, chunk = 4, gated = true, short_conv = 2"#,
+    r#"n_heads = 2, chunk = 4, gated = true, output_gate = "none", expand_v = 2.0"#,
+    r#"n_heads = 2, chunk = 3, output_gate = "sigmoid""#,
+]);

@@ -136,21 +136,9 @@ impl Mixer for Gla {
     }
 }
 
-impl zoo_core::mixer::MixerSpec for GlaConfig {
-    fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
-        GlaConfig::check(self, ctx.d_model)
-    }
-
-    fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {
-        Ok(Box::new(Gla::new(self, ctx, pb)?))
-    }
-
-    fn examples() -> Vec<Self> {
-        zoo_core::mixer::examples_from_toml(&[
-            r#"n_heads = 2, chunk = 4, gate_rank = 4"#,
-            r#"n_heads = 2, chunk = 4, short_conv = 4"#,
-            r#"n_heads = 2, chunk = 3, expand_k = 1.0, expand_v = 2.0, output_gate = "none""#,
-            r#"n_heads = 1, output_gate = "sigmoid", short_conv = 2, gate_normalizer = 4.0"#,
-        ])
-    }
-}
+zoo_core::mixer_spec!(GlaConfig => Gla, check(d_model), [
+    r#"n_heads = 2, chunk = 4, gate_rank = 4"#,
+    r#"n_heads = 2, chunk = 4, short_conv = 4"#,
+    r#"n_heads = 2, chunk = 3, expand_k = 1.0, expand_v = 2.0, output_gate = "none""#,
+    r#"n_heads = 1, output_gate = "sigmoid", short_conv = 2, gate_normalizer = 4.0"#,
+]);

@@ -118,20 +118,8 @@ impl Mixer for LinearAttention {
     }
 }
 
-impl zoo_core::mixer::MixerSpec for LinearAttentionConfig {
-    fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
-        LinearAttentionConfig::check(self, ctx.d_model)
-    }
-
-    fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {
-        Ok(Box::new(LinearAttention::new(self, ctx, pb)?))
-    }
-
-    fn examples() -> Vec<Self> {
-        zoo_core::mixer::examples_from_toml(&[
-            r#"n_heads = 2, chunk = 4"#,
-            r#"n_heads = 2, feature_map = "relu", chunk = 5"#,
-            r#"n_heads = 2, feature_map = "identity", normalize = false"#,
-        ])
-    }
-}
+zoo_core::mixer_spec!(LinearAttentionConfig => LinearAttention, check(d_model), [
+    r#"n_heads = 2, chunk = 4"#,
+    r#"n_heads = 2, feature_map = "relu", chunk = 5"#,
+    r#"n_heads = 2, feature_map = "identity", normalize = false"#,
+]);

@@ -144,20 +144,8 @@ impl Mixer for Retention {
     }
 }
 
-impl zoo_core::mixer::MixerSpec for RetNetConfig {
-    fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
-        RetNetConfig::check(self, ctx.d_model)
-    }
-
-    fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {
-        Ok(Box::new(Retention::new(self, ctx, pb)?))
-    }
-
-    fn examples() -> Vec<Self> {
-        zoo_core::mixer::examples_from_toml(&[
-            r#"n_heads = 2, chunk = 4"#,
-            r#"n_heads = 2, chunk = 3, norm = "rms_norm", output_gate = "none", short_conv = 3"#,
-            r#"n_heads = 1, expand_v = 1.0, output_gate = "sigmoid""#,
-        ])
-    }
-}
+zoo_core::mixer_spec!(RetNetConfig => Retention, check(d_model), [
+    r#"n_heads = 2, chunk = 4"#,
+    r#"n_heads = 2, chunk = 3, norm = "rms_norm", output_gate = "none", short_conv = 3"#,
+    r#"n_heads = 1, expand_v = 1.0, output_gate = "sigmoid""#,
+]);

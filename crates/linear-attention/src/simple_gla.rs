@@ -215,21 +215,9 @@ mod tests {
     }
 }
 
-impl zoo_core::mixer::MixerSpec for SimpleGlaConfig {
-    fn validate(&self, ctx: &zoo_core::mixer::BuildCtx) -> std::result::Result<(), String> {
-        SimpleGlaConfig::check(self, ctx.d_model)
-    }
-
-    fn build(&self, ctx: &zoo_core::mixer::BuildCtx, pb: &zoo_core::params::Pb) -> Result<Box<dyn Mixer>> {
-        Ok(Box::new(SimpleGla::new(self, ctx, pb)?))
-    }
-
-    fn examples() -> Vec<Self> {
-        zoo_core::mixer::examples_from_toml(&[
-            r#"n_heads = 2, chunk = 4"#,
-            r#"n_heads = 2, decay = "data_dependent", chunk = 3"#,
-            r#"n_heads = 2, decay = "data_dependent", expand_k = 0.5, short_conv = 4, output_gate = "none""#,
-            r#"n_heads = 2, expand_v = 2.0, gate_normalizer = 8.0, chunk = 5"#,
-        ])
-    }
-}
+zoo_core::mixer_spec!(SimpleGlaConfig => SimpleGla, check(d_model), [
+    r#"n_heads = 2, chunk = 4"#,
+    r#"n_heads = 2, decay = "data_dependent", chunk = 3"#,
+    r#"n_heads = 2, decay = "data_dependent", expand_k = 0.5, short_conv = 4, output_gate = "none""#,
+    r#"n_heads = 2, expand_v = 2.0, gate_normalizer = 8.0, chunk = 5"#,
+]);
