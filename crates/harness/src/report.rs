@@ -9,14 +9,40 @@ use std::path::Path;
 /// Every run result (`zoo.result/1`) in `dir`, in plan order; a file that is not valid JSON or not
 /// a readable result is skipped with a warning naming it.
 pub fn load_results(dir: &Path) -> Result<Vec<RunResult>> {
-    let mut out = Vec::new();
+    let mut out: Vec<(std::path::PathBuf, RunResult)> = Vec::new();
     for (path, v) in load_schema_paths(dir, RESULT_SCHEMA)? {
         match crate::schema::parse_run(v, &path) {
-            Ok(r) => out.push(r),
+            Ok(r) => out.push((path, r)),
             Err(e) => eprintln!("warning: skipping {e:#}"),
         }
     }
-    Ok(out)
+    // A result copied in from another experiment is not merged: the folder's experiment is the one
+    // named by its folder, else by most of its results.
+    let folder = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, r) in &out {
+        *counts.entry(r.experiment.as_str()).or_default() += 1;
+    }
+    let own = if counts.contains_key(folder.as_str()) {
+        folder.clone()
+    } else {
+        counts.iter().max_by_key(|(_, n)| **n).map(|(e, _)| e.to_string()).unwrap_or_default()
+    };
+    Ok(out
+        .into_iter()
+        .filter_map(|(path, r)| {
+            if r.experiment == own {
+                Some(r)
+            } else {
+                eprintln!(
+                    "warning: skipping {}: it belongs to experiment `{}`, not `{own}`",
+                    path.display(),
+                    r.experiment
+                );
+                None
+            }
+        })
+        .collect())
 }
 
 /// Every JSON in `dir` whose `schema` is `schema`, in plan order.

@@ -182,6 +182,15 @@ fn stale_or_broken_results_are_not_trusted() {
     assert!(err.contains("not trusted") && err.contains("train.steps"), "{err}");
     let redone: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(redone["config"]["train"]["steps"], 3);
+    // A result copied in from another experiment is not merged into the table.
+    let mut alien: serde_json::Value = redone.clone();
+    alien["experiment"] = "other-experiment".into();
+    alien["run_id"] = "alien".into();
+    std::fs::write(dir.join("results/f/alien.json"), serde_json::to_vec(&alien).unwrap()).unwrap();
+    let o = zoo(&["report", "results/f"], &dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("alien.json") && err.contains("other-experiment"), "{err}");
+    std::fs::remove_file(dir.join("results/f/alien.json")).unwrap();
     // Truncated: not trusted, redone; meanwhile the report skips it with a warning.
     let bytes = std::fs::read(&out).unwrap();
     std::fs::write(&out, &bytes[..bytes.len() / 2]).unwrap();
