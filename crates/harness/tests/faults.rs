@@ -485,3 +485,30 @@ fn io_errors_name_their_path() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("blocked"), "{err}");
 }
+
+/// Broken checkpoint files and unusable paths: each error names the file or folder.
+#[test]
+fn broken_checkpoints_and_bad_paths_name_the_file() {
+    let dir = tmpdir("broken");
+    std::fs::write(dir.join("c.toml"), BASE).unwrap();
+    assert!(zoo(&["run", "c.toml", "-q", "--stop-after", "3"], &dir).status.success());
+    let ck = dir.join("runs/f/default__lr-0.003__seed-1/checkpoint");
+    // A truncated optimiser state, then a garbage state.json.
+    let optim = std::fs::read(ck.join("optim.safetensors")).unwrap();
+    std::fs::write(ck.join("optim.safetensors"), &optim[..optim.len() / 3]).unwrap();
+    let o = zoo(&["run", "c.toml", "-q", "--resume"], &dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("optim.safetensors"), "{err}");
+    std::fs::write(ck.join("optim.safetensors"), &optim).unwrap();
+    std::fs::write(ck.join("state.json"), "{ not json").unwrap();
+    let o = zoo(&["run", "c.toml", "-q", "--resume"], &dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("state.json"), "{err}");
+    // A results folder that cannot be created (under /proc) and a config that cannot be read.
+    let o = zoo(&["run", "c.toml", "-q", "--force", "--results-dir", "/proc/zoo-results"], &dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("/proc/zoo-results"), "{err}");
+    let o = zoo(&["run", "missing.toml"], &dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(2) && err.contains("missing.toml"), "{err}");
+}
