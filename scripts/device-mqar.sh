@@ -16,7 +16,9 @@ mkdir -p results/mqar
 [ -f .devpkg/prior.tgz ] && tar xzf .devpkg/prior.tgz -C results/mqar && echo "prior results: $(ls results/mqar/*.json | wc -l)"
 ZOO=/tmp/zoo POOL_LR_FIRST=1 POOL_LR_ORDER=0.003,0.001,0.01 scripts/device-pool.sh configs/mqar.toml "$budget" "$workers" \
   > "$OUT/pool.log" 2>&1
-# No background job may outlive this script: the device call waits for every holder of its output.
+# No background job may outlive this script: the device call waits for every holder of its output
+# (device-pool.sh leaves the MPS daemon running; stop it).
+CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe nvidia-cuda-mps-control <<< quit > /dev/null 2>&1 || true
 tar czf "$OUT/mqar.tgz" -C results/mqar $(cd results/mqar && ls *.json)
 cp /tmp/pool-errors.log "$OUT/" 2>/dev/null
 tail -3 "$OUT/pool.log"; echo "results: $(ls results/mqar/*.json | wc -l)"
