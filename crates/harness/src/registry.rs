@@ -108,6 +108,8 @@ pub enum FfnConfig {
     Gelu(MlpConfig),
     /// No feed-forward: mixer-only blocks (Zoology's MQAR models).
     None,
+    /// Mixture of SwiGLU experts with a top-k router (zoo-moe).
+    Moe(zoo_moe::MoeConfig),
 }
 
 impl FfnSpec for FfnConfig {
@@ -116,6 +118,7 @@ impl FfnSpec for FfnConfig {
             FfnConfig::Swiglu(c) | FfnConfig::Gelu(c) if c.hidden == Some(0) => {
                 Err("hidden: must be at least 1".into())
             }
+            FfnConfig::Moe(c) => c.validate(),
             _ => Ok(()),
         }
     }
@@ -125,6 +128,7 @@ impl FfnSpec for FfnConfig {
             FfnConfig::Swiglu(c) => Some(Box::new(SwiGlu::new(c, ctx, pb)?)),
             FfnConfig::Gelu(c) => Some(Box::new(GeluMlp::new(c, ctx, pb)?)),
             FfnConfig::None => None,
+            FfnConfig::Moe(c) => Some(Box::new(zoo_moe::Moe::new(c, ctx, pb)?)),
         })
     }
 
@@ -133,6 +137,7 @@ impl FfnSpec for FfnConfig {
             r#"type = "swiglu""#,
             r#"type = "gelu", bias = true"#,
             r#"type = "none""#,
+            r#"type = "moe", n_experts = 4, top_k = 2, expert_hidden = 16, balance = { type = "aux_loss", alpha = 0.01 }, z_loss = 0.001"#,
         ])
     }
 }

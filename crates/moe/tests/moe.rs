@@ -1,0 +1,150 @@
+//! Router cases computed by hand, grouped dispatch against the per-expert loop (outputs and
+//! gradients), and config errors.
+
+use zoo_core::candle_core::{DType, Device, Result, Tensor, Var};
+use zoo_core::mixer::{examples_from_toml, BuildCtx, FeedForward};
+use zoo_core::params::ParamStore;
+use zoo_moe::router::{aux_loss, route_logits, z_loss, Router, Score};
+use zoo_moe::{Dispatch, Moe, MoeConfig};
+
+fn t2(rows: &[[f32; 4]]) -> Tensor {
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    Tensor::from_vec(flat, (rows.len(), 4), &Device::Cpu).unwrap()
+}
+
+fn close(a: f32, b: f32) -> bool {
+    (a - b).abs() < 1e-6
+}
+
+#[test]
+fn top_k_renormalisation_and_bias_select_by_hand() -> Result<()> {
+    let logits = t2(&[[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 1.0]]);
+    let r = route_logits(&logits, &[0.0; 4], 2, Score::Softmax, 1.0, true)?;
+    assert_eq!(r.experts.to_vec2::<u32>()?, vec![vec![0, 1], vec![2, 3]]);
+    // Renormalised: e^2/(e^2+e^1), e^1/(e^2+e^1).
+    let w = r.weights.to_vec2::<f32>()?;
+    let e = std::f32::consts::E;
+    assert!(close(w[0][0], e * e / (e * e + e)) && close(w[0][1], e / (e * e + e)), "{w:?}");
+    assert!(close(w[1][0] + w[1][1], 1.0));
+    assert_eq!(r.load, vec![1.0, 1.0, 1.0, 1.0]);
+    // Without renormalisation the weights are the softmax scores themselves.
+    let raw = route_logits(&logits, &[0.0; 4], 2, Score::Softmax, 1.0, false)?;
+    let z: f32 = [2f32, 1.0, 0.0, -1.0].iter().map(|x| x.exp()).sum();
+    assert!(close(raw.weights.to_vec2::<f32>()?[0][0], 2f32.exp() / z));
+    // A selection bias changes the choice but not the weights' source (the scores).
+    let biased = route_logits(&logits, &[0.0, 0.0, 0.0, 10.0], 2, Score::Softmax, 1.0, false)?;
+    assert_eq!(biased.experts.to_vec2::<u32>()?[0], vec![3, 0]);
+    assert!(close(biased.weights.to_vec2::<f32>()?[0][0], (-1f32).exp() / z));
+    // Sigmoid scores; temperature sharpens the softmax.
+    let sig = route_logits(&logits, &[0.0; 4], 1, Score::Sigmoid, 1.0, false)?;
+    assert!(close(sig.weights.to_vec2::<f32>()?[1][0], 1.0 / (1.0 + (-3f32).exp())));
+    let hot = route_logits(&logits, &[0.0; 4], 1, Score::Softmax, 0.5, false)?;
+    assert!(hot.weights.to_vec2::<f32>()?[0][0] > raw.weights.to_vec2::<f32>()?[0][0]);
+    Ok(())
+}
+
+#[test]
+fn aux_loss_z_loss_and_bias_update_by_hand() -> Result<()> {
+    // Uniform scores: P_i = 1/E, Σ f_i = 1, so α · E · Σ f_i P_i = α.
+    let r = route_logits(&Tensor::zeros((6, 4), DType::F32, &Device::Cpu)?, &[0.0; 4], 2, Score::Softmax, 1.0, true)?;
+    assert!(close(aux_loss(&r, 0.01)?.to_scalar::<f32>()?, 0.01));
+    // Skewed: all on expert 0 with P_0 = p: α · E · 1 · p.
+    let r = route_logits(&t2(&[[5.0, 0.0, 0.0, 0.0]]), &[0.0; 4], 1, Score::Softmax, 1.0, true)?;
+    let p0 = 5f32.exp() / (5f32.exp() + 3.0);
+    assert!(close(aux_loss(&r, 0.1)?.to_scalar::<f32>()?, 0.1 * 4.0 * p0));
+    // z-loss: logsumexp of [0, 0, 0, 0] is ln 4.
+    let r = route_logits(&Tensor::zeros((3, 4), DType::F32, &Device::Cpu)?, &[0.0; 4], 1, Score::Softmax, 1.0, true)?;
+    assert!(close(z_loss(&r, 0.5)?.to_scalar::<f32>()?, 0.5 * 4f32.ln().powi(2)));
+    // Bias: loads [3, 1, 0, 0] (mean 1) move the bias by γ toward the underloaded experts.
+    let store = ParamStore::new(0, DType::F32, &Device::Cpu);
+    let router = Router::new(&store.root(), 4, 4, 1, Score::Softmax, 1.0, true)?;
+    router.observe(&[2.0, 1.0, 0.0, 0.0]);
+    router.observe(&[1.0, 0.0, 0.0, 0.0]);
+    router.update_bias(0.1);
+    assert_eq!(router.bias(), vec![-0.1, 0.0, 0.1, 0.1]);
+    router.update_bias(0.1); // nothing observed since: no change
+    assert_eq!(router.bias(), vec![-0.1, 0.0, 0.1, 0.1]);
+    Ok(())
+}
+
+/// Grouped dispatch equals the per-expert loop to 1e-5 in f32, outputs and gradients, and the
+/// gradient reaches the router and every expert that received tokens.
+#[test]
+fn grouped_dispatch_equals_the_loop() -> Result<()> {
+    for text in ["n_experts = 4, top_k = 2", "n_experts = 5, top_k = 1, score = \"sigmoid\", renormalize = false"] {
+        let cfg: MoeConfig = examples_from_toml(&[text]).remove(0);
+        let store = ParamStore::new(3, DType::F32, &Device::Cpu);
+        let ctx = BuildCtx { d_model: 8, n_layers: 1, layer: 0, max_seq_len: 16, kind_layer: 0, kind_layers: 1 };
+        let moe = Moe::new(&cfg, &ctx, &store.root())?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (20, 8), &Device::Cpu)?)?;
+        let r = moe.router.route(x.as_tensor())?;
+        let dy = Tensor::randn(0f32, 1.0, (20, 8), &Device::Cpu)?;
+        let mut outs = Vec::new();
+        for how in [Dispatch::Looped, Dispatch::Grouped] {
+            let r = moe.router.route(x.as_tensor())?;
+            let y = moe.dispatch(x.as_tensor(), &r, how)?;
+            let g = (&y * &dy)?.sum_all()?.backward()?;
+            let grads: Vec<(String, Option<Tensor>)> =
+                store.vars().into_iter().map(|(n, v)| (n, g.get(v.as_tensor()).cloned())).collect();
+            outs.push((y, g.get(x.as_tensor()).cloned().unwrap(), grads));
+        }
+        let diff =
+            |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
+        assert!(diff(&outs[0].0, &outs[1].0)? < 1e-5, "{text}: outputs differ");
+        assert!(diff(&outs[0].1, &outs[1].1)? < 1e-5, "{text}: input gradients differ");
+        let used: Vec<bool> = (0..cfg.n_experts).map(|e| r.load[e] > 0.0).collect();
+        for ((name, a), (_, b)) in outs[0].2.iter().zip(&outs[1].2) {
+            let expert =
+                name.strip_prefix("experts.").and_then(|s| s.split('.').next()).and_then(|s| s.parse::<usize>().ok());
+            match (a, b, expert) {
+                (Some(a), Some(b), _) => {
+                    assert!(diff(a, b)? < 1e-5, "{text}: gradient of {name} differs");
+                    assert!(a.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{text}: {name} gets a zero gradient");
+                }
+                (None, None, Some(e)) => assert!(!used[e], "{text}: expert {e} received tokens but no gradient"),
+                _ => panic!("{text}: {name}: gradient in one dispatch only ({} / {})", a.is_some(), b.is_some()),
+            }
+        }
+        assert!(
+            outs[0].2.iter().any(|(n, g)| n.starts_with("router") && g.is_some()),
+            "{text}: router gets no gradient"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_layer_reports_losses_and_shaped_statistics() -> Result<()> {
+    let cfg: MoeConfig = examples_from_toml(&[
+        r#"n_experts = 4, top_k = 2, balance = { type = "aux_loss", alpha = 0.01 }, z_loss = 0.001"#,
+    ])
+    .remove(0);
+    let store = ParamStore::new(1, DType::F32, &Device::Cpu);
+    let ctx = BuildCtx { d_model: 8, n_layers: 1, layer: 0, max_seq_len: 16, kind_layer: 0, kind_layers: 1 };
+    let moe = Moe::new(&cfg, &ctx, &store.root())?;
+    let out = moe.forward(&Tensor::randn(0f32, 1.0, (2, 5, 8), &Device::Cpu)?)?;
+    let aux = out.aux_loss.expect("aux loss").to_scalar::<f32>()?;
+    assert!(aux > 0.0099, "{aux}"); // ≥ α at any load, plus the z-loss
+    let load = out.stats.iter().find(|s| s.name == "load").unwrap().reduce()?;
+    assert_eq!(load.values.len(), 4);
+    assert!((load.values.iter().sum::<f64>() - 1.0).abs() < 1e-6);
+    assert!(out.stats.iter().any(|s| s.name == "load_cv") && out.stats.iter().any(|s| s.name == "router_entropy"));
+    Ok(())
+}
+
+#[test]
+fn bad_configs_name_the_field() {
+    for (text, field) in [
+        ("n_experts = 4, top_k = 5", "top_k"),
+        ("n_experts = 0, top_k = 1", "n_experts"),
+        ("n_experts = 4, top_k = 0", "top_k"),
+        ("n_experts = 4, top_k = 1, temperature = 0.0", "temperature"),
+        ("n_experts = 4, top_k = 1, expert_hidden = 0", "expert_hidden"),
+        (r#"n_experts = 4, top_k = 1, balance = { type = "bias", gamma = -1.0 }"#, "balance.gamma"),
+        ("n_experts = 4, top_k = 1, z_loss = nan", "z_loss"),
+    ] {
+        let cfg: MoeConfig = examples_from_toml(&[text]).remove(0);
+        let e = cfg.validate().unwrap_err();
+        assert!(e.starts_with(field), "{text}: {e}");
+    }
+}
