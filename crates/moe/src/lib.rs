@@ -1,12 +1,14 @@
 //! Mixture-of-experts feed-forwards for zoo: a [`router`] (token-choice top-k, softmax or sigmoid
 //! scores, renormalisation, Switch aux loss, ST-MoE z-loss, DeepSeek-V3's aux-loss-free bias)
-//! and SwiGLU experts, joined by a dispatch that groups tokens by expert: one gather, the experts on
+//! and SwiGLU experts (plus optional always-on shared experts, and an optional capacity factor that
+//! drops assignments beyond ceil(factor · N·k / E) per expert, Switch-style), joined by a
+//! dispatch that groups tokens by expert: one gather, the experts on
 //! their contiguous slices, one scatter-add ([`Dispatch::Grouped`]); the per-expert loop
 //! ([`Dispatch::Looped`]) stays as the reference the tests compare with.
 //!
 //! Statistics per layer ([`zoo_core::mixer::Stat`]): `load` (share of assignments per expert,
 //! per expert), `load_cv` (coefficient of variation of the load), `router_entropy` (mean entropy
-//! of the scores, nats). Auxiliary losses go through `FfnOut::aux_loss`; the bias update runs in
+//! of the scores, nats), `dropped_fraction` (assignments the capacity dropped). Auxiliary losses go through `FfnOut::aux_loss`; the bias update runs in
 //! `after_step`. The expert indices are copied to the host to group tokens (one small copy per
 //! layer); device-side grouping is future work.
 //!
@@ -78,6 +80,13 @@ pub struct MoeConfig {
     pub z_loss: f64,
     #[serde(default)]
     pub dispatch: Dispatch,
+    /// Capacity factor: each expert takes at most ceil(factor · N·k / E) assignments per batch,
+    /// the rest are dropped (Switch). Absent: dropless.
+    #[serde(default)]
+    pub capacity_factor: Option<f64>,
+    /// Always-on experts added to every token's output (DeepSeekMoE's shared experts).
+    #[serde(default)]
+    pub shared_experts: usize,
 }
 
 impl MoeConfig {
@@ -94,6 +103,9 @@ impl MoeConfig {
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
             return Err(format!("temperature: {} must be positive and finite", self.temperature));
+        }
+        if let Some(c) = self.capacity_factor.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            return Err(format!("capacity_factor: {c} must be positive and finite"));
         }
         if !(self.z_loss.is_finite() && self.z_loss >= 0.0) {
             return Err(format!("z_loss: {} must be finite and >= 0", self.z_loss));
@@ -114,6 +126,7 @@ pub struct Moe {
     pub cfg: MoeConfig,
     pub router: Router,
     pub experts: Vec<SwiGlu>,
+    pub shared: Vec<SwiGlu>,
 }
 
 impl Moe {
@@ -125,7 +138,10 @@ impl Moe {
         let experts = (0..cfg.n_experts)
             .map(|i| SwiGlu::new(&mlp, ctx, &pb.pp(format!("experts.{i}"))))
             .collect::<Result<_>>()?;
-        Ok(Self { cfg: cfg.clone(), router, experts })
+        let shared = (0..cfg.shared_experts)
+            .map(|i| SwiGlu::new(&mlp, ctx, &pb.pp(format!("shared.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self { cfg: cfg.clone(), router, experts, shared })
     }
 
     fn expert(&self, e: usize, x: &Tensor) -> Result<Tensor> {
@@ -142,7 +158,8 @@ impl Moe {
         match how {
             Dispatch::Looped => {
                 for e in 0..self.experts.len() {
-                    let slots: Vec<u32> = (0..n * k).filter(|&a| experts[a] as usize == e).map(|a| a as u32).collect();
+                    let slots: Vec<u32> =
+                        (0..n * k).filter(|&a| r.kept[a] && experts[a] as usize == e).map(|a| a as u32).collect();
                     if slots.is_empty() {
                         continue;
                     }
@@ -155,8 +172,11 @@ impl Moe {
                 Ok(out)
             }
             Dispatch::Grouped => {
-                let mut order: Vec<u32> = (0..(n * k) as u32).collect();
+                let mut order: Vec<u32> = (0..(n * k) as u32).filter(|&a| r.kept[a as usize]).collect();
                 order.sort_by_key(|&a| experts[a as usize]);
+                if order.is_empty() {
+                    return Ok(out);
+                }
                 let tokens: Vec<u32> = order.iter().map(|&a| a / k as u32).collect();
                 let (slots, tokens) = (Tensor::new(order.clone(), dev)?, Tensor::new(tokens, dev)?);
                 let xs = x.index_select(&tokens, 0)?; // one gather
@@ -181,8 +201,15 @@ impl FeedForward for Moe {
     fn forward(&self, x: &Tensor) -> Result<FfnOut> {
         let (b, t, d) = x.dims3()?;
         let flat = x.reshape((b * t, d))?;
-        let r = self.router.route(&flat)?;
-        let y = self.dispatch(&flat, &r, self.cfg.dispatch)?.reshape((b, t, d))?;
+        let mut r = self.router.route(&flat)?;
+        if let Some(cf) = self.cfg.capacity_factor {
+            r.apply_capacity(cf)?;
+        }
+        let mut y = self.dispatch(&flat, &r, self.cfg.dispatch)?;
+        for s in &self.shared {
+            y = (y + s.forward(&flat)?.y)?;
+        }
+        let y = y.reshape((b, t, d))?;
         let mut aux: Option<Tensor> = None;
         let mut add = |l: Tensor| -> Result<()> {
             aux = Some(match aux.take() {
@@ -209,6 +236,7 @@ impl FeedForward for Moe {
             Stat::new("load", StatShape::PerExpert, Tensor::from_vec(share, self.experts.len(), dev)?),
             Stat::new("load_cv", StatShape::Scalar, Tensor::new(&[(var.sqrt() / mean) as f32], dev)?),
             Stat::new("router_entropy", StatShape::Scalar, entropy.to_dtype(DType::F32)?.detach()),
+            Stat::new("dropped_fraction", StatShape::Scalar, Tensor::new(&[r.dropped_fraction() as f32], dev)?),
         ];
         Ok(FfnOut { y, aux_loss: aux, stats })
     }

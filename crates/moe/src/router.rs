@@ -52,8 +52,34 @@ pub struct Routing {
     pub scores: Tensor,
     /// (N, E) logits, f32.
     pub logits: Tensor,
-    /// Assignments per expert (host), length E.
+    /// Assignments per expert (host), length E (kept ones only under a capacity).
     pub load: Vec<f64>,
+    /// Per assignment (N·k, slot t·k + j): kept, or dropped by the capacity.
+    pub kept: Vec<bool>,
+}
+
+impl Routing {
+    /// Share of the N·k assignments the capacity dropped.
+    pub fn dropped_fraction(&self) -> f64 {
+        self.kept.iter().filter(|k| !**k).count() as f64 / self.kept.len().max(1) as f64
+    }
+
+    /// Drop assignments beyond `capacity = ceil(factor · N·k / E)` per expert, in token order
+    /// (Switch Transformer §2.2: earlier tokens first); dropped assignments contribute nothing
+    /// (the token keeps only its residual path for that slot).
+    pub fn apply_capacity(&mut self, factor: f64) -> Result<()> {
+        let e = self.load.len();
+        let cap = (factor * self.kept.len() as f64 / e as f64).ceil() as usize;
+        let experts = self.experts.flatten_all()?.to_vec1::<u32>()?;
+        let mut count = vec![0usize; e];
+        for (a, &x) in experts.iter().enumerate() {
+            let x = x as usize;
+            self.kept[a] = count[x] < cap;
+            count[x] += 1;
+        }
+        self.load = count.iter().map(|&c| c.min(cap) as f64).collect();
+        Ok(())
+    }
 }
 
 pub struct Router {
@@ -153,10 +179,12 @@ pub fn route_logits(
         weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
     }
     let mut load = vec![0.0; e];
-    for i in experts.flatten_all()?.to_vec1::<u32>()? {
+    let flat = experts.flatten_all()?.to_vec1::<u32>()?;
+    for &i in &flat {
         load[i as usize] += 1.0;
     }
-    Ok(Routing { experts, weights, scores, logits: logits.clone(), load })
+    let kept = vec![true; flat.len()];
+    Ok(Routing { experts, weights, scores, logits: logits.clone(), load, kept })
 }
 
 /// Switch's auxiliary loss `α · E · Σ_i f_i P_i` (f from the assignments, no gradient).

@@ -132,6 +132,45 @@ fn the_layer_reports_losses_and_shaped_statistics() -> Result<()> {
     Ok(())
 }
 
+/// Capacity by hand: 4 tokens all pick expert 0 of 2 (k = 1), factor 1.0: capacity ceil(4/2) = 2,
+/// so tokens 2 and 3 are dropped and get no expert output; the dispatches agree under capacity.
+#[test]
+fn capacity_drops_later_tokens() -> Result<()> {
+    let logits = Tensor::new(&[[3f32, 0.0], [3.0, 0.0], [3.0, 0.0], [3.0, 0.0]], &Device::Cpu)?;
+    let mut r = route_logits(&logits, &[0.0; 2], 1, Score::Softmax, 1.0, true)?;
+    r.apply_capacity(1.0)?;
+    assert_eq!(r.kept, vec![true, true, false, false]);
+    assert_eq!(r.load, vec![2.0, 0.0]);
+    assert!((r.dropped_fraction() - 0.5).abs() < 1e-12);
+    let cfg: MoeConfig = examples_from_toml(&["n_experts = 2, top_k = 1, capacity_factor = 1.0"]).remove(0);
+    let store = ParamStore::new(2, DType::F32, &Device::Cpu);
+    let ctx = BuildCtx { d_model: 8, n_layers: 1, layer: 0, max_seq_len: 16, kind_layer: 0, kind_layers: 1 };
+    let moe = Moe::new(&cfg, &ctx, &store.root())?;
+    let x = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu)?;
+    let a = moe.dispatch(&x, &r, Dispatch::Grouped)?;
+    let b = moe.dispatch(&x, &r, Dispatch::Looped)?;
+    assert!((&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+    let rows = a.abs()?.sum(1)?.to_vec1::<f32>()?;
+    assert!(rows[0] > 0.0 && rows[1] > 0.0 && rows[2] == 0.0 && rows[3] == 0.0, "{rows:?}");
+    Ok(())
+}
+
+/// Shared experts add to every token's output.
+#[test]
+fn shared_experts_are_always_on() -> Result<()> {
+    let ctx = BuildCtx { d_model: 8, n_layers: 1, layer: 0, max_seq_len: 16, kind_layer: 0, kind_layers: 1 };
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 8), &Device::Cpu)?;
+    let plain: MoeConfig = examples_from_toml(&["n_experts = 2, top_k = 1"]).remove(0);
+    let with: MoeConfig = examples_from_toml(&["n_experts = 2, top_k = 1, shared_experts = 1"]).remove(0);
+    let s1 = ParamStore::new(4, DType::F32, &Device::Cpu);
+    let s2 = ParamStore::new(4, DType::F32, &Device::Cpu);
+    let (a, b) = (Moe::new(&plain, &ctx, &s1.root())?, Moe::new(&with, &ctx, &s2.root())?);
+    let shared = b.shared[0].forward(&x)?.y;
+    let d = ((b.forward(&x)?.y - a.forward(&x)?.y)? - shared)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(d < 1e-6, "{d}");
+    Ok(())
+}
+
 #[test]
 fn bad_configs_name_the_field() {
     for (text, field) in [
@@ -142,6 +181,7 @@ fn bad_configs_name_the_field() {
         ("n_experts = 4, top_k = 1, expert_hidden = 0", "expert_hidden"),
         (r#"n_experts = 4, top_k = 1, balance = { type = "bias", gamma = -1.0 }"#, "balance.gamma"),
         ("n_experts = 4, top_k = 1, z_loss = nan", "z_loss"),
+        ("n_experts = 4, top_k = 1, capacity_factor = 0.0", "capacity_factor"),
     ] {
         let cfg: MoeConfig = examples_from_toml(&[text]).remove(0);
         let e = cfg.validate().unwrap_err();
