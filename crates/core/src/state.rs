@@ -218,13 +218,6 @@ impl KvCache {
         }
     }
 
-    /// Whether the used slots hold consecutive positions in order (the common case, whose masks
-    /// need no host positions).
-    pub fn contiguous_from(&self) -> Option<usize> {
-        let p0 = *self.pos.first()?;
-        self.pos.iter().enumerate().all(|(j, &p)| p == p0 + j).then_some(p0)
-    }
-
     fn alloc(like: &Tensor, cap: usize) -> Result<Tensor> {
         let (b, h, _, d) = like.dims4()?;
         Tensor::zeros((b, h, cap, d), like.dtype(), like.device())

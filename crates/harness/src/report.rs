@@ -45,11 +45,7 @@ pub fn load_results(dir: &Path) -> Result<Vec<RunResult>> {
         .collect())
 }
 
-/// Every JSON in `dir` whose `schema` is `schema`, in plan order.
-pub fn load_schema(dir: &Path, schema: &str) -> Result<Vec<Value>> {
-    Ok(load_schema_paths(dir, schema)?.into_iter().map(|(_, v)| v).collect())
-}
-
+/// Every JSON in `dir` whose `schema` is `schema`, with its path, in plan order.
 fn load_schema_paths(dir: &Path, schema: &str) -> Result<Vec<(std::path::PathBuf, Value)>> {
     let mut out = Vec::new();
     let mut entries: Vec<_> =

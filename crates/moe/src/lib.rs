@@ -152,7 +152,7 @@ impl Moe {
     pub fn dispatch(&self, x: &Tensor, r: &Routing, how: Dispatch) -> Result<Tensor> {
         let (n, k) = r.experts.dims2()?;
         let dev = x.device();
-        let experts = r.experts.flatten_all()?.to_vec1::<u32>()?;
+        let experts = &r.assignments;
         let weights = r.weights.flatten_all()?; // (N·k,), slot a = t·k + j
         let mut out = x.zeros_like()?;
         match how {

@@ -54,6 +54,9 @@ pub struct Routing {
     pub logits: Tensor,
     /// Assignments per expert (host), length E (kept ones only under a capacity).
     pub load: Vec<f64>,
+    /// `experts` on the host, flattened (slot t·k + j): read once, used by the capacity and the
+    /// dispatch.
+    pub assignments: Vec<u32>,
     /// Per assignment (N·k, slot t·k + j): kept, or dropped by the capacity.
     pub kept: Vec<bool>,
 }
@@ -70,9 +73,8 @@ impl Routing {
     pub fn apply_capacity(&mut self, factor: f64) -> Result<()> {
         let e = self.load.len();
         let cap = (factor * self.kept.len() as f64 / e as f64).ceil() as usize;
-        let experts = self.experts.flatten_all()?.to_vec1::<u32>()?;
         let mut count = vec![0usize; e];
-        for (a, &x) in experts.iter().enumerate() {
+        for (a, &x) in self.assignments.iter().enumerate() {
             let x = x as usize;
             self.kept[a] = count[x] < cap;
             count[x] += 1;
@@ -179,12 +181,12 @@ pub fn route_logits(
         weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
     }
     let mut load = vec![0.0; e];
-    let flat = experts.flatten_all()?.to_vec1::<u32>()?;
-    for &i in &flat {
+    let assignments = experts.flatten_all()?.to_vec1::<u32>()?;
+    for &i in &assignments {
         load[i as usize] += 1.0;
     }
-    let kept = vec![true; flat.len()];
-    Ok(Routing { experts, weights, scores, logits: logits.clone(), load, kept })
+    let kept = vec![true; assignments.len()];
+    Ok(Routing { experts, weights, scores, logits: logits.clone(), load, assignments, kept })
 }
 
 /// Switch's auxiliary loss `α · E · Σ_i f_i P_i` (f from the assignments, no gradient).
