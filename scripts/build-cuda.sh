@@ -8,7 +8,8 @@
 #     (soname libcuda.so.1) whose symbols are the `cu*` names in cudarc's driver bindings. On the GPU
 #     machine the real driver's libcuda.so.1 is found at run time.
 #  3. CUDA_COMPUTE_CAP=90, nvcc on PATH, RUSTFLAGS=-L <dir with the .so links>.
-# Output: .devbin/zoo (ignored; carry it to the device). On the device run it with
+# Output: .devbin/zoo (ignored; carry it to the device); with --tests also the CUDA test binaries
+# in .devpkg/tests/. On the device run it with
 #   LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib .devbin/zoo ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,3 +47,14 @@ export LD_LIBRARY_PATH=$LIB:${LD_LIBRARY_PATH:-}
 cargo build --release --features cuda -p zoo-harness --target-dir target-cuda
 mkdir -p .devbin .devpkg && cp target-cuda/release/zoo .devbin/zoo && strip .devbin/zoo && gzip -c .devbin/zoo > .devpkg/zoo.gz
 echo "built .devbin/zoo and .devpkg/zoo.gz (carry .devpkg to the device: gunzip -c .devpkg/zoo.gz > /tmp/zoo)"
+# The CUDA tests of the kernels, built here and run there (scripts/device-tests.sh): each test
+# target's binary, stripped and gzipped into .devpkg/tests/.
+if [ "${1:-}" = --tests ]; then
+  rm -rf .devpkg/tests && mkdir -p .devpkg/tests
+  cargo test --release --features cuda -p zoo-core --test fused --target-dir target-cuda --no-run \
+    --message-format=json 2> /dev/null | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | while read -r exe; do
+      name=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
+      strip -o ".devpkg/tests/$name" "$exe" && gzip -f ".devpkg/tests/$name"
+      echo "test binary .devpkg/tests/$name.gz"
+    done
+fi

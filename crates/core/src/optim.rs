@@ -62,6 +62,64 @@ impl AdamW {
 
     /// One update with the given (already clipped) gradients at learning rate `lr`.
     /// Parameters without a gradient are left unchanged.
+    /// Clip the gradients to `max_norm` (if given) by their global norm, then take one step;
+    /// returns the norm before clipping (`None` without gradients). When the norm is not finite
+    /// nothing is updated, so the caller can stop on it with the weights intact.
+    ///
+    /// On CUDA with f32 weights this is zoo-kernels' multi-tensor AdamW (three launches per 48
+    /// tensors, norm kept on the device); elsewhere, and with `ZOO_KERNELS=naive`, the
+    /// composition below, which is its reference (`crates/core/tests/fused.rs`).
+    pub fn step_clipped(&mut self, grads: &mut Grads, max_norm: Option<f64>, lr: f64) -> Result<Option<Tensor>> {
+        if let Some(norm) = self.step_fused(grads, max_norm, lr)? {
+            return Ok(Some(norm));
+        }
+        let norm = match max_norm {
+            Some(c) => grads.clip(c)?,
+            None => grads.global_norm()?,
+        };
+        if let Some(n) = &norm {
+            if !n.to_dtype(DType::F32)?.to_scalar::<f32>()?.is_finite() {
+                return Ok(norm);
+            }
+        }
+        self.step(grads, lr)?;
+        Ok(norm)
+    }
+
+    /// The fused step, or `None` (nothing done) where it does not apply.
+    fn step_fused(&mut self, grads: &Grads, max_norm: Option<f64>, lr: f64) -> Result<Option<Tensor>> {
+        let mut slots = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            if let Some(g) = grads.get(&s.var) {
+                slots.push(zoo_kernels::adamw::Slot { w: s.var.as_tensor(), g, m: &s.m, v: &s.v, decay: s.decay });
+            }
+        }
+        if slots.is_empty() {
+            return Ok(None);
+        }
+        if let Some(why) = zoo_kernels::adamw::unsupported(&slots) {
+            if slots[0].w.device().is_cuda() && zoo_kernels::mode() == zoo_kernels::Kernels::Fused {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| eprintln!("zoo: fused AdamW not used ({why}); using the composition"));
+            }
+            return Ok(None);
+        }
+        let t = self.t + 1;
+        let p = self.params;
+        let hp = zoo_kernels::adamw::AdamWStep {
+            lr,
+            beta1: p.beta1,
+            beta2: p.beta2,
+            eps: p.eps,
+            weight_decay: p.weight_decay,
+            bc1: 1.0 - p.beta1.powi(t as i32),
+            bc2: 1.0 - p.beta2.powi(t as i32),
+        };
+        let out = zoo_kernels::adamw::step(&slots, &hp, max_norm)?;
+        self.t = t;
+        Ok(Some(out.get(0)?))
+    }
+
     pub fn step(&mut self, grads: &Grads, lr: f64) -> Result<()> {
         self.t += 1;
         let p = self.params;

@@ -225,10 +225,8 @@ pub fn train(
         if !loss.is_finite() {
             return Err(stop(format!("loss became {loss}")).into());
         }
-        let norm = match opts.grad_clip {
-            Some(c) => grads.clip(c)?,
-            None => grads.global_norm()?,
-        };
+        // Clip + update; with a non-finite norm nothing is updated and the run stops here.
+        let norm = opt.step_clipped(&mut grads, opts.grad_clip, lr)?;
         if let Some(n) = norm {
             let n = n.to_scalar::<f32>()?;
             if !n.is_finite() {
@@ -236,7 +234,6 @@ pub fn train(
             }
         }
         st.spike_detector.observe(st.step + 1, loss);
-        opt.step(&grads, lr)?;
         model.after_step()?;
         if let Some(a) = aux_acc {
             *st.aux_window.get_or_insert(0.0) += a;

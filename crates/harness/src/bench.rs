@@ -173,8 +173,7 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
                     let loss = cross_entropy(&out.logits, &targets, None)?;
                     let mut g = Grads::default();
                     g.accumulate(&loss.backward()?, vars.iter(), 1.0)?;
-                    g.clip(1.0)?;
-                    opt.step(&g, 1e-4)?;
+                    opt.step_clipped(&mut g, Some(1.0), 1e-4)?;
                     Ok(())
                 })?;
                 row.insert("train_step_s".into(), json!(s));

@@ -21,11 +21,13 @@ impl Env {
             d if d.starts_with("cuda") => {
                 let idx: usize =
                     d.strip_prefix("cuda:").map_or(Ok(0), |i| i.parse()).context("--device: expected cuda:N")?;
-                Device::new_cuda(idx).with_context(|| {
+                let dev = Device::new_cuda(idx).with_context(|| {
                     format!(
                         "--device {d}: CUDA is unavailable (build with `--features cuda`, see scripts/build-cuda.sh)"
                     )
-                })?
+                })?;
+                single_stream(&dev);
+                dev
             }
             other => bail!("--device: unknown device `{other}` (cpu, cuda:N)"),
         };
@@ -70,7 +72,8 @@ impl Env {
         let threads = zoo_core::candle_core::utils::get_num_threads();
         let cpu = cpu_model();
         let mut d = if self.device.is_cuda() {
-            json!({ "kind": "cuda", "name": gpu_name(), "cpu": cpu, "threads": threads })
+            json!({ "kind": "cuda", "name": gpu_name(), "cpu": cpu, "threads": threads,
+                    "cuda_event_tracking": cuda_event_tracking() })
         } else {
             json!({ "kind": "cpu", "name": cpu, "threads": threads })
         };
@@ -78,6 +81,10 @@ impl Env {
         // throughput measurements, and the report says so.
         if let Some(n) = concurrent_runs() {
             d["concurrent_runs"] = json!(n);
+        }
+        // Which implementation the ops with a fused kernel used (`ZOO_KERNELS`); CUDA only.
+        if self.device.is_cuda() {
+            d["kernels"] = json!(zoo_kernels::mode().name());
         }
         d
     }
@@ -184,6 +191,30 @@ fn cpu_mem_total() -> Option<u64> {
     let kb: u64 = s.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// Whether cudarc's per-buffer event tracking is on (`ZOO_CUDA_EVENT_TRACKING=1`); off by default.
+pub fn cuda_event_tracking() -> bool {
+    std::env::var("ZOO_CUDA_EVENT_TRACKING").is_ok_and(|v| v == "1")
+}
+
+/// candle gives each CUDA device its own stream, which puts cudarc in multi-stream mode: every
+/// buffer then gets two CUDA events (created at allocation, destroyed at free) and every kernel
+/// launch waits on and records them, about ten driver calls per op on top of the launch. zoo runs
+/// all work of a device on that one stream, where stream order alone keeps reads and writes in
+/// sequence, so the events buy nothing; small models are launch-bound and pay for them in every
+/// step. Turned off here, before the first tensor exists (buffers made earlier keep their events).
+/// `ZOO_CUDA_EVENT_TRACKING=1` keeps them, for a side-by-side measurement.
+#[cfg(feature = "cuda")]
+fn single_stream(dev: &Device) {
+    if let (Device::Cuda(d), false) = (dev, cuda_event_tracking()) {
+        // SAFETY: every op of this device is issued on its single stream (candle's), so stream
+        // order serialises all accesses; no second stream exists in this process.
+        unsafe { d.disable_event_tracking() }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn single_stream(_dev: &Device) {}
 
 #[cfg(feature = "cuda")]
 fn cuda_mem_total() -> Option<u64> {

@@ -15,7 +15,8 @@
 //! formed from the differences b_t − b_s (masked to s ≤ t before exp), never from e^{−b_s} alone,
 //! which overflows once a strongly negative gate (logsigmoid is unbounded below) accumulates in a
 //! chunk. The per-channel case forms them elementwise over (c, c, d_k), so its chunk is capped at
-//! [`VECTOR_CHUNK`].
+//! [`VECTOR_CHUNK`]. All chunks are formed at once over a chunk axis; only the state hand-over
+//! between chunks is sequential.
 
 use zoo_core::candle_core::{DType, Device, Result, Tensor};
 
@@ -59,6 +60,12 @@ pub fn step(q: &Tensor, k: &Tensor, v: &Tensor, g: Option<&Tensor>, s0: Option<&
 }
 
 /// Chunked parallel form; equal to [`naive`] up to float rounding.
+///
+/// Every chunk's intra-chunk scores, outputs and state contribution are formed at once, over a
+/// chunk axis (B·H, N, C, ·): the number of ops does not grow with T. Only the state hand-over
+/// between chunks, `S_n = e^{b_C(n)} ⊙ S_{n−1} + U_n`, runs chunk by chunk (three small ops each).
+/// T is zero-padded to a multiple of the chunk (zero k, v and g leave the state unchanged) and the
+/// padding cut from the output.
 pub fn chunked(
     q: &Tensor,
     k: &Tensor,
@@ -71,54 +78,69 @@ pub fn chunked(
     let dv = v.dim(3)?;
     let dev = q.device();
     let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
-    let g = g.map(|g| g.to_dtype(DType::F32)?.contiguous()).transpose()?;
-    let mut s = initial_state(s0, (b, h, dk, dv), dev)?;
-    // The per-channel form holds (c, c, d_k) scores per chunk: cap its chunk at 16 (fla's GLA
+    let g = g.map(|g| g.to_dtype(DType::F32)).transpose()?;
+    let s = initial_state(s0, (b, h, dk, dv), dev)?;
+    // The per-channel form holds (C, C, d_k) scores per chunk: cap its chunk at 16 (fla's GLA
     // kernels use 16-token sub-chunks for the same part of the computation).
-    let chunk = if g.as_ref().is_some_and(|g| g.dim(3).is_ok_and(|d| d > 1)) { chunk.min(VECTOR_CHUNK) } else { chunk };
-    let mut outs = Vec::new();
-    let mut start = 0;
-    // s ≤ t inside a chunk; built once per call (a shorter last chunk uses its top-left corner).
-    let causal_full = Tensor::tril2(chunk.min(t.max(1)), DType::F32, dev)?;
-    while start < t {
-        let c = chunk.min(t - start);
-        let (qc, kc, vc) = (q.narrow(2, start, c)?, k.narrow(2, start, c)?, v.narrow(2, start, c)?);
-        let causal = causal_full.narrow(0, 0, c)?.narrow(1, 0, c)?.contiguous()?;
-        let (o, s_next) = match &g {
-            None => {
-                let a = qc.matmul(&kc.t()?)?.broadcast_mul(&causal)?;
-                let o = (a.matmul(&vc)? + qc.matmul(&s)?)?;
-                (o, (s + kc.t()?.matmul(&vc)?)?)
-            }
-            Some(g) => {
-                let bcum = g.narrow(2, start, c)?.cumsum(2)?; // (B, H, c, dk|1)
-                let b_last = bcum.narrow(2, c - 1, 1)?; // (B, H, 1, dk|1)
-                let q_dec = qc.broadcast_mul(&bcum.exp()?)?;
-                let a = if bcum.dim(3)? == 1 {
-                    // Scalar decay: form e^{b_t − b_s} directly (no overflow at any decay).
-                    let diff = bcum.broadcast_sub(&bcum.transpose(2, 3)?)?; // (B, H, c, c): b_t − b_s
-                    let decay = diff.broadcast_mul(&causal)?.exp()?.broadcast_mul(&causal)?;
-                    (qc.matmul(&kc.t()?)? * decay)?
-                } else {
-                    // Per-channel decay: Σ_d q_td k_sd e^{b_td − b_sd}, formed elementwise with the
-                    // exponent masked to ≤ 0 before exp, so no gate value can overflow it.
-                    let diff = bcum.unsqueeze(3)?.broadcast_sub(&bcum.unsqueeze(2)?)?; // (B, H, c, c, dk)
-                    let mask = causal.unsqueeze(2)?; // (c, c, 1)
-                    let decay = diff.broadcast_mul(&mask)?.exp()?.broadcast_mul(&mask)?;
-                    let qk = qc.unsqueeze(3)?.broadcast_mul(&kc.unsqueeze(2)?)?; // (B, H, c, c, dk)
-                    (qk * decay)?.sum(4)?
-                };
-                let o = (a.matmul(&vc)? + q_dec.matmul(&s)?)?;
-                let k_tail = kc.broadcast_mul(&b_last.broadcast_sub(&bcum)?.exp()?)?;
-                let s_next = (s.broadcast_mul(&b_last.exp()?.transpose(2, 3)?)? + k_tail.t()?.matmul(&vc)?)?;
-                (o, s_next)
-            }
+    let per_channel = g.as_ref().is_some_and(|g| g.dim(3).is_ok_and(|d| d > 1));
+    let c = if per_channel { chunk.min(VECTOR_CHUNK) } else { chunk }.min(t.max(1));
+    let n = t.div_ceil(c);
+    let pad = n * c - t;
+    // (B, H, T, d) -> (B·H, N, C, d), zero-padded at the end (candle's matmul takes at most two
+    // batch axes, so B and H share one).
+    let chunks = |x: &Tensor| -> Result<Tensor> {
+        let x = if pad > 0 { x.pad_with_zeros(2, 0, pad)? } else { x.clone() };
+        let d = x.dim(3)?;
+        x.reshape((b * h, n, c, d))
+    };
+    let (qc, kc, vc) = (chunks(&q)?, chunks(&k)?, chunks(&v)?);
+    let causal = Tensor::tril2(c, DType::F32, dev)?; // s ≤ t inside a chunk
+    let (o_intra, o_inter_q, k_state, a_chunk) = match &g {
+        None => {
+            let a = qc.matmul(&kc.transpose(2, 3)?)?.broadcast_mul(&causal)?;
+            (a.matmul(&vc)?, qc, kc, None)
+        }
+        Some(g) => {
+            let bcum = chunks(g)?.cumsum(2)?; // (BH, N, C, dg): inclusive, within each chunk
+            let b_last = bcum.narrow(2, c - 1, 1)?; // (BH, N, 1, dg)
+            let a = if !per_channel {
+                // Scalar decay: e^{b_t − b_s}, exponent masked to ≤ 0 before exp.
+                let diff = bcum.broadcast_sub(&bcum.transpose(2, 3)?)?; // (BH, N, C, C)
+                let decay = diff.broadcast_mul(&causal)?.exp()?.broadcast_mul(&causal)?;
+                (qc.matmul(&kc.transpose(2, 3)?)? * decay)?
+            } else {
+                // Per-channel decay: Σ_d q_td k_sd e^{b_td − b_sd}, formed elementwise with the
+                // exponent masked to ≤ 0 before exp, so no gate value can overflow it.
+                let diff = bcum.unsqueeze(3)?.broadcast_sub(&bcum.unsqueeze(2)?)?; // (BH, N, C, C, dk)
+                let mask = causal.unsqueeze(2)?; // (C, C, 1)
+                let decay = diff.broadcast_mul(&mask)?.exp()?.broadcast_mul(&mask)?;
+                let qk = qc.unsqueeze(3)?.broadcast_mul(&kc.unsqueeze(2)?)?; // (BH, N, C, C, dk)
+                (qk * decay)?.sum(4)?
+            };
+            let q_dec = qc.broadcast_mul(&bcum.exp()?)?;
+            let k_tail = kc.broadcast_mul(&b_last.broadcast_sub(&bcum)?.exp()?)?;
+            // e^{b_C} per chunk as (BH, N, dg, 1), to scale the rows of S.
+            let a_chunk = b_last.exp()?.transpose(2, 3)?;
+            (a.matmul(&vc)?, q_dec, k_tail, Some(a_chunk))
+        }
+    };
+    // Each chunk's own contribution to the state: U_n = (k ⊙ e^{b_C − b})ᵀ v, (BH, N, dk, dv).
+    let u = k_state.transpose(2, 3)?.matmul(&vc)?;
+    // The state entering each chunk, S_{n−1}, then the final one.
+    let mut s = s.reshape((b * h, dk, dv))?;
+    let mut before = Vec::with_capacity(n);
+    for i in 0..n {
+        before.push(s.unsqueeze(1)?);
+        let ui = u.narrow(1, i, 1)?.squeeze(1)?;
+        s = match &a_chunk {
+            Some(a) => (s.broadcast_mul(&a.narrow(1, i, 1)?.squeeze(1)?)? + ui)?,
+            None => (s + ui)?,
         };
-        outs.push(o);
-        s = s_next;
-        start += c;
     }
-    Ok((Tensor::cat(&outs, 2)?, s))
+    let s_before = Tensor::cat(&before, 1)?; // (BH, N, dk, dv)
+    let o = (o_intra + o_inter_q.matmul(&s_before)?)?.reshape((b, h, n * c, dv))?;
+    let o = if pad > 0 { o.narrow(2, 0, t)? } else { o };
+    Ok((o, s.reshape((b, h, dk, dv))?))
 }
 
 pub use zoo_core::ops::{head_layer_norm, head_rms_norm, log_sigmoid};

@@ -1,0 +1,140 @@
+//! Fused kernels (zoo-kernels) against the compositions they replace.
+//!
+//! The kernel cases need a CUDA device: built with `--features cuda` and run on the GPU machine
+//! (`scripts/device-tests.sh`); on a machine without one they print that they skipped. The
+//! composition's own guarantees (a non-finite norm updates nothing) are checked on every device.
+
+use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Mutex;
+use zoo_core::optim::{AdamW, AdamWParams, Grads};
+use zoo_core::params::{Group, Init, ParamStore};
+use zoo_kernels::Kernels;
+
+/// The kernel mode is process-wide: tests that switch it take this lock.
+static MODE: Mutex<()> = Mutex::new(());
+
+fn cuda() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(_) => {
+            eprintln!("skipped: no CUDA device in this build or machine");
+            None
+        }
+    }
+}
+
+/// A store with parameters of the given sizes (decayed when `i % 3 != 0`) and a loss whose
+/// gradient is `c_i + 2·p_i` for fixed random `c_i` scaled by `gscale`.
+fn problem(dev: &Device, sizes: &[usize], seed: u64) -> Result<(ParamStore, Vec<Tensor>)> {
+    let store = ParamStore::new(seed, DType::F32, dev);
+    let pb = store.root();
+    let mut cs = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let group = if i % 3 == 0 { Group::NoDecay } else { Group::Decay };
+        pb.get(&format!("p{i:03}"), n, Init::Normal(0.5), group)?;
+        cs.push(Tensor::randn(0f32, 1.0, n, dev)?);
+    }
+    Ok((store, cs))
+}
+
+fn grads(store: &ParamStore, opt: &AdamW, cs: &[Tensor], gscale: f64) -> Result<Grads> {
+    let p = store.params();
+    let mut loss = Tensor::zeros((), DType::F32, store.device())?;
+    for (i, c) in cs.iter().enumerate() {
+        let w = p[&format!("p{i:03}")].var.as_tensor();
+        loss = (loss + ((w * c)?.sum_all()? * gscale)? + w.sqr()?.sum_all()?)?;
+    }
+    let mut g = Grads::default();
+    g.accumulate(&loss.backward()?, opt.vars().cloned().collect::<Vec<_>>().iter(), 1.0)?;
+    Ok(g)
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let s = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-30);
+    Ok(d / s)
+}
+
+/// `steps` steps of the naive and the fused optimiser from the same start; every weight, both
+/// moments and every norm must agree to `tol` (relative to the tensor's largest entry).
+fn compare(dev: &Device, sizes: &[usize], clip: Option<f64>, gscale: f64, steps: usize, tol: f32) -> Result<()> {
+    let hp = AdamWParams { weight_decay: 0.1, ..Default::default() };
+    let (sa, cs) = problem(dev, sizes, 7)?;
+    let (sb, _) = problem(dev, sizes, 7)?;
+    let mut a = AdamW::new(&sa, hp)?;
+    let mut b = AdamW::new(&sb, hp)?;
+    for step in 0..steps {
+        let lr = 1e-2 * (1.0 + step as f64);
+        zoo_kernels::set_mode(Kernels::Naive);
+        let na = a.step_clipped(&mut grads(&sa, &a, &cs, gscale)?, clip, lr)?.unwrap();
+        zoo_kernels::set_mode(Kernels::Fused);
+        let nb = b.step_clipped(&mut grads(&sb, &b, &cs, gscale)?, clip, lr)?.unwrap();
+        let (na, nb) = (na.to_scalar::<f32>()?, nb.to_scalar::<f32>()?);
+        assert!((na - nb).abs() <= tol * na.abs(), "step {step}: norm {na} vs fused {nb} (sizes {sizes:?})");
+    }
+    let (pa, pb) = (sa.params(), sb.params());
+    for name in pa.keys() {
+        let e = max_rel(pb[name].var.as_tensor(), pa[name].var.as_tensor())?;
+        assert!(e <= tol, "{name}: weights differ by {e:e} (sizes {sizes:?}, clip {clip:?})");
+    }
+    for ((ka, ta), (kb, tb)) in a.state_tensors().iter().zip(b.state_tensors().iter()) {
+        assert_eq!(ka, kb);
+        let e = max_rel(tb, ta)?;
+        assert!(e <= tol, "{ka}: moments differ by {e:e} (sizes {sizes:?})");
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_adamw_matches_the_composition() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    let _g = MODE.lock().unwrap();
+    // Awkward sizes, one large tensor (several blocks per tensor), and more than one list of 48.
+    let mut many: Vec<usize> = (0..100).map(|i| 1 + (i * 37) % 1000).collect();
+    many.push(300_000);
+    for (sizes, clip, gscale) in [
+        (vec![1, 37, 1000], Some(1.0), 1.0),     // clipped (norm ≫ 1)
+        (vec![1, 37, 1000], Some(1e6), 1.0),     // clip inactive
+        (vec![1, 37, 1000], None, 1.0),          // no clipping
+        (vec![5, 64 * 64, 262_144], Some(1.0), 1e-3),
+        (many, Some(1.0), 1.0),
+    ] {
+        compare(&dev, &sizes, clip, gscale, 3, 1e-5)?;
+    }
+    zoo_kernels::set_mode(Kernels::Fused);
+    Ok(())
+}
+
+/// A non-finite gradient norm updates nothing, in both paths; the step returns the norm so the
+/// training loop can stop with the weights intact.
+#[test]
+fn non_finite_norm_updates_nothing() -> Result<()> {
+    let _g = MODE.lock().unwrap();
+    let mut devs = vec![(Device::Cpu, Kernels::Naive)];
+    if let Some(d) = cuda() {
+        devs.push((d.clone(), Kernels::Naive));
+        devs.push((d, Kernels::Fused));
+    }
+    for (dev, mode) in devs {
+        zoo_kernels::set_mode(mode);
+        let (store, cs) = problem(&dev, &[3, 40], 1)?;
+        let mut opt = AdamW::new(&store, AdamWParams::default())?;
+        let before = store.tensors();
+        let before: Vec<Vec<f32>> = before.values().map(|t| t.to_vec1::<f32>()).collect::<Result<_>>()?;
+        let mut g = grads(&store, &opt, &cs, f64::INFINITY)?;
+        let norm = opt.step_clipped(&mut g, Some(1.0), 0.1)?.unwrap().to_scalar::<f32>()?;
+        assert!(!norm.is_finite(), "{mode:?} on {dev:?}: norm {norm}");
+        let after: Vec<Vec<f32>> = store.tensors().values().map(|t| t.to_vec1::<f32>()).collect::<Result<_>>()?;
+        assert_eq!(before, after, "{mode:?} on {dev:?}: weights changed after a non-finite norm");
+        for (k, t) in opt.state_tensors() {
+            assert_eq!(t.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0, "{mode:?}: moment {k} changed");
+        }
+        // A finite step afterwards does move the weights (the check above can fail).
+        let mut g = grads(&store, &opt, &cs, 1.0)?;
+        opt.step_clipped(&mut g, Some(1.0), 0.1)?;
+        let moved: Vec<Vec<f32>> = store.tensors().values().map(|t| t.to_vec1::<f32>()).collect::<Result<_>>()?;
+        assert_ne!(before, moved, "{mode:?}: a finite step changed nothing");
+    }
+    zoo_kernels::set_mode(Kernels::Fused);
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! zoo-kernels: fused CUDA kernels for zoo, called behind the functions the model already uses.
+//!
+//! Every kernel has a composition of candle ops that does the same work (in zoo-core); that
+//! composition runs on CPU, when this crate is built without the `cuda` feature, when a kernel
+//! does not apply (it says why), and when `ZOO_KERNELS=naive`. It is the reference every kernel
+//! is tested against (`crates/core/tests/fused.rs`, run on the GPU machine).
+//!
+//! Kernels so far:
+//! - [`adamw`]: multi-tensor AdamW with global grad-norm clipping in three launches per 48
+//!   tensors, in place, instead of about twenty launches per parameter tensor.
+//!
+//! The CUDA sources (`src/cuda/*.cu`) are compiled to PTX by `build.rs` with the nvcc on PATH
+//! (scripts/build-cuda.sh) and loaded once per device.
+
+pub mod adamw;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Which implementation the model's ops use where a kernel exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// The candle compositions everywhere (the reference).
+    Naive,
+    /// Fused kernels where they apply (CUDA, supported dtype and layout); compositions elsewhere.
+    Fused,
+}
+
+impl Kernels {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::Naive => "naive",
+            Kernels::Fused => "fused",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "naive" => Some(Kernels::Naive),
+            "fused" => Some(Kernels::Fused),
+            _ => None,
+        }
+    }
+}
+
+// 0: not yet read from the environment; 1: naive; 2: fused.
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// The process-wide kernel mode: `set_mode`, else `ZOO_KERNELS` (`naive` or `fused`), else fused.
+pub fn mode() -> Kernels {
+    match MODE.load(Ordering::Relaxed) {
+        1 => Kernels::Naive,
+        2 => Kernels::Fused,
+        _ => {
+            let k = std::env::var("ZOO_KERNELS").ok().and_then(|v| Kernels::parse(&v)).unwrap_or(Kernels::Fused);
+            set_mode(k);
+            k
+        }
+    }
+}
+
+pub fn set_mode(k: Kernels) {
+    MODE.store(if k == Kernels::Naive { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether this build carries the CUDA kernels.
+pub fn compiled() -> bool {
+    cfg!(feature = "cuda")
+}

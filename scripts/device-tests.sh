@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run the CUDA test binaries made by `scripts/build-cuda.sh --tests` on the GPU machine (no Rust
+# there): every .devpkg/tests/*.gz, all its tests, output to stdout. Exit status: the first failure.
+#   device:  run(command="bash scripts/device-tests.sh", carry=[".devpkg"])
+set -u
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
+rc=0
+for t in .devpkg/tests/*.gz; do
+  exe=/tmp/$(basename "$t" .gz); gunzip -c "$t" > "$exe" && chmod +x "$exe"
+  echo "== $(basename "$exe")"
+  "$exe" --test-threads 1 "$@" || { r=$?; [ $rc = 0 ] && rc=$r; }
+done
+exit $rc
