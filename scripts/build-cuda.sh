@@ -51,8 +51,10 @@ echo "built .devbin/zoo and .devpkg/zoo.gz (carry .devpkg to the device: gunzip 
 # target's binary, stripped and gzipped into .devpkg/tests/.
 if [ "${1:-}" = --tests ]; then
   rm -rf .devpkg/tests && mkdir -p .devpkg/tests
-  cargo test --release --features cuda -p zoo-core --test fused --target-dir target-cuda --no-run \
-    --message-format=json 2> /dev/null | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | while read -r exe; do
+  for pt in zoo-core:fused zoo-kernels:embedding; do
+    cargo test --release --features cuda -p "${pt%%:*}" --test "${pt#*:}" --target-dir target-cuda --no-run \
+      --message-format=json 2> /dev/null | grep -o '"executable":"[^"]*"' | cut -d'"' -f4
+  done | while read -r exe; do
       name=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
       strip -o ".devpkg/tests/$name" "$exe" && gzip -f ".devpkg/tests/$name"
       echo "test binary .devpkg/tests/$name.gz"

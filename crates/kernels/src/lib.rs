@@ -8,11 +8,14 @@
 //! Kernels so far:
 //! - [`adamw`]: multi-tensor AdamW with global grad-norm clipping in three launches per 48
 //!   tensors, in place, instead of about twenty launches per parameter tensor.
+//! - [`embedding`]: the token lookup with a scatter (atomicAdd) backward in place of candle's
+//!   `index_add`.
 //!
 //! The CUDA sources (`src/cuda/*.cu`) are compiled to PTX by `build.rs` with the nvcc on PATH
 //! (scripts/build-cuda.sh) and loaded once per device.
 
 pub mod adamw;
+pub mod embedding;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
