@@ -37,6 +37,7 @@ pub mod config;
 pub mod crossover;
 pub mod env;
 pub mod plot;
+pub mod pretrained;
 pub mod registry;
 pub mod report;
 pub mod runner;

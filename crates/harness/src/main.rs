@@ -56,11 +56,15 @@ enum Cmd {
     },
     /// Print and write the markdown table for a results folder.
     Report { dir: PathBuf },
-    /// Perplexity of a checkpoint on a text file.
+    /// Perplexity of a checkpoint, or of a pretrained model, on a text file.
     Eval {
         /// A checkpoint folder (runs/<experiment>/<run>/checkpoint).
+        #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+        checkpoint: Option<PathBuf>,
+        /// A pretrained model: a GGUF file of the llama architecture (e.g. SmolLM2). Scored over
+        /// every position with a sliding window (--seq-len, default 1024; stride half of it).
         #[arg(long)]
-        checkpoint: PathBuf,
+        model: Option<PathBuf>,
         #[arg(long)]
         text: PathBuf,
         /// Window length (default: the training seq_len).
@@ -229,14 +233,18 @@ fn real_main() -> Result<i32> {
             }
         }
         Cmd::Report { dir } => println!("{}", report::report(dir)?),
-        Cmd::Eval { checkpoint, text, seq_len, batch } => {
-            if *seq_len == Some(0) {
-                bail!("--seq-len: must be at least 1");
+        Cmd::Eval { checkpoint, model, text, seq_len, batch } => {
+            if *seq_len == Some(0) || *seq_len == Some(1) {
+                bail!("--seq-len: must be at least 2");
             }
             if *batch == 0 {
                 bail!("--batch: must be at least 1");
             }
-            let out = zoo_harness::evaluate_checkpoint(checkpoint, text, *seq_len, *batch, &env()?)?;
+            let out = match (checkpoint, model) {
+                (Some(c), _) => zoo_harness::evaluate_checkpoint(c, text, *seq_len, *batch, &env()?)?,
+                (None, Some(m)) => zoo_harness::pretrained::evaluate_model(m, text, seq_len.unwrap_or(1024), &env()?)?,
+                (None, None) => bail!("zoo eval: give --checkpoint or --model"),
+            };
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Cmd::Bench { config, seq_lens, batch, warmup, iters, decode_tokens, skip_train, run_index, out } => {

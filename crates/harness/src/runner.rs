@@ -17,7 +17,6 @@ use zoo_core::train::{train, TrainOpts};
 
 /// Build the model a config describes, with weights initialised from `seed`.
 pub fn build_model(cfg: &RunConfig, vocab: usize, env: &Env) -> Result<(Lm, ParamStore)> {
-    let store = ParamStore::new(cfg.seed, zoo_core::candle_core::DType::F32, &env.device);
     let shape = LmShape {
         vocab_size: vocab,
         d_model: cfg.model.d_model,
@@ -26,14 +25,24 @@ pub fn build_model(cfg: &RunConfig, vocab: usize, env: &Env) -> Result<(Lm, Para
         norm_eps: cfg.model.norm_eps,
         max_seq_len: cfg.max_seq_len(),
     };
-    let mixers = cfg.layer_mixers()?;
-    let ffn = cfg.model.ffn.clone();
-    let kinds = crate::registry::kind_positions(&mixers);
-    let model = Lm::new(&shape, env.dtype, &store.root(), |ctx, pb| {
+    build_lm(&shape, &cfg.layer_mixers()?, &cfg.model.ffn, cfg.seed, env)
+}
+
+/// Build a model of this shape from one mixer config per layer and the feed-forward config.
+pub fn build_lm(
+    shape: &LmShape,
+    mixers: &[crate::registry::MixerConfig],
+    ffn: &crate::registry::FfnConfig,
+    seed: u64,
+    env: &Env,
+) -> Result<(Lm, ParamStore)> {
+    let store = ParamStore::new(seed, zoo_core::candle_core::DType::F32, &env.device);
+    let kinds = crate::registry::kind_positions(mixers);
+    let model = Lm::new(shape, env.dtype, &store.root(), |ctx, pb| {
         let ctx = BuildCtx { kind_layer: kinds[ctx.layer].0, kind_layers: kinds[ctx.layer].1, ..*ctx };
         Ok((
             zoo_core::mixer::MixerSpec::build(&mixers[ctx.layer], &ctx, &pb.pp("mixer"))?,
-            zoo_core::mixer::FfnSpec::build(&ffn, &ctx, &pb.pp("ffn"))?,
+            zoo_core::mixer::FfnSpec::build(ffn, &ctx, &pb.pp("ffn"))?,
         ))
     })?;
     Ok((model, store))

