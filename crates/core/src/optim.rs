@@ -60,14 +60,12 @@ impl AdamW {
         self.slots.iter().map(|s| &s.var)
     }
 
-    /// One update with the given (already clipped) gradients at learning rate `lr`.
-    /// Parameters without a gradient are left unchanged.
     /// Clip the gradients to `max_norm` (if given) by their global norm, then take one step;
     /// returns the norm before clipping (`None` without gradients). When the norm is not finite
     /// nothing is updated, so the caller can stop on it with the weights intact.
     ///
-    /// On CUDA with f32 weights this is zoo-kernels' multi-tensor AdamW (three launches per 48
-    /// tensors, norm kept on the device); elsewhere, and with `ZOO_KERNELS=naive`, the
+    /// On CUDA with f32 weights this is zoo-kernels' multi-tensor AdamW (two launches per 48
+    /// tensors plus one for the norm, which stays on the device); elsewhere, and with `ZOO_KERNELS=naive`, the
     /// composition below, which is its reference (`crates/core/tests/fused.rs`).
     pub fn step_clipped(&mut self, grads: &mut Grads, max_norm: Option<f64>, lr: f64) -> Result<Option<Tensor>> {
         if let Some(norm) = self.step_fused(grads, max_norm, lr)? {
@@ -120,6 +118,9 @@ impl AdamW {
         Ok(Some(out.get(0)?))
     }
 
+    /// One update with the given (already clipped) gradients at learning rate `lr`: the
+    /// composition (the reference of the fused step). Parameters without a gradient are left
+    /// unchanged.
     pub fn step(&mut self, grads: &Grads, lr: f64) -> Result<()> {
         self.t += 1;
         let p = self.params;

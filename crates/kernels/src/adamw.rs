@@ -3,8 +3,8 @@
 //!
 //! For N parameter tensors the composition in zoo-core (`optim.rs`) issues about 4N launches for
 //! the norm, 2N to scale the gradients and 15N for the update, each allocating its output. The
-//! fused step updates weights and both moments in place in three launches per 48 tensors, and
-//! keeps the norm on the device (no host round trip before the update):
+//! fused step updates weights and both moments in place in two launches per 48 tensors plus one
+//! for the norm, and keeps the norm on the device (no host round trip before the update):
 //!
 //! 1. `zoo_sumsq_f32`: per-block partial sums of g², one grid row per tensor;
 //! 2. `zoo_clip_scale`: one block adds the partials in a fixed order (so the step is

@@ -6,8 +6,8 @@
 //! is tested against (`crates/core/tests/fused.rs`, run on the GPU machine).
 //!
 //! Kernels so far:
-//! - [`adamw`]: multi-tensor AdamW with global grad-norm clipping in three launches per 48
-//!   tensors, in place, instead of about twenty launches per parameter tensor.
+//! - [`adamw`]: multi-tensor AdamW with global grad-norm clipping in two launches per 48
+//!   tensors plus one for the norm, in place, instead of about twenty launches per parameter tensor.
 //! - [`embedding`]: the token lookup with a scatter (atomicAdd) backward in place of candle's
 //!   `index_add`.
 //!

@@ -1,6 +1,6 @@
 // Multi-tensor AdamW with global grad-norm clipping (Loshchilov & Hutter, "Decoupled Weight Decay
-// Regularization", Algorithm 2; clipping as torch.nn.utils.clip_grad_norm_), in three launches for
-// up to MAXT tensors per list:
+// Regularization", Algorithm 2; clipping as torch.nn.utils.clip_grad_norm_), in two launches per
+// list of up to MAXT tensors plus one for the norm:
 //   zoo_sumsq_f32     per-block partial sums of g^2, grid (blocks, tensors): partials[t*gx + b]
 //   zoo_clip_scale    one block sums every partial in a fixed order (deterministic):
 //                     out = [||g||_2, min(max_norm / (||g|| + 1e-6), 1)]
