@@ -37,6 +37,18 @@ pub struct AttentionConfig {
     /// Biases on the q/k/v/o projections.
     #[serde(default)]
     pub bias: bool,
+    /// Bias on the output projection, when it differs from `bias` (Qwen2: q/k/v biases, none on o).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub o_bias: Option<bool>,
+    /// Width of each head; default d_model / n_heads (Qwen3 sets it apart from d_model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// A learnable per-channel gain on the QK-norm (Qwen3's `q_norm` / `k_norm`); needs `qk_norm`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qk_norm_gain: bool,
+    /// ε of the QK-norm (default 1e-6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qk_norm_eps: Option<f64>,
 }
 
 impl AttentionConfig {
@@ -46,15 +58,32 @@ impl AttentionConfig {
 
     /// Check the config against the model width and sequence length. The error says which field
     /// is wrong and why.
+    /// The width of each head.
+    pub fn head_dim(&self, d_model: usize) -> usize {
+        self.head_dim.unwrap_or(d_model / self.n_heads.max(1))
+    }
+
     fn check(&self, d_model: usize, seq_len: usize) -> std::result::Result<(), String> {
         if self.n_heads == 0 {
             return Err("n_heads: must be at least 1".into());
         }
-        if d_model % self.n_heads != 0 {
-            return Err(format!("n_heads: {} heads do not divide d_model = {}", self.n_heads, d_model));
+        match self.head_dim {
+            Some(0) => return Err("head_dim: must be at least 2".into()),
+            Some(hd) if hd % 2 != 0 => return Err(format!("head_dim: {hd} must be even for RoPE")),
+            Some(_) => {}
+            None if d_model % self.n_heads != 0 => {
+                return Err(format!("n_heads: {} heads do not divide d_model = {}", self.n_heads, d_model))
+            }
+            None if (d_model / self.n_heads) % 2 != 0 => {
+                return Err(format!("n_heads: head dim {} must be even for RoPE", d_model / self.n_heads))
+            }
+            None => {}
         }
-        if (d_model / self.n_heads) % 2 != 0 {
-            return Err(format!("n_heads: head dim {} must be even for RoPE", d_model / self.n_heads));
+        if self.qk_norm_gain && !self.qk_norm {
+            return Err("qk_norm_gain: needs qk_norm = true".into());
+        }
+        if self.qk_norm_eps.is_some_and(|e| !(e.is_finite() && e > 0.0)) {
+            return Err("qk_norm_eps: must be positive and finite".into());
         }
         let kv = self.kv_heads();
         if kv == 0 || self.n_heads % kv != 0 {
@@ -90,6 +119,9 @@ pub struct Attention {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub qk_eps: f64,
+    /// Learnable QK-norm gains (head_dim,), with `qk_norm_gain`.
+    pub q_gain: Option<Tensor>,
+    pub k_gain: Option<Tensor>,
     /// The full-sequence mask of the last length seen (training reuses it every step).
     mask_cache: std::sync::Mutex<Option<(usize, Tensor)>>,
 }
@@ -98,7 +130,10 @@ impl Attention {
     pub fn new(cfg: &AttentionConfig, ctx: &BuildCtx, pb: &Pb) -> Result<Self> {
         let d = ctx.d_model;
         let (h, kv) = (cfg.n_heads, cfg.kv_heads());
-        let hd = d / h;
+        let hd = cfg.head_dim(d);
+        let gain = |name: &str| {
+            cfg.qk_norm_gain.then(|| pb.get(&format!("{name}.weight"), hd, Init::Const(1.0), Group::NoDecay)).transpose()
+        };
         let sink_k = (cfg.sink_tokens > 0)
             .then(|| pb.get("sink_k", (kv, cfg.sink_tokens, hd), Init::Normal(INIT_STD), Group::NoDecay))
             .transpose()?;
@@ -109,14 +144,16 @@ impl Attention {
             q_proj: Linear::new(&pb.pp("q_proj"), d, h * hd, cfg.bias, INIT_STD)?,
             k_proj: Linear::new(&pb.pp("k_proj"), d, kv * hd, cfg.bias, INIT_STD)?,
             v_proj: Linear::new(&pb.pp("v_proj"), d, kv * hd, cfg.bias, INIT_STD)?,
-            o_proj: Linear::new(&pb.pp("o_proj"), h * hd, d, cfg.bias, residual_std(ctx.n_layers))?,
+            o_proj: Linear::new(&pb.pp("o_proj"), h * hd, d, cfg.o_bias.unwrap_or(cfg.bias), residual_std(ctx.n_layers))?,
             rope: Rope::new(hd, ctx.max_seq_len.max(1), cfg.rope_theta, pb.device())?,
             sink_k,
             sink_v,
             n_heads: h,
             n_kv_heads: kv,
             head_dim: hd,
-            qk_eps: 1e-6,
+            qk_eps: cfg.qk_norm_eps.unwrap_or(1e-6),
+            q_gain: gain("q_norm")?,
+            k_gain: gain("k_norm")?,
             mask_cache: std::sync::Mutex::new(None),
             cfg: cfg.clone(),
         })
@@ -132,9 +169,23 @@ impl Attention {
         crate::ops::merge_heads(x)
     }
 
-    /// QK-norm (if configured) and RoPE at absolute position `offset`.
-    pub fn position(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+    /// Queries (B, H, T, hd): QK-norm (if configured, with its gain) and RoPE at absolute
+    /// position `offset`.
+    pub fn position_q(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        self.position(x, self.q_gain.as_ref(), offset)
+    }
+
+    /// Keys (B, Hkv, T, hd), as [`Attention::position_q`].
+    pub fn position_k(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        self.position(x, self.k_gain.as_ref(), offset)
+    }
+
+    fn position(&self, x: &Tensor, gain: Option<&Tensor>, offset: usize) -> Result<Tensor> {
         let x = if self.cfg.qk_norm { rms_normalize(x, self.qk_eps)? } else { x.clone() };
+        let x = match gain {
+            Some(g) => x.broadcast_mul(&g.to_dtype(x.dtype())?)?,
+            None => x,
+        };
         self.rope.apply(&x, offset)
     }
 
@@ -361,8 +412,8 @@ impl Mixer for Attention {
         probe: Option<&mut LayerProbe>,
     ) -> Result<Tensor> {
         let offset = state.as_ref().map_or(0, |s| s.seen());
-        let q = self.position(&self.split_heads(&self.q_proj.forward(x)?, self.n_heads)?, offset)?;
-        let k = self.position(&self.split_heads(&self.k_proj.forward(x)?, self.n_kv_heads)?, offset)?;
+        let q = self.position_q(&self.split_heads(&self.q_proj.forward(x)?, self.n_heads)?, offset)?;
+        let k = self.position_k(&self.split_heads(&self.k_proj.forward(x)?, self.n_kv_heads)?, offset)?;
         let v = self.split_heads(&self.v_proj.forward(x)?, self.n_kv_heads)?;
         let (k, v, kpos) = self.update_cache(k, v, state)?;
         let y = self.attend(&q, &k, &v, offset, &kpos, phase, probe)?;
@@ -386,5 +437,6 @@ impl Mixer for Attention {
 crate::mixer_spec!(AttentionConfig => Attention, check(d_model, max_seq_len), [
     r#"n_heads = 4"#,
     r#"n_heads = 4, n_kv_heads = 2, qk_norm = true"#,
+    r#"n_heads = 4, n_kv_heads = 2, head_dim = 6, qk_norm = true, qk_norm_gain = true, bias = true, o_bias = false"#,
     r#"n_heads = 4, n_kv_heads = 1, window = 4, sink_tokens = 2, bias = true"#,
 ]);

@@ -18,6 +18,10 @@ fn attn(n_heads: usize, kv: usize, qk_norm: bool, window: Option<usize>, sinks: 
         window,
         sink_tokens: sinks,
         bias: true,
+        o_bias: None,
+        head_dim: None,
+        qk_norm_gain: false,
+        qk_norm_eps: None,
     }
 }
 

@@ -26,8 +26,8 @@ fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 /// positions `keep` only (a hand-built mask over all T keys), then the output projection.
 fn reference_row(a: &Attention, x: &Tensor, i: usize, keep: &[usize]) -> Result<Tensor> {
     let t = x.dim(1)?;
-    let q = a.position(&a.split_heads(&a.q_proj.forward(x)?, a.n_heads)?, 0)?;
-    let k = a.position(&a.split_heads(&a.k_proj.forward(x)?, a.n_kv_heads)?, 0)?;
+    let q = a.position_q(&a.split_heads(&a.q_proj.forward(x)?, a.n_heads)?, 0)?;
+    let k = a.position_k(&a.split_heads(&a.k_proj.forward(x)?, a.n_kv_heads)?, 0)?;
     let v = a.split_heads(&a.v_proj.forward(x)?, a.n_kv_heads)?;
     let mask: Vec<f32> = (0..t).map(|j| if keep.contains(&j) { 0.0 } else { f32::NEG_INFINITY }).collect();
     let mask = Tensor::from_vec(mask, (1, t), &Device::Cpu)?;
@@ -48,6 +48,10 @@ fn kv_cache_with_evicted_entries_decodes_over_the_kept_keys() -> Result<()> {
         window: None,
         sink_tokens: 0,
         bias: false,
+        o_bias: None,
+        head_dim: None,
+        qk_norm_gain: false,
+        qk_norm_eps: None,
     };
     let (a, _store) = layer(&cfg, 16)?;
     let mut rng = Rng::new(7);

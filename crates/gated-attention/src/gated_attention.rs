@@ -61,8 +61,8 @@ impl Mixer for GatedAttention {
         let q = at(GatePosition::Query, a.q_proj.forward(x)?)?;
         let k = at(GatePosition::Key, a.k_proj.forward(x)?)?;
         let v = at(GatePosition::Value, a.v_proj.forward(x)?)?;
-        let q = a.position(&a.split_heads(&q, a.n_heads)?, offset)?;
-        let k = a.position(&a.split_heads(&k, a.n_kv_heads)?, offset)?;
+        let q = a.position_q(&a.split_heads(&q, a.n_heads)?, offset)?;
+        let k = a.position_k(&a.split_heads(&k, a.n_kv_heads)?, offset)?;
         let v = a.split_heads(&v, a.n_kv_heads)?;
         let (k, v, kpos) = a.update_cache(k, v, cache)?;
         let mut probe = probe;

