@@ -7,9 +7,11 @@
    ids (expected.safetensors: `ids` (2, 11) int64, `logits` (2, 11, vocab) f32).
 2. The token ids transformers' tokenizer gives for a few strings, built from the SmolLM2 GGUF of
    `scripts/fetch-data.sh --models` (`AutoTokenizer.from_pretrained(..., gguf_file=...)`), in
-   smollm2-tokens.json.
+   smollm2-tokens.json; and transformers' greedy continuation of a prompt by that model
+   (dequantized to f32), in smollm2-greedy.json.
 
-Writes crates/harness/tests/hf/. Needs torch, transformers, gguf and safetensors (pip), no GPU:
+Writes crates/harness/tests/hf/. Needs torch, transformers, gguf, accelerate and safetensors (pip),
+no GPU:
     python3 scripts/hf-fixtures.py
 """
 import json
@@ -80,6 +82,16 @@ def tokens():
         json.dump({"source": f"transformers {__import__('transformers').__version__}, {gguf}", "cases": out}, f,
                   ensure_ascii=False, indent=1)
     print("tokens", [len(c["ids"]) for c in out])
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf, dtype=torch.float32).eval()
+    prompt = "The capital of France is"
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
+    with open(os.path.join(OUT, "smollm2-greedy.json"), "w") as f:
+        json.dump({"source": f"transformers {__import__('transformers').__version__}, {gguf}, f32, greedy",
+                   "prompt": prompt, "prompt_ids": ids[0].tolist(), "generated": gen}, f, indent=1)
+    print("greedy", gen)
 
 
 if __name__ == "__main__":

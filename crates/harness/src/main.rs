@@ -74,6 +74,23 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         batch: usize,
     },
+    /// Continue a prompt with a pretrained model (GGUF file or HF folder), streaming to stdout;
+    /// prompt and generation speed go to stderr at the end.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Throughput and memory of a config's model over sequence lengths.
     Bench {
         config: PathBuf,
@@ -247,6 +264,41 @@ fn real_main() -> Result<i32> {
                 (None, None) => bail!("zoo eval: give --checkpoint or --model"),
             };
             println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Cmd::Generate { model, prompt, max_tokens, temperature, top_p, seed } => {
+            if !(temperature.is_finite() && *temperature >= 0.0) {
+                bail!("--temperature: must be 0 (greedy) or positive");
+            }
+            if !(*top_p > 0.0 && *top_p <= 1.0) {
+                bail!("--top-p: must be in (0, 1]");
+            }
+            let env = env()?;
+            let p = zoo_harness::pretrained::load(model, &env)?;
+            let tok = p.tokenizer.as_ref().with_context(|| format!("{}: no tokenizer", model.display()))?;
+            let ids = tok.encode(prompt.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+            let o = zoo_harness::pretrained::GenOpts { max_tokens: *max_tokens, temperature: *temperature, top_p: *top_p, seed: *seed };
+            // Stream: print the new suffix of the decoded text after every token.
+            let mut all = Vec::new();
+            let mut shown = 0;
+            let stats = zoo_harness::pretrained::generate(&p.model, ids.get_ids(), p.eos, &o, &env.device, |id| {
+                use std::io::Write;
+                all.push(id);
+                let text = tok.decode(&all, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+                if text.len() > shown && text.is_char_boundary(shown) {
+                    print!("{}", &text[shown..]);
+                    std::io::stdout().flush()?;
+                    shown = text.len();
+                }
+                Ok(())
+            })?;
+            println!();
+            let n = stats.generated.len();
+            eprintln!(
+                "prompt {} tokens: {:.1} tok/s; generated {n}: {:.1} tok/s",
+                stats.prompt_tokens,
+                stats.prompt_tokens as f64 / stats.prefill_seconds.max(1e-9),
+                n.saturating_sub(1) as f64 / stats.decode_seconds.max(1e-9)
+            );
         }
         Cmd::Bench { config, seq_lens, batch, warmup, iters, decode_tokens, skip_train, run_index, out } => {
             let (batch, run_index) = (*batch, *run_index);

