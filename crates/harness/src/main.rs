@@ -90,6 +90,12 @@ enum Cmd {
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Keep going past the end-of-sequence token (for timing a fixed number of tokens).
+        #[arg(long)]
+        ignore_eos: bool,
+        /// Also write the counts and timings as JSON here.
+        #[arg(long)]
+        stats: Option<PathBuf>,
     },
     /// Throughput and memory of a config's model over sequence lengths.
     Bench {
@@ -265,7 +271,7 @@ fn real_main() -> Result<i32> {
             };
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        Cmd::Generate { model, prompt, max_tokens, temperature, top_p, seed } => {
+        Cmd::Generate { model, prompt, max_tokens, temperature, top_p, seed, ignore_eos, stats: stats_path } => {
             if !(temperature.is_finite() && *temperature >= 0.0) {
                 bail!("--temperature: must be 0 (greedy) or positive");
             }
@@ -280,7 +286,8 @@ fn real_main() -> Result<i32> {
             // Stream: print the new suffix of the decoded text after every token.
             let mut all = Vec::new();
             let mut shown = 0;
-            let stats = zoo_harness::pretrained::generate(&p.model, ids.get_ids(), p.eos, &o, &env.device, |id| {
+            let eos = if *ignore_eos { None } else { p.eos };
+            let stats = zoo_harness::pretrained::generate(&p.model, ids.get_ids(), eos, &o, &env.device, |id| {
                 use std::io::Write;
                 all.push(id);
                 let text = tok.decode(&all, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
@@ -293,6 +300,21 @@ fn real_main() -> Result<i32> {
             })?;
             println!();
             let n = stats.generated.len();
+            if let Some(path) = stats_path {
+                let j = serde_json::json!({
+                    "model": model.display().to_string(),
+                    "prompt_tokens": stats.prompt_tokens,
+                    "generated_tokens": n,
+                    "prefill_seconds": stats.prefill_seconds,
+                    "decode_seconds": stats.decode_seconds,
+                    "prefill_tokens_per_s": stats.prompt_tokens as f64 / stats.prefill_seconds.max(1e-9),
+                    "decode_tokens_per_s": n.saturating_sub(1) as f64 / stats.decode_seconds.max(1e-9),
+                    "generated": stats.generated,
+                    "env": { "device": env.describe(), "dtype": env.dtype_name(), "git": zoo_harness::env::git_state(),
+                             "versions": zoo_harness::env::versions() },
+                });
+                zoo_harness::env::write_atomic(path, &serde_json::to_vec_pretty(&j)?)?;
+            }
             eprintln!(
                 "prompt {} tokens: {:.1} tok/s; generated {n}: {:.1} tok/s",
                 stats.prompt_tokens,
