@@ -21,9 +21,9 @@ import subprocess
 import tempfile
 import time
 
-# torch's OpenMP threads spin after each parallel region by default; on a 2-core machine they would
-# compete with the zoo process this script starts between transformers' timings.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch's OpenMP threads spin for a while after each parallel region (the default, which
+# transformers' own speed depends on: OMP_WAIT_POLICY=PASSIVE made its 2-thread decode 1.8x slower
+# here); the pause before each zoo run lets them go idle, so they do not compete with zoo's threads.
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
