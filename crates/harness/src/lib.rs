@@ -92,6 +92,24 @@ pub fn evaluate_checkpoint(
     }))
 }
 
+/// `zoo export`: a checkpoint as an HF Llama folder (see [`pretrained::export_llama`]).
+pub fn export_checkpoint(ckpt: &Path, out: &Path, env: &env::Env) -> Result<()> {
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(ckpt.join("meta.json"))
+            .with_context(|| format!("{} is not a zoo checkpoint", ckpt.display()))?,
+    )?;
+    let cfg: config::RunConfig = serde_json::from_value(meta["config"].clone()).context("meta.json: config")?;
+    let vocab = meta["vocab_size"].as_u64().context("meta.json: vocab_size")? as usize;
+    let spec: Option<TokenizerSpec> = serde_json::from_value(meta["tokenizer"].clone())?;
+    let tokenizer = match &spec {
+        Some(TokenizerSpec::Hf { path, .. }) => Some(std::path::PathBuf::from(path)),
+        _ => None,
+    };
+    let (model, store) = runner::build_model(&cfg, vocab, env)?;
+    zoo_core::train::load_weights(ckpt, &store)?;
+    pretrained::export_llama(&cfg.layer_mixers()?, &cfg.model.ffn, &model.shape, &store, out, tokenizer.as_deref())
+}
+
 /// A markdown table of a bench result.
 pub fn bench_table(res: &serde_json::Value) -> String {
     let mut s = format!(

@@ -97,6 +97,15 @@ enum Cmd {
         #[arg(long)]
         stats: Option<PathBuf>,
     },
+    /// Export a checkpoint whose layers are plain softmax attention + SwiGLU as an HF Llama folder
+    /// (config.json, model.safetensors, and tokenizer.json when it was trained with one).
+    Export {
+        /// A checkpoint folder (runs/<experiment>/<run>/checkpoint).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Throughput and memory of a config's model over sequence lengths.
     Bench {
         config: PathBuf,
@@ -321,6 +330,10 @@ fn real_main() -> Result<i32> {
                 stats.prompt_tokens as f64 / stats.prefill_seconds.max(1e-9),
                 n.saturating_sub(1) as f64 / stats.decode_seconds.max(1e-9)
             );
+        }
+        Cmd::Export { checkpoint, out } => {
+            zoo_harness::export_checkpoint(checkpoint, out, &env()?)?;
+            println!("exported {} to {}", checkpoint.display(), out.display());
         }
         Cmd::Bench { config, seq_lens, batch, warmup, iters, decode_tokens, skip_train, run_index, out } => {
             let (batch, run_index) = (*batch, *run_index);

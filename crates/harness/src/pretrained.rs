@@ -413,37 +413,122 @@ pub fn load_hf_dir(dir: &Path, env: &Env) -> Result<Pretrained> {
     Ok(Pretrained { model, store, config, tokenizer, bos: None, eos: None, context_length })
 }
 
+/// Per-layer tensor names: (HF suffix after `model.layers.{i}.`, zoo suffix after `layers.{i}.`).
+const LAYER_NAMES: [(&str, &str); 15] = [
+    ("input_layernorm.weight", "norm1.weight"),
+    ("post_attention_layernorm.weight", "norm2.weight"),
+    ("self_attn.q_proj.weight", "mixer.q_proj.weight"),
+    ("self_attn.k_proj.weight", "mixer.k_proj.weight"),
+    ("self_attn.v_proj.weight", "mixer.v_proj.weight"),
+    ("self_attn.o_proj.weight", "mixer.o_proj.weight"),
+    ("self_attn.q_proj.bias", "mixer.q_proj.bias"),
+    ("self_attn.k_proj.bias", "mixer.k_proj.bias"),
+    ("self_attn.v_proj.bias", "mixer.v_proj.bias"),
+    ("self_attn.o_proj.bias", "mixer.o_proj.bias"),
+    ("self_attn.q_norm.weight", "mixer.q_norm.weight"),
+    ("self_attn.k_norm.weight", "mixer.k_norm.weight"),
+    ("mlp.gate_proj.weight", "ffn.w1.weight"),
+    ("mlp.up_proj.weight", "ffn.w3.weight"),
+    ("mlp.down_proj.weight", "ffn.w2.weight"),
+];
+/// Whole-model tensor names: (HF, zoo).
+const MODEL_NAMES: [(&str, &str); 3] =
+    [("model.embed_tokens.weight", "embed.weight"), ("model.norm.weight", "norm_f.weight"), ("lm_head.weight", "head.weight")];
+
 /// An HF Llama/Qwen tensor name as zoo's parameter name.
 fn hf_name(name: &str) -> Option<String> {
-    Some(match name {
-        "model.embed_tokens.weight" => "embed.weight".into(),
-        "model.norm.weight" => "norm_f.weight".into(),
-        "lm_head.weight" => "head.weight".into(),
-        n => {
-            let rest = n.strip_prefix("model.layers.")?;
-            let (i, part) = rest.split_once('.')?;
-            let l = format!("layers.{i}");
-            let ours = match part {
-                "input_layernorm.weight" => "norm1.weight",
-                "post_attention_layernorm.weight" => "norm2.weight",
-                "self_attn.q_proj.weight" => "mixer.q_proj.weight",
-                "self_attn.k_proj.weight" => "mixer.k_proj.weight",
-                "self_attn.v_proj.weight" => "mixer.v_proj.weight",
-                "self_attn.o_proj.weight" => "mixer.o_proj.weight",
-                "self_attn.q_proj.bias" => "mixer.q_proj.bias",
-                "self_attn.k_proj.bias" => "mixer.k_proj.bias",
-                "self_attn.v_proj.bias" => "mixer.v_proj.bias",
-                "self_attn.o_proj.bias" => "mixer.o_proj.bias",
-                "self_attn.q_norm.weight" => "mixer.q_norm.weight",
-                "self_attn.k_norm.weight" => "mixer.k_norm.weight",
-                "mlp.gate_proj.weight" => "ffn.w1.weight",
-                "mlp.up_proj.weight" => "ffn.w3.weight",
-                "mlp.down_proj.weight" => "ffn.w2.weight",
-                _ => return None,
-            };
-            format!("{l}.{ours}")
-        }
-    })
+    map_name(name, "model.layers.", |(hf, zoo)| (hf, zoo), &MODEL_NAMES)
+}
+
+/// A zoo parameter name as the HF Llama/Qwen tensor name.
+fn zoo_name_to_hf(name: &str) -> Option<String> {
+    let swapped = MODEL_NAMES.map(|(hf, zoo)| (zoo, hf));
+    map_name(name, "layers.", |(hf, zoo)| (zoo, hf), &swapped)
+}
+
+/// Map `name` through the whole-model table, or a per-layer name `{prefix}{i}.{suffix}` through
+/// [`LAYER_NAMES`] read in the direction `pick` gives ((from, to) of each pair).
+fn map_name(
+    name: &str,
+    prefix: &str,
+    pick: impl Fn((&'static str, &'static str)) -> (&'static str, &'static str),
+    whole: &[(&str, &str)],
+) -> Option<String> {
+    if let Some((_, to)) = whole.iter().find(|(from, _)| *from == name) {
+        return Some(to.to_string());
+    }
+    let (i, part) = name.strip_prefix(prefix)?.split_once('.')?;
+    let (_, to) = LAYER_NAMES.iter().map(|&p| pick(p)).find(|(from, _)| *from == part)?;
+    let to_prefix = if prefix == "layers." { "model.layers." } else { "layers." };
+    Some(format!("{to_prefix}{i}.{to}"))
+}
+
+/// Export a zoo model whose every layer is the same plain softmax attention (no window, sinks or
+/// QK-norm) with a bias-free SwiGLU as an HF Llama folder: config.json, model.safetensors (f32)
+/// and, when given, the tokenizer.json it was trained with. transformers loads it with
+/// `AutoModelForCausalLM.from_pretrained(dir)`.
+pub fn export_llama(
+    mixers: &[crate::registry::MixerConfig],
+    ffn: &crate::registry::FfnConfig,
+    shape: &LmShape,
+    store: &ParamStore,
+    out: &Path,
+    tokenizer_json: Option<&Path>,
+) -> Result<()> {
+    use crate::registry::{FfnConfig, MixerConfig};
+    let Some(MixerConfig::Attention(a)) = mixers.first() else {
+        bail!("export: only models of plain softmax attention layers export as Llama (layer 0 is another mixer)");
+    };
+    if mixers.iter().any(|m| m != &mixers[0]) {
+        bail!("export: every layer must have the same attention config (Llama has one)");
+    }
+    if a.window.is_some() || a.sink_tokens > 0 || a.qk_norm {
+        bail!("export: sliding windows, sink tokens and QK-norm have no Llama equivalent");
+    }
+    if a.o_bias.is_some_and(|o| o != a.bias) {
+        bail!("export: Llama's attention_bias covers q, k, v and o alike");
+    }
+    let FfnConfig::Swiglu(m) = ffn else { bail!("export: the feed-forward must be SwiGLU (Llama's MLP)") };
+    if m.bias {
+        bail!("export: SwiGLU biases have no Llama equivalent");
+    }
+    let d = shape.d_model;
+    let hidden = m.hidden.unwrap_or_else(|| (8 * d / 3).div_ceil(8) * 8);
+    let kv = a.kv_heads();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": d,
+        "intermediate_size": hidden,
+        "num_hidden_layers": shape.n_layers,
+        "num_attention_heads": a.n_heads,
+        "num_key_value_heads": kv,
+        "head_dim": a.head_dim(d),
+        "hidden_act": "silu",
+        "rms_norm_eps": shape.norm_eps,
+        "rope_theta": a.rope_theta,
+        "rope_parameters": { "rope_theta": a.rope_theta, "rope_type": "default" },
+        "max_position_embeddings": shape.max_seq_len,
+        "vocab_size": shape.vocab_size,
+        "tie_word_embeddings": shape.tie_embeddings,
+        "attention_bias": a.bias,
+        "mlp_bias": false,
+        "torch_dtype": "float32",
+    });
+    let mut tensors = std::collections::HashMap::new();
+    for (name, t) in store.tensors() {
+        let hf = zoo_name_to_hf(&name).with_context(|| format!("export: parameter `{name}` has no Llama name"))?;
+        tensors.insert(hf, t.to_dtype(zoo_core::candle_core::DType::F32)?.to_device(&Device::Cpu)?);
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    crate::env::write_atomic(&out.join("config.json"), &serde_json::to_vec_pretty(&config)?)?;
+    let tmp = out.join("model.safetensors.tmp");
+    zoo_core::candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, out.join("model.safetensors"))?;
+    if let Some(t) = tokenizer_json {
+        std::fs::copy(t, out.join("tokenizer.json")).with_context(|| format!("copying {}", t.display()))?;
+    }
+    Ok(())
 }
 
 /// Options of [`generate`].

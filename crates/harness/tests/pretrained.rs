@@ -95,12 +95,13 @@ fn bad_gguf_files_give_clear_errors() -> anyhow::Result<()> {
 
 /// Tiny random HF checkpoints made by transformers (scripts/hf-fixtures.py): zoo's logits equal
 /// transformers' to 1e-4 for Llama (untied and tied), Qwen2 (q/k/v biases) and Qwen3 (QK-norm
-/// gains, head_dim 16 at width 32).
+/// gains, head_dim 16 at width 32); and for `zoo-export`, a model zoo trained
+/// (configs/llama-tiny.toml) and exported, whose logits transformers computed from the export.
 #[test]
 fn hf_checkpoints_match_transformers_logits() -> anyhow::Result<()> {
     use zoo_core::candle_core::{safetensors, DType, Device};
     let env = Env::parse("cpu", "f32")?;
-    for family in ["llama", "llama-tied", "qwen2", "qwen3"] {
+    for family in ["llama", "llama-tied", "qwen2", "qwen3", "zoo-export"] {
         let dir = root().join("crates/harness/tests/hf").join(family);
         let p = zoo_harness::pretrained::load_hf_dir(&dir, &env)?;
         let want = safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)?;
@@ -248,5 +249,47 @@ fn smollm2_greedy_generation_matches_transformers() -> anyhow::Result<()> {
     let o = GenOpts { max_tokens: want.len(), temperature: 0.0, top_p: 1.0, seed: 0 };
     let got = generate(&p.model, prompt.get_ids(), None, &o, &env.device, |_| Ok(()))?.generated;
     assert_eq!(got, want);
+    Ok(())
+}
+
+/// Export round trip: the quickstart's attention model (d 64, 2 layers, 4 heads, SwiGLU), trained
+/// a few steps, exported as an HF Llama folder and loaded back by zoo's HF loader, gives the same
+/// logits; models Llama cannot express are refused.
+#[test]
+fn export_then_load_gives_the_same_logits() -> anyhow::Result<()> {
+    use zoo_core::candle_core::{DType, Device, Tensor};
+    use zoo_core::model::{cross_entropy, LmShape};
+    use zoo_core::optim::{AdamW, AdamWParams, Grads};
+    let env = Env::parse("cpu", "f32")?;
+    let cfg: zoo_harness::config::ModelConfig = toml::from_str(
+        "d_model = 64\nn_layers = 2\ntie_embeddings = false\nmixer = { type = \"attention\", n_heads = 4, n_kv_heads = 2 }\n",
+    )?;
+    let shape = LmShape { vocab_size: 40, d_model: 64, n_layers: 2, tie_embeddings: false, norm_eps: 1e-5, max_seq_len: 64 };
+    let mixers = vec![cfg.mixer.clone().unwrap(); 2];
+    let (model, store) = zoo_harness::runner::build_lm(&shape, &mixers, &cfg.ffn, 1, &env)?;
+    let mut opt = AdamW::new(&store, AdamWParams::default())?;
+    let vars: Vec<_> = opt.vars().cloned().collect();
+    let ids = Tensor::new(&[[3u32, 9, 1, 30, 22, 7, 7, 12, 0, 39]], &Device::Cpu)?;
+    for _ in 0..3 {
+        let out = model.forward(&ids.narrow(1, 0, 9)?, None, None)?;
+        let loss = cross_entropy(&out.logits, &ids.narrow(1, 1, 9)?, None)?;
+        let mut g = Grads::default();
+        g.accumulate(&loss.backward()?, vars.iter(), 1.0)?;
+        opt.step_clipped(&mut g, Some(1.0), 1e-2)?;
+    }
+    let dir = std::env::temp_dir().join(format!("zoo-export-{}", std::process::id()));
+    zoo_harness::pretrained::export_llama(&mixers, &cfg.ffn, &shape, &store, &dir, None)?;
+    let back = zoo_harness::pretrained::load_hf_dir(&dir, &env)?;
+    let (a, b) = (model.forward(&ids, None, None)?.logits, back.model.forward(&ids, None, None)?.logits);
+    let err = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    assert!(err <= 1e-6, "logits differ by {err} after export and reload");
+    std::fs::remove_dir_all(&dir)?;
+    // A sliding window has no Llama equivalent.
+    let windowed: zoo_harness::config::ModelConfig =
+        toml::from_str("d_model = 64\nn_layers = 2\nmixer = { type = \"attention\", n_heads = 4, window = 8 }\n")?;
+    let m2 = vec![windowed.mixer.clone().unwrap(); 2];
+    let (_, s2) = zoo_harness::runner::build_lm(&shape, &m2, &windowed.ffn, 1, &env)?;
+    let e = zoo_harness::pretrained::export_llama(&m2, &windowed.ffn, &shape, &s2, &dir, None).unwrap_err().to_string();
+    assert!(e.contains("sliding windows"), "{e}");
     Ok(())
 }
