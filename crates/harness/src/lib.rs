@@ -56,6 +56,28 @@ pub fn vocab_size(cfg: &config::RunConfig) -> Result<usize> {
     })
 }
 
+/// A checkpoint read back: its run config, tokenizer spec, and the model with its weights.
+pub struct Checkpoint {
+    pub cfg: config::RunConfig,
+    pub spec: Option<TokenizerSpec>,
+    pub model: zoo_core::model::Lm,
+    pub store: zoo_core::params::ParamStore,
+}
+
+/// Read a checkpoint folder (meta.json + weights) and rebuild its model.
+pub fn load_checkpoint(ckpt: &Path, env: &env::Env) -> Result<Checkpoint> {
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(ckpt.join("meta.json"))
+            .with_context(|| format!("{} is not a zoo checkpoint", ckpt.display()))?,
+    )?;
+    let cfg: config::RunConfig = serde_json::from_value(meta["config"].clone()).context("meta.json: config")?;
+    let vocab = meta["vocab_size"].as_u64().context("meta.json: vocab_size")? as usize;
+    let spec: Option<TokenizerSpec> = serde_json::from_value(meta["tokenizer"].clone())?;
+    let (model, store) = runner::build_model(&cfg, vocab, env)?;
+    zoo_core::train::load_weights(ckpt, &store)?;
+    Ok(Checkpoint { cfg, spec, model, store })
+}
+
 /// `zoo eval`: perplexity of a checkpoint on a text file, with the tokenizer it was trained with.
 pub fn evaluate_checkpoint(
     ckpt: &Path,
@@ -64,16 +86,8 @@ pub fn evaluate_checkpoint(
     batch: usize,
     env: &env::Env,
 ) -> Result<serde_json::Value> {
-    let meta: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(ckpt.join("meta.json"))
-            .with_context(|| format!("{} is not a zoo checkpoint", ckpt.display()))?,
-    )?;
-    let cfg: config::RunConfig = serde_json::from_value(meta["config"].clone()).context("meta.json: config")?;
-    let vocab = meta["vocab_size"].as_u64().context("meta.json: vocab_size")? as usize;
-    let spec: Option<TokenizerSpec> = serde_json::from_value(meta["tokenizer"].clone())?;
+    let Checkpoint { cfg, spec, model, .. } = load_checkpoint(ckpt, env)?;
     let tok = Tokenizer::from_spec(&spec.context("this checkpoint was not trained on text (no tokenizer)")?)?;
-    let (model, store) = runner::build_model(&cfg, vocab, env)?;
-    zoo_core::train::load_weights(ckpt, &store)?;
     let s = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     let ids = tok.encode(&s)?;
     let t = seq_len.unwrap_or(cfg.max_seq_len());
@@ -94,19 +108,11 @@ pub fn evaluate_checkpoint(
 
 /// `zoo export`: a checkpoint as an HF Llama folder (see [`pretrained::export_llama`]).
 pub fn export_checkpoint(ckpt: &Path, out: &Path, env: &env::Env) -> Result<()> {
-    let meta: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(ckpt.join("meta.json"))
-            .with_context(|| format!("{} is not a zoo checkpoint", ckpt.display()))?,
-    )?;
-    let cfg: config::RunConfig = serde_json::from_value(meta["config"].clone()).context("meta.json: config")?;
-    let vocab = meta["vocab_size"].as_u64().context("meta.json: vocab_size")? as usize;
-    let spec: Option<TokenizerSpec> = serde_json::from_value(meta["tokenizer"].clone())?;
+    let Checkpoint { cfg, spec, model, store } = load_checkpoint(ckpt, env)?;
     let tokenizer = match &spec {
         Some(TokenizerSpec::Hf { path, .. }) => Some(std::path::PathBuf::from(path)),
         _ => None,
     };
-    let (model, store) = runner::build_model(&cfg, vocab, env)?;
-    zoo_core::train::load_weights(ckpt, &store)?;
     pretrained::export_llama(&cfg.layer_mixers()?, &cfg.model.ffn, &model.shape, &store, out, tokenizer.as_deref())
 }
 
