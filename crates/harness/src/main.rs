@@ -62,7 +62,8 @@ enum Cmd {
         #[arg(long, required_unless_present = "model", conflicts_with = "model")]
         checkpoint: Option<PathBuf>,
         /// A pretrained model: a GGUF file of the llama architecture (e.g. SmolLM2) or an HF folder
-        /// (Llama, Qwen2, Qwen3: config.json, safetensors, tokenizer.json). Scored over
+        /// (Llama, Qwen2, Qwen3: config.json, safetensors, tokenizer.json), or a model id in the
+        /// offline HF cache (HF_HOME). Scored over
         /// every position with a sliding window (--seq-len, default 1024; stride half of it).
         #[arg(long)]
         model: Option<PathBuf>,

@@ -4,7 +4,7 @@
 //! interleaved-RoPE order back to the half-split order zoo's RoPE (and HF's) uses, and the BPE
 //! tokenizer rebuilt from the GGUF metadata; and HF folders (config.json, model.safetensors or its
 //! sharded index, tokenizer.json) of the Llama, Qwen2 (q/k/v biases) and Qwen3 (QK-norm with
-//! gains, head_dim apart from the width) families.
+//! gains, head_dim apart from the width) families, also by model id from the offline HF cache.
 
 use crate::config::ModelConfig;
 use crate::env::Env;
@@ -229,13 +229,38 @@ pub fn sliding_nll(model: &Lm, ids: &[u32], window: usize, device: &Device) -> R
     Ok((sum, n))
 }
 
-/// A GGUF file or an HF folder, by what the path is.
+/// A GGUF file or an HF folder, by what the path is; a path that does not exist and reads as a
+/// model id (`org/name`) is looked up in the HF cache (`HF_HOME`, default ~/.cache/huggingface).
 pub fn load(path: &Path, env: &Env) -> Result<Pretrained> {
     if path.is_dir() {
         load_hf_dir(path, env)
-    } else {
+    } else if path.exists() {
         load_gguf(path, env)
+    } else {
+        let id = path.to_str().filter(|s| is_model_id(s)).with_context(|| format!("{}: no such file or folder", path.display()))?;
+        load_hf_dir(&cached_model_dir(id, &hf_hub::Cache::from_env())?, env)
     }
+}
+
+fn is_model_id(s: &str) -> bool {
+    let mut parts = s.split('/');
+    let ok = |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)));
+    ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
+}
+
+/// The snapshot folder of a model id in an HF cache (hf-hub's layout: `models--org--name/refs/main`
+/// names the snapshot under `snapshots/`). zoo never downloads: a model not in the cache is an error
+/// that says where it looked.
+pub fn cached_model_dir(id: &str, cache: &hf_hub::Cache) -> Result<std::path::PathBuf> {
+    let repo = cache.model(id.to_string());
+    let config = repo.get("config.json").with_context(|| {
+        format!(
+            "model `{id}` is not in the HF cache at {} (zoo does not download: fetch it where there is a network, \
+             e.g. `huggingface-cli download {id}`, and set HF_HOME, or pass a folder)",
+            cache.path().display()
+        )
+    })?;
+    Ok(config.parent().expect("a file in a snapshot folder").to_path_buf())
 }
 
 /// `zoo eval --model`: perplexity of a pretrained model over a text file, and tokens/s.

@@ -293,3 +293,31 @@ fn export_then_load_gives_the_same_logits() -> anyhow::Result<()> {
     assert!(e.contains("sliding windows"), "{e}");
     Ok(())
 }
+
+/// A model id resolves through a hand-made HF cache (hf-hub's layout, no network), to the same
+/// model as the folder; an id not in the cache says where it looked.
+#[test]
+fn model_id_loads_from_the_offline_hf_cache() -> anyhow::Result<()> {
+    let env = Env::parse("cpu", "f32")?;
+    let hub = std::env::temp_dir().join(format!("zoo-hf-cache-{}", std::process::id())).join("hub");
+    let repo = hub.join("models--zoo-test--tiny-llama");
+    let snap = repo.join("snapshots").join("0123abcd");
+    std::fs::create_dir_all(&snap)?;
+    std::fs::create_dir_all(repo.join("refs"))?;
+    std::fs::write(repo.join("refs/main"), "0123abcd")?;
+    let src = root().join("crates/harness/tests/hf/llama");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), snap.join(f))?;
+    }
+    let cache = hf_hub::Cache::new(hub.clone());
+    let dir = zoo_harness::pretrained::cached_model_dir("zoo-test/tiny-llama", &cache)?;
+    assert_eq!(dir, snap);
+    let (a, b) = (zoo_harness::pretrained::load_hf_dir(&dir, &env)?, zoo_harness::pretrained::load_hf_dir(&src, &env)?);
+    let x = zoo_core::candle_core::Tensor::new(&[[1u32, 5, 9]], &zoo_core::candle_core::Device::Cpu)?;
+    let d = (a.model.forward(&x, None, None)?.logits - b.model.forward(&x, None, None)?.logits)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+    assert_eq!(d, 0.0);
+    let e = zoo_harness::pretrained::cached_model_dir("zoo-test/absent", &cache).unwrap_err().to_string();
+    assert!(e.contains("zoo-test/absent") && e.contains("not in the HF cache") && e.contains(&hub.display().to_string()), "{e}");
+    std::fs::remove_dir_all(hub.parent().unwrap())?;
+    Ok(())
+}
