@@ -8,7 +8,8 @@
 2. The token ids transformers' tokenizer gives for a few strings, built from the SmolLM2 GGUF of
    `scripts/fetch-data.sh --models` (`AutoTokenizer.from_pretrained(..., gguf_file=...)`), in
    smollm2-tokens.json; and transformers' greedy continuation of a prompt by that model
-   (dequantized to f32), in smollm2-greedy.json.
+   (dequantized to f32), in smollm2-greedy.json; its chat template rendered for one user message and
+   the greedy answer, in smollm2-chat.json.
 
 3. For crates/harness/tests/hf/zoo-export/ (a model zoo trained and exported itself:
    `zoo run configs/llama-tiny.toml`, then `zoo export --checkpoint runs/llama-tiny/
@@ -112,6 +113,16 @@ def tokens():
         json.dump({"source": f"transformers {__import__('transformers').__version__}, {gguf}, f32, greedy",
                    "prompt": prompt, "prompt_ids": ids[0].tolist(), "generated": gen}, f, indent=1)
     print("greedy", gen)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    cids = tok(rendered, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        cgen = model.generate(cids, max_new_tokens=30, do_sample=False, eos_token_id=tok.eos_token_id)[0, cids.shape[1]:].tolist()
+    with open(os.path.join(OUT, "smollm2-chat.json"), "w") as f:
+        json.dump({"source": f"transformers {__import__('transformers').__version__}, {gguf}, apply_chat_template + greedy",
+                   "user": messages[0]["content"], "rendered": rendered, "prompt_ids": cids[0].tolist(),
+                   "generated": cgen, "eos_token_id": tok.eos_token_id}, f, ensure_ascii=False, indent=1)
+    print("chat", cgen)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,10 @@ enum Cmd {
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Wrap the prompt as a user message in the model's chat template (and open the
+        /// assistant's turn); an error if the model has none.
+        #[arg(long)]
+        chat: bool,
         /// Keep going past the end-of-sequence token (for timing a fixed number of tokens).
         #[arg(long)]
         ignore_eos: bool,
@@ -281,7 +285,7 @@ fn real_main() -> Result<i32> {
             };
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        Cmd::Generate { model, prompt, max_tokens, temperature, top_p, seed, ignore_eos, stats: stats_path } => {
+        Cmd::Generate { model, prompt, max_tokens, temperature, top_p, seed, chat, ignore_eos, stats: stats_path } => {
             if !(temperature.is_finite() && *temperature >= 0.0) {
                 bail!("--temperature: must be 0 (greedy) or positive");
             }
@@ -291,7 +295,13 @@ fn real_main() -> Result<i32> {
             let env = env()?;
             let p = zoo_harness::pretrained::load(model, &env)?;
             let tok = p.tokenizer.as_ref().with_context(|| format!("{}: no tokenizer", model.display()))?;
-            let ids = tok.encode(prompt.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+            let text = if *chat {
+                let t = p.chat_template.as_deref().with_context(|| format!("--chat: {} has no chat template", model.display()))?;
+                zoo_harness::pretrained::apply_chat_template(t, &[("user", prompt.as_str())], true)?
+            } else {
+                prompt.clone()
+            };
+            let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
             let o = zoo_harness::pretrained::GenOpts { max_tokens: *max_tokens, temperature: *temperature, top_p: *top_p, seed: *seed };
             // Stream: print the new suffix of the decoded text after every token.
             let mut all = Vec::new();

