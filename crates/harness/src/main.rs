@@ -272,8 +272,11 @@ fn real_main() -> Result<i32> {
         }
         Cmd::Report { dir } => println!("{}", report::report(dir)?),
         Cmd::Eval { checkpoint, model, text, seq_len, batch } => {
-            if *seq_len == Some(0) || *seq_len == Some(1) {
-                bail!("--seq-len: must be at least 2");
+            if *seq_len == Some(0) {
+                bail!("--seq-len: must be at least 1");
+            }
+            if model.is_some() && *seq_len == Some(1) {
+                bail!("--seq-len: a sliding window over a pretrained model needs at least 2 tokens");
             }
             if *batch == 0 {
                 bail!("--batch: must be at least 1");
