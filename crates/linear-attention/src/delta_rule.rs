@@ -95,12 +95,10 @@ pub fn chunked(
     let dev = q.device();
     let c = chunk.min(t).max(1);
     let n = t.div_ceil(c);
-    let pad = n * c - t;
     // (B, H, T, d) -> (B·H·N, C, d), f32, zero-padded.
     let blocks = |x: &Tensor| -> Result<Tensor> {
-        let x = x.to_dtype(DType::F32)?;
+        let x = crate::kernel::chunks(x, c)?;
         let d = x.dim(3)?;
-        let x = if pad > 0 { Tensor::cat(&[&x, &Tensor::zeros((b, h, pad, d), DType::F32, dev)?], 2)? } else { x };
         x.reshape((b * h * n, c, d))
     };
     let (q, k, v, beta) = (blocks(q)?, blocks(k)?, blocks(v)?, blocks(beta)?);

@@ -59,6 +59,17 @@ pub fn step(q: &Tensor, k: &Tensor, v: &Tensor, g: Option<&Tensor>, s0: Option<&
     naive(q, k, v, g, s0)
 }
 
+/// (B, H, T, d) -> f32 (B·H, N, C, d) with N = ⌈T / C⌉, zero-padded at the end of T (candle's
+/// matmul takes at most two batch axes, so B and H share one). The chunked forms here and in
+/// [`crate::delta_rule`] cut their sequences with it.
+pub(crate) fn chunks(x: &Tensor, c: usize) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    let n = t.div_ceil(c);
+    let x = x.to_dtype(DType::F32)?;
+    let x = if n * c > t { x.pad_with_zeros(2, 0, n * c - t)? } else { x };
+    x.reshape((b * h, n, c, d))
+}
+
 /// Chunked parallel form; equal to [`naive`] up to float rounding.
 ///
 /// Every chunk's intra-chunk scores, outputs and state contribution are formed at once, over a
@@ -77,31 +88,21 @@ pub fn chunked(
     let (b, h, t, dk) = q.dims4()?;
     let dv = v.dim(3)?;
     let dev = q.device();
-    let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
-    let g = g.map(|g| g.to_dtype(DType::F32)).transpose()?;
     let s = initial_state(s0, (b, h, dk, dv), dev)?;
     // The per-channel form holds (C, C, d_k) scores per chunk: cap its chunk at 16 (fla's GLA
     // kernels use 16-token sub-chunks for the same part of the computation).
-    let per_channel = g.as_ref().is_some_and(|g| g.dim(3).is_ok_and(|d| d > 1));
+    let per_channel = g.is_some_and(|g| g.dim(3).is_ok_and(|d| d > 1));
     let c = if per_channel { chunk.min(VECTOR_CHUNK) } else { chunk }.min(t.max(1));
     let n = t.div_ceil(c);
-    let pad = n * c - t;
-    // (B, H, T, d) -> (B·H, N, C, d), zero-padded at the end (candle's matmul takes at most two
-    // batch axes, so B and H share one).
-    let chunks = |x: &Tensor| -> Result<Tensor> {
-        let x = if pad > 0 { x.pad_with_zeros(2, 0, pad)? } else { x.clone() };
-        let d = x.dim(3)?;
-        x.reshape((b * h, n, c, d))
-    };
-    let (qc, kc, vc) = (chunks(&q)?, chunks(&k)?, chunks(&v)?);
+    let (qc, kc, vc) = (chunks(q, c)?, chunks(k, c)?, chunks(v, c)?);
     let causal = Tensor::tril2(c, DType::F32, dev)?; // s ≤ t inside a chunk
-    let (o_intra, o_inter_q, k_state, a_chunk) = match &g {
+    let (o_intra, o_inter_q, k_state, a_chunk) = match g {
         None => {
             let a = qc.matmul(&kc.transpose(2, 3)?)?.broadcast_mul(&causal)?;
             (a.matmul(&vc)?, qc, kc, None)
         }
         Some(g) => {
-            let bcum = chunks(g)?.cumsum(2)?; // (BH, N, C, dg): inclusive, within each chunk
+            let bcum = chunks(g, c)?.cumsum(2)?; // (BH, N, C, dg): inclusive, within each chunk
             let b_last = bcum.narrow(2, c - 1, 1)?; // (BH, N, 1, dg)
             let a = if !per_channel {
                 // Scalar decay: e^{b_t − b_s}, exponent masked to ≤ 0 before exp.
@@ -139,7 +140,7 @@ pub fn chunked(
     }
     let s_before = Tensor::cat(&before, 1)?; // (BH, N, dk, dv)
     let o = (o_intra + o_inter_q.matmul(&s_before)?)?.reshape((b, h, n * c, dv))?;
-    let o = if pad > 0 { o.narrow(2, 0, t)? } else { o };
+    let o = if n * c > t { o.narrow(2, 0, t)? } else { o };
     Ok((o, s.reshape((b, h, dk, dv))?))
 }
 
