@@ -125,19 +125,35 @@ pub fn load_gguf(path: &Path, env: &Env) -> Result<Pretrained> {
         bail!("{}: no `token_embd.weight` tensor", path.display());
     }
 
-    let config: ModelConfig = toml::from_str(&format!(
-        "d_model = {d}\nn_layers = {n_layers}\ntie_embeddings = {tied}\nnorm_eps = {eps:e}\n\
-         mixer = {{ type = \"attention\", n_heads = {heads}, n_kv_heads = {kv_heads}, rope_theta = {theta:.1} }}\n\
-         ffn = {{ type = \"swiglu\", hidden = {hidden} }}\n"
-    ))
-    .context("building the model config")?;
     let shape = LmShape { vocab_size: vocab, d_model: d, n_layers, tie_embeddings: tied, norm_eps: eps, max_seq_len: context_length };
-    let mixers = vec![config.mixer.clone().expect("set above"); n_layers];
-    let (model, store) = crate::runner::build_lm(&shape, &mixers, &config.ffn, 0, env)?;
-    store.load(&tensors).with_context(|| format!("{}: loading weights", path.display()))?;
+    let mixer = format!("type = \"attention\", n_heads = {heads}, n_kv_heads = {kv_heads}, rope_theta = {theta:.1}");
+    let (model, store, config) = build_llama(&shape, &mixer, hidden, &tensors, path, env)?;
     let (tokenizer, bos, eos) = gguf_tokenizer(&content, path)?;
     let chat_template = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
     Ok(Pretrained { model, store, config, tokenizer: Some(tokenizer), bos, eos, context_length, chat_template })
+}
+
+/// The zoo model of a Llama-family checkpoint: every layer the attention mixer `mixer` (inline
+/// TOML fields) with a SwiGLU of width `hidden`, weights from `tensors` (zoo names) read from
+/// `source`.
+fn build_llama(
+    shape: &LmShape,
+    mixer: &str,
+    hidden: usize,
+    tensors: &BTreeMap<String, Tensor>,
+    source: &Path,
+    env: &Env,
+) -> Result<(Lm, ParamStore, ModelConfig)> {
+    let config: ModelConfig = toml::from_str(&format!(
+        "d_model = {}\nn_layers = {}\ntie_embeddings = {}\nnorm_eps = {:e}\nmixer = {{ {mixer} }}\n\
+         ffn = {{ type = \"swiglu\", hidden = {hidden} }}\n",
+        shape.d_model, shape.n_layers, shape.tie_embeddings, shape.norm_eps
+    ))
+    .context("building the model config")?;
+    let mixers = vec![config.mixer.clone().expect("set above"); shape.n_layers];
+    let (model, store) = crate::runner::build_lm(shape, &mixers, &config.ffn, 0, env)?;
+    store.load(tensors).with_context(|| format!("{}: loading weights", source.display()))?;
+    Ok((model, store, config))
 }
 
 /// The BPE tokenizer of a GGUF file (`tokenizer.ggml.model = "gpt2"`): tokens and merges from the
@@ -381,12 +397,6 @@ pub fn load_hf_dir(dir: &Path, env: &Env) -> Result<Pretrained> {
     if qk_norm {
         mixer.push_str(&format!(", qk_norm = true, qk_norm_gain = true, qk_norm_eps = {:e}", c.rms_norm_eps));
     }
-    let config: ModelConfig = toml::from_str(&format!(
-        "d_model = {}\nn_layers = {}\ntie_embeddings = {tied}\nnorm_eps = {:e}\nmixer = {{ {mixer} }}\n\
-         ffn = {{ type = \"swiglu\", hidden = {} }}\n",
-        c.hidden_size, c.num_hidden_layers, c.rms_norm_eps, c.intermediate_size
-    ))
-    .context("building the model config")?;
     let context_length = c.max_position_embeddings.unwrap_or(4096);
     let shape = LmShape {
         vocab_size: c.vocab_size,
@@ -430,9 +440,7 @@ pub fn load_hf_dir(dir: &Path, env: &Env) -> Result<Pretrained> {
         tensors.remove("head.weight");
     }
     // Qwen2 has no o_proj bias; zoo's projections take their bias from the config.
-    let mixers = vec![config.mixer.clone().expect("set above"); c.num_hidden_layers];
-    let (model, store) = crate::runner::build_lm(&shape, &mixers, &config.ffn, 0, env)?;
-    store.load(&tensors).with_context(|| format!("{}: loading weights", dir.display()))?;
+    let (model, store, config) = build_llama(&shape, &mixer, c.intermediate_size, &tensors, dir, env)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
         Some(tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?)
