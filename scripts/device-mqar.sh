@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call of the MQAR grid (configs/mqar.toml) on the GPU machine, resumable across calls
 # and sessions: earlier results travel in (.devpkg/prior.tgz, made from results/mqar), finished
-# runs are skipped, new runs start until BUDGET_S seconds have passed (a run takes 150-520 s with
+# runs are skipped, new runs start until BUDGET_S seconds have passed (a run took 150-520 s with
 # 14 workers, so keep BUDGET_S at least 520 s under the call's limit), and every result made comes
 # back as $OUT/mqar.tgz. Order: both seeds of lr 3e-3, then 1e-3, then 1e-2 (POOL_LR_FIRST).
 #   here:    scripts/build-cuda.sh && tar czf .devpkg/prior.tgz -C results/mqar $(cd results/mqar && ls *.json)
