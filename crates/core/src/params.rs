@@ -6,6 +6,7 @@
 //! applies (nanoGPT's rule: matrices decay; norms, biases and embeddings do not, unless configured).
 
 use crate::rng::Rng;
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -40,6 +41,11 @@ pub struct Param {
 struct Inner {
     params: BTreeMap<String, Param>,
     rng: Rng,
+    /// Loaded weights that parameters take instead of an initialisation ([`ParamStore::preset`]);
+    /// each is removed when its parameter is created.
+    preset: Option<BTreeMap<String, Tensor>>,
+    /// Quantized copies of weights for inference matmuls ([`ParamStore::set_quantized`]).
+    quantized: BTreeMap<String, QMatMul>,
 }
 
 /// A shared store of parameters; cheap to clone.
@@ -53,10 +59,48 @@ pub struct ParamStore {
 impl ParamStore {
     pub fn new(seed: u64, dtype: DType, device: &Device) -> Self {
         Self {
-            inner: Arc::new(Mutex::new(Inner { params: BTreeMap::new(), rng: Rng::new(seed).fork(0x1417) })),
+            inner: Arc::new(Mutex::new(Inner {
+                params: BTreeMap::new(),
+                rng: Rng::new(seed).fork(0x1417),
+                preset: None,
+                quantized: BTreeMap::new(),
+            })),
             dtype,
             device: device.clone(),
         }
+    }
+
+    /// A store whose parameters take their values from `tensors` (a loaded checkpoint) as the model
+    /// is built, with no random initialisation: a parameter missing from `tensors`, or of another
+    /// shape, fails the build; [`ParamStore::finish_preset`] then reports tensors nothing used.
+    /// Same checks as [`ParamStore::load`], without first building (and filling) a random model.
+    pub fn preset(tensors: BTreeMap<String, Tensor>, dtype: DType, device: &Device) -> Self {
+        let store = Self::new(0, dtype, device);
+        store.inner.lock().unwrap().preset = Some(tensors);
+        store
+    }
+
+    /// After building from [`ParamStore::preset`]: an error naming the first tensor that no
+    /// parameter took (the checkpoint and the model disagree).
+    pub fn finish_preset(&self) -> anyhow::Result<()> {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(left) = inner.preset.take() {
+            if let Some(name) = left.keys().next() {
+                anyhow::bail!("checkpoint has tensor `{name}` that the model does not")
+            }
+        }
+        Ok(())
+    }
+
+    /// Quantized copies of weights (by parameter name, e.g. `layers.0.mixer.q_proj.weight`) that
+    /// [`crate::nn::Linear`]s built afterwards use for inference matmuls on the CPU. Such matmuls have
+    /// no backward: only inference entry points (generate, eval) set them.
+    pub fn set_quantized(&self, q: BTreeMap<String, QMatMul>) {
+        self.inner.lock().unwrap().quantized = q;
+    }
+
+    fn quantized(&self, name: &str) -> Option<QMatMul> {
+        self.inner.lock().unwrap().quantized.get(name).cloned()
     }
 
     pub fn dtype(&self) -> DType {
@@ -122,6 +166,16 @@ impl ParamStore {
             }
             return Ok(p.var.as_tensor().clone());
         }
+        if let Some(preset) = inner.preset.as_mut() {
+            let Some(t) = preset.remove(&name) else { candle_core::bail!("checkpoint lacks tensor `{name}`") };
+            if t.shape() != &shape {
+                candle_core::bail!("tensor `{name}`: checkpoint shape {:?}, model shape {:?}", t.dims(), shape.dims())
+            }
+            let var = Var::from_tensor(&t.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+            let out = var.as_tensor().clone();
+            inner.params.insert(name, Param { var, group });
+            return Ok(out);
+        }
         let n = shape.elem_count();
         let data: Vec<f64> = match init {
             Init::Normal(std) => (0..n).map(|_| inner.rng.normal() * std).collect(),
@@ -156,6 +210,12 @@ impl Pb {
 
     pub fn store(&self) -> &ParamStore {
         &self.store
+    }
+
+    /// The quantized inference copy of parameter `name` under this prefix, if the store has one.
+    pub fn quantized(&self, name: &str) -> Option<QMatMul> {
+        let full = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        self.store.quantized(&full)
     }
 
     pub fn device(&self) -> &Device {

@@ -147,7 +147,7 @@ impl Gate {
         let weight = pb.pp("proj").get("weight", (n * w, d_in), w_init, Group::Decay)?;
         let bias =
             if has_bias { Some(pb.pp("proj").get("bias", n * w, Init::Const(b_init), Group::NoDecay)?) } else { None };
-        Ok(Self { cfg: cfg.clone(), proj: Linear { weight, bias }, n, w, heads, width })
+        Ok(Self { cfg: cfg.clone(), proj: Linear::from_weights(weight, bias), n, w, heads, width })
     }
 
     /// Gate scores act(x W + b) as (B, T, n, w).

@@ -74,6 +74,10 @@ enum Cmd {
         seq_len: Option<usize>,
         #[arg(long, default_value_t = 8)]
         batch: usize,
+        /// Keep a GGUF file's quantized blocks for the matmuls (CPU): faster, logits close to but
+        /// not equal to the dequantized f32 model's.
+        #[arg(long)]
+        quantized: bool,
     },
     /// Continue a prompt with a pretrained model (GGUF file or HF folder), streaming to stdout;
     /// prompt and generation speed go to stderr at the end.
@@ -101,6 +105,10 @@ enum Cmd {
         /// Also write the counts and timings as JSON here.
         #[arg(long)]
         stats: Option<PathBuf>,
+        /// Keep a GGUF file's quantized blocks for the matmuls (CPU): faster, logits close to but
+        /// not equal to the dequantized f32 model's.
+        #[arg(long)]
+        quantized: bool,
     },
     /// Export a checkpoint whose layers are plain softmax attention + SwiGLU as an HF Llama folder
     /// (config.json, model.safetensors, and tokenizer.json when it was trained with one).
@@ -271,7 +279,7 @@ fn real_main() -> Result<i32> {
             }
         }
         Cmd::Report { dir } => println!("{}", report::report(dir)?),
-        Cmd::Eval { checkpoint, model, text, seq_len, batch } => {
+        Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized } => {
             if *seq_len == Some(0) {
                 bail!("--seq-len: must be at least 1");
             }
@@ -283,12 +291,12 @@ fn real_main() -> Result<i32> {
             }
             let out = match (checkpoint, model) {
                 (Some(c), _) => zoo_harness::evaluate_checkpoint(c, text, *seq_len, *batch, &env()?)?,
-                (None, Some(m)) => zoo_harness::pretrained::evaluate_model(m, text, seq_len.unwrap_or(1024), &env()?)?,
+                (None, Some(m)) => zoo_harness::pretrained::evaluate_model(m, text, seq_len.unwrap_or(1024), *quantized, &env()?)?,
                 (None, None) => bail!("zoo eval: give --checkpoint or --model"),
             };
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        Cmd::Generate { model, prompt, max_tokens, temperature, top_p, seed, chat, ignore_eos, stats: stats_path } => {
+        Cmd::Generate { model, prompt, max_tokens, temperature, top_p, seed, chat, ignore_eos, stats: stats_path, quantized } => {
             if !(temperature.is_finite() && *temperature >= 0.0) {
                 bail!("--temperature: must be 0 (greedy) or positive");
             }
@@ -296,7 +304,8 @@ fn real_main() -> Result<i32> {
                 bail!("--top-p: must be in (0, 1]");
             }
             let env = env()?;
-            let p = zoo_harness::pretrained::load(model, &env)?;
+            let opts = zoo_harness::pretrained::LoadOpts { quantized: *quantized };
+            let p = zoo_harness::pretrained::load_with(model, &env, opts)?;
             let tok = p.tokenizer.as_ref().with_context(|| format!("{}: no tokenizer", model.display()))?;
             let text = if *chat {
                 let t = p.chat_template.as_deref().with_context(|| format!("--chat: {} has no chat template", model.display()))?;
@@ -326,6 +335,7 @@ fn real_main() -> Result<i32> {
             if let Some(path) = stats_path {
                 let j = serde_json::json!({
                     "model": model.display().to_string(),
+                    "quantized": quantized,
                     "prompt_tokens": stats.prompt_tokens,
                     "generated_tokens": n,
                     "prefill_seconds": stats.prefill_seconds,

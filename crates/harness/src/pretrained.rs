@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
 use zoo_core::candle_core::quantized::gguf_file::{Content, Value};
+use zoo_core::candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use zoo_core::candle_core::{Device, Tensor};
 use zoo_core::model::{Lm, LmShape};
 use zoo_core::params::ParamStore;
@@ -51,8 +52,49 @@ pub fn unpermute_qk(w: &Tensor, heads: usize) -> zoo_core::candle_core::Result<T
     w.reshape((heads, hd / 2, 2, d_in))?.transpose(1, 2)?.reshape((out, d_in))
 }
 
+/// How to load a pretrained model.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOpts {
+    /// Keep a GGUF file's quantized blocks for the linear maps' inference matmuls on the CPU
+    /// (candle's `QMatMul`: each activation row quantized to 8 bits per block, as llama.cpp does),
+    /// besides the dequantized f32 parameters; block types without a SIMD kernel in candle are
+    /// re-quantized to Q8_0 ([`simd_type`]). Faster decoding, logits close to but not equal to the
+    /// f32 path; no backward through those matmuls. Off: every matmul in f32.
+    pub quantized: bool,
+}
+
+/// Block types whose matmul candle runs with AVX2 kernels on x86 (Q4_0, Q8_0, the k-quants). Other
+/// types (Q4_1, Q5_0, Q5_1, ...) fall back to scalar code slower than f32, so `--quantized`
+/// re-quantizes those matrices to Q8_0 from their dequantized values (8 bits per weight, below
+/// the file's own rounding error).
+fn simd_type(t: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(t, Q4_0 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K | Q8K)
+}
+
+/// The rows of a quantized (rows, cols) matrix reordered as `unpermute_qk` reorders a dense one,
+/// by moving whole rows of blocks.
+fn unpermute_qk_quantized(q: &QTensor, heads: usize) -> Result<QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    let order = unpermute_qk(&Tensor::arange(0u32, rows as u32, &Device::Cpu)?.reshape((rows, 1))?, heads)?
+        .flatten_all()?
+        .to_vec1::<u32>()?;
+    let data = q.data()?;
+    let row_bytes = data.len() / rows;
+    let mut out = Vec::with_capacity(data.len());
+    for r in order {
+        out.extend_from_slice(&data[r as usize * row_bytes..(r as usize + 1) * row_bytes]);
+    }
+    Ok(zoo_core::candle_core::quantized::ggml_file::qtensor_from_ggml(q.dtype(), &out, vec![rows, cols], &Device::Cpu)?)
+}
+
 /// Load a llama-architecture GGUF file as a zoo model on `env`'s device (f32 weights).
 pub fn load_gguf(path: &Path, env: &Env) -> Result<Pretrained> {
+    load_gguf_with(path, env, LoadOpts::default())
+}
+
+/// [`load_gguf`] with options (quantized inference matmuls).
+pub fn load_gguf_with(path: &Path, env: &Env, opts: LoadOpts) -> Result<Pretrained> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let content = Content::read(&mut f).map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
     let arch = meta(&content, path, "general.architecture")?
@@ -83,11 +125,14 @@ pub fn load_gguf(path: &Path, env: &Env) -> Result<Pretrained> {
 
     // Every tensor, dequantized to f32 on the CPU, under zoo's parameter names.
     let mut tensors = BTreeMap::new();
+    let mut quantized = BTreeMap::new();
     let tied = !content.tensor_infos.contains_key("output.weight");
     let mut vocab = 0;
     for name in content.tensor_infos.keys() {
         let q = content.tensor(&mut f, name, &Device::Cpu).with_context(|| format!("{}: reading tensor `{name}`", path.display()))?;
         let t = q.dequantize(&Device::Cpu).with_context(|| format!("{}: dequantizing `{name}`", path.display()))?;
+        // The quantized copy of a matrix (norm gains and f32/f16 matrices stay dense).
+        let keep = opts.quantized && q.shape().rank() == 2 && !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         let ours = match name.as_str() {
             "token_embd.weight" => {
                 vocab = t.dim(0)?;
@@ -102,12 +147,15 @@ pub fn load_gguf(path: &Path, env: &Env) -> Result<Pretrained> {
                 match part {
                     "attn_norm.weight" => format!("{l}.norm1.weight"),
                     "ffn_norm.weight" => format!("{l}.norm2.weight"),
-                    "attn_q.weight" => {
-                        tensors.insert(format!("{l}.mixer.q_proj.weight"), unpermute_qk(&t, heads)?);
-                        continue;
-                    }
-                    "attn_k.weight" => {
-                        tensors.insert(format!("{l}.mixer.k_proj.weight"), unpermute_qk(&t, kv_heads)?);
+                    "attn_q.weight" | "attn_k.weight" => {
+                        let (proj, h) = if part == "attn_q.weight" { ("q_proj", heads) } else { ("k_proj", kv_heads) };
+                        let ours = format!("{l}.mixer.{proj}.weight");
+                        let t = unpermute_qk(&t, h)?;
+                        if keep {
+                            let qt = if simd_type(q.dtype()) { unpermute_qk_quantized(&q, h)? } else { QTensor::quantize(&t, GgmlDType::Q8_0)? };
+                            quantized.insert(ours.clone(), QMatMul::from_qtensor(qt)?);
+                        }
+                        tensors.insert(ours, t);
                         continue;
                     }
                     "attn_v.weight" => format!("{l}.mixer.v_proj.weight"),
@@ -119,6 +167,10 @@ pub fn load_gguf(path: &Path, env: &Env) -> Result<Pretrained> {
                 }
             }
         };
+        if keep {
+            let qt = if simd_type(q.dtype()) { q } else { QTensor::quantize(&t, GgmlDType::Q8_0)? };
+            quantized.insert(ours.clone(), QMatMul::from_qtensor(qt)?);
+        }
         tensors.insert(ours, t);
     }
     if vocab == 0 {
@@ -127,7 +179,10 @@ pub fn load_gguf(path: &Path, env: &Env) -> Result<Pretrained> {
 
     let shape = LmShape { vocab_size: vocab, d_model: d, n_layers, tie_embeddings: tied, norm_eps: eps, max_seq_len: context_length };
     let mixer = format!("type = \"attention\", n_heads = {heads}, n_kv_heads = {kv_heads}, rope_theta = {theta:.1}");
-    let (model, store, config) = build_llama(&shape, &mixer, hidden, &tensors, path, env)?;
+    if opts.quantized && !env.device.is_cpu() {
+        bail!("{}: quantized matmuls run on the CPU only (drop --quantized on {:?})", path.display(), env.device);
+    }
+    let (model, store, config) = build_llama(&shape, &mixer, hidden, tensors, quantized, path, env)?;
     let (tokenizer, bos, eos) = gguf_tokenizer(&content, path)?;
     let chat_template = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
     Ok(Pretrained { model, store, config, tokenizer: Some(tokenizer), bos, eos, context_length, chat_template })
@@ -140,7 +195,8 @@ fn build_llama(
     shape: &LmShape,
     mixer: &str,
     hidden: usize,
-    tensors: &BTreeMap<String, Tensor>,
+    tensors: BTreeMap<String, Tensor>,
+    quantized: BTreeMap<String, QMatMul>,
     source: &Path,
     env: &Env,
 ) -> Result<(Lm, ParamStore, ModelConfig)> {
@@ -151,8 +207,12 @@ fn build_llama(
     ))
     .context("building the model config")?;
     let mixers = vec![config.mixer.clone().expect("set above"); shape.n_layers];
-    let (model, store) = crate::runner::build_lm(shape, &mixers, &config.ffn, 0, env)?;
-    store.load(tensors).with_context(|| format!("{}: loading weights", source.display()))?;
+    // Parameters take the file's tensors as they are created (no random initialisation first).
+    let store = ParamStore::preset(tensors, zoo_core::candle_core::DType::F32, &env.device);
+    store.set_quantized(quantized);
+    let model = crate::runner::build_lm_in(&store, shape, &mixers, &config.ffn, env)
+        .and_then(|m| store.finish_preset().map(|_| m))
+        .with_context(|| format!("{}: loading weights", source.display()))?;
     Ok((model, store, config))
 }
 
@@ -252,10 +312,18 @@ pub fn sliding_nll(model: &Lm, ids: &[u32], window: usize, device: &Device) -> R
 /// A GGUF file or an HF folder, by what the path is; a path that does not exist and reads as a
 /// model id (`org/name`) is looked up in the HF cache (`HF_HOME`, default ~/.cache/huggingface).
 pub fn load(path: &Path, env: &Env) -> Result<Pretrained> {
+    load_with(path, env, LoadOpts::default())
+}
+
+/// [`load`] with options; `quantized` applies to GGUF files only.
+pub fn load_with(path: &Path, env: &Env, opts: LoadOpts) -> Result<Pretrained> {
+    if opts.quantized && (path.is_dir() || !path.exists()) {
+        bail!("{}: quantized matmuls need a GGUF file (its quantized blocks); HF folders load in f32", path.display());
+    }
     if path.is_dir() {
         load_hf_dir(path, env)
     } else if path.exists() {
-        load_gguf(path, env)
+        load_gguf_with(path, env, opts)
     } else {
         let id = path.to_str().filter(|s| is_model_id(s)).with_context(|| format!("{}: no such file or folder", path.display()))?;
         load_hf_dir(&cached_model_dir(id, &hf_hub::Cache::from_env())?, env)
@@ -284,9 +352,9 @@ pub fn cached_model_dir(id: &str, cache: &hf_hub::Cache) -> Result<std::path::Pa
 }
 
 /// `zoo eval --model`: perplexity of a pretrained model over a text file, and tokens/s.
-pub fn evaluate_model(model: &Path, text: &Path, window: usize, env: &Env) -> Result<serde_json::Value> {
+pub fn evaluate_model(model: &Path, text: &Path, window: usize, quantized: bool, env: &Env) -> Result<serde_json::Value> {
     let t0 = std::time::Instant::now();
-    let p = load(model, env)?;
+    let p = load_with(model, env, LoadOpts { quantized })?;
     let load_s = t0.elapsed().as_secs_f64();
     let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     let tok = p.tokenizer.as_ref().with_context(|| format!("{}: no tokenizer (tokenizer.json) to read the text with", model.display()))?;
@@ -299,6 +367,7 @@ pub fn evaluate_model(model: &Path, text: &Path, window: usize, env: &Env) -> Re
     let secs = t1.elapsed().as_secs_f64();
     Ok(serde_json::json!({
         "model": model.display().to_string(),
+        "quantized": quantized,
         "text": text.display().to_string(),
         "tokens": ids.len(),
         "scored": n,
@@ -440,7 +509,7 @@ pub fn load_hf_dir(dir: &Path, env: &Env) -> Result<Pretrained> {
         tensors.remove("head.weight");
     }
     // Qwen2 has no o_proj bias; zoo's projections take their bias from the config.
-    let (model, store, config) = build_llama(&shape, &mixer, c.intermediate_size, &tensors, dir, env)?;
+    let (model, store, config) = build_llama(&shape, &mixer, c.intermediate_size, tensors, BTreeMap::new(), dir, env)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
         Some(tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?)
@@ -675,4 +744,26 @@ pub fn apply_chat_template(template: &str, messages: &[(&str, &str)], add_genera
     env.get_template("chat")
         .and_then(|t| t.render(minijinja::context! { messages, add_generation_prompt, bos_token => "", eos_token => "" }))
         .map_err(|e| anyhow::anyhow!("chat template: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Moving whole rows of blocks reorders a quantized matrix exactly as `unpermute_qk` reorders
+    /// its dequantized values (Q4_0 and Q8_0, 2 and 3 heads).
+    #[test]
+    fn quantized_unpermute_moves_rows_like_the_dense_one() -> Result<()> {
+        for (ty, heads) in [(GgmlDType::Q4_0, 2), (GgmlDType::Q8_0, 3)] {
+            let rows = heads * 8;
+            let w = Tensor::randn(0f32, 1.0, (rows, 64), &Device::Cpu)?;
+            let q = QTensor::quantize(&w, ty)?;
+            let want = unpermute_qk(&q.dequantize(&Device::Cpu)?, heads)?;
+            let got = unpermute_qk_quantized(&q, heads)?.dequantize(&Device::Cpu)?;
+            assert_eq!(got.to_vec2::<f32>()?, want.to_vec2::<f32>()?, "{ty:?}");
+            // Not the identity: the test would not notice a no-op otherwise.
+            assert_ne!(want.to_vec2::<f32>()?, q.dequantize(&Device::Cpu)?.to_vec2::<f32>()?);
+        }
+        Ok(())
+    }
 }

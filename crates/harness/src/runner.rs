@@ -37,6 +37,17 @@ pub fn build_lm(
     env: &Env,
 ) -> Result<(Lm, ParamStore)> {
     let store = ParamStore::new(seed, zoo_core::candle_core::DType::F32, &env.device);
+    Ok((build_lm_in(&store, shape, mixers, ffn, env)?, store))
+}
+
+/// [`build_lm`] into an existing store (e.g. a [`ParamStore::preset`] of loaded weights).
+pub fn build_lm_in(
+    store: &ParamStore,
+    shape: &LmShape,
+    mixers: &[crate::registry::MixerConfig],
+    ffn: &crate::registry::FfnConfig,
+    env: &Env,
+) -> Result<Lm> {
     let kinds = crate::registry::kind_positions(mixers);
     let model = Lm::new(shape, env.dtype, &store.root(), |ctx, pb| {
         let ctx = BuildCtx { kind_layer: kinds[ctx.layer].0, kind_layers: kinds[ctx.layer].1, ..*ctx };
@@ -45,7 +56,7 @@ pub fn build_lm(
             zoo_core::mixer::FfnSpec::build(ffn, &ctx, &pb.pp("ffn"))?,
         ))
     })?;
-    Ok((model, store))
+    Ok(model)
 }
 
 /// Read and tokenise a text corpus as the config says.

