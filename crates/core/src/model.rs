@@ -107,11 +107,18 @@ impl Lm {
     /// ids (B, T) u32 -> logits (B, T, V) for every position.
     /// `cache = None` is the training form ([`Phase::Train`]); with a cache, T new tokens are
     /// appended ([`Phase::Prefill`], or [`Phase::Decode`] for one token).
-    pub fn forward(
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut [LayerState]>, probe: Option<&mut ModelProbe>) -> Result<LmOutput> {
+        self.forward_keep(ids, cache, probe, None)
+    }
+
+    /// [`Lm::forward`] with logits for the last `keep` positions only (`None`: all), as
+    /// transformers' `logits_to_keep`: a prompt's prefill needs one row, not (T, V).
+    pub fn forward_keep(
         &self,
         ids: &Tensor,
         mut cache: Option<&mut [LayerState]>,
         mut probe: Option<&mut ModelProbe>,
+        keep: Option<usize>,
     ) -> Result<LmOutput> {
         let phase = Phase::of(cache.is_some(), ids.dim(1)?);
         let mut h = self.embed.forward(ids, self.dtype)?;
@@ -141,10 +148,14 @@ impl Lm {
             }
             all_stats.push(stats);
         }
+        let h = match keep {
+            Some(k) if k < h.dim(1)? => h.narrow(1, h.dim(1)? - k, k)?,
+            _ => h,
+        };
         let h = self.norm_f.forward(&h)?;
         let logits = match &self.head {
             Some(head) => head.forward(&h)?,
-            None if self.embed.quant.is_some() && h.device().is_cpu() && h.dtype() == DType::F32 => {
+            None if self.embed.quant.is_some() && crate::nn::use_quantized(&h) => {
                 h.contiguous()?.apply(self.embed.quant.as_ref().expect("checked"))?
             }
             None => {

@@ -41,7 +41,7 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.quant {
-            Some(q) if x.device().is_cpu() && x.dtype() == DType::F32 => x.contiguous()?.apply(q)?,
+            Some(q) if use_quantized(x) => x.contiguous()?.apply(q)?,
             _ => self.dense(x)?,
         };
         match &self.bias {
@@ -57,6 +57,17 @@ impl Linear {
             _ => x.broadcast_matmul(&w.t()?),
         }
     }
+}
+
+/// At most this many rows (tokens) go through a quantized matmul: decoding. Longer inputs (prefill,
+/// scoring a text) use the dense f32 weights, which candle's gemm runs several times faster than its
+/// row-by-row quantized kernels.
+pub const QUANTIZED_MAX_ROWS: usize = 8;
+
+/// Whether `x` (…, d) takes a quantized matmul: f32 on the CPU, few rows.
+pub fn use_quantized(x: &Tensor) -> bool {
+    let rows = x.elem_count() / x.dim(candle_core::D::Minus1).unwrap_or(1).max(1);
+    x.device().is_cpu() && x.dtype() == DType::F32 && rows <= QUANTIZED_MAX_ROWS
 }
 
 /// Token embedding table (vocab, d).

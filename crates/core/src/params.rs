@@ -44,6 +44,9 @@ struct Inner {
     /// Loaded weights that parameters take instead of an initialisation ([`ParamStore::preset`]);
     /// each is removed when its parameter is created.
     preset: Option<BTreeMap<String, Tensor>>,
+    /// With a preset: initialise parameters it lacks (recorded in `fresh`) instead of failing.
+    preset_extends: bool,
+    fresh: Vec<String>,
     /// Quantized copies of weights for inference matmuls ([`ParamStore::set_quantized`]).
     quantized: BTreeMap<String, QMatMul>,
 }
@@ -63,6 +66,8 @@ impl ParamStore {
                 params: BTreeMap::new(),
                 rng: Rng::new(seed).fork(0x1417),
                 preset: None,
+                preset_extends: false,
+                fresh: Vec::new(),
                 quantized: BTreeMap::new(),
             })),
             dtype,
@@ -78,6 +83,29 @@ impl ParamStore {
         let store = Self::new(0, dtype, device);
         store.inner.lock().unwrap().preset = Some(tensors);
         store
+    }
+
+    /// As [`ParamStore::preset`], but a parameter that `tensors` lacks (one a variant adds, e.g.
+    /// sink logits or a gate) is initialised from `seed` as in a fresh model and listed by
+    /// [`ParamStore::fresh`]. Shape mismatches still fail.
+    pub fn preset_extending(tensors: BTreeMap<String, Tensor>, seed: u64, dtype: DType, device: &Device) -> Self {
+        let store = Self::new(seed, dtype, device);
+        {
+            let mut inner = store.inner.lock().unwrap();
+            inner.preset = Some(tensors);
+            inner.preset_extends = true;
+        }
+        store
+    }
+
+    /// Parameters a [`ParamStore::preset_extending`] store initialised because the preset lacked them.
+    pub fn fresh(&self) -> Vec<String> {
+        self.inner.lock().unwrap().fresh.clone()
+    }
+
+    /// Every quantized inference copy (see [`ParamStore::set_quantized`]).
+    pub fn quantized_all(&self) -> BTreeMap<String, QMatMul> {
+        self.inner.lock().unwrap().quantized.clone()
     }
 
     /// After building from [`ParamStore::preset`]: an error naming the first tensor that no
@@ -166,8 +194,19 @@ impl ParamStore {
             }
             return Ok(p.var.as_tensor().clone());
         }
-        if let Some(preset) = inner.preset.as_mut() {
-            let Some(t) = preset.remove(&name) else { candle_core::bail!("checkpoint lacks tensor `{name}`") };
+        let extends = inner.preset_extends;
+        let found = match inner.preset.as_mut() {
+            None => None,
+            Some(preset) => match preset.remove(&name) {
+                Some(t) => Some(t),
+                None if extends => {
+                    inner.fresh.push(name.clone());
+                    None
+                }
+                None => candle_core::bail!("checkpoint lacks tensor `{name}`"),
+            },
+        };
+        if let Some(t) = found {
             if t.shape() != &shape {
                 candle_core::bail!("tensor `{name}`: checkpoint shape {:?}, model shape {:?}", t.dims(), shape.dims())
             }

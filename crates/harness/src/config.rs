@@ -493,8 +493,14 @@ impl RunConfig {
 
     /// The mixer of each layer, resolved from `mixer` / `mixers` + `pattern`.
     pub fn layer_mixers(&self) -> Result<Vec<MixerConfig>> {
-        let m = &self.model;
-        let n = m.n_layers;
+        self.model.layer_mixers_of(self.model.n_layers)
+    }
+}
+
+impl ModelConfig {
+    /// Each of `n` layers' mixer config, from `mixer` or `mixers` + `pattern`.
+    pub fn layer_mixers_of(&self, n: usize) -> Result<Vec<MixerConfig>> {
+        let m = self;
         let get = |name: &str| -> Result<MixerConfig> {
             m.mixers.get(name).cloned().ok_or_else(|| {
                 anyhow!(

