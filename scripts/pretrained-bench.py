@@ -4,7 +4,8 @@ same command, same prompt, greedy, f32 (issue 13); zoo also with `--quantized` m
 
 Protocol: the prompt is the first PROMPT tokens of Hamlet III.1 ("To be, or not to be", no BOS);
 prefill = one forward over the prompt filling the cache; decode = DECODE further greedy tokens with
-the cache, past the end-of-sequence token. zoo runs `zoo generate --stats` (RAYON_NUM_THREADS = n);
+the cache, past the end-of-sequence token. zoo runs `zoo generate --warmup 1 --stats`
+(RAYON_NUM_THREADS = n; one untimed prompt + 2 tokens first, as transformers' warm-up call);
 transformers runs `model.generate` after loading the same GGUF dequantized to f32
 (torch.set_num_threads(n)), timed with a prefill-only call and a full call (decode = the
 difference). ROUNDS alternating rounds per thread count; the JSON keeps every round and the
@@ -79,7 +80,7 @@ def main():
                 with tempfile.NamedTemporaryFile(suffix=".json") as f:
                     env = dict(os.environ, RAYON_NUM_THREADS=str(n))
                     subprocess.run([zoo, "generate", "--model", os.path.join(GGUF_DIR, GGUF), "--prompt", prompt,
-                                    "--max-tokens", str(a.decode_tokens), "--ignore-eos", "--stats", f.name] + extra,
+                                    "--max-tokens", str(a.decode_tokens), "--ignore-eos", "--warmup", "1", "--stats", f.name] + extra,
                                    env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     z = json.load(open(f.name))
                 assert z["prompt_tokens"] == len(ids), (z["prompt_tokens"], len(ids))

@@ -105,6 +105,10 @@ enum Cmd {
         /// Also write the counts and timings as JSON here.
         #[arg(long)]
         stats: Option<PathBuf>,
+        /// Untimed runs of the prompt plus two tokens first (allocator pages, CUDA kernels loaded),
+        /// as benchmarks warm up their twins.
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
         /// Keep a GGUF file's quantized blocks for the matmuls (CPU): faster, logits close to but
         /// not equal to the dequantized f32 model's.
         #[arg(long)]
@@ -314,7 +318,7 @@ fn real_main() -> Result<i32> {
             };
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        Cmd::Generate { model, prompt, max_tokens, temperature, top_p, seed, chat, ignore_eos, stats: stats_path, quantized } => {
+        Cmd::Generate { model, prompt, max_tokens, temperature, top_p, seed, chat, ignore_eos, stats: stats_path, quantized, warmup } => {
             if !(temperature.is_finite() && *temperature >= 0.0) {
                 bail!("--temperature: must be 0 (greedy) or positive");
             }
@@ -333,6 +337,10 @@ fn real_main() -> Result<i32> {
             };
             let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
             let o = zoo_harness::pretrained::GenOpts { max_tokens: *max_tokens, temperature: *temperature, top_p: *top_p, seed: *seed };
+            for _ in 0..*warmup {
+                let w = zoo_harness::pretrained::GenOpts { max_tokens: 2, ..o.clone() };
+                zoo_harness::pretrained::generate(&p.model, ids.get_ids(), None, &w, &env.device, |_| Ok(()))?;
+            }
             // Stream: print the new suffix of the decoded text after every token.
             let mut all = Vec::new();
             let mut shown = 0;
@@ -354,6 +362,7 @@ fn real_main() -> Result<i32> {
                 let j = serde_json::json!({
                     "model": model.display().to_string(),
                     "quantized": quantized,
+                    "warmup": warmup,
                     "prompt_tokens": stats.prompt_tokens,
                     "generated_tokens": n,
                     "prefill_seconds": stats.prefill_seconds,
