@@ -226,6 +226,26 @@ impl Attention {
             _ => (k.clone(), v.clone(), 0),
         };
         let tk = k.dim(2)? - n_sink;
+        if let (KeyPositions::From(k_start), None) = (kpos, probe.as_ref()) {
+            {
+                match zoo_kernels::attention::unsupported(q, &k, &v) {
+                    None => {
+                        let o = zoo_kernels::attention::FlashOpts {
+                            scale: 1.0 / (q.dim(3)? as f64).sqrt(),
+                            q_start,
+                            k_start: *k_start,
+                            n_sink,
+                            window: self.cfg.window,
+                        };
+                        return zoo_kernels::attention::flash_attention_op(q, &k, &v, &o);
+                    }
+                    Some(why) if q.device().is_cuda() && zoo_kernels::mode() == zoo_kernels::Kernels::Fused => {
+                        zoo_kernels::note_fallback("attention", &why)
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
         let mask = match kpos {
             KeyPositions::From(k_start) => self.mask(q.dim(2)?, q_start, tk, *k_start, n_sink, phase, q.device())?,
             // One query that sees every stored key (a window's ring while decoding): no mask.

@@ -8,6 +8,8 @@
 //! Kernels so far:
 //! - [`adamw`]: multi-tensor AdamW with global grad-norm clipping in two launches per 48
 //!   tensors plus one for the norm, in place, instead of about twenty launches per parameter tensor.
+//! - [`attention`]: tiled online-softmax attention forward and backward (FlashAttention-2's
+//!   algorithm on CUDA cores, f32 sums) with causal positions, windows, sinks and GQA.
 //! - [`embedding`]: the token lookup with a scatter (atomicAdd) backward in place of candle's
 //!   `index_add`.
 //!
@@ -15,6 +17,7 @@
 //! (scripts/build-cuda.sh) and loaded once per device.
 
 pub mod adamw;
+pub mod attention;
 pub mod embedding;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -68,4 +71,17 @@ pub fn set_mode(k: Kernels) {
 /// Whether this build carries the CUDA kernels.
 pub fn compiled() -> bool {
     cfg!(feature = "cuda")
+}
+
+/// Say once per (op, reason) on stderr that a fused kernel did not apply and the composition ran.
+/// Silent where kernels were never expected (CPU, naive mode, a build without CUDA).
+pub fn note_fallback(op: &str, why: &str) {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static SEEN: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let key = format!("{op}: {why}");
+    let mut seen = SEEN.lock().unwrap();
+    if seen.get_or_insert_with(HashSet::new).insert(key.clone()) {
+        eprintln!("zoo-kernels: {key}; the composition runs");
+    }
 }

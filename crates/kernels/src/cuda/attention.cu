@@ -1,0 +1,304 @@
+// Tiled online-softmax attention (FlashAttention-2's algorithm, Dao 2023, Alg. 1 and 2) on CUDA
+// cores in f32: forward returns O and the row log-sum-exp, backward recomputes P from it (a dQ
+// kernel over query rows, a dK/dV kernel over key rows). Nothing of size Tq x Tk is stored.
+//
+// Layout: q (B, H, Tq, D), k and v (B, Hkv, Tk, D), contiguous; query head h reads kv head
+// h / (H / Hkv) (GQA/MQA without repeating K/V). Key column c < n_sink is a learned sink slot every
+// query sees; column c >= n_sink is the key at position k_start + c - n_sink. Query row i is at
+// position q_start + i and sees keys at positions <= its own (causal), within `window` of it
+// (window = 0: no window).
+//
+// Threads: TPR = 8 lanes share one row (each owns D / 8 of its elements; dot products are reduced
+// with shuffles), ROWS = 16 rows per block of 128 threads. K/V (or Q/dO) tiles of BC rows are staged
+// in shared memory as f32. Scores are kept in base 2 (scaled by log2 e) so that exp2 serves.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define TPR 8
+#define ROWS 16
+#define THREADS (TPR * ROWS)
+#define LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+__device__ __forceinline__ float row_sum(float x) {
+#pragma unroll
+    for (int o = TPR / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
+    return x;
+}
+
+struct Params {
+    int B, H, Hkv, Tq, Tk;  // Tk counts the sink columns
+    int q_start, k_start, n_sink, window;
+    float scale;
+};
+
+// Whether query position qp sees key column c.
+__device__ __forceinline__ bool visible(const Params& p, int qp, int c) {
+    if (c < p.n_sink) return true;
+    const int kp = p.k_start + c - p.n_sink;
+    return kp <= qp && (p.window == 0 || qp - kp < p.window);
+}
+
+// The non-sink key columns any of the query positions [qlo, qhi] may see: [c_lo, c_hi).
+__device__ __forceinline__ void key_range(const Params& p, int qlo, int qhi, int& c_lo, int& c_hi) {
+    int lo = p.window == 0 ? 0 : qlo - p.window + 1 - p.k_start;
+    int hi = qhi - p.k_start + 1;
+    const int tk = p.Tk - p.n_sink;
+    lo = max(lo, 0);
+    hi = min(hi, tk);
+    c_lo = p.n_sink + lo;
+    c_hi = p.n_sink + max(hi, lo);
+}
+
+template <typename T, int D>
+__device__ void load_tile(float* dst, const T* src, int rows, int tid) {
+    for (int e = tid; e < rows * D; e += THREADS) dst[e] = to_f(src[e]);
+}
+
+// Forward. grid (ceil(Tq / ROWS), B * H). O (B, H, Tq, D) in T; lse (B, H, Tq) f32 in base 2 of
+// the scaled scores (-inf for a row that sees nothing, whose O is 0).
+template <typename T, int D>
+__device__ void fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
+                    float* __restrict__ lse, Params p) {
+    constexpr int E = D / TPR;
+    constexpr int BC = 4096 / D;
+    constexpr int CH = 16;  // keys per softmax rescale
+    extern __shared__ float smem[];
+    float* ks = smem;
+    float* vs = smem + BC * D;
+    const int tid = threadIdx.x, lane = tid % TPR, r = tid / TPR;
+    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hkv);
+    const int i = blockIdx.x * ROWS + r;
+    const bool live = i < p.Tq;
+    const T* qrow = q + ((size_t)bh * p.Tq + (live ? i : 0)) * D;
+    const T* kb = k + (size_t)(b * p.Hkv + hk) * p.Tk * D;
+    const T* vb = v + (size_t)(b * p.Hkv + hk) * p.Tk * D;
+    float qr[E], acc[E];
+    const float qscale = p.scale * LOG2E;
+#pragma unroll
+    for (int e = 0; e < E; e++) { qr[e] = live ? to_f(qrow[lane * E + e]) * qscale : 0.f; acc[e] = 0.f; }
+    float m = -INFINITY, l = 0.f;
+    const int qp = p.q_start + i;
+    const int qlo = p.q_start + blockIdx.x * ROWS, qhi = min(qlo + ROWS, p.q_start + p.Tq) - 1;
+    int c_lo, c_hi;
+    key_range(p, qlo, qhi, c_lo, c_hi);
+    for (int part = 0; part < 2; part++) {
+        const int from = part == 0 ? 0 : c_lo, to = part == 0 ? p.n_sink : c_hi;
+        for (int c0 = from; c0 < to; c0 += BC) {
+            const int n = min(BC, to - c0);
+            __syncthreads();
+            load_tile<T, D>(ks, kb + (size_t)c0 * D, n, tid);
+            load_tile<T, D>(vs, vb + (size_t)c0 * D, n, tid);
+            __syncthreads();
+            for (int j0 = 0; j0 < n; j0 += CH) {
+                float s[CH];
+                float mx = m;
+#pragma unroll
+                for (int jj = 0; jj < CH; jj++) {
+                    const int j = j0 + jj;
+                    float d = 0.f;
+                    if (j < n) {
+#pragma unroll
+                        for (int e = 0; e < E; e++) d += qr[e] * ks[j * D + lane * E + e];
+                    }
+                    d = row_sum(d);
+                    s[jj] = (j < n && live && visible(p, qp, c0 + j)) ? d : -INFINITY;
+                    mx = fmaxf(mx, s[jj]);
+                }
+                if (mx == -INFINITY) continue;
+                const float corr = exp2f(m - mx);
+                l *= corr;
+#pragma unroll
+                for (int e = 0; e < E; e++) acc[e] *= corr;
+#pragma unroll
+                for (int jj = 0; jj < CH; jj++) {
+                    const float pj = exp2f(s[jj] - mx);
+                    l += pj;
+                    if (pj != 0.f) {
+#pragma unroll
+                        for (int e = 0; e < E; e++) acc[e] += pj * vs[(j0 + jj) * D + lane * E + e];
+                    }
+                }
+                m = mx;
+            }
+        }
+    }
+    if (!live) return;
+    T* orow = o + ((size_t)bh * p.Tq + i) * D;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int e = 0; e < E; e++) orow[lane * E + e] = from_f<T>(acc[e] * inv);
+    if (lane == 0) lse[(size_t)bh * p.Tq + i] = l > 0.f ? m + log2f(l) : -INFINITY;
+}
+
+// dQ. grid (ceil(Tq / ROWS), B * H). dlt = rowsum(dO * O) (B, H, Tq) f32; dq (B, H, Tq, D) f32.
+template <typename T, int D>
+__device__ void bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                       const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dlt,
+                       float* __restrict__ dq, Params p) {
+    constexpr int E = D / TPR;
+    constexpr int BC = 4096 / D;
+    extern __shared__ float smem[];
+    float* ks = smem;
+    float* vs = smem + BC * D;
+    const int tid = threadIdx.x, lane = tid % TPR, r = tid / TPR;
+    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hkv);
+    const int i = blockIdx.x * ROWS + r;
+    const bool live = i < p.Tq;
+    const size_t row = (size_t)bh * p.Tq + (live ? i : 0);
+    const T* kb = k + (size_t)(b * p.Hkv + hk) * p.Tk * D;
+    const T* vb = v + (size_t)(b * p.Hkv + hk) * p.Tk * D;
+    float qr[E], dor[E], acc[E];
+    const float qscale = p.scale * LOG2E;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        qr[e] = live ? to_f(q[row * D + lane * E + e]) * qscale : 0.f;
+        dor[e] = live ? to_f(dout[row * D + lane * E + e]) : 0.f;
+        acc[e] = 0.f;
+    }
+    const float L = live ? lse[row] : -INFINITY, Di = live ? dlt[row] : 0.f;
+    const int qp = p.q_start + i;
+    const int qlo = p.q_start + blockIdx.x * ROWS, qhi = min(qlo + ROWS, p.q_start + p.Tq) - 1;
+    int c_lo, c_hi;
+    key_range(p, qlo, qhi, c_lo, c_hi);
+    for (int part = 0; part < 2; part++) {
+        const int from = part == 0 ? 0 : c_lo, to = part == 0 ? p.n_sink : c_hi;
+        for (int c0 = from; c0 < to; c0 += BC) {
+            const int n = min(BC, to - c0);
+            __syncthreads();
+            load_tile<T, D>(ks, kb + (size_t)c0 * D, n, tid);
+            load_tile<T, D>(vs, vb + (size_t)c0 * D, n, tid);
+            __syncthreads();
+            for (int j = 0; j < n; j++) {
+                float s = 0.f, dp = 0.f;
+#pragma unroll
+                for (int e = 0; e < E; e++) {
+                    s += qr[e] * ks[j * D + lane * E + e];
+                    dp += dor[e] * vs[j * D + lane * E + e];
+                }
+                s = row_sum(s);
+                dp = row_sum(dp);
+                if (!live || L == -INFINITY || !visible(p, qp, c0 + j)) continue;
+                const float ds = exp2f(s - L) * (dp - Di);
+#pragma unroll
+                for (int e = 0; e < E; e++) acc[e] += ds * ks[j * D + lane * E + e];
+            }
+        }
+    }
+    if (!live) return;
+#pragma unroll
+    for (int e = 0; e < E; e++) dq[row * D + lane * E + e] = acc[e] * p.scale;
+}
+
+// dK, dV. grid (ceil(Tk / ROWS), B * Hkv): each row is one key column of one kv head, summed over
+// the H / Hkv query heads that read it. dk, dv (B, Hkv, Tk, D) f32.
+template <typename T, int D>
+__device__ void bwd_dkv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                        const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dlt,
+                        float* __restrict__ dk, float* __restrict__ dv, Params p) {
+    constexpr int E = D / TPR;
+    constexpr int BR = 4096 / D;  // query rows per tile
+    extern __shared__ float smem[];
+    float* qs = smem;
+    float* dos = smem + BR * D;
+    float* ls = smem + 2 * BR * D;
+    float* dl = ls + BR;
+    const int tid = threadIdx.x, lane = tid % TPR, r = tid / TPR;
+    const int bk = blockIdx.y, b = bk / p.Hkv, hk = bk % p.Hkv, group = p.H / p.Hkv;
+    const int c = blockIdx.x * ROWS + r;
+    const bool live = c < p.Tk;
+    const size_t krow = (size_t)bk * p.Tk + (live ? c : 0);
+    float kr[E], vr[E], ak[E], av[E];
+    const float qscale = p.scale * LOG2E;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        kr[e] = live ? to_f(k[krow * D + lane * E + e]) : 0.f;
+        vr[e] = live ? to_f(v[krow * D + lane * E + e]) : 0.f;
+        ak[e] = 0.f;
+        av[e] = 0.f;
+    }
+    // Query rows this block's keys may be seen by.
+    const int c_first = blockIdx.x * ROWS, c_last = min(c_first + ROWS, p.Tk) - 1;
+    int i_lo = 0, i_hi = p.Tq;
+    if (c_first >= p.n_sink) {
+        const int kp_lo = p.k_start + c_first - p.n_sink, kp_hi = p.k_start + c_last - p.n_sink;
+        i_lo = max(kp_lo - p.q_start, 0);
+        if (p.window != 0) i_hi = min(p.Tq, kp_hi + p.window - p.q_start);
+        i_hi = max(i_hi, i_lo);
+    }
+    for (int g = 0; g < group; g++) {
+        const int bh = b * p.H + hk * group + g;
+        for (int i0 = i_lo; i0 < i_hi; i0 += BR) {
+            const int n = min(BR, i_hi - i0);
+            __syncthreads();
+            load_tile<T, D>(qs, q + ((size_t)bh * p.Tq + i0) * D, n, tid);
+            load_tile<T, D>(dos, dout + ((size_t)bh * p.Tq + i0) * D, n, tid);
+            for (int e = tid; e < n; e += THREADS) {
+                ls[e] = lse[(size_t)bh * p.Tq + i0 + e];
+                dl[e] = dlt[(size_t)bh * p.Tq + i0 + e];
+            }
+            __syncthreads();
+            for (int ii = 0; ii < n; ii++) {
+                float s = 0.f, dp = 0.f;
+#pragma unroll
+                for (int e = 0; e < E; e++) {
+                    s += kr[e] * qs[ii * D + lane * E + e];
+                    dp += vr[e] * dos[ii * D + lane * E + e];
+                }
+                s = row_sum(s) * qscale;
+                dp = row_sum(dp);
+                const float L = ls[ii];
+                if (!live || L == -INFINITY || !visible(p, p.q_start + i0 + ii, c)) continue;
+                const float pij = exp2f(s - L);
+                const float ds = pij * (dp - dl[ii]);
+#pragma unroll
+                for (int e = 0; e < E; e++) {
+                    av[e] += pij * dos[ii * D + lane * E + e];
+                    ak[e] += ds * qs[ii * D + lane * E + e];
+                }
+            }
+        }
+    }
+    if (!live) return;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        dk[krow * D + lane * E + e] = ak[e] * p.scale;
+        dv[krow * D + lane * E + e] = av[e];
+    }
+}
+
+#define KERNELS(T, NAME, D)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(THREADS) zoo_flash_fwd_##NAME##_##D(                          \
+        const T* q, const T* k, const T* v, T* o, float* lse, Params p) {                                       \
+        fwd<T, D>(q, k, v, o, lse, p);                                                                          \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS) zoo_flash_dq_##NAME##_##D(                           \
+        const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dlt, float* dq,      \
+        Params p) {                                                                                             \
+        bwd_dq<T, D>(q, k, v, dout, lse, dlt, dq, p);                                                           \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS) zoo_flash_dkv_##NAME##_##D(                          \
+        const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dlt, float* dk,      \
+        float* dv, Params p) {                                                                                  \
+        bwd_dkv<T, D>(q, k, v, dout, lse, dlt, dk, dv, p);                                                      \
+    }
+
+#define ALL_DIMS(T, NAME) \
+    KERNELS(T, NAME, 32)  \
+    KERNELS(T, NAME, 64)  \
+    KERNELS(T, NAME, 96)  \
+    KERNELS(T, NAME, 128) \
+    KERNELS(T, NAME, 192) \
+    KERNELS(T, NAME, 256)
+
+ALL_DIMS(float, f32)
+ALL_DIMS(__nv_bfloat16, bf16)
+ALL_DIMS(__half, f16)
