@@ -269,3 +269,61 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
     };
     Ok(result.to_json()?)
 }
+
+/// `zoo bench-attention`: median seconds of causal attention at each (B, H, T, d), forward and
+/// forward + backward (loss sum(O ∘ W)), for the fused kernel and the composition (`sdpa` with its
+/// mask), in the env's dtype. FLOPs counted as FlashAttention-2 does: forward 4·B·H·T²·d / 2
+/// (causal), forward + backward 3.5× that.
+pub fn attention(shapes: &[(usize, usize, usize, usize)], iters: usize, env: &Env) -> Result<serde_json::Value> {
+    use zoo_core::candle_core::{DType, Tensor, Var};
+    use zoo_core::mixer::Phase;
+    let dev = &env.device;
+    let mut rows = Vec::new();
+    for &(b, h, t, d) in shapes {
+        let mk = |s: f64| -> Result<Tensor> { Ok((Tensor::randn(0f32, 1.0, (b, h, t, d), dev)? * s)?.to_dtype(env.dtype)?) };
+        let (q, k, v, w) = (Var::from_tensor(&mk(1.0)?)?, Var::from_tensor(&mk(1.0)?)?, Var::from_tensor(&mk(1.0)?)?, mk(1.0)?.to_dtype(DType::F32)?);
+        let opts = zoo_kernels::attention::FlashOpts::causal(d);
+        let fused = |q: &Tensor, k: &Tensor, v: &Tensor| zoo_kernels::attention::flash_attention_op(q, k, v, &opts);
+        let naive = |q: &Tensor, k: &Tensor, v: &Tensor| -> zoo_core::candle_core::Result<Tensor> {
+            let mask = zoo_core::attention::attention_mask(t, 0, t, 0, None, 0, dev)?;
+            zoo_core::attention::sdpa(q, k, v, Some(&mask), Phase::Train, None)
+        };
+        let flops = 4.0 * (b * h * t * t * d) as f64 / 2.0;
+        let mut row = serde_json::json!({ "B": b, "H": h, "T": t, "d": d, "fwd_flops": flops, "fwd_bwd_flops": 3.5 * flops });
+        for (name, f) in [("fused", &fused as &dyn Fn(&Tensor, &Tensor, &Tensor) -> zoo_core::candle_core::Result<Tensor>), ("composition", &naive)] {
+            let time = |with_bwd: bool| -> Result<f64> {
+                let mut ts = Vec::new();
+                for i in 0..iters + 2 {
+                    env.sync()?;
+                    let t0 = std::time::Instant::now();
+                    let o = f(q.as_tensor(), k.as_tensor(), v.as_tensor())?;
+                    if with_bwd {
+                        let g = (o.to_dtype(DType::F32)? * &w)?.sum_all()?.backward()?;
+                        drop(g);
+                    }
+                    env.sync()?;
+                    if i >= 2 {
+                        ts.push(t0.elapsed().as_secs_f64());
+                    }
+                }
+                ts.sort_by(f64::total_cmp);
+                Ok(ts[ts.len() / 2])
+            };
+            let (fwd, both) = match (time(false), time(true)) {
+                (Ok(a), Ok(b)) => (Some(a), Some(b)),
+                (a, b) => {
+                    let e = a.err().or(b.err()).map(|e| format!("{e:#}"));
+                    row[name] = serde_json::json!({ "error": e });
+                    continue;
+                }
+            };
+            row[name] = serde_json::json!({
+                "fwd_seconds": fwd, "fwd_bwd_seconds": both,
+                "fwd_tflops": fwd.map(|s| flops / s / 1e12),
+                "fwd_bwd_tflops": both.map(|s| 3.5 * flops / s / 1e12),
+            });
+        }
+        rows.push(row);
+    }
+    Ok(serde_json::json!({ "device": env.describe(), "dtype": env.dtype_name(), "iters": iters, "git": crate::env::git_state(), "shapes": rows }))
+}

@@ -145,6 +145,15 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Attention microbenchmark: the fused kernel and the composition, forward and
+    /// forward+backward, causal, at (B, H, T, d) shapes; JSON to stdout (TFLOP/s).
+    BenchAttention {
+        /// Shapes B:H:T:d, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1:16:4096:128,4:16:2048:64,8:8:1024:64")]
+        shapes: Vec<String>,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+    },
 }
 
 fn parse_shard(s: &str) -> Result<(usize, usize)> {
@@ -385,6 +394,19 @@ fn real_main() -> Result<i32> {
         Cmd::Export { checkpoint, out } => {
             zoo_harness::export_checkpoint(checkpoint, out, &env()?)?;
             println!("exported {} to {}", checkpoint.display(), out.display());
+        }
+        Cmd::BenchAttention { shapes, iters } => {
+            let env = env()?;
+            let shapes = shapes
+                .iter()
+                .map(|s| {
+                    let v: Vec<usize> = s.split(':').map(|x| x.parse()).collect::<std::result::Result<_, _>>().context("--shapes: B:H:T:d")?;
+                    anyhow::ensure!(v.len() == 4 && v.iter().all(|&x| x > 0), "--shapes: `{s}` is not B:H:T:d");
+                    Ok((v[0], v[1], v[2], v[3]))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let out = bench::attention(&shapes, (*iters).max(1), &env)?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Cmd::Bench { config, seq_lens, batch, warmup, iters, decode_tokens, skip_train, run_index, out } => {
             let (batch, run_index) = (*batch, *run_index);

@@ -302,6 +302,7 @@ impl CustomOp3 for Flash {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::{Dims, FlashOpts};
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Result, Storage, Tensor};
