@@ -48,10 +48,11 @@ cargo build --release --features cuda -p zoo-harness --target-dir target-cuda
 mkdir -p .devbin .devpkg && cp target-cuda/release/zoo .devbin/zoo && strip .devbin/zoo && gzip -c .devbin/zoo > .devpkg/zoo.gz
 echo "built .devbin/zoo and .devpkg/zoo.gz (carry .devpkg to the device: gunzip -c .devpkg/zoo.gz > /tmp/zoo)"
 # The CUDA tests of the kernels, built here and run there (scripts/device-tests.sh): each test
-# target's binary, stripped and gzipped into .devpkg/tests/.
+# target's binary, stripped and gzipped into .devpkg/tests/ (about 12 MB each: the device takes
+# 64 MiB a call, so ZOO_CUDA_TESTS="crate:test ..." can pick fewer than all).
 if [ "${1:-}" = --tests ]; then
   rm -rf .devpkg/tests && mkdir -p .devpkg/tests
-  for pt in zoo-core:fused zoo-kernels:embedding; do
+  for pt in ${ZOO_CUDA_TESTS:-zoo-core:fused zoo-kernels:embedding zoo-core:flash}; do
     cargo test --release --features cuda -p "${pt%%:*}" --test "${pt#*:}" --target-dir target-cuda --no-run \
       --message-format=json 2> /dev/null | grep -o '"executable":"[^"]*"' | cut -d'"' -f4
   done | while read -r exe; do

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Attention microbenchmark on the GPU machine (issue 11): zoo's fused kernel and composition
+(`zoo bench-attention`) against PyTorch's F.scaled_dot_product_attention, same shapes, same
+machine, one command; causal, bf16; forward and forward + backward (loss sum(O * W)). FLOPs as
+FlashAttention-2 counts them: forward 4*B*H*T^2*d / 2 (causal), forward + backward 3.5x that.
+Times are medians of ITERS runs after 2 warm-ups, each synchronised (wall clock around
+synchronised calls, as `zoo bench-attention` times itself).
+
+    python3 scripts/attention-bench.py --zoo .devbin/zoo --out results/bench/attention-h200.json
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(1, 16, 4096, 128), (4, 16, 2048, 64), (8, 8, 1024, 64)]
+
+
+def sdpa_times(b, h, t, d, iters):
+    mk = lambda: torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = mk(), mk(), mk()
+    w = torch.randn(b, h, t, d, device="cuda", dtype=torch.float32)
+
+    def run(bwd):
+        ts = []
+        for i in range(iters + 2):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if bwd:
+                (o.float() * w).sum().backward()
+            torch.cuda.synchronize()
+            if i >= 2:
+                ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    return run(False), run(True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zoo", default=".devbin/zoo")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--out", default="attention-h200.json")
+    a = ap.parse_args()
+    shapes = ",".join(f"{b}:{h}:{t}:{d}" for b, h, t, d in SHAPES)
+    z = subprocess.run([a.zoo, "bench-attention", "--device", "cuda:0", "--dtype", "bf16", "--shapes", shapes,
+                        "--iters", str(a.iters)], capture_output=True, text=True)
+    if z.returncode != 0:
+        raise SystemExit(f"zoo bench-attention failed: {z.stderr}")
+    zoo = json.loads(z.stdout)
+    rows = []
+    for (b, h, t, d), zr in zip(SHAPES, zoo["shapes"]):
+        fwd, both = sdpa_times(b, h, t, d, a.iters)
+        flops = zr["fwd_flops"]
+        row = dict(zr)
+        row["sdpa"] = {"fwd_seconds": fwd, "fwd_bwd_seconds": both,
+                       "fwd_tflops": flops / fwd / 1e12, "fwd_bwd_tflops": 3.5 * flops / both / 1e12}
+        for impl in ("fused", "composition"):
+            if zr.get(impl, {}).get("fwd_seconds"):
+                row[f"{impl}/sdpa"] = {"fwd": fwd / zr[impl]["fwd_seconds"],
+                                       "fwd_bwd": both / zr[impl]["fwd_bwd_seconds"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    res = {"schema": "zoo.attention-bench/1", "device": torch.cuda.get_device_name(0), "dtype": "bf16",
+           "causal": True, "iters": a.iters, "torch": torch.__version__, "zoo": {k: zoo[k] for k in ("device", "git")},
+           "what": "median wall seconds of synchronised calls; ratio = sdpa seconds / zoo seconds (>1: zoo faster)",
+           "shapes": rows}
+    tmp = a.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, a.out)
+
+
+if __name__ == "__main__":
+    main()
