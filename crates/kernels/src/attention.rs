@@ -5,7 +5,9 @@
 //! `O = softmax(scale · Q Kᵀ + mask) V` per head. The forward keeps only O and the row
 //! log-sum-exp; the backward recomputes P from it (dQ over query rows, dK/dV over key rows,
 //! summed over the query heads of a GQA group), so nothing of size Tq × Tk is stored. Inputs f32,
-//! bf16 or f16; every sum in f32. The kernels run on CUDA cores (`src/cuda/attention.cu`); the CPU
+//! bf16 or f16; every sum in f32. With 16-bit inputs the matrix products run on tensor cores
+//! (WMMA 16×16×16; the backward for d ≤ 128); f32 inputs and decoding steps run on CUDA cores
+//! (`src/cuda/attention.cu`); the CPU
 //! form of the op is a plain loop of the same algorithm's result, used to test the op's semantics
 //! here against the composition (`zoo_core::attention::sdpa`), which stays the reference and the
 //! CPU path of the model.
@@ -303,6 +305,7 @@ impl CustomOp3 for Flash {
 mod cuda {
     use super::{Dims, FlashOpts};
     use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Result, Storage, Tensor};
@@ -311,6 +314,10 @@ mod cuda {
     const MODULE: &str = "zoo_flash";
     const ROWS: usize = 16;
     const THREADS: u32 = 128;
+    /// fwd_tc's tile sizes (attention.cu: TC_WARPS, TC_BR, TC_BC).
+    const TC_WARPS: usize = 4;
+    const TC_BR: usize = 16 * TC_WARPS;
+    const TC_BC: usize = 64;
 
     /// `struct Params` of attention.cu.
     #[repr(C)]
@@ -399,7 +406,23 @@ mod cuda {
         let dev = q.0.device.clone();
         let dt = q.0.dtype();
         let p = params(o, n)?;
-        let f = dev.get_or_load_custom_func(&format!("zoo_flash_fwd_{}_{}", suffix(dt)?, n.d), MODULE, PTX)?;
+        // Tensor cores for 16-bit inputs and more than a tile of queries (decoding steps take the
+        // 16-row CUDA-core kernel); ZOO_FLASH_TC=0 turns them off (for comparisons).
+        let tc = dt != DType::F32 && n.tq > ROWS && std::env::var("ZOO_FLASH_TC").map_or(true, |v| v != "0");
+        let name = format!("zoo_flash_fwd_{}{}_{}", if tc { "tc_" } else { "" }, suffix(dt)?, n.d);
+        let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let launch = if tc {
+            // Shared memory of fwd_tc (attention.cu): Q, K, V tiles and P in 16-bit, S and O in f32.
+            let bytes = (TC_BR * n.d + 2 * TC_BC * n.d + TC_WARPS * 16 * TC_BC) * 2 + (TC_WARPS * 16 * TC_BC + TC_WARPS * 16 * n.d) * 4;
+            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32).w()?;
+            LaunchConfig {
+                grid_dim: (n.tq.div_ceil(TC_BR) as u32, (n.b * n.h) as u32, 1),
+                block_dim: (32 * TC_WARPS as u32, 1, 1),
+                shared_mem_bytes: bytes as u32,
+            }
+        } else {
+            cfg(n.tq, n.b * n.h)
+        };
         let len = n.b * n.h * n.tq * n.d;
         let lse = dev.alloc_zeros::<f32>(n.b * n.h * n.tq)?;
         let out = match dt {
@@ -415,7 +438,7 @@ mod cuda {
         b.arg(&qp).arg(&kp).arg(&vp).arg(&op).arg(&lp).arg(&p);
         // SAFETY: q (B·H·Tq·d), k and v (B·Hkv·Tk·d) are contiguous inputs of the checked shapes;
         // out holds B·H·Tq·d elements and lse B·H·Tq; the kernel indexes within them.
-        unsafe { b.launch(cfg(n.tq, n.b * n.h)) }.w()?;
+        unsafe { b.launch(launch) }.w()?;
         drop(_sync);
         Ok((out, lse))
     }
@@ -445,16 +468,36 @@ mod cuda {
         let stream = dev.cuda_stream();
         let (lp, _sync) = lse.device_ptr(&stream);
         let s = suffix(dt)?;
-        let fq = dev.get_or_load_custom_func(&format!("zoo_flash_dq_{s}_{}", n.d), MODULE, PTX)?;
-        let fkv = dev.get_or_load_custom_func(&format!("zoo_flash_dkv_{s}_{}", n.d), MODULE, PTX)?;
+        // Tensor cores for 16-bit inputs with d <= 128 (shared memory of larger tiles does not fit).
+        let tc = dt != DType::F32 && n.d <= 128 && std::env::var("ZOO_FLASH_TC").map_or(true, |v| v != "0");
+        let t = if tc { "tc_" } else { "" };
+        let fq = dev.get_or_load_custom_func(&format!("zoo_flash_dq_{t}{s}_{}", n.d), MODULE, PTX)?;
+        let fkv = dev.get_or_load_custom_func(&format!("zoo_flash_dkv_{t}{s}_{}", n.d), MODULE, PTX)?;
+        let (cq, ckv) = if tc {
+            // Shared memory of bwd_dq_tc / bwd_dkv_tc (attention.cu).
+            let dq_bytes = (4 * TC_BR * n.d + TC_WARPS * 16 * TC_BC) * 2 + (TC_WARPS * 16 * TC_BC + TC_WARPS * 16 * n.d) * 4;
+            let dkv_bytes =
+                (4 * TC_BR * n.d + TC_WARPS * 16 * TC_BR) * 2 + (TC_WARPS * 16 * TC_BR + 2 * TC_WARPS * 16 * n.d + 2 * TC_BR) * 4;
+            let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            fq.set_attribute(attr, dq_bytes as i32).w()?;
+            fkv.set_attribute(attr, dkv_bytes as i32).w()?;
+            let c = |rows: usize, y: usize, bytes: usize| LaunchConfig {
+                grid_dim: (rows.div_ceil(TC_BR) as u32, y as u32, 1),
+                block_dim: (32 * TC_WARPS as u32, 1, 1),
+                shared_mem_bytes: bytes as u32,
+            };
+            (c(n.tq, n.b * n.h, dq_bytes), c(n.tk, n.b * n.hkv, dkv_bytes))
+        } else {
+            (cfg(n.tq, n.b * n.h), cfg(n.tk, n.b * n.hkv))
+        };
         let mut b = fq.builder();
         b.arg(&qp).arg(&kp).arg(&vp).arg(&gp).arg(&lp).arg(&dlp).arg(&dqp).arg(&p);
         // SAFETY: as in the forward; dq (B·H·Tq·d), dlt and lse (B·H·Tq) f32.
-        unsafe { b.launch(cfg(n.tq, n.b * n.h)) }.w()?;
+        unsafe { b.launch(cq) }.w()?;
         let mut b = fkv.builder();
         b.arg(&qp).arg(&kp).arg(&vp).arg(&gp).arg(&lp).arg(&dlp).arg(&dkp).arg(&dvp).arg(&p);
         // SAFETY: dk, dv (B·Hkv·Tk·d) f32; each row is written by the one thread group owning it.
-        unsafe { b.launch(cfg(n.tk, n.b * n.hkv)) }.w()?;
+        unsafe { b.launch(ckv) }.w()?;
         drop(_sync);
         Ok((dq, dk, dv))
     }
