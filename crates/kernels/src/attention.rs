@@ -337,6 +337,12 @@ mod cuda {
     // SAFETY: plain old data with the C layout of `struct Params`.
     unsafe impl DeviceRepr for Params {}
 
+    /// Tensor-core kernels unless ZOO_FLASH_TC=0 (for comparisons). They also need 16-byte aligned
+    /// inputs (their 16-byte tile loads); the callers check that.
+    fn tensor_cores() -> bool {
+        std::env::var("ZOO_FLASH_TC").map_or(true, |v| v != "0")
+    }
+
     fn params(o: &FlashOpts, n: &Dims) -> Result<Params> {
         let i = |x: usize, what: &str| -> Result<i32> {
             i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("flash attention: {what} {x} too large")))
@@ -408,7 +414,8 @@ mod cuda {
         let p = params(o, n)?;
         // Tensor cores for 16-bit inputs and more than a tile of queries (decoding steps take the
         // 16-row CUDA-core kernel); ZOO_FLASH_TC=0 turns them off (for comparisons).
-        let tc = dt != DType::F32 && n.tq > ROWS && std::env::var("ZOO_FLASH_TC").map_or(true, |v| v != "0");
+        let (qp, kp, vp) = (ptr(q.0, q.1, &dev)?, ptr(k.0, k.1, &dev)?, ptr(v.0, v.1, &dev)?);
+        let tc = dt != DType::F32 && n.tq > ROWS && tensor_cores() && [qp, kp, vp].iter().all(|p| p % 16 == 0);
         let name = format!("zoo_flash_fwd_{}{}_{}", if tc { "tc_" } else { "" }, suffix(dt)?, n.d);
         let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let launch = if tc {
@@ -430,7 +437,6 @@ mod cuda {
             DType::BF16 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(len)? }, dev.clone()),
             _ => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(len)? }, dev.clone()),
         };
-        let (qp, kp, vp) = (ptr(q.0, q.1, &dev)?, ptr(k.0, k.1, &dev)?, ptr(v.0, v.1, &dev)?);
         let op = ptr(&out, &Layout::contiguous((len,)), &dev)?;
         let stream = dev.cuda_stream();
         let (lp, _sync) = lse.device_ptr(&stream);
@@ -469,13 +475,14 @@ mod cuda {
         let (lp, _sync) = lse.device_ptr(&stream);
         let s = suffix(dt)?;
         // Tensor cores for 16-bit inputs with d <= 128 (shared memory of larger tiles does not fit).
-        let tc = dt != DType::F32 && n.d <= 128 && std::env::var("ZOO_FLASH_TC").map_or(true, |v| v != "0");
+        let tc = dt != DType::F32 && n.d <= 128 && tensor_cores() && [qp, kp, vp, gp].iter().all(|p| p % 16 == 0);
         let t = if tc { "tc_" } else { "" };
         let fq = dev.get_or_load_custom_func(&format!("zoo_flash_dq_{t}{s}_{}", n.d), MODULE, PTX)?;
         let fkv = dev.get_or_load_custom_func(&format!("zoo_flash_dkv_{t}{s}_{}", n.d), MODULE, PTX)?;
         let (cq, ckv) = if tc {
             // Shared memory of bwd_dq_tc / bwd_dkv_tc (attention.cu).
-            let dq_bytes = (4 * TC_BR * n.d + TC_WARPS * 16 * TC_BC) * 2 + (TC_WARPS * 16 * TC_BC + TC_WARPS * 16 * n.d) * 4;
+            let dq_bytes =
+                (4 * TC_BR * n.d + TC_WARPS * 16 * TC_BC) * 2 + (TC_WARPS * 16 * TC_BC + TC_WARPS * 16 * n.d + 2 * TC_BR) * 4;
             let dkv_bytes =
                 (4 * TC_BR * n.d + TC_WARPS * 16 * TC_BR) * 2 + (TC_WARPS * 16 * TC_BR + 2 * TC_WARPS * 16 * n.d + 2 * TC_BR) * 4;
             let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;

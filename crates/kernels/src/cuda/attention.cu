@@ -304,147 +304,45 @@ ALL_DIMS(__nv_bfloat16, bf16)
 ALL_DIMS(__half, f16)
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core forward (bf16 / f16 inputs): the same algorithm with the two matrix products on
-// WMMA 16x16x16 tiles (f32 accumulation). 4 warps per block, each owning 16 query rows; key
-// tiles of 64. A warp's scores S (16 x 64, f32), probabilities P (16 x 64, T) and output O
-// (16 x D, f32) live in shared memory: the online-softmax rescaling of O is a per-row SIMT step
-// (WMMA's register layout is opaque), and P·V accumulates into O through load/mma/store.
+// Tensor-core kernels (bf16 / f16 inputs): the same algorithms with the matrix products on WMMA
+// 16x16x16 tiles (f32 accumulation). 4 warps per block, each owning 16 rows (queries in the forward
+// and dQ, keys in dK/dV); tiles of 64 on the other side. A warp's scores (16 x 64, f32), P or dS
+// (16 x 64, T) and its accumulator (16 x D, f32) live in shared memory: WMMA's register layout is
+// opaque, so the per-row steps (online-softmax rescaling, masking, exp) run on the whole warp one
+// row at a time (lanes over columns: no bank conflicts), and the products accumulate through
+// load/mma/store. Tiles are staged with 16-byte loads (the launcher checks the alignment).
 #include <mma.h>
 
 #define TC_WARPS 4
 #define TC_BR (16 * TC_WARPS)
 #define TC_BC 64
 
-template <typename T, int D>
-__device__ void fwd_tc(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
-                       float* __restrict__ lse, Params p) {
-    using namespace nvcuda;
-    extern __shared__ __align__(128) unsigned char tc_smem[];
-    T* qs = reinterpret_cast<T*>(tc_smem);                 // TC_BR x D
-    T* ks = qs + TC_BR * D;                                 // TC_BC x D
-    T* vs = ks + TC_BC * D;                                 // TC_BC x D
-    T* ps = vs + TC_BC * D;                                 // TC_WARPS x 16 x TC_BC
-    float* ss = reinterpret_cast<float*>(ps + TC_WARPS * 16 * TC_BC);  // TC_WARPS x 16 x TC_BC
-    float* os = ss + TC_WARPS * 16 * TC_BC;                 // TC_WARPS x 16 x D
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hkv);
-    const int i0 = blockIdx.x * TC_BR;
-    const T* qb = q + (size_t)bh * p.Tq * D;
-    const T* kb = k + (size_t)(b * p.Hkv + hk) * p.Tk * D;
-    const T* vb = v + (size_t)(b * p.Hkv + hk) * p.Tk * D;
-    for (int e = tid; e < TC_BR * D; e += blockDim.x) {
-        const int r = e / D;
-        qs[e] = i0 + r < p.Tq ? qb[(size_t)(i0 + r) * D + e % D] : from_f<T>(0.f);
-    }
-    float* ow = os + warp * 16 * D;
-    float* sw = ss + warp * 16 * TC_BC;
-    T* pw = ps + warp * 16 * TC_BC;
-    for (int e = lane; e < 16 * D; e += 32) ow[e] = 0.f;
-    // Lanes 2r and 2r + 1 own row r of the warp's 16: columns half * 32 .. + 32 of S, D / 2 of O.
-    const int r = lane / 2, half = lane % 2;
-    const int i = i0 + warp * 16 + r;
-    const bool live = i < p.Tq;
-    const int qp = p.q_start + i;
-    float m = -INFINITY, l = 0.f;
-    const float sc = p.scale * LOG2E;
-    const int qlo = p.q_start + i0, qhi = min(qlo + TC_BR, p.q_start + p.Tq) - 1;
-    int c_lo, c_hi;
-    key_range(p, qlo, qhi, c_lo, c_hi);
-    for (int part = 0; part < 2; part++) {
-        const int from = part == 0 ? 0 : c_lo, to = part == 0 ? p.n_sink : c_hi;
-        for (int c0 = from; c0 < to; c0 += TC_BC) {
-            const int n = min(TC_BC, to - c0);
-            __syncthreads();
-            for (int e = tid; e < TC_BC * D; e += blockDim.x) {
-                const int j = e / D;
-                const bool in = j < n;
-                ks[e] = in ? kb[(size_t)(c0 + j) * D + e % D] : from_f<T>(0.f);
-                vs[e] = in ? vb[(size_t)(c0 + j) * D + e % D] : from_f<T>(0.f);
-            }
-            __syncthreads();
-            // S = Q_w K^T (16 x TC_BC).
+__device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
-            for (int cb = 0; cb < TC_BC / 16; cb++) {
-                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-                wmma::fill_fragment(acc, 0.f);
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
+    return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
-                for (int kk = 0; kk < D / 16; kk++) {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-                    wmma::load_matrix_sync(fa, qs + warp * 16 * D + kk * 16, D);
-                    wmma::load_matrix_sync(fb, ks + cb * 16 * D + kk * 16, D);
-                    wmma::mma_sync(acc, fa, fb, acc);
-                }
-                wmma::store_matrix_sync(sw + cb * 16, acc, TC_BC, wmma::mem_row_major);
-            }
-            __syncwarp();
-            // Online softmax of row r over this tile; P to shared memory, O rescaled.
-            float mx = m;
-            for (int jj = 0; jj < 32; jj++) {
-                const int j = half * 32 + jj;
-                const bool ok = live && j < n && visible(p, qp, c0 + j);
-                const float s = ok ? sw[r * TC_BC + j] * sc : -INFINITY;
-                sw[r * TC_BC + j] = s;
-                mx = fmaxf(mx, s);
-            }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-            const float corr = mx == -INFINITY ? 1.f : exp2f(m - mx);
-            float sum = 0.f;
-            for (int jj = 0; jj < 32; jj++) {
-                const int j = half * 32 + jj;
-                const float pj = mx == -INFINITY ? 0.f : exp2f(sw[r * TC_BC + j] - mx);
-                sum += pj;
-                pw[r * TC_BC + j] = from_f<T>(pj);
-            }
-            sum += __shfl_xor_sync(0xffffffff, sum, 1);
-            l = l * corr + sum;
-            m = mx;
-            for (int e = half * (D / 2); e < (half + 1) * (D / 2); e++) ow[r * D + e] *= corr;
-            __syncwarp();
-            // O_w += P_w V (16 x D).
-#pragma unroll
-            for (int nb = 0; nb < D / 16; nb++) {
-                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-                wmma::load_matrix_sync(acc, ow + nb * 16, D, wmma::mem_row_major);
-#pragma unroll
-                for (int kk = 0; kk < TC_BC / 16; kk++) {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-                    wmma::load_matrix_sync(fa, pw + kk * 16, TC_BC);
-                    wmma::load_matrix_sync(fb, vs + kk * 16 * D + nb * 16, D);
-                    wmma::mma_sync(acc, fa, fb, acc);
-                }
-                wmma::store_matrix_sync(ow + nb * 16, acc, D, wmma::mem_row_major);
-            }
-            __syncwarp();
-        }
-    }
-    if (!live) return;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    T* orow = o + ((size_t)bh * p.Tq + i) * D;
-    for (int e = half * (D / 2); e < (half + 1) * (D / 2); e++) orow[e] = from_f<T>(ow[r * D + e] * inv);
-    if (half == 0) lse[(size_t)bh * p.Tq + i] = l > 0.f ? m + log2f(l) : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
+    return x;
 }
 
-#define TC_KERNEL(T, NAME, D)                                                                      \
-    extern "C" __global__ void __launch_bounds__(32 * TC_WARPS) zoo_flash_fwd_tc_##NAME##_##D(    \
-        const T* q, const T* k, const T* v, T* o, float* lse, Params p) {                          \
-        fwd_tc<T, D>(q, k, v, o, lse, p);                                                          \
+// Rows first .. first + n of a row-major (rows x D) matrix into dst (n x D); rows at or beyond
+// `limit` are zero. 16-byte vectors: D is a multiple of 8 and src 16-byte aligned.
+template <typename T, int D>
+__device__ __forceinline__ void load_rows(T* dst, const T* src, int first, int n, int limit, int tid, int nthreads) {
+    constexpr int V = D / 8;
+    const uint4* s4 = reinterpret_cast<const uint4*>(src);
+    uint4* d4 = reinterpret_cast<uint4*>(dst);
+    for (int e = tid; e < n * V; e += nthreads) {
+        const int r = e / V;
+        d4[e] = first + r < limit ? s4[(size_t)(first + r) * V + e % V] : make_uint4(0, 0, 0, 0);
     }
-#define TC_DIMS(T, NAME) \
-    TC_KERNEL(T, NAME, 32) TC_KERNEL(T, NAME, 64) TC_KERNEL(T, NAME, 96) TC_KERNEL(T, NAME, 128) TC_KERNEL(T, NAME, 192) TC_KERNEL(T, NAME, 256)
-TC_DIMS(__nv_bfloat16, bf16)
-TC_DIMS(__half, f16)
+}
 
-// ---------------------------------------------------------------------------------------------
-// Tensor-core backward (bf16 / f16, D <= 128), FlashAttention-2 Alg. 2 split in two kernels so
-// that no atomics are needed: dK/dV over key tiles (each warp owns 16 keys and walks the query
-// tiles of every query head of its GQA group), dQ over query tiles (each warp owns 16 queries and
-// walks the key tiles). P and dS are rounded to T for the products (as FlashAttention does); all
-// sums are f32.
-
-// C (16 x N, f32, ld ldc) = A (16 x K, row-major, ld lda) * B; B (K x N) row-major with ld ldb,
-// or (b_t) the transpose of a row-major (N x K) matrix with ld ldb. accumulate: C += instead.
+// C (16 x N, f32, ld ldc) (+)= A (16 x K, row-major, ld lda) * B; B (K x N) row-major with ld ldb,
+// or (B_T) the transpose of a row-major (N x K) matrix with ld ldb.
 template <typename T, int K, int N, bool B_T>
 __device__ __forceinline__ void warp_mm(float* c, int ldc, const T* a, int lda, const T* bm, int ldb, bool accumulate) {
     using namespace nvcuda;
@@ -471,11 +369,74 @@ __device__ __forceinline__ void warp_mm(float* c, int ldc, const T* a, int lda, 
     }
 }
 
+// Forward. grid (ceil(Tq / 64), B * H), 128 threads.
 template <typename T, int D>
-__device__ void load_rows(T* dst, const T* src, int first, int n, int limit, int tid, int nthreads) {
-    for (int e = tid; e < n * D; e += nthreads) {
-        const int r = e / D;
-        dst[e] = first + r < limit ? src[(size_t)(first + r) * D + e % D] : from_f<T>(0.f);
+__device__ void fwd_tc(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
+                       float* __restrict__ lse, Params p) {
+    extern __shared__ __align__(128) unsigned char tc_smem[];
+    T* qs = reinterpret_cast<T*>(tc_smem);                 // TC_BR x D
+    T* ks = qs + TC_BR * D;                                 // TC_BC x D
+    T* vs = ks + TC_BC * D;                                 // TC_BC x D
+    T* ps = vs + TC_BC * D;                                 // TC_WARPS x 16 x TC_BC
+    float* ss = reinterpret_cast<float*>(ps + TC_WARPS * 16 * TC_BC);  // TC_WARPS x 16 x TC_BC
+    float* os = ss + TC_WARPS * 16 * TC_BC;                 // TC_WARPS x 16 x D
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, nth = blockDim.x;
+    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hkv);
+    const int i0 = blockIdx.x * TC_BR;
+    const T* kb = k + (size_t)(b * p.Hkv + hk) * p.Tk * D;
+    const T* vb = v + (size_t)(b * p.Hkv + hk) * p.Tk * D;
+    load_rows<T, D>(qs, q + (size_t)bh * p.Tq * D, i0, TC_BR, p.Tq, tid, nth);
+    float* ow = os + warp * 16 * D;
+    float* sw = ss + warp * 16 * TC_BC;
+    T* pw = ps + warp * 16 * TC_BC;
+    for (int e = lane; e < 16 * D; e += 32) ow[e] = 0.f;
+    const int iw = i0 + warp * 16;  // the warp's first query row
+    float mrow[16], lrow[16];
+#pragma unroll
+    for (int rr = 0; rr < 16; rr++) { mrow[rr] = -INFINITY; lrow[rr] = 0.f; }
+    const float sc = p.scale * LOG2E;
+    const int qlo = p.q_start + i0, qhi = min(qlo + TC_BR, p.q_start + p.Tq) - 1;
+    int c_lo, c_hi;
+    key_range(p, qlo, qhi, c_lo, c_hi);
+    for (int part = 0; part < 2; part++) {
+        const int from = part == 0 ? 0 : c_lo, to = part == 0 ? p.n_sink : c_hi;
+        for (int c0 = from; c0 < to; c0 += TC_BC) {
+            __syncthreads();
+            load_rows<T, D>(ks, kb, c0, TC_BC, to, tid, nth);
+            load_rows<T, D>(vs, vb, c0, TC_BC, to, tid, nth);
+            __syncthreads();
+            warp_mm<T, D, TC_BC, true>(sw, TC_BC, qs + warp * 16 * D, D, ks, D, false);  // S = Q_w K^T
+            __syncwarp();
+#pragma unroll
+            for (int rr = 0; rr < 16; rr++) {
+                const int i = iw + rr, qp = p.q_start + i;
+                const bool live = i < p.Tq;
+                const int j0 = lane, j1 = lane + 32;
+                const float s0 = live && c0 + j0 < to && visible(p, qp, c0 + j0) ? sw[rr * TC_BC + j0] * sc : -INFINITY;
+                const float s1 = live && c0 + j1 < to && visible(p, qp, c0 + j1) ? sw[rr * TC_BC + j1] * sc : -INFINITY;
+                const float mx = fmaxf(mrow[rr], warp_max(fmaxf(s0, s1)));
+                const float corr = mx == -INFINITY ? 1.f : exp2f(mrow[rr] - mx);
+                const float p0 = mx == -INFINITY ? 0.f : exp2f(s0 - mx), p1 = mx == -INFINITY ? 0.f : exp2f(s1 - mx);
+                lrow[rr] = lrow[rr] * corr + warp_sum(p0 + p1);
+                mrow[rr] = mx;
+                pw[rr * TC_BC + j0] = from_f<T>(p0);
+                pw[rr * TC_BC + j1] = from_f<T>(p1);
+                if (corr != 1.f)
+                    for (int e = lane; e < D; e += 32) ow[rr * D + e] *= corr;
+            }
+            __syncwarp();
+            warp_mm<T, TC_BC, D, false>(ow, D, pw, TC_BC, vs, D, true);  // O_w += P_w V
+            __syncwarp();
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 16; rr++) {
+        const int i = iw + rr;
+        if (i >= p.Tq) break;
+        const float inv = lrow[rr] > 0.f ? 1.f / lrow[rr] : 0.f;
+        T* orow = o + ((size_t)bh * p.Tq + i) * D;
+        for (int e = lane; e < D; e += 32) orow[e] = from_f<T>(ow[rr * D + e] * inv);
+        if (lane == 0) lse[(size_t)bh * p.Tq + i] = lrow[rr] > 0.f ? mrow[rr] + log2f(lrow[rr]) : -INFINITY;
     }
 }
 
@@ -506,7 +467,6 @@ __device__ void bwd_dkv_tc(const T* __restrict__ q, const T* __restrict__ k, con
     T* pw = pt + warp * 16 * TC_BR;
     for (int e = lane; e < 16 * D; e += 32) { dkw[e] = 0.f; dvw[e] = 0.f; }
     const float sc = p.scale * LOG2E;
-    // Query rows that may see this block's keys.
     const int c_last = min(c0 + TC_BC, p.Tk) - 1;
     int i_lo = 0, i_hi = p.Tq;
     if (c0 >= p.n_sink) {
@@ -515,9 +475,7 @@ __device__ void bwd_dkv_tc(const T* __restrict__ q, const T* __restrict__ k, con
         if (p.window != 0) i_hi = min(p.Tq, kp_hi + p.window - p.q_start);
         i_hi = max(i_hi, i_lo);
     }
-    // Lane owns key row r (of the warp's 16) and query columns half * 32 .. + 32.
-    const int r = lane / 2, half = lane % 2;
-    const int c = c0 + warp * 16 + r;
+    const int cw = c0 + warp * 16;  // the warp's first key column
     for (int g = 0; g < group; g++) {
         const int bh = b * p.H + hk * group + g;
         for (int i0 = i_lo; i0 < i_hi; i0 += TC_BR) {
@@ -530,36 +488,44 @@ __device__ void bwd_dkv_tc(const T* __restrict__ q, const T* __restrict__ k, con
                 dl[e] = in ? dlt[(size_t)bh * p.Tq + i0 + e] : 0.f;
             }
             __syncthreads();
-            // S^T = K_w Q^T (16 x 64).
-            warp_mm<T, D, TC_BR, true>(sw, TC_BR, ks + warp * 16 * D, D, qs, D, false);
+            warp_mm<T, D, TC_BR, true>(sw, TC_BR, ks + warp * 16 * D, D, qs, D, false);  // S^T = K_w Q^T
             __syncwarp();
-            for (int jj = 0; jj < 32; jj++) {
-                const int j = half * 32 + jj, i = i0 + j;
-                const bool ok = c < p.Tk && i < p.Tq && ls[j] != -INFINITY && visible(p, p.q_start + i, c);
-                pw[r * TC_BR + j] = from_f<T>(ok ? exp2f(sw[r * TC_BR + j] * sc - ls[j]) : 0.f);
+#pragma unroll 4
+            for (int rr = 0; rr < 16; rr++) {
+                const int c = cw + rr;
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    const int j = lane + 32 * u, i = i0 + j;
+                    const bool ok = c < p.Tk && i < p.Tq && ls[j] != -INFINITY && visible(p, p.q_start + i, c);
+                    pw[rr * TC_BR + j] = from_f<T>(ok ? exp2f(sw[rr * TC_BR + j] * sc - ls[j]) : 0.f);
+                }
             }
             __syncwarp();
-            // dV_w += P^T dO.
-            warp_mm<T, TC_BR, D, false>(dvw, D, pw, TC_BR, dos, D, true);
-            // dP^T = V_w dO^T (16 x 64).
-            warp_mm<T, D, TC_BR, true>(sw, TC_BR, vs + warp * 16 * D, D, dos, D, false);
+            warp_mm<T, TC_BR, D, false>(dvw, D, pw, TC_BR, dos, D, true);                 // dV_w += P^T dO
+            warp_mm<T, D, TC_BR, true>(sw, TC_BR, vs + warp * 16 * D, D, dos, D, false);  // dP^T = V_w dO^T
             __syncwarp();
-            for (int jj = 0; jj < 32; jj++) {
-                const int j = half * 32 + jj;
-                const float pj = to_f(pw[r * TC_BR + j]);
-                pw[r * TC_BR + j] = from_f<T>(pj * (sw[r * TC_BR + j] - dl[j]));
+#pragma unroll 4
+            for (int rr = 0; rr < 16; rr++) {
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    const int j = lane + 32 * u;
+                    const float pj = to_f(pw[rr * TC_BR + j]);
+                    pw[rr * TC_BR + j] = from_f<T>(pj * (sw[rr * TC_BR + j] - dl[j]));
+                }
             }
             __syncwarp();
-            // dK_w += dS^T Q.
-            warp_mm<T, TC_BR, D, false>(dkw, D, pw, TC_BR, qs, D, true);
+            warp_mm<T, TC_BR, D, false>(dkw, D, pw, TC_BR, qs, D, true);  // dK_w += dS^T Q
             __syncwarp();
         }
     }
-    if (c >= p.Tk) return;
-    const size_t row = (size_t)bk * p.Tk + c;
-    for (int e = half * (D / 2); e < (half + 1) * (D / 2); e++) {
-        dk[row * D + e] = dkw[r * D + e] * p.scale;
-        dv[row * D + e] = dvw[r * D + e];
+    for (int rr = 0; rr < 16; rr++) {
+        const int c = cw + rr;
+        if (c >= p.Tk) break;
+        const size_t row = (size_t)bk * p.Tk + c;
+        for (int e = lane; e < D; e += 32) {
+            dk[row * D + e] = dkw[rr * D + e] * p.scale;
+            dv[row * D + e] = dvw[rr * D + e];
+        }
     }
 }
 
@@ -576,22 +542,25 @@ __device__ void bwd_dq_tc(const T* __restrict__ q, const T* __restrict__ k, cons
     T* pt = vs + TC_BC * D;                       // per warp 16 x 64: P, then dS
     float* st = reinterpret_cast<float*>(pt + TC_WARPS * 16 * TC_BC);  // per warp 16 x 64 f32
     float* dqs = st + TC_WARPS * 16 * TC_BC;      // per warp 16 x D
+    float* lq = dqs + TC_WARPS * 16 * D;          // 64: lse of the block's rows
+    float* dlq = lq + TC_BR;                      // 64: D_i
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, nth = blockDim.x;
     const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hkv);
     const int i0 = blockIdx.x * TC_BR;
     load_rows<T, D>(qs, q + (size_t)bh * p.Tq * D, i0, TC_BR, p.Tq, tid, nth);
     load_rows<T, D>(dos, dout + (size_t)bh * p.Tq * D, i0, TC_BR, p.Tq, tid, nth);
+    for (int e = tid; e < TC_BR; e += nth) {
+        const bool in = i0 + e < p.Tq;
+        lq[e] = in ? lse[(size_t)bh * p.Tq + i0 + e] : -INFINITY;
+        dlq[e] = in ? dlt[(size_t)bh * p.Tq + i0 + e] : 0.f;
+    }
     const T* kb = k + (size_t)(b * p.Hkv + hk) * p.Tk * D;
     const T* vb = v + (size_t)(b * p.Hkv + hk) * p.Tk * D;
     float* dqw = dqs + warp * 16 * D;
     float* sw = st + warp * 16 * TC_BC;
     T* pw = pt + warp * 16 * TC_BC;
     for (int e = lane; e < 16 * D; e += 32) dqw[e] = 0.f;
-    const int r = lane / 2, half = lane % 2;
-    const int i = i0 + warp * 16 + r;
-    const bool live = i < p.Tq;
-    const size_t row = (size_t)bh * p.Tq + (live ? i : 0);
-    const float L = live ? lse[row] : -INFINITY, Di = live ? dlt[row] : 0.f;
+    const int iw = i0 + warp * 16;
     const float sc = p.scale * LOG2E;
     const int qlo = p.q_start + i0, qhi = min(qlo + TC_BR, p.q_start + p.Tq) - 1;
     int c_lo, c_hi;
@@ -603,33 +572,50 @@ __device__ void bwd_dq_tc(const T* __restrict__ q, const T* __restrict__ k, cons
             load_rows<T, D>(ks, kb, c0, TC_BC, to, tid, nth);
             load_rows<T, D>(vs, vb, c0, TC_BC, to, tid, nth);
             __syncthreads();
-            // S = Q_w K^T.
-            warp_mm<T, D, TC_BC, true>(sw, TC_BC, qs + warp * 16 * D, D, ks, D, false);
+            warp_mm<T, D, TC_BC, true>(sw, TC_BC, qs + warp * 16 * D, D, ks, D, false);  // S = Q_w K^T
             __syncwarp();
-            for (int jj = 0; jj < 32; jj++) {
-                const int j = half * 32 + jj, cc = c0 + j;
-                const bool ok = live && cc < to && L != -INFINITY && visible(p, p.q_start + i, cc);
-                pw[r * TC_BC + j] = from_f<T>(ok ? exp2f(sw[r * TC_BC + j] * sc - L) : 0.f);
+#pragma unroll 4
+            for (int rr = 0; rr < 16; rr++) {
+                const int i = iw + rr;
+                const float L = lq[warp * 16 + rr];
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    const int j = lane + 32 * u, cc = c0 + j;
+                    const bool ok = i < p.Tq && cc < to && L != -INFINITY && visible(p, p.q_start + i, cc);
+                    pw[rr * TC_BC + j] = from_f<T>(ok ? exp2f(sw[rr * TC_BC + j] * sc - L) : 0.f);
+                }
             }
             __syncwarp();
-            // dP = dO_w V^T.
-            warp_mm<T, D, TC_BC, true>(sw, TC_BC, dos + warp * 16 * D, D, vs, D, false);
+            warp_mm<T, D, TC_BC, true>(sw, TC_BC, dos + warp * 16 * D, D, vs, D, false);  // dP = dO_w V^T
             __syncwarp();
-            for (int jj = 0; jj < 32; jj++) {
-                const int j = half * 32 + jj;
-                const float pj = to_f(pw[r * TC_BC + j]);
-                pw[r * TC_BC + j] = from_f<T>(pj * (sw[r * TC_BC + j] - Di));
+#pragma unroll 4
+            for (int rr = 0; rr < 16; rr++) {
+                const float Di = dlq[warp * 16 + rr];
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    const int j = lane + 32 * u;
+                    const float pj = to_f(pw[rr * TC_BC + j]);
+                    pw[rr * TC_BC + j] = from_f<T>(pj * (sw[rr * TC_BC + j] - Di));
+                }
             }
             __syncwarp();
-            // dQ_w += dS K.
-            warp_mm<T, TC_BC, D, false>(dqw, D, pw, TC_BC, ks, D, true);
+            warp_mm<T, TC_BC, D, false>(dqw, D, pw, TC_BC, ks, D, true);  // dQ_w += dS K
             __syncwarp();
         }
     }
-    if (!live) return;
-    for (int e = half * (D / 2); e < (half + 1) * (D / 2); e++) dq[row * D + e] = dqw[r * D + e] * p.scale;
+    for (int rr = 0; rr < 16; rr++) {
+        const int i = iw + rr;
+        if (i >= p.Tq) break;
+        const size_t row = (size_t)bh * p.Tq + i;
+        for (int e = lane; e < D; e += 32) dq[row * D + e] = dqw[rr * D + e] * p.scale;
+    }
 }
 
+#define TC_FWD(T, NAME, D)                                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * TC_WARPS) zoo_flash_fwd_tc_##NAME##_##D(    \
+        const T* q, const T* k, const T* v, T* o, float* lse, Params p) {                          \
+        fwd_tc<T, D>(q, k, v, o, lse, p);                                                          \
+    }
 #define TC_BWD(T, NAME, D)                                                                                    \
     extern "C" __global__ void __launch_bounds__(32 * TC_WARPS) zoo_flash_dkv_tc_##NAME##_##D(               \
         const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dlt, float* dk,    \
@@ -641,6 +627,8 @@ __device__ void bwd_dq_tc(const T* __restrict__ q, const T* __restrict__ k, cons
         Params p) {                                                                                           \
         bwd_dq_tc<T, D>(q, k, v, dout, lse, dlt, dq, p);                                                      \
     }
-#define TC_BWD_DIMS(T, NAME) TC_BWD(T, NAME, 32) TC_BWD(T, NAME, 64) TC_BWD(T, NAME, 96) TC_BWD(T, NAME, 128)
-TC_BWD_DIMS(__nv_bfloat16, bf16)
-TC_BWD_DIMS(__half, f16)
+#define TC_ALL(T, NAME)                                                                                       \
+    TC_FWD(T, NAME, 32) TC_FWD(T, NAME, 64) TC_FWD(T, NAME, 96) TC_FWD(T, NAME, 128) TC_FWD(T, NAME, 192)     \
+    TC_FWD(T, NAME, 256) TC_BWD(T, NAME, 32) TC_BWD(T, NAME, 64) TC_BWD(T, NAME, 96) TC_BWD(T, NAME, 128)
+TC_ALL(__nv_bfloat16, bf16)
+TC_ALL(__half, f16)
