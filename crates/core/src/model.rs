@@ -156,7 +156,7 @@ impl Lm {
         let logits = match &self.head {
             Some(head) => head.forward(&h)?,
             None if self.embed.quant.is_some() && crate::nn::use_quantized(&h) => {
-                h.contiguous()?.apply(self.embed.quant.as_ref().expect("checked"))?
+                self.embed.quant.as_ref().expect("checked").forward(&h)?
             }
             None => {
                 let (b, t, d) = h.dims3()?;

@@ -24,7 +24,36 @@ pub struct Linear {
     /// A quantized copy of `weight` (e.g. a GGUF file's Q4_1 blocks) for inference matmuls on the
     /// CPU, from [`crate::params::ParamStore::set_quantized`]. It has no backward, so only
     /// inference entry points set it; `weight` stays the (dequantized) parameter.
-    pub quant: Option<QMatMul>,
+    pub quant: Option<Quant>,
+}
+
+/// A quantized copy of a weight matrix for inference matmuls on the CPU.
+#[derive(Clone, Debug)]
+pub enum Quant {
+    /// candle's quantized matmul (its block types with SIMD kernels: Q4_0, Q8_0, k-quants).
+    Candle(QMatMul),
+    /// A GGUF file's Q4_1 blocks with zoo's AVX2 kernel ([`crate::q4_1`]).
+    Q4_1(std::sync::Arc<crate::q4_1::Q41Matrix>),
+}
+
+impl Quant {
+    /// x (…, in) f32 contiguous → (…, out).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Quant::Candle(q) => x.contiguous()?.apply(q),
+            Quant::Q4_1(w) => {
+                let mut dims = x.dims().to_vec();
+                let cols = *dims.last().expect("rank >= 1");
+                if cols != w.cols {
+                    candle_core::bail!("Q4_1 matmul: input width {cols}, matrix has {} columns", w.cols)
+                }
+                let n = x.elem_count() / cols;
+                let y = w.matmul(&x.flatten_all()?.to_vec1::<f32>()?, n);
+                *dims.last_mut().expect("rank >= 1") = w.rows;
+                Tensor::from_vec(y, dims, x.device())
+            }
+        }
+    }
 }
 
 impl Linear {
@@ -41,7 +70,7 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.quant {
-            Some(q) if use_quantized(x) => x.contiguous()?.apply(q)?,
+            Some(q) if use_quantized(x) => q.forward(x)?,
             _ => self.dense(x)?,
         };
         match &self.bias {
@@ -75,7 +104,7 @@ pub fn use_quantized(x: &Tensor) -> bool {
 pub struct Embedding {
     pub weight: Tensor,
     /// A quantized copy of the table, used as the tied LM head in inference (see [`Linear::quant`]).
-    pub quant: Option<QMatMul>,
+    pub quant: Option<Quant>,
 }
 
 impl Embedding {

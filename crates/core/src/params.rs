@@ -6,7 +6,7 @@
 //! applies (nanoGPT's rule: matrices decay; norms, biases and embeddings do not, unless configured).
 
 use crate::rng::Rng;
-use candle_core::quantized::QMatMul;
+use crate::nn::Quant;
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -48,7 +48,7 @@ struct Inner {
     preset_extends: bool,
     fresh: Vec<String>,
     /// Quantized copies of weights for inference matmuls ([`ParamStore::set_quantized`]).
-    quantized: BTreeMap<String, QMatMul>,
+    quantized: BTreeMap<String, Quant>,
 }
 
 /// A shared store of parameters; cheap to clone.
@@ -104,7 +104,7 @@ impl ParamStore {
     }
 
     /// Every quantized inference copy (see [`ParamStore::set_quantized`]).
-    pub fn quantized_all(&self) -> BTreeMap<String, QMatMul> {
+    pub fn quantized_all(&self) -> BTreeMap<String, Quant> {
         self.inner.lock().unwrap().quantized.clone()
     }
 
@@ -123,11 +123,11 @@ impl ParamStore {
     /// Quantized copies of weights (by parameter name, e.g. `layers.0.mixer.q_proj.weight`) that
     /// [`crate::nn::Linear`]s built afterwards use for inference matmuls on the CPU. Such matmuls have
     /// no backward: only inference entry points (generate, eval) set them.
-    pub fn set_quantized(&self, q: BTreeMap<String, QMatMul>) {
+    pub fn set_quantized(&self, q: BTreeMap<String, Quant>) {
         self.inner.lock().unwrap().quantized = q;
     }
 
-    fn quantized(&self, name: &str) -> Option<QMatMul> {
+    fn quantized(&self, name: &str) -> Option<Quant> {
         self.inner.lock().unwrap().quantized.get(name).cloned()
     }
 
@@ -252,7 +252,7 @@ impl Pb {
     }
 
     /// The quantized inference copy of parameter `name` under this prefix, if the store has one.
-    pub fn quantized(&self, name: &str) -> Option<QMatMul> {
+    pub fn quantized(&self, name: &str) -> Option<Quant> {
         let full = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
         self.store.quantized(&full)
     }

@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use zoo_core::candle_core::quantized::gguf_file::{Content, Value};
 use zoo_core::candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use zoo_core::nn::Quant;
+use zoo_core::q4_1::Q41Matrix;
 use zoo_core::candle_core::{Device, Tensor};
 use zoo_core::model::{Lm, LmShape};
 use zoo_core::params::ParamStore;
@@ -60,9 +62,9 @@ pub fn unpermute_qk(w: &Tensor, heads: usize) -> zoo_core::candle_core::Result<T
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoadOpts {
     /// Keep a GGUF file's quantized blocks for the linear maps' inference matmuls on the CPU
-    /// (candle's `QMatMul`: each activation row quantized to 8 bits per block, as llama.cpp does),
-    /// besides the dequantized f32 parameters; block types without a SIMD kernel in candle are
-    /// re-quantized to Q8_0 ([`simd_type`]). Faster decoding, logits close to but not equal to the
+    /// (each activation row quantized to 8 bits per block, as llama.cpp does), besides the
+    /// dequantized f32 parameters: Q4_1 with zoo's AVX2 kernel (`zoo_core::q4_1`), the types
+    /// candle runs with SIMD through its `QMatMul`, other types re-quantized to Q8_0. Faster decoding, logits close to but not equal to the
     /// f32 path; no backward through those matmuls. Off: every matmul in f32.
     pub quantized: bool,
 }
@@ -76,18 +78,50 @@ fn simd_type(t: GgmlDType) -> bool {
     matches!(t, Q4_0 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K | Q8K)
 }
 
+/// The inference copy of a GGUF matrix `q` (dequantized: `t`, already un-permuted when `qk_heads`
+/// is given): Q4_1 in zoo's own kernel, the types candle runs with SIMD as they are, others
+/// re-quantized to Q8_0.
+fn quant_of(q: &QTensor, t: &Tensor, qk_heads: Option<usize>, path: &Path, name: &str) -> Result<Quant> {
+    let (rows, cols) = q.shape().dims2()?;
+    Ok(match q.dtype() {
+        GgmlDType::Q4_1 => {
+            let m = Q41Matrix::from_ggml(&q.data()?, rows, cols).map_err(|e| anyhow::anyhow!("{}: `{name}`: {e}", path.display()))?;
+            let m = match qk_heads {
+                Some(h) => m.permute_rows(&unpermute_order(rows, h)?),
+                None => m,
+            };
+            Quant::Q4_1(std::sync::Arc::new(m))
+        }
+        ty if simd_type(ty) => {
+            let qt = match qk_heads {
+                Some(h) => unpermute_qk_quantized(q, h)?,
+                None => zoo_core::candle_core::quantized::ggml_file::qtensor_from_ggml(ty, &q.data()?, vec![rows, cols], &Device::Cpu)?,
+            };
+            Quant::Candle(QMatMul::from_qtensor(qt)?)
+        }
+        _ => Quant::Candle(QMatMul::from_qtensor(QTensor::quantize(t, GgmlDType::Q8_0)?)?),
+    })
+}
+
+/// Row order of `unpermute_qk` for a (rows, ·) matrix: row i of the result is row order[i].
+fn unpermute_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
+    Ok(unpermute_qk(&Tensor::arange(0u32, rows as u32, &Device::Cpu)?.reshape((rows, 1))?, heads)?
+        .flatten_all()?
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(|r| r as usize)
+        .collect())
+}
+
 /// The rows of a quantized (rows, cols) matrix reordered as `unpermute_qk` reorders a dense one,
 /// by moving whole rows of blocks.
 fn unpermute_qk_quantized(q: &QTensor, heads: usize) -> Result<QTensor> {
     let (rows, cols) = q.shape().dims2()?;
-    let order = unpermute_qk(&Tensor::arange(0u32, rows as u32, &Device::Cpu)?.reshape((rows, 1))?, heads)?
-        .flatten_all()?
-        .to_vec1::<u32>()?;
     let data = q.data()?;
     let row_bytes = data.len() / rows;
     let mut out = Vec::with_capacity(data.len());
-    for r in order {
-        out.extend_from_slice(&data[r as usize * row_bytes..(r as usize + 1) * row_bytes]);
+    for r in unpermute_order(rows, heads)? {
+        out.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
     }
     Ok(zoo_core::candle_core::quantized::ggml_file::qtensor_from_ggml(q.dtype(), &out, vec![rows, cols], &Device::Cpu)?)
 }
@@ -156,8 +190,7 @@ pub fn load_gguf_with(path: &Path, env: &Env, opts: LoadOpts) -> Result<Pretrain
                         let ours = format!("{l}.mixer.{proj}.weight");
                         let t = unpermute_qk(&t, h)?;
                         if keep {
-                            let qt = if simd_type(q.dtype()) { unpermute_qk_quantized(&q, h)? } else { QTensor::quantize(&t, GgmlDType::Q8_0)? };
-                            quantized.insert(ours.clone(), QMatMul::from_qtensor(qt)?);
+                            quantized.insert(ours.clone(), quant_of(&q, &t, Some(h), path, name)?);
                         }
                         tensors.insert(ours, t);
                         continue;
@@ -172,8 +205,7 @@ pub fn load_gguf_with(path: &Path, env: &Env, opts: LoadOpts) -> Result<Pretrain
             }
         };
         if keep {
-            let qt = if simd_type(q.dtype()) { q } else { QTensor::quantize(&t, GgmlDType::Q8_0)? };
-            quantized.insert(ours.clone(), QMatMul::from_qtensor(qt)?);
+            quantized.insert(ours.clone(), quant_of(&q, &t, None, path, name)?);
         }
         tensors.insert(ours, t);
     }
@@ -200,7 +232,7 @@ fn build_llama(
     mixer: &str,
     hidden: usize,
     tensors: BTreeMap<String, Tensor>,
-    quantized: BTreeMap<String, QMatMul>,
+    quantized: BTreeMap<String, Quant>,
     source: &Path,
     env: &Env,
 ) -> Result<(Lm, ParamStore, ModelConfig)> {
