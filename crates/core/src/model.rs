@@ -193,12 +193,19 @@ impl Lm {
 
 /// Mean cross-entropy over positions where `mask` is 1 (all positions if `mask` is None).
 /// logits (B, T, V), targets (B, T) u32, mask (B, T) in {0, 1}. Computed in f32 (f64 stays f64)
-/// from `log_softmax`, which records a backward pass.
+/// from `log_softmax`, which records a backward pass; on CUDA by the fused kernel
+/// (`zoo_kernels::cross_entropy`) unless `ZOO_KERNELS=naive`.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     let work = if logits.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-    let lp = candle_nn::ops::log_softmax(&logits.to_dtype(work)?.reshape((b * t, v))?, 1)?;
-    let nll = lp.gather(&targets.reshape((b * t, 1))?, 1)?.reshape(b * t)?.neg()?;
+    let nll = match zoo_kernels::cross_entropy::unsupported(logits, targets) {
+        // The fused kernel (CUDA): per-row lse, gradient written once in the logits' type.
+        None => zoo_kernels::cross_entropy::nll_op(&logits.reshape((b * t, v))?, &targets.flatten_all()?)?,
+        Some(_) => {
+            let lp = candle_nn::ops::log_softmax(&logits.to_dtype(work)?.reshape((b * t, v))?, 1)?;
+            lp.gather(&targets.reshape((b * t, 1))?, 1)?.reshape(b * t)?.neg()?
+        }
+    };
     match mask {
         None => nll.mean(0),
         Some(m) => {

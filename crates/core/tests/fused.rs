@@ -138,3 +138,48 @@ fn non_finite_norm_updates_nothing() -> Result<()> {
     zoo_kernels::set_mode(Kernels::Fused);
     Ok(())
 }
+
+/// Cross-entropy: the fused op (CPU form here; the kernels on CUDA) against the composition
+/// (`log_softmax` + `gather`), loss and logits gradient, with a mask.
+fn check_cross_entropy(dev: &Device, dt: DType, tol: f32) -> Result<()> {
+    let _g = MODE.lock().unwrap();
+    let (b, t, v) = (3, 37, 1000);
+    let logits = (Tensor::randn(0f32, 3.0, (b, t, v), dev)?).to_dtype(dt)?.to_dtype(DType::F32)?;
+    let ids: Vec<u32> = (0..b * t).map(|i| ((i * 37 + 5) % v) as u32).collect();
+    let targets = Tensor::from_vec(ids, (b, t), dev)?;
+    let keep: Vec<f32> = (0..b * t).map(|i| if i % 3 == 0 { 0.0 } else { 1.0 }).collect();
+    let mask = Tensor::from_vec(keep, (b, t), dev)?;
+    let run = |fused: bool| -> Result<(Tensor, Tensor)> {
+        zoo_kernels::set_mode(if fused { Kernels::Fused } else { Kernels::Naive });
+        let x = candle_core::Var::from_tensor(&logits.to_dtype(if fused { dt } else { DType::F32 })?)?;
+        let loss = if fused && !dev.is_cuda() {
+            // The op's CPU form directly (the model takes it on CUDA only).
+            let nll = zoo_kernels::cross_entropy::nll_op(&x.as_tensor().reshape((b * t, v))?, &targets.flatten_all()?)?;
+            let m = mask.flatten_all()?;
+            (nll * &m)?.sum_all()?.broadcast_div(&m.sum_all()?)?
+                .to_dtype(DType::F32)?
+        } else {
+            zoo_core::model::cross_entropy(x.as_tensor(), &targets, Some(&mask))?
+        };
+        let g = loss.backward()?;
+        Ok((loss, g.get(x.as_tensor()).expect("gradient").to_dtype(DType::F32)?))
+    };
+    let (lf, gf) = run(true)?;
+    let (ln, gn) = run(false)?;
+    zoo_kernels::set_mode(Kernels::Fused);
+    let e = max_rel(&lf, &ln)?.max(max_rel(&gf, &gn)?);
+    assert!(e <= tol, "cross-entropy {dt:?} on {dev:?}: rel. error {e:.2e} > {tol:.0e}");
+    Ok(())
+}
+
+#[test]
+fn cross_entropy_op_matches_the_composition_on_cpu() -> Result<()> {
+    check_cross_entropy(&Device::Cpu, DType::F32, 1e-5)
+}
+
+#[test]
+fn cross_entropy_kernels_match_the_composition() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    check_cross_entropy(&dev, DType::F32, 1e-5)?;
+    check_cross_entropy(&dev, DType::BF16, 2e-2)
+}

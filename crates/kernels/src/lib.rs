@@ -10,6 +10,8 @@
 //!   tensors plus one for the norm, in place, instead of about twenty launches per parameter tensor.
 //! - [`attention`]: tiled online-softmax attention forward and backward (FlashAttention-2's
 //!   algorithm on CUDA cores, f32 sums) with causal positions, windows, sinks and GQA.
+//! - [`cross_entropy`]: the loss per row from its log-sum-exp, the gradient written once (no
+//!   f32 softmax of the (B·T, V) logits kept).
 //! - [`embedding`]: the token lookup with a scatter (atomicAdd) backward in place of candle's
 //!   `index_add`.
 //!
@@ -18,6 +20,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod cross_entropy;
 pub mod embedding;
 
 use std::sync::atomic::{AtomicU8, Ordering};
