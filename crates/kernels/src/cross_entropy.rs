@@ -17,14 +17,8 @@ use std::sync::{Arc, Mutex};
 
 /// Why the fused kernel cannot run here (`None`: it can).
 pub fn unsupported(logits: &Tensor, targets: &Tensor) -> Option<String> {
-    if crate::mode() == crate::Kernels::Naive {
-        return Some("ZOO_KERNELS=naive".into());
-    }
-    if !crate::compiled() {
-        return Some("built without the cuda feature".into());
-    }
-    if !logits.device().is_cuda() {
-        return Some("not on CUDA".into());
+    if let Some(why) = crate::unavailable(logits.device()) {
+        return Some(why);
     }
     if !matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         return Some(format!("logits dtype {:?}", logits.dtype()));
@@ -121,10 +115,11 @@ impl CustomOp2 for Nll {
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use crate::cuda_addr::{storage_addr, tensor_addr};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaStorage, DType, Device, Layout, Result, Storage, Tensor};
+    use candle_core::{CudaStorage, DType, Device, Layout, Result, Tensor};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx"));
     const MODULE: &str = "zoo_ce";
@@ -142,34 +137,12 @@ mod cuda {
         LaunchConfig { grid_dim: (n.clamp(1, 65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
     }
 
-    fn addr(t: &Tensor) -> Result<u64> {
-        let (st, l) = t.storage_and_layout();
-        let Storage::Cuda(cs) = &*st else { candle_core::bail!("cross-entropy: tensor not on CUDA") };
-        storage_addr(cs, l)
-    }
-
-    fn storage_addr(cs: &CudaStorage, l: &Layout) -> Result<u64> {
-        let stream = cs.device.cuda_stream();
-        let (p, size) = match cs.dtype() {
-            DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
-            DType::BF16 => (cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0, 2),
-            DType::F16 => (cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0, 2),
-            DType::U32 => (cs.as_cuda_slice::<u32>()?.device_ptr(&stream).0, 4),
-            t => candle_core::bail!("cross-entropy: dtype {t:?}"),
-        };
-        if !l.is_contiguous() {
-            candle_core::bail!("cross-entropy: input not contiguous")
-        }
-        // Every buffer outlives the launch (held by the caller) and all work is on one stream.
-        Ok(p + (l.start_offset() * size) as u64)
-    }
-
     pub fn forward(x: &CudaStorage, xl: &Layout, t: &CudaStorage, tl: &Layout, n: usize, v: usize) -> Result<(CudaStorage, Tensor)> {
         let dev = x.device.clone();
         let f = dev.get_or_load_custom_func(&format!("zoo_ce_fwd_{}", suffix(x.dtype())?), MODULE, PTX)?;
         let nll = dev.alloc_zeros::<f32>(n)?;
         let lse = Tensor::zeros(n, DType::F32, &Device::Cuda(dev.clone()))?;
-        let (xp, tp, lp) = (storage_addr(x, xl)?, storage_addr(t, tl)?, addr(&lse)?);
+        let (xp, tp, lp) = (storage_addr(x, xl)?, storage_addr(t, tl)?, tensor_addr(&lse)?);
         let stream = dev.cuda_stream();
         let (np, _sync) = nll.device_ptr(&stream);
         let (n32, v32) = (n as u32, v as u32);
@@ -187,7 +160,7 @@ mod cuda {
         let n = t.elem_count();
         let dx = Tensor::zeros(x.shape(), x.dtype(), x.device())?;
         let f = dev.get_or_load_custom_func(&format!("zoo_ce_bwd_{}", suffix(x.dtype())?), MODULE, PTX)?;
-        let (xp, tp, lp, gp, dp) = (addr(&x)?, addr(&t)?, addr(lse)?, addr(g)?, addr(&dx)?);
+        let (xp, tp, lp, gp, dp) = (tensor_addr(&x)?, tensor_addr(&t)?, tensor_addr(lse)?, tensor_addr(g)?, tensor_addr(&dx)?);
         let (n32, v32) = (n as u32, v as u32);
         let mut b = f.builder();
         b.arg(&xp).arg(&tp).arg(&lp).arg(&gp).arg(&dp).arg(&n32).arg(&v32);

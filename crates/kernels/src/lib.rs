@@ -21,6 +21,8 @@
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub mod cuda_addr;
 pub mod embedding;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -74,6 +76,20 @@ pub fn set_mode(k: Kernels) {
 /// Whether this build carries the CUDA kernels.
 pub fn compiled() -> bool {
     cfg!(feature = "cuda")
+}
+
+/// Why no fused kernel can run on `device` at all (`None`: one may): `ZOO_KERNELS=naive`, a build
+/// without CUDA, a tensor not on CUDA. Each op adds its own dtype and shape conditions.
+pub fn unavailable(device: &candle_core::Device) -> Option<String> {
+    if mode() == Kernels::Naive {
+        Some("ZOO_KERNELS=naive".into())
+    } else if !compiled() {
+        Some("built without the cuda feature".into())
+    } else if !device.is_cuda() {
+        Some("not on CUDA".into())
+    } else {
+        None
+    }
 }
 
 /// Say once per (op, reason) on stderr that a fused kernel did not apply and the composition ran.

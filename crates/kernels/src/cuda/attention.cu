@@ -11,8 +11,7 @@
 // Threads: TPR = 8 lanes share one row (each owns D / 8 of its elements; dot products are reduced
 // with shuffles), ROWS = 16 rows per block of 128 threads. K/V (or Q/dO) tiles of BC rows are staged
 // in shared memory as f32. Scores are kept in base 2 (scaled by log2 e) so that exp2 serves.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "convert.cuh"
 #include <stdint.h>
 
 #define TPR 8
@@ -20,13 +19,6 @@
 #define THREADS (TPR * ROWS)
 #define LOG2E 1.4426950408889634f
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
 __device__ __forceinline__ float row_sum(float x) {
 #pragma unroll

@@ -1,19 +1,11 @@
 // Cross-entropy over rows of logits without materialising the softmax: the forward writes each
 // row's negative log-likelihood and log-sum-exp (f32); the backward writes
 // dlogits[i, j] = g[i] * (exp(x[i, j] - lse[i]) - [j == t[i]]) in the logits' type. One block per row.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "convert.cuh"
 #include <stdint.h>
 
 #define CE_THREADS 256
 
-__device__ __forceinline__ float ce_f(float x) { return x; }
-__device__ __forceinline__ float ce_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float ce_f(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T ce_to(float x);
-template <> __device__ __forceinline__ float ce_to<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 ce_to<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half ce_to<__half>(float x) { return __float2half(x); }
 
 // Block-wide reduction (max or sum) of one float per thread.
 template <bool MAX>
@@ -45,16 +37,16 @@ __device__ void ce_fwd(const T* __restrict__ x, const uint32_t* __restrict__ t, 
     for (uint32_t row = blockIdx.x; row < n; row += gridDim.x) {
         const T* xr = x + (size_t)row * v;
         float m = -INFINITY;
-        for (uint32_t j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, ce_f(xr[j]));
+        for (uint32_t j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, to_f(xr[j]));
         m = block_reduce<true>(m, shared);
         float s = 0.f;
-        for (uint32_t j = threadIdx.x; j < v; j += blockDim.x) s += expf(ce_f(xr[j]) - m);
+        for (uint32_t j = threadIdx.x; j < v; j += blockDim.x) s += expf(to_f(xr[j]) - m);
         s = block_reduce<false>(s, shared);
         if (threadIdx.x == 0) {
             const float l = m + logf(s);
             const uint32_t target = t[row];
             lse[row] = l;
-            nll[row] = target < v ? l - ce_f(xr[target]) : NAN;
+            nll[row] = target < v ? l - to_f(xr[target]) : NAN;
         }
     }
 }
@@ -68,7 +60,7 @@ __device__ void ce_bwd(const T* __restrict__ x, const uint32_t* __restrict__ t, 
         const float l = lse[row], gi = g[row];
         const uint32_t target = t[row];
         for (uint32_t j = threadIdx.x; j < v; j += blockDim.x)
-            dr[j] = ce_to<T>(gi * (expf(ce_f(xr[j]) - l) - (j == target ? 1.f : 0.f)));
+            dr[j] = from_f<T>(gi * (expf(to_f(xr[j]) - l) - (j == target ? 1.f : 0.f)));
     }
 }
 

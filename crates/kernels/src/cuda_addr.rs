@@ -1,0 +1,30 @@
+//! Device addresses of candle's CUDA buffers, for kernels that take raw pointers.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+use candle_core::{CudaStorage, DType, Layout, Result, Storage, Tensor};
+
+/// Address of the first element of a contiguous f32, bf16, f16 or u32 storage. The buffer must
+/// outlive the kernels that use the address (the caller holds its tensor) and all work must be on
+/// the device's one stream, which orders every read and write.
+pub fn storage_addr(cs: &CudaStorage, l: &Layout) -> Result<u64> {
+    let stream = cs.device.cuda_stream();
+    let (p, size) = match cs.dtype() {
+        DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
+        DType::BF16 => (cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0, 2),
+        DType::F16 => (cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0, 2),
+        DType::U32 => (cs.as_cuda_slice::<u32>()?.device_ptr(&stream).0, 4),
+        t => candle_core::bail!("zoo-kernels: no raw address for dtype {t:?}"),
+    };
+    if !l.is_contiguous() {
+        candle_core::bail!("zoo-kernels: input not contiguous")
+    }
+    Ok(p + (l.start_offset() * size) as u64)
+}
+
+/// [`storage_addr`] of a tensor on CUDA.
+pub fn tensor_addr(t: &Tensor) -> Result<u64> {
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*st else { candle_core::bail!("zoo-kernels: tensor not on CUDA") };
+    storage_addr(cs, l)
+}
