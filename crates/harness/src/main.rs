@@ -167,25 +167,7 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
 
 /// Exit codes: 0 success; 1 a sweep finished but some runs failed (each is reported, the others
 /// ran); 2 an error before or outside the runs (bad config, bad arguments, I/O).
-/// mimalloc options (each unless its `MIMALLOC_*` variable is set): keep freed memory mapped
-/// (purge delay -1), commit arenas eagerly and allow large OS pages. With mimalloc's defaults every
-/// large activation buffer (logits, attention scores) came back from the OS as fresh pages: SmolLM2's
-/// 212-token prefill spent 44% of its time in the kernel zeroing pages (perf), 75-100 tok/s against
-/// 158 with these options.
-fn tune_allocator() {
-    use libmimalloc_sys::mi_option_set;
-    // mimalloc v2's `mi_option_t` values (mimalloc.h).
-    for (var, option, value) in
-        [("MIMALLOC_PURGE_DELAY", 15, -1), ("MIMALLOC_ARENA_EAGER_COMMIT", 4, 1), ("MIMALLOC_ALLOW_LARGE_OS_PAGES", 6, 1)]
-    {
-        if std::env::var_os(var).is_none() {
-            unsafe { mi_option_set(option, value) };
-        }
-    }
-}
-
 fn main() {
-    tune_allocator();
     match real_main() {
         Ok(0) => {}
         Ok(code) => std::process::exit(code),
