@@ -227,7 +227,12 @@ impl Attention {
         };
         let tk = k.dim(2)? - n_sink;
         if let (KeyPositions::From(k_start), None) = (kpos, probe.as_ref()) {
-            {
+            // One query over a long cache: the kernel gives each (batch, head) one block that walks
+            // every key, and candle's matmuls spread the work better until a split-KV decode
+            // kernel exists (H200, 8L/512, B = 4: 393 tok/s with the kernel against 649 without at
+            // T = 4096; 832 against 634 at T = 1024; results/bench/twins-h200.json).
+            let long_decode = q.dim(2)? == 1 && k.dim(2)? > DECODE_KERNEL_MAX_KEYS;
+            if !long_decode {
                 match zoo_kernels::attention::unsupported(q, &k, &v) {
                     None => {
                         let o = zoo_kernels::attention::FlashOpts {
@@ -342,6 +347,9 @@ pub fn attention_mask(
         Ok(m)
     }
 }
+
+/// A one-query step over more keys than this takes the composition (see `Attention::attend`).
+pub const DECODE_KERNEL_MAX_KEYS: usize = 2048;
 
 /// The absolute positions of the keys a query block attends over.
 #[derive(Debug, Clone, PartialEq, Eq)]
