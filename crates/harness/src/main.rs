@@ -21,6 +21,10 @@ struct Cli {
     /// whose estimated footprint exceeds it are refused before any allocation.
     #[arg(long, global = true)]
     max_memory: Option<String>,
+    /// Ops with a fused CUDA kernel: `fused` (default) or `naive` (the candle compositions), as
+    /// `ZOO_KERNELS` sets it; every result and bench JSON records which ran.
+    #[arg(long, global = true, value_parser = ["fused", "naive"])]
+    kernels: Option<String>,
     /// No progress output.
     #[arg(long, short, global = true)]
     quiet: bool,
@@ -186,6 +190,9 @@ fn env_of(cli: &Cli) -> Result<Env> {
 
 fn real_main() -> Result<i32> {
     let cli = Cli::parse();
+    if let Some(k) = cli.kernels.as_deref().and_then(zoo_kernels::Kernels::parse) {
+        zoo_kernels::set_mode(k);
+    }
     let env = || env_of(&cli);
     match &cli.cmd {
         Cmd::Run { config, shard, resume, force, dry_run, results_dir, runs_dir, stop_after } => {

@@ -512,3 +512,17 @@ fn broken_checkpoints_and_bad_paths_name_the_file() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.code() == Some(2) && err.contains("missing.toml"), "{err}");
 }
+
+/// `--kernels` takes `fused` or `naive` and nothing else, before any work.
+#[test]
+fn kernels_flag_takes_fused_or_naive() {
+    let dir = tmpdir("kernels");
+    std::fs::write(dir.join("c.toml"), BASE).unwrap();
+    let o = zoo(&["--kernels", "naive", "run", "c.toml", "--dry-run"], &dir);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = zoo(&["--kernels", "fast", "run", "c.toml", "--dry-run"], &dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--kernels") && err.contains("fused, naive"), "{err}");
+    assert!(!dir.join("results").exists());
+}
