@@ -7,7 +7,8 @@
 //! ([`Dispatch::Looped`]) stays as the reference the tests compare with.
 //!
 //! Statistics per layer ([`zoo_core::mixer::Stat`]): `load` (share of assignments per expert,
-//! per expert), `load_cv` (coefficient of variation of the load), `router_entropy` (mean entropy
+//! per expert), `load_cv` (coefficient of variation of the load), `max_load` (the busiest expert's
+//! load over the mean: 1 when balanced, E when one expert takes everything), `router_entropy` (mean entropy
 //! of the scores, nats), `dropped_fraction` (assignments the capacity dropped). Auxiliary losses go through `FfnOut::aux_loss`; the bias update runs in
 //! `after_step`. The expert indices are copied to the host to group tokens (one small copy per
 //! layer); device-side grouping is future work.
@@ -230,11 +231,13 @@ impl FeedForward for Moe {
         let share: Vec<f32> = r.load.iter().map(|&l| (l / total.max(1.0)) as f32).collect();
         let mean = 1.0 / share.len() as f64;
         let var = share.iter().map(|&s| (s as f64 - mean).powi(2)).sum::<f64>() / share.len() as f64;
+        let max_share = share.iter().fold(0f64, |m, &s| m.max(s as f64));
         let dev = x.device();
         let entropy = (r.scores.clamp(1e-30, 1.0)?.log()? * &r.scores)?.sum(D::Minus1)?.neg()?.mean_all()?;
         let stats = vec![
             Stat::new("load", StatShape::PerExpert, Tensor::from_vec(share, self.experts.len(), dev)?),
             Stat::new("load_cv", StatShape::Scalar, Tensor::new(&[(var.sqrt() / mean) as f32], dev)?),
+            Stat::new("max_load", StatShape::Scalar, Tensor::new(&[(max_share / mean) as f32], dev)?),
             Stat::new("router_entropy", StatShape::Scalar, entropy.to_dtype(DType::F32)?.detach()),
             Stat::new("dropped_fraction", StatShape::Scalar, Tensor::new(&[r.dropped_fraction() as f32], dev)?),
         ];

@@ -129,6 +129,10 @@ fn the_layer_reports_losses_and_shaped_statistics() -> Result<()> {
     assert_eq!(load.values.len(), 4);
     assert!((load.values.iter().sum::<f64>() - 1.0).abs() < 1e-6);
     assert!(out.stats.iter().any(|s| s.name == "load_cv") && out.stats.iter().any(|s| s.name == "router_entropy"));
+    // max_load = the busiest expert's share over the mean share (1/4).
+    let max = out.stats.iter().find(|s| s.name == "max_load").unwrap().reduce()?.values[0];
+    let busiest = load.values.iter().cloned().fold(0f64, f64::max);
+    assert!((max - busiest * 4.0).abs() < 1e-5 && max >= 1.0, "max_load {max}, busiest share {busiest}");
     Ok(())
 }
 
