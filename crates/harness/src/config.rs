@@ -493,14 +493,15 @@ impl RunConfig {
 
     /// The mixer of each layer, resolved from `mixer` / `mixers` + `pattern`.
     pub fn layer_mixers(&self) -> Result<Vec<MixerConfig>> {
-        self.model.layer_mixers_of(self.model.n_layers)
+        self.model.layer_mixers()
     }
 }
 
 impl ModelConfig {
-    /// Each of `n` layers' mixer config, from `mixer` or `mixers` + `pattern`.
-    pub fn layer_mixers_of(&self, n: usize) -> Result<Vec<MixerConfig>> {
+    /// Each layer's mixer config, from `mixer` or `mixers` + `pattern`.
+    pub fn layer_mixers(&self) -> Result<Vec<MixerConfig>> {
         let m = self;
+        let n = m.n_layers;
         let get = |name: &str| -> Result<MixerConfig> {
             m.mixers.get(name).cloned().ok_or_else(|| {
                 anyhow!(

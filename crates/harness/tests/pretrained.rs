@@ -92,7 +92,7 @@ fn variant_config_overrides_layer_options() -> anyhow::Result<()> {
     let base = zoo_harness::pretrained::load(&fixture, &env)?;
     let var = zoo_harness::pretrained::load(&good, &env)?;
     assert!(var.fresh.is_empty(), "a window adds no parameters: {:?}", var.fresh);
-    let mixers = var.config.layer_mixers_of(var.model.shape.n_layers)?;
+    let mixers = var.config.layer_mixers()?;
     assert!(toml::to_string(&mixers[0])?.contains("window = 4"));
     assert!(!toml::to_string(&mixers[1])?.contains("window"));
     let ids: Vec<u32> = (0..12).map(|i| (i * 7 % 50) as u32).collect();

@@ -26,6 +26,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
+const OP: &str = "flash attention";
+
 /// Head dims the CUDA kernels are compiled for.
 pub const HEAD_DIMS: [usize; 6] = [32, 64, 96, 128, 192, 256];
 
@@ -127,17 +129,6 @@ fn dims(q: &Layout, k: &Layout) -> Result<Dims> {
     Ok(Dims { b, h, hkv, tq, tk, d })
 }
 
-fn f32_of(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
-    let (a, z) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("flash attention: not contiguous".into()))?;
-    Ok(match s {
-        CpuStorage::F32(v) => v[a..z].to_vec(),
-        CpuStorage::BF16(v) => v[a..z].iter().map(|x| x.to_f32()).collect(),
-        CpuStorage::F16(v) => v[a..z].iter().map(|x| x.to_f32()).collect(),
-        CpuStorage::F64(v) => v[a..z].iter().map(|&x| x as f32).collect(),
-        _ => candle_core::bail!("flash attention: unsupported dtype"),
-    })
-}
-
 impl Flash {
     /// CPU forward: O (f32) and the base-2 LSE per row.
     fn cpu(&self, q: &[f32], k: &[f32], v: &[f32], n: &Dims) -> (Vec<f32>, Vec<f32>) {
@@ -236,7 +227,7 @@ impl CustomOp3 for Flash {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let n = dims(l1, l2)?;
-        let (out, lse) = self.cpu(&f32_of(s1, l1)?, &f32_of(s2, l2)?, &f32_of(s3, l3)?, &n);
+        let (out, lse) = self.cpu(&crate::cpu_f32(s1, l1, OP)?, &crate::cpu_f32(s2, l2, OP)?, &crate::cpu_f32(s3, l3, OP)?, &n);
         *self.lse.lock().unwrap() = Some(Saved::Cpu(lse));
         let out = match s1 {
             CpuStorage::F32(_) => CpuStorage::F32(out),

@@ -46,23 +46,16 @@ struct Nll {
     lse: Mutex<Option<Tensor>>,
 }
 
-fn f32_rows(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
-    let (a, z) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cross-entropy: not contiguous".into()))?;
-    Ok(match s {
-        CpuStorage::F32(x) => x[a..z].to_vec(),
-        CpuStorage::BF16(x) => x[a..z].iter().map(|v| v.to_f32()).collect(),
-        CpuStorage::F16(x) => x[a..z].iter().map(|v| v.to_f32()).collect(),
-        _ => candle_core::bail!("cross-entropy: unsupported logits dtype"),
-    })
-}
-
 impl CustomOp2 for Nll {
     fn name(&self) -> &'static str {
         "zoo-cross-entropy"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_rows(s1, l1)?;
+        if matches!(s1, CpuStorage::F64(_)) {
+            candle_core::bail!("cross-entropy: unsupported logits dtype f64")
+        }
+        let x = crate::cpu_f32(s1, l1, "cross-entropy")?;
         let (a, z) = l2.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cross-entropy: targets not contiguous".into()))?;
         let t = &s2.as_slice::<u32>()?[a..z];
         let v = self.v;

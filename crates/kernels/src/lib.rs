@@ -92,6 +92,20 @@ pub fn unavailable(device: &candle_core::Device) -> Option<String> {
     }
 }
 
+/// The contiguous elements of a CPU storage as f32 (f32, bf16, f16, f64), for the ops' CPU
+/// reference forms; `op` names the op in errors.
+pub fn cpu_f32(s: &candle_core::CpuStorage, l: &candle_core::Layout, op: &str) -> candle_core::Result<Vec<f32>> {
+    use candle_core::CpuStorage;
+    let (a, z) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: input not contiguous")))?;
+    Ok(match s {
+        CpuStorage::F32(v) => v[a..z].to_vec(),
+        CpuStorage::BF16(v) => v[a..z].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F16(v) => v[a..z].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F64(v) => v[a..z].iter().map(|&x| x as f32).collect(),
+        _ => candle_core::bail!("{op}: unsupported dtype"),
+    })
+}
+
 /// Say once per (op, reason) on stderr that a fused kernel did not apply and the composition ran.
 /// Silent where kernels were never expected (CPU, naive mode, a build without CUDA).
 pub fn note_fallback(op: &str, why: &str) {
