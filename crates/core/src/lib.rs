@@ -47,3 +47,4 @@ pub mod train;
 
 pub use candle_core;
 pub use candle_nn;
+pub use zoo_kernels;

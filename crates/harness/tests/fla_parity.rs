@@ -84,10 +84,10 @@ fn cases() -> Vec<Case> {
         .collect()
 }
 
-/// Build the zoo layer for a case and load fla's weights into it.
-fn load(case: &Case) -> (Box<dyn zoo_core::mixer::Mixer>, ParamStore) {
+/// Build the zoo layer for a case on `dev` and load fla's weights into it.
+fn load(case: &Case, dev: &Device) -> (Box<dyn zoo_core::mixer::Mixer>, ParamStore) {
     let (_, t, d) = case.t["x"].dims3().unwrap();
-    let store = ParamStore::new(0, DType::F32, &Device::Cpu);
+    let store = ParamStore::new(0, DType::F32, dev);
     let ctx = BuildCtx { d_model: d, n_layers: 1, layer: 0, max_seq_len: t, kind_layer: 0, kind_layers: 1 };
     case.cfg.validate(&ctx).unwrap();
     let mixer = case.cfg.build(&ctx, &store.root()).unwrap();
@@ -107,11 +107,11 @@ fn load(case: &Case) -> (Box<dyn zoo_core::mixer::Mixer>, ParamStore) {
             }
             _ => v.clone(),
         };
-        w.insert(zoo_name(n), v);
+        w.insert(zoo_name(n), v.to_device(dev).unwrap());
     }
     if fla.contains_key(CONVS[0]) {
         let parts: Vec<Tensor> = CONVS.iter().map(|c| fla[c].squeeze(1).unwrap()).collect();
-        w.insert("qkv_conv.weight".into(), Tensor::cat(&parts, 0).unwrap());
+        w.insert("qkv_conv.weight".into(), Tensor::cat(&parts, 0).unwrap().to_device(dev).unwrap());
     }
     store.load(&w).unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
     (mixer, store)
@@ -119,18 +119,33 @@ fn load(case: &Case) -> (Box<dyn zoo_core::mixer::Mixer>, ParamStore) {
 
 #[test]
 fn zoo_layers_match_fla_outputs_and_gradients() {
+    check(&Device::Cpu)
+}
+
+/// The same on CUDA in f32, where GLA, RetNet, Simple GLA, Based and linear attention run the
+/// fused linear-scan kernels (`zoo_kernels::linear_scan`) in place of the chunked composition.
+#[test]
+fn zoo_layers_match_fla_on_cuda_with_the_kernels() {
+    match Device::new_cuda(0) {
+        Ok(dev) => check(&dev),
+        Err(_) => eprintln!("skipped: no CUDA device in this build or machine"),
+    }
+}
+
+fn check(dev: &Device) {
     let mut report = Vec::new();
     let mut worst: f64 = 0.0;
     for case in cases() {
-        let (mixer, store) = load(&case);
-        let x = Var::from_tensor(&case.t["x"]).unwrap();
-        let y = mixer.forward(x.as_tensor(), Phase::Train, None, None).unwrap();
+        let (mixer, store) = load(&case, dev);
+        let x = Var::from_tensor(&case.t["x"].to_device(dev).unwrap()).unwrap();
+        let y = mixer.forward(x.as_tensor(), Phase::Train, None, None).unwrap().to_device(&Device::Cpu).unwrap();
         let mut errs = vec![("y".to_string(), rel(&y, &case.t["y"]))];
         let loss = (&y * &case.t["dy"]).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
-        errs.push(("dx".into(), rel(grads.get(x.as_tensor()).unwrap(), &case.t["dx"])));
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+        errs.push(("dx".into(), rel(&cpu(grads.get(x.as_tensor()).unwrap()), &case.t["dx"])));
         let ours: BTreeMap<String, Var> = store.vars().into_iter().collect();
-        let grad_of = |zoo: &str| grads.get(ours[zoo].as_tensor()).cloned().unwrap();
+        let grad_of = |zoo: &str| cpu(grads.get(ours[zoo].as_tensor()).unwrap());
         for (k, want) in case.t.iter().filter(|(k, _)| k.starts_with("g.")) {
             let n = &k[2..];
             let got = match CONVS.iter().position(|c| c == &n) {
@@ -165,7 +180,7 @@ fn zoo_layers_match_fla_outputs_and_gradients() {
 #[test]
 fn a_perturbed_weight_is_caught() {
     let case = cases().into_iter().find(|c| c.name == "gla").expect("gla fixture");
-    let (mixer, store) = load(&case);
+    let (mixer, store) = load(&case, &Device::Cpu);
     let (name, var) = store.vars().into_iter().find(|(n, _)| n.ends_with("k_proj.weight")).unwrap();
     let w = var.as_tensor();
     var.set(&(w + ((w * 1000.0).unwrap().sin().unwrap() * 0.01).unwrap()).unwrap()).unwrap();

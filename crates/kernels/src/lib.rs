@@ -12,6 +12,8 @@
 //!   algorithm on CUDA cores, f32 sums) with causal positions, windows, sinks and GQA.
 //! - [`cross_entropy`]: the loss per row from its log-sum-exp, the gradient written once (no
 //!   f32 softmax of the (B·T, V) logits kept).
+//! - [`linear_scan`]: the gated linear recurrence of GLA, RetNet, Lightning and linear attention,
+//!   forward and backward, one scan over time per pass with the state in registers.
 //! - [`embedding`]: the token lookup with a scatter (atomicAdd) backward in place of candle's
 //!   `index_add`.
 //!
@@ -24,6 +26,7 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda_addr;
 pub mod embedding;
+pub mod linear_scan;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

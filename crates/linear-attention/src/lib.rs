@@ -54,8 +54,10 @@ fn default_chunk() -> usize {
     64
 }
 
-/// Run the recurrence in the form the call needs: chunked (training: no state; prefill: T > 1),
-/// or one step (decode). The state holds the f32 matrix S (B, H, d_k, d_v).
+/// Run the recurrence in the form the call needs: on CUDA without a state (training, scoring) the
+/// fused scan (`zoo_kernels::linear_scan`, unless `ZOO_KERNELS=naive`); otherwise chunked
+/// (training on CPU; prefill: T > 1) or one step (decode). The state holds the f32 matrix
+/// S (B, H, d_k, d_v).
 pub(crate) fn recur(
     q: &Tensor,
     k: &Tensor,
@@ -64,6 +66,16 @@ pub(crate) fn recur(
     cache: Option<&mut LayerState>,
     chunk: usize,
 ) -> Result<Tensor> {
+    // Training and scoring (no state kept) on CUDA: the fused scan, one kernel per pass.
+    if cache.is_none() {
+        match zoo_core::zoo_kernels::linear_scan::unsupported(q, k, v, g) {
+            None => return zoo_core::zoo_kernels::linear_scan::linear_scan(q, k, v, g),
+            Some(why) if q.device().is_cuda() && zoo_core::zoo_kernels::mode() == zoo_core::zoo_kernels::Kernels::Fused => {
+                zoo_core::zoo_kernels::note_fallback("linear scan", &why)
+            }
+            Some(_) => {}
+        }
+    }
     recur_with(cache, q.dim(2)?, |s0, decode| {
         if decode {
             kernel::step(q, k, v, g, s0)
