@@ -38,6 +38,57 @@ pub enum Phase {
     Decode,
 }
 
+/// The optimiser step a forward pass belongs to, set by the training loop around each
+/// micro-batch's forward ([`enter_train_step`]); `None` in evaluation, scoring and generation, which
+/// also run [`Phase::Train`]'s full-sequence form. Layers with training-only randomness (router
+/// noise, Gumbel gates) or step schedules (an annealed gate temperature) read it with
+/// [`train_step`], and derive their noise from (seed, step, micro, layer): deterministic, and the
+/// same after a resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainStep {
+    /// Optimiser steps done before this one (0-based).
+    pub step: usize,
+    /// The run's total steps.
+    pub total: usize,
+    /// Micro-batch within the step (gradient accumulation).
+    pub micro: usize,
+    /// The run's seed.
+    pub seed: u64,
+}
+
+thread_local! {
+    static TRAIN_STEP: std::cell::Cell<Option<TrainStep>> = const { std::cell::Cell::new(None) };
+}
+
+/// The training step the current forward pass belongs to (see [`TrainStep`]).
+pub fn train_step() -> Option<TrainStep> {
+    TRAIN_STEP.with(|c| c.get())
+}
+
+/// Mark forward passes on this thread as part of a training step until the guard is dropped.
+///
+/// ```
+/// use zoo_core::state::{enter_train_step, train_step, TrainStep};
+/// let s = TrainStep { step: 3, total: 10, micro: 0, seed: 1 };
+/// {
+///     let _g = enter_train_step(s);
+///     assert_eq!(train_step(), Some(s));
+/// }
+/// assert_eq!(train_step(), None);
+/// ```
+pub fn enter_train_step(s: TrainStep) -> TrainStepGuard {
+    TrainStepGuard(TRAIN_STEP.with(|c| c.replace(Some(s))))
+}
+
+/// Restores the previous [`train_step`] when dropped.
+pub struct TrainStepGuard(Option<TrainStep>);
+
+impl Drop for TrainStepGuard {
+    fn drop(&mut self) {
+        TRAIN_STEP.with(|c| c.set(self.0));
+    }
+}
+
 impl Phase {
     /// The phase of a model call: `Train` without a state, else `Decode` for one token and
     /// `Prefill` for more.

@@ -198,9 +198,12 @@ pub fn train(
         let mut loss_acc: Option<Tensor> = None;
         let mut aux_acc: Option<f64> = None;
         let mut stats = Vec::new();
-        for _ in 0..accum {
+        for micro in 0..accum {
             let b = task.train_batch(&mut st.rng)?;
-            let out = model.forward(&b.inputs, None, None)?;
+            let out = {
+                let _g = crate::state::enter_train_step(crate::state::TrainStep { step: st.step, total: opts.steps, micro, seed });
+                model.forward(&b.inputs, None, None)?
+            };
             let mut loss = cross_entropy(&out.logits, &b.targets, b.mask.as_ref())?;
             if let Some(a) = out.aux_loss {
                 let a = a.to_dtype(DType::F32)?;

@@ -138,6 +138,9 @@ impl FfnSpec for FfnConfig {
             r#"type = "gelu", bias = true"#,
             r#"type = "none""#,
             r#"type = "moe", n_experts = 4, top_k = 2, expert_hidden = 16, balance = { type = "aux_loss", alpha = 0.01 }, z_loss = 0.001"#,
+            r#"type = "moe", n_experts = 4, top_k = 1, expert_hidden = 16, shared_experts = 1, shared_gate = true, activation = "tanh", noise = { type = "jitter", eps = 0.01 }"#,
+            r#"type = "moe", n_experts = 4, top_k = 2, expert_hidden = 16, routing = { type = "expert_choice" }"#,
+            r#"type = "moe", n_experts = 4, top_k = 2, expert_hidden = 16, routing = { type = "dense_to_sparse" }"#,
         ])
     }
 }

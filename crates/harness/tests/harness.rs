@@ -187,7 +187,7 @@ fn with_mixer(m: &str) -> String {
 fn gradient_flow_every_variant() {
     use zoo_core::mixer::FfnSpec;
     let ffns = zoo_harness::registry::FfnConfig::examples();
-    assert_eq!(ffns.len(), 4);
+    assert_eq!(ffns.len(), 7);
     for m in mixers() {
         for f in &ffns {
             for tie in [true, false] {

@@ -9,7 +9,9 @@
 //! Statistics per layer ([`zoo_core::mixer::Stat`]): `load` (share of assignments per expert,
 //! per expert), `load_cv` (coefficient of variation of the load), `max_load` (the busiest expert's
 //! load over the mean: 1 when balanced, E when one expert takes everything), `router_entropy` (mean entropy
-//! of the scores, nats), `dropped_fraction` (assignments the capacity dropped). Auxiliary losses go through `FfnOut::aux_loss`; the bias update runs in
+//! of the scores, nats), `dropped_fraction` (assignments the capacity dropped), `active_experts`
+//! (experts per token in use: k for token choice without drops; it falls from E toward k under
+//! the dense-to-sparse gate). Auxiliary losses go through `FfnOut::aux_loss`; the bias update runs in
 //! `after_step`. The expert indices are copied to the host to group tokens (one small copy per
 //! layer); device-side grouping is future work.
 //!
@@ -31,11 +33,12 @@
 
 pub mod router;
 
-use router::{aux_loss, z_loss, Balance, Router, Routing, Score};
+use router::{aux_loss, z_loss, Activation, Balance, Noise, Router, Routing, Score, Selection};
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor, D};
 use zoo_core::mixer::{BuildCtx, FeedForward, FfnOut, Stat, StatShape};
 use zoo_core::mlp::{MlpConfig, SwiGlu};
+use zoo_core::nn::{Linear, INIT_STD};
 use zoo_core::params::Pb;
 
 /// How tokens reach their experts.
@@ -88,6 +91,18 @@ pub struct MoeConfig {
     /// Always-on experts added to every token's output (DeepSeekMoE's shared experts).
     #[serde(default)]
     pub shared_experts: usize,
+    /// Scale the shared experts' output by σ(x w_g), a learned per-token gate (Qwen-MoE style).
+    #[serde(default)]
+    pub shared_gate: bool,
+    /// Activation on the router logits before the (tempered) softmax.
+    #[serde(default)]
+    pub activation: Activation,
+    /// Router noise in training steps.
+    #[serde(default)]
+    pub noise: Noise,
+    /// Token choice (default), expert choice, or the dense-to-sparse gate.
+    #[serde(default)]
+    pub routing: Selection,
 }
 
 impl MoeConfig {
@@ -111,6 +126,43 @@ impl MoeConfig {
         if !(self.z_loss.is_finite() && self.z_loss >= 0.0) {
             return Err(format!("z_loss: {} must be finite and >= 0", self.z_loss));
         }
+        if self.shared_gate && self.shared_experts == 0 {
+            return Err("shared_gate: needs shared_experts >= 1".into());
+        }
+        if let Noise::Jitter { eps } = self.noise {
+            if !(eps.is_finite() && (0.0..1.0).contains(&eps)) {
+                return Err(format!("noise.eps: {eps} must be in [0, 1)"));
+            }
+        }
+        match self.routing {
+            Selection::TokenChoice => {}
+            Selection::ExpertChoice { capacity_factor } => {
+                if !(capacity_factor.is_finite() && capacity_factor > 0.0) {
+                    return Err(format!("routing.capacity_factor: {capacity_factor} must be positive and finite"));
+                }
+            }
+            Selection::DenseToSparse { tau_start, tau_end, anneal_steps, threshold } => {
+                for (name, t) in [("tau_start", tau_start), ("tau_end", tau_end)] {
+                    if !(t.is_finite() && t > 0.0) {
+                        return Err(format!("routing.{name}: {t} must be positive and finite"));
+                    }
+                }
+                if anneal_steps == Some(0) {
+                    return Err("routing.anneal_steps: must be at least 1".into());
+                }
+                if !(threshold.is_finite() && (0.0..1.0).contains(&threshold)) {
+                    return Err(format!("routing.threshold: {threshold} must be in [0, 1)"));
+                }
+            }
+        }
+        if self.routing != Selection::TokenChoice {
+            if self.capacity_factor.is_some() {
+                return Err("capacity_factor: token dropping applies to token choice (expert choice has routing.capacity_factor)".into());
+            }
+            if matches!(self.balance, Balance::Bias { .. }) {
+                return Err("balance: the selection bias applies to token choice only".into());
+            }
+        }
         match self.balance {
             Balance::AuxLoss { alpha } if !(alpha.is_finite() && alpha >= 0.0) => {
                 Err(format!("balance.alpha: {alpha} must be finite and >= 0"))
@@ -128,13 +180,15 @@ pub struct Moe {
     pub router: Router,
     pub experts: Vec<SwiGlu>,
     pub shared: Vec<SwiGlu>,
+    /// w_g (d → 1) of the shared-expert gate.
+    pub shared_gate: Option<Linear>,
 }
 
 impl Moe {
     pub fn new(cfg: &MoeConfig, ctx: &BuildCtx, pb: &Pb) -> Result<Self> {
         let d = ctx.d_model;
-        let router =
-            Router::new(&pb.pp("router"), d, cfg.n_experts, cfg.top_k, cfg.score, cfg.temperature, cfg.renormalize)?;
+        let router = Router::new(&pb.pp("router"), d, cfg.n_experts, cfg.top_k, cfg.score, cfg.temperature, cfg.renormalize)?
+            .with_options(&pb.pp("router"), ctx.layer, cfg.activation, cfg.noise.clone(), cfg.routing.clone())?;
         let mlp = MlpConfig { hidden: cfg.expert_hidden, bias: false };
         let experts = (0..cfg.n_experts)
             .map(|i| SwiGlu::new(&mlp, ctx, &pb.pp(format!("experts.{i}"))))
@@ -142,7 +196,8 @@ impl Moe {
         let shared = (0..cfg.shared_experts)
             .map(|i| SwiGlu::new(&mlp, ctx, &pb.pp(format!("shared.{i}"))))
             .collect::<Result<_>>()?;
-        Ok(Self { cfg: cfg.clone(), router, experts, shared })
+        let shared_gate = if cfg.shared_gate { Some(Linear::new(&pb.pp("shared_gate"), d, 1, false, INIT_STD)?) } else { None };
+        Ok(Self { cfg: cfg.clone(), router, experts, shared, shared_gate })
     }
 
     fn expert(&self, e: usize, x: &Tensor) -> Result<Tensor> {
@@ -207,8 +262,15 @@ impl FeedForward for Moe {
             r.apply_capacity(cf)?;
         }
         let mut y = self.dispatch(&flat, &r, self.cfg.dispatch)?;
-        for s in &self.shared {
-            y = (y + s.forward(&flat)?.y)?;
+        if !self.shared.is_empty() {
+            let mut ys = self.shared[0].forward(&flat)?.y;
+            for s in &self.shared[1..] {
+                ys = (ys + s.forward(&flat)?.y)?;
+            }
+            if let Some(g) = &self.shared_gate {
+                ys = ys.broadcast_mul(&zoo_core::candle_nn::ops::sigmoid(&g.forward(&flat)?)?)?;
+            }
+            y = (y + ys)?;
         }
         let y = y.reshape((b, t, d))?;
         let mut aux: Option<Tensor> = None;
@@ -240,6 +302,7 @@ impl FeedForward for Moe {
             Stat::new("max_load", StatShape::Scalar, Tensor::new(&[(max_share / mean) as f32], dev)?),
             Stat::new("router_entropy", StatShape::Scalar, entropy.to_dtype(DType::F32)?.detach()),
             Stat::new("dropped_fraction", StatShape::Scalar, Tensor::new(&[r.dropped_fraction() as f32], dev)?),
+            Stat::new("active_experts", StatShape::Scalar, Tensor::new(&[r.active_per_token() as f32], dev)?),
         ];
         Ok(FfnOut { y, aux_loss: aux, stats })
     }

@@ -12,12 +12,29 @@
 //! - z-loss: `β · mean_t (logsumexp_i z_ti)²`;
 //! - bias balancing: after each optimiser step, `b_i += γ · sign(mean load − load_i)` from the
 //!   loads the training steps saw since the previous update.
+//!
+//! Options around that rule:
+//! - an activation before the softmax, `s = softmax(act(z)/τ)` with act = tanh or sigmoid (the
+//!   activation dense-to-sparse gate of Nguyen et al. 2024, "Is Temperature Sample Efficient for
+//!   Softmax Gaussian Mixture of Experts?", which restores polynomial estimation rates);
+//! - training-only noise: Switch's jitter (the router input times U(1 − ε, 1 + ε), Fedus et al.
+//!   2022 §2.4) or Shazeer's noisy top-k (`z += ε · softplus(x W_noise)`, ε ~ N(0, 1), eq. 4; W_noise
+//!   starts at zero), drawn from (seed, step, micro-batch, layer), so runs and resumes repeat;
+//! - the selection: token choice (above); expert choice (Zhou et al. 2022, "Mixture-of-Experts with
+//!   Expert Choice Routing": each expert takes the C = ⌈c · N·k/E⌉ tokens of the batch with the
+//!   highest score, weights the scores; it looks at every token of the batch, later ones
+//!   included, so it is not causal: a training-study option, whose validation losses use the
+//!   same batch-level choice); or EvoMoE's dense-to-sparse gate (Nie et al. 2021: in training
+//!   `p = softmax((z + g)/τ)`, g ~ Gumbel(0, 1), τ annealed linearly from τ_start to τ_end, each
+//!   token sent to its top k and to every expert with p above a threshold, weighted by p; in
+//!   evaluation the top k of z, weighted by the softmax over the picked logits).
 
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 use zoo_core::candle_core::{DType, Result, Tensor, D};
 use zoo_core::nn::{Linear, INIT_STD};
 use zoo_core::params::Pb;
+use zoo_core::rng::Rng;
 
 /// How router logits become scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -41,6 +58,79 @@ pub enum Balance {
     Bias { gamma: f64 },
 }
 
+/// A function applied to the router logits before the (tempered) softmax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    #[default]
+    None,
+    Tanh,
+    Sigmoid,
+}
+
+/// Router noise, in training steps only ([`zoo_core::state::train_step`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Noise {
+    #[default]
+    None,
+    /// Switch: the router input multiplied elementwise by U(1 − eps, 1 + eps).
+    Jitter { eps: f64 },
+    /// Shazeer: `z += ε · softplus(x W_noise)`, ε ~ N(0, 1), W_noise learned from zero.
+    NoisyTopK,
+}
+
+/// Which side chooses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Selection {
+    /// Each token picks its top k experts.
+    #[default]
+    TokenChoice,
+    /// Each expert picks its top ⌈capacity_factor · N·k / E⌉ tokens of the batch (non-causal).
+    ExpertChoice {
+        #[serde(default = "crate::one")]
+        capacity_factor: f64,
+    },
+    /// EvoMoE's dense-to-sparse gate: Gumbel-softmax with τ annealed from `tau_start` to
+    /// `tau_end` over `anneal_steps` (default: the whole run); experts with p > `threshold` are
+    /// active besides the top k.
+    DenseToSparse {
+        #[serde(default = "tau_start")]
+        tau_start: f64,
+        #[serde(default = "tau_end")]
+        tau_end: f64,
+        #[serde(default)]
+        anneal_steps: Option<usize>,
+        #[serde(default = "dts_threshold")]
+        threshold: f64,
+    },
+}
+
+fn tau_start() -> f64 {
+    2.0
+}
+fn tau_end() -> f64 {
+    0.3
+}
+fn dts_threshold() -> f64 {
+    0.001
+}
+
+impl Selection {
+    /// The dense-to-sparse temperature at a training step: linear from τ_start to τ_end.
+    pub fn tau_at(&self, step: usize, total: usize) -> Option<f64> {
+        match *self {
+            Selection::DenseToSparse { tau_start, tau_end, anneal_steps, .. } => {
+                let n = anneal_steps.unwrap_or(total).max(1);
+                let f = (step as f64 / n as f64).min(1.0);
+                Some(tau_start + (tau_end - tau_start) * f)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The routing decision for N tokens.
 #[derive(Debug)]
 pub struct Routing {
@@ -59,11 +149,26 @@ pub struct Routing {
     pub assignments: Vec<u32>,
     /// Per assignment (N·k, slot t·k + j): kept, or dropped by the capacity.
     pub kept: Vec<bool>,
+    /// One slot per expert (expert choice, dense-to-sparse): `kept` marks the experts a token
+    /// uses, not drops.
+    pub all_experts: bool,
 }
 
 impl Routing {
-    /// Share of the N·k assignments the capacity dropped.
+    /// Mean number of slots in use per token.
+    pub fn active_per_token(&self) -> f64 {
+        let n = self.kept.len() / self.experts.dim(1).unwrap_or(1).max(1);
+        self.kept.iter().filter(|k| **k).count() as f64 / n.max(1) as f64
+    }
+
+    /// Share of the N·k assignments the capacity dropped; with one slot per expert, the share of
+    /// tokens no expert took.
     pub fn dropped_fraction(&self) -> f64 {
+        if self.all_experts {
+            let e = self.load.len().max(1);
+            let n = self.kept.len() / e;
+            return self.kept.chunks(e).filter(|c| !c.iter().any(|k| *k)).count() as f64 / n.max(1) as f64;
+        }
         self.kept.iter().filter(|k| !**k).count() as f64 / self.kept.len().max(1) as f64
     }
 
@@ -91,6 +196,13 @@ pub struct Router {
     pub score: Score,
     pub temperature: f64,
     pub renormalize: bool,
+    pub activation: Activation,
+    pub noise: Noise,
+    pub selection: Selection,
+    /// W_noise (d, E) of noisy top-k.
+    noise_proj: Option<Linear>,
+    /// The layer's index, for its noise stream.
+    layer: usize,
     /// Selection bias (aux-loss-free balancing), and the loads seen since its last update.
     bias: Mutex<(Vec<f32>, Vec<f64>)>,
 }
@@ -113,8 +225,27 @@ impl Router {
             score,
             temperature,
             renormalize,
+            activation: Activation::None,
+            noise: Noise::None,
+            selection: Selection::TokenChoice,
+            noise_proj: None,
+            layer: 0,
             bias: Mutex::new((vec![0.0; n_experts], vec![0.0; n_experts])),
         })
+    }
+
+    /// Set the activation, noise and selection; `pb` holds W_noise for noisy top-k, `layer` names
+    /// the noise stream.
+    pub fn with_options(mut self, pb: &Pb, layer: usize, activation: Activation, noise: Noise, selection: Selection) -> Result<Self> {
+        if noise == Noise::NoisyTopK {
+            let d = self.proj.weight.dim(1)?;
+            self.noise_proj = Some(Linear::new(&pb.pp("noise"), d, self.n_experts, false, 0.0)?);
+        }
+        self.activation = activation;
+        self.noise = noise;
+        self.selection = selection;
+        self.layer = layer;
+        Ok(self)
     }
 
     /// The current selection bias.
@@ -122,10 +253,47 @@ impl Router {
         self.bias.lock().unwrap().0.clone()
     }
 
-    /// Route tokens x (N, d).
+    /// Route tokens x (N, d). In a training step ([`zoo_core::state::train_step`]) the noise and
+    /// the dense-to-sparse schedule apply; elsewhere the routing is deterministic.
     pub fn route(&self, x: &Tensor) -> Result<Routing> {
-        let logits = self.proj.forward(x)?.to_dtype(DType::F32)?;
-        route_logits(&logits, &self.bias(), self.top_k, self.score, self.temperature, self.renormalize)
+        let ts = zoo_core::state::train_step();
+        let mut rng = ts.map(|t| Rng::new(t.seed).fork(0x6d6f65).fork(self.layer as u64).fork(t.step as u64).fork(t.micro as u64));
+        let (n, d) = x.dims2()?;
+        let e = self.n_experts;
+        let dev = x.device();
+        let x_in = match (&self.noise, rng.as_mut()) {
+            (Noise::Jitter { eps }, Some(r)) => {
+                let u: Vec<f32> = (0..n * d).map(|_| (1.0 - eps + 2.0 * eps * r.uniform()) as f32).collect();
+                (x * Tensor::from_vec(u, (n, d), dev)?.to_dtype(x.dtype())?)?
+            }
+            _ => x.clone(),
+        };
+        let mut logits = self.proj.forward(&x_in)?.to_dtype(DType::F32)?;
+        if let (Some(w), Some(r)) = (&self.noise_proj, rng.as_mut()) {
+            let eps: Vec<f32> = (0..n * e).map(|_| r.normal() as f32).collect();
+            let scale = softplus(&w.forward(x)?.to_dtype(DType::F32)?)?;
+            logits = (logits + (Tensor::from_vec(eps, (n, e), dev)? * scale)?)?;
+        }
+        let logits = match self.activation {
+            Activation::None => logits,
+            Activation::Tanh => logits.tanh()?,
+            Activation::Sigmoid => zoo_core::candle_nn::ops::sigmoid(&logits)?,
+        };
+        match self.selection {
+            Selection::TokenChoice => route_logits(&logits, &self.bias(), self.top_k, self.score, self.temperature, self.renormalize),
+            Selection::ExpertChoice { capacity_factor } => {
+                let cap = ((capacity_factor * (n * self.top_k) as f64) / e as f64).ceil() as usize;
+                route_expert_choice(&logits, cap.clamp(1, n), self.temperature)
+            }
+            Selection::DenseToSparse { threshold, .. } => match (ts, rng.as_mut()) {
+                (Some(t), Some(r)) => {
+                    let g: Vec<f32> = (0..n * e).map(|_| -((-(r.uniform().max(1e-20)).ln()).ln()) as f32).collect();
+                    let tau = self.selection.tau_at(t.step, t.total).expect("dense-to-sparse");
+                    route_dense_to_sparse(&logits, Some(&Tensor::from_vec(g, (n, e), dev)?), tau, threshold, self.top_k)
+                }
+                _ => route_dense_to_sparse(&logits, None, 1.0, threshold, self.top_k),
+            },
+        }
     }
 
     /// Record a training step's loads (for the bias update).
@@ -186,7 +354,69 @@ pub fn route_logits(
         load[i as usize] += 1.0;
     }
     let kept = vec![true; assignments.len()];
-    Ok(Routing { experts, weights, scores, logits: logits.clone(), load, assignments, kept })
+    Ok(Routing { experts, weights, scores, logits: logits.clone(), load, assignments, kept, all_experts: false })
+}
+
+/// softplus(x) = ln(1 + eˣ), computed as max(x, 0) + ln(1 + e^{−|x|}) (differentiable).
+fn softplus(x: &Tensor) -> Result<Tensor> {
+    x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+}
+
+/// A routing where every token has one slot per expert (slot t·E + i is expert i), `kept`
+/// marking the slots in use; `weights` (N, E).
+fn all_slots(logits: &Tensor, scores: Tensor, weights: Tensor, kept: Vec<bool>) -> Result<Routing> {
+    let (n, e) = logits.dims2()?;
+    let assignments: Vec<u32> = (0..n * e).map(|a| (a % e) as u32).collect();
+    let mut load = vec![0.0; e];
+    for (a, &k) in kept.iter().enumerate() {
+        if k {
+            load[a % e] += 1.0;
+        }
+    }
+    let experts = Tensor::from_vec(assignments.clone(), (n, e), logits.device())?;
+    Ok(Routing { experts, weights, scores, logits: logits.clone(), load, assignments, kept, all_experts: true })
+}
+
+/// Expert choice: scores `softmax(z/τ)` over experts; each expert keeps the `capacity` tokens
+/// with its highest scores (ties: the earlier token), weighted by those scores.
+pub fn route_expert_choice(logits: &Tensor, capacity: usize, temperature: f64) -> Result<Routing> {
+    let (n, e) = logits.dims2()?;
+    let scores = zoo_core::candle_nn::ops::softmax(&(logits / temperature)?, D::Minus1)?;
+    let by_expert = scores.detach().t()?.contiguous()?.arg_sort_last_dim(false)?.narrow(1, 0, capacity.min(n))?;
+    let mut kept = vec![false; n * e];
+    for (i, toks) in by_expert.to_vec2::<u32>()?.into_iter().enumerate() {
+        for t in toks {
+            kept[t as usize * e + i] = true;
+        }
+    }
+    all_slots(logits, scores.clone(), scores, kept)
+}
+
+/// EvoMoE's dense-to-sparse gate. Training (`gumbel` given): `p = softmax((z + g)/τ)`; each token
+/// uses its top k and every expert with p > `threshold`, weighted by p. Evaluation: the top k of
+/// z, weighted by the softmax over the picked logits.
+pub fn route_dense_to_sparse(logits: &Tensor, gumbel: Option<&Tensor>, tau: f64, threshold: f64, top_k: usize) -> Result<Routing> {
+    let (n, e) = logits.dims2()?;
+    match gumbel {
+        Some(g) => {
+            let p = zoo_core::candle_nn::ops::softmax(&((logits + g)? / tau)?, D::Minus1)?;
+            let rank = p.detach().arg_sort_last_dim(false)?.to_vec2::<u32>()?;
+            let pv = p.detach().to_vec2::<f32>()?;
+            let mut kept = vec![false; n * e];
+            for t in 0..n {
+                for (j, &i) in rank[t].iter().enumerate() {
+                    kept[t * e + i as usize] = j < top_k || pv[t][i as usize] as f64 > threshold;
+                }
+            }
+            all_slots(logits, p.clone(), p, kept)
+        }
+        None => {
+            let mut r = route_logits(logits, &vec![0.0; e], top_k, Score::Softmax, 1.0, false)?;
+            let picked = logits.gather(&r.experts, 1)?;
+            r.weights = zoo_core::candle_nn::ops::softmax(&picked, D::Minus1)?;
+            Ok(r)
+        }
+    }
 }
 
 /// Switch's auxiliary loss `α · E · Σ_i f_i P_i` (f from the assignments, no gradient).

@@ -4,7 +4,7 @@
 use zoo_core::candle_core::{DType, Device, Result, Tensor, Var};
 use zoo_core::mixer::{examples_from_toml, BuildCtx, FeedForward};
 use zoo_core::params::ParamStore;
-use zoo_moe::router::{aux_loss, route_logits, z_loss, Router, Score};
+use zoo_moe::router::{aux_loss, route_logits, z_loss, Activation, Noise, Router, Score, Selection};
 use zoo_moe::{Dispatch, Moe, MoeConfig};
 
 fn t2(rows: &[[f32; 4]]) -> Tensor {
@@ -186,6 +186,167 @@ fn bad_configs_name_the_field() {
         (r#"n_experts = 4, top_k = 1, balance = { type = "bias", gamma = -1.0 }"#, "balance.gamma"),
         ("n_experts = 4, top_k = 1, z_loss = nan", "z_loss"),
         ("n_experts = 4, top_k = 1, capacity_factor = 0.0", "capacity_factor"),
+    ] {
+        let cfg: MoeConfig = examples_from_toml(&[text]).remove(0);
+        let e = cfg.validate().unwrap_err();
+        assert!(e.starts_with(field), "{text}: {e}");
+    }
+}
+
+fn ctx8() -> BuildCtx {
+    BuildCtx { d_model: 8, n_layers: 1, layer: 0, max_seq_len: 16, kind_layer: 0, kind_layers: 1 }
+}
+
+/// The activation gate: scores = softmax(tanh(z) / τ), by hand.
+#[test]
+fn activation_gate_scores_by_hand() -> Result<()> {
+    let store = ParamStore::new(0, DType::F32, &Device::Cpu);
+    let router = Router::new(&store.root(), 4, 4, 1, Score::Softmax, 0.5, true)?.with_options(
+        &store.root(),
+        0,
+        Activation::Tanh,
+        Noise::None,
+        Selection::TokenChoice,
+    )?;
+    let x = Tensor::new(&[[1f32, -2.0, 0.5, 3.0]], &Device::Cpu)?;
+    let z = router.proj.forward(&x)?.to_vec2::<f32>()?.remove(0);
+    let e: Vec<f32> = z.iter().map(|v| (v.tanh() / 0.5).exp()).collect();
+    let sum: f32 = e.iter().sum();
+    let s = router.route(&x)?.scores.to_vec2::<f32>()?.remove(0);
+    for i in 0..4 {
+        assert!(close(s[i], e[i] / sum), "{s:?}");
+    }
+    Ok(())
+}
+
+/// Noise acts in training steps only, and repeats for the same (seed, step, micro-batch).
+#[test]
+fn router_noise_only_in_training_steps_and_reproducible() -> Result<()> {
+    use zoo_core::state::{enter_train_step, TrainStep};
+    for noise in [Noise::Jitter { eps: 0.3 }, Noise::NoisyTopK] {
+        let store = ParamStore::new(5, DType::F32, &Device::Cpu);
+        let router = Router::new(&store.root(), 8, 4, 2, Score::Softmax, 1.0, true)?.with_options(
+            &store.root(),
+            2,
+            Activation::None,
+            noise.clone(),
+            Selection::TokenChoice,
+        )?;
+        if noise == Noise::NoisyTopK {
+            // W_noise starts at zero (softplus(0) = ln 2 scales the noise); give it some weight.
+            let (_, w) = store.vars().into_iter().find(|(n, _)| n.contains("noise")).expect("W_noise");
+            w.set(&Tensor::ones(w.shape(), DType::F32, &Device::Cpu)?)?;
+        }
+        let x = Tensor::randn(0f32, 1.0, (6, 8), &Device::Cpu)?;
+        let clean = router.route(&x)?.logits.to_vec2::<f32>()?;
+        assert_eq!(clean, router.proj.forward(&x)?.to_vec2::<f32>()?, "{noise:?}: noise outside training");
+        let at = |step| -> Result<Vec<Vec<f32>>> {
+            let _g = enter_train_step(TrainStep { step, total: 10, micro: 0, seed: 1 });
+            router.route(&x)?.logits.to_vec2::<f32>()
+        };
+        let (a, b, c) = (at(3)?, at(3)?, at(4)?);
+        assert_eq!(a, b, "{noise:?}: same step, same noise");
+        assert_ne!(a, clean, "{noise:?}: no noise in a training step");
+        assert_ne!(a, c, "{noise:?}: the noise must change between steps");
+    }
+    Ok(())
+}
+
+/// Expert choice by hand: 4 tokens, 2 experts, k = 1, capacity ⌈1.0 · 4 / 2⌉ = 2 per expert.
+#[test]
+fn expert_choice_picks_each_experts_top_tokens() -> Result<()> {
+    use zoo_moe::router::route_expert_choice;
+    // Softmax over 2 experts: token scores for expert 0 are σ(z0 − z1) = σ(3), σ(1), σ(−1), σ(2).
+    let logits = Tensor::new(&[[3f32, 0.0], [1.0, 0.0], [-1.0, 0.0], [2.0, 0.0]], &Device::Cpu)?;
+    let r = route_expert_choice(&logits, 2, 1.0)?;
+    // Expert 0 takes tokens 0 and 3; expert 1 (scores σ(−3), σ(−1), σ(1), σ(−2)) tokens 2 and 1.
+    assert_eq!(r.kept, vec![true, false, false, true, false, true, true, false]);
+    assert_eq!(r.load, vec![2.0, 2.0]);
+    assert_eq!(r.dropped_fraction(), 0.0);
+    assert!((r.active_per_token() - 1.0).abs() < 1e-12);
+    // A capacity of 1: tokens 1 and 3 are taken by no expert.
+    let r1 = route_expert_choice(&logits, 1, 1.0)?;
+    assert!((r1.dropped_fraction() - 0.5).abs() < 1e-12);
+    // The weights are the scores, and both dispatches agree.
+    let cfg: MoeConfig = examples_from_toml(&[r#"n_experts = 2, top_k = 1, routing = { type = "expert_choice" }"#]).remove(0);
+    let store = ParamStore::new(2, DType::F32, &Device::Cpu);
+    let moe = Moe::new(&cfg, &ctx8(), &store.root())?;
+    let x = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu)?;
+    let d = (moe.dispatch(&x, &r, Dispatch::Grouped)? - moe.dispatch(&x, &r, Dispatch::Looped)?)?;
+    assert!(d.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+    let w = r.weights.to_vec2::<f32>()?;
+    assert!(close(w[0][0], 1.0 / (1.0 + (-3f32).exp())));
+    Ok(())
+}
+
+/// Dense-to-sparse: hot (τ large) every expert is active, cold only the top k; evaluation is the
+/// top k weighted by the softmax over the picked logits; τ falls linearly.
+#[test]
+fn dense_to_sparse_gate_from_dense_to_top_k() -> Result<()> {
+    use zoo_moe::router::route_dense_to_sparse;
+    let logits = Tensor::new(&[[2f32, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 0.5]], &Device::Cpu)?;
+    let zero = Tensor::zeros((2, 4), DType::F32, &Device::Cpu)?;
+    let hot = route_dense_to_sparse(&logits, Some(&zero), 100.0, 0.001, 2)?;
+    assert!((hot.active_per_token() - 4.0).abs() < 1e-12, "{}", hot.active_per_token());
+    let cold = route_dense_to_sparse(&logits, Some(&zero), 0.01, 0.001, 2)?;
+    assert!((cold.active_per_token() - 2.0).abs() < 1e-12, "{}", cold.active_per_token());
+    let eval = route_dense_to_sparse(&logits, None, 1.0, 0.001, 2)?;
+    assert_eq!(eval.experts.to_vec2::<u32>()?, vec![vec![0, 1], vec![1, 2]]);
+    let w = eval.weights.to_vec2::<f32>()?;
+    assert!(close(w[0][0], 1.0 / (1.0 + (-1f32).exp())), "{w:?}");
+    let sel: Selection = toml::from_str::<toml::Table>("s = { type = \"dense_to_sparse\", tau_start = 2.0, tau_end = 0.4 }")
+        .unwrap()["s"]
+        .clone()
+        .try_into()
+        .unwrap();
+    assert!((sel.tau_at(0, 100).unwrap() - 2.0).abs() < 1e-12);
+    assert!((sel.tau_at(50, 100).unwrap() - 1.2).abs() < 1e-12);
+    assert!((sel.tau_at(200, 100).unwrap() - 0.4).abs() < 1e-12);
+    // In the layer: active experts fall from E toward k as τ anneals.
+    use zoo_core::state::{enter_train_step, TrainStep};
+    let cfg: MoeConfig = examples_from_toml(&[r#"n_experts = 4, top_k = 1, routing = { type = "dense_to_sparse", tau_start = 50.0, tau_end = 0.01 }"#]).remove(0);
+    let store = ParamStore::new(6, DType::F32, &Device::Cpu);
+    let moe = Moe::new(&cfg, &ctx8(), &store.root())?;
+    let x = Tensor::randn(0f32, 1.0, (1, 16, 8), &Device::Cpu)?;
+    let active = |step| -> Result<f64> {
+        let _g = enter_train_step(TrainStep { step, total: 10, micro: 0, seed: 0 });
+        let out = moe.forward(&x)?;
+        Ok(out.stats.iter().find(|s| s.name == "active_experts").unwrap().reduce()?.values[0])
+    };
+    let (first, last) = (active(0)?, active(10)?);
+    assert!(first > 3.5 && last < 1.5, "active experts {first} at the start, {last} at the end");
+    Ok(())
+}
+
+/// The shared-expert gate scales the shared output by σ(x w_g), and w_g gets a gradient.
+#[test]
+fn shared_gate_scales_the_shared_experts() -> Result<()> {
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 8), &Device::Cpu)?;
+    let with: MoeConfig = examples_from_toml(&["n_experts = 2, top_k = 1, shared_experts = 1"]).remove(0);
+    let gated: MoeConfig = examples_from_toml(&["n_experts = 2, top_k = 1, shared_experts = 1, shared_gate = true"]).remove(0);
+    let (s1, s2) = (ParamStore::new(4, DType::F32, &Device::Cpu), ParamStore::new(4, DType::F32, &Device::Cpu));
+    let (a, b) = (Moe::new(&with, &ctx8(), &s1.root())?, Moe::new(&gated, &ctx8(), &s2.root())?);
+    let shared = b.shared[0].forward(&x)?.y;
+    let g = zoo_core::candle_nn::ops::sigmoid(&b.shared_gate.as_ref().unwrap().forward(&x)?)?;
+    let want = ((a.forward(&x)?.y - &shared)? + shared.broadcast_mul(&g)?)?;
+    let got = b.forward(&x)?.y;
+    assert!((got - want)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+    let grads = b.forward(&x)?.y.sum_all()?.backward()?;
+    let (_, w) = s2.vars().into_iter().find(|(n, _)| n.contains("shared_gate")).unwrap();
+    assert!(grads.get(w.as_tensor()).unwrap().abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+    Ok(())
+}
+
+#[test]
+fn bad_routing_options_name_the_field() {
+    for (text, field) in [
+        ("n_experts = 4, top_k = 1, shared_gate = true", "shared_gate"),
+        (r#"n_experts = 4, top_k = 1, noise = { type = "jitter", eps = 1.5 }"#, "noise.eps"),
+        (r#"n_experts = 4, top_k = 1, routing = { type = "expert_choice", capacity_factor = 0.0 }"#, "routing.capacity_factor"),
+        (r#"n_experts = 4, top_k = 1, routing = { type = "expert_choice" }, capacity_factor = 1.0"#, "capacity_factor"),
+        (r#"n_experts = 4, top_k = 1, routing = { type = "dense_to_sparse", threshold = 1.0 }"#, "routing.threshold"),
+        (r#"n_experts = 4, top_k = 1, routing = { type = "dense_to_sparse", tau_end = 0.0 }"#, "routing.tau_end"),
+        (r#"n_experts = 4, top_k = 1, routing = { type = "dense_to_sparse" }, balance = { type = "bias", gamma = 0.01 }"#, "balance"),
     ] {
         let cfg: MoeConfig = examples_from_toml(&[text]).remove(0);
         let e = cfg.validate().unwrap_err();
