@@ -110,6 +110,22 @@ pub trait Mixer: Send + Sync {
     fn after_step(&self) -> Result<()> {
         Ok(())
     }
+
+    /// What the last `forward` produced besides its output, handed over once: an auxiliary loss
+    /// (already weighted; [`crate::model::Lm::forward`] adds it to the feed-forwards' and the
+    /// training loop to the loss) and named statistics (reported with the layer's feed-forward
+    /// statistics). Mixers with a router (mixture-of-heads) keep them from their forward; default
+    /// none.
+    fn take_aux(&self) -> Option<MixerAux> {
+        None
+    }
+}
+
+/// A mixer's auxiliary loss and statistics from one forward ([`Mixer::take_aux`]).
+#[derive(Debug, Default)]
+pub struct MixerAux {
+    pub aux_loss: Option<Tensor>,
+    pub stats: Vec<Stat>,
 }
 
 /// A mixer's config (burn's `Config::init` style): it checks itself against the build context,

@@ -130,16 +130,24 @@ impl Lm {
             let y = block.mixer.forward(&block.norm1.forward(&h)?, phase, layer_cache, lp.as_mut())?;
             h = (h + y)?;
             let mut stats = Vec::new();
-            if let Some((norm2, ffn)) = &block.ffn {
-                let out = ffn.forward(&norm2.forward(&h)?)?;
-                h = (h + out.y)?;
-                if let Some(a) = out.aux_loss {
-                    aux = Some(match aux {
+            let mut add_aux = |a: Option<Tensor>| -> Result<()> {
+                if let Some(a) = a {
+                    aux = Some(match aux.take() {
                         Some(s) => (s + a)?,
                         None => a,
                     });
                 }
-                stats = out.stats;
+                Ok(())
+            };
+            if let Some(m) = block.mixer.take_aux() {
+                add_aux(m.aux_loss)?;
+                stats = m.stats;
+            }
+            if let Some((norm2, ffn)) = &block.ffn {
+                let out = ffn.forward(&norm2.forward(&h)?)?;
+                h = (h + out.y)?;
+                add_aux(out.aux_loss)?;
+                stats.extend(out.stats);
             }
             if let Some(p) = probe.as_mut() {
                 p.layers.push(lp.unwrap_or_default());

@@ -73,6 +73,8 @@ mixers! {
     /// DeltaNet / Gated DeltaNet: the delta rule (zoo-linear-attention).
     #[serde(rename = "deltanet")]
     DeltaNet(DeltaNetConfig),
+    /// Mixture-of-head attention: shared and top-k routed heads (zoo-moe).
+    Moh(zoo_moe::moh::MohConfig),
 }
 
 impl MixerConfig {

@@ -597,3 +597,24 @@ eval_batches = 4
     let ppl = res["metrics"]["perplexity,none"].as_f64().unwrap();
     assert!(ppl > 1.0 && ppl < 4.0, "word-level ppl {ppl} should beat the 3 colour choices per sentence");
 }
+
+/// A mixer's auxiliary loss and statistics reach the model's output through `Mixer::take_aux`
+/// (mixture-of-head attention: its routed heads' balance loss and head load), next to the
+/// feed-forward's (here a MoE's), and the loss changes with the loss weight.
+#[test]
+fn mixer_aux_loss_and_stats_reach_the_model_output() {
+    let text = MQAR
+        .replace(r#"mixer = { type = "attention", n_heads = 2 }"#, r#"mixer = { type = "moh", attention = { n_heads = 4 }, shared_heads = 1, top_k = 2, aux_loss = 0.5 }"#)
+        .replace(r#"ffn = { type = "none" }"#, r#"ffn = { type = "moe", n_experts = 2, top_k = 1, expert_hidden = 8, balance = { type = "aux_loss", alpha = 0.01 } }"#);
+    let run = one(&text);
+    let (model, _) = runner::build_model(&run.config, 32, &cpu()).unwrap();
+    let x = zoo_core::check::random_ids(&mut zoo_core::rng::Rng::new(2), 2, 12, 32, &zoo_core::candle_core::Device::Cpu).unwrap();
+    let out = model.forward(&x, None, None).unwrap();
+    let aux = out.aux_loss.expect("aux loss").to_scalar::<f32>().unwrap();
+    // Switch's form is ≥ its weight at any load: 2 layers × (0.5 for the heads + 0.01 for the experts).
+    assert!(aux >= 2.0 * 0.51 - 1e-4, "aux {aux}");
+    for layer in &out.stats {
+        let names: Vec<&str> = layer.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"head_load") && names.contains(&"load"), "{names:?}");
+    }
+}

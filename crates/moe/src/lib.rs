@@ -31,6 +31,7 @@
 //! # Ok::<(), zoo_core::candle_core::Error>(())
 //! ```
 
+pub mod moh;
 pub mod router;
 
 use router::{aux_loss, z_loss, Activation, Balance, Noise, Router, Routing, Score, Selection};

@@ -353,3 +353,39 @@ fn bad_routing_options_name_the_field() {
         assert!(e.starts_with(field), "{text}: {e}");
     }
 }
+
+/// MoH's head weights: per token exactly k routed heads are non-zero, a single shared head carries
+/// α_1, and all weights sum to α_1 + α_2 · (the picked routed scores) ≤ 1; the stats and the balance
+/// loss are handed over once.
+#[test]
+fn moh_gates_shared_and_top_k_routed_heads() -> Result<()> {
+    use zoo_core::mixer::{Mixer, MixerSpec, Phase};
+    use zoo_moe::moh::{Moh, MohConfig};
+    let cfg: MohConfig = examples_from_toml(&["attention = { n_heads = 5 }, shared_heads = 1, top_k = 2"]).remove(0);
+    let ctx = BuildCtx { d_model: 10, n_layers: 1, layer: 0, max_seq_len: 8, kind_layer: 0, kind_layers: 1 };
+    cfg.validate(&ctx).unwrap();
+    let store = ParamStore::new(7, DType::F32, &Device::Cpu);
+    let moh = Moh::new(&cfg, &ctx, &store.root())?;
+    let x = Tensor::randn(0f32, 1.0, (2, 6, 10), &Device::Cpu)?;
+    let (g, aux) = moh.gates(&x)?;
+    for row in g.reshape((12, 5))?.to_vec2::<f32>()? {
+        let routed_on = row[1..].iter().filter(|&&v| v > 0.0).count();
+        assert_eq!(routed_on, 2, "{row:?}");
+        let sum: f32 = row.iter().sum();
+        assert!(row[0] > 0.0 && row[0] < 1.0 && sum <= 1.0 + 1e-6, "{row:?}");
+    }
+    assert!(aux.aux_loss.is_some() && aux.stats.iter().any(|s| s.name == "head_load"));
+    let _ = moh.forward(&x, Phase::Train, None, None)?;
+    assert!(moh.take_aux().is_some() && moh.take_aux().is_none(), "handed over once");
+    // Bad configs name the field.
+    for (text, field) in [
+        ("attention = { n_heads = 5 }, shared_heads = 5, top_k = 1", "shared_heads"),
+        ("attention = { n_heads = 5 }, shared_heads = 1, top_k = 5", "top_k"),
+        ("attention = { n_heads = 3 }, shared_heads = 1, top_k = 1", "attention.n_heads"),
+    ] {
+        let c: MohConfig = examples_from_toml(&[text]).remove(0);
+        let e = c.validate(&ctx).unwrap_err();
+        assert!(e.starts_with(field), "{text}: {e}");
+    }
+    Ok(())
+}
