@@ -180,6 +180,17 @@ fn columns<'a>(results: &'a [RunResult], primary: &'static str, baseline: Option
         cols.push(over_runs("gate mean", |r| r.probe_stat("gate_mean")));
         cols.push(over_runs("gate < 0.1", |r| r.probe_stat("gate_frac_below_0.1")));
     }
+    // Routing statistics (MoE feed-forwards, mixture-of-head attention): load balance and drops at
+    // the last evaluation, active experts in the last training step.
+    if results.iter().any(|r| r.probe_stat("load_cv").is_some()) {
+        cols.push(over_runs("load cv", |r| r.probe_stat("load_cv")));
+        cols.push(over_runs("max/mean load", |r| r.probe_stat("max_load")));
+        cols.push(over_runs("dropped", |r| r.probe_stat("dropped_fraction")));
+        cols.push(over_runs("active experts (train)", |r| r.train_stat("active_experts")));
+    }
+    if results.iter().any(|r| r.probe_stat("head_load_cv").is_some()) {
+        cols.push(over_runs("head load cv", |r| r.probe_stat("head_load_cv")));
+    }
     if results.iter().any(|r| !r.state_bytes.is_empty()) {
         for t in ["256", "4096"] {
             cols.push(Column::new(format!("state @T={t}"), move |g: &Group| {

@@ -113,6 +113,15 @@ impl RunResult {
         (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
     }
 
+    /// A scalar statistic at the last training curve point that has statistics, averaged over
+    /// layers (measured in a training step: e.g. the dense-to-sparse gate's active experts, which
+    /// evaluation, using the top k, does not show).
+    pub fn train_stat(&self, key: &str) -> Option<f64> {
+        let layers = self.curve.iter().rev().find_map(|c| c.stats.as_ref())?;
+        let xs: Vec<f64> = layers.iter().filter_map(|m| m.get(key)).filter_map(|v| v.values.first().copied()).collect();
+        (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+    }
+
     /// The JSON the file holds (sorted keys).
     pub fn to_json(&self) -> serde_json::Result<Value> {
         serde_json::to_value(self)
