@@ -24,7 +24,7 @@ pub fn gradient_flow(model: &Lm, store: &ParamStore, batch: usize, seq_len: usiz
     }
     let grads = loss.backward()?;
     let mut problems = Vec::new();
-    for (name, p) in store.params() {
+    for (name, p) in store.params().into_iter().filter(|(_, p)| p.group != crate::params::Group::Buffer) {
         match grads.get(p.var.as_tensor()) {
             None => problems.push(format!("{name}: no gradient")),
             Some(g) => {

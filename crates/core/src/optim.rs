@@ -48,6 +48,7 @@ impl AdamW {
                 Group::Decay => true,
                 Group::NoDecay => false,
                 Group::Embedding => params.decay_embeddings,
+                Group::Buffer => continue,
             };
             let m = p.var.zeros_like()?;
             let v = p.var.zeros_like()?;

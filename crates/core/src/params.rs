@@ -30,6 +30,10 @@ pub enum Group {
     NoDecay,
     /// Embedding tables: decay only if the config asks for it.
     Embedding,
+    /// Not trained: state a layer updates itself and that must survive a checkpoint (the MoE
+    /// router's aux-loss-free selection bias). No optimiser slot, no gradient expected, not
+    /// counted in [`ParamStore::num_params`]; saved and loaded with the parameters.
+    Buffer,
 }
 
 #[derive(Clone)]
@@ -153,8 +157,9 @@ impl ParamStore {
         self.params().into_iter().map(|(k, p)| (k, p.var)).collect()
     }
 
+    /// Trained parameters (buffers excluded).
     pub fn num_params(&self) -> usize {
-        self.inner.lock().unwrap().params.values().map(|p| p.var.elem_count()).sum()
+        self.inner.lock().unwrap().params.values().filter(|p| p.group != Group::Buffer).map(|p| p.var.elem_count()).sum()
     }
 
     pub fn num_params_in(&self, group: Group) -> usize {

@@ -331,9 +331,25 @@ fn training_is_deterministic_on_cpu() {
 /// loss curve of an uninterrupted run, through the `zoo` binary.
 #[test]
 fn kill_and_resume_matches_uninterrupted() {
-    let dir = tmpdir("resume");
+    resume_matches(MQAR, "resume");
+}
+
+/// The same with an MoE whose routing carries state between steps (the aux-loss-free selection
+/// bias, saved with the checkpoint) and draws training noise (from the step, so a resumed run
+/// draws the same).
+#[test]
+fn kill_and_resume_matches_uninterrupted_with_router_state() {
+    // γ = 1 makes the bias decide the selection from the first update on; a checkpoint every step,
+    // and the kill after 3, so a resume that lost the bias routes step 4 differently (it did).
+    let moe = r#"ffn = { type = "moe", n_experts = 4, top_k = 1, expert_hidden = 8, balance = { type = "bias", gamma = 1.0 }, noise = { type = "jitter", eps = 0.1 } }"#;
+    let text = MQAR.replace(r#"ffn = { type = "none" }"#, moe).replace("checkpoint_every = 2", "checkpoint_every = 1");
+    resume_matches(&text, "resume-moe");
+}
+
+fn resume_matches(text: &str, name: &str) {
+    let dir = tmpdir(name);
     let cfg = dir.join("c.toml");
-    std::fs::write(&cfg, MQAR.replace("eval_every = 2", "eval_every = 3")).unwrap();
+    std::fs::write(&cfg, text.replace("eval_every = 2", "eval_every = 3")).unwrap();
     let zoo = |args: &[&str], out: &str| {
         let o = Command::new(env!("CARGO_BIN_EXE_zoo"))
             .args(["run", cfg.to_str().unwrap(), "-q", "--results-dir", &format!("{}/{out}/results", dir.display())])
@@ -344,8 +360,8 @@ fn kill_and_resume_matches_uninterrupted() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
     zoo(&[], "straight");
-    zoo(&["--stop-after", "5"], "killed");
-    let rid = one(MQAR).id;
+    zoo(&["--stop-after", "3"], "killed");
+    let rid = one(text).id;
     let killed_result = dir.join(format!("killed/results/t/{rid}.json"));
     assert!(!killed_result.exists(), "a killed run must not leave a result");
     zoo(&["--resume"], "killed");

@@ -190,6 +190,7 @@ impl Moe {
         let d = ctx.d_model;
         let router = Router::new(&pb.pp("router"), d, cfg.n_experts, cfg.top_k, cfg.score, cfg.temperature, cfg.renormalize)?
             .with_options(&pb.pp("router"), ctx.layer, cfg.activation, cfg.noise.clone(), cfg.routing.clone())?;
+        let router = if matches!(cfg.balance, Balance::Bias { .. }) { router.with_bias_state(&pb.pp("router"))? } else { router };
         let mlp = MlpConfig { hidden: cfg.expert_hidden, bias: false };
         let experts = (0..cfg.n_experts)
             .map(|i| SwiGlu::new(&mlp, ctx, &pb.pp(format!("experts.{i}"))))
@@ -284,7 +285,9 @@ impl FeedForward for Moe {
         };
         match self.cfg.balance {
             Balance::AuxLoss { alpha } => add(aux_loss(&r, alpha)?)?,
-            Balance::Bias { .. } => self.router.observe(&r.load),
+            // Only training steps move the bias (an evaluation's loads would, and a resume would lose them).
+            Balance::Bias { .. } if zoo_core::state::train_step().is_some() => self.router.observe(&r.load),
+            Balance::Bias { .. } => {}
             Balance::None => {}
         }
         if self.cfg.z_loss > 0.0 {

@@ -31,9 +31,9 @@
 
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
-use zoo_core::candle_core::{DType, Result, Tensor, D};
+use zoo_core::candle_core::{DType, Result, Tensor, Var, D};
 use zoo_core::nn::{Linear, INIT_STD};
-use zoo_core::params::Pb;
+use zoo_core::params::{Group, Init, Pb};
 use zoo_core::rng::Rng;
 
 /// How router logits become scores.
@@ -205,6 +205,9 @@ pub struct Router {
     layer: usize,
     /// Selection bias (aux-loss-free balancing), and the loads seen since its last update.
     bias: Mutex<(Vec<f32>, Vec<f64>)>,
+    /// The bias as a buffer of the parameter store (saved with checkpoints), when the layer
+    /// balances by bias ([`Router::with_bias_state`]).
+    bias_var: Option<Var>,
 }
 
 impl Router {
@@ -231,7 +234,17 @@ impl Router {
             noise_proj: None,
             layer: 0,
             bias: Mutex::new((vec![0.0; n_experts], vec![0.0; n_experts])),
+            bias_var: None,
         })
+    }
+
+    /// Keep the selection bias in the parameter store as a buffer (`selection_bias`, not trained),
+    /// so that a checkpoint holds it and a resumed run routes as an uninterrupted one.
+    pub fn with_bias_state(mut self, pb: &Pb) -> Result<Self> {
+        pb.get("selection_bias", self.n_experts, Init::Const(0.0), Group::Buffer)?;
+        let name = if pb.prefix().is_empty() { "selection_bias".to_string() } else { format!("{}.selection_bias", pb.prefix()) };
+        self.bias_var = Some(pb.store().params()[&name].var.clone());
+        Ok(self)
     }
 
     /// Set the activation, noise and selection; `pb` holds W_noise for noisy top-k, `layer` names
@@ -250,7 +263,10 @@ impl Router {
 
     /// The current selection bias.
     pub fn bias(&self) -> Vec<f32> {
-        self.bias.lock().unwrap().0.clone()
+        match &self.bias_var {
+            Some(v) => v.as_tensor().to_dtype(DType::F32).and_then(|t| t.to_vec1::<f32>()).expect("selection bias"),
+            None => self.bias.lock().unwrap().0.clone(),
+        }
     }
 
     /// Route tokens x (N, d). In a training step ([`zoo_core::state::train_step`]) the noise and
@@ -307,11 +323,13 @@ impl Router {
     /// The aux-loss-free update: `b_i += γ · sign(mean load − load_i)` over the loads observed
     /// since the last update (then forgotten).
     pub fn update_bias(&self, gamma: f64) {
+        let current = self.bias();
         let mut b = self.bias.lock().unwrap();
         let (bias, load) = &mut *b;
         if load.iter().all(|&l| l == 0.0) {
             return;
         }
+        *bias = current;
         let mean = load.iter().sum::<f64>() / load.len() as f64;
         for (bi, &li) in bias.iter_mut().zip(load.iter()) {
             let s = if li < mean {
@@ -324,6 +342,10 @@ impl Router {
             *bi += (gamma * s) as f32;
         }
         load.iter_mut().for_each(|l| *l = 0.0);
+        if let Some(v) = &self.bias_var {
+            let t = Tensor::from_vec(bias.clone(), bias.len(), v.device()).and_then(|t| t.to_dtype(v.dtype()));
+            t.and_then(|t| v.set(&t)).expect("selection bias update");
+        }
     }
 }
 
