@@ -82,6 +82,16 @@ enum Cmd {
         /// not equal to the dequantized f32 model's.
         #[arg(long)]
         quantized: bool,
+        /// With --model: a KV press as inline TOML, e.g. 'type = "knorm"' or
+        /// 'type = "streaming_llm", sinks = 4': the text is read through the cache in --chunk-token
+        /// pieces and after each the press keeps (1 − --ratio) of the tokens read.
+        #[arg(long)]
+        press: Option<String>,
+        /// Share of the cache the press evicts, in [0, 1).
+        #[arg(long, default_value_t = 0.0)]
+        ratio: f64,
+        #[arg(long, default_value_t = 128)]
+        chunk: usize,
     },
     /// Continue a prompt with a pretrained model (GGUF file or HF folder), streaming to stdout;
     /// prompt and generation speed go to stderr at the end.
@@ -299,7 +309,18 @@ fn real_main() -> Result<i32> {
             }
         }
         Cmd::Report { dir } => println!("{}", report::report(dir)?),
-        Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized } => {
+        Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized, press, ratio, chunk } => {
+            if let Some(press) = press {
+                let m = model.as_ref().context("--press: needs --model (a pretrained model)")?;
+                let cfg: zoo_kv_compress::PressConfig = toml::from_str(press).map_err(|e| anyhow::anyhow!("--press: {e}"))?;
+                if *chunk == 0 {
+                    bail!("--chunk: must be at least 1");
+                }
+                zoo_kv_compress::check_ratio(*ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
+                let out = zoo_harness::pretrained::evaluate_model_press(m, text, &cfg, *ratio, *chunk, &env()?)?;
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(0);
+            }
             if *seq_len == Some(0) {
                 bail!("--seq-len: must be at least 1");
             }

@@ -552,6 +552,48 @@ pub fn evaluate_model(model: &Path, text: &Path, window: usize, quantized: bool,
     }))
 }
 
+/// Perplexity of `text` read through the model's cache in chunks, a KV press keeping every
+/// attention layer at `(1 − ratio)` of the tokens read after each chunk
+/// ([`zoo_kv_compress::streaming_nll`]): the compressed cache scores every later token. The text
+/// must fit in the model's context.
+pub fn evaluate_model_press(
+    model: &Path,
+    text: &Path,
+    press: &zoo_kv_compress::PressConfig,
+    ratio: f64,
+    chunk: usize,
+    env: &Env,
+) -> Result<serde_json::Value> {
+    zoo_kv_compress::check_ratio(ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
+    let p = load_with(model, env, LoadOpts::default())?;
+    let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    let tok = p.tokenizer.as_ref().with_context(|| format!("{}: no tokenizer (tokenizer.json) to read the text with", model.display()))?;
+    let ids = tok.encode(body.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?;
+    let ids = ids.get_ids().to_vec();
+    if ids.len() > p.context_length {
+        bail!("{}: {} tokens do not fit in the model's context of {}", text.display(), ids.len(), p.context_length);
+    }
+    let t1 = std::time::Instant::now();
+    let built = press.build();
+    let (sum, n, held) = zoo_kv_compress::streaming_nll(&p.model, &ids, chunk, Some(built.as_ref()), ratio)?;
+    env.sync()?;
+    let secs = t1.elapsed().as_secs_f64();
+    Ok(serde_json::json!({
+        "model": model.display().to_string(),
+        "text": text.display().to_string(),
+        "tokens": ids.len(),
+        "scored": n,
+        "press": serde_json::to_value(press)?,
+        "ratio": ratio,
+        "chunk": chunk,
+        "mean_entries_held": if held.is_finite() { serde_json::json!(held) } else { serde_json::Value::Null },
+        "perplexity": (sum / n as f64).exp(),
+        "nll_per_token": sum / n as f64,
+        "eval_seconds": secs,
+        "env": { "device": env.describe(), "dtype": env.dtype_name(), "git": crate::env::git_state(), "versions": crate::env::versions() },
+    }))
+}
+
 /// The fields of an HF `config.json` that the loader reads; anything else is ignored.
 #[derive(serde::Deserialize)]
 struct HfConfig {

@@ -29,7 +29,8 @@ pub mod random;
 pub mod streaming_llm;
 
 use serde::{Deserialize, Serialize};
-use zoo_core::candle_core::{bail, Result, Tensor};
+use zoo_core::candle_core::{bail, DType, Result, Tensor};
+use zoo_core::model::Lm;
 use zoo_core::state::{KvCache, LayerState};
 
 /// A scoring rule: one score per used slot of a layer's cache (higher = keep).
@@ -89,10 +90,15 @@ pub fn compress(cache: &mut KvCache, press: &dyn Press, ratio: f64) -> Result<us
     if let Err(e) = check_ratio(ratio) {
         bail!("{e}")
     }
+    let keep = keep_count(cache.len(), ratio);
+    compress_to(cache, press, keep)
+}
+
+/// Evict the lowest-scoring slots until at most `keep` remain; returns how many were evicted.
+pub fn compress_to(cache: &mut KvCache, press: &dyn Press, keep: usize) -> Result<usize> {
     let Some((k, v)) = cache.kv()? else { return Ok(0) };
     let n = cache.len();
-    let keep = keep_count(n, ratio);
-    if keep == n {
+    if keep >= n {
         return Ok(0);
     }
     let scores = press.score(&k, &v, cache.positions())?;
@@ -118,6 +124,48 @@ pub fn compress_model(states: &mut [LayerState], press: &dyn Press, ratio: f64) 
             _ => Ok(0),
         })
         .collect()
+}
+
+/// Negative log-likelihood of `ids` read in chunks of `chunk` tokens through the model's cache,
+/// the press keeping the cache of every attention layer at `keep_count(seen, ratio)` entries after
+/// each chunk (`seen`: tokens read so far), so every later token is scored from the compressed
+/// cache. Returns (NLL sum, tokens scored, mean entries held per layer after each compression).
+/// With ratio 0 (or no press) this is the model's plain full-context NLL, chunk by chunk.
+pub fn streaming_nll(model: &Lm, ids: &[u32], chunk: usize, press: Option<&dyn Press>, ratio: f64) -> Result<(f64, usize, f64)> {
+    if let Err(e) = check_ratio(ratio) {
+        bail!("{e}")
+    }
+    if chunk == 0 {
+        bail!("chunk: must be at least 1")
+    }
+    let dev = model.embed.weight.device();
+    let mut cache = model.new_cache_with_capacity(ids.len());
+    let (mut sum, mut n) = (0f64, 0usize);
+    let (mut held, mut points) = (0f64, 0usize);
+    for start in (0..ids.len().saturating_sub(1)).step_by(chunk) {
+        let end = (start + chunk).min(ids.len() - 1);
+        let x = Tensor::new(&ids[start..end], dev)?.unsqueeze(0)?;
+        let logits = model.forward(&x, Some(&mut cache), None)?.logits.squeeze(0)?.to_dtype(DType::F32)?;
+        let lp = zoo_core::candle_nn::ops::log_softmax(&logits, zoo_core::candle_core::D::Minus1)?;
+        let tgt = Tensor::new(&ids[start + 1..end + 1], dev)?.unsqueeze(1)?;
+        sum -= lp.gather(&tgt, 1)?.sum_all()?.to_scalar::<f32>()? as f64;
+        n += end - start;
+        if let Some(p) = press.filter(|_| ratio > 0.0) {
+            let keep = keep_count(end, ratio);
+            let mut layers = 0usize;
+            let mut total = 0usize;
+            for s in cache.iter_mut() {
+                if let LayerState::Kv(c) = s {
+                    compress_to(c, p, keep)?;
+                    total += c.len();
+                    layers += 1;
+                }
+            }
+            held += total as f64 / layers.max(1) as f64;
+            points += 1;
+        }
+    }
+    Ok((sum, n, if points > 0 { held / points as f64 } else { f64::NAN }))
 }
 
 /// Per-slot mean over batch rows and heads of a (B, H, len) score tensor.

