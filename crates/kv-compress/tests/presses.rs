@@ -22,6 +22,17 @@ fn cache(n: usize, key: impl Fn(usize) -> [f32; 2]) -> Result<KvCache> {
     Ok(c)
 }
 
+/// A 2-layer, 2-head softmax-attention LM over 16 tokens.
+fn tiny_lm(seed: u64, d_model: usize, max_seq_len: usize) -> Result<(Lm, ParamStore)> {
+    let store = ParamStore::new(seed, DType::F32, &Device::Cpu);
+    let shape = LmShape { vocab_size: 16, d_model, n_layers: 2, tie_embeddings: true, norm_eps: 1e-5, max_seq_len };
+    let cfg: AttentionConfig = zoo_core::mixer::examples_from_toml(&["n_heads = 2"]).remove(0);
+    let lm = Lm::new(&shape, DType::F32, &store.root(), |ctx, pb| {
+        Ok((Box::new(Attention::new(&cfg, ctx, &pb.pp("mixer"))?) as Box<dyn Mixer>, None))
+    })?;
+    Ok((lm, store))
+}
+
 #[test]
 fn knorm_evicts_the_largest_key_norms() -> Result<()> {
     // Norms 5, 1, 4, 2, 3 (3-4-5 triangles and axis keys).
@@ -83,12 +94,7 @@ fn budgets_and_bad_ratios() {
 /// original length.
 #[test]
 fn model_caches_compress_in_place() -> Result<()> {
-    let store = ParamStore::new(0, DType::F32, &Device::Cpu);
-    let shape = LmShape { vocab_size: 16, d_model: 8, n_layers: 2, tie_embeddings: true, norm_eps: 1e-5, max_seq_len: 32 };
-    let cfg: AttentionConfig = zoo_core::mixer::examples_from_toml(&["n_heads = 2"]).remove(0);
-    let lm = Lm::new(&shape, DType::F32, &store.root(), |ctx, pb| {
-        Ok((Box::new(Attention::new(&cfg, ctx, &pb.pp("mixer"))?) as Box<dyn Mixer>, None))
-    })?;
+    let (lm, _store) = tiny_lm(0, 8, 32)?;
     let prompt = Tensor::new(&[[1u32, 5, 2, 7, 3, 9, 4, 11, 6, 8, 10, 12]], &Device::Cpu)?;
     let next = Tensor::new(&[[13u32]], &Device::Cpu)?;
     let decode = |ratio: Option<f64>| -> Result<(Tensor, Vec<zoo_core::state::LayerState>)> {
@@ -118,12 +124,7 @@ fn model_caches_compress_in_place() -> Result<()> {
 #[test]
 fn streaming_nll_at_ratio_zero_is_the_full_context_nll() -> Result<()> {
     use zoo_kv_compress::streaming_nll;
-    let store = ParamStore::new(1, DType::F32, &Device::Cpu);
-    let shape = LmShape { vocab_size: 16, d_model: 16, n_layers: 2, tie_embeddings: true, norm_eps: 1e-5, max_seq_len: 64 };
-    let cfg: AttentionConfig = zoo_core::mixer::examples_from_toml(&["n_heads = 2"]).remove(0);
-    let lm = Lm::new(&shape, DType::F32, &store.root(), |ctx, pb| {
-        Ok((Box::new(Attention::new(&cfg, ctx, &pb.pp("mixer"))?) as Box<dyn Mixer>, None))
-    })?;
+    let (lm, _store) = tiny_lm(1, 16, 64)?;
     let ids: Vec<u32> = (0..40u32).map(|i| (i * 7 + 3) % 16).collect();
     let x = Tensor::new(&ids[..39], &Device::Cpu)?.unsqueeze(0)?;
     let lp = zoo_core::candle_nn::ops::log_softmax(&lm.forward(&x, None, None)?.logits.squeeze(0)?, 1)?;
