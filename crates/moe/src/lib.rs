@@ -293,17 +293,13 @@ impl FeedForward for Moe {
         if self.cfg.z_loss > 0.0 {
             add(z_loss(&r, self.cfg.z_loss)?)?;
         }
-        let total: f64 = r.load.iter().sum();
-        let share: Vec<f32> = r.load.iter().map(|&l| (l / total.max(1.0)) as f32).collect();
-        let mean = 1.0 / share.len() as f64;
-        let var = share.iter().map(|&s| (s as f64 - mean).powi(2)).sum::<f64>() / share.len() as f64;
-        let max_share = share.iter().fold(0f64, |m, &s| m.max(s as f64));
+        let (share, cv, max_load) = r.load_shares();
         let dev = x.device();
         let entropy = (r.scores.clamp(1e-30, 1.0)?.log()? * &r.scores)?.sum(D::Minus1)?.neg()?.mean_all()?;
         let stats = vec![
             Stat::new("load", StatShape::PerExpert, Tensor::from_vec(share, self.experts.len(), dev)?),
-            Stat::new("load_cv", StatShape::Scalar, Tensor::new(&[(var.sqrt() / mean) as f32], dev)?),
-            Stat::new("max_load", StatShape::Scalar, Tensor::new(&[(max_share / mean) as f32], dev)?),
+            Stat::new("load_cv", StatShape::Scalar, Tensor::new(&[cv as f32], dev)?),
+            Stat::new("max_load", StatShape::Scalar, Tensor::new(&[max_load as f32], dev)?),
             Stat::new("router_entropy", StatShape::Scalar, entropy.to_dtype(DType::F32)?.detach()),
             Stat::new("dropped_fraction", StatShape::Scalar, Tensor::new(&[r.dropped_fraction() as f32], dev)?),
             Stat::new("active_experts", StatShape::Scalar, Tensor::new(&[r.active_per_token() as f32], dev)?),

@@ -121,10 +121,7 @@ impl Moh {
             (None, _) => Tensor::cat(&[&alpha.narrow(1, 0, 1)?, &routed], 1)?,
         };
         let aux_loss = if self.cfg.aux_loss > 0.0 { Some(aux_loss(&r, self.cfg.aux_loss)?) } else { None };
-        let total: f64 = r.load.iter().sum();
-        let share: Vec<f32> = r.load.iter().map(|&l| (l / total.max(1.0)) as f32).collect();
-        let mean = 1.0 / hr as f64;
-        let cv = (share.iter().map(|&s| (s as f64 - mean).powi(2)).sum::<f64>() / hr as f64).sqrt() / mean;
+        let (share, cv, _) = r.load_shares();
         let dev = x.device();
         let stats = vec![
             Stat::new("head_load", StatShape::PerExpert, Tensor::from_vec(share, hr, dev)?),

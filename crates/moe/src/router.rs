@@ -155,6 +155,17 @@ pub struct Routing {
 }
 
 impl Routing {
+    /// Each expert's share of the (kept) assignments, the coefficient of variation of the shares,
+    /// and the largest share over the mean (1 when balanced, E when one expert takes everything).
+    pub fn load_shares(&self) -> (Vec<f32>, f64, f64) {
+        let total: f64 = self.load.iter().sum();
+        let share: Vec<f32> = self.load.iter().map(|&l| (l / total.max(1.0)) as f32).collect();
+        let mean = 1.0 / share.len() as f64;
+        let var = share.iter().map(|&s| (s as f64 - mean).powi(2)).sum::<f64>() / share.len() as f64;
+        let max_share = share.iter().fold(0f64, |m, &s| m.max(s as f64));
+        (share, var.sqrt() / mean, max_share / mean)
+    }
+
     /// Mean number of slots in use per token.
     pub fn active_per_token(&self) -> f64 {
         let n = self.kept.len() / self.experts.dim(1).unwrap_or(1).max(1);
@@ -444,9 +455,7 @@ pub fn route_dense_to_sparse(logits: &Tensor, gumbel: Option<&Tensor>, tau: f64,
 /// Switch's auxiliary loss `α · E · Σ_i f_i P_i` (f from the assignments, no gradient).
 pub fn aux_loss(r: &Routing, alpha: f64) -> Result<Tensor> {
     let e = r.load.len();
-    let total: f64 = r.load.iter().sum();
-    let f: Vec<f32> = r.load.iter().map(|&l| (l / total.max(1.0)) as f32).collect();
-    let f = Tensor::from_vec(f, e, r.scores.device())?;
+    let f = Tensor::from_vec(r.load_shares().0, e, r.scores.device())?;
     let p = r.scores.mean(0)?; // (E,)
     (p * f)?.sum_all()? * (alpha * e as f64)
 }
