@@ -524,10 +524,7 @@ pub fn evaluate_model(model: &Path, text: &Path, window: usize, quantized: bool,
     let t0 = std::time::Instant::now();
     let p = load_with(model, env, LoadOpts { quantized })?;
     let load_s = t0.elapsed().as_secs_f64();
-    let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
-    let tok = p.tokenizer.as_ref().with_context(|| format!("{}: no tokenizer (tokenizer.json) to read the text with", model.display()))?;
-    let ids = tok.encode(body.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?;
-    let ids = ids.get_ids().to_vec();
+    let ids = text_ids(&p, model, text)?;
     let window = window.min(p.context_length);
     let t1 = std::time::Instant::now();
     let (sum, n) = sliding_nll(&p.model, &ids, window, &env.device)?;
@@ -552,6 +549,14 @@ pub fn evaluate_model(model: &Path, text: &Path, window: usize, quantized: bool,
     }))
 }
 
+/// The token ids of a text file under a pretrained model's tokenizer (`model`: its path, for errors).
+fn text_ids(p: &Pretrained, model: &Path, text: &Path) -> Result<Vec<u32>> {
+    let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    let tok = p.tokenizer.as_ref().with_context(|| format!("{}: no tokenizer (tokenizer.json) to read the text with", model.display()))?;
+    let ids = tok.encode(body.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?;
+    Ok(ids.get_ids().to_vec())
+}
+
 /// Perplexity of `text` read through the model's cache in chunks, a KV press keeping every
 /// attention layer at `(1 − ratio)` of the tokens read after each chunk
 /// ([`zoo_kv_compress::streaming_nll`]): the compressed cache scores every later token. The text
@@ -566,10 +571,7 @@ pub fn evaluate_model_press(
 ) -> Result<serde_json::Value> {
     zoo_kv_compress::check_ratio(ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
     let p = load_with(model, env, LoadOpts::default())?;
-    let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
-    let tok = p.tokenizer.as_ref().with_context(|| format!("{}: no tokenizer (tokenizer.json) to read the text with", model.display()))?;
-    let ids = tok.encode(body.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?;
-    let ids = ids.get_ids().to_vec();
+    let ids = text_ids(&p, model, text)?;
     if ids.len() > p.context_length {
         bail!("{}: {} tokens do not fit in the model's context of {}", text.display(), ids.len(), p.context_length);
     }

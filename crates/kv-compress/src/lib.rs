@@ -145,10 +145,10 @@ pub fn streaming_nll(model: &Lm, ids: &[u32], chunk: usize, press: Option<&dyn P
     for start in (0..ids.len().saturating_sub(1)).step_by(chunk) {
         let end = (start + chunk).min(ids.len() - 1);
         let x = Tensor::new(&ids[start..end], dev)?.unsqueeze(0)?;
-        let logits = model.forward(&x, Some(&mut cache), None)?.logits.squeeze(0)?.to_dtype(DType::F32)?;
-        let lp = zoo_core::candle_nn::ops::log_softmax(&logits, zoo_core::candle_core::D::Minus1)?;
-        let tgt = Tensor::new(&ids[start + 1..end + 1], dev)?.unsqueeze(1)?;
-        sum -= lp.gather(&tgt, 1)?.sum_all()?.to_scalar::<f32>()? as f64;
+        let logits = model.forward(&x, Some(&mut cache), None)?.logits;
+        let tgt = Tensor::new(&ids[start + 1..end + 1], dev)?.unsqueeze(0)?;
+        let mean = zoo_core::model::cross_entropy(&logits, &tgt, None)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        sum += mean * (end - start) as f64;
         n += end - start;
         if let Some(p) = press.filter(|_| ratio > 0.0) {
             let keep = keep_count(end, ratio);
