@@ -214,7 +214,8 @@ pub struct Router {
     noise_proj: Option<Linear>,
     /// The layer's index, for its noise stream.
     layer: usize,
-    /// Selection bias (aux-loss-free balancing), and the loads seen since its last update.
+    /// Selection bias (aux-loss-free balancing; unused when `bias_var` holds it), and the loads
+    /// seen since its last update.
     bias: Mutex<(Vec<f32>, Vec<f64>)>,
     /// The bias as a buffer of the parameter store (saved with checkpoints), when the layer
     /// balances by bias ([`Router::with_bias_state`]).
@@ -334,13 +335,12 @@ impl Router {
     /// The aux-loss-free update: `b_i += γ · sign(mean load − load_i)` over the loads observed
     /// since the last update (then forgotten).
     pub fn update_bias(&self, gamma: f64) {
-        let current = self.bias();
+        let mut bias = self.bias();
         let mut b = self.bias.lock().unwrap();
-        let (bias, load) = &mut *b;
+        let (host, load) = &mut *b;
         if load.iter().all(|&l| l == 0.0) {
             return;
         }
-        *bias = current;
         let mean = load.iter().sum::<f64>() / load.len() as f64;
         for (bi, &li) in bias.iter_mut().zip(load.iter()) {
             let s = if li < mean {
@@ -353,9 +353,13 @@ impl Router {
             *bi += (gamma * s) as f32;
         }
         load.iter_mut().for_each(|l| *l = 0.0);
-        if let Some(v) = &self.bias_var {
-            let t = Tensor::from_vec(bias.clone(), bias.len(), v.device()).and_then(|t| t.to_dtype(v.dtype()));
-            t.and_then(|t| v.set(&t)).expect("selection bias update");
+        // The bias lives in the store buffer when there is one, else on the host.
+        match &self.bias_var {
+            Some(v) => {
+                let t = Tensor::from_vec(bias, load.len(), v.device()).and_then(|t| t.to_dtype(v.dtype()));
+                t.and_then(|t| v.set(&t)).expect("selection bias update");
+            }
+            None => *host = bias,
         }
     }
 }
