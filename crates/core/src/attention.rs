@@ -190,15 +190,20 @@ impl Attention {
     }
 
     /// Append new keys/values to the layer's [`KvCache`] (if any) and return what the new queries
-    /// attend over: K, V and the keys' absolute positions.
+    /// attend over: K, V and the keys' absolute positions. The queries `q` (B, H, T, hd, as
+    /// attended with) go to the cache's observation window when it has one
+    /// ([`KvCache::observe`]), for presses that score by attention.
     pub fn update_cache(
         &self,
+        q: &Tensor,
         k: Tensor,
         v: Tensor,
         state: Option<&mut LayerState>,
     ) -> Result<(Tensor, Tensor, KeyPositions)> {
         let Some(st) = state else { return Ok((k, v, KeyPositions::From(0))) };
-        let (k, v, pos) = st.kv()?.append(&k, &v)?;
+        let cache = st.kv()?;
+        let (k, v, pos) = cache.append(&k, &v)?;
+        cache.observe(q)?;
         Ok((k, v, KeyPositions::of(pos)))
     }
 
@@ -443,7 +448,7 @@ impl Mixer for Attention {
         let q = self.position_q(&self.split_heads(&self.q_proj.forward(x)?, self.n_heads)?, offset)?;
         let k = self.position_k(&self.split_heads(&self.k_proj.forward(x)?, self.n_kv_heads)?, offset)?;
         let v = self.split_heads(&self.v_proj.forward(x)?, self.n_kv_heads)?;
-        let (k, v, kpos) = self.update_cache(k, v, state)?;
+        let (k, v, kpos) = self.update_cache(&q, k, v, state)?;
         let y = self.attend(&q, &k, &v, offset, &kpos, phase, probe)?;
         self.o_proj.forward(&self.merge_heads(&y)?)
     }

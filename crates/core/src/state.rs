@@ -196,6 +196,14 @@ pub struct KvCache {
     seen: usize,
     capacity: usize,
     window: Option<usize>,
+    /// Queries kept for presses that score slots by attention (TOVA, SnapKV, H2O): the last
+    /// `observe` queries appended, (B, H, ≤ observe, hd) as the layer attends with them, and their
+    /// positions. Off (None) unless [`KvCache::set_observe`] turns it on.
+    observe: Option<usize>,
+    queries: Option<Tensor>,
+    qpos: Vec<usize>,
+    /// Per-position running score (H2O's accumulated attention), dropped with its slot.
+    acc: std::collections::HashMap<usize, f32>,
 }
 
 /// A deep copy: the buffers are written in place, so a clone must not share them.
@@ -209,6 +217,10 @@ impl Clone for KvCache {
             seen: self.seen,
             capacity: self.capacity,
             window: self.window,
+            observe: self.observe,
+            queries: copy(&self.queries),
+            qpos: self.qpos.clone(),
+            acc: self.acc.clone(),
         }
     }
 }
@@ -217,7 +229,87 @@ impl KvCache {
     /// An empty cache; `capacity` slots are allocated at the first append (0: as many as it
     /// brings). `window`: keep only keys the next query can still see.
     pub fn with_capacity(capacity: usize, window: Option<usize>) -> Self {
-        Self { k: None, v: None, pos: Vec::new(), seen: 0, capacity, window }
+        Self {
+            k: None,
+            v: None,
+            pos: Vec::new(),
+            seen: 0,
+            capacity,
+            window,
+            observe: None,
+            queries: None,
+            qpos: Vec::new(),
+            acc: Default::default(),
+        }
+    }
+
+    /// Keep the last `w` queries the layer attends with (0 or None: keep none), for presses
+    /// that score slots by attention. The attention mixers hand their queries to
+    /// [`KvCache::observe`] after each append.
+    pub fn set_observe(&mut self, w: Option<usize>) {
+        self.observe = w.filter(|&w| w > 0);
+        if self.observe.is_none() {
+            self.queries = None;
+            self.qpos.clear();
+        }
+    }
+
+    /// Record the queries (B, H, t, hd) of the t tokens just appended (positions `seen − t..seen`),
+    /// keeping the last `observe` of them; a no-op when observation is off.
+    pub fn observe(&mut self, q: &Tensor) -> Result<()> {
+        let Some(w) = self.observe else { return Ok(()) };
+        let t = q.dim(2)?;
+        if t > self.seen {
+            bail!("KvCache::observe: {t} queries but only {} tokens appended", self.seen)
+        }
+        let q = q.detach();
+        let (all, mut pos) = match self.queries.take() {
+            Some(old) => (Tensor::cat(&[&old, &q], 2)?, std::mem::take(&mut self.qpos)),
+            None => (q, Vec::new()),
+        };
+        pos.extend(self.seen - t..self.seen);
+        let n = pos.len();
+        let drop = n.saturating_sub(w);
+        self.queries = Some(if drop > 0 { all.narrow(2, drop, n - drop)?.contiguous()? } else { all });
+        self.qpos = pos[drop..].to_vec();
+        Ok(())
+    }
+
+    /// The observed queries (B, H, w, hd) and their positions, if any.
+    pub fn observed(&self) -> Option<(&Tensor, &[usize])> {
+        self.queries.as_ref().map(|q| (q, self.qpos.as_slice()))
+    }
+
+    /// Forget the observed queries (a press that accumulates consumes them once).
+    pub fn clear_observed(&mut self) {
+        self.queries = None;
+        self.qpos.clear();
+    }
+
+    /// Add `delta[j]` to the running score of used slot j; returns the running scores of all used
+    /// slots (0 for a slot never scored). A slot's score is dropped with the slot.
+    pub fn accumulate(&mut self, delta: &[f32]) -> Result<Vec<f32>> {
+        if delta.len() != self.pos.len() {
+            bail!("KvCache::accumulate: {} scores for {} slots", delta.len(), self.pos.len())
+        }
+        Ok(self
+            .pos
+            .iter()
+            .zip(delta)
+            .map(|(p, d)| {
+                let e = self.acc.entry(*p).or_insert(0.0);
+                *e += d;
+                *e
+            })
+            .collect())
+    }
+
+    /// Drop running scores of positions no longer stored.
+    fn prune_acc(&mut self) {
+        if !self.acc.is_empty() {
+            let live: std::collections::HashSet<usize> = self.pos.iter().copied().collect();
+            self.acc.retain(|p, _| live.contains(p));
+        }
     }
 
     /// Tokens consumed so far (the absolute position of the next token).
@@ -311,6 +403,7 @@ impl KvCache {
                 let (j, _) = self.pos.iter().enumerate().min_by_key(|(_, &p)| p).expect("window ≥ 1");
                 self.k.as_ref().expect("allocated").slice_set(&k.contiguous()?, 2, j)?;
                 self.v.as_ref().expect("allocated").slice_set(&v.contiguous()?, 2, j)?;
+                self.acc.remove(&self.pos[j]);
                 self.pos[j] = new_pos[0];
                 let (ka, va) = self.kv()?.expect("non-empty");
                 Ok((ka, va, self.pos.clone()))
@@ -337,6 +430,7 @@ impl KvCache {
                 self.k.as_ref().expect("allocated").slice_set(&kk, 2, 0)?;
                 self.v.as_ref().expect("allocated").slice_set(&vk, 2, 0)?;
                 self.pos = keep.iter().map(|&j| pa[j]).collect();
+                self.prune_acc();
                 Ok((ka, va, pa))
             }
             _ => {
@@ -366,6 +460,7 @@ impl KvCache {
             self.v.as_ref().expect("allocated").slice_set(&vk, 2, 0)?;
         }
         self.pos = slots.iter().map(|&j| self.pos[j]).collect();
+        self.prune_acc();
         Ok(())
     }
 }

@@ -152,3 +152,34 @@ fn a_changed_tokenizer_file_is_refused() -> anyhow::Result<()> {
     Tokenizer::from_spec(&old)?;
     Ok(())
 }
+
+/// The observation window keeps the last w queries with their positions across appends; running
+/// scores add up per position and leave with their slot.
+#[test]
+fn kv_cache_observes_queries_and_keeps_running_scores() -> Result<()> {
+    let dev = Device::Cpu;
+    let kv = |t: usize, x: f32| Tensor::full(x, (1, 1, t, 2), &dev);
+    let mut c = KvCache::with_capacity(8, None);
+    c.append(&kv(2, 1.0)?, &kv(2, 1.0)?)?;
+    c.observe(&kv(2, 1.0)?)?; // off: nothing kept
+    assert!(c.observed().is_none());
+    c.set_observe(Some(3));
+    c.append(&kv(2, 2.0)?, &kv(2, 2.0)?)?;
+    c.observe(&kv(2, 2.0)?)?;
+    c.append(&kv(2, 3.0)?, &kv(2, 3.0)?)?;
+    c.observe(&kv(2, 3.0)?)?;
+    let (q, qpos) = c.observed().expect("on");
+    assert_eq!(qpos, &[3, 4, 5]);
+    assert_eq!(q.flatten_all()?.to_vec1::<f32>()?, vec![2.0, 2.0, 3.0, 3.0, 3.0, 3.0]);
+    // More queries than tokens appended is a caller's error.
+    assert!(c.observe(&kv(7, 0.0)?).is_err());
+    assert_eq!(c.accumulate(&[1.0; 6])?, vec![1.0; 6]);
+    assert_eq!(c.accumulate(&[0.0, 2.0, 0.0, 0.0, 0.0, 0.5])?, vec![1.0, 3.0, 1.0, 1.0, 1.0, 1.5]);
+    c.retain(&[1, 5])?;
+    assert_eq!(c.accumulate(&[0.0, 0.0])?, vec![3.0, 1.5]);
+    assert!(c.accumulate(&[0.0]).is_err());
+    // Off again: the window is dropped.
+    c.set_observe(None);
+    assert!(c.observed().is_none());
+    Ok(())
+}

@@ -64,7 +64,7 @@ impl Mixer for GatedAttention {
         let q = a.position_q(&a.split_heads(&q, a.n_heads)?, offset)?;
         let k = a.position_k(&a.split_heads(&k, a.n_kv_heads)?, offset)?;
         let v = a.split_heads(&v, a.n_kv_heads)?;
-        let (k, v, kpos) = a.update_cache(k, v, cache)?;
+        let (k, v, kpos) = a.update_cache(&q, k, v, cache)?;
         let mut probe = probe;
         let y = a.attend(&q, &k, &v, offset, &kpos, phase, probe.as_deref_mut())?;
         let y = at(GatePosition::SdpaOutput, a.merge_heads(&y)?)?;

@@ -82,8 +82,9 @@ enum Cmd {
         /// not equal to the dequantized f32 model's.
         #[arg(long)]
         quantized: bool,
-        /// With --model: a KV press as inline TOML, e.g. 'type = "knorm"' or
-        /// 'type = "streaming_llm", sinks = 4': the text is read through the cache in --chunk-token
+        /// With --model: a KV press as inline TOML, e.g. 'type = "knorm"',
+        /// 'type = "streaming_llm", sinks = 4', 'type = "tova"', 'type = "snapkv", window = 64,
+        /// kernel = 5', 'type = "h2o", recent = 0.5' or 'type = "random", seed = 0': the text is read through the cache in --chunk-token
         /// pieces and after each the press keeps (1 − --ratio) of the tokens read.
         #[arg(long)]
         press: Option<String>,
@@ -318,6 +319,7 @@ fn real_main() -> Result<i32> {
                     press: zoo_kv_compress::PressConfig,
                 }
                 let cfg = toml::from_str::<Wrap>(&format!("press = {{ {press} }}")).map_err(|e| anyhow::anyhow!("--press: {e}"))?.press;
+                cfg.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
                 if *chunk == 0 {
                     bail!("--chunk: must be at least 1");
                 }

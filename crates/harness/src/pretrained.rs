@@ -581,6 +581,7 @@ pub fn evaluate_model_press(
     env.sync()?;
     let secs = t1.elapsed().as_secs_f64();
     Ok(serde_json::json!({
+        "schema": crate::schema::PRESS_SCHEMA,
         "model": model.display().to_string(),
         "text": text.display().to_string(),
         "tokens": ids.len(),

@@ -1,6 +1,6 @@
 //! `zoo report`: results folder → markdown table (mean ± std over seeds, best over learning rates).
 
-use crate::schema::{RunResult, BENCH_SCHEMA, RESULT_SCHEMA};
+use crate::schema::{RunResult, BENCH_SCHEMA, PRESS_SCHEMA, RESULT_SCHEMA};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -421,7 +421,18 @@ pub fn report(dir: &Path) -> Result<String> {
         for (path, v) in load_schema_paths(dir, BENCH_SCHEMA)? {
             benches.push(crate::schema::parse_bench(v, &path)?);
         }
-        anyhow::ensure!(!benches.is_empty(), "no result or bench JSON in {}", dir.display());
+        if benches.is_empty() {
+            let evals: Vec<Value> = load_schema_paths(dir, PRESS_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
+            anyhow::ensure!(!evals.is_empty(), "no result, bench or press-eval JSON in {}", dir.display());
+            let (md, plots) = press_report(&evals)?;
+            let mut md = md;
+            for (file, svg) in &plots {
+                crate::env::write_atomic(&dir.join(file), svg.as_bytes())?;
+                md.push_str(&format!("\n![{file}]({file})\n"));
+            }
+            crate::env::write_atomic(&dir.join("report.md"), md.as_bytes())?;
+            return Ok(md);
+        }
         return crate::crossover::report(dir, &benches);
     }
     let name = results[0].experiment.clone();
@@ -433,4 +444,62 @@ pub fn report(dir: &Path) -> Result<String> {
     }
     crate::env::write_atomic(&dir.join("report.md"), md.as_bytes())?;
     Ok(md)
+}
+
+/// KV-press evaluations (`zoo eval --press`, [`PRESS_SCHEMA`]): perplexity per press (rows) and
+/// ratio (columns), the full cache (ratio 0) as its own row, and perplexity against the ratio.
+fn press_report(evals: &[Value]) -> Result<(String, Vec<(String, String)>)> {
+    use crate::plot::{line_chart, Series};
+    let name = |v: &Value| -> String {
+        let p = &v["press"];
+        let args: Vec<String> = p
+            .as_object()
+            .map(|o| o.iter().filter(|(k, _)| *k != "type").map(|(k, x)| format!("{k}={x}")).collect())
+            .unwrap_or_default();
+        let t = p["type"].as_str().unwrap_or("?").to_string();
+        if args.is_empty() { t } else { format!("{t} ({})", args.join(", ")) }
+    };
+    let ratio = |v: &Value| v["ratio"].as_f64().unwrap_or(f64::NAN);
+    let ppl = |v: &Value| v["perplexity"].as_f64().unwrap_or(f64::NAN);
+    let full = evals.iter().find(|v| ratio(v) == 0.0).map(ppl);
+    let mut ratios: Vec<f64> = evals.iter().map(ratio).filter(|&r| r > 0.0).collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios.dedup();
+    let mut presses: Vec<String> = Vec::new();
+    for v in evals.iter().filter(|v| ratio(v) > 0.0) {
+        if !presses.contains(&name(v)) {
+            presses.push(name(v));
+        }
+    }
+    let first = &evals[0];
+    let mut md = format!(
+        "# KV compression: perplexity vs ratio\n\nModel `{}`, text `{}` ({} tokens, read in chunks of {}; after each chunk the press keeps (1 − ratio) of the tokens read). Device: {}, dtype {}.\n\n| press | ratio 0 (full cache) |",
+        first["model"].as_str().unwrap_or("?"),
+        first["text"].as_str().unwrap_or("?"),
+        first["tokens"],
+        first["chunk"],
+        first["env"]["device"].as_str().unwrap_or("?"),
+        first["env"]["dtype"].as_str().unwrap_or("?"),
+    );
+    for r in &ratios {
+        md.push_str(&format!(" {r} |"));
+    }
+    md.push_str(&format!("\n|---|---|{}\n", "---|".repeat(ratios.len())));
+    let cell = |x: Option<f64>| x.map_or("–".to_string(), |x| format!("{x:.2}"));
+    let mut series = Vec::new();
+    for p in &presses {
+        md.push_str(&format!("| {p} | {} |", cell(full)));
+        let mut points: Vec<(f64, f64)> = full.map(|f| vec![(0.0, f)]).unwrap_or_default();
+        for &r in &ratios {
+            let x = evals.iter().find(|v| name(v) == *p && ratio(v) == r).map(ppl);
+            md.push_str(&format!(" {} |", cell(x)));
+            if let Some(x) = x {
+                points.push((r, x));
+            }
+        }
+        md.push('\n');
+        series.push(Series { name: p.clone(), points });
+    }
+    let svg = line_chart("Perplexity vs compression ratio", "ratio (share of the cache evicted)", "perplexity", &series, true);
+    Ok((md, vec![("press_ppl.svg".to_string(), svg)]))
 }

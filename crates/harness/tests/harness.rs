@@ -634,3 +634,32 @@ fn mixer_aux_loss_and_stats_reach_the_model_output() {
         assert!(names.contains(&"head_load") && names.contains(&"load"), "{names:?}");
     }
 }
+
+/// `zoo report` on a folder of press evaluations: one row per press, one column per ratio, the
+/// full cache beside them, and the plot; files of other schemas are ignored.
+#[test]
+fn report_tabulates_press_evaluations() {
+    let dir = tmpdir("press-report");
+    let eval = |press: serde_json::Value, ratio: f64, ppl: f64| {
+        serde_json::json!({
+            "schema": zoo_harness::schema::PRESS_SCHEMA, "model": "m.gguf", "text": "t.txt", "tokens": 100,
+            "chunk": 16, "press": press, "ratio": ratio, "perplexity": ppl,
+            "env": { "device": "cpu", "dtype": "f32" },
+        })
+    };
+    let files = [
+        ("full", eval(serde_json::json!({"type": "knorm"}), 0.0, 10.0)),
+        ("k5", eval(serde_json::json!({"type": "knorm"}), 0.5, 12.5)),
+        ("k75", eval(serde_json::json!({"type": "knorm"}), 0.75, 15.25)),
+        ("s5", eval(serde_json::json!({"type": "snapkv", "window": 64, "kernel": 5}), 0.5, 11.0)),
+        ("other", serde_json::json!({"schema": "something/1"})),
+    ];
+    for (n, v) in &files {
+        std::fs::write(dir.join(format!("{n}.json")), v.to_string()).unwrap();
+    }
+    let md = zoo_harness::report::report(&dir).unwrap();
+    assert!(md.contains("| press | ratio 0 (full cache) | 0.5 | 0.75 |"), "{md}");
+    assert!(md.contains("| knorm | 10.00 | 12.50 | 15.25 |"), "{md}");
+    assert!(md.contains("| snapkv (kernel=5, window=64) | 10.00 | 11.00 | – |"), "{md}");
+    assert!(dir.join("press_ppl.svg").exists() && dir.join("report.md").exists());
+}

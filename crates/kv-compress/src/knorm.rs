@@ -3,13 +3,13 @@
 //! key norms are evicted first: score = −‖k‖₂ (mean over heads and batch rows). kvpress's
 //! `KnormPress`.
 
-use crate::{per_slot, Press};
-use zoo_core::candle_core::{Result, Tensor};
+use crate::{per_slot, Press, Slots};
+use zoo_core::candle_core::Result;
 
 pub struct Knorm;
 
 impl Press for Knorm {
-    fn score(&self, k: &Tensor, _v: &Tensor, _pos: &[usize]) -> Result<Vec<f32>> {
-        per_slot(&k.to_dtype(zoo_core::candle_core::DType::F32)?.sqr()?.sum(3)?.sqrt()?.neg()?)
+    fn score(&self, s: &Slots) -> Result<Vec<f32>> {
+        per_slot(&s.k.to_dtype(zoo_core::candle_core::DType::F32)?.sqr()?.sum(3)?.sqrt()?.neg()?)
     }
 }

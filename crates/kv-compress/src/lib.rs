@@ -5,11 +5,14 @@
 //! travel with the kept slots (so masks, windows and sinks stay right) and new tokens continue from
 //! the original length.
 //!
-//! Presses so far (one file each): [`streaming_llm`] (sinks + recent window), [`knorm`] (lowest
-//! key L2 norm first), [`random`] (a seeded baseline). The cache stores one set of slots for every
-//! head and batch row, so a press's per-head scores are averaged into one score per slot; ragged
-//! per-head budgets are future work (issue 15), as are the attention-based presses (H2O, TOVA,
-//! SnapKV), quantisation and decode-time compression.
+//! Presses (one file each): [`streaming_llm`] (sinks + recent window), [`knorm`] (lowest key L2
+//! norm first), [`random`] (a seeded baseline), and three that score by attention, from queries the
+//! cache observes ([`KvCache::set_observe`], turned on by [`observe_model`]): [`tova`] (the last
+//! query's attention), [`snapkv`] (an observation window's attention, pooled) and [`h2o`]
+//! (attention accumulated over every query since the slot was written, plus a recent window). The
+//! cache stores one set of slots for every head and batch row, so a press's per-head scores are
+//! averaged into one score per slot; ragged per-head budgets are future work (issue 15), as are
+//! quantisation and decode-time compression.
 //!
 //! ```
 //! use zoo_core::candle_core::{DType, Device, Tensor};
@@ -24,19 +27,49 @@
 //! # Ok::<(), zoo_core::candle_core::Error>(())
 //! ```
 
+pub mod h2o;
 pub mod knorm;
 pub mod random;
+pub mod snapkv;
 pub mod streaming_llm;
+pub mod tova;
 
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{bail, DType, Result, Tensor};
 use zoo_core::model::Lm;
 use zoo_core::state::{KvCache, LayerState};
 
+/// What a press sees of one layer's cache at a compression.
+pub struct Slots<'a> {
+    /// Keys and values of the used slots (B, Hkv, len, hd).
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    /// Absolute position of each slot.
+    pub pos: &'a [usize],
+    /// The queries the cache observed (B, H, w, hd) and their positions, when the press asks for
+    /// them ([`Press::observe`]).
+    pub queries: Option<(&'a Tensor, &'a [usize])>,
+    /// Running scores after this compression's [`Press::accumulate`] (accumulating presses only).
+    pub running: Option<&'a [f32]>,
+    /// How many slots the compression keeps.
+    pub keep: usize,
+}
+
 /// A scoring rule: one score per used slot of a layer's cache (higher = keep).
 pub trait Press: Send + Sync {
-    /// `k`, `v`: the used slots (B, H, len, hd); `pos`: their absolute positions.
-    fn score(&self, k: &Tensor, v: &Tensor, pos: &[usize]) -> Result<Vec<f32>>;
+    fn score(&self, s: &Slots) -> Result<Vec<f32>>;
+
+    /// How many of the latest queries the cache must keep for this press (None: it needs none).
+    fn observe(&self) -> Option<usize> {
+        None
+    }
+
+    /// For presses whose scores add up over compressions (H2O): this compression's addition to
+    /// each slot's running score, from the queries observed since the last one (which it then
+    /// consumes); [`Press::score`] sees the totals in [`Slots::running`].
+    fn accumulate(&self, _s: &Slots) -> Result<Option<Vec<f32>>> {
+        Ok(None)
+    }
 }
 
 /// `press = { type = ... }`.
@@ -55,18 +88,66 @@ pub enum PressConfig {
         #[serde(default)]
         seed: u64,
     },
+    /// Keep the slots the last query attends to most.
+    Tova,
+    /// Keep the slots the last `window` queries attend to most (pooled over `kernel` neighbouring
+    /// positions), and the window itself.
+    #[serde(rename = "snapkv")]
+    SnapKv {
+        #[serde(default = "sixty_four")]
+        window: usize,
+        #[serde(default = "five")]
+        kernel: usize,
+    },
+    /// Keep the most recent `recent` share of the budget and, for the rest, the slots with the
+    /// most attention accumulated over all queries.
+    H2o {
+        #[serde(default = "half")]
+        recent: f64,
+    },
 }
 
 fn four() -> usize {
     4
 }
+fn five() -> usize {
+    5
+}
+fn sixty_four() -> usize {
+    64
+}
+fn half() -> f64 {
+    0.5
+}
 
 impl PressConfig {
+    /// Refuse settings no press can use; the error names the field.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        match *self {
+            PressConfig::SnapKv { window, kernel } => {
+                if window == 0 {
+                    return Err("press.window: must be at least 1".into());
+                }
+                if kernel % 2 == 0 {
+                    return Err(format!("press.kernel: {kernel} must be odd (a centred pooling window)"));
+                }
+            }
+            PressConfig::H2o { recent } if !(0.0..=1.0).contains(&recent) => {
+                return Err(format!("press.recent: {recent} must be in [0, 1] (a share of the kept budget)"));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     pub fn build(&self) -> Box<dyn Press> {
         match *self {
             PressConfig::StreamingLlm { sinks } => Box::new(streaming_llm::StreamingLlm { sinks }),
             PressConfig::Knorm => Box::new(knorm::Knorm),
             PressConfig::Random { seed } => Box::new(random::Random { seed }),
+            PressConfig::Tova => Box::new(tova::Tova),
+            PressConfig::SnapKv { window, kernel } => Box::new(snapkv::SnapKv { window, kernel }),
+            PressConfig::H2o { recent } => Box::new(h2o::H2o { recent }),
         }
     }
 }
@@ -95,13 +176,29 @@ pub fn compress(cache: &mut KvCache, press: &dyn Press, ratio: f64) -> Result<us
 }
 
 /// Evict the lowest-scoring slots until at most `keep` remain; returns how many were evicted.
+/// An accumulating press (H2O) adds the observed queries' attention to its running scores even
+/// when nothing is evicted, so no query goes uncounted.
 pub fn compress_to(cache: &mut KvCache, press: &dyn Press, keep: usize) -> Result<usize> {
     let Some((k, v)) = cache.kv()? else { return Ok(0) };
     let n = cache.len();
+    let pos = cache.positions().to_vec();
+    let queries = cache.observed().map(|(q, p)| (q.clone(), p.to_vec()));
+    let mut slots = Slots { k: &k, v: &v, pos: &pos, queries: queries.as_ref().map(|(q, p)| (q, p.as_slice())), running: None, keep };
+    let running = match press.accumulate(&slots)? {
+        Some(delta) => {
+            cache.clear_observed();
+            Some(cache.accumulate(&delta)?)
+        }
+        None => None,
+    };
+    if press.observe().is_some() && slots.queries.is_none() && running.is_none() {
+        bail!("this press scores slots by attention, but the cache observed no queries (call observe_model before the forward pass)")
+    }
     if keep >= n {
         return Ok(0);
     }
-    let scores = press.score(&k, &v, cache.positions())?;
+    slots.running = running.as_deref();
+    let scores = press.score(&slots)?;
     if scores.len() != n {
         bail!("press returned {} scores for {n} slots", scores.len())
     }
@@ -112,6 +209,16 @@ pub fn compress_to(cache: &mut KvCache, press: &dyn Press, keep: usize) -> Resul
     kept.sort_unstable();
     cache.retain(&kept)?;
     Ok(n - keep)
+}
+
+/// Have every attention layer's cache keep the queries `press` scores with (a no-op for presses
+/// that need none). Call before the forward passes whose queries should count.
+pub fn observe_model(states: &mut [LayerState], press: &dyn Press) {
+    for s in states.iter_mut() {
+        if let LayerState::Kv(c) = s {
+            c.set_observe(press.observe());
+        }
+    }
 }
 
 /// [`compress`] every softmax-attention layer of a model's state (recurrent states are left as they
@@ -140,6 +247,9 @@ pub fn streaming_nll(model: &Lm, ids: &[u32], chunk: usize, press: Option<&dyn P
     }
     let dev = model.embed.weight.device();
     let mut cache = model.new_cache_with_capacity(ids.len());
+    if let Some(p) = press {
+        observe_model(&mut cache, p);
+    }
     let (mut sum, mut n) = (0f64, 0usize);
     let (mut held, mut points) = (0f64, 0usize);
     for start in (0..ids.len().saturating_sub(1)).step_by(chunk) {
@@ -171,4 +281,23 @@ pub fn streaming_nll(model: &Lm, ids: &[u32], chunk: usize, press: Option<&dyn P
 /// Per-slot mean over batch rows and heads of a (B, H, len) score tensor.
 pub(crate) fn per_slot(scores: &Tensor) -> Result<Vec<f32>> {
     scores.to_dtype(zoo_core::candle_core::DType::F32)?.mean(0)?.mean(0)?.to_vec1::<f32>()
+}
+
+/// Attention probabilities of observed queries `q` (B, H, w, hd) at positions `qpos` over the cached
+/// keys `k` (B, Hkv, n, hd) at positions `kpos`, as the layer computes them (scale 1/√hd, query
+/// head h reading kv head h / (H / Hkv), a query seeing only keys at or before its position):
+/// (B, H, w, n) in f32. Learnable sink keys, if the layer has them, are not in the cache and so not
+/// in the softmax.
+pub fn attention(q: &Tensor, qpos: &[usize], k: &Tensor, kpos: &[usize]) -> Result<Tensor> {
+    let (b, h, w, hd) = q.dims4()?;
+    let (_, hkv, n, _) = k.dims4()?;
+    if h % hkv != 0 || qpos.len() != w || kpos.len() != n {
+        bail!("attention: q {:?} at {} positions over k {:?} at {} positions", q.dims(), qpos.len(), k.dims(), kpos.len())
+    }
+    let q = (q.to_dtype(DType::F32)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, hkv, h / hkv * w, hd))?;
+    let scores = q.matmul(&k.to_dtype(DType::F32)?.contiguous()?.t()?)?.reshape((b, h, w, n))?;
+    let mask: Vec<f32> =
+        qpos.iter().flat_map(|&qp| kpos.iter().map(move |&kp| if kp <= qp { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let mask = Tensor::from_vec(mask, (w, n), q.device())?;
+    zoo_core::candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?.contiguous()?)
 }

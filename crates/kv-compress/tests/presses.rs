@@ -143,3 +143,164 @@ fn streaming_nll_at_ratio_zero_is_the_full_context_nll() -> Result<()> {
     assert!((held - 12.0).abs() < 1e-9, "{held}");
     Ok(())
 }
+
+/// A cache of `n` slots over 2 heads with head dim 2 (keys `key(j)`, values equal), observing
+/// `observe` queries, and the queries `q(i)` of its last `nq` tokens handed to it.
+fn observed_cache(n: usize, key: impl Fn(usize) -> [f32; 2], observe: usize, nq: usize, q: impl Fn(usize) -> [f32; 2]) -> Result<KvCache> {
+    let mut c = cache(n, key)?;
+    c.set_observe(Some(observe));
+    let mut data = Vec::new();
+    for _h in 0..2 {
+        for i in 0..nq {
+            data.extend(q(i));
+        }
+    }
+    c.observe(&Tensor::from_vec(data, (1, 2, nq, 2), &Device::Cpu)?)?;
+    Ok(c)
+}
+
+/// The presses' attention equals softmax(q·k/√d) computed by hand, with grouped heads (query head h
+/// reads kv head h / 2) and keys after a query's position hidden from it.
+#[test]
+fn attention_matches_a_hand_computation() -> Result<()> {
+    let dev = Device::Cpu;
+    let (h, hkv, w, n, d) = (4, 2, 3, 4, 2);
+    let qv: Vec<f32> = (0..h * w * d).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
+    let kv: Vec<f32> = (0..hkv * n * d).map(|i| ((i * 53 % 13) as f32 - 6.0) / 4.0).collect();
+    let (qpos, kpos) = ([3usize, 5, 8], [0usize, 2, 5, 7]);
+    let q = Tensor::from_vec(qv.clone(), (1, h, w, d), &dev)?;
+    let k = Tensor::from_vec(kv.clone(), (1, hkv, n, d), &dev)?;
+    let got = zoo_kv_compress::attention(&q, &qpos, &k, &kpos)?.flatten_all()?.to_vec1::<f32>()?;
+    for hh in 0..h {
+        let g = hh / (h / hkv);
+        for i in 0..w {
+            let s: Vec<f32> = (0..n)
+                .map(|j| {
+                    let dot: f32 = (0..d).map(|e| qv[(hh * w + i) * d + e] * kv[(g * n + j) * d + e]).sum();
+                    if kpos[j] <= qpos[i] { dot / (d as f32).sqrt() } else { f32::NEG_INFINITY }
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = s.iter().map(|x| (x - m).exp()).sum();
+            for j in 0..n {
+                let want = (s[j] - m).exp() / z;
+                let at = (hh * w + i) * n + j;
+                assert!((got[at] - want).abs() < 1e-6, "h {hh} q {i} k {j}: {} vs {want}", got[at]);
+            }
+        }
+    }
+    // The query at position 3 sees keys 0 and 2 only.
+    assert_eq!(got[2], 0.0);
+    assert_eq!(got[3], 0.0);
+    Ok(())
+}
+
+/// Keys on a circle; the last query points along key 2 and then key 5: TOVA keeps the slots
+/// nearest in angle to it, and refuses to run without an observed query.
+#[test]
+fn tova_keeps_what_the_last_query_attends_to() -> Result<()> {
+    let key = |j: usize| {
+        let a = j as f32 * 0.6;
+        [3.0 * a.cos(), 3.0 * a.sin()]
+    };
+    let q = |_i: usize| {
+        let a = 2.0f32 * 0.6;
+        [3.0 * a.cos(), 3.0 * a.sin()]
+    };
+    let mut c = observed_cache(8, key, 1, 1, q)?;
+    compress(&mut c, PressConfig::Tova.build().as_ref(), 0.625)?; // keep 3
+    assert_eq!(c.positions(), &[1, 2, 3]);
+    // Without observation: a clear error, not a silent fallback.
+    let mut c = cache(8, key)?;
+    let e = compress(&mut c, PressConfig::Tova.build().as_ref(), 0.5).unwrap_err().to_string();
+    assert!(e.contains("observe_model"), "{e}");
+    Ok(())
+}
+
+/// One slot (4) draws nearly all the window's attention: with pooling over 3 positions its
+/// neighbours 3 and 5 share the vote, and the window's own slots (8, 9) are always kept.
+#[test]
+fn snapkv_pools_votes_and_keeps_its_window() -> Result<()> {
+    let key = |j: usize| if j == 4 { [10.0, 0.0] } else { [0.0, 0.0] };
+    let q = |_i: usize| [5.0, 0.0];
+    let kept = |kernel: usize| -> Result<Vec<usize>> {
+        let mut c = observed_cache(10, key, 2, 2, q)?;
+        compress(&mut c, PressConfig::SnapKv { window: 2, kernel }.build().as_ref(), 0.5)?;
+        Ok(c.positions().to_vec())
+    };
+    assert_eq!(kept(3)?, vec![3, 4, 5, 8, 9]);
+    let no_pool = kept(1)?;
+    assert!(no_pool.contains(&4) && no_pool.contains(&8) && no_pool.contains(&9), "{no_pool:?}");
+    assert_ne!(no_pool, vec![3, 4, 5, 8, 9]);
+    // Settings no press can use are refused, naming the field.
+    assert!(PressConfig::SnapKv { window: 2, kernel: 4 }.check().unwrap_err().starts_with("press.kernel"));
+    assert!(PressConfig::SnapKv { window: 0, kernel: 5 }.check().unwrap_err().starts_with("press.window"));
+    assert!(PressConfig::H2o { recent: 1.5 }.check().unwrap_err().starts_with("press.recent"));
+    Ok(())
+}
+
+/// H2O's scores add up over compressions: slot 1 drew the first round's attention and survives a
+/// second round whose queries look elsewhere (slot 3), which a press without memory would not
+/// allow; with a recent share the newest positions stay whatever their scores.
+#[test]
+fn h2o_accumulates_attention_over_compressions() -> Result<()> {
+    let key = |j: usize| match j {
+        1 => [10.0, 0.0],
+        3 => [0.0, 10.0],
+        _ => [0.0, 0.0],
+    };
+    let press = PressConfig::H2o { recent: 0.0 }.build();
+    let mut c = observed_cache(6, key, 4096, 2, |_| [5.0, 0.0])?;
+    compress(&mut c, press.as_ref(), 0.2)?; // keep 5 of 6
+    assert!(c.positions().contains(&1));
+    // Two new tokens (zero keys), whose queries attend to slot 3.
+    let z = Tensor::zeros((1, 2, 2, 2), DType::F32, &Device::Cpu)?;
+    c.append(&z, &z)?;
+    c.observe(&Tensor::from_vec([0.0f32, 5.0, 0.0, 5.0, 0.0, 5.0, 0.0, 5.0].to_vec(), (1, 2, 2, 2), &Device::Cpu)?)?;
+    compress_to_keep(&mut c, press.as_ref(), 2)?;
+    assert_eq!(c.positions(), &[1, 3]);
+    // The running sums went with the evicted slots, and the observed queries were consumed:
+    // a third compression without new queries changes nothing.
+    compress_to_keep(&mut c, press.as_ref(), 2)?;
+    assert_eq!(c.positions(), &[1, 3]);
+    // recent = 0.5 of a budget of 4: the two newest positions, then the two heaviest.
+    let mut c = observed_cache(8, key, 4096, 1, |_| [5.0, 0.0])?;
+    compress_to_keep(&mut c, PressConfig::H2o { recent: 0.5 }.build().as_ref(), 4)?;
+    assert_eq!(c.positions()[2..], [6, 7]);
+    assert!(c.positions().contains(&1));
+    Ok(())
+}
+
+fn compress_to_keep(c: &mut KvCache, press: &dyn zoo_kv_compress::Press, keep: usize) -> Result<usize> {
+    zoo_kv_compress::compress_to(c, press, keep)
+}
+
+/// On a model: the queries a layer's cache observed, scored by the presses' `attention`, give the
+/// attention probabilities the layer itself used (its probe), RoPE and all; TOVA then compresses
+/// every layer.
+#[test]
+fn observed_queries_reproduce_the_layers_attention() -> Result<()> {
+    use zoo_kv_compress::observe_model;
+    let (lm, _store) = tiny_lm(3, 8, 32)?;
+    let prompt = Tensor::new(&[[1u32, 5, 2, 7, 3, 9, 4, 11, 6, 8]], &Device::Cpu)?;
+    let snap = PressConfig::SnapKv { window: 10, kernel: 1 }.build();
+    let mut st = lm.new_cache();
+    observe_model(&mut st, snap.as_ref());
+    let mut probe = zoo_core::model::ModelProbe::default();
+    lm.forward(&prompt, Some(&mut st), Some(&mut probe))?;
+    for (l, s) in st.iter_mut().enumerate() {
+        let c = s.kv()?;
+        let (q, qpos) = c.observed().expect("observed");
+        let (k, _) = c.kv()?.expect("filled");
+        let ours = zoo_kv_compress::attention(q, qpos, &k, c.positions())?;
+        let layer = probe.layers[l].attn.as_ref().expect("probe attention");
+        let diff = (ours - layer.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "layer {l}: {diff}");
+    }
+    let tova = PressConfig::Tova.build();
+    let mut st = lm.new_cache();
+    observe_model(&mut st, tova.as_ref());
+    lm.forward(&prompt, Some(&mut st), None)?;
+    assert_eq!(compress_model(&mut st, tova.as_ref(), 0.5)?, vec![5, 5]);
+    Ok(())
+}

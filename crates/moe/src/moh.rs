@@ -139,7 +139,7 @@ impl Mixer for Moh {
         let q = a.position_q(&a.split_heads(&a.q_proj.forward(x)?, a.n_heads)?, offset)?;
         let k = a.position_k(&a.split_heads(&a.k_proj.forward(x)?, a.n_kv_heads)?, offset)?;
         let v = a.split_heads(&a.v_proj.forward(x)?, a.n_kv_heads)?;
-        let (k, v, kpos) = a.update_cache(k, v, cache)?;
+        let (k, v, kpos) = a.update_cache(&q, k, v, cache)?;
         let y = a.attend(&q, &k, &v, offset, &kpos, phase, probe)?; // (B, H, T, hd)
         let (g, aux) = self.gates(x)?;
         let y = y.broadcast_mul(&g.transpose(1, 2)?.unsqueeze(3)?.to_dtype(y.dtype())?)?;
