@@ -445,6 +445,24 @@ impl KvCache {
         }
     }
 
+    /// Reallocate both buffers to `capacity` slots (at least the slots in use), so memory that
+    /// eviction left unused is really freed (or room is made ahead); returns the bytes allocated
+    /// after. A windowed cache keeps at least its window.
+    pub fn shrink_to(&mut self, capacity: usize) -> Result<usize> {
+        let Some(like) = self.k.clone() else { return Ok(0) };
+        let cap = capacity.max(self.pos.len()).max(self.window.unwrap_or(0).min(self.capacity())).max(1);
+        if cap != self.capacity() {
+            let (nk, nv) = (Self::alloc(&like, cap)?, Self::alloc(&like, cap)?);
+            if let Some((k, v)) = self.kv()? {
+                nk.slice_set(&k.contiguous()?, 2, 0)?;
+                nv.slice_set(&v.contiguous()?, 2, 0)?;
+            }
+            self.k = Some(nk);
+            self.v = Some(nv);
+        }
+        Ok(self.allocated_bytes())
+    }
+
     /// Keep only the given used slots, in the given order, and free nothing else: the eviction
     /// primitive of KV compression. Positions travel with their slots; `seen` is unchanged, so new
     /// tokens continue from the original length.

@@ -183,3 +183,24 @@ fn kv_cache_observes_queries_and_keeps_running_scores() -> Result<()> {
     assert!(c.observed().is_none());
     Ok(())
 }
+
+/// Shrinking reallocates to the slots in use plus the room asked for, keeping the contents, and
+/// the cache still grows afterwards.
+#[test]
+fn kv_cache_shrinks_after_eviction() -> Result<()> {
+    let dev = Device::Cpu;
+    let k = Tensor::arange(0f32, 16.0, &dev)?.reshape((1, 1, 8, 2))?;
+    let mut c = KvCache::with_capacity(32, None);
+    c.append(&k, &k)?;
+    assert_eq!(c.capacity(), 32);
+    c.retain(&[1, 6])?;
+    assert_eq!(c.shrink_to(c.len() + 1)?, 2 * 3 * 2 * 4); // K and V, 3 slots of 2 f32
+    assert_eq!(c.capacity(), 3);
+    let (kk, _) = c.kv()?.expect("kept");
+    assert_eq!(kk.flatten_all()?.to_vec1::<f32>()?, vec![2.0, 3.0, 12.0, 13.0]);
+    c.shrink_to(0)?; // never below the slots in use
+    assert_eq!(c.capacity(), 2);
+    c.append(&k.narrow(2, 0, 3)?, &k.narrow(2, 0, 3)?)?;
+    assert_eq!((c.len(), c.positions()), (5, &[1usize, 6, 8, 9, 10][..]));
+    Ok(())
+}

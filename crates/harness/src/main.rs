@@ -120,6 +120,14 @@ enum Cmd {
         /// Also write the counts and timings as JSON here.
         #[arg(long)]
         stats: Option<PathBuf>,
+        /// A KV press as inline TOML (as `eval --press`): after the prefill (and every
+        /// --compress-every tokens) each attention layer keeps (1 − --ratio) of the tokens seen.
+        #[arg(long)]
+        press: Option<String>,
+        #[arg(long, default_value_t = 0.0)]
+        ratio: f64,
+        #[arg(long)]
+        compress_every: Option<usize>,
         /// Untimed runs of the prompt plus two tokens first (allocator pages, CUDA kernels loaded),
         /// as benchmarks warm up their twins.
         #[arg(long, default_value_t = 0)]
@@ -313,13 +321,7 @@ fn real_main() -> Result<i32> {
         Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized, press, ratio, chunk } => {
             if let Some(press) = press {
                 let m = model.as_ref().context("--press: needs --model (a pretrained model)")?;
-                // The flag's text is the inside of an inline table (`type = "knorm", …`).
-                #[derive(serde::Deserialize)]
-                struct Wrap {
-                    press: zoo_kv_compress::PressConfig,
-                }
-                let cfg = toml::from_str::<Wrap>(&format!("press = {{ {press} }}")).map_err(|e| anyhow::anyhow!("--press: {e}"))?.press;
-                cfg.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
+                let cfg = parse_press(press)?;
                 if *chunk == 0 {
                     bail!("--chunk: must be at least 1");
                 }
@@ -344,7 +346,30 @@ fn real_main() -> Result<i32> {
             };
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        Cmd::Generate { model, prompt, max_tokens, temperature, top_p, seed, chat, ignore_eos, stats: stats_path, quantized, warmup } => {
+        Cmd::Generate {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            chat,
+            ignore_eos,
+            stats: stats_path,
+            quantized,
+            warmup,
+            press,
+            ratio,
+            compress_every,
+        } => {
+            let press_cfg = press.as_deref().map(parse_press).transpose()?;
+            if press_cfg.is_none() && (*ratio != 0.0 || compress_every.is_some()) {
+                bail!("--ratio / --compress-every: need --press");
+            }
+            zoo_kv_compress::check_ratio(*ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
+            if *compress_every == Some(0) {
+                bail!("--compress-every: must be at least 1");
+            }
             if !(temperature.is_finite() && *temperature >= 0.0) {
                 bail!("--temperature: must be 0 (greedy) or positive");
             }
@@ -363,15 +388,17 @@ fn real_main() -> Result<i32> {
             };
             let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
             let o = zoo_harness::pretrained::GenOpts { max_tokens: *max_tokens, temperature: *temperature, top_p: *top_p, seed: *seed };
+            let built = press_cfg.as_ref().map(|c| c.build());
+            let gp = built.as_ref().map(|b| zoo_harness::pretrained::GenPress { press: b.as_ref(), ratio: *ratio, every: *compress_every });
             for _ in 0..*warmup {
                 let w = zoo_harness::pretrained::GenOpts { max_tokens: 2, ..o.clone() };
-                zoo_harness::pretrained::generate(&p.model, ids.get_ids(), None, &w, &env.device, |_| Ok(()))?;
+                zoo_harness::pretrained::generate(&p.model, ids.get_ids(), None, &w, &env.device, gp.as_ref(), |_| Ok(()))?;
             }
             // Stream: print the new suffix of the decoded text after every token.
             let mut all = Vec::new();
             let mut shown = 0;
             let eos = if *ignore_eos { None } else { p.eos };
-            let stats = zoo_harness::pretrained::generate(&p.model, ids.get_ids(), eos, &o, &env.device, |id| {
+            let stats = zoo_harness::pretrained::generate(&p.model, ids.get_ids(), eos, &o, &env.device, gp.as_ref(), |id| {
                 use std::io::Write;
                 all.push(id);
                 let text = tok.decode(&all, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
@@ -395,6 +422,13 @@ fn real_main() -> Result<i32> {
                     "decode_seconds": stats.decode_seconds,
                     "prefill_tokens_per_s": stats.prompt_tokens as f64 / stats.prefill_seconds.max(1e-9),
                     "decode_tokens_per_s": n.saturating_sub(1) as f64 / stats.decode_seconds.max(1e-9),
+                    "press": press_cfg.as_ref().map(serde_json::to_value).transpose()?,
+                    "ratio": ratio,
+                    "compress_every": compress_every,
+                    "compressions": stats.compressions,
+                    "kv_bytes": stats.kv_bytes,
+                    "kv_allocated_bytes": stats.kv_allocated_bytes,
+                    "kv_full_bytes": stats.kv_full_bytes,
                     "generated": stats.generated,
                     "env": { "device": env.describe(), "dtype": env.dtype_name(), "git": zoo_harness::env::git_state(),
                              "versions": zoo_harness::env::versions() },
@@ -467,4 +501,15 @@ fn real_main() -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// A press given on the command line: the inside of an inline table (`type = "knorm", …`).
+fn parse_press(text: &str) -> anyhow::Result<zoo_kv_compress::PressConfig> {
+    #[derive(serde::Deserialize)]
+    struct Wrap {
+        press: zoo_kv_compress::PressConfig,
+    }
+    let cfg = toml::from_str::<Wrap>(&format!("press = {{ {text} }}")).map_err(|e| anyhow::anyhow!("--press: {e}"))?.press;
+    cfg.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
+    Ok(cfg)
 }

@@ -16,6 +16,7 @@ use std::path::Path;
 use zoo_core::candle_core::quantized::gguf_file::{Content, Value};
 use zoo_core::candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use zoo_core::nn::Quant;
+use zoo_core::state::LayerState;
 use zoo_core::q4_1::Q41Matrix;
 use zoo_core::candle_core::{Device, Tensor};
 use zoo_core::model::{Lm, LmShape};
@@ -878,6 +879,43 @@ pub struct GenStats {
     pub generated: Vec<u32>,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+    /// At the end: bytes of the keys and values held in every layer's cache, bytes allocated for
+    /// them, and what an uncompressed cache of every token seen would hold.
+    pub kv_bytes: usize,
+    pub kv_allocated_bytes: usize,
+    pub kv_full_bytes: usize,
+    /// Compressions run (after the prefill and during decoding).
+    pub compressions: usize,
+}
+
+/// KV compression while generating: after the prefill, and every `every` decoded tokens if set,
+/// each attention layer keeps `keep_count(seen, ratio)` entries and its buffers shrink to those
+/// plus the tokens until the next compression (so the evicted memory is freed).
+pub struct GenPress<'a> {
+    pub press: &'a dyn zoo_kv_compress::Press,
+    pub ratio: f64,
+    pub every: Option<usize>,
+}
+
+impl GenPress<'_> {
+    fn apply(&self, cache: &mut [LayerState], room: usize) -> Result<()> {
+        for s in cache.iter_mut() {
+            if let LayerState::Kv(c) = s {
+                let keep = zoo_kv_compress::keep_count(c.seen(), self.ratio);
+                zoo_kv_compress::compress_to(c, self.press, keep)?;
+                c.shrink_to(c.len() + room)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// (bytes held, bytes allocated, bytes a full cache of every seen token would hold) over layers.
+fn kv_bytes(cache: &[LayerState]) -> (usize, usize, usize) {
+    cache.iter().fold((0, 0, 0), |(h, a, f), s| match s {
+        LayerState::Kv(c) if !c.is_empty() => (h + c.bytes(), a + c.allocated_bytes(), f + c.bytes() / c.len() * c.seen()),
+        _ => (h + s.bytes(), a + s.allocated_bytes(), f + s.bytes()),
+    })
 }
 
 /// Pick the next token from one row of logits (V,).
@@ -919,11 +957,20 @@ pub fn generate(
     eos: Option<u32>,
     o: &GenOpts,
     device: &Device,
+    press: Option<&GenPress>,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<GenStats> {
     anyhow::ensure!(!prompt_ids.is_empty(), "the prompt has no tokens");
     let mut rng = zoo_core::rng::Rng::new(o.seed);
     let mut cache = model.new_cache_with_capacity(prompt_ids.len() + o.max_tokens);
+    if let Some(p) = press {
+        zoo_kv_compress::check_ratio(p.ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
+        anyhow::ensure!(p.every != Some(0), "--compress-every: must be at least 1");
+        zoo_kv_compress::observe_model(&mut cache, p.press);
+    }
+    // Room to leave after a compression: the tokens decoded until the next one.
+    let room = |done: usize| press.and_then(|p| p.every).unwrap_or(o.max_tokens).min(o.max_tokens.saturating_sub(done));
+    let mut compressions = 0;
     let last_row = |logits: &Tensor| -> Result<Vec<f32>> {
         let t = logits.dim(1)?;
         Ok(logits.narrow(1, t - 1, 1)?.flatten_all()?.to_dtype(zoo_core::candle_core::DType::F32)?.to_vec1::<f32>()?)
@@ -931,6 +978,10 @@ pub fn generate(
     let t0 = std::time::Instant::now();
     let x = Tensor::from_vec(prompt_ids.to_vec(), (1, prompt_ids.len()), device)?;
     let mut row = last_row(&model.forward_keep(&x, Some(&mut cache), None, Some(1))?.logits)?;
+    if let Some(p) = press.filter(|p| p.ratio > 0.0) {
+        p.apply(&mut cache, room(0))?;
+        compressions += 1;
+    }
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let mut generated = Vec::new();
@@ -943,8 +994,25 @@ pub fn generate(
         }
         let x = Tensor::from_vec(vec![next], (1, 1), device)?;
         row = last_row(&model.forward(&x, Some(&mut cache), None)?.logits)?;
+        if let Some(p) = press.filter(|p| p.ratio > 0.0) {
+            if p.every.is_some_and(|e| generated.len() % e == 0) {
+                p.apply(&mut cache, room(generated.len()))?;
+                compressions += 1;
+            }
+        }
     }
-    Ok(GenStats { prompt_tokens: prompt_ids.len(), generated, prefill_seconds, decode_seconds: t1.elapsed().as_secs_f64() })
+    let decode_seconds = t1.elapsed().as_secs_f64();
+    let (kv_bytes, kv_allocated_bytes, kv_full_bytes) = kv_bytes(&cache);
+    Ok(GenStats {
+        prompt_tokens: prompt_ids.len(),
+        generated,
+        prefill_seconds,
+        decode_seconds,
+        kv_bytes,
+        kv_allocated_bytes,
+        kv_full_bytes,
+        compressions,
+    })
 }
 
 /// Render a chat template (Jinja, as transformers' `apply_chat_template`) for `messages`

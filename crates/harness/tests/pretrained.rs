@@ -303,7 +303,7 @@ fn hf_decode_with_cache_equals_full_forward() -> anyhow::Result<()> {
         let prompt: Vec<u32> = ids.get(0)?.to_vec1()?;
         let run = |temperature: f64, seed: u64| -> anyhow::Result<Vec<u32>> {
             let o = GenOpts { max_tokens: 12, temperature, top_p: 0.9, seed };
-            Ok(generate(&p.model, &prompt, None, &o, &env.device, |_| Ok(()))?.generated)
+            Ok(generate(&p.model, &prompt, None, &o, &env.device, None, |_| Ok(()))?.generated)
         };
         let greedy = run(0.0, 0)?;
         assert_eq!(greedy, run(0.0, 1)?, "{family}: greedy depends on the seed");
@@ -330,7 +330,7 @@ fn smollm2_greedy_generation_matches_transformers() -> anyhow::Result<()> {
     assert_eq!(prompt.get_ids(), ids("prompt_ids").as_slice());
     let want = ids("generated");
     let o = GenOpts { max_tokens: want.len(), temperature: 0.0, top_p: 1.0, seed: 0 };
-    let got = generate(&p.model, prompt.get_ids(), None, &o, &env.device, |_| Ok(()))?.generated;
+    let got = generate(&p.model, prompt.get_ids(), None, &o, &env.device, None, |_| Ok(()))?.generated;
     assert_eq!(got, want);
     Ok(())
 }
@@ -423,7 +423,44 @@ fn smollm2_chat_template_and_answer_match_transformers() -> anyhow::Result<()> {
     assert_eq!(prompt.get_ids(), ids("prompt_ids").as_slice());
     assert_eq!(p.eos, fx["eos_token_id"].as_u64().map(|e| e as u32));
     let o = GenOpts { max_tokens: 30, temperature: 0.0, top_p: 1.0, seed: 0 };
-    let got = generate(&p.model, prompt.get_ids(), p.eos, &o, &env.device, |_| Ok(()))?.generated;
+    let got = generate(&p.model, prompt.get_ids(), p.eos, &o, &env.device, None, |_| Ok(()))?.generated;
     assert_eq!(got, ids("generated"));
+    Ok(())
+}
+
+/// Generation with a press: at ratio 0 the tokens are those of plain generation; at ratio 0.5,
+/// compressing after the prefill and every 4 tokens, every layer holds half the tokens seen (the
+/// bytes held are half a full cache's, rounding aside), the buffers shrank to what is held plus the
+/// room until the next compression, and the compressions were counted.
+#[test]
+fn generation_with_a_press_frees_the_evicted_bytes() -> anyhow::Result<()> {
+    use zoo_core::candle_core::{safetensors, DType, Device};
+    use zoo_harness::pretrained::{generate, GenOpts, GenPress};
+    use zoo_kv_compress::PressConfig;
+    let env = Env::parse("cpu", "f32")?;
+    let dir = root().join("crates/harness/tests/hf/llama");
+    let p = zoo_harness::pretrained::load_hf_dir(&dir, &env)?;
+    let ids = safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)?["ids"].to_dtype(DType::U32)?;
+    let prompt: Vec<u32> = ids.get(0)?.to_vec1()?;
+    let o = GenOpts { max_tokens: 9, temperature: 0.0, top_p: 1.0, seed: 0 };
+    let plain = generate(&p.model, &prompt, None, &o, &env.device, None, |_| Ok(()))?;
+    assert_eq!(plain.compressions, 0);
+    assert_eq!(plain.kv_bytes, plain.kv_full_bytes);
+    for cfg in [PressConfig::Knorm, PressConfig::SnapKv { window: 4, kernel: 3 }, PressConfig::H2o { recent: 0.5 }] {
+        let press = cfg.build();
+        let none = GenPress { press: press.as_ref(), ratio: 0.0, every: Some(4) };
+        let same = generate(&p.model, &prompt, None, &o, &env.device, Some(&none), |_| Ok(()))?;
+        assert_eq!(same.generated, plain.generated, "{cfg:?}");
+        let half = GenPress { press: press.as_ref(), ratio: 0.5, every: Some(4) };
+        let s = generate(&p.model, &prompt, None, &o, &env.device, Some(&half), |_| Ok(()))?;
+        // After the prefill, and after decoded tokens 4 and 8.
+        assert_eq!(s.compressions, 3, "{cfg:?}");
+        let seen = prompt.len() + 8; // the last sampled token is never fed back
+        let per_token = plain.kv_full_bytes / seen;
+        assert_eq!(s.kv_full_bytes, plain.kv_full_bytes);
+        assert_eq!(s.kv_bytes, zoo_kv_compress::keep_count(seen, 0.5) * per_token, "{cfg:?}");
+        // Room left for one more token (max_tokens 9 - 8 done).
+        assert_eq!(s.kv_allocated_bytes, s.kv_bytes + per_token, "{cfg:?}");
+    }
     Ok(())
 }
