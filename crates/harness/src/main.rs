@@ -413,6 +413,7 @@ fn real_main() -> Result<i32> {
             let n = stats.generated.len();
             if let Some(path) = stats_path {
                 let j = serde_json::json!({
+                    "schema": zoo_harness::schema::GENERATE_SCHEMA,
                     "model": model.display().to_string(),
                     "quantized": quantized,
                     "warmup": warmup,

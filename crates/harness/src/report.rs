@@ -1,6 +1,6 @@
 //! `zoo report`: results folder → markdown table (mean ± std over seeds, best over learning rates).
 
-use crate::schema::{RunResult, BENCH_SCHEMA, PRESS_SCHEMA, RESULT_SCHEMA};
+use crate::schema::{RunResult, BENCH_SCHEMA, GENERATE_SCHEMA, PRESS_SCHEMA, RESULT_SCHEMA};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -423,8 +423,13 @@ pub fn report(dir: &Path) -> Result<String> {
         }
         if benches.is_empty() {
             let evals: Vec<Value> = load_schema_paths(dir, PRESS_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
-            anyhow::ensure!(!evals.is_empty(), "no result, bench or press-eval JSON in {}", dir.display());
-            let (md, plots) = press_report(&evals)?;
+            let gens: Vec<Value> = load_schema_paths(dir, GENERATE_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
+            anyhow::ensure!(
+                !evals.is_empty() || !gens.is_empty(),
+                "no result, bench, press-eval or generate JSON in {}",
+                dir.display()
+            );
+            let (md, plots) = if evals.is_empty() { (generate_report(&gens), vec![]) } else { press_report(&evals)? };
             let mut md = md;
             for (file, svg) in &plots {
                 crate::env::write_atomic(&dir.join(file), svg.as_bytes())?;
@@ -478,7 +483,7 @@ fn press_report(evals: &[Value]) -> Result<(String, Vec<(String, String)>)> {
         first["text"].as_str().unwrap_or("?"),
         first["tokens"],
         first["chunk"],
-        first["env"]["device"].as_str().unwrap_or("?"),
+        device_name(&first["env"]["device"]),
         first["env"]["dtype"].as_str().unwrap_or("?"),
     );
     for r in &ratios {
@@ -502,4 +507,60 @@ fn press_report(evals: &[Value]) -> Result<(String, Vec<(String, String)>)> {
     }
     let svg = line_chart("Perplexity vs compression ratio", "ratio (share of the cache evicted)", "perplexity", &series, true);
     Ok((md, vec![("press_ppl.svg".to_string(), svg)]))
+}
+
+/// `zoo generate --stats` JSONs ([`GENERATE_SCHEMA`]), e.g. one per (press, context): decode speed
+/// and KV bytes, each against the full-cache generation of the same prompt length when there is
+/// one (a press at ratio 0, or none).
+fn generate_report(gens: &[Value]) -> String {
+    let press = |v: &Value| -> String {
+        match v["press"].as_object() {
+            Some(o) if v["ratio"].as_f64().unwrap_or(0.0) > 0.0 => {
+                let t = o.get("type").and_then(|t| t.as_str()).unwrap_or("?");
+                format!("{t} @ {}", v["ratio"])
+            }
+            _ => "full cache".to_string(),
+        }
+    };
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let mut rows: Vec<&Value> = gens.iter().collect();
+    rows.sort_by_key(|v| (v["prompt_tokens"].as_u64().unwrap_or(0), press(v) != "full cache", press(v)));
+    let first = rows[0];
+    let mut md = format!(
+        "# KV compression while generating\n\nModel `{}`; device {}, dtype {}. Decode tok/s over the generated tokens after the first (compressions included); KV bytes: the keys and values held by every layer at the end, against what a full cache of the same tokens holds.\n\n| prompt tokens | press | decode tok/s | vs full | KV held | KV allocated | full KV | held / full |\n|---|---|---|---|---|---|---|---|\n",
+        first["model"].as_str().unwrap_or("?"),
+        device_name(&first["env"]["device"]),
+        first["env"]["dtype"].as_str().unwrap_or("?"),
+    );
+    for v in &rows {
+        let full = rows.iter().find(|w| w["prompt_tokens"] == v["prompt_tokens"] && press(w) == "full cache");
+        let speed = f(v, "decode_tokens_per_s");
+        let vs = full.map_or("–".to_string(), |w| format!("{:.2}×", speed / f(w, "decode_tokens_per_s")));
+        let b = |k: &str| v[k].as_u64().map_or("–".to_string(), bytes);
+        md.push_str(&format!(
+            "| {} | {} | {speed:.1} | {vs} | {} | {} | {} | {:.3} |\n",
+            v["prompt_tokens"],
+            press(v),
+            b("kv_bytes"),
+            b("kv_allocated_bytes"),
+            b("kv_full_bytes"),
+            f(v, "kv_bytes") / f(v, "kv_full_bytes"),
+        ));
+    }
+    md
+}
+
+/// An `env.device` value as words: "NAME (N threads)" for the object form, the string as is.
+fn device_name(d: &Value) -> String {
+    match d {
+        Value::String(s) => s.clone(),
+        Value::Object(o) => {
+            let name = o.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+            match o.get("threads").and_then(|t| t.as_u64()) {
+                Some(t) => format!("{name} ({t} threads)"),
+                None => name.to_string(),
+            }
+        }
+        _ => "?".to_string(),
+    }
 }

@@ -16,6 +16,8 @@ pub const RESULT_SCHEMA: &str = "zoo.result/1";
 pub const BENCH_SCHEMA: &str = "zoo.bench/1";
 /// One `zoo eval --model … --press …` result: a press, a ratio, the perplexity.
 pub const PRESS_SCHEMA: &str = "zoo.press-eval/1";
+/// The `--stats` JSON of `zoo generate`: counts, timings and KV bytes of one generation.
+pub const GENERATE_SCHEMA: &str = "zoo.generate/1";
 
 /// Where a result was produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

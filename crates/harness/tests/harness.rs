@@ -644,7 +644,7 @@ fn report_tabulates_press_evaluations() {
         serde_json::json!({
             "schema": zoo_harness::schema::PRESS_SCHEMA, "model": "m.gguf", "text": "t.txt", "tokens": 100,
             "chunk": 16, "press": press, "ratio": ratio, "perplexity": ppl,
-            "env": { "device": "cpu", "dtype": "f32" },
+            "env": { "device": { "kind": "cpu", "name": "test cpu", "threads": 2 }, "dtype": "f32" },
         })
     };
     let files = [
@@ -662,4 +662,25 @@ fn report_tabulates_press_evaluations() {
     assert!(md.contains("| knorm | 10.00 | 12.50 | 15.25 |"), "{md}");
     assert!(md.contains("| snapkv (kernel=5, window=64) | 10.00 | 11.00 | – |"), "{md}");
     assert!(dir.join("press_ppl.svg").exists() && dir.join("report.md").exists());
+}
+
+/// `zoo report` on `zoo generate --stats` JSONs: speed against the full cache of the same prompt
+/// length, and the share of the full cache's bytes held.
+#[test]
+fn report_tabulates_generations_against_the_full_cache() {
+    let dir = tmpdir("generate-report");
+    let gen = |press: Option<&str>, ratio: f64, tps: f64, held: u64| {
+        serde_json::json!({
+            "schema": zoo_harness::schema::GENERATE_SCHEMA, "model": "m.gguf", "prompt_tokens": 100,
+            "press": press.map(|p| serde_json::json!({"type": p})), "ratio": ratio,
+            "decode_tokens_per_s": tps, "kv_bytes": held, "kv_allocated_bytes": held, "kv_full_bytes": 1000,
+            "env": { "device": { "kind": "cpu", "name": "test cpu", "threads": 2 }, "dtype": "f32" },
+        })
+    };
+    std::fs::write(dir.join("a.json"), gen(Some("knorm"), 0.875, 15.0, 125).to_string()).unwrap();
+    std::fs::write(dir.join("b.json"), gen(None, 0.0, 10.0, 1000).to_string()).unwrap();
+    let md = zoo_harness::report::report(&dir).unwrap();
+    assert!(md.contains("test cpu (2 threads)"), "{md}");
+    assert!(md.contains("| 100 | full cache | 10.0 | 1.00× |"), "{md}");
+    assert!(md.contains("| 100 | knorm @ 0.875 | 15.0 | 1.50× | 125 B | 125 B | 1000 B | 0.125 |"), "{md}");
 }

