@@ -137,7 +137,10 @@ pub fn git_state() -> serde_json::Value {
     });
     match run(&["rev-parse", "HEAD"]) {
         Some(sha) => {
-            let dirty = run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+            // Results are outputs: a script writing several of them must not mark its later runs
+            // dirty, so changes under results/ do not count.
+            let dirty = run(&["status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)results"])
+                .is_some_and(|s| !s.is_empty());
             json!({ "sha": sha, "dirty": dirty, "build": build })
         }
         None => json!({
