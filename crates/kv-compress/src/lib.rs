@@ -21,14 +21,15 @@
 //! let mut c = KvCache::with_capacity(8, None);
 //! let k = Tensor::arange(0f32, 6.0, &Device::Cpu)?.reshape((1, 1, 6, 1))?; // key norms 0..5
 //! c.append(&k, &k)?;
-//! let press = PressConfig::Knorm.build();
-//! assert_eq!(compress(&mut c, press.as_ref(), 0.5)?, 3); // evicts 3 of 6
+//! let press = PressConfig::Knorm.build()?;
+//! assert_eq!(compress(&mut c, press.as_ref(), 0.5, 0)?, 3); // evicts 3 of 6 (layer 0)
 //! assert_eq!(c.positions(), &[0, 1, 2]); // the three smallest key norms stay
 //! # Ok::<(), zoo_core::candle_core::Error>(())
 //! ```
 
 pub mod h2o;
 pub mod knorm;
+pub mod qfilters;
 pub mod random;
 pub mod snapkv;
 pub mod streaming_llm;
@@ -53,6 +54,8 @@ pub struct Slots<'a> {
     pub running: Option<&'a [f32]>,
     /// How many slots the compression keeps.
     pub keep: usize,
+    /// The layer's index in the model's stack (presses with per-layer parameters, Q-Filters).
+    pub layer: usize,
 }
 
 /// A scoring rule: one score per used slot of a layer's cache (higher = keep).
@@ -105,6 +108,9 @@ pub enum PressConfig {
         #[serde(default = "half")]
         recent: f64,
     },
+    /// Keep the keys with the largest projection on a calibrated per-head filter (`zoo kv
+    /// calibrate` writes the file).
+    QFilters { path: std::path::PathBuf },
 }
 
 fn four() -> usize {
@@ -140,15 +146,17 @@ impl PressConfig {
         Ok(())
     }
 
-    pub fn build(&self) -> Box<dyn Press> {
-        match *self {
-            PressConfig::StreamingLlm { sinks } => Box::new(streaming_llm::StreamingLlm { sinks }),
+    /// The press; fails only when it needs a file that cannot be read (Q-Filters).
+    pub fn build(&self) -> Result<Box<dyn Press>> {
+        Ok(match self {
+            PressConfig::StreamingLlm { sinks } => Box::new(streaming_llm::StreamingLlm { sinks: *sinks }),
             PressConfig::Knorm => Box::new(knorm::Knorm),
-            PressConfig::Random { seed } => Box::new(random::Random { seed }),
+            PressConfig::Random { seed } => Box::new(random::Random { seed: *seed }),
             PressConfig::Tova => Box::new(tova::Tova),
-            PressConfig::SnapKv { window, kernel } => Box::new(snapkv::SnapKv { window, kernel }),
-            PressConfig::H2o { recent } => Box::new(h2o::H2o { recent }),
-        }
+            PressConfig::SnapKv { window, kernel } => Box::new(snapkv::SnapKv { window: *window, kernel: *kernel }),
+            PressConfig::H2o { recent } => Box::new(h2o::H2o { recent: *recent }),
+            PressConfig::QFilters { path } => Box::new(qfilters::QFilters::load(path)?),
+        })
     }
 }
 
@@ -167,23 +175,23 @@ pub fn keep_count(len: usize, ratio: f64) -> usize {
 
 /// Evict from one cache the `len − keep_count(len, ratio)` lowest-scoring slots (ties: the earlier
 /// position goes first); returns how many were evicted.
-pub fn compress(cache: &mut KvCache, press: &dyn Press, ratio: f64) -> Result<usize> {
+pub fn compress(cache: &mut KvCache, press: &dyn Press, ratio: f64, layer: usize) -> Result<usize> {
     if let Err(e) = check_ratio(ratio) {
         bail!("{e}")
     }
     let keep = keep_count(cache.len(), ratio);
-    compress_to(cache, press, keep)
+    compress_to(cache, press, keep, layer)
 }
 
 /// Evict the lowest-scoring slots until at most `keep` remain; returns how many were evicted.
 /// An accumulating press (H2O) adds the observed queries' attention to its running scores even
 /// when nothing is evicted, so no query goes uncounted.
-pub fn compress_to(cache: &mut KvCache, press: &dyn Press, keep: usize) -> Result<usize> {
+pub fn compress_to(cache: &mut KvCache, press: &dyn Press, keep: usize, layer: usize) -> Result<usize> {
     let Some((k, v)) = cache.kv()? else { return Ok(0) };
     let n = cache.len();
     let pos = cache.positions().to_vec();
     let queries = cache.observed().map(|(q, p)| (q.clone(), p.to_vec()));
-    let mut slots = Slots { k: &k, v: &v, pos: &pos, queries: queries.as_ref().map(|(q, p)| (q, p.as_slice())), running: None, keep };
+    let mut slots = Slots { k: &k, v: &v, pos: &pos, queries: queries.as_ref().map(|(q, p)| (q, p.as_slice())), running: None, keep, layer };
     let running = match press.accumulate(&slots)? {
         Some(delta) => {
             cache.clear_observed();
@@ -226,8 +234,9 @@ pub fn observe_model(states: &mut [LayerState], press: &dyn Press) {
 pub fn compress_model(states: &mut [LayerState], press: &dyn Press, ratio: f64) -> Result<Vec<usize>> {
     states
         .iter_mut()
-        .map(|s| match s {
-            LayerState::Kv(c) => compress(c, press, ratio),
+        .enumerate()
+        .map(|(l, s)| match s {
+            LayerState::Kv(c) => compress(c, press, ratio, l),
             _ => Ok(0),
         })
         .collect()
@@ -264,9 +273,9 @@ pub fn streaming_nll(model: &Lm, ids: &[u32], chunk: usize, press: Option<&dyn P
             let keep = keep_count(end, ratio);
             let mut layers = 0usize;
             let mut total = 0usize;
-            for s in cache.iter_mut() {
+            for (l, s) in cache.iter_mut().enumerate() {
                 if let LayerState::Kv(c) = s {
-                    compress_to(c, p, keep)?;
+                    compress_to(c, p, keep, l)?;
                     total += c.len();
                     layers += 1;
                 }

@@ -38,7 +38,7 @@ fn knorm_evicts_the_largest_key_norms() -> Result<()> {
     // Norms 5, 1, 4, 2, 3 (3-4-5 triangles and axis keys).
     let keys = [[3.0, 4.0], [1.0, 0.0], [0.0, 4.0], [0.0, 2.0], [3.0, 0.0]];
     let mut c = cache(5, |j| keys[j])?;
-    assert_eq!(compress(&mut c, PressConfig::Knorm.build().as_ref(), 0.4)?, 2);
+    assert_eq!(compress(&mut c, PressConfig::Knorm.build()?.as_ref(), 0.4, 0)?, 2);
     assert_eq!(c.positions(), &[1, 3, 4]);
     Ok(())
 }
@@ -46,11 +46,11 @@ fn knorm_evicts_the_largest_key_norms() -> Result<()> {
 #[test]
 fn streaming_llm_keeps_sinks_and_the_recent_window() -> Result<()> {
     let mut c = cache(10, |j| [j as f32, 1.0])?;
-    let press = PressConfig::StreamingLlm { sinks: 2 }.build();
-    assert_eq!(compress(&mut c, press.as_ref(), 0.5)?, 5);
+    let press = PressConfig::StreamingLlm { sinks: 2 }.build()?;
+    assert_eq!(compress(&mut c, press.as_ref(), 0.5, 0)?, 5);
     assert_eq!(c.positions(), &[0, 1, 7, 8, 9]);
     // A second round works on what is left, by position.
-    compress(&mut c, press.as_ref(), 0.4)?;
+    compress(&mut c, press.as_ref(), 0.4, 0)?;
     assert_eq!(c.positions(), &[0, 1, 9]);
     Ok(())
 }
@@ -59,7 +59,7 @@ fn streaming_llm_keeps_sinks_and_the_recent_window() -> Result<()> {
 fn random_press_is_seeded() -> Result<()> {
     let kept = |seed| -> Result<Vec<usize>> {
         let mut c = cache(20, |j| [j as f32, 0.0])?;
-        compress(&mut c, PressConfig::Random { seed }.build().as_ref(), 0.5)?;
+        compress(&mut c, PressConfig::Random { seed }.build()?.as_ref(), 0.5, 0)?;
         Ok(c.positions().to_vec())
     };
     let (a, b, other) = (kept(1)?, kept(1)?, kept(2)?);
@@ -80,7 +80,7 @@ fn budgets_and_bad_ratios() {
         assert!(check_ratio(bad).unwrap_err().starts_with("ratio"), "{bad}");
     }
     let mut c = cache(4, |j| [j as f32, 0.0]).unwrap();
-    let e = compress(&mut c, PressConfig::Knorm.build().as_ref(), 1.0).unwrap_err().to_string();
+    let e = compress(&mut c, PressConfig::Knorm.build().unwrap().as_ref(), 1.0, 0).unwrap_err().to_string();
     assert!(e.starts_with("ratio"), "{e}");
     // Configs: an unknown press or field is refused with its name.
     let bad: std::result::Result<PressConfig, _> = toml::from_str(r#"type = "h3o""#);
@@ -101,7 +101,7 @@ fn model_caches_compress_in_place() -> Result<()> {
         let mut st = lm.new_cache();
         lm.forward(&prompt, Some(&mut st), None)?;
         if let Some(r) = ratio {
-            compress_model(&mut st, PressConfig::Knorm.build().as_ref(), r)?;
+            compress_model(&mut st, PressConfig::Knorm.build()?.as_ref(), r)?;
         }
         Ok((lm.forward(&next, Some(&mut st), None)?.logits, st))
     };
@@ -130,7 +130,7 @@ fn streaming_nll_at_ratio_zero_is_the_full_context_nll() -> Result<()> {
     let lp = zoo_core::candle_nn::ops::log_softmax(&lm.forward(&x, None, None)?.logits.squeeze(0)?, 1)?;
     let tgt = Tensor::new(&ids[1..], &Device::Cpu)?.unsqueeze(1)?;
     let full = -(lp.gather(&tgt, 1)?.sum_all()?.to_scalar::<f32>()? as f64);
-    let knorm = PressConfig::Knorm.build();
+    let knorm = PressConfig::Knorm.build()?;
     for chunk in [1, 7, 64] {
         let (sum, n, _) = streaming_nll(&lm, &ids, chunk, Some(knorm.as_ref()), 0.0)?;
         assert_eq!(n, 39);
@@ -208,11 +208,11 @@ fn tova_keeps_what_the_last_query_attends_to() -> Result<()> {
         [3.0 * a.cos(), 3.0 * a.sin()]
     };
     let mut c = observed_cache(8, key, 1, 1, q)?;
-    compress(&mut c, PressConfig::Tova.build().as_ref(), 0.625)?; // keep 3
+    compress(&mut c, PressConfig::Tova.build()?.as_ref(), 0.625, 0)?; // keep 3
     assert_eq!(c.positions(), &[1, 2, 3]);
     // Without observation: a clear error, not a silent fallback.
     let mut c = cache(8, key)?;
-    let e = compress(&mut c, PressConfig::Tova.build().as_ref(), 0.5).unwrap_err().to_string();
+    let e = compress(&mut c, PressConfig::Tova.build()?.as_ref(), 0.5, 0).unwrap_err().to_string();
     assert!(e.contains("observe_model"), "{e}");
     Ok(())
 }
@@ -225,7 +225,7 @@ fn snapkv_pools_votes_and_keeps_its_window() -> Result<()> {
     let q = |_i: usize| [5.0, 0.0];
     let kept = |kernel: usize| -> Result<Vec<usize>> {
         let mut c = observed_cache(10, key, 2, 2, q)?;
-        compress(&mut c, PressConfig::SnapKv { window: 2, kernel }.build().as_ref(), 0.5)?;
+        compress(&mut c, PressConfig::SnapKv { window: 2, kernel }.build()?.as_ref(), 0.5, 0)?;
         Ok(c.positions().to_vec())
     };
     assert_eq!(kept(3)?, vec![3, 4, 5, 8, 9]);
@@ -249,9 +249,9 @@ fn h2o_accumulates_attention_over_compressions() -> Result<()> {
         3 => [0.0, 10.0],
         _ => [0.0, 0.0],
     };
-    let press = PressConfig::H2o { recent: 0.0 }.build();
+    let press = PressConfig::H2o { recent: 0.0 }.build()?;
     let mut c = observed_cache(6, key, 4096, 2, |_| [5.0, 0.0])?;
-    compress(&mut c, press.as_ref(), 0.2)?; // keep 5 of 6
+    compress(&mut c, press.as_ref(), 0.2, 0)?; // keep 5 of 6
     assert!(c.positions().contains(&1));
     // Two new tokens (zero keys), whose queries attend to slot 3.
     let z = Tensor::zeros((1, 2, 2, 2), DType::F32, &Device::Cpu)?;
@@ -265,14 +265,14 @@ fn h2o_accumulates_attention_over_compressions() -> Result<()> {
     assert_eq!(c.positions(), &[1, 3]);
     // recent = 0.5 of a budget of 4: the two newest positions, then the two heaviest.
     let mut c = observed_cache(8, key, 4096, 1, |_| [5.0, 0.0])?;
-    compress_to_keep(&mut c, PressConfig::H2o { recent: 0.5 }.build().as_ref(), 4)?;
+    compress_to_keep(&mut c, PressConfig::H2o { recent: 0.5 }.build()?.as_ref(), 4)?;
     assert_eq!(c.positions()[2..], [6, 7]);
     assert!(c.positions().contains(&1));
     Ok(())
 }
 
 fn compress_to_keep(c: &mut KvCache, press: &dyn zoo_kv_compress::Press, keep: usize) -> Result<usize> {
-    zoo_kv_compress::compress_to(c, press, keep)
+    zoo_kv_compress::compress_to(c, press, keep, 0)
 }
 
 /// On a model: the queries a layer's cache observed, scored by the presses' `attention`, give the
@@ -283,7 +283,7 @@ fn observed_queries_reproduce_the_layers_attention() -> Result<()> {
     use zoo_kv_compress::observe_model;
     let (lm, _store) = tiny_lm(3, 8, 32)?;
     let prompt = Tensor::new(&[[1u32, 5, 2, 7, 3, 9, 4, 11, 6, 8]], &Device::Cpu)?;
-    let snap = PressConfig::SnapKv { window: 10, kernel: 1 }.build();
+    let snap = PressConfig::SnapKv { window: 10, kernel: 1 }.build()?;
     let mut st = lm.new_cache();
     observe_model(&mut st, snap.as_ref());
     let mut probe = zoo_core::model::ModelProbe::default();
@@ -297,10 +297,52 @@ fn observed_queries_reproduce_the_layers_attention() -> Result<()> {
         let diff = (ours - layer.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "layer {l}: {diff}");
     }
-    let tova = PressConfig::Tova.build();
+    let tova = PressConfig::Tova.build()?;
     let mut st = lm.new_cache();
     observe_model(&mut st, tova.as_ref());
     lm.forward(&prompt, Some(&mut st), None)?;
     assert_eq!(compress_model(&mut st, tova.as_ref(), 0.5)?, vec![5, 5]);
+    Ok(())
+}
+
+/// The calibration maths: the top eigenvector of a Gram matrix (a rotated diagonal with known
+/// axes) and Spearman's rank correlation (monotone, reversed, and with ties against a hand value).
+#[test]
+fn qfilters_eigenvector_and_spearman() {
+    use zoo_kv_compress::qfilters::{spearman, top_eigenvector};
+    // G = R diag(5, 1) Rᵀ with R a rotation by 30°: the top eigenvector is R's first column.
+    let (c, s) = (30f64.to_radians().cos(), 30f64.to_radians().sin());
+    let g = [5.0 * c * c + s * s, (5.0 - 1.0) * c * s, (5.0 - 1.0) * c * s, 5.0 * s * s + c * c];
+    let v = top_eigenvector(&g, 2);
+    let dot = v[0] * c + v[1] * s;
+    assert!((dot.abs() - 1.0).abs() < 1e-9, "{v:?}");
+    assert!((spearman(&[1.0, 2.0, 3.0, 4.0], &[10.0, 20.0, 25.0, 100.0]) - 1.0).abs() < 1e-12);
+    assert!((spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
+    // Ranks of [1, 2, 2, 3] are [0, 1.5, 1.5, 3]; against [0, 1, 2, 3]: r = 4.5 / sqrt(4.5 · 5).
+    let r = spearman(&[1.0, 2.0, 2.0, 3.0], &[0.0, 1.0, 2.0, 3.0]);
+    assert!((r - 4.5 / (4.5f64 * 5.0).sqrt()).abs() < 1e-12, "{r}");
+}
+
+/// A Q-Filters press scores keys by their projection on its layer's filter: layer 0's filter
+/// points along x, layer 1's along y, so the same cache keeps different slots per layer. Filters
+/// that do not fit the cache are refused, naming the layer.
+#[test]
+fn qfilters_press_projects_keys_on_the_layers_filter() -> Result<()> {
+    let path = std::env::temp_dir().join(format!("zoo-qfilters-{}.safetensors", std::process::id()));
+    let f = Tensor::from_vec(vec![1f32, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0], (2, 2, 2), &Device::Cpu)?;
+    zoo_core::candle_core::safetensors::save(&std::collections::HashMap::from([("filters".to_string(), f)]), &path)?;
+    let press = PressConfig::QFilters { path: path.clone() }.build()?;
+    let keys = [[3.0, 0.0], [0.0, 3.0], [2.0, 1.0], [1.0, 2.0]];
+    let mut c = cache(4, |j| keys[j])?;
+    compress(&mut c, press.as_ref(), 0.5, 0)?;
+    assert_eq!(c.positions(), &[0, 2]);
+    let mut c = cache(4, |j| keys[j])?;
+    compress(&mut c, press.as_ref(), 0.5, 1)?;
+    assert_eq!(c.positions(), &[1, 3]);
+    let mut c = cache(4, |j| keys[j])?;
+    let e = compress(&mut c, press.as_ref(), 0.5, 2).unwrap_err().to_string();
+    assert!(e.contains("layer 2"), "{e}");
+    let e = PressConfig::QFilters { path: "/nonexistent/f.safetensors".into() }.build().err().expect("no file").to_string();
+    assert!(e.contains("/nonexistent/f.safetensors"), "{e}");
     Ok(())
 }
