@@ -202,6 +202,28 @@ enum KvCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Pass-key retrieval (needle in a haystack) over prompt lengths × depths × presses × ratios;
+    /// writes one JSON (schema zoo.needle/1) for `zoo report`.
+    Needle {
+        #[arg(long)]
+        model: PathBuf,
+        /// A press as inline TOML (as `eval --press`); repeat for several. The full cache always runs.
+        #[arg(long)]
+        press: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "0.5,0.75,0.875")]
+        ratios: Vec<f64>,
+        #[arg(long, value_delimiter = ',', default_value = "512,1024,2048")]
+        lengths: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1")]
+        depths: Vec<f64>,
+        /// Keys per cell.
+        #[arg(long, default_value_t = 2)]
+        trials: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn parse_shard(s: &str) -> Result<(usize, usize)> {
@@ -478,6 +500,35 @@ fn real_main() -> Result<i32> {
             }
             let j = zoo_harness::pretrained::calibrate_qfilters_to(model, text, *seq_len, *pieces, out, &env()?)?;
             println!("{}", serde_json::to_string_pretty(&j)?);
+        }
+        Cmd::Kv { cmd: KvCmd::Needle { model, press, ratios, lengths, depths, trials, seed, out } } => {
+            let presses = press.iter().map(|p| parse_press(p)).collect::<Result<Vec<_>>>()?;
+            for r in ratios.iter() {
+                zoo_kv_compress::check_ratio(*r).map_err(|e| anyhow::anyhow!("--ratios: {e}"))?;
+            }
+            if let Some(d) = depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
+                bail!("--depths: {d} must be in [0, 1]");
+            }
+            if *trials == 0 || lengths.is_empty() || depths.is_empty() {
+                bail!("--trials, --lengths, --depths: need at least one each");
+            }
+            let env = env()?;
+            let p = zoo_harness::pretrained::load_with(model, &env, Default::default())?;
+            let o = zoo_harness::needle::NeedleOpts {
+                lengths: lengths.clone(),
+                depths: depths.clone(),
+                ratios: ratios.clone(),
+                trials: *trials,
+                seed: *seed,
+                answer_tokens: 8,
+            };
+            let t0 = std::time::Instant::now();
+            let mut j = zoo_harness::needle::run(&p, &presses, &o, |m| eprintln!("{m}"))?;
+            j["model"] = serde_json::json!(model.display().to_string());
+            j["seconds"] = serde_json::json!(t0.elapsed().as_secs_f64());
+            j["env"] = serde_json::json!({ "device": env.describe(), "dtype": env.dtype_name(), "git": zoo_harness::env::git_state(), "versions": zoo_harness::env::versions() });
+            zoo_harness::env::write_atomic(out, &serde_json::to_vec_pretty(&j)?)?;
+            eprintln!("wrote {}", out.display());
         }
         Cmd::BenchAttention { shapes, iters } => {
             let env = env()?;

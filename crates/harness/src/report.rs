@@ -1,6 +1,6 @@
 //! `zoo report`: results folder → markdown table (mean ± std over seeds, best over learning rates).
 
-use crate::schema::{RunResult, BENCH_SCHEMA, GENERATE_SCHEMA, PRESS_SCHEMA, RESULT_SCHEMA};
+use crate::schema::{RunResult, BENCH_SCHEMA, GENERATE_SCHEMA, NEEDLE_SCHEMA, PRESS_SCHEMA, RESULT_SCHEMA};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -424,12 +424,19 @@ pub fn report(dir: &Path) -> Result<String> {
         if benches.is_empty() {
             let evals: Vec<Value> = load_schema_paths(dir, PRESS_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
             let gens: Vec<Value> = load_schema_paths(dir, GENERATE_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
+            let needles: Vec<Value> = load_schema_paths(dir, NEEDLE_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
             anyhow::ensure!(
-                !evals.is_empty() || !gens.is_empty(),
-                "no result, bench, press-eval or generate JSON in {}",
+                !evals.is_empty() || !gens.is_empty() || !needles.is_empty(),
+                "no result, bench, press-eval, generate or needle JSON in {}",
                 dir.display()
             );
-            let (md, plots) = if evals.is_empty() { (generate_report(&gens), vec![]) } else { press_report(&evals)? };
+            let (md, plots) = if !evals.is_empty() {
+                press_report(&evals)?
+            } else if !gens.is_empty() {
+                (generate_report(&gens), vec![])
+            } else {
+                (needle_report(&needles), vec![])
+            };
             let mut md = md;
             for (file, svg) in &plots {
                 crate::env::write_atomic(&dir.join(file), svg.as_bytes())?;
@@ -455,24 +462,7 @@ pub fn report(dir: &Path) -> Result<String> {
 /// ratio (columns), the full cache (ratio 0) as its own row, and perplexity against the ratio.
 fn press_report(evals: &[Value]) -> Result<(String, Vec<(String, String)>)> {
     use crate::plot::{line_chart, Series};
-    let name = |v: &Value| -> String {
-        let p = &v["press"];
-        let args: Vec<String> = p
-            .as_object()
-            .map(|o| {
-                o.iter()
-                    .filter(|(k, _)| *k != "type")
-                    .map(|(k, x)| match (k.as_str(), x.as_str()) {
-                        // A file: its name is enough to tell presses apart in a table.
-                        ("path", Some(path)) => format!("{k}={}", Path::new(path).file_name().map_or(path.into(), |f| f.to_string_lossy())),
-                        _ => format!("{k}={x}"),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let t = p["type"].as_str().unwrap_or("?").to_string();
-        if args.is_empty() { t } else { format!("{t} ({})", args.join(", ")) }
-    };
+    let name = |v: &Value| press_name(&v["press"]);
     let ratio = |v: &Value| v["ratio"].as_f64().unwrap_or(f64::NAN);
     let ppl = |v: &Value| v["perplexity"].as_f64().unwrap_or(f64::NAN);
     let full = evals.iter().find(|v| ratio(v) == 0.0).map(ppl);
@@ -572,4 +562,83 @@ fn device_name(d: &Value) -> String {
         }
         _ => "?".to_string(),
     }
+}
+
+/// `zoo kv needle` JSONs ([`NEEDLE_SCHEMA`]): pass-key accuracy per (press, ratio) and prompt
+/// length, over depths and trials, and per depth at the longest length.
+fn needle_report(files: &[Value]) -> String {
+    let cells: Vec<&Value> = files.iter().flat_map(|f| f["cells"].as_array().into_iter().flatten()).collect();
+    let label = |c: &Value| -> String {
+        match c["press"].as_object() {
+            Some(_) => format!("{} @ {}", press_name(&c["press"]), c["ratio"]),
+            None => "full cache".to_string(),
+        }
+    };
+    let mut labels: Vec<String> = Vec::new();
+    let mut lengths: Vec<u64> = Vec::new();
+    let mut depths: Vec<f64> = Vec::new();
+    for c in &cells {
+        if !labels.contains(&label(c)) {
+            labels.push(label(c));
+        }
+        let l = c["length"].as_u64().unwrap_or(0);
+        if !lengths.contains(&l) {
+            lengths.push(l);
+        }
+        let d = c["depth"].as_f64().unwrap_or(f64::NAN);
+        if !depths.contains(&d) {
+            depths.push(d);
+        }
+    }
+    lengths.sort_unstable();
+    let acc = |lab: &str, keep: &dyn Fn(&Value) -> bool| -> String {
+        let (h, n) = cells.iter().filter(|c| label(c) == lab && keep(c)).fold((0u64, 0u64), |(h, n), c| {
+            (h + c["hits"].as_u64().unwrap_or(0), n + c["trials"].as_u64().unwrap_or(0))
+        });
+        if n == 0 { "–".into() } else { format!("{:.0}% ({h}/{n})", 100.0 * h as f64 / n as f64) }
+    };
+    let mut md = format!(
+        "# Pass-key retrieval under KV compression\n\nAccuracy over depths {depths:?} and {} keys per cell; the press compresses once after the prompt.\n\n| press | {} |\n|---|{}\n",
+        files[0]["trials"],
+        lengths.iter().map(|l| format!("{l} tokens")).collect::<Vec<_>>().join(" | "),
+        "---|".repeat(lengths.len()),
+    );
+    for lab in &labels {
+        let row: Vec<String> = lengths.iter().map(|&l| acc(lab, &|c: &Value| c["length"].as_u64() == Some(l))).collect();
+        md.push_str(&format!("| {lab} | {} |\n", row.join(" | ")));
+    }
+    if let Some(&longest) = lengths.last() {
+        md.push_str(&format!(
+            "\nBy depth at {longest} tokens:\n\n| press | {} |\n|---|{}\n",
+            depths.iter().map(|d| format!("depth {d}")).collect::<Vec<_>>().join(" | "),
+            "---|".repeat(depths.len())
+        ));
+        for lab in &labels {
+            let row: Vec<String> = depths
+                .iter()
+                .map(|&d| acc(lab, &|c: &Value| c["length"].as_u64() == Some(longest) && c["depth"].as_f64() == Some(d)))
+                .collect();
+            md.push_str(&format!("| {lab} | {} |\n", row.join(" | ")));
+        }
+    }
+    md
+}
+
+/// A press config as a table label: its type, then its other fields (a file by its name).
+fn press_name(p: &Value) -> String {
+    let args: Vec<String> = p
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter(|(k, _)| *k != "type")
+                .map(|(k, x)| match (k.as_str(), x.as_str()) {
+                    // A file: its name is enough to tell presses apart in a table.
+                    ("path", Some(path)) => format!("{k}={}", Path::new(path).file_name().map_or(path.into(), |f| f.to_string_lossy())),
+                    _ => format!("{k}={x}"),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let t = p["type"].as_str().unwrap_or("?").to_string();
+    if args.is_empty() { t } else { format!("{t} ({})", args.join(", ")) }
 }

@@ -18,6 +18,8 @@ pub const BENCH_SCHEMA: &str = "zoo.bench/1";
 pub const PRESS_SCHEMA: &str = "zoo.press-eval/1";
 /// The `--stats` JSON of `zoo generate`: counts, timings and KV bytes of one generation.
 pub const GENERATE_SCHEMA: &str = "zoo.generate/1";
+/// `zoo kv needle`: passkey retrieval per (length, depth, press, ratio).
+pub const NEEDLE_SCHEMA: &str = "zoo.needle/1";
 
 /// Where a result was produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -684,3 +684,24 @@ fn report_tabulates_generations_against_the_full_cache() {
     assert!(md.contains("| 100 | full cache | 10.0 | 1.00× |"), "{md}");
     assert!(md.contains("| 100 | knorm @ 0.875 | 15.0 | 1.50× | 125 B | 125 B | 1000 B | 0.125 |"), "{md}");
 }
+
+/// `zoo report` on needle JSONs: accuracy per (press, ratio) and length, and per depth at the
+/// longest length.
+#[test]
+fn report_tabulates_needle_grids() {
+    let dir = tmpdir("needle-report");
+    let cell = |len: u64, depth: f64, press: Option<&str>, ratio: f64, hits: u64| {
+        serde_json::json!({"length": len, "depth": depth, "press": press.map(|p| serde_json::json!({"type": p})),
+                           "ratio": ratio, "hits": hits, "trials": 2, "answers": []})
+    };
+    let j = serde_json::json!({
+        "schema": zoo_harness::schema::NEEDLE_SCHEMA, "trials": 2,
+        "cells": [cell(100, 0.0, None, 0.0, 2), cell(100, 1.0, None, 0.0, 1), cell(100, 0.0, Some("knorm"), 0.5, 0),
+                  cell(100, 1.0, Some("knorm"), 0.5, 2), cell(200, 0.0, None, 0.0, 2)],
+    });
+    std::fs::write(dir.join("n.json"), j.to_string()).unwrap();
+    let md = zoo_harness::report::report(&dir).unwrap();
+    assert!(md.contains("| full cache | 75% (3/4) | 100% (2/2) |"), "{md}");
+    assert!(md.contains("| knorm @ 0.5 | 50% (2/4) | – |"), "{md}");
+    assert!(md.contains("| full cache | 100% (2/2) | – |"), "{md}"); // by depth at 200 tokens
+}

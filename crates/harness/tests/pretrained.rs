@@ -509,3 +509,31 @@ fn smollm2_qfilters_calibration_orients_filters_by_attention() -> anyhow::Result
     assert!(positive >= 20, "the oriented projection correlates positively in only {positive} of 30 layers");
     Ok(())
 }
+
+/// The pass-key prompt has exactly the asked length with the key sentence at the asked depth, and
+/// on SmolLM2 the full cache retrieves the key from a short prompt while the grid's JSON has one
+/// cell per (depth, press, ratio) with the answers kept.
+#[test]
+fn smollm2_needle_prompt_and_grid() -> anyhow::Result<()> {
+    use zoo_harness::needle::{prompt_ids, run, NeedleOpts};
+    let Some((gguf, _)) = smollm2(false) else { return Ok(()) };
+    let env = Env::parse("cpu", "f32")?;
+    let p = load_gguf(&gguf, &env)?;
+    let tok = p.tokenizer.as_ref().unwrap();
+    let key_ids = tok.encode(" The pass key is 12345.", false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().to_vec();
+    let find = |ids: &[u32]| ids.windows(key_ids.len()).position(|w| w == key_ids.as_slice());
+    let early = prompt_ids(tok, 300, 0.0, "12345")?;
+    let late = prompt_ids(tok, 300, 1.0, "12345")?;
+    assert_eq!((early.len(), late.len()), (300, 300));
+    let (e, l) = (find(&early).expect("key in prompt"), find(&late).expect("key in prompt"));
+    assert!(e < 40 && l > 250, "key at {e} and {l}");
+    assert!(prompt_ids(tok, 20, 0.5, "12345").is_err());
+    let o = NeedleOpts { lengths: vec![160], depths: vec![0.5], ratios: vec![0.0, 0.5], trials: 1, seed: 3, answer_tokens: 8 };
+    let j = run(&p, &[zoo_kv_compress::PressConfig::Knorm], &o, |_| {})?;
+    let cells = j["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2, "{j}");
+    assert_eq!(cells[0]["press"], serde_json::Value::Null);
+    assert_eq!(cells[0]["hits"], 1, "the full cache missed the key: {}", cells[0]["answers"]);
+    assert_eq!(cells[1]["ratio"], 0.5);
+    Ok(())
+}
