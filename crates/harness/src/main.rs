@@ -434,6 +434,13 @@ fn real_main() -> Result<i32> {
                 prompt.clone()
             };
             let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+            if ids.len() + *max_tokens > p.context_length {
+                bail!(
+                    "--max-tokens: the prompt's {} tokens plus {max_tokens} new ones exceed the model's context of {}",
+                    ids.len(),
+                    p.context_length
+                );
+            }
             let o = zoo_harness::pretrained::GenOpts { max_tokens: *max_tokens, temperature: *temperature, top_p: *top_p, seed: *seed };
             let built = press_cfg.as_ref().map(|c| c.build()).transpose()?;
             let gp = built.as_ref().map(|b| zoo_harness::pretrained::GenPress { press: b.as_ref(), ratio: *ratio, every: *compress_every });

@@ -66,11 +66,7 @@ pub fn run(p: &Pretrained, presses: &[PressConfig], o: &NeedleOpts, mut progress
                 let key = format!("{:05}", rng.below(100_000));
                 let ids = prompt_ids(tok, length, depth, &key)?;
                 let mut cache = p.model.new_cache_with_capacity(ids.len() + o.answer_tokens);
-                for s in cache.iter_mut() {
-                    if let LayerState::Kv(c) = s {
-                        c.set_observe(window);
-                    }
-                }
+                zoo_kv_compress::observe_window(&mut cache, window);
                 let x = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
                 let logits = p.model.forward_keep(&x, Some(&mut cache), None, Some(1))?.logits;
                 let row: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;

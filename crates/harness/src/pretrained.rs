@@ -1068,11 +1068,7 @@ pub fn calibrate_qfilters(p: &Pretrained, ids: &[u32], seq_len: usize, chunks: u
     let pass = |visit: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<()>| -> Result<()> {
         for c in 0..n {
             let mut cache = p.model.new_cache_with_capacity(seq_len);
-            for s in cache.iter_mut() {
-                if let LayerState::Kv(kv) = s {
-                    kv.set_observe(Some(seq_len));
-                }
-            }
+            zoo_kv_compress::observe_window(&mut cache, Some(seq_len));
             let x = Tensor::new(&ids[c * seq_len..(c + 1) * seq_len], &dev)?.unsqueeze(0)?;
             p.model.forward_keep(&x, Some(&mut cache), None, Some(1))?;
             for (l, s) in cache.iter().enumerate() {

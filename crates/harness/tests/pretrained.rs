@@ -488,11 +488,7 @@ fn smollm2_qfilters_calibration_orients_filters_by_attention() -> anyhow::Result
     // Held out: the piece after the calibration pieces.
     let held = &ids[3 * 192..4 * 192];
     let mut cache = p.model.new_cache_with_capacity(held.len());
-    for s in cache.iter_mut() {
-        if let LayerState::Kv(c) = s {
-            c.set_observe(Some(held.len()));
-        }
-    }
+    zoo_kv_compress::observe_window(&mut cache, Some(held.len()));
     p.model.forward(&Tensor::new(held, &Device::Cpu)?.unsqueeze(0)?, Some(&mut cache), None)?;
     let mut positive = 0;
     for (l, s) in cache.iter().enumerate() {

@@ -222,9 +222,14 @@ pub fn compress_to(cache: &mut KvCache, press: &dyn Press, keep: usize, layer: u
 /// Have every attention layer's cache keep the queries `press` scores with (a no-op for presses
 /// that need none). Call before the forward passes whose queries should count.
 pub fn observe_model(states: &mut [LayerState], press: &dyn Press) {
+    observe_window(states, press.observe());
+}
+
+/// Have every attention layer's cache keep its last `w` queries (None: none).
+pub fn observe_window(states: &mut [LayerState], w: Option<usize>) {
     for s in states.iter_mut() {
         if let LayerState::Kv(c) = s {
-            c.set_observe(press.observe());
+            c.set_observe(w);
         }
     }
 }
