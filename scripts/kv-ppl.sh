@@ -10,7 +10,8 @@
 # SnapKV (last 64 queries, pooling 5) and H2O (half the budget recent, half accumulated attention),
 # and Q-Filters calibrated first on another play (`zoo kv calibrate`: 16 pieces of 512 tokens of
 # As You Like It; the filters and the calibration summary are kept in results/kv-ppl/).
-# A (press, ratio) whose JSON exists is skipped (FORCE=1 reruns everything), as `zoo run` does.
+# TOVA also runs with a pyramid budget (PyramidKV's linear decay over depth, beta 20) at the same
+# total, against its uniform budget. A (press, ratio) whose JSON exists is skipped (FORCE=1 reruns everything), as `zoo run` does.
 # usage: scripts/kv-ppl.sh [extra zoo eval args]
 set -eu
 ZOO=${ZOO:-target/release/zoo}
@@ -40,5 +41,6 @@ for r in 0.5 0.75 0.875 0.9375; do
   run "snapkv-r$r" 'type = "snapkv", window = 64, kernel = 5' "$r" "$@"
   run "h2o-r$r" 'type = "h2o", recent = 0.5' "$r" "$@"
   run "q_filters-r$r" "type = \"q_filters\", path = \"$filters\"" "$r" "$@"
+  run "tova_pyramid-r$r" 'type = "tova"' "$r" --budget 'type = "pyramid", beta = 20' "$@"
 done
 "$ZOO" report "$out" > /dev/null

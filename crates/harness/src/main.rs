@@ -93,6 +93,10 @@ enum Cmd {
         ratio: f64,
         #[arg(long, default_value_t = 128)]
         chunk: usize,
+        /// With --press: how the kept entries are spread over layers, inline TOML:
+        /// 'type = "uniform"' (default) or 'type = "pyramid", beta = 20'.
+        #[arg(long)]
+        budget: Option<String>,
     },
     /// Continue a prompt with a pretrained model (GGUF file or HF folder), streaming to stdout;
     /// prompt and generation speed go to stderr at the end.
@@ -365,7 +369,10 @@ fn real_main() -> Result<i32> {
             }
         }
         Cmd::Report { dir } => println!("{}", report::report(dir)?),
-        Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized, press, ratio, chunk } => {
+        Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized, press, ratio, chunk, budget } => {
+            if budget.is_some() && press.is_none() {
+                bail!("--budget: needs --press");
+            }
             if let Some(press) = press {
                 let m = model.as_ref().context("--press: needs --model (a pretrained model)")?;
                 let cfg = parse_press(press)?;
@@ -373,7 +380,19 @@ fn real_main() -> Result<i32> {
                     bail!("--chunk: must be at least 1");
                 }
                 zoo_kv_compress::check_ratio(*ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
-                let out = zoo_harness::pretrained::evaluate_model_press(m, text, &cfg, *ratio, *chunk, &env()?)?;
+                let budget = match budget {
+                    Some(b) => {
+                        #[derive(serde::Deserialize)]
+                        struct Wrap {
+                            budget: zoo_kv_compress::Budget,
+                        }
+                        let b = toml::from_str::<Wrap>(&format!("budget = {{ {b} }}")).map_err(|e| anyhow::anyhow!("--budget: {e}"))?.budget;
+                        b.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
+                        b
+                    }
+                    None => Default::default(),
+                };
+                let out = zoo_harness::pretrained::evaluate_model_press(m, text, &cfg, *ratio, &budget, *chunk, &env()?)?;
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 return Ok(0);
             }
@@ -530,11 +549,18 @@ fn real_main() -> Result<i32> {
                 answer_tokens: 8,
             };
             let t0 = std::time::Instant::now();
-            let mut j = zoo_harness::needle::run(&p, &presses, &o, |m| eprintln!("{m}"))?;
-            j["model"] = serde_json::json!(model.display().to_string());
-            j["seconds"] = serde_json::json!(t0.elapsed().as_secs_f64());
-            j["env"] = serde_json::json!({ "device": env.describe(), "dtype": env.dtype_name(), "git": zoo_harness::env::git_state(), "versions": zoo_harness::env::versions() });
-            zoo_harness::env::write_atomic(out, &serde_json::to_vec_pretty(&j)?)?;
+            let run_env = serde_json::json!({ "device": env.describe(), "dtype": env.dtype_name(), "git": zoo_harness::env::git_state(), "versions": zoo_harness::env::versions() });
+            let write = |mut j: serde_json::Value| -> Result<()> {
+                j["model"] = serde_json::json!(model.display().to_string());
+                j["seconds"] = serde_json::json!(t0.elapsed().as_secs_f64());
+                j["env"] = run_env.clone();
+                zoo_harness::env::write_atomic(out, &serde_json::to_vec_pretty(&j)?)
+            };
+            let j = zoo_harness::needle::run(&p, &presses, &o, |m, partial| {
+                eprintln!("{m}");
+                write(partial.clone())
+            })?;
+            write(j)?;
             eprintln!("wrote {}", out.display());
         }
         Cmd::BenchAttention { shapes, iters } => {

@@ -43,8 +43,15 @@ pub fn prompt_ids(tok: &tokenizers::Tokenizer, length: usize, depth: f64, key: &
 }
 
 /// Run the grid; returns the JSON (schema `zoo.needle/1`) with one cell per (length, depth,
-/// press, ratio). `presses`: (name, config); a ratio of 0 is the full cache (run once per prompt).
-pub fn run(p: &Pretrained, presses: &[PressConfig], o: &NeedleOpts, mut progress: impl FnMut(&str)) -> Result<serde_json::Value> {
+/// press, ratio); the full cache is run once per prompt, presses at every ratio above 0. After
+/// each (length, depth) `progress` gets the JSON so far (`"complete": false`), so a caller can
+/// write it and a killed run keeps what it finished.
+pub fn run(
+    p: &Pretrained,
+    presses: &[PressConfig],
+    o: &NeedleOpts,
+    mut progress: impl FnMut(&str, &serde_json::Value) -> Result<()>,
+) -> Result<serde_json::Value> {
     let tok = p.tokenizer.as_ref().context("the model has no tokenizer")?;
     let dev = p.model.embed.weight.device().clone();
     let built: Vec<_> = presses.iter().map(|c| c.build()).collect::<zoo_core::candle_core::Result<_>>()?;
@@ -107,10 +114,14 @@ pub fn run(p: &Pretrained, presses: &[PressConfig], o: &NeedleOpts, mut progress
                     "answers": answers,
                 }));
             }
-            progress(&format!("length {length}, depth {depth} done"));
+            progress(&format!("length {length}, depth {depth} done"), &summary(o, &cells, false))?;
         }
     }
-    Ok(serde_json::json!({
+    Ok(summary(o, &cells, true))
+}
+
+fn summary(o: &NeedleOpts, cells: &[serde_json::Value], complete: bool) -> serde_json::Value {
+    serde_json::json!({
         "schema": crate::schema::NEEDLE_SCHEMA,
         "lengths": o.lengths,
         "depths": o.depths,
@@ -118,6 +129,7 @@ pub fn run(p: &Pretrained, presses: &[PressConfig], o: &NeedleOpts, mut progress
         "trials": o.trials,
         "seed": o.seed,
         "filler": FILLER,
+        "complete": complete,
         "cells": cells,
-    }))
+    })
 }

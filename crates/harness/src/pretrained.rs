@@ -567,6 +567,7 @@ pub fn evaluate_model_press(
     text: &Path,
     press: &zoo_kv_compress::PressConfig,
     ratio: f64,
+    budget: &zoo_kv_compress::Budget,
     chunk: usize,
     env: &Env,
 ) -> Result<serde_json::Value> {
@@ -578,7 +579,7 @@ pub fn evaluate_model_press(
     }
     let t1 = std::time::Instant::now();
     let built = press.build()?;
-    let (sum, n, held) = zoo_kv_compress::streaming_nll(&p.model, &ids, chunk, Some(built.as_ref()), ratio)?;
+    let (sum, n, held) = zoo_kv_compress::streaming_nll(&p.model, &ids, chunk, Some(built.as_ref()), ratio, budget)?;
     env.sync()?;
     let secs = t1.elapsed().as_secs_f64();
     Ok(serde_json::json!({
@@ -589,6 +590,7 @@ pub fn evaluate_model_press(
         "scored": n,
         "press": serde_json::to_value(press)?,
         "ratio": ratio,
+        "budget": serde_json::to_value(budget)?,
         "chunk": chunk,
         "mean_entries_held": if held.is_finite() { serde_json::json!(held) } else { serde_json::Value::Null },
         "perplexity": (sum / n as f64).exp(),

@@ -462,7 +462,10 @@ pub fn report(dir: &Path) -> Result<String> {
 /// ratio (columns), the full cache (ratio 0) as its own row, and perplexity against the ratio.
 fn press_report(evals: &[Value]) -> Result<(String, Vec<(String, String)>)> {
     use crate::plot::{line_chart, Series};
-    let name = |v: &Value| press_name(&v["press"]);
+    let name = |v: &Value| match v["budget"]["type"].as_str() {
+        Some(b) if b != "uniform" => format!("{}, {}", press_name(&v["press"]), press_name(&v["budget"])),
+        _ => press_name(&v["press"]),
+    };
     let ratio = |v: &Value| v["ratio"].as_f64().unwrap_or(f64::NAN);
     let ppl = |v: &Value| v["perplexity"].as_f64().unwrap_or(f64::NAN);
     let full = evals.iter().find(|v| ratio(v) == 0.0).map(ppl);
@@ -603,6 +606,9 @@ fn needle_report(files: &[Value]) -> String {
         lengths.iter().map(|l| format!("{l} tokens")).collect::<Vec<_>>().join(" | "),
         "---|".repeat(lengths.len()),
     );
+    if files.iter().any(|f| f["complete"] == Value::Bool(false)) {
+        md.push_str("\n**Incomplete:** the run stopped before every cell ran; the table holds the cells it finished.\n\n");
+    }
     for lab in &labels {
         let row: Vec<String> = lengths.iter().map(|&l| acc(lab, &|c: &Value| c["length"].as_u64() == Some(l))).collect();
         md.push_str(&format!("| {lab} | {} |\n", row.join(" | ")));

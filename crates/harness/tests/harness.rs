@@ -652,6 +652,11 @@ fn report_tabulates_press_evaluations() {
         ("k5", eval(serde_json::json!({"type": "knorm"}), 0.5, 12.5)),
         ("k75", eval(serde_json::json!({"type": "knorm"}), 0.75, 15.25)),
         ("s5", eval(serde_json::json!({"type": "snapkv", "window": 64, "kernel": 5}), 0.5, 11.0)),
+        ("p5", {
+            let mut v = eval(serde_json::json!({"type": "knorm"}), 0.5, 12.0);
+            v["budget"] = serde_json::json!({"type": "pyramid", "beta": 20.0});
+            v
+        }),
         ("other", serde_json::json!({"schema": "something/1"})),
     ];
     for (n, v) in &files {
@@ -661,6 +666,7 @@ fn report_tabulates_press_evaluations() {
     assert!(md.contains("| press | ratio 0 (full cache) | 0.5 | 0.75 |"), "{md}");
     assert!(md.contains("| knorm | 10.00 | 12.50 | 15.25 |"), "{md}");
     assert!(md.contains("| snapkv (kernel=5, window=64) | 10.00 | 11.00 | – |"), "{md}");
+    assert!(md.contains("| knorm, pyramid (beta=20.0) | 10.00 | 12.00 | – |"), "{md}");
     assert!(dir.join("press_ppl.svg").exists() && dir.join("report.md").exists());
 }
 

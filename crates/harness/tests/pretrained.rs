@@ -525,7 +525,13 @@ fn smollm2_needle_prompt_and_grid() -> anyhow::Result<()> {
     assert!(e < 40 && l > 250, "key at {e} and {l}");
     assert!(prompt_ids(tok, 20, 0.5, "12345").is_err());
     let o = NeedleOpts { lengths: vec![160], depths: vec![0.5], ratios: vec![0.0, 0.5], trials: 1, seed: 3, answer_tokens: 8 };
-    let j = run(&p, &[zoo_kv_compress::PressConfig::Knorm], &o, |_| {})?;
+    let mut partial = 0;
+    let j = run(&p, &[zoo_kv_compress::PressConfig::Knorm], &o, |_, j| {
+        assert_eq!(j["complete"], false);
+        partial += 1;
+        Ok(())
+    })?;
+    assert_eq!((partial, &j["complete"]), (1, &serde_json::json!(true)));
     let cells = j["cells"].as_array().unwrap();
     assert_eq!(cells.len(), 2, "{j}");
     assert_eq!(cells[0]["press"], serde_json::Value::Null);

@@ -160,6 +160,60 @@ impl PressConfig {
     }
 }
 
+/// How a compression's budget is spread over the attention layers (`budget = { type = ... }`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Budget {
+    /// Every layer keeps the same number of entries.
+    #[default]
+    Uniform,
+    /// Linear decay with depth at the same total (PyramidKV, Cai et al. 2024, §3.3; the
+    /// allocation PyramidInfer ablates): the top layer keeps keep/β, the bottom 2·keep − keep/β.
+    Pyramid {
+        #[serde(default = "twenty")]
+        beta: f64,
+    },
+}
+
+fn twenty() -> f64 {
+    20.0
+}
+
+impl Budget {
+    /// Refuse settings no budget can use; the error names the field.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        match *self {
+            Budget::Pyramid { beta } if !(beta >= 1.0 && beta.is_finite()) => {
+                Err(format!("budget.beta: {beta} must be at least 1 (the top layer keeps keep / beta)"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Entries each of `n` attention layers (bottom first) keeps when on average they keep
+    /// `keep`: together n·keep (rounded down per layer, the remainder handed out from the bottom).
+    pub fn layer_keeps(&self, keep: usize, n: usize) -> Vec<usize> {
+        match *self {
+            Budget::Pyramid { beta } if n > 1 => {
+                let top = keep as f64 / beta;
+                let bottom = 2.0 * keep as f64 - top;
+                let mut k: Vec<usize> =
+                    (0..n).map(|l| (bottom - (bottom - top) * l as f64 / (n - 1) as f64).floor() as usize).collect();
+                let mut rest = (n * keep).saturating_sub(k.iter().sum());
+                for x in k.iter_mut() {
+                    if rest == 0 {
+                        break;
+                    }
+                    *x += 1;
+                    rest -= 1;
+                }
+                k
+            }
+            _ => vec![keep; n],
+        }
+    }
+}
+
 /// The compression ratio: the share of entries evicted, in [0, 1).
 pub fn check_ratio(ratio: f64) -> std::result::Result<(), String> {
     if !(ratio.is_finite() && (0.0..1.0).contains(&ratio)) {
@@ -249,10 +303,10 @@ pub fn compress_model(states: &mut [LayerState], press: &dyn Press, ratio: f64) 
 
 /// Negative log-likelihood of `ids` read in chunks of `chunk` tokens through the model's cache,
 /// the press keeping the cache of every attention layer at `keep_count(seen, ratio)` entries after
-/// each chunk (`seen`: tokens read so far), so every later token is scored from the compressed
+/// each chunk (`seen`: tokens read so far; spread over layers by `budget`), so every later token is scored from the compressed
 /// cache. Returns (NLL sum, tokens scored, mean entries held per layer after each compression).
 /// With ratio 0 (or no press) this is the model's plain full-context NLL, chunk by chunk.
-pub fn streaming_nll(model: &Lm, ids: &[u32], chunk: usize, press: Option<&dyn Press>, ratio: f64) -> Result<(f64, usize, f64)> {
+pub fn streaming_nll(model: &Lm, ids: &[u32], chunk: usize, press: Option<&dyn Press>, ratio: f64, budget: &Budget) -> Result<(f64, usize, f64)> {
     if let Err(e) = check_ratio(ratio) {
         bail!("{e}")
     }
@@ -275,12 +329,13 @@ pub fn streaming_nll(model: &Lm, ids: &[u32], chunk: usize, press: Option<&dyn P
         sum += mean * (end - start) as f64;
         n += end - start;
         if let Some(p) = press.filter(|_| ratio > 0.0) {
-            let keep = keep_count(end, ratio);
+            let n_kv = cache.iter().filter(|s| matches!(s, LayerState::Kv(_))).count();
+            let mut keeps = budget.layer_keeps(keep_count(end, ratio), n_kv).into_iter();
             let mut layers = 0usize;
             let mut total = 0usize;
             for (l, s) in cache.iter_mut().enumerate() {
                 if let LayerState::Kv(c) = s {
-                    compress_to(c, p, keep, l)?;
+                    compress_to(c, p, keeps.next().expect("one keep per attention layer"), l)?;
                     total += c.len();
                     layers += 1;
                 }

@@ -132,11 +132,11 @@ fn streaming_nll_at_ratio_zero_is_the_full_context_nll() -> Result<()> {
     let full = -(lp.gather(&tgt, 1)?.sum_all()?.to_scalar::<f32>()? as f64);
     let knorm = PressConfig::Knorm.build()?;
     for chunk in [1, 7, 64] {
-        let (sum, n, _) = streaming_nll(&lm, &ids, chunk, Some(knorm.as_ref()), 0.0)?;
+        let (sum, n, _) = streaming_nll(&lm, &ids, chunk, Some(knorm.as_ref()), 0.0, &Default::default())?;
         assert_eq!(n, 39);
         assert!((sum - full).abs() < 1e-4 * full.abs(), "chunk {chunk}: {sum} vs {full}");
     }
-    let (sum, n, held) = streaming_nll(&lm, &ids, 8, Some(knorm.as_ref()), 0.5)?;
+    let (sum, n, held) = streaming_nll(&lm, &ids, 8, Some(knorm.as_ref()), 0.5, &Default::default())?;
     assert_eq!(n, 39);
     assert!((sum - full).abs() > 1e-6, "ratio 0.5 changed nothing");
     // After chunks ending at 8, 16, 24, 32, 39 tokens the cache holds 4, 8, 12, 16, 20 entries.
@@ -344,5 +344,28 @@ fn qfilters_press_projects_keys_on_the_layers_filter() -> Result<()> {
     assert!(e.contains("layer 2"), "{e}");
     let e = PressConfig::QFilters { path: "/nonexistent/f.safetensors".into() }.build().err().expect("no file").to_string();
     assert!(e.contains("/nonexistent/f.safetensors"), "{e}");
+    Ok(())
+}
+
+/// Budgets: uniform keeps the same everywhere; the pyramid decays linearly from the bottom to
+/// keep/β at the top with the same total; β < 1 is refused. On a model, a pyramid keeps more in
+/// the first layer than the last, and the mean held per layer is the uniform one.
+#[test]
+fn pyramid_budget_keeps_the_total_and_decays_with_depth() -> Result<()> {
+    use zoo_kv_compress::{streaming_nll, Budget};
+    assert_eq!(Budget::Uniform.layer_keeps(7, 3), vec![7, 7, 7]);
+    let k = Budget::Pyramid { beta: 20.0 }.layer_keeps(100, 5);
+    assert_eq!(k.iter().sum::<usize>(), 500);
+    assert!(k.windows(2).all(|w| w[0] > w[1]), "{k:?}");
+    // 195, 147.5, 100, 52.5, 5 floored sum to 499; the remaining one goes to the bottom layer.
+    assert_eq!(k, vec![196, 147, 100, 52, 5]);
+    assert_eq!(Budget::Pyramid { beta: 2.0 }.layer_keeps(10, 1), vec![10]);
+    assert!(Budget::Pyramid { beta: 0.5 }.check().unwrap_err().starts_with("budget.beta"));
+    let (lm, _store) = tiny_lm(1, 16, 64)?;
+    let ids: Vec<u32> = (0..40u32).map(|i| (i * 7 + 3) % 16).collect();
+    let knorm = PressConfig::Knorm.build()?;
+    let (_, _, uniform) = streaming_nll(&lm, &ids, 8, Some(knorm.as_ref()), 0.75, &Budget::Uniform)?;
+    let (_, _, pyramid) = streaming_nll(&lm, &ids, 8, Some(knorm.as_ref()), 0.75, &Budget::Pyramid { beta: 4.0 })?;
+    assert!((uniform - pyramid).abs() < 1e-9, "{uniform} vs {pyramid}");
     Ok(())
 }
