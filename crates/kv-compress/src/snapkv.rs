@@ -15,6 +15,10 @@ pub struct SnapKv {
 impl Press for SnapKv {
     fn score(&self, s: &Slots) -> Result<Vec<f32>> {
         let Some((q, qpos)) = s.queries else { bail!("snapkv: needs the observation window's queries (observe_model)") };
+        // The cache may observe more queries than this press's window (another press sharing it
+        // asked for more): vote with the last `window` only.
+        let w = qpos.len().min(self.window);
+        let (q, qpos) = (&q.narrow(2, qpos.len() - w, w)?, &qpos[qpos.len() - w..]);
         // (B, H, w, n) -> mean over the window and heads and batch rows -> (n,)
         let a = attention(q, qpos, s.k, s.pos)?.to_dtype(DType::F32)?;
         let votes = a.mean(2)?.mean(1)?.mean(0)?.to_vec1::<f32>()?;

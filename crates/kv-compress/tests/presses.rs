@@ -229,6 +229,11 @@ fn snapkv_pools_votes_and_keeps_its_window() -> Result<()> {
         Ok(c.positions().to_vec())
     };
     assert_eq!(kept(3)?, vec![3, 4, 5, 8, 9]);
+    // A cache observing more queries than the window (another press asked for more) votes with
+    // the window's queries only: same slots kept.
+    let mut c = observed_cache(10, key, 5, 5, q)?;
+    compress(&mut c, PressConfig::SnapKv { window: 2, kernel: 3 }.build()?.as_ref(), 0.5, 0)?;
+    assert_eq!(c.positions(), &[3, 4, 5, 8, 9]);
     let no_pool = kept(1)?;
     assert!(no_pool.contains(&4) && no_pool.contains(&8) && no_pool.contains(&9), "{no_pool:?}");
     assert_ne!(no_pool, vec![3, 4, 5, 8, 9]);
