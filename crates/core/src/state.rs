@@ -377,7 +377,12 @@ impl KvCache {
         if let Some(w) = self.window {
             new_cap = new_cap.min(w.max(need));
         }
-        let (nk, nv) = (Self::alloc(like, new_cap)?, Self::alloc(like, new_cap)?);
+        self.reallocate(like, new_cap)
+    }
+
+    /// Move the used slots into fresh buffers of `cap` slots (≥ the slots in use).
+    fn reallocate(&mut self, like: &Tensor, cap: usize) -> Result<()> {
+        let (nk, nv) = (Self::alloc(like, cap)?, Self::alloc(like, cap)?);
         if let Some((k, v)) = self.kv()? {
             nk.slice_set(&k.contiguous()?, 2, 0)?;
             nv.slice_set(&v.contiguous()?, 2, 0)?;
@@ -452,13 +457,7 @@ impl KvCache {
         let Some(like) = self.k.clone() else { return Ok(0) };
         let cap = capacity.max(self.pos.len()).max(self.window.unwrap_or(0).min(self.capacity())).max(1);
         if cap != self.capacity() {
-            let (nk, nv) = (Self::alloc(&like, cap)?, Self::alloc(&like, cap)?);
-            if let Some((k, v)) = self.kv()? {
-                nk.slice_set(&k.contiguous()?, 2, 0)?;
-                nv.slice_set(&v.contiguous()?, 2, 0)?;
-            }
-            self.k = Some(nk);
-            self.v = Some(nv);
+            self.reallocate(&like, cap)?;
         }
         Ok(self.allocated_bytes())
     }

@@ -68,6 +68,11 @@ impl Env {
         Ok(())
     }
 
+    /// What a result JSON records of where and how it was made: device, dtype, git state, versions.
+    pub fn record(&self) -> serde_json::Value {
+        json!({ "device": self.describe(), "dtype": self.dtype_name(), "git": git_state(), "versions": versions() })
+    }
+
     pub fn describe(&self) -> serde_json::Value {
         let threads = zoo_core::candle_core::utils::get_num_threads();
         let cpu = cpu_model();

@@ -382,11 +382,7 @@ fn real_main() -> Result<i32> {
                 zoo_kv_compress::check_ratio(*ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
                 let budget = match budget {
                     Some(b) => {
-                        #[derive(serde::Deserialize)]
-                        struct Wrap {
-                            budget: zoo_kv_compress::Budget,
-                        }
-                        let b = toml::from_str::<Wrap>(&format!("budget = {{ {b} }}")).map_err(|e| anyhow::anyhow!("--budget: {e}"))?.budget;
+                        let b: zoo_kv_compress::Budget = parse_inline("budget", b)?;
                         b.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
                         b
                     }
@@ -504,8 +500,7 @@ fn real_main() -> Result<i32> {
                     "kv_allocated_bytes": stats.kv_allocated_bytes,
                     "kv_full_bytes": stats.kv_full_bytes,
                     "generated": stats.generated,
-                    "env": { "device": env.describe(), "dtype": env.dtype_name(), "git": zoo_harness::env::git_state(),
-                             "versions": zoo_harness::env::versions() },
+                    "env": env.record(),
                 });
                 zoo_harness::env::write_atomic(path, &serde_json::to_vec_pretty(&j)?)?;
             }
@@ -549,7 +544,7 @@ fn real_main() -> Result<i32> {
                 answer_tokens: 8,
             };
             let t0 = std::time::Instant::now();
-            let run_env = serde_json::json!({ "device": env.describe(), "dtype": env.dtype_name(), "git": zoo_harness::env::git_state(), "versions": zoo_harness::env::versions() });
+            let run_env = env.record();
             let write = |mut j: serde_json::Value| -> Result<()> {
                 j["model"] = serde_json::json!(model.display().to_string());
                 j["seconds"] = serde_json::json!(t0.elapsed().as_secs_f64());
@@ -622,11 +617,15 @@ fn real_main() -> Result<i32> {
 
 /// A press given on the command line: the inside of an inline table (`type = "knorm", …`).
 fn parse_press(text: &str) -> anyhow::Result<zoo_kv_compress::PressConfig> {
-    #[derive(serde::Deserialize)]
-    struct Wrap {
-        press: zoo_kv_compress::PressConfig,
-    }
-    let cfg = toml::from_str::<Wrap>(&format!("press = {{ {text} }}")).map_err(|e| anyhow::anyhow!("--press: {e}"))?.press;
+    let cfg: zoo_kv_compress::PressConfig = parse_inline("press", text)?;
     cfg.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
     Ok(cfg)
+}
+
+/// `--flag 'type = "…", …'`: the text is the inside of an inline table, read as `flag = { text }`
+/// so errors name the flag's fields (`press.window`, `budget.beta`).
+fn parse_inline<T: serde::de::DeserializeOwned>(flag: &str, text: &str) -> anyhow::Result<T> {
+    let mut t: toml::Table = toml::from_str(&format!("{flag} = {{ {text} }}")).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))?;
+    let v = t.remove(flag).expect("the table has the key just written");
+    v.try_into().map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
 }

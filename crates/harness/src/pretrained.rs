@@ -596,7 +596,7 @@ pub fn evaluate_model_press(
         "perplexity": (sum / n as f64).exp(),
         "nll_per_token": sum / n as f64,
         "eval_seconds": secs,
-        "env": { "device": env.describe(), "dtype": env.dtype_name(), "git": crate::env::git_state(), "versions": crate::env::versions() },
+        "env": env.record(),
     }))
 }
 
@@ -1160,6 +1160,6 @@ pub fn calibrate_qfilters_to(model: &Path, text: &Path, seq_len: usize, chunks: 
         "out": out.display().to_string(),
         "spearman_per_layer": per_layer,
         "seconds": t0.elapsed().as_secs_f64(),
-        "env": { "device": env.describe(), "dtype": env.dtype_name(), "git": crate::env::git_state(), "versions": crate::env::versions() },
+        "env": env.record(),
     }))
 }
