@@ -11,8 +11,7 @@
 use crate::pretrained::{sample, GenOpts, Pretrained};
 use anyhow::{Context, Result};
 use zoo_core::candle_core::{DType, Tensor};
-use zoo_core::state::LayerState;
-use zoo_kv_compress::{compress_to, keep_count, PressConfig};
+use zoo_kv_compress::{compress_seen, PressConfig};
 
 pub const FILLER: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
 const INSTRUCTION: &str =
@@ -80,12 +79,7 @@ pub fn run(
                 for (press, ratio, hits, answers) in tally.iter_mut() {
                     let mut c = cache.clone();
                     if let Some(i) = press {
-                        for (l, s) in c.iter_mut().enumerate() {
-                            if let LayerState::Kv(kv) = s {
-                                let keep = keep_count(kv.seen(), *ratio);
-                                compress_to(kv, built[*i].as_ref(), keep, l)?;
-                            }
-                        }
+                        compress_seen(&mut c, built[*i].as_ref(), *ratio, &Default::default())?;
                     }
                     let mut r = row.clone();
                     let mut out = Vec::new();

@@ -901,10 +901,9 @@ pub struct GenPress<'a> {
 
 impl GenPress<'_> {
     fn apply(&self, cache: &mut [LayerState], room: usize) -> Result<()> {
-        for (l, s) in cache.iter_mut().enumerate() {
+        zoo_kv_compress::compress_seen(cache, self.press, self.ratio, &Default::default())?;
+        for s in cache.iter_mut() {
             if let LayerState::Kv(c) = s {
-                let keep = zoo_kv_compress::keep_count(c.seen(), self.ratio);
-                zoo_kv_compress::compress_to(c, self.press, keep, l)?;
                 c.shrink_to(c.len() + room)?;
             }
         }

@@ -288,6 +288,26 @@ pub fn observe_window(states: &mut [LayerState], w: Option<usize>) {
     }
 }
 
+/// Compress every attention layer's cache to keep (1 − ratio) of the tokens it has seen
+/// (`keep_count(seen, ratio)` on average, spread over the layers by `budget`), each scored as its
+/// layer; returns the entries each attention layer holds after, bottom first.
+pub fn compress_seen(states: &mut [LayerState], press: &dyn Press, ratio: f64, budget: &Budget) -> Result<Vec<usize>> {
+    if let Err(e) = check_ratio(ratio) {
+        bail!("{e}")
+    }
+    let seen: Vec<usize> = states.iter().filter_map(|s| if let LayerState::Kv(c) = s { Some(c.seen()) } else { None }).collect();
+    let Some(&first) = seen.first() else { return Ok(vec![]) };
+    let mut keeps = budget.layer_keeps(keep_count(first, ratio), seen.len()).into_iter();
+    let mut held = Vec::with_capacity(seen.len());
+    for (l, s) in states.iter_mut().enumerate() {
+        if let LayerState::Kv(c) = s {
+            compress_to(c, press, keeps.next().expect("one keep per attention layer"), l)?;
+            held.push(c.len());
+        }
+    }
+    Ok(held)
+}
+
 /// [`compress`] every softmax-attention layer of a model's state (recurrent states are left as they
 /// are); returns the entries evicted per layer (0 for layers without a KV cache).
 pub fn compress_model(states: &mut [LayerState], press: &dyn Press, ratio: f64) -> Result<Vec<usize>> {
@@ -329,18 +349,9 @@ pub fn streaming_nll(model: &Lm, ids: &[u32], chunk: usize, press: Option<&dyn P
         sum += mean * (end - start) as f64;
         n += end - start;
         if let Some(p) = press.filter(|_| ratio > 0.0) {
-            let n_kv = cache.iter().filter(|s| matches!(s, LayerState::Kv(_))).count();
-            let mut keeps = budget.layer_keeps(keep_count(end, ratio), n_kv).into_iter();
-            let mut layers = 0usize;
-            let mut total = 0usize;
-            for (l, s) in cache.iter_mut().enumerate() {
-                if let LayerState::Kv(c) = s {
-                    compress_to(c, p, keeps.next().expect("one keep per attention layer"), l)?;
-                    total += c.len();
-                    layers += 1;
-                }
-            }
-            held += total as f64 / layers.max(1) as f64;
+            // Every layer has seen the `end` tokens read so far.
+            let per_layer = compress_seen(&mut cache, p, ratio, budget)?;
+            held += per_layer.iter().sum::<usize>() as f64 / per_layer.len().max(1) as f64;
             points += 1;
         }
     }
