@@ -26,6 +26,26 @@ impl CausalConv1d {
     /// x (B, T, C). With `state` (the last k−1 inputs, (B, k−1, C), created if empty), the
     /// convolution continues from earlier calls and the state is updated (decode / prefill).
     pub fn forward(&self, x: &Tensor, state: Option<&mut Option<Tensor>>) -> Result<Tensor> {
+        self.forward_act(x, state, false)
+    }
+
+    /// [`Self::forward`], then SiLU when `silu` (the short q/k/v convolution of GLA and DeltaNet).
+    /// Without a state, on CUDA, the fused kernel (`zoo_kernels::conv1d`) runs unless
+    /// `ZOO_KERNELS=naive`.
+    pub fn forward_act(&self, x: &Tensor, state: Option<&mut Option<Tensor>>, silu: bool) -> Result<Tensor> {
+        if state.is_none() && zoo_kernels::applies("causal conv1d", zoo_kernels::conv1d::unsupported(x, &self.weight), x.device()) {
+            return zoo_kernels::conv1d::causal_conv1d(x, &self.weight, silu);
+        }
+        let y = self.forward_naive(x, state)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// The composition: K shifted slices times the weight's columns, summed (the reference).
+    pub fn forward_naive(&self, x: &Tensor, state: Option<&mut Option<Tensor>>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let k = self.kernel;
         let hist = match state.as_ref().and_then(|s| s.as_ref()) {

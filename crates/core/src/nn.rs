@@ -135,9 +135,9 @@ impl RmsNorm {
         Ok(Self { weight: pb.get("weight", d, Init::Const(1.0), Group::NoDecay)?, eps })
     }
 
+    /// On CUDA the fused kernel (`zoo_kernels::rms_norm`) runs unless `ZOO_KERNELS=naive`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = rms_normalize(x, self.eps)?;
-        y.broadcast_mul(&self.weight.to_dtype(y.dtype())?)
+        crate::ops::head_rms_norm(x, &self.weight, self.eps)
     }
 }
 

@@ -24,7 +24,16 @@ pub fn softmax_last_dim_fused(x: &Tensor, phase: Phase) -> Result<Tensor> {
 }
 
 /// x / sqrt(mean(x², last dim) + ε), without a gain; accumulates in f32 (f64 stays f64).
+/// On CUDA the fused kernel (`zoo_kernels::rms_norm`) runs unless `ZOO_KERNELS=naive`.
 pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if zoo_kernels::applies("rms norm", zoo_kernels::rms_norm::unsupported(x), x.device()) {
+        return zoo_kernels::rms_norm::rms_norm(x, None, eps);
+    }
+    rms_normalize_naive(x, eps)
+}
+
+/// The composition of [`rms_normalize`] (the reference the kernel is tested against).
+pub fn rms_normalize_naive(x: &Tensor, eps: f64) -> Result<Tensor> {
     let dt = x.dtype();
     let work = if dt == DType::F64 { DType::F64 } else { DType::F32 };
     let xf = x.to_dtype(work)?;
@@ -33,8 +42,12 @@ pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Per-head RMS normalisation over the last dim with a gain of size d (GLA's output norm).
+/// On CUDA the fused kernel runs, as in [`rms_normalize`].
 pub fn head_rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
-    rms_normalize(x, eps)?.broadcast_mul(&gain.to_dtype(x.dtype())?)
+    if zoo_kernels::applies("rms norm", zoo_kernels::rms_norm::unsupported(x), x.device()) {
+        return zoo_kernels::rms_norm::rms_norm(x, Some(gain), eps);
+    }
+    rms_normalize_naive(x, eps)?.broadcast_mul(&gain.to_dtype(x.dtype())?)
 }
 
 /// Per-head layer normalisation (RetNet's GroupNorm with one group per head), gain of size d.

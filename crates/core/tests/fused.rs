@@ -183,3 +183,101 @@ fn cross_entropy_kernels_match_the_composition() -> Result<()> {
     check_cross_entropy(&dev, DType::F32, 1e-5)?;
     check_cross_entropy(&dev, DType::BF16, 2e-2)
 }
+
+/// Gradients of `sum(y ⊙ c)` for a fixed `c` (sin(0.37·i)), with respect to each input.
+fn grads_of(y: &Tensor, inputs: &[&candle_core::Var]) -> Result<Vec<Tensor>> {
+    let n = y.elem_count() as u32;
+    let c = (Tensor::arange(0u32, n, y.device())?.to_dtype(DType::F32)? * 0.37)?.sin()?.reshape(y.shape())?;
+    let loss = (y.to_dtype(DType::F32)? * c)?.sum_all()?;
+    let g = loss.backward()?;
+    inputs.iter().map(|v| g.get(v.as_tensor()).expect("gradient").to_dtype(DType::F32)).collect()
+}
+
+/// The causal conv op (CPU form, or the kernels on CUDA) against the composition
+/// (`CausalConv1d::forward_naive`, then SiLU): output, dx and dw, for several kernel sizes,
+/// a sequence shorter than the kernel, with and without SiLU. The composition runs in f32 on the
+/// same device; the op in `dt`.
+fn check_conv(dev: &Device, dt: DType, tol: f32) -> Result<()> {
+    for &(b, t, c, k, silu) in &[(2, 9, 5, 3, false), (2, 9, 5, 4, true), (1, 2, 3, 4, true), (3, 17, 40, 1, false), (2, 70, 300, 4, true)] {
+        let x0 = Tensor::randn(0f32, 1.0, (b, t, c), &Device::Cpu)?.to_device(dev)?.to_dtype(dt)?.to_dtype(DType::F32)?;
+        let w0 = Tensor::randn(0f32, 0.5, (c, k), &Device::Cpu)?.to_device(dev)?;
+        let run = |fused: bool| -> Result<Vec<Tensor>> {
+            let x = candle_core::Var::from_tensor(&x0.to_dtype(if fused { dt } else { DType::F32 })?)?;
+            let w = candle_core::Var::from_tensor(&w0)?;
+            let y = if fused {
+                zoo_kernels::conv1d::causal_conv1d(x.as_tensor(), w.as_tensor(), silu)?
+            } else {
+                let conv = zoo_core::conv::CausalConv1d { weight: w.as_tensor().clone(), kernel: k };
+                let y = conv.forward_naive(x.as_tensor(), None)?;
+                if silu { y.silu()? } else { y }
+            };
+            assert_eq!(y.dtype(), if fused { dt } else { DType::F32 });
+            let mut out = vec![y.to_dtype(DType::F32)?];
+            out.extend(grads_of(&y, &[&x, &w])?);
+            Ok(out)
+        };
+        let (f, n) = (run(true)?, run(false)?);
+        for (name, (a, e)) in ["y", "dx", "dw"].iter().zip(f.iter().zip(&n)) {
+            let err = max_rel(a, e)?;
+            assert!(err <= tol, "conv {name} (B {b}, T {t}, C {c}, K {k}, silu {silu}, {dt:?}) on {dev:?}: rel. error {err:.2e} > {tol:.0e}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn conv_op_matches_the_composition_on_cpu() -> Result<()> {
+    check_conv(&Device::Cpu, DType::F32, 1e-5)?;
+    check_conv(&Device::Cpu, DType::BF16, 2e-2)
+}
+
+#[test]
+fn conv_kernels_match_the_composition() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    check_conv(&dev, DType::F32, 1e-5)?;
+    check_conv(&dev, DType::BF16, 2e-2)
+}
+
+/// The RMS norm op (CPU form, or the kernels on CUDA) against the composition
+/// (`rms_normalize_naive` times the gain): output, dx and the gain's gradient, with and without a
+/// gain, rows shorter and longer than a warp.
+fn check_rms(dev: &Device, dt: DType, tol: f32) -> Result<()> {
+    for &(rows, d, with_gain) in &[(7, 5, true), (33, 64, true), (4, 300, false), (130, 128, true)] {
+        let x0 = (Tensor::randn(0f32, 2.0, (rows, d), &Device::Cpu)? + 0.3)?.to_device(dev)?.to_dtype(dt)?.to_dtype(DType::F32)?;
+        let g0 = (Tensor::randn(0f32, 0.3, d, &Device::Cpu)? + 1.0)?.to_device(dev)?;
+        let run = |fused: bool| -> Result<Vec<Tensor>> {
+            let x = candle_core::Var::from_tensor(&x0.to_dtype(if fused { dt } else { DType::F32 })?)?;
+            let gain = candle_core::Var::from_tensor(&g0)?;
+            let y = if fused {
+                zoo_kernels::rms_norm::rms_norm(x.as_tensor(), with_gain.then_some(gain.as_tensor()), 1e-5)?
+            } else {
+                let y = zoo_core::ops::rms_normalize_naive(x.as_tensor(), 1e-5)?;
+                if with_gain { y.broadcast_mul(gain.as_tensor())? } else { y }
+            };
+            let mut out = vec![y.to_dtype(DType::F32)?];
+            let vars: Vec<&candle_core::Var> = if with_gain { vec![&x, &gain] } else { vec![&x] };
+            out.extend(grads_of(&y, &vars)?);
+            Ok(out)
+        };
+        let (f, n) = (run(true)?, run(false)?);
+        assert_eq!(f.len(), n.len());
+        for (name, (a, e)) in ["y", "dx", "dgain"].iter().zip(f.iter().zip(&n)) {
+            let err = max_rel(a, e)?;
+            assert!(err <= tol, "rms norm {name} ({rows} x {d}, gain {with_gain}, {dt:?}) on {dev:?}: rel. error {err:.2e} > {tol:.0e}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn rms_norm_op_matches_the_composition_on_cpu() -> Result<()> {
+    check_rms(&Device::Cpu, DType::F32, 1e-5)?;
+    check_rms(&Device::Cpu, DType::BF16, 2e-2)
+}
+
+#[test]
+fn rms_norm_kernels_match_the_composition() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    check_rms(&dev, DType::F32, 1e-5)?;
+    check_rms(&dev, DType::BF16, 2e-2)
+}

@@ -28,3 +28,28 @@ pub fn tensor_addr(t: &Tensor) -> Result<u64> {
     let Storage::Cuda(cs) = &*st else { candle_core::bail!("zoo-kernels: tensor not on CUDA") };
     storage_addr(cs, l)
 }
+
+/// An uninitialised contiguous buffer of `n` elements of `dt` (f32, bf16, f16) on `dev`, and its
+/// address: for kernels that write every element.
+pub fn alloc(dev: &candle_core::CudaDevice, dt: DType, n: usize) -> Result<(CudaStorage, u64)> {
+    let n = n.max(1);
+    // SAFETY (all three): the caller's kernel writes every element before anything reads it.
+    let cs = match dt {
+        DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n)? }, dev.clone()),
+        DType::BF16 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(n)? }, dev.clone()),
+        DType::F16 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(n)? }, dev.clone()),
+        t => candle_core::bail!("zoo-kernels: no buffer of dtype {t:?}"),
+    };
+    let a = storage_addr(&cs, &Layout::contiguous(n))?;
+    Ok((cs, a))
+}
+
+/// The kernel-name suffix of an element type.
+pub fn suffix(dt: DType) -> Result<&'static str> {
+    Ok(match dt {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        t => candle_core::bail!("zoo-kernels: no kernel for dtype {t:?}"),
+    })
+}

@@ -14,6 +14,9 @@
 //!   f32 softmax of the (B·T, V) logits kept).
 //! - [`linear_scan`]: the gated linear recurrence of GLA, RetNet, Lightning and linear attention,
 //!   forward and backward, one scan over time per pass with the state in registers.
+//! - [`conv1d`]: the depthwise causal convolution (BaseConv, short q/k/v convolutions) with an
+//!   optional SiLU, forward and backward in three kernels instead of about 6K strided broadcasts.
+//! - [`rms_norm`]: RMS normalisation with a gain, forward and backward (a warp per row).
 //! - [`embedding`]: the token lookup with a scatter (atomicAdd) backward in place of candle's
 //!   `index_add`.
 //!
@@ -22,11 +25,13 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod conv1d;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda_addr;
 pub mod embedding;
 pub mod linear_scan;
+pub mod rms_norm;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -106,6 +111,31 @@ pub fn cpu_f32(s: &candle_core::CpuStorage, l: &candle_core::Layout, op: &str) -
         CpuStorage::F16(v) => v[a..z].iter().map(|x| x.to_f32()).collect(),
         CpuStorage::F64(v) => v[a..z].iter().map(|&x| x as f32).collect(),
         _ => candle_core::bail!("{op}: unsupported dtype"),
+    })
+}
+
+/// Whether a fused kernel runs, given its op's `unsupported` answer: `None` yes; otherwise no, and
+/// where a kernel was expected (CUDA, fused mode) [`note_fallback`] says why.
+pub fn applies(op: &str, why: Option<String>, device: &candle_core::Device) -> bool {
+    match why {
+        None => true,
+        Some(why) => {
+            if device.is_cuda() && compiled() && mode() == Kernels::Fused {
+                note_fallback(op, &why);
+            }
+            false
+        }
+    }
+}
+
+/// f32 values as a CPU storage of `dt` (f32, bf16, f16), for the ops' CPU forms.
+pub fn cpu_from_f32(v: Vec<f32>, dt: candle_core::DType) -> candle_core::Result<candle_core::CpuStorage> {
+    use candle_core::{CpuStorage, DType};
+    Ok(match dt {
+        DType::F32 => CpuStorage::F32(v),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
+        t => candle_core::bail!("zoo-kernels: no CPU form for dtype {t:?}"),
     })
 }
 

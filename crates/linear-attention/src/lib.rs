@@ -131,10 +131,9 @@ impl QkvConv {
     pub fn forward(&self, [q, k, v]: [Tensor; 3], cache: Option<&mut LayerState>) -> Result<(Tensor, Tensor, Tensor)> {
         let x = Tensor::cat(&[&q, &k, &v], 2)?;
         let y = match cache {
-            Some(st) => self.conv.forward(&x, Some(&mut st.recurrent()?.conv))?,
-            None => self.conv.forward(&x, None)?,
-        }
-        .silu()?;
+            Some(st) => self.conv.forward_act(&x, Some(&mut st.recurrent()?.conv), true)?,
+            None => self.conv.forward_act(&x, None, true)?,
+        };
         let [a, b, c] = self.widths;
         Ok((y.narrow(2, 0, a)?, y.narrow(2, a, b)?, y.narrow(2, a + b, c)?))
     }

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Where an MQAR training step's time goes on the GPU machine, in one device call (issue 9's grid
+# is paid in device minutes, so this decides how to spend them):
+#  1. step time of one process alone (zoo's own train_seconds over N steps, bf16, fused kernels),
+#     for GLA + short conv, DeltaNet and attention at d = 128, batch 256 (configs/mqar-long*.toml);
+#  2. GPU time per step by kernel (ncu, gpu__time_duration of every kernel launched in S2 - S1
+#     extra steps; startup and evaluation cancel in the difference): if the kernels' sum is far
+#     below the step time, the step is bound by the host (launches and syncs), not by the GPU;
+#  3. aggregate steps/s of 1, 4 and 8 concurrent processes of the same run (under CUDA MPS when
+#     the daemon starts), i.e. how many pool workers pay.
+# Everything lands in $OUT (profile.txt, ncu CSVs). Carry .devpkg (zoo.gz).
+# usage: scripts/device-profile-mqar.sh [STEPS]
+set -u
+steps=${1:-200}
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
+gunzip -c .devpkg/zoo.gz > /tmp/zoo && chmod +x /tmp/zoo
+out=${OUT:-/tmp/out}; mkdir -p "$out"; log=$out/profile.txt
+cfg=/tmp/prof.toml
+# The long-budget MQAR model and data (configs/mqar-long-conv.toml) with small test sets.
+sed -e 's/^experiment = .*/experiment = "prof"/' -e 's/examples = 1000 }/examples = 64 }/' \
+    -e "s/^steps = .*/steps = STEPS/" -e "s/^warmup_steps = .*/warmup_steps = 1/" -e 's/^eval_every = .*/eval_every = 100000/' \
+    configs/mqar-long-conv.toml | awk '/^\[\[sweep.variants\]\]/ { exit } { print }' > $cfg.in
+cat >> $cfg.in <<'EOF'
+[[sweep.variants]]
+name = "gla_conv"
+set = { "model.mixers.mix" = { type = "gla", n_heads = 2, short_conv = 4 } }
+
+[[sweep.variants]]
+name = "deltanet"
+set = { "model.mixers.mix" = { type = "deltanet", n_heads = 2, output_gate = "none", short_conv = 4 } }
+
+[[sweep.variants]]
+name = "attention"
+EOF
+mk() { sed "s/STEPS/$1/" $cfg.in > "$2"; }
+secs() { python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(round(j['throughput']['train_seconds'], 3))" "$1"; }
+nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader | tee -a "$log"
+
+echo "## 1. one process alone, $steps steps (train_seconds; ms per step)" | tee -a "$log"
+mk "$steps" $cfg
+for i in 0 1 2; do
+  rd=/tmp/r1-$i; rm -rf $rd
+  /tmp/zoo run $cfg --device cuda:0 --dtype bf16 --shard $i/3 -q --results-dir $rd --runs-dir $rd/runs 2>> "$log"
+  f=$(ls $rd/prof/*.json); s=$(secs "$f")
+  echo "$(basename "$f"): $s s, $(python3 -c "print(round(1000*$s/$steps, 1))") ms/step" | tee -a "$log"
+done
+
+echo "## 2. GPU time by kernel, per step (ncu; 6 steps minus 3)" | tee -a "$log"
+for i in 0 1; do
+  for n in 3 6; do
+    mk $n /tmp/p$n.toml; rd=/tmp/r2-$i-$n; rm -rf $rd
+    timeout 200 ncu --csv --metrics gpu__time_duration.sum --clock-control none \
+      /tmp/zoo run /tmp/p$n.toml --device cuda:0 --dtype bf16 --shard $i/3 -q --results-dir $rd --runs-dir $rd/runs \
+      > "$out/ncu-$i-$n.csv" 2> /dev/null
+  done
+  python3 - "$out/ncu-$i-3.csv" "$out/ncu-$i-6.csv" <<'EOF' | tee -a "$log"
+import csv, sys, collections
+def load(p):
+    rows = [r for r in csv.reader(open(p)) if len(r) > 10]
+    h = rows[0]; ki = h.index("Kernel Name"); vi = h.index("Metric Value"); ui = h.index("Metric Unit")
+    t = collections.Counter(); c = collections.Counter()
+    for r in rows[1:]:
+        v = float(r[vi].replace(",", "")); v = v / 1000 if r[ui] == "nsecond" else v * (1000 if r[ui] == "msecond" else 1)
+        name = r[ki].split("(")[0][:60]; t[name] += v; c[name] += 1
+    return t, c
+t3, c3 = load(sys.argv[1]); t6, c6 = load(sys.argv[2])
+tot = sum(t6.values()) - sum(t3.values()); n = sum(c6.values()) - sum(c3.values())
+print(f"per step: {n/3:.0f} kernels, {tot/3/1000:.2f} ms of GPU time")
+d = {k: (t6[k] - t3[k]) / 3 for k in t6}
+for k, v in sorted(d.items(), key=lambda x: -x[1])[:25]:
+    print(f"  {v/1000:8.3f} ms  {(c6[k]-c3[k])/3:6.0f}x  {k}")
+EOF
+done
+
+echo "## 3. concurrent processes of gla_conv ($steps steps each): aggregate" | tee -a "$log"
+export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+nvidia-cuda-mps-control -d 2>> "$log" && echo "MPS daemon started" | tee -a "$log" || echo "MPS daemon not started" | tee -a "$log"
+for w in 1 4 8; do
+  t0=$(date +%s.%N)
+  for p in $(seq 1 $w); do
+    rd=/tmp/r3-$w-$p; rm -rf $rd
+    /tmp/zoo run $cfg --device cuda:0 --dtype bf16 --shard 0/3 -q --results-dir $rd --runs-dir $rd/runs 2>> "$log" &
+  done
+  wait
+  t1=$(date +%s.%N)
+  per=$(for p in $(seq 1 $w); do secs /tmp/r3-$w-$p/prof/*.json; done | tr '\n' ' ')
+  echo "$w processes: wall $(python3 -c "print(round($t1-$t0,1))") s; train_seconds each: $per; aggregate $(python3 -c "print(round($w*$steps/($t1-$t0),1))") steps/s" | tee -a "$log"
+done
+echo quit | nvidia-cuda-mps-control > /dev/null 2>&1 || true
