@@ -119,6 +119,7 @@ mod cpu {
         p
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn gpre(x: &[f32], w: &[f32], g: &[f32], n: Dims, row0: usize, t: usize, c: usize, silu: bool) -> f32 {
         let gv = g[(row0 + t) * n.c + c];
         if silu {
