@@ -181,6 +181,27 @@ impl RecurrentState {
     }
 }
 
+/// A rule that stores a KV cache's older tokens in fewer bytes (quantisation: KIVI, …). The
+/// cache calls [`KvPacker::pack`] on its oldest `block()` full-precision slots whenever it holds
+/// `residual() + block()` of them, and unpacks every packed block when a query attends.
+pub trait KvPacker: Send + Sync + std::fmt::Debug {
+    /// Tokens per packed block (≥ 1).
+    fn block(&self) -> usize;
+    /// The most recent tokens always kept at full precision.
+    fn residual(&self) -> usize;
+    /// Pack one block: k, v (B, Hkv, block, hd).
+    fn pack(&self, k: &Tensor, v: &Tensor) -> Result<Box<dyn PackedKv>>;
+}
+
+/// One packed block of a [`KvCache`]: what it unpacks to, and the bytes it holds.
+pub trait PackedKv: Send + Sync + std::fmt::Debug {
+    /// K and V (B, Hkv, block, hd) in the cache's dtype.
+    fn unpack(&self) -> Result<(Tensor, Tensor)>;
+    /// Bytes of the tensors held (codes, scales, zero points).
+    fn bytes(&self) -> usize;
+    fn clone_box(&self) -> Box<dyn PackedKv>;
+}
+
 /// Softmax attention's keys and values, (B, H, capacity, hd) each, written in place; slot j holds
 /// the token at absolute position `positions()[j]`. Slots are shared by all heads.
 ///
@@ -204,6 +225,11 @@ pub struct KvCache {
     qpos: Vec<usize>,
     /// Per-position running score (H2O's accumulated attention), dropped with its slot.
     acc: std::collections::HashMap<usize, f32>,
+    /// Packing of older tokens ([`KvCache::set_packer`]): the rule, the packed blocks (oldest
+    /// first) and their tokens' positions. `pos`, `k` and `v` hold the full-precision rest.
+    packer: Option<std::sync::Arc<dyn KvPacker>>,
+    packed: Vec<Box<dyn PackedKv>>,
+    packed_pos: Vec<usize>,
 }
 
 /// A deep copy: the buffers are written in place, so a clone must not share them.
@@ -221,6 +247,9 @@ impl Clone for KvCache {
             queries: copy(&self.queries),
             qpos: self.qpos.clone(),
             acc: self.acc.clone(),
+            packer: self.packer.clone(),
+            packed: self.packed.iter().map(|p| p.clone_box()).collect(),
+            packed_pos: self.packed_pos.clone(),
         }
     }
 }
@@ -240,7 +269,62 @@ impl KvCache {
             queries: None,
             qpos: Vec::new(),
             acc: Default::default(),
+            packer: None,
+            packed: Vec::new(),
+            packed_pos: Vec::new(),
         }
+    }
+
+    /// Store older tokens packed by `packer` (None: all at full precision). Only on an empty cache
+    /// without a window (a ring overwrites slots in place; packing moves them).
+    pub fn set_packer(&mut self, packer: Option<std::sync::Arc<dyn KvPacker>>) -> Result<()> {
+        if self.seen > 0 {
+            bail!("KvCache::set_packer: the cache already holds tokens")
+        }
+        if packer.is_some() && self.window.is_some() {
+            bail!("KvCache::set_packer: a windowed cache cannot pack its tokens")
+        }
+        if packer.as_ref().is_some_and(|p| p.block() == 0) {
+            bail!("KvCache::set_packer: a packer's block must be at least 1 token")
+        }
+        self.packer = packer;
+        Ok(())
+    }
+
+    /// Tokens held packed, and the bytes they take.
+    pub fn packed(&self) -> (usize, usize) {
+        (self.packed_pos.len(), self.packed.iter().map(|p| p.bytes()).sum())
+    }
+
+    /// Move the oldest full-precision slots into packed blocks while `residual + block` of them
+    /// are held.
+    fn settle(&mut self) -> Result<()> {
+        let Some(p) = self.packer.clone() else { return Ok(()) };
+        let (blk, res) = (p.block(), p.residual());
+        let n = self.pos.len();
+        let blocks = n.saturating_sub(res) / blk;
+        if blocks == 0 {
+            return Ok(());
+        }
+        let (k, v) = self.buf_kv()?.expect("slots in use");
+        for i in 0..blocks {
+            let (kb, vb) = (k.narrow(2, i * blk, blk)?.contiguous()?, v.narrow(2, i * blk, blk)?.contiguous()?);
+            self.packed.push(p.pack(&kb, &vb)?);
+        }
+        let moved = blocks * blk;
+        let rest: Vec<usize> = (moved..n).collect();
+        self.packed_pos.extend(self.pos[..moved].iter().copied());
+        // Shift the rest to the front of the buffer.
+        if rest.is_empty() {
+            self.pos.clear();
+        } else {
+            let idx = Tensor::new(rest.iter().map(|&j| j as u32).collect::<Vec<_>>(), k.device())?;
+            let (kk, vk) = (k.contiguous()?.index_select(&idx, 2)?, v.contiguous()?.index_select(&idx, 2)?);
+            self.k.as_ref().expect("allocated").slice_set(&kk, 2, 0)?;
+            self.v.as_ref().expect("allocated").slice_set(&vk, 2, 0)?;
+            self.pos = rest.iter().map(|&j| self.pos[j]).collect();
+        }
+        Ok(())
     }
 
     /// Keep the last `w` queries the layer attends with (0 or None: keep none), for presses
@@ -317,18 +401,26 @@ impl KvCache {
         self.seen
     }
 
-    /// Slots in use.
+    /// Tokens held (packed and full-precision).
     pub fn len(&self) -> usize {
-        self.pos.len()
+        self.packed_pos.len() + self.pos.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.pos.is_empty()
+        self.len() == 0
     }
 
-    /// Absolute position of the token in each used slot.
+    /// Absolute position of the token in each full-precision slot (after the packed tokens, if
+    /// any: see [`KvCache::all_positions`]).
     pub fn positions(&self) -> &[usize] {
         &self.pos
+    }
+
+    /// Positions of every token held: the packed ones (oldest first), then the slots'.
+    pub fn all_positions(&self) -> Vec<usize> {
+        let mut p = self.packed_pos.clone();
+        p.extend(&self.pos);
+        p
     }
 
     /// Allocated slots.
@@ -336,22 +428,44 @@ impl KvCache {
         self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0))
     }
 
-    /// Bytes of the keys and values held (the used slots).
+    /// Bytes of the keys and values held: the used slots, plus the packed blocks.
     pub fn bytes(&self) -> usize {
         let cap = self.capacity();
-        if cap == 0 {
-            return 0;
-        }
-        self.allocated_bytes() / cap * self.pos.len()
+        let slots = if cap == 0 { 0 } else { self.buffer_bytes() / cap * self.pos.len() };
+        slots + self.packed().1
     }
 
-    /// Bytes allocated: both buffers at their capacity (≥ [`KvCache::bytes`]).
-    pub fn allocated_bytes(&self) -> usize {
+    fn buffer_bytes(&self) -> usize {
         self.k.iter().chain(self.v.iter()).map(tensor_bytes).sum()
     }
 
-    /// The used slots: K and V (B, H, len, hd).
+    /// Bytes allocated: both buffers at their capacity, plus the packed blocks (≥ [`KvCache::bytes`]).
+    pub fn allocated_bytes(&self) -> usize {
+        self.buffer_bytes() + self.packed().1
+    }
+
+    /// Every token held: K and V (B, H, len, hd), the packed blocks unpacked first.
     pub fn kv(&self) -> Result<Option<(Tensor, Tensor)>> {
+        let buf = self.buf_kv()?;
+        if self.packed.is_empty() {
+            return Ok(buf);
+        }
+        let mut ks = Vec::with_capacity(self.packed.len() + 1);
+        let mut vs = Vec::with_capacity(self.packed.len() + 1);
+        for p in &self.packed {
+            let (k, v) = p.unpack()?;
+            ks.push(k);
+            vs.push(v);
+        }
+        if let Some((k, v)) = buf {
+            ks.push(k);
+            vs.push(v);
+        }
+        Ok(Some((Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?)))
+    }
+
+    /// The used full-precision slots: K and V (B, H, slots, hd).
+    fn buf_kv(&self) -> Result<Option<(Tensor, Tensor)>> {
         match (&self.k, &self.v) {
             (Some(k), Some(v)) if !self.pos.is_empty() => {
                 let n = self.pos.len();
@@ -383,7 +497,7 @@ impl KvCache {
     /// Move the used slots into fresh buffers of `cap` slots (≥ the slots in use).
     fn reallocate(&mut self, like: &Tensor, cap: usize) -> Result<()> {
         let (nk, nv) = (Self::alloc(like, cap)?, Self::alloc(like, cap)?);
-        if let Some((k, v)) = self.kv()? {
+        if let Some((k, v)) = self.buf_kv()? {
             nk.slice_set(&k.contiguous()?, 2, 0)?;
             nv.slice_set(&v.contiguous()?, 2, 0)?;
         }
@@ -410,12 +524,12 @@ impl KvCache {
                 self.v.as_ref().expect("allocated").slice_set(&v.contiguous()?, 2, j)?;
                 self.acc.remove(&self.pos[j]);
                 self.pos[j] = new_pos[0];
-                let (ka, va) = self.kv()?.expect("non-empty");
+                let (ka, va) = self.buf_kv()?.expect("non-empty");
                 Ok((ka, va, self.pos.clone()))
             }
             Some(w) if self.pos.len() + t > w => {
                 // Attend over old + new, then keep the last w positions.
-                let (ka, va, pa) = match self.kv()? {
+                let (ka, va, pa) = match self.buf_kv()? {
                     Some((ok, ov)) => {
                         let mut pa = self.pos.clone();
                         pa.extend(&new_pos);
@@ -444,8 +558,9 @@ impl KvCache {
                 self.k.as_ref().expect("reserved").slice_set(&k.contiguous()?, 2, at)?;
                 self.v.as_ref().expect("reserved").slice_set(&v.contiguous()?, 2, at)?;
                 self.pos.extend(new_pos);
+                self.settle()?;
                 let (ka, va) = self.kv()?.expect("non-empty");
-                Ok((ka, va, self.pos.clone()))
+                Ok((ka, va, self.all_positions()))
             }
         }
     }
@@ -469,7 +584,10 @@ impl KvCache {
         if let Some(&bad) = slots.iter().find(|&&j| j >= self.pos.len()) {
             bail!("KvCache::retain: slot {bad} is not in use ({} used)", self.pos.len())
         }
-        let Some((k, v)) = self.kv()? else { return Ok(()) };
+        if !self.packed.is_empty() {
+            bail!("KvCache::retain: the cache holds packed (quantised) tokens, which cannot be evicted")
+        }
+        let Some((k, v)) = self.buf_kv()? else { return Ok(()) };
         if !slots.is_empty() {
             let idx = Tensor::new(slots.iter().map(|&j| j as u32).collect::<Vec<_>>(), k.device())?;
             let (kk, vk) = (k.contiguous()?.index_select(&idx, 2)?, v.contiguous()?.index_select(&idx, 2)?);

@@ -28,6 +28,7 @@
 //! ```
 
 pub mod h2o;
+pub mod kivi;
 pub mod knorm;
 pub mod qfilters;
 pub mod random;
