@@ -8,10 +8,13 @@
 #     below the step time, the step is bound by the host (launches and syncs), not by the GPU;
 #  3. aggregate steps/s of 1, 4 and 8 concurrent processes of the same run (under CUDA MPS when
 #     the daemon starts), i.e. how many pool workers pay.
-# Everything lands in $OUT (profile.txt, ncu CSVs). Carry .devpkg (zoo.gz).
+# Everything lands in $OUT (profile.txt, ncu CSVs). Carry .devpkg (zoo.gz). PARTS picks parts
+# (default 123); VARIANTS the runs of part 1 (default 0 1 2: gla_conv, deltanet, attention).
+# The first process of a fresh machine JIT-compiles the PTX of candle's and zoo's kernels (about
+# 20 s inside its first step): a 20-step warm-up run goes first, so part 1 times warm processes.
 # usage: scripts/device-profile-mqar.sh [STEPS]
 set -u
-steps=${1:-200}
+steps=${1:-200}; parts=${PARTS:-123}
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
 gunzip -c .devpkg/zoo.gz > /tmp/zoo && chmod +x /tmp/zoo
 out=${OUT:-/tmp/out}; mkdir -p "$out"; log=$out/profile.txt
@@ -36,17 +39,19 @@ mk() { sed "s/STEPS/$1/" $cfg.in > "$2"; }
 secs() { python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(round(j['throughput']['train_seconds'], 3))" "$1"; }
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader | tee -a "$log"
 
-echo "## 1. one process alone, $steps steps (train_seconds; ms per step)" | tee -a "$log"
+mk 20 /tmp/warm.toml
+/tmp/zoo run /tmp/warm.toml --device cuda:0 --dtype bf16 --shard 0/3 -q --results-dir /tmp/warm --runs-dir /tmp/warm/runs > /dev/null 2>> "$log"
 mk "$steps" $cfg
-for i in 0 1 2; do
+[[ $parts == *1* ]] && echo "## 1. one process alone, $steps steps (train_seconds; ms per step)" | tee -a "$log"
+[[ $parts == *1* ]] && for i in ${VARIANTS:-0 1 2}; do
   rd=/tmp/r1-$i; rm -rf $rd
   /tmp/zoo run $cfg --device cuda:0 --dtype bf16 --shard $i/3 -q --results-dir $rd --runs-dir $rd/runs 2>> "$log"
   f=$(ls $rd/prof/*.json); s=$(secs "$f")
   echo "$(basename "$f"): $s s, $(python3 -c "print(round(1000*$s/$steps, 1))") ms/step" | tee -a "$log"
 done
 
-echo "## 2. GPU time by kernel, per step (ncu; 6 steps minus 3)" | tee -a "$log"
-for i in 0 1; do
+[[ $parts == *2* ]] && echo "## 2. GPU time by kernel, per step (ncu; 6 steps minus 3)" | tee -a "$log"
+[[ $parts == *2* ]] && for i in ${VARIANTS:-0 1}; do
   for n in 3 6; do
     mk $n /tmp/p$n.toml; rd=/tmp/r2-$i-$n; rm -rf $rd
     timeout 200 ncu --csv --metrics gpu__time_duration.sum --clock-control none \
@@ -56,11 +61,14 @@ for i in 0 1; do
   python3 - "$out/ncu-$i-3.csv" "$out/ncu-$i-6.csv" <<'EOF' | tee -a "$log"
 import csv, sys, collections
 def load(p):
-    rows = [r for r in csv.reader(open(p)) if len(r) > 10]
-    h = rows[0]; ki = h.index("Kernel Name"); vi = h.index("Metric Value"); ui = h.index("Metric Unit")
+    rows = list(csv.reader(open(p)))
+    s = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
+    h = rows[s]; ki = h.index("Kernel Name"); vi = h.index("Metric Value"); ui = h.index("Metric Unit")
     t = collections.Counter(); c = collections.Counter()
-    for r in rows[1:]:
-        v = float(r[vi].replace(",", "")); v = v / 1000 if r[ui] == "nsecond" else v * (1000 if r[ui] == "msecond" else 1)
+    for r in rows[s + 1:]:
+        if len(r) != len(h): continue
+        v = float(r[vi].replace(",", "")); u = r[ui]
+        v = v / 1000 if u in ("ns", "nsecond") else v * 1000 if u in ("ms", "msecond") else v
         name = r[ki].split("(")[0][:60]; t[name] += v; c[name] += 1
     return t, c
 t3, c3 = load(sys.argv[1]); t6, c6 = load(sys.argv[2])
@@ -72,6 +80,7 @@ for k, v in sorted(d.items(), key=lambda x: -x[1])[:25]:
 EOF
 done
 
+[[ $parts == *3* ]] || exit 0
 echo "## 3. concurrent processes of gla_conv ($steps steps each): aggregate" | tee -a "$log"
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
 mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
