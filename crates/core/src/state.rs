@@ -430,9 +430,18 @@ impl KvCache {
 
     /// Bytes of the keys and values held: the used slots, plus the packed blocks.
     pub fn bytes(&self) -> usize {
+        self.slot_bytes() * self.pos.len() + self.packed().1
+    }
+
+    /// Bytes one token takes at full precision (K and V, every head and batch row); 0 before the
+    /// first append.
+    pub fn slot_bytes(&self) -> usize {
         let cap = self.capacity();
-        let slots = if cap == 0 { 0 } else { self.buffer_bytes() / cap * self.pos.len() };
-        slots + self.packed().1
+        if cap == 0 {
+            0
+        } else {
+            self.buffer_bytes() / cap
+        }
     }
 
     fn buffer_bytes(&self) -> usize {

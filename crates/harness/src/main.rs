@@ -97,6 +97,11 @@ enum Cmd {
         /// 'type = "uniform"' (default) or 'type = "pyramid", beta = 20'.
         #[arg(long)]
         budget: Option<String>,
+        /// With --model, instead of --press: read the text through a KIVI-quantised cache, inline
+        /// TOML: 'bits = 2' (2, 4, 8), key_axis / value_axis = "channel" | "token" (defaults:
+        /// channel / token), group (default 32), residual (default 128 tokens at full precision).
+        #[arg(long)]
+        kivi: Option<String>,
     },
     /// Continue a prompt with a pretrained model (GGUF file or HF folder), streaming to stdout;
     /// prompt and generation speed go to stderr at the end.
@@ -369,9 +374,22 @@ fn real_main() -> Result<i32> {
             }
         }
         Cmd::Report { dir } => println!("{}", report::report(dir)?),
-        Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized, press, ratio, chunk, budget } => {
+        Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized, press, ratio, chunk, budget, kivi } => {
             if budget.is_some() && press.is_none() {
                 bail!("--budget: needs --press");
+            }
+            if let Some(k) = kivi {
+                if press.is_some() {
+                    bail!("--kivi: a quantised cache and a press do not combine (give one)");
+                }
+                let m = model.as_ref().context("--kivi: needs --model (a pretrained model)")?;
+                let cfg: zoo_kv_compress::kivi::KiviConfig = parse_inline("kivi", k)?;
+                if *chunk == 0 {
+                    bail!("--chunk: must be at least 1");
+                }
+                let out = zoo_harness::pretrained::evaluate_model_kivi(m, text, &cfg, *chunk, &env()?)?;
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(0);
             }
             if let Some(press) = press {
                 let m = model.as_ref().context("--press: needs --model (a pretrained model)")?;

@@ -600,6 +600,39 @@ pub fn evaluate_model_press(
     }))
 }
 
+/// `zoo eval --kivi`: the text read through every attention layer's cache in `chunk`-token
+/// pieces, the cache quantising its older tokens by KIVI ([`zoo_kv_compress::kivi`]); perplexity
+/// of every later token, and the KV bytes held at the end against a full-precision cache.
+pub fn evaluate_model_kivi(model: &Path, text: &Path, kivi: &zoo_kv_compress::kivi::KiviConfig, chunk: usize, env: &Env) -> Result<serde_json::Value> {
+    let p = load_with(model, env, LoadOpts::default())?;
+    let hd = zoo_kv_compress::kv_head_dim(&p.model)?.context("--kivi: the model has no attention layer")?;
+    let packer = zoo_kv_compress::kivi::Kivi::new(kivi, hd).map_err(|e| anyhow::anyhow!("--{e}"))?;
+    let ids = text_ids(&p, model, text)?;
+    if ids.len() > p.context_length {
+        bail!("{}: {} tokens do not fit in the model's context of {}", text.display(), ids.len(), p.context_length);
+    }
+    let t1 = std::time::Instant::now();
+    let s = zoo_kv_compress::streaming_nll_with(&p.model, &ids, chunk, None, 0.0, &Default::default(), Some(std::sync::Arc::new(packer)))?;
+    env.sync()?;
+    let secs = t1.elapsed().as_secs_f64();
+    Ok(serde_json::json!({
+        "schema": crate::schema::KIVI_SCHEMA,
+        "model": model.display().to_string(),
+        "text": text.display().to_string(),
+        "tokens": ids.len(),
+        "scored": s.n,
+        "kivi": serde_json::to_value(kivi)?,
+        "label": kivi.label(),
+        "chunk": chunk,
+        "perplexity": (s.sum / s.n as f64).exp(),
+        "nll_per_token": s.sum / s.n as f64,
+        "kv_bytes": s.bytes,
+        "kv_full_bytes": s.full_bytes,
+        "eval_seconds": secs,
+        "env": env.record(),
+    }))
+}
+
 /// The fields of an HF `config.json` that the loader reads; anything else is ignored.
 #[derive(serde::Deserialize)]
 struct HfConfig {

@@ -16,6 +16,9 @@ pub const RESULT_SCHEMA: &str = "zoo.result/1";
 pub const BENCH_SCHEMA: &str = "zoo.bench/1";
 /// One `zoo eval --model … --press …` result: a press, a ratio, the perplexity.
 pub const PRESS_SCHEMA: &str = "zoo.press-eval/1";
+/// `zoo eval --kivi`: perplexity and KV bytes of a pretrained model reading a text through a
+/// KIVI-quantised cache.
+pub const KIVI_SCHEMA: &str = "zoo.kivi-eval/1";
 /// The `--stats` JSON of `zoo generate`: counts, timings and KV bytes of one generation.
 pub const GENERATE_SCHEMA: &str = "zoo.generate/1";
 /// `zoo kv needle`: passkey retrieval per (length, depth, press, ratio).

@@ -328,16 +328,71 @@ pub fn compress_model(states: &mut [LayerState], press: &dyn Press, ratio: f64) 
 /// cache. Returns (NLL sum, tokens scored, mean entries held per layer after each compression).
 /// With ratio 0 (or no press) this is the model's plain full-context NLL, chunk by chunk.
 pub fn streaming_nll(model: &Lm, ids: &[u32], chunk: usize, press: Option<&dyn Press>, ratio: f64, budget: &Budget) -> Result<(f64, usize, f64)> {
+    let s = streaming_nll_with(model, ids, chunk, press, ratio, budget, None)?;
+    Ok((s.sum, s.n, s.held))
+}
+
+/// The head dimension of the model's attention caches (None: no attention layer), read off the
+/// cache of a one-token forward pass (so a packer's config can be checked before any work).
+pub fn kv_head_dim(model: &Lm) -> Result<Option<usize>> {
+    let dev = model.embed.weight.device();
+    let mut cache = model.new_cache_with_capacity(1);
+    model.forward(&Tensor::new(&[[0u32]], dev)?, Some(&mut cache), None)?;
+    for s in &cache {
+        if let LayerState::Kv(c) = s {
+            if let Some((k, _)) = c.kv()? {
+                return Ok(Some(k.dim(3)?));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// What [`streaming_nll_with`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamNll {
+    /// Summed NLL (nats) over the `n` scored tokens.
+    pub sum: f64,
+    pub n: usize,
+    /// Mean entries held per attention layer after compressions (NaN without compression).
+    pub held: f64,
+    /// KV bytes held at the end, over every attention layer ([`KvCache::bytes`]: packed blocks
+    /// included), and what full-precision slots for every token read would take.
+    pub bytes: usize,
+    pub full_bytes: usize,
+}
+
+/// [`streaming_nll`], with every attention layer's cache packing its older tokens by `packer`
+/// (KIVI: [`kivi::Kivi`]) when given, and the bytes held at the end.
+pub fn streaming_nll_with(
+    model: &Lm,
+    ids: &[u32],
+    chunk: usize,
+    press: Option<&dyn Press>,
+    ratio: f64,
+    budget: &Budget,
+    packer: Option<std::sync::Arc<dyn zoo_core::state::KvPacker>>,
+) -> Result<StreamNll> {
     if let Err(e) = check_ratio(ratio) {
         bail!("{e}")
     }
     if chunk == 0 {
         bail!("chunk: must be at least 1")
     }
+    if packer.is_some() && press.is_some_and(|_| ratio > 0.0) {
+        bail!("a packed (quantised) cache cannot also be compressed by a press")
+    }
     let dev = model.embed.weight.device();
     let mut cache = model.new_cache_with_capacity(ids.len());
     if let Some(p) = press {
         observe_model(&mut cache, p);
+    }
+    if let Some(pk) = &packer {
+        for s in cache.iter_mut() {
+            if let LayerState::Kv(c) = s {
+                c.set_packer(Some(pk.clone()))?;
+            }
+        }
     }
     let (mut sum, mut n) = (0f64, 0usize);
     let (mut held, mut points) = (0f64, 0usize);
@@ -356,7 +411,14 @@ pub fn streaming_nll(model: &Lm, ids: &[u32], chunk: usize, press: Option<&dyn P
             points += 1;
         }
     }
-    Ok((sum, n, if points > 0 { held / points as f64 } else { f64::NAN }))
+    let (mut bytes, mut full_bytes) = (0, 0);
+    for s in &cache {
+        if let LayerState::Kv(c) = s {
+            bytes += c.bytes();
+            full_bytes += c.slot_bytes() * c.seen();
+        }
+    }
+    Ok(StreamNll { sum, n, held: if points > 0 { held / points as f64 } else { f64::NAN }, bytes, full_bytes })
 }
 
 /// Per-slot mean over batch rows and heads of a (B, H, len) score tensor.
