@@ -1,6 +1,6 @@
 //! `zoo report`: results folder → markdown table (mean ± std over seeds, best over learning rates).
 
-use crate::schema::{RunResult, BENCH_SCHEMA, GENERATE_SCHEMA, NEEDLE_SCHEMA, PRESS_SCHEMA, RESULT_SCHEMA};
+use crate::schema::{RunResult, BENCH_SCHEMA, GENERATE_SCHEMA, KIVI_SCHEMA, NEEDLE_SCHEMA, PRESS_SCHEMA, RESULT_SCHEMA};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -425,12 +425,15 @@ pub fn report(dir: &Path) -> Result<String> {
             let evals: Vec<Value> = load_schema_paths(dir, PRESS_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
             let gens: Vec<Value> = load_schema_paths(dir, GENERATE_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
             let needles: Vec<Value> = load_schema_paths(dir, NEEDLE_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
+            let kivis: Vec<Value> = load_schema_paths(dir, KIVI_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
             anyhow::ensure!(
-                !evals.is_empty() || !gens.is_empty() || !needles.is_empty(),
-                "no result, bench, press-eval, generate or needle JSON in {}",
+                !evals.is_empty() || !gens.is_empty() || !needles.is_empty() || !kivis.is_empty(),
+                "no result, bench, press-eval, kivi-eval, generate or needle JSON in {}",
                 dir.display()
             );
-            let (md, plots) = if !evals.is_empty() {
+            let (md, plots) = if !kivis.is_empty() {
+                (kivi_report(&kivis, &evals), vec![])
+            } else if !evals.is_empty() {
                 press_report(&evals)?
             } else if !gens.is_empty() {
                 (generate_report(&gens), vec![])
@@ -509,6 +512,59 @@ fn press_report(evals: &[Value]) -> Result<(String, Vec<(String, String)>)> {
     }
     let svg = line_chart("Perplexity vs compression ratio", "ratio (share of the cache evicted)", "perplexity", &series, true);
     Ok((md, vec![("press_ppl.svg".to_string(), svg)]))
+}
+
+/// KIVI evaluations (`zoo eval --kivi`, [`KIVI_SCHEMA`]): perplexity and KV bytes per (bits, key
+/// axis, residual), against the full cache when the folder holds its press evaluation at ratio 0.
+fn kivi_report(kivis: &[Value], evals: &[Value]) -> String {
+    let full = evals.iter().find(|v| v["ratio"].as_f64() == Some(0.0)).and_then(|v| v["perplexity"].as_f64());
+    let mut rows: Vec<&Value> = kivis.iter().collect();
+    let key = |v: &Value| {
+        let k = &v["kivi"];
+        (
+            std::cmp::Reverse(k["bits"].as_u64().unwrap_or(0)),
+            k["key_axis"].as_str().unwrap_or("").to_string(),
+            k["value_axis"].as_str().unwrap_or("").to_string(),
+            k["group"].as_u64().unwrap_or(0),
+            k["residual"].as_u64().unwrap_or(0),
+        )
+    };
+    rows.sort_by_key(|v| key(v));
+    let first = rows[0];
+    let mut md = format!(
+        "# KIVI: perplexity and KV bytes
+
+Model `{}`, text `{}` ({} tokens, read in chunks of {}; each attention layer's cache keeps its latest `residual` tokens and any partial group at full precision and quantises the rest). Device: {}, dtype {}. Full cache: {}.
+
+| bits | keys | values | group | residual | perplexity | vs full | KV bytes | held / full precision |
+|---|---|---|---|---|---|---|---|---|
+",
+        first["model"].as_str().unwrap_or("?"),
+        first["text"].as_str().unwrap_or("?"),
+        first["tokens"],
+        first["chunk"],
+        device_name(&first["env"]["device"]),
+        first["env"]["dtype"].as_str().unwrap_or("?"),
+        full.map_or("no ratio-0 press evaluation here".to_string(), |f| format!("perplexity {f:.2}")),
+    );
+    for v in rows {
+        let k = &v["kivi"];
+        let ppl = v["perplexity"].as_f64().unwrap_or(f64::NAN);
+        let (b, fb) = (v["kv_bytes"].as_u64().unwrap_or(0), v["kv_full_bytes"].as_u64().unwrap_or(0));
+        md.push_str(&format!(
+            "| {} | per {} | per {} | {} | {} | {ppl:.2} | {} | {} | {:.3} |
+",
+            k["bits"],
+            k["key_axis"].as_str().unwrap_or("?"),
+            k["value_axis"].as_str().unwrap_or("?"),
+            k["group"],
+            k["residual"],
+            full.map_or("–".to_string(), |f| format!("{:+.2}", ppl - f)),
+            bytes(b),
+            b as f64 / fb.max(1) as f64,
+        ));
+    }
+    md
 }
 
 /// `zoo generate --stats` JSONs ([`GENERATE_SCHEMA`]), e.g. one per (press, context): decode speed
