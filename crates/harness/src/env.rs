@@ -141,6 +141,14 @@ pub fn git_state() -> serde_json::Value {
         "dirty": option_env!("ZOO_BUILD_GIT_DIRTY").map(|d| d == "true"),
     });
     match run(&["rev-parse", "HEAD"]) {
+        // A checkout at another commit than the binary's (a stale .git in a device copy): its
+        // dirty flag says nothing about the code that ran, so the build's record is the top level.
+        Some(sha) if option_env!("ZOO_BUILD_GIT_SHA").is_some_and(|b| b != sha) => json!({
+            "sha": option_env!("ZOO_BUILD_GIT_SHA"),
+            "dirty": option_env!("ZOO_BUILD_GIT_DIRTY").map(|d| d == "true"),
+            "source": "build",
+            "checkout": sha,
+        }),
         Some(sha) => {
             // Results are outputs: a script writing several of them must not mark its later runs
             // dirty, so changes under results/ do not count.

@@ -137,6 +137,10 @@ enum Cmd {
         ratio: f64,
         #[arg(long)]
         compress_every: Option<usize>,
+        /// KIVI-quantised caches instead of a press, inline TOML as `eval --kivi`
+        /// ('bits = 2, residual = 128'); --stats records the bytes held.
+        #[arg(long)]
+        kivi: Option<String>,
         /// Untimed runs of the prompt plus two tokens first (allocator pages, CUDA kernels loaded),
         /// as benchmarks warm up their twins.
         #[arg(long, default_value_t = 0)]
@@ -441,6 +445,7 @@ fn real_main() -> Result<i32> {
             press,
             ratio,
             compress_every,
+            kivi,
         } => {
             let press_cfg = press.as_deref().map(parse_press).transpose()?;
             if press_cfg.is_none() && (*ratio != 0.0 || compress_every.is_some()) {
@@ -474,7 +479,18 @@ fn real_main() -> Result<i32> {
                     p.context_length
                 );
             }
-            let o = zoo_harness::pretrained::GenOpts { max_tokens: *max_tokens, temperature: *temperature, top_p: *top_p, seed: *seed };
+            let kivi_cfg: Option<zoo_kv_compress::kivi::KiviConfig> = kivi.as_deref().map(|k| parse_inline("kivi", k)).transpose()?;
+            let packer: Option<std::sync::Arc<dyn zoo_core::state::KvPacker>> = match &kivi_cfg {
+                Some(cfg) => {
+                    if press_cfg.is_some() {
+                        bail!("--kivi: a quantised cache and a press do not combine (give one)");
+                    }
+                    let hd = zoo_kv_compress::kv_head_dim(&p.model)?.context("--kivi: the model has no attention layer")?;
+                    Some(std::sync::Arc::new(zoo_kv_compress::kivi::Kivi::new(cfg, hd).map_err(|e| anyhow::anyhow!("--{e}"))?))
+                }
+                None => None,
+            };
+            let o = zoo_harness::pretrained::GenOpts { max_tokens: *max_tokens, temperature: *temperature, top_p: *top_p, seed: *seed, packer };
             let built = press_cfg.as_ref().map(|c| c.build()).transpose()?;
             let gp = built.as_ref().map(|b| zoo_harness::pretrained::GenPress { press: b.as_ref(), ratio: *ratio, every: *compress_every });
             for _ in 0..*warmup {
@@ -511,6 +527,7 @@ fn real_main() -> Result<i32> {
                     "prefill_tokens_per_s": stats.prompt_tokens as f64 / stats.prefill_seconds.max(1e-9),
                     "decode_tokens_per_s": n.saturating_sub(1) as f64 / stats.decode_seconds.max(1e-9),
                     "press": press_cfg.as_ref().map(serde_json::to_value).transpose()?,
+                    "kivi": kivi_cfg.as_ref().map(serde_json::to_value).transpose()?,
                     "ratio": ratio,
                     "compress_every": compress_every,
                     "compressions": stats.compressions,

@@ -905,6 +905,8 @@ pub struct GenOpts {
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`.
     pub top_p: f64,
     pub seed: u64,
+    /// Pack older tokens of every attention layer's cache (KIVI: `zoo_kv_compress::kivi::Kivi`).
+    pub packer: Option<std::sync::Arc<dyn zoo_core::state::KvPacker>>,
 }
 
 /// What [`generate`] did: ids generated and the time of each phase.
@@ -947,7 +949,7 @@ impl GenPress<'_> {
 /// (bytes held, bytes allocated, bytes a full cache of every seen token would hold) over layers.
 fn kv_bytes(cache: &[LayerState]) -> (usize, usize, usize) {
     cache.iter().fold((0, 0, 0), |(h, a, f), s| match s {
-        LayerState::Kv(c) if !c.is_empty() => (h + c.bytes(), a + c.allocated_bytes(), f + c.bytes() / c.len() * c.seen()),
+        LayerState::Kv(c) if !c.is_empty() => (h + c.bytes(), a + c.allocated_bytes(), f + c.slot_bytes() * c.seen()),
         _ => (h + s.bytes(), a + s.allocated_bytes(), f + s.bytes()),
     })
 }
@@ -997,6 +999,14 @@ pub fn generate(
     anyhow::ensure!(!prompt_ids.is_empty(), "the prompt has no tokens");
     let mut rng = zoo_core::rng::Rng::new(o.seed);
     let mut cache = model.new_cache_with_capacity(prompt_ids.len() + o.max_tokens);
+    if let Some(pk) = &o.packer {
+        anyhow::ensure!(press.is_none_or(|p| p.ratio == 0.0), "a packed (quantised) cache cannot also be compressed by a press");
+        for s in cache.iter_mut() {
+            if let LayerState::Kv(c) = s {
+                c.set_packer(Some(pk.clone()))?;
+            }
+        }
+    }
     if let Some(p) = press {
         zoo_kv_compress::check_ratio(p.ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
         anyhow::ensure!(p.every != Some(0), "--compress-every: must be at least 1");
