@@ -200,6 +200,12 @@ pub trait PackedKv: Send + Sync + std::fmt::Debug {
     /// Bytes of the tensors held (codes, scales, zero points).
     fn bytes(&self) -> usize;
     fn clone_box(&self) -> Box<dyn PackedKv>;
+    fn as_any(&self) -> &dyn std::any::Any;
+    /// Absorb `next`, the block packed after this one by the same packer, so that the cache
+    /// unpacks one store instead of many blocks (false: this kind cannot; the cache keeps both).
+    fn merge(&mut self, _next: &dyn PackedKv) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// Softmax attention's keys and values, (B, H, capacity, hd) each, written in place; slot j holds
@@ -309,7 +315,14 @@ impl KvCache {
         let (k, v) = self.buf_kv()?.expect("slots in use");
         for i in 0..blocks {
             let (kb, vb) = (k.narrow(2, i * blk, blk)?.contiguous()?, v.narrow(2, i * blk, blk)?.contiguous()?);
-            self.packed.push(p.pack(&kb, &vb)?);
+            let block = p.pack(&kb, &vb)?;
+            let merged = match self.packed.last_mut() {
+                Some(last) => last.merge(block.as_ref())?,
+                None => false,
+            };
+            if !merged {
+                self.packed.push(block);
+            }
         }
         let moved = blocks * blk;
         let rest: Vec<usize> = (moved..n).collect();

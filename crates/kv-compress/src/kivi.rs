@@ -137,7 +137,10 @@ impl KvPacker for Kivi {
     }
 }
 
-/// One tensor quantised: packed codes (u8), f16 scale and zero point per group.
+/// One tensor quantised: packed codes (u8), f16 scale and zero point per group, laid out so that
+/// later blocks of tokens append along dim 1 ([`Quantized::append`]):
+/// - per channel: codes (B·H·hd, n·bits/8), scale and zero (B·H·hd, n / group_len);
+/// - per token: codes (B·H, n·hd·bits/8), scale and zero (B·H, n·hd / group_len).
 #[derive(Debug, Clone)]
 pub struct Quantized {
     codes: Tensor,
@@ -155,6 +158,20 @@ pub struct Quantized {
 impl Quantized {
     pub fn bytes(&self) -> usize {
         self.codes.elem_count() + 2 * (self.scale.elem_count() + self.zero.elem_count())
+    }
+
+    /// Append `next`, quantised the same way from the tokens after these (false: it was not).
+    pub fn append(&mut self, next: &Quantized) -> Result<bool> {
+        let (b, h, _, hd) = self.dims;
+        let (nb, nh, nn, nhd) = next.dims;
+        if (b, h, hd) != (nb, nh, nhd) || (self.axis, self.bits, self.group_len, self.dtype) != (next.axis, next.bits, next.group_len, next.dtype) {
+            return Ok(false);
+        }
+        self.codes = Tensor::cat(&[&self.codes, &next.codes], 1)?;
+        self.scale = Tensor::cat(&[&self.scale, &next.scale], 1)?;
+        self.zero = Tensor::cat(&[&self.zero, &next.zero], 1)?;
+        self.dims.2 += nn;
+        Ok(true)
     }
 }
 
@@ -177,15 +194,31 @@ pub fn quantize(x: &Tensor, axis: Axis, bits: u8, channels: usize) -> Result<Qua
     let safe = s.maximum(1e-30)?;
     let codes = rows.broadcast_sub(&z)?.broadcast_div(&safe)?.round()?.clamp(0.0, levels)?;
     let codes = pack(&codes.flatten_all()?, bits)?;
-    Ok(Quantized { codes, scale, zero, dims: (b, h, n, hd), dtype: x.dtype(), axis, bits, group_len })
+    let lead = match axis {
+        Axis::Channel => b * h * hd,
+        Axis::Token => b * h,
+    };
+    Ok(Quantized {
+        codes: codes.reshape((lead, ()))?,
+        scale: scale.reshape((lead, ()))?,
+        zero: zero.reshape((lead, ()))?,
+        dims: (b, h, n, hd),
+        dtype: x.dtype(),
+        axis,
+        bits,
+        group_len,
+    })
 }
 
 /// Back to (B, H, n, hd) in the original dtype.
 pub fn dequantize(q: &Quantized) -> Result<Tensor> {
     let (b, h, n, hd) = q.dims;
-    let codes = unpack(&q.codes, q.bits)?.reshape(((), q.group_len))?;
-    let rows = codes.broadcast_mul(&q.scale.to_dtype(DType::F32)?)?.broadcast_add(&q.zero.to_dtype(DType::F32)?)?;
+    // One row per group, its scale and zero point beside it.
+    let codes = unpack(&q.codes.flatten_all()?, q.bits)?.reshape(((), q.group_len))?;
+    let (s, z) = (q.scale.flatten_all()?.unsqueeze(1)?, q.zero.flatten_all()?.unsqueeze(1)?);
+    let rows = codes.broadcast_mul(&s.to_dtype(DType::F32)?)?.broadcast_add(&z.to_dtype(DType::F32)?)?;
     let x = match q.axis {
+        // Rows ordered (b, h, channel, block): channel-major within each (b, h).
         Axis::Channel => rows.reshape((b, h, hd, n))?.transpose(2, 3)?.contiguous()?,
         Axis::Token => rows.reshape((b, h, n, hd))?,
     };
@@ -234,5 +267,19 @@ impl PackedKv for KiviBlock {
 
     fn clone_box(&self) -> Box<dyn PackedKv> {
         Box::new(self.clone())
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn merge(&mut self, next: &dyn PackedKv) -> Result<bool> {
+        let Some(n) = next.as_any().downcast_ref::<KiviBlock>() else { return Ok(false) };
+        // Both or neither: check before changing anything.
+        let fits = |a: &Quantized, b: &Quantized| (a.dims.0, a.dims.1, a.dims.3, a.axis, a.bits, a.group_len, a.dtype) == (b.dims.0, b.dims.1, b.dims.3, b.axis, b.bits, b.group_len, b.dtype);
+        if !fits(&self.k, &n.k) || !fits(&self.v, &n.v) {
+            return Ok(false);
+        }
+        Ok(self.k.append(&n.k)? && self.v.append(&n.v)?)
     }
 }
