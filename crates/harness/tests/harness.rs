@@ -685,10 +685,43 @@ fn report_tabulates_generations_against_the_full_cache() {
     };
     std::fs::write(dir.join("a.json"), gen(Some("knorm"), 0.875, 15.0, 125).to_string()).unwrap();
     std::fs::write(dir.join("b.json"), gen(None, 0.0, 10.0, 1000).to_string()).unwrap();
+    let mut k = gen(None, 0.0, 8.0, 250);
+    k["kivi"] = serde_json::json!({"bits": 2, "key_axis": "channel", "value_axis": "token", "group": 32, "residual": 128});
+    std::fs::write(dir.join("c.json"), k.to_string()).unwrap();
     let md = zoo_harness::report::report(&dir).unwrap();
     assert!(md.contains("test cpu (2 threads)"), "{md}");
     assert!(md.contains("| 100 | full cache | 10.0 | 1.00× |"), "{md}");
     assert!(md.contains("| 100 | knorm @ 0.875 | 15.0 | 1.50× | 125 B | 125 B | 1000 B | 0.125 |"), "{md}");
+    // A KIVI generation is labelled by its config, not taken for the full cache.
+    assert!(md.contains("| 100 | KIVI-2 K/channel V/token G32 R128 | 8.0 | 0.80× | 250 B | 250 B | 1000 B | 0.250 |"), "{md}");
+}
+
+/// `zoo report` on KIVI evaluations: one row per config, sorted by bits (most first), with the
+/// change against the full cache's press evaluation and the bytes held.
+#[test]
+fn report_tabulates_kivi_evaluations() {
+    let dir = tmpdir("kivi-report");
+    let env = serde_json::json!({ "device": { "kind": "cpu", "name": "test cpu", "threads": 2 }, "dtype": "f32" });
+    let kivi = |bits: u64, axis: &str, res: u64, ppl: f64, bytes: u64| {
+        serde_json::json!({
+            "schema": zoo_harness::schema::KIVI_SCHEMA, "model": "m.gguf", "text": "t.txt", "tokens": 100, "chunk": 16,
+            "kivi": {"bits": bits, "key_axis": axis, "value_axis": "token", "group": 32, "residual": res},
+            "perplexity": ppl, "kv_bytes": bytes, "kv_full_bytes": 1000, "env": env,
+        })
+    };
+    let full = serde_json::json!({
+        "schema": zoo_harness::schema::PRESS_SCHEMA, "model": "m.gguf", "text": "t.txt", "tokens": 100,
+        "chunk": 16, "press": {"type": "knorm"}, "ratio": 0.0, "perplexity": 10.0, "env": env,
+    });
+    std::fs::write(dir.join("full.json"), full.to_string()).unwrap();
+    std::fs::write(dir.join("a.json"), kivi(2, "token", 0, 14.5, 100).to_string()).unwrap();
+    std::fs::write(dir.join("b.json"), kivi(8, "channel", 32, 10.25, 280).to_string()).unwrap();
+    let md = zoo_harness::report::report(&dir).unwrap();
+    assert!(md.contains("Full cache: perplexity 10.00"), "{md}");
+    let (b8, b2) = (md.find("| 8 | per channel").expect("8-bit row"), md.find("| 2 | per token").expect("2-bit row"));
+    assert!(b8 < b2, "{md}");
+    assert!(md.contains("| 8 | per channel | per token | 32 | 32 | 10.25 | +0.25 | 280 B | 0.280 |"), "{md}");
+    assert!(md.contains("| 2 | per token | per token | 32 | 0 | 14.50 | +4.50 | 100 B | 0.100 |"), "{md}");
 }
 
 /// `zoo report` on needle JSONs: accuracy per (press, ratio) and length, and per depth at the
