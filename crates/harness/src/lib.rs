@@ -36,6 +36,7 @@ pub mod bench;
 pub mod config;
 pub mod crossover;
 pub mod env;
+pub mod gate_stats;
 pub mod needle;
 pub mod plot;
 pub mod pretrained;

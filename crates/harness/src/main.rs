@@ -181,6 +181,14 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Issue 14's synthetic gate study (configs/moe-gate-stats.toml): Gaussian-MoE parameter
+    /// errors against sample size for the temperature and activation gates; writes
+    /// results/<experiment>/gate-stats.json (tabulate with `zoo report`).
+    GateStats {
+        config: PathBuf,
+        #[arg(long, default_value = "results")]
+        results_dir: PathBuf,
+    },
     /// KV-cache compression tools.
     Kv {
         #[command(subcommand)]
@@ -556,6 +564,10 @@ fn real_main() -> Result<i32> {
             }
             let j = zoo_harness::pretrained::calibrate_qfilters_to(model, text, *seq_len, *pieces, out, &env()?)?;
             println!("{}", serde_json::to_string_pretty(&j)?);
+        }
+        Cmd::GateStats { config, results_dir } => {
+            let out = zoo_harness::gate_stats::run(config, results_dir, &env()?)?;
+            eprintln!("wrote {}", out.display());
         }
         Cmd::Kv { cmd: KvCmd::Needle { model, press, ratios, lengths, depths, trials, seed, out } } => {
             let presses = press.iter().map(|p| parse_press(p)).collect::<Result<Vec<_>>>()?;

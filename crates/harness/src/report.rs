@@ -1,6 +1,6 @@
 //! `zoo report`: results folder → markdown table (mean ± std over seeds, best over learning rates).
 
-use crate::schema::{RunResult, BENCH_SCHEMA, GENERATE_SCHEMA, KIVI_SCHEMA, NEEDLE_SCHEMA, PRESS_SCHEMA, RESULT_SCHEMA};
+use crate::schema::{RunResult, BENCH_SCHEMA, GATE_STATS_SCHEMA, GENERATE_SCHEMA, KIVI_SCHEMA, NEEDLE_SCHEMA, PRESS_SCHEMA, RESULT_SCHEMA};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -426,12 +426,15 @@ pub fn report(dir: &Path) -> Result<String> {
             let gens: Vec<Value> = load_schema_paths(dir, GENERATE_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
             let needles: Vec<Value> = load_schema_paths(dir, NEEDLE_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
             let kivis: Vec<Value> = load_schema_paths(dir, KIVI_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
+            let gates: Vec<Value> = load_schema_paths(dir, GATE_STATS_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
             anyhow::ensure!(
-                !evals.is_empty() || !gens.is_empty() || !needles.is_empty() || !kivis.is_empty(),
-                "no result, bench, press-eval, kivi-eval, generate or needle JSON in {}",
+                !evals.is_empty() || !gens.is_empty() || !needles.is_empty() || !kivis.is_empty() || !gates.is_empty(),
+                "no result, bench, press-eval, kivi-eval, gate-stats, generate or needle JSON in {}",
                 dir.display()
             );
-            let (md, plots) = if !kivis.is_empty() {
+            let (md, plots) = if let Some(g) = gates.first() {
+                gate_stats_report(g)
+            } else if !kivis.is_empty() {
                 (kivi_report(&kivis, &evals), vec![])
             } else if !evals.is_empty() {
                 press_report(&evals)?
@@ -512,6 +515,44 @@ fn press_report(evals: &[Value]) -> Result<(String, Vec<(String, String)>)> {
     }
     let svg = line_chart("Perplexity vs compression ratio", "ratio (share of the cache evicted)", "perplexity", &series, true);
     Ok((md, vec![("press_ppl.svg".to_string(), svg)]))
+}
+
+/// `zoo gate-stats` ([`GATE_STATS_SCHEMA`]): mean parameter errors per (gate, n), their log-log
+/// slopes against n, and a log-log plot of the total and gate errors.
+fn gate_stats_report(v: &Value) -> (String, Vec<(String, String)>) {
+    use crate::plot::{line_chart_axes, Series};
+    let rows: Vec<Value> = v["rows"].as_array().cloned().unwrap_or_default();
+    let kinds = ["total", "gate", "experts"];
+    let per_kind: Vec<_> = kinds.iter().map(|k| crate::gate_stats::slopes(&rows, k)).collect();
+    let mut md = format!(
+        "# {}
+
+{}{}. Device: {}. Each cell: the mean over {} replicates of Σ|Δ| between the fitted and true parameters (total: β, b, a, c, σ of every expert and τ; gate: β/τ, b/τ for the temperature gate, where only the ratios are identifiable, and β, b, τ for an activation gate; experts: a, c, σ).\n\n| gate | n | total | gate | experts |\n|---|---|---|---|---|\n",
+        v["experiment"].as_str().unwrap_or("gate stats"),
+        v["description"].as_str().unwrap_or(""),
+        if v["complete"] == true { "" } else { " (incomplete: the run stopped early)" },
+        device_name(&v["env"]["device"]),
+        v["config"]["replicates"],
+    );
+    for (gi, (g, _, pts)) in per_kind[0].iter().enumerate() {
+        for (pi, (n, total)) in pts.iter().enumerate() {
+            let gate = per_kind[1][gi].2[pi].1;
+            let ex = per_kind[2][gi].2[pi].1;
+            md.push_str(&format!("| {g} | {n} | {total:.4} | {gate:.4} | {ex:.4} |\n"));
+        }
+    }
+    md.push_str("\nLog-log slope of the mean error against n (−0.5: the parametric rate; near 0: no convergence):\n\n| gate | total | gate | experts |\n|---|---|---|---|\n");
+    for (gi, (g, s, _)) in per_kind[0].iter().enumerate() {
+        md.push_str(&format!("| {g} | {s:.3} | {:.3} | {:.3} |\n", per_kind[1][gi].1, per_kind[2][gi].1));
+    }
+    let mut series = Vec::new();
+    for (k, per) in kinds.iter().zip(&per_kind).take(2) {
+        for (g, _, pts) in per {
+            series.push(Series { name: format!("{g}: {k}"), points: pts.clone() });
+        }
+    }
+    let svg = line_chart_axes("Parameter error vs sample size", "log10 n", "mean Σ|Δ| (log)", &series, true, true);
+    (md, vec![("gate_stats.svg".to_string(), svg)])
 }
 
 /// KIVI evaluations (`zoo eval --kivi`, [`KIVI_SCHEMA`]): perplexity and KV bytes per (bits, key

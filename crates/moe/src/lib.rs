@@ -31,6 +31,7 @@
 //! # Ok::<(), zoo_core::candle_core::Error>(())
 //! ```
 
+pub mod gate_stats;
 pub mod moh;
 pub mod router;
 
