@@ -573,10 +573,7 @@ pub fn evaluate_model_press(
 ) -> Result<serde_json::Value> {
     zoo_kv_compress::check_ratio(ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
     let p = load_with(model, env, LoadOpts::default())?;
-    let ids = text_ids(&p, model, text)?;
-    if ids.len() > p.context_length {
-        bail!("{}: {} tokens do not fit in the model's context of {}", text.display(), ids.len(), p.context_length);
-    }
+    let ids = text_ids_in_context(&p, model, text)?;
     let t1 = std::time::Instant::now();
     let built = press.build()?;
     let (sum, n, held) = zoo_kv_compress::streaming_nll(&p.model, &ids, chunk, Some(built.as_ref()), ratio, budget)?;
@@ -600,6 +597,15 @@ pub fn evaluate_model_press(
     }))
 }
 
+/// The text's token ids, which must fit in the model's context (read in one pass through a cache).
+fn text_ids_in_context(p: &Pretrained, model: &Path, text: &Path) -> Result<Vec<u32>> {
+    let ids = text_ids(p, model, text)?;
+    if ids.len() > p.context_length {
+        bail!("{}: {} tokens do not fit in the model's context of {}", text.display(), ids.len(), p.context_length);
+    }
+    Ok(ids)
+}
+
 /// `zoo eval --kivi`: the text read through every attention layer's cache in `chunk`-token
 /// pieces, the cache quantising its older tokens by KIVI ([`zoo_kv_compress::kivi`]); perplexity
 /// of every later token, and the KV bytes held at the end against a full-precision cache.
@@ -607,10 +613,7 @@ pub fn evaluate_model_kivi(model: &Path, text: &Path, kivi: &zoo_kv_compress::ki
     let p = load_with(model, env, LoadOpts::default())?;
     let hd = zoo_kv_compress::kv_head_dim(&p.model)?.context("--kivi: the model has no attention layer")?;
     let packer = zoo_kv_compress::kivi::Kivi::new(kivi, hd).map_err(|e| anyhow::anyhow!("--{e}"))?;
-    let ids = text_ids(&p, model, text)?;
-    if ids.len() > p.context_length {
-        bail!("{}: {} tokens do not fit in the model's context of {}", text.display(), ids.len(), p.context_length);
-    }
+    let ids = text_ids_in_context(&p, model, text)?;
     let t1 = std::time::Instant::now();
     let s = zoo_kv_compress::streaming_nll_with(&p.model, &ids, chunk, None, 0.0, &Default::default(), Some(std::sync::Arc::new(packer)))?;
     env.sync()?;

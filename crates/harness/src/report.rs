@@ -484,15 +484,9 @@ fn press_report(evals: &[Value]) -> Result<(String, Vec<(String, String)>)> {
             presses.push(name(v));
         }
     }
-    let first = &evals[0];
     let mut md = format!(
-        "# KV compression: perplexity vs ratio\n\nModel `{}`, text `{}` ({} tokens, read in chunks of {}; after each chunk the press keeps (1 − ratio) of the tokens read). Device: {}, dtype {}.\n\n| press | ratio 0 (full cache) |",
-        first["model"].as_str().unwrap_or("?"),
-        first["text"].as_str().unwrap_or("?"),
-        first["tokens"],
-        first["chunk"],
-        device_name(&first["env"]["device"]),
-        first["env"]["dtype"].as_str().unwrap_or("?"),
+        "# KV compression: perplexity vs ratio\n\n{}\n\n| press | ratio 0 (full cache) |",
+        reading(&evals[0], "after each chunk the press keeps (1 − ratio) of the tokens read"),
     );
     for r in &ratios {
         md.push_str(&format!(" {r} |"));
@@ -571,21 +565,9 @@ fn kivi_report(kivis: &[Value], evals: &[Value]) -> String {
         )
     };
     rows.sort_by_key(|v| key(v));
-    let first = rows[0];
     let mut md = format!(
-        "# KIVI: perplexity and KV bytes
-
-Model `{}`, text `{}` ({} tokens, read in chunks of {}; each attention layer's cache keeps its latest `residual` tokens and any partial group at full precision and quantises the rest). Device: {}, dtype {}. Full cache: {}.
-
-| bits | keys | values | group | residual | perplexity | vs full | KV bytes | held / full precision |
-|---|---|---|---|---|---|---|---|---|
-",
-        first["model"].as_str().unwrap_or("?"),
-        first["text"].as_str().unwrap_or("?"),
-        first["tokens"],
-        first["chunk"],
-        device_name(&first["env"]["device"]),
-        first["env"]["dtype"].as_str().unwrap_or("?"),
+        "# KIVI: perplexity and KV bytes\n\n{} Full cache: {}.\n\n| bits | keys | values | group | residual | perplexity | vs full | KV bytes | held / full precision |\n|---|---|---|---|---|---|---|---|---|\n",
+        reading(rows[0], "each attention layer's cache keeps its latest `residual` tokens and any partial group at full precision and quantises the rest"),
         full.map_or("no ratio-0 press evaluation here".to_string(), |f| format!("perplexity {f:.2}")),
     );
     for v in rows {
@@ -606,6 +588,20 @@ Model `{}`, text `{}` ({} tokens, read in chunks of {}; each attention layer's c
         ));
     }
     md
+}
+
+/// How a text was read through a cache (press and KIVI evaluations): model, text, tokens, chunk,
+/// what happened after each chunk, device and dtype.
+fn reading(v: &Value, after_each_chunk: &str) -> String {
+    format!(
+        "Model `{}`, text `{}` ({} tokens, read in chunks of {}; {after_each_chunk}). Device: {}, dtype {}.",
+        v["model"].as_str().unwrap_or("?"),
+        v["text"].as_str().unwrap_or("?"),
+        v["tokens"],
+        v["chunk"],
+        device_name(&v["env"]["device"]),
+        v["env"]["dtype"].as_str().unwrap_or("?"),
+    )
 }
 
 /// `zoo generate --stats` JSONs ([`GENERATE_SCHEMA`]), e.g. one per (press, context): decode speed
