@@ -207,6 +207,24 @@ impl Attention {
         Ok((k, v, KeyPositions::of(pos)))
     }
 
+    /// A ragged cache ([`KvCache::retain_heads`]): append k, v to each KV head's own slots, then
+    /// attend each group of query heads over its KV head's keys at their positions.
+    fn attend_ragged(&self, q: &Tensor, k: &Tensor, v: &Tensor, q_start: usize, st: &mut LayerState, phase: Phase) -> Result<Tensor> {
+        if self.sink_k.is_some() {
+            candle_core::bail!("attention: learned sinks with a ragged per-head cache are not supported")
+        }
+        let cache = st.kv()?;
+        let parts = cache.append_heads(k, v)?;
+        cache.observe(q)?;
+        let g = self.n_heads / self.n_kv_heads;
+        let mut ys = Vec::with_capacity(parts.len());
+        for (h, (kh, vh, ph)) in parts.into_iter().enumerate() {
+            let qh = q.narrow(1, h * g, g)?;
+            ys.push(self.attend(&qh, &kh, &vh, q_start, &KeyPositions::of(ph), phase, None)?);
+        }
+        Tensor::cat(&ys, 1)
+    }
+
     /// Scaled dot-product attention of q (B, H, T, hd) at positions `q_start..` over k, v
     /// (B, Hkv, Tk, hd) at positions `kpos`, with sinks, causal mask and window. Outside
     /// [`Phase::Train`] the fused (no-backward) softmax runs.
@@ -441,13 +459,17 @@ impl Mixer for Attention {
         &self,
         x: &Tensor,
         phase: Phase,
-        state: Option<&mut LayerState>,
+        mut state: Option<&mut LayerState>,
         probe: Option<&mut LayerProbe>,
     ) -> Result<Tensor> {
         let offset = state.as_ref().map_or(0, |s| s.seen());
         let q = self.position_q(&self.split_heads(&self.q_proj.forward(x)?, self.n_heads)?, offset)?;
         let k = self.position_k(&self.split_heads(&self.k_proj.forward(x)?, self.n_kv_heads)?, offset)?;
         let v = self.split_heads(&self.v_proj.forward(x)?, self.n_kv_heads)?;
+        if let Some(st) = state.as_deref_mut().filter(|s| matches!(s, LayerState::Kv(c) if c.is_ragged())) {
+            let y = self.attend_ragged(&q, &k, &v, offset, st, phase)?;
+            return self.o_proj.forward(&self.merge_heads(&y)?);
+        }
         let (k, v, kpos) = self.update_cache(&q, k, v, state)?;
         let y = self.attend(&q, &k, &v, offset, &kpos, phase, probe)?;
         self.o_proj.forward(&self.merge_heads(&y)?)

@@ -208,6 +208,54 @@ pub trait PackedKv: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// One KV head's own slots after a per-head eviction ([`KvCache::retain_heads`]): keys and values
+/// (B, 1, capacity, hd), written in place and grown ×2 when full, and each slot's position.
+#[derive(Debug)]
+struct HeadSlots {
+    k: Tensor,
+    v: Tensor,
+    pos: Vec<usize>,
+}
+
+impl HeadSlots {
+    fn used(&self) -> Result<(Tensor, Tensor)> {
+        let n = self.pos.len();
+        Ok((self.k.narrow(2, 0, n)?, self.v.narrow(2, 0, n)?))
+    }
+
+    /// Fresh buffers of `cap` slots holding the used ones.
+    fn reallocate(&mut self, cap: usize) -> Result<()> {
+        let (b, _, _, d) = self.k.dims4()?;
+        let cap = cap.max(self.pos.len()).max(1);
+        let (nk, nv) = (Tensor::zeros((b, 1, cap, d), self.k.dtype(), self.k.device())?, Tensor::zeros((b, 1, cap, d), self.v.dtype(), self.v.device())?);
+        if !self.pos.is_empty() {
+            let (k, v) = self.used()?;
+            nk.slice_set(&k.contiguous()?, 2, 0)?;
+            nv.slice_set(&v.contiguous()?, 2, 0)?;
+        }
+        self.k = nk;
+        self.v = nv;
+        Ok(())
+    }
+
+    fn push(&mut self, k: &Tensor, v: &Tensor, new_pos: &[usize]) -> Result<()> {
+        let need = self.pos.len() + new_pos.len();
+        let cap = self.k.dim(2)?;
+        if need > cap {
+            self.reallocate(need.max(2 * cap))?;
+        }
+        self.k.slice_set(&k.contiguous()?, 2, self.pos.len())?;
+        self.v.slice_set(&v.contiguous()?, 2, self.pos.len())?;
+        self.pos.extend_from_slice(new_pos);
+        Ok(())
+    }
+
+    /// Bytes of K and V per slot.
+    fn slot_bytes(&self) -> usize {
+        (tensor_bytes(&self.k) + tensor_bytes(&self.v)) / self.k.dim(2).unwrap_or(1).max(1)
+    }
+}
+
 /// Softmax attention's keys and values, (B, H, capacity, hd) each, written in place; slot j holds
 /// the token at absolute position `positions()[j]`. Slots are shared by all heads.
 ///
@@ -236,6 +284,9 @@ pub struct KvCache {
     packer: Option<std::sync::Arc<dyn KvPacker>>,
     packed: Vec<Box<dyn PackedKv>>,
     packed_pos: Vec<usize>,
+    /// Ragged per-head storage ([`KvCache::retain_heads`]): once set, each KV head keeps its own
+    /// slots and `k`, `v`, `pos` are unused.
+    heads: Option<Vec<HeadSlots>>,
 }
 
 /// A deep copy: the buffers are written in place, so a clone must not share them.
@@ -256,6 +307,11 @@ impl Clone for KvCache {
             packer: self.packer.clone(),
             packed: self.packed.iter().map(|p| p.clone_box()).collect(),
             packed_pos: self.packed_pos.clone(),
+            heads: self.heads.as_ref().map(|hs| {
+                hs.iter()
+                    .map(|h| HeadSlots { k: h.k.copy().expect("copy of a KV buffer"), v: h.v.copy().expect("copy of a KV buffer"), pos: h.pos.clone() })
+                    .collect()
+            }),
         }
     }
 }
@@ -278,7 +334,94 @@ impl KvCache {
             packer: None,
             packed: Vec::new(),
             packed_pos: Vec::new(),
+            heads: None,
         }
+    }
+
+    /// Whether each KV head keeps its own slots ([`KvCache::retain_heads`]).
+    pub fn is_ragged(&self) -> bool {
+        self.heads.is_some()
+    }
+
+    /// Slots held by each KV head (ragged or not).
+    pub fn head_lens(&self) -> Vec<usize> {
+        match &self.heads {
+            Some(hs) => hs.iter().map(|h| h.pos.len()).collect(),
+            None => vec![self.len(); self.k.as_ref().map_or(0, |k| k.dim(1).unwrap_or(0))],
+        }
+    }
+
+    /// KV head `h`'s keys, values (B, 1, n_h, hd) and positions: its own in a ragged cache, the
+    /// shared slots' otherwise.
+    pub fn head_kv(&self, h: usize) -> Result<Option<(Tensor, Tensor, Vec<usize>)>> {
+        match &self.heads {
+            Some(hs) => {
+                let Some(hd) = hs.get(h) else { bail!("KvCache::head_kv: no head {h} ({} stored)", hs.len()) };
+                if hd.pos.is_empty() {
+                    return Ok(None);
+                }
+                let (k, v) = hd.used()?;
+                Ok(Some((k, v, hd.pos.clone())))
+            }
+            None => match self.kv()? {
+                Some((k, v)) => Ok(Some((k.narrow(1, h, 1)?, v.narrow(1, h, 1)?, self.all_positions()))),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Keep, for each KV head h, only its slots `slots[h]` (indices into that head's current slots,
+    /// in the given order): per-head ragged budgets that really store fewer entries. The cache
+    /// then keeps one buffer per head; positions travel with their slots and `seen` is unchanged.
+    /// Not for a windowed (ring) or packed cache.
+    pub fn retain_heads(&mut self, slots: &[Vec<usize>]) -> Result<()> {
+        if self.window.is_some() || !self.packed.is_empty() {
+            bail!("KvCache::retain_heads: a windowed or packed cache cannot keep per-head slots")
+        }
+        let lens = self.head_lens();
+        if slots.len() != lens.len() {
+            bail!("KvCache::retain_heads: {} slot lists for {} KV heads", slots.len(), lens.len())
+        }
+        for (h, (s, &n)) in slots.iter().zip(&lens).enumerate() {
+            if let Some(&bad) = s.iter().find(|&&j| j >= n) {
+                bail!("KvCache::retain_heads: head {h} has no slot {bad} ({n} used)")
+            }
+            if s.is_empty() {
+                bail!("KvCache::retain_heads: head {h} would keep no slot (its queries would attend to nothing)")
+            }
+        }
+        let mut heads = Vec::with_capacity(slots.len());
+        for (h, s) in slots.iter().enumerate() {
+            let (k, v, pos) = self.head_kv(h)?.expect("every head has slots");
+            let idx = Tensor::new(s.iter().map(|&j| j as u32).collect::<Vec<_>>(), k.device())?;
+            let (kk, vk) = (k.contiguous()?.index_select(&idx, 2)?.contiguous()?, v.contiguous()?.index_select(&idx, 2)?.contiguous()?);
+            heads.push(HeadSlots { k: kk, v: vk, pos: s.iter().map(|&j| pos[j]).collect() });
+        }
+        self.heads = Some(heads);
+        self.k = None;
+        self.v = None;
+        self.pos.clear();
+        self.acc.clear();
+        Ok(())
+    }
+
+    /// Append t new keys and values (B, Hkv, t, hd) to a ragged cache, each head to its own slots;
+    /// returns what each head's queries attend over: its keys, values and their positions.
+    pub fn append_heads(&mut self, k: &Tensor, v: &Tensor) -> Result<Vec<(Tensor, Tensor, Vec<usize>)>> {
+        let t = k.dim(2)?;
+        let new_pos: Vec<usize> = (self.seen..self.seen + t).collect();
+        let Some(hs) = self.heads.as_mut() else { bail!("KvCache::append_heads: the cache is not ragged (use append)") };
+        if k.dim(1)? != hs.len() {
+            bail!("KvCache::append_heads: {} KV heads appended to a cache of {}", k.dim(1)?, hs.len())
+        }
+        self.seen += t;
+        let mut out = Vec::with_capacity(hs.len());
+        for (h, hd) in hs.iter_mut().enumerate() {
+            hd.push(&k.narrow(1, h, 1)?, &v.narrow(1, h, 1)?, &new_pos)?;
+            let (kk, vv) = hd.used()?;
+            out.push((kk, vv, hd.pos.clone()));
+        }
+        Ok(out)
     }
 
     /// Store older tokens packed by `packer` (None: all at full precision). Only on an empty cache
@@ -336,6 +479,13 @@ impl KvCache {
             self.k.as_ref().expect("allocated").slice_set(&kk, 2, 0)?;
             self.v.as_ref().expect("allocated").slice_set(&vk, 2, 0)?;
             self.pos = rest.iter().map(|&j| self.pos[j]).collect();
+        }
+        // The buffer never needs more than `residual + block` slots again (one-token appends pack
+        // as soon as it is full): give back what a long prefill or an up-front reservation took.
+        let want = (res + blk).max(self.pos.len());
+        if self.capacity() > want {
+            let like = self.k.clone().expect("allocated");
+            self.reallocate(&like, want)?;
         }
         Ok(())
     }
@@ -414,9 +564,12 @@ impl KvCache {
         self.seen
     }
 
-    /// Tokens held (packed and full-precision).
+    /// Tokens held (packed and full-precision; in a ragged cache, the most any head holds).
     pub fn len(&self) -> usize {
-        self.packed_pos.len() + self.pos.len()
+        match &self.heads {
+            Some(hs) => hs.iter().map(|h| h.pos.len()).max().unwrap_or(0),
+            None => self.packed_pos.len() + self.pos.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -436,25 +589,29 @@ impl KvCache {
         p
     }
 
-    /// Allocated slots.
+    /// Allocated slots (in a ragged cache, the largest head's).
     pub fn capacity(&self) -> usize {
+        if let Some(hs) = &self.heads {
+            return hs.iter().map(|h| h.k.dim(2).unwrap_or(0)).max().unwrap_or(0);
+        }
         self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0))
     }
 
     /// Bytes of the keys and values held: the used slots, plus the packed blocks.
     pub fn bytes(&self) -> usize {
+        if let Some(hs) = &self.heads {
+            return hs.iter().map(|h| h.slot_bytes() * h.pos.len()).sum();
+        }
         self.slot_bytes() * self.pos.len() + self.packed().1
     }
 
     /// Bytes one token takes at full precision (K and V, every head and batch row); 0 before the
     /// first append.
     pub fn slot_bytes(&self) -> usize {
-        let cap = self.capacity();
-        if cap == 0 {
-            0
-        } else {
-            self.buffer_bytes() / cap
+        if let Some(hs) = &self.heads {
+            return hs.iter().map(HeadSlots::slot_bytes).sum();
         }
+        self.buffer_bytes().checked_div(self.capacity()).unwrap_or(0)
     }
 
     fn buffer_bytes(&self) -> usize {
@@ -463,11 +620,17 @@ impl KvCache {
 
     /// Bytes allocated: both buffers at their capacity, plus the packed blocks (≥ [`KvCache::bytes`]).
     pub fn allocated_bytes(&self) -> usize {
+        if let Some(hs) = &self.heads {
+            return hs.iter().map(|h| tensor_bytes(&h.k) + tensor_bytes(&h.v)).sum();
+        }
         self.buffer_bytes() + self.packed().1
     }
 
     /// Every token held: K and V (B, H, len, hd), the packed blocks unpacked first.
     pub fn kv(&self) -> Result<Option<(Tensor, Tensor)>> {
+        if self.heads.is_some() {
+            bail!("KvCache::kv: the cache keeps ragged per-head slots (read them with head_kv)")
+        }
         let buf = self.buf_kv()?;
         if self.packed.is_empty() {
             return Ok(buf);
@@ -535,6 +698,9 @@ impl KvCache {
     /// is the old slots followed by all t new keys (the earliest new queries still see keys that
     /// the window then drops).
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, Vec<usize>)> {
+        if self.heads.is_some() {
+            bail!("KvCache::append: the cache keeps ragged per-head slots (use append_heads)")
+        }
         let t = k.dim(2)?;
         let new_pos: Vec<usize> = (self.seen..self.seen + t).collect();
         self.seen += t;
@@ -591,6 +757,17 @@ impl KvCache {
     /// eviction left unused is really freed (or room is made ahead); returns the bytes allocated
     /// after. A windowed cache keeps at least its window.
     pub fn shrink_to(&mut self, capacity: usize) -> Result<usize> {
+        if let Some(hs) = self.heads.as_mut() {
+            // Each head: what it holds plus the room the shared capacity leaves beyond the longest.
+            let longest = hs.iter().map(|h| h.pos.len()).max().unwrap_or(0);
+            let room = capacity.saturating_sub(longest);
+            for h in hs.iter_mut() {
+                if h.k.dim(2)? != h.pos.len() + room {
+                    h.reallocate(h.pos.len() + room)?;
+                }
+            }
+            return Ok(self.allocated_bytes());
+        }
         let Some(like) = self.k.clone() else { return Ok(0) };
         let cap = capacity.max(self.pos.len()).max(self.window.unwrap_or(0).min(self.capacity())).max(1);
         if cap != self.capacity() {
@@ -608,6 +785,9 @@ impl KvCache {
         }
         if !self.packed.is_empty() {
             bail!("KvCache::retain: the cache holds packed (quantised) tokens, which cannot be evicted")
+        }
+        if self.heads.is_some() {
+            bail!("KvCache::retain: the cache keeps ragged per-head slots (use retain_heads)")
         }
         let Some((k, v)) = self.buf_kv()? else { return Ok(()) };
         if !slots.is_empty() {

@@ -94,7 +94,8 @@ enum Cmd {
         #[arg(long, default_value_t = 128)]
         chunk: usize,
         /// With --press: how the kept entries are spread over layers, inline TOML:
-        /// 'type = "uniform"' (default) or 'type = "pyramid", beta = 20'.
+        /// 'type = "uniform"' (default), 'type = "pyramid", beta = 20', or 'type = "ragged"' (per-head
+        /// budgets: each KV head keeps its own entries, the layer's total shared by score).
         #[arg(long)]
         budget: Option<String>,
         /// With --model, instead of --press: read the text through a KIVI-quantised cache, inline

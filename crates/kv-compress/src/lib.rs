@@ -174,6 +174,11 @@ pub enum Budget {
         #[serde(default = "twenty")]
         beta: f64,
     },
+    /// Every layer keeps the same number of entries per KV head on average, but the heads of a
+    /// layer share that total by score (AdaKV's allocation, Feng et al. 2024, §3: the layer's
+    /// highest scores over all its heads, at least one per head), each head really storing only
+    /// its own ([`KvCache::retain_heads`]).
+    Ragged,
 }
 
 fn twenty() -> f64 {
@@ -302,11 +307,87 @@ pub fn compress_seen(states: &mut [LayerState], press: &dyn Press, ratio: f64, b
     let mut held = Vec::with_capacity(seen.len());
     for (l, s) in states.iter_mut().enumerate() {
         if let LayerState::Kv(c) = s {
-            compress_to(c, press, keeps.next().expect("one keep per attention layer"), l)?;
-            held.push(c.len());
+            let keep = keeps.next().expect("one keep per attention layer");
+            if *budget == Budget::Ragged {
+                compress_heads(c, press, keep, l)?;
+                // Entries per head on average.
+                let lens = c.head_lens();
+                held.push(lens.iter().sum::<usize>() / lens.len().max(1));
+            } else {
+                compress_to(c, press, keep, l)?;
+                held.push(c.len());
+            }
         }
     }
     Ok(held)
+}
+
+/// Per-head ragged eviction: every KV head's slots are scored as a one-head cache (its keys, its
+/// positions, its group of observed queries), and the layer keeps its `keep × heads` highest
+/// scores over all heads, at least one per head; each head then stores only its own
+/// ([`KvCache::retain_heads`]). Returns the slots each head keeps. Presses that accumulate
+/// (H2O) or hold per-head parameters (Q-Filters) do not score single heads here: an error.
+pub fn compress_heads(cache: &mut KvCache, press: &dyn Press, keep: usize, layer: usize) -> Result<Vec<usize>> {
+    let lens = cache.head_lens();
+    let hkv = lens.len();
+    if hkv == 0 || cache.is_empty() {
+        return Ok(lens);
+    }
+    let queries = cache.observed().map(|(q, p)| (q.clone(), p.to_vec()));
+    if press.observe().is_some() && queries.is_none() {
+        bail!("this press scores slots by attention, but the cache observed no queries (call observe_model before the forward pass)")
+    }
+    let group = match &queries {
+        Some((q, _)) => q.dim(1)? / hkv,
+        None => 1,
+    };
+    // (score, head, slot) over every head.
+    let mut all: Vec<(f32, usize, usize)> = Vec::new();
+    for h in 0..hkv {
+        let Some((k, v, pos)) = cache.head_kv(h)? else { continue };
+        let qh = match &queries {
+            Some((q, p)) => Some((q.narrow(1, h * group, group)?, p.clone())),
+            None => None,
+        };
+        let slots = Slots { k: &k, v: &v, pos: &pos, queries: qh.as_ref().map(|(q, p)| (q, p.as_slice())), running: None, keep, layer };
+        if press.accumulate(&slots)?.is_some() {
+            bail!("per-head budgets: a press that accumulates scores over compressions (H2O) is not supported")
+        }
+        let scores = press.score(&slots)?;
+        if scores.len() != pos.len() {
+            bail!("press returned {} scores for {} slots of head {h}", scores.len(), pos.len())
+        }
+        all.extend(scores.into_iter().enumerate().map(|(j, sc)| (sc, h, j)));
+    }
+    cache.clear_observed();
+    let total = keep * hkv;
+    if total >= all.len() {
+        return Ok(lens);
+    }
+    // Highest first; ties: the later slot first (the earlier goes), then the lower head.
+    all.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.2.cmp(&a.2)).then(a.1.cmp(&b.1)));
+    let mut kept: Vec<Vec<usize>> = vec![Vec::new(); hkv];
+    // Each head's best slot first, so no head is left without keys.
+    for &(_, h, j) in &all {
+        if kept[h].is_empty() {
+            kept[h].push(j);
+        }
+    }
+    let mut n = kept.iter().map(Vec::len).sum::<usize>();
+    for &(_, h, j) in &all {
+        if n >= total.max(hkv) {
+            break;
+        }
+        if kept[h].first() != Some(&j) {
+            kept[h].push(j);
+            n += 1;
+        }
+    }
+    for k in kept.iter_mut() {
+        k.sort_unstable();
+    }
+    cache.retain_heads(&kept)?;
+    Ok(kept.iter().map(Vec::len).collect())
 }
 
 /// [`compress`] every softmax-attention layer of a model's state (recurrent states are left as they

@@ -112,6 +112,9 @@ fn a_cache_packs_its_older_tokens() -> Result<()> {
     assert_eq!(c.packed(), (40, 5 * block));
     assert_eq!(c.bytes(), 5 * block + 5 * 2 * h * hd * 4);
     assert!(c.bytes() < full.bytes());
+    // The full-precision buffer gave back the 20-token prefill's room: at most residual + group
+    // slots stay allocated beside the packed store.
+    assert!(c.allocated_bytes() <= 5 * block + 12 * 2 * h * hd * 4, "{} allocated", c.allocated_bytes());
     // A clone is independent and equal.
     let d = c.clone();
     assert_eq!(d.packed(), c.packed());

@@ -374,3 +374,110 @@ fn pyramid_budget_keeps_the_total_and_decays_with_depth() -> Result<()> {
     assert!((uniform - pyramid).abs() < 1e-9, "{uniform} vs {pyramid}");
     Ok(())
 }
+
+/// Ragged per-head storage: each KV head keeps its own slots and positions, the bytes held are
+/// the sum over heads, appends continue every head at the original length, and the shared-slot
+/// operations refuse a ragged cache.
+#[test]
+fn ragged_heads_store_their_own_slots() -> Result<()> {
+    let k = Tensor::arange(0f32, 24.0, &Device::Cpu)?.reshape((1, 2, 6, 2))?;
+    let mut c = KvCache::with_capacity(6, None);
+    c.append(&k, &k)?;
+    let per_head_slot = 2 * 2 * 4; // K and V, hd 2, f32
+    assert!(c.retain_heads(&[vec![0, 1], vec![]]).is_err(), "a head must keep a slot");
+    assert!(c.retain_heads(&[vec![0, 9], vec![1]]).is_err());
+    c.retain_heads(&[vec![0, 2, 5], vec![3, 4]])?;
+    assert!(c.is_ragged());
+    assert_eq!(c.head_lens(), vec![3, 2]);
+    assert_eq!(c.bytes(), 5 * per_head_slot);
+    let (k1, _, p1) = c.head_kv(1)?.unwrap();
+    assert_eq!(p1, vec![3, 4]);
+    // Head 1's slot 3 holds key (12 + 2·3, 12 + 2·3 + 1).
+    assert_eq!(k1.flatten_all()?.to_vec1::<f32>()?, vec![18., 19., 20., 21.]);
+    let one = Tensor::full(100f32, (1, 2, 1, 2), &Device::Cpu)?;
+    let parts = c.append_heads(&one, &one)?;
+    assert_eq!(parts[0].2, vec![0, 2, 5, 6]);
+    assert_eq!(parts[1].2, vec![3, 4, 6]);
+    assert_eq!((c.seen(), c.head_lens()), (7, vec![4, 3]));
+    // Again, within each head's own slots.
+    c.retain_heads(&[vec![3], vec![0, 2]])?;
+    assert_eq!(c.head_kv(0)?.unwrap().2, vec![6]);
+    assert_eq!(c.head_kv(1)?.unwrap().2, vec![3, 6]);
+    assert_eq!(c.bytes(), 3 * per_head_slot);
+    assert!(c.append(&one, &one).is_err() && c.retain(&[0]).is_err() && c.kv().is_err());
+    // shrink_to: each head its slots plus the room the capacity leaves beyond the longest head.
+    assert_eq!(c.shrink_to(2)?, c.bytes());
+    assert_eq!(c.shrink_to(3)?, c.bytes() + 2 * per_head_slot);
+    Ok(())
+}
+
+/// A ragged cache whose heads keep the same slots decodes exactly as the shared eviction of those
+/// slots; different slots per head change the output.
+#[test]
+fn ragged_with_equal_slots_decodes_as_a_shared_eviction() -> Result<()> {
+    let (lm, _store) = tiny_lm(1, 8, 32)?;
+    let prompt = Tensor::new(&[[1u32, 5, 2, 7, 3, 9, 4, 11, 6, 8]], &Device::Cpu)?;
+    let keep = vec![0usize, 2, 5, 7, 9];
+    let decode = |how: u8| -> Result<Vec<f32>> {
+        let mut st = lm.new_cache();
+        lm.forward(&prompt, Some(&mut st), None)?;
+        for s in st.iter_mut() {
+            if let zoo_core::state::LayerState::Kv(c) = s {
+                match how {
+                    0 => c.retain(&keep)?,
+                    1 => c.retain_heads(&[keep.clone(), keep.clone()])?,
+                    _ => c.retain_heads(&[keep.clone(), vec![1, 3, 4, 8, 9]])?,
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for t in [13u32, 14, 15] {
+            out.extend(lm.forward(&Tensor::new(&[[t]], &Device::Cpu)?, Some(&mut st), None)?.logits.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    };
+    let (shared, ragged, other) = (decode(0)?, decode(1)?, decode(2)?);
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(diff(&shared, &ragged) < 1e-5, "{}", diff(&shared, &ragged));
+    assert!(diff(&shared, &other) > 1e-4);
+    Ok(())
+}
+
+/// compress_heads spreads a layer's budget over its heads by score (at least one slot each):
+/// with Knorm, the head whose keys are small keeps more.
+#[test]
+fn compress_heads_spreads_the_budget_by_score() -> Result<()> {
+    // Head 0: key norms 1, 2, 3, 4; head 1: 10, 20, 30, 40.
+    let data: Vec<f32> = [1f32, 2., 3., 4., 10., 20., 30., 40.].iter().flat_map(|&x| [x, 0.0]).collect();
+    let k = Tensor::from_vec(data, (1, 2, 4, 2), &Device::Cpu)?;
+    let mut c = KvCache::with_capacity(4, None);
+    c.append(&k, &k)?;
+    let kept = zoo_kv_compress::compress_heads(&mut c, PressConfig::Knorm.build()?.as_ref(), 2, 0)?;
+    assert_eq!(kept, vec![3, 1]);
+    assert_eq!(c.head_kv(0)?.unwrap().2, vec![0, 1, 2]);
+    assert_eq!(c.head_kv(1)?.unwrap().2, vec![0]);
+    // H2O accumulates over compressions: refused per head.
+    let mut d = KvCache::with_capacity(4, None);
+    d.set_observe(Some(4));
+    d.append(&k, &k)?;
+    d.observe(&k)?;
+    assert!(zoo_kv_compress::compress_heads(&mut d, PressConfig::H2o { recent: 0.5 }.build()?.as_ref(), 2, 0).is_err());
+    Ok(())
+}
+
+/// A ragged budget through streaming NLL: ratio 0 is the full context's NLL; at 0.5 the heads
+/// hold half the tokens read on average.
+#[test]
+fn ragged_budget_in_streaming_nll() -> Result<()> {
+    use zoo_kv_compress::{streaming_nll, Budget};
+    let (lm, _store) = tiny_lm(2, 8, 64)?;
+    let ids: Vec<u32> = (0..40).map(|i| (i * 7 % 16) as u32).collect();
+    let knorm = PressConfig::Knorm.build()?;
+    let (full, n, _) = streaming_nll(&lm, &ids, 8, Some(knorm.as_ref()), 0.0, &Budget::Ragged)?;
+    let (shared, _, _) = streaming_nll(&lm, &ids, 8, Some(knorm.as_ref()), 0.0, &Budget::Uniform)?;
+    assert!((full - shared).abs() < 1e-9 && n == 39);
+    let (half, _, held) = streaming_nll(&lm, &ids, 8, Some(knorm.as_ref()), 0.5, &Budget::Ragged)?;
+    assert!(half.is_finite() && (half - full).abs() > 1e-6);
+    assert!(held > 0.0 && held < 24.0, "held {held}");
+    Ok(())
+}

@@ -105,7 +105,7 @@ impl GateStatsConfig {
         if !(2..=4).contains(&self.experts.len()) {
             return Err(format!("experts: {} given, 2 to 4 supported (errors match experts by permutation)", self.experts.len()));
         }
-        if let Some(i) = self.experts.iter().position(|e| !(e.sigma > 0.0)) {
+        if let Some(i) = self.experts.iter().position(|e| e.sigma.is_nan() || e.sigma <= 0.0) {
             return Err(format!("experts[{i}].sigma: must be positive"));
         }
         Ok(())
