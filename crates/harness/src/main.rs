@@ -138,6 +138,9 @@ enum Cmd {
         ratio: f64,
         #[arg(long)]
         compress_every: Option<usize>,
+        /// With --press: how the kept entries are spread over layers and heads, as `eval --budget`.
+        #[arg(long = "budget")]
+        gen_budget: Option<String>,
         /// KIVI-quantised caches instead of a press, inline TOML as `eval --kivi`
         /// ('bits = 2, residual = 128'); --stats records the bytes held.
         #[arg(long)]
@@ -454,6 +457,7 @@ fn real_main() -> Result<i32> {
             press,
             ratio,
             compress_every,
+            gen_budget,
             kivi,
         } => {
             let press_cfg = press.as_deref().map(parse_press).transpose()?;
@@ -501,7 +505,19 @@ fn real_main() -> Result<i32> {
             };
             let o = zoo_harness::pretrained::GenOpts { max_tokens: *max_tokens, temperature: *temperature, top_p: *top_p, seed: *seed, packer };
             let built = press_cfg.as_ref().map(|c| c.build()).transpose()?;
-            let gp = built.as_ref().map(|b| zoo_harness::pretrained::GenPress { press: b.as_ref(), ratio: *ratio, every: *compress_every });
+            let budget = match gen_budget {
+                Some(b) => {
+                    let b: zoo_kv_compress::Budget = parse_inline("budget", b)?;
+                    b.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
+                    if press_cfg.is_none() {
+                        bail!("--budget: needs --press");
+                    }
+                    b
+                }
+                None => Default::default(),
+            };
+            let budget_json = serde_json::to_value(&budget)?;
+            let gp = built.as_ref().map(|b| zoo_harness::pretrained::GenPress { press: b.as_ref(), ratio: *ratio, every: *compress_every, budget: budget.clone() });
             for _ in 0..*warmup {
                 let w = zoo_harness::pretrained::GenOpts { max_tokens: 2, ..o.clone() };
                 zoo_harness::pretrained::generate(&p.model, ids.get_ids(), None, &w, &env.device, gp.as_ref(), |_| Ok(()))?;
@@ -537,6 +553,7 @@ fn real_main() -> Result<i32> {
                     "decode_tokens_per_s": n.saturating_sub(1) as f64 / stats.decode_seconds.max(1e-9),
                     "press": press_cfg.as_ref().map(serde_json::to_value).transpose()?,
                     "kivi": kivi_cfg.as_ref().map(serde_json::to_value).transpose()?,
+                    "budget": budget_json,
                     "ratio": ratio,
                     "compress_every": compress_every,
                     "compressions": stats.compressions,

@@ -935,11 +935,13 @@ pub struct GenPress<'a> {
     pub press: &'a dyn zoo_kv_compress::Press,
     pub ratio: f64,
     pub every: Option<usize>,
+    /// How the kept entries are spread over layers (and, ragged, over KV heads).
+    pub budget: zoo_kv_compress::Budget,
 }
 
 impl GenPress<'_> {
     fn apply(&self, cache: &mut [LayerState], room: usize) -> Result<()> {
-        zoo_kv_compress::compress_seen(cache, self.press, self.ratio, &Default::default())?;
+        zoo_kv_compress::compress_seen(cache, self.press, self.ratio, &self.budget)?;
         for s in cache.iter_mut() {
             if let LayerState::Kv(c) = s {
                 c.shrink_to(c.len() + room)?;

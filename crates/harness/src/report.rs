@@ -616,7 +616,10 @@ fn generate_report(gens: &[Value]) -> String {
         match v["press"].as_object() {
             Some(o) if v["ratio"].as_f64().unwrap_or(0.0) > 0.0 => {
                 let t = o.get("type").and_then(|t| t.as_str()).unwrap_or("?");
-                format!("{t} @ {}", v["ratio"])
+                match v["budget"]["type"].as_str() {
+                    Some(b) if b != "uniform" => format!("{t} @ {}, {}", v["ratio"], press_name(&v["budget"])),
+                    _ => format!("{t} @ {}", v["ratio"]),
+                }
             }
             _ => "full cache".to_string(),
         }

@@ -448,10 +448,10 @@ fn generation_with_a_press_frees_the_evicted_bytes() -> anyhow::Result<()> {
     assert_eq!(plain.kv_bytes, plain.kv_full_bytes);
     for cfg in [PressConfig::Knorm, PressConfig::SnapKv { window: 4, kernel: 3 }, PressConfig::H2o { recent: 0.5 }] {
         let press = cfg.build()?;
-        let none = GenPress { press: press.as_ref(), ratio: 0.0, every: Some(4) };
+        let none = GenPress { press: press.as_ref(), ratio: 0.0, every: Some(4), budget: Default::default() };
         let same = generate(&p.model, &prompt, None, &o, &env.device, Some(&none), |_| Ok(()))?;
         assert_eq!(same.generated, plain.generated, "{cfg:?}");
-        let half = GenPress { press: press.as_ref(), ratio: 0.5, every: Some(4) };
+        let half = GenPress { press: press.as_ref(), ratio: 0.5, every: Some(4), budget: Default::default() };
         let s = generate(&p.model, &prompt, None, &o, &env.device, Some(&half), |_| Ok(()))?;
         // After the prefill, and after decoded tokens 4 and 8.
         assert_eq!(s.compressions, 3, "{cfg:?}");
@@ -462,6 +462,13 @@ fn generation_with_a_press_frees_the_evicted_bytes() -> anyhow::Result<()> {
         // Room left for one more token (max_tokens 9 - 8 done).
         assert_eq!(s.kv_allocated_bytes, s.kv_bytes + per_token, "{cfg:?}");
     }
+    // Ragged per-head budgets while generating: the heads together hold half the tokens seen.
+    let knorm = PressConfig::Knorm.build()?;
+    let ragged = GenPress { press: knorm.as_ref(), ratio: 0.5, every: Some(4), budget: zoo_kv_compress::Budget::Ragged };
+    let s = generate(&p.model, &prompt, None, &o, &env.device, Some(&ragged), |_| Ok(()))?;
+    let seen = prompt.len() + 8;
+    assert_eq!(s.generated.len(), 9);
+    assert_eq!(s.kv_bytes, zoo_kv_compress::keep_count(seen, 0.5) * (plain.kv_full_bytes / seen));
     Ok(())
 }
 
