@@ -98,6 +98,11 @@ enum Cmd {
         /// budgets: each KV head keeps its own entries, the layer's total shared by score).
         #[arg(long)]
         budget: Option<String>,
+        /// With --model, instead of --press: DuoAttention heads, inline TOML 'path = "duo.json",
+        /// retrieval = 0.5' (scores from `zoo kv duo-calibrate`; that share of the KV heads keeps
+        /// everything, the rest sinks + window, evicted after every chunk).
+        #[arg(long)]
+        duo: Option<String>,
         /// With --model, instead of --press: read the text through a KIVI-quantised cache, inline
         /// TOML: 'bits = 2' (2, 4, 8), key_axis / value_axis = "channel" | "token" (defaults:
         /// channel / token), group (default 32), residual (default 128 tokens at full precision).
@@ -224,6 +229,25 @@ enum KvCmd {
         /// At most this many pieces.
         #[arg(long, default_value_t = 16)]
         pieces: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// DuoAttention's scoring pass: every KV head's output deviation when it attends only to the
+    /// sinks and a recent window, averaged over pieces of a text; saved as JSON for
+    /// `zoo eval --duo 'path = "…", retrieval = 0.5'`.
+    DuoCalibrate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 8)]
+        pieces: usize,
+        #[arg(long, default_value_t = 4)]
+        sinks: usize,
+        #[arg(long, default_value_t = 64)]
+        window: usize,
         #[arg(long)]
         out: PathBuf,
     },
@@ -390,7 +414,20 @@ fn real_main() -> Result<i32> {
             }
         }
         Cmd::Report { dir } => println!("{}", report::report(dir)?),
-        Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized, press, ratio, chunk, budget, kivi } => {
+        Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized, press, ratio, chunk, budget, kivi, duo } => {
+            if let Some(d) = duo {
+                if press.is_some() || kivi.is_some() {
+                    bail!("--duo: give it alone (not with --press or --kivi)");
+                }
+                let m = model.as_ref().context("--duo: needs --model (a pretrained model)")?;
+                let cfg: zoo_kv_compress::duo::DuoConfig = parse_inline("duo", d)?;
+                if *chunk == 0 {
+                    bail!("--chunk: must be at least 1");
+                }
+                let out = zoo_harness::pretrained::evaluate_model_duo(m, text, &cfg, *chunk, &env()?)?;
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(0);
+            }
             if budget.is_some() && press.is_none() {
                 bail!("--budget: needs --press");
             }
@@ -582,6 +619,20 @@ fn real_main() -> Result<i32> {
             }
             let j = zoo_harness::pretrained::calibrate_qfilters_to(model, text, *seq_len, *pieces, out, &env()?)?;
             println!("{}", serde_json::to_string_pretty(&j)?);
+        }
+        Cmd::Kv { cmd: KvCmd::DuoCalibrate { model, text, seq_len, pieces, sinks, window, out } } => {
+            if *pieces == 0 {
+                bail!("--pieces: must be at least 1");
+            }
+            let env = env()?;
+            let p = zoo_harness::pretrained::load_with(model, &env, Default::default())?;
+            let ids = zoo_harness::pretrained::text_ids(&p, model, text)?;
+            let scores = zoo_harness::pretrained::calibrate_duo(&p, &ids, *seq_len, *pieces, *sinks, *window)?;
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            zoo_harness::env::write_atomic(out, serde_json::to_string_pretty(&scores)?.as_bytes())?;
+            println!("{}", serde_json::to_string_pretty(&scores)?);
         }
         Cmd::GateStats { config, results_dir } => {
             let out = zoo_harness::gate_stats::run(config, results_dir, &env()?)?;

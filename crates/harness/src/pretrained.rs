@@ -551,7 +551,7 @@ pub fn evaluate_model(model: &Path, text: &Path, window: usize, quantized: bool,
 }
 
 /// The token ids of a text file under a pretrained model's tokenizer (`model`: its path, for errors).
-fn text_ids(p: &Pretrained, model: &Path, text: &Path) -> Result<Vec<u32>> {
+pub fn text_ids(p: &Pretrained, model: &Path, text: &Path) -> Result<Vec<u32>> {
     let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     let tok = p.tokenizer.as_ref().with_context(|| format!("{}: no tokenizer (tokenizer.json) to read the text with", model.display()))?;
     let ids = tok.encode(body.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?;
@@ -615,7 +615,7 @@ pub fn evaluate_model_kivi(model: &Path, text: &Path, kivi: &zoo_kv_compress::ki
     let packer = zoo_kv_compress::kivi::Kivi::new(kivi, hd).map_err(|e| anyhow::anyhow!("--{e}"))?;
     let ids = text_ids_in_context(&p, model, text)?;
     let t1 = std::time::Instant::now();
-    let s = zoo_kv_compress::streaming_nll_with(&p.model, &ids, chunk, None, 0.0, &Default::default(), Some(std::sync::Arc::new(packer)))?;
+    let s = zoo_kv_compress::streaming_nll_with(&p.model, &ids, chunk, None, 0.0, &Default::default(), Some(std::sync::Arc::new(packer)), None)?;
     env.sync()?;
     let secs = t1.elapsed().as_secs_f64();
     Ok(serde_json::json!({
@@ -1108,32 +1108,87 @@ mod tests {
 /// group's heads, summed over the queries), and records that Spearman correlation. Returns
 /// filters (layers, KV heads, head dim) and correlations (layers, KV heads); non-attention layers
 /// get zeros.
+/// Read `n` pieces of `seq_len` tokens, each through fresh caches that observe every query, and
+/// call `visit(layer, queries, keys, values)` for every attention layer of every piece.
+fn calibration_pass(p: &Pretrained, ids: &[u32], seq_len: usize, n: usize, visit: &mut dyn FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>) -> Result<()> {
+    let dev = p.model.embed.weight.device().clone();
+    for c in 0..n {
+        let mut cache = p.model.new_cache_with_capacity(seq_len);
+        zoo_kv_compress::observe_window(&mut cache, Some(seq_len));
+        let x = Tensor::new(&ids[c * seq_len..(c + 1) * seq_len], &dev)?.unsqueeze(0)?;
+        p.model.forward_keep(&x, Some(&mut cache), None, Some(1))?;
+        for (l, s) in cache.iter().enumerate() {
+            if let LayerState::Kv(kv) = s {
+                let (q, _) = kv.observed().context("calibration: no queries observed")?;
+                let (k, v) = kv.kv()?.context("calibration: empty cache")?;
+                visit(l, q, &k, &v)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// DuoAttention's scoring pass ([`zoo_kv_compress::duo`]): for `chunks` pieces of `seq_len`
+/// tokens, each attention layer's KV heads are scored by the relative output deviation of
+/// streaming attention (sinks + window) from full attention over every query of the piece,
+/// averaged over pieces.
+pub fn calibrate_duo(p: &Pretrained, ids: &[u32], seq_len: usize, chunks: usize, sinks: usize, window: usize) -> Result<zoo_kv_compress::duo::DuoScores> {
+    anyhow::ensure!(seq_len >= 2, "--seq-len: must be at least 2");
+    anyhow::ensure!(window >= 1, "--window: must be at least 1");
+    let n = (ids.len() / seq_len).min(chunks);
+    anyhow::ensure!(n >= 1, "the text has {} tokens, fewer than one piece of --seq-len {seq_len}", ids.len());
+    let mut sums: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    calibration_pass(p, ids, seq_len, n, &mut |l, q, k, v| {
+        let pos: Vec<usize> = (0..k.dim(2)?).collect();
+        let d = zoo_kv_compress::duo::streaming_deviation(q, &pos, k, v, &pos, sinks, window)?;
+        let e = sums.entry(l).or_insert_with(|| vec![0.0; d.len()]);
+        e.iter_mut().zip(d).for_each(|(a, b)| *a += b as f64 / n as f64);
+        Ok(())
+    })?;
+    Ok(zoo_kv_compress::duo::DuoScores { sinks, window, deviation: sums.into_values().map(|v| v.into_iter().map(|x| x as f32).collect()).collect() })
+}
+
+/// `zoo eval --duo`: the text read in `chunk`-token pieces, DuoAttention's streaming heads keeping
+/// only sinks + window after each; perplexity and the entries and bytes held.
+pub fn evaluate_model_duo(model: &Path, text: &Path, duo: &zoo_kv_compress::duo::DuoConfig, chunk: usize, env: &Env) -> Result<serde_json::Value> {
+    let plan = duo.build().map_err(|e| anyhow::anyhow!("--{e}"))?;
+    let p = load_with(model, env, LoadOpts::default())?;
+    let ids = text_ids_in_context(&p, model, text)?;
+    let t1 = std::time::Instant::now();
+    let s = zoo_kv_compress::streaming_nll_with(&p.model, &ids, chunk, None, 0.0, &Default::default(), None, Some(&plan))?;
+    env.sync()?;
+    let secs = t1.elapsed().as_secs_f64();
+    Ok(serde_json::json!({
+        "schema": crate::schema::DUO_SCHEMA,
+        "model": model.display().to_string(),
+        "text": text.display().to_string(),
+        "tokens": ids.len(),
+        "scored": s.n,
+        "duo": serde_json::to_value(duo)?,
+        "sinks": plan.sinks,
+        "window": plan.window,
+        "retrieval_heads": plan.retrieval.iter().map(|r| r.iter().filter(|&&x| x).count()).sum::<usize>(),
+        "heads": plan.retrieval.iter().map(Vec::len).sum::<usize>(),
+        "chunk": chunk,
+        "perplexity": (s.sum / s.n as f64).exp(),
+        "nll_per_token": s.sum / s.n as f64,
+        "mean_entries_held": if s.held.is_finite() { serde_json::json!(s.held) } else { serde_json::Value::Null },
+        "kv_bytes": s.bytes,
+        "kv_full_bytes": s.full_bytes,
+        "eval_seconds": secs,
+        "env": env.record(),
+    }))
+}
+
 pub fn calibrate_qfilters(p: &Pretrained, ids: &[u32], seq_len: usize, chunks: usize) -> Result<(Tensor, Tensor)> {
     anyhow::ensure!(seq_len >= 2, "--seq-len: must be at least 2");
     let n = (ids.len() / seq_len).min(chunks);
     anyhow::ensure!(n >= 1, "the text has {} tokens, fewer than one piece of --seq-len {seq_len}", ids.len());
-    let dev = p.model.embed.weight.device().clone();
-    // One forward per piece; `visit(layer, queries, keys)` for every attention layer.
-    let pass = |visit: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<()>| -> Result<()> {
-        for c in 0..n {
-            let mut cache = p.model.new_cache_with_capacity(seq_len);
-            zoo_kv_compress::observe_window(&mut cache, Some(seq_len));
-            let x = Tensor::new(&ids[c * seq_len..(c + 1) * seq_len], &dev)?.unsqueeze(0)?;
-            p.model.forward_keep(&x, Some(&mut cache), None, Some(1))?;
-            for (l, s) in cache.iter().enumerate() {
-                if let LayerState::Kv(kv) = s {
-                    let (q, _) = kv.observed().context("calibration: no queries observed")?;
-                    let (k, _) = kv.kv()?.context("calibration: empty cache")?;
-                    visit(l, q, &k)?;
-                }
-            }
-        }
-        Ok(())
-    };
+    let pass = |visit: &mut dyn FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>| calibration_pass(p, ids, seq_len, n, visit);
     let layers = p.model.blocks.len();
     let mut dims: Option<(usize, usize, usize)> = None; // (H, Hkv, hd)
     let mut gram: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
-    pass(&mut |l, q, k| {
+    pass(&mut |l, q, k, _| {
         let (_, h, _, hd) = q.dims4()?;
         let hkv = k.dim(1)?;
         dims = Some((h, hkv, hd));
@@ -1151,7 +1206,7 @@ pub fn calibrate_qfilters(p: &Pretrained, ids: &[u32], seq_len: usize, chunks: u
         gram.iter().map(|(&key, g)| (key, zoo_kv_compress::qfilters::top_eigenvector(g, hd))).collect();
     // Orientation: projections and received attention, pooled over pieces.
     let mut proj: BTreeMap<(usize, usize), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
-    pass(&mut |l, q, k| {
+    pass(&mut |l, q, k, _| {
         let pos: Vec<usize> = (0..k.dim(2)?).collect();
         let a = zoo_kv_compress::attention(q, &pos, k, &pos)?; // (1, H, T, T)
         let received = a.sum(2)?.squeeze(0)?; // (H, T)

@@ -1,6 +1,6 @@
 //! `zoo report`: results folder → markdown table (mean ± std over seeds, best over learning rates).
 
-use crate::schema::{RunResult, BENCH_SCHEMA, GATE_STATS_SCHEMA, GENERATE_SCHEMA, KIVI_SCHEMA, NEEDLE_SCHEMA, PRESS_SCHEMA, RESULT_SCHEMA};
+use crate::schema::{RunResult, BENCH_SCHEMA, DUO_SCHEMA, GATE_STATS_SCHEMA, GENERATE_SCHEMA, KIVI_SCHEMA, NEEDLE_SCHEMA, PRESS_SCHEMA, RESULT_SCHEMA};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -427,13 +427,16 @@ pub fn report(dir: &Path) -> Result<String> {
             let needles: Vec<Value> = load_schema_paths(dir, NEEDLE_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
             let kivis: Vec<Value> = load_schema_paths(dir, KIVI_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
             let gates: Vec<Value> = load_schema_paths(dir, GATE_STATS_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
+            let duos: Vec<Value> = load_schema_paths(dir, DUO_SCHEMA)?.into_iter().map(|(_, v)| v).collect();
             anyhow::ensure!(
-                !evals.is_empty() || !gens.is_empty() || !needles.is_empty() || !kivis.is_empty() || !gates.is_empty(),
-                "no result, bench, press-eval, kivi-eval, gate-stats, generate or needle JSON in {}",
+                !evals.is_empty() || !gens.is_empty() || !needles.is_empty() || !kivis.is_empty() || !gates.is_empty() || !duos.is_empty(),
+                "no result, bench, press-eval, kivi-eval, duo-eval, gate-stats, generate or needle JSON in {}",
                 dir.display()
             );
             let (md, plots) = if let Some(g) = gates.first() {
                 gate_stats_report(g)
+            } else if !duos.is_empty() {
+                (duo_report(&duos, &evals), vec![])
             } else if !kivis.is_empty() {
                 (kivi_report(&kivis, &evals), vec![])
             } else if !evals.is_empty() {
@@ -509,6 +512,37 @@ fn press_report(evals: &[Value]) -> Result<(String, Vec<(String, String)>)> {
     }
     let svg = line_chart("Perplexity vs compression ratio", "ratio (share of the cache evicted)", "perplexity", &series, true);
     Ok((md, vec![("press_ppl.svg".to_string(), svg)]))
+}
+
+/// DuoAttention evaluations (`zoo eval --duo`, [`DUO_SCHEMA`]): perplexity and KV bytes per share
+/// of retrieval heads, against the full cache when the folder holds its press evaluation at ratio 0.
+fn duo_report(duos: &[Value], evals: &[Value]) -> String {
+    let full = evals.iter().find(|v| v["ratio"].as_f64() == Some(0.0)).and_then(|v| v["perplexity"].as_f64());
+    let share = |v: &Value| v["duo"]["retrieval"].as_f64().unwrap_or(f64::NAN);
+    let mut rows: Vec<&Value> = duos.iter().collect();
+    rows.sort_by(|a, b| share(b).total_cmp(&share(a)));
+    let mut md = format!(
+        "# DuoAttention heads: perplexity and KV bytes\n\n{} Streaming heads keep {} sinks and a window of {}. Full cache: {}.\n\n| retrieval share | retrieval heads | perplexity | vs full | entries per head (mean) | KV bytes | held / full |\n|---|---|---|---|---|---|---|\n",
+        reading(rows[0], "after each chunk every streaming head evicts what lies outside its sinks and window"),
+        rows[0]["sinks"],
+        rows[0]["window"],
+        full.map_or("no ratio-0 press evaluation here".to_string(), |f| format!("perplexity {f:.2}")),
+    );
+    for v in rows {
+        let ppl = v["perplexity"].as_f64().unwrap_or(f64::NAN);
+        let (b, fb) = (v["kv_bytes"].as_u64().unwrap_or(0), v["kv_full_bytes"].as_u64().unwrap_or(0));
+        md.push_str(&format!(
+            "| {} | {} of {} | {ppl:.2} | {} | {:.1} | {} | {:.3} |\n",
+            share(v),
+            v["retrieval_heads"],
+            v["heads"],
+            full.map_or("–".to_string(), |f| format!("{:+.2}", ppl - f)),
+            v["mean_entries_held"].as_f64().unwrap_or(f64::NAN),
+            bytes(b),
+            b as f64 / fb.max(1) as f64,
+        ));
+    }
+    md
 }
 
 /// `zoo gate-stats` ([`GATE_STATS_SCHEMA`]): mean parameter errors per (gate, n), their log-log

@@ -19,6 +19,8 @@ pub const PRESS_SCHEMA: &str = "zoo.press-eval/1";
 /// `zoo eval --kivi`: perplexity and KV bytes of a pretrained model reading a text through a
 /// KIVI-quantised cache.
 pub const KIVI_SCHEMA: &str = "zoo.kivi-eval/1";
+/// `zoo eval --duo`: perplexity and KV bytes with DuoAttention's streaming heads.
+pub const DUO_SCHEMA: &str = "zoo.duo-eval/1";
 /// `zoo gate-stats`: parameter errors of Gaussian-MoE fits against sample size, per gate.
 pub const GATE_STATS_SCHEMA: &str = "zoo.gate-stats/1";
 /// The `--stats` JSON of `zoo generate`: counts, timings and KV bytes of one generation.

@@ -27,6 +27,7 @@
 //! # Ok::<(), zoo_core::candle_core::Error>(())
 //! ```
 
+pub mod duo;
 pub mod h2o;
 pub mod kivi;
 pub mod knorm;
@@ -409,7 +410,7 @@ pub fn compress_model(states: &mut [LayerState], press: &dyn Press, ratio: f64) 
 /// cache. Returns (NLL sum, tokens scored, mean entries held per layer after each compression).
 /// With ratio 0 (or no press) this is the model's plain full-context NLL, chunk by chunk.
 pub fn streaming_nll(model: &Lm, ids: &[u32], chunk: usize, press: Option<&dyn Press>, ratio: f64, budget: &Budget) -> Result<(f64, usize, f64)> {
-    let s = streaming_nll_with(model, ids, chunk, press, ratio, budget, None)?;
+    let s = streaming_nll_with(model, ids, chunk, press, ratio, budget, None, None)?;
     Ok((s.sum, s.n, s.held))
 }
 
@@ -444,7 +445,9 @@ pub struct StreamNll {
 }
 
 /// [`streaming_nll`], with every attention layer's cache packing its older tokens by `packer`
-/// (KIVI: [`kivi::Kivi`]) when given, and the bytes held at the end.
+/// (KIVI: [`kivi::Kivi`]) when given, or DuoAttention's streaming heads evicting after every chunk
+/// (`duo`), and the bytes held at the end.
+#[allow(clippy::too_many_arguments)]
 pub fn streaming_nll_with(
     model: &Lm,
     ids: &[u32],
@@ -453,6 +456,7 @@ pub fn streaming_nll_with(
     ratio: f64,
     budget: &Budget,
     packer: Option<std::sync::Arc<dyn zoo_core::state::KvPacker>>,
+    duo: Option<&duo::DuoPlan>,
 ) -> Result<StreamNll> {
     if let Err(e) = check_ratio(ratio) {
         bail!("{e}")
@@ -489,6 +493,16 @@ pub fn streaming_nll_with(
             // Every layer has seen the `end` tokens read so far.
             let per_layer = compress_seen(&mut cache, p, ratio, budget)?;
             held += per_layer.iter().sum::<usize>() as f64 / per_layer.len().max(1) as f64;
+            points += 1;
+        }
+        if let Some(plan) = duo {
+            plan.apply(&mut cache)?;
+            // Entries per KV head, averaged over heads and layers.
+            let lens: Vec<f64> = cache
+                .iter()
+                .filter_map(|s| if let LayerState::Kv(c) = s { let l = c.head_lens(); Some(l.iter().sum::<usize>() as f64 / l.len().max(1) as f64) } else { None })
+                .collect();
+            held += lens.iter().sum::<f64>() / lens.len().max(1) as f64;
             points += 1;
         }
     }
