@@ -415,15 +415,20 @@ fn real_main() -> Result<i32> {
         }
         Cmd::Report { dir } => println!("{}", report::report(dir)?),
         Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized, press, ratio, chunk, budget, kivi, duo } => {
+            // What every reading of a text through a pretrained model's cache needs.
+            let reading = |flag: &str| -> Result<&PathBuf> {
+                let m = model.as_ref().with_context(|| format!("--{flag}: needs --model (a pretrained model)"))?;
+                if *chunk == 0 {
+                    bail!("--chunk: must be at least 1");
+                }
+                Ok(m)
+            };
             if let Some(d) = duo {
                 if press.is_some() || kivi.is_some() {
                     bail!("--duo: give it alone (not with --press or --kivi)");
                 }
-                let m = model.as_ref().context("--duo: needs --model (a pretrained model)")?;
+                let m = reading("duo")?;
                 let cfg: zoo_kv_compress::duo::DuoConfig = parse_inline("duo", d)?;
-                if *chunk == 0 {
-                    bail!("--chunk: must be at least 1");
-                }
                 let out = zoo_harness::pretrained::evaluate_model_duo(m, text, &cfg, *chunk, &env()?)?;
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 return Ok(0);
@@ -435,21 +440,15 @@ fn real_main() -> Result<i32> {
                 if press.is_some() {
                     bail!("--kivi: a quantised cache and a press do not combine (give one)");
                 }
-                let m = model.as_ref().context("--kivi: needs --model (a pretrained model)")?;
+                let m = reading("kivi")?;
                 let cfg: zoo_kv_compress::kivi::KiviConfig = parse_inline("kivi", k)?;
-                if *chunk == 0 {
-                    bail!("--chunk: must be at least 1");
-                }
                 let out = zoo_harness::pretrained::evaluate_model_kivi(m, text, &cfg, *chunk, &env()?)?;
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 return Ok(0);
             }
             if let Some(press) = press {
-                let m = model.as_ref().context("--press: needs --model (a pretrained model)")?;
+                let m = reading("press")?;
                 let cfg = parse_press(press)?;
-                if *chunk == 0 {
-                    bail!("--chunk: must be at least 1");
-                }
                 zoo_kv_compress::check_ratio(*ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
                 let budget = match budget {
                     Some(b) => {
