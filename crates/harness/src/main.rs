@@ -146,6 +146,10 @@ enum Cmd {
         /// With --press: how the kept entries are spread over layers and heads, as `eval --budget`.
         #[arg(long = "budget")]
         gen_budget: Option<String>,
+        /// DuoAttention heads, inline TOML as `eval --duo`: applied after the prefill and every
+        /// --compress-every tokens (default 16).
+        #[arg(long = "duo")]
+        gen_duo: Option<String>,
         /// KIVI-quantised caches instead of a press, inline TOML as `eval --kivi`
         /// ('bits = 2, residual = 128'); --stats records the bytes held.
         #[arg(long)]
@@ -494,11 +498,12 @@ fn real_main() -> Result<i32> {
             ratio,
             compress_every,
             gen_budget,
+            gen_duo,
             kivi,
         } => {
             let press_cfg = press.as_deref().map(parse_press).transpose()?;
-            if press_cfg.is_none() && (*ratio != 0.0 || compress_every.is_some()) {
-                bail!("--ratio / --compress-every: need --press");
+            if press_cfg.is_none() && (*ratio != 0.0 || (compress_every.is_some() && gen_duo.is_none())) {
+                bail!("--ratio / --compress-every: need --press (or --duo, for --compress-every)");
             }
             zoo_kv_compress::check_ratio(*ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
             if *compress_every == Some(0) {
@@ -539,7 +544,17 @@ fn real_main() -> Result<i32> {
                 }
                 None => None,
             };
-            let o = zoo_harness::pretrained::GenOpts { max_tokens: *max_tokens, temperature: *temperature, top_p: *top_p, seed: *seed, packer };
+            let duo_plan = match gen_duo {
+                Some(d) => {
+                    let cfg: zoo_kv_compress::duo::DuoConfig = parse_inline("duo", d)?;
+                    if press_cfg.is_some() || kivi_cfg.is_some() {
+                        bail!("--duo: give it alone (not with --press or --kivi)");
+                    }
+                    Some((cfg.build().map_err(|e| anyhow::anyhow!("--{e}"))?, compress_every.unwrap_or(16)))
+                }
+                None => None,
+            };
+            let o = zoo_harness::pretrained::GenOpts { max_tokens: *max_tokens, temperature: *temperature, top_p: *top_p, seed: *seed, packer, duo: duo_plan };
             let built = press_cfg.as_ref().map(|c| c.build()).transpose()?;
             let budget = match gen_budget {
                 Some(b) => {
@@ -590,6 +605,7 @@ fn real_main() -> Result<i32> {
                     "press": press_cfg.as_ref().map(serde_json::to_value).transpose()?,
                     "kivi": kivi_cfg.as_ref().map(serde_json::to_value).transpose()?,
                     "budget": budget_json,
+                    "duo": gen_duo.as_deref().map(|d| parse_inline::<zoo_kv_compress::duo::DuoConfig>("duo", d)).transpose()?.map(|c| serde_json::to_value(c)).transpose()?,
                     "ratio": ratio,
                     "compress_every": compress_every,
                     "compressions": stats.compressions,

@@ -55,7 +55,7 @@ pub fn run(
     let dev = p.model.embed.weight.device().clone();
     let built: Vec<_> = presses.iter().map(|c| c.build()).collect::<zoo_core::candle_core::Result<_>>()?;
     let window = built.iter().filter_map(|b| b.observe()).max();
-    let greedy = GenOpts { max_tokens: o.answer_tokens, temperature: 0.0, top_p: 1.0, seed: 0, packer: None };
+    let greedy = GenOpts { max_tokens: o.answer_tokens, temperature: 0.0, top_p: 1.0, seed: 0, packer: None, duo: None };
     let mut cells = Vec::new();
     let mut rng = zoo_core::rng::Rng::new(o.seed);
     for &length in &o.lengths {

@@ -910,6 +910,8 @@ pub struct GenOpts {
     pub seed: u64,
     /// Pack older tokens of every attention layer's cache (KIVI: `zoo_kv_compress::kivi::Kivi`).
     pub packer: Option<std::sync::Arc<dyn zoo_core::state::KvPacker>>,
+    /// DuoAttention heads: the plan, applied after the prefill and every `.1` decoded tokens.
+    pub duo: Option<(zoo_kv_compress::duo::DuoPlan, usize)>,
 }
 
 /// What [`generate`] did: ids generated and the time of each phase.
@@ -1027,6 +1029,25 @@ pub fn generate(
     let t0 = std::time::Instant::now();
     let x = Tensor::from_vec(prompt_ids.to_vec(), (1, prompt_ids.len()), device)?;
     let mut row = last_row(&model.forward_keep(&x, Some(&mut cache), None, Some(1))?.logits)?;
+    anyhow::ensure!(o.duo.as_ref().is_none_or(|d| d.1 >= 1), "--compress-every: must be at least 1");
+    anyhow::ensure!(o.duo.is_none() || (press.is_none() && o.packer.is_none()), "DuoAttention heads do not combine with a press or KIVI");
+    // Duo's streaming heads: evict outside sinks + window, then leave room until the next time.
+    let duo_apply = |cache: &mut Vec<LayerState>, done: usize| -> Result<()> {
+        if let Some((plan, every)) = &o.duo {
+            plan.apply(cache)?;
+            let room = (*every).min(o.max_tokens.saturating_sub(done));
+            for s in cache.iter_mut() {
+                if let LayerState::Kv(c) = s {
+                    c.shrink_to(c.len() + room)?;
+                }
+            }
+        }
+        Ok(())
+    };
+    if o.duo.is_some() {
+        duo_apply(&mut cache, 0)?;
+        compressions += 1;
+    }
     if let Some(p) = press.filter(|p| p.ratio > 0.0) {
         p.apply(&mut cache, room(0))?;
         compressions += 1;
@@ -1048,6 +1069,10 @@ pub fn generate(
                 p.apply(&mut cache, room(generated.len()))?;
                 compressions += 1;
             }
+        }
+        if o.duo.as_ref().is_some_and(|d| generated.len() % d.1 == 0) {
+            duo_apply(&mut cache, generated.len())?;
+            compressions += 1;
         }
     }
     let decode_seconds = t1.elapsed().as_secs_f64();

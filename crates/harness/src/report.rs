@@ -643,6 +643,9 @@ fn reading(v: &Value, after_each_chunk: &str) -> String {
 /// one (a press at ratio 0, or none).
 fn generate_report(gens: &[Value]) -> String {
     let press = |v: &Value| -> String {
+        if let Some(r) = v["duo"]["retrieval"].as_f64() {
+            return format!("DuoAttention, retrieval share {r}");
+        }
         if let Some(k) = v["kivi"].as_object() {
             let f = |key: &str| k.get(key).map_or("?".to_string(), |x| x.as_str().map_or(x.to_string(), str::to_string));
             return format!("KIVI-{} K/{} V/{} G{} R{}", f("bits"), f("key_axis"), f("value_axis"), f("group"), f("residual"));

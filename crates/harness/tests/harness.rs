@@ -688,12 +688,16 @@ fn report_tabulates_generations_against_the_full_cache() {
     let mut k = gen(None, 0.0, 8.0, 250);
     k["kivi"] = serde_json::json!({"bits": 2, "key_axis": "channel", "value_axis": "token", "group": 32, "residual": 128});
     std::fs::write(dir.join("c.json"), k.to_string()).unwrap();
+    let mut d = gen(None, 0.0, 9.0, 500);
+    d["duo"] = serde_json::json!({"path": "duo.json", "retrieval": 0.5});
+    std::fs::write(dir.join("d.json"), d.to_string()).unwrap();
     let md = zoo_harness::report::report(&dir).unwrap();
     assert!(md.contains("test cpu (2 threads)"), "{md}");
     assert!(md.contains("| 100 | full cache | 10.0 | 1.00× |"), "{md}");
     assert!(md.contains("| 100 | knorm @ 0.875 | 15.0 | 1.50× | 125 B | 125 B | 1000 B | 0.125 |"), "{md}");
     // A KIVI generation is labelled by its config, not taken for the full cache.
     assert!(md.contains("| 100 | KIVI-2 K/channel V/token G32 R128 | 8.0 | 0.80× | 250 B | 250 B | 1000 B | 0.250 |"), "{md}");
+    assert!(md.contains("| 100 | DuoAttention, retrieval share 0.5 | 9.0 | 0.90× | 500 B |"), "{md}");
 }
 
 /// `zoo report` on KIVI evaluations: one row per config, sorted by bits (most first), with the

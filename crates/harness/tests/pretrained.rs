@@ -302,7 +302,7 @@ fn hf_decode_with_cache_equals_full_forward() -> anyhow::Result<()> {
         assert!(err < 1e-5, "{family}: cached decode differs from the full forward by {err:e}");
         let prompt: Vec<u32> = ids.get(0)?.to_vec1()?;
         let run = |temperature: f64, seed: u64| -> anyhow::Result<Vec<u32>> {
-            let o = GenOpts { max_tokens: 12, temperature, top_p: 0.9, seed, packer: None };
+            let o = GenOpts { max_tokens: 12, temperature, top_p: 0.9, seed, packer: None, duo: None };
             Ok(generate(&p.model, &prompt, None, &o, &env.device, None, |_| Ok(()))?.generated)
         };
         let greedy = run(0.0, 0)?;
@@ -329,7 +329,7 @@ fn smollm2_greedy_generation_matches_transformers() -> anyhow::Result<()> {
     let prompt = p.tokenizer.as_ref().unwrap().encode(fx["prompt"].as_str().unwrap(), false).map_err(|e| anyhow::anyhow!("{e}"))?;
     assert_eq!(prompt.get_ids(), ids("prompt_ids").as_slice());
     let want = ids("generated");
-    let o = GenOpts { max_tokens: want.len(), temperature: 0.0, top_p: 1.0, seed: 0, packer: None };
+    let o = GenOpts { max_tokens: want.len(), temperature: 0.0, top_p: 1.0, seed: 0, packer: None, duo: None };
     let got = generate(&p.model, prompt.get_ids(), None, &o, &env.device, None, |_| Ok(()))?.generated;
     assert_eq!(got, want);
     Ok(())
@@ -422,7 +422,7 @@ fn smollm2_chat_template_and_answer_match_transformers() -> anyhow::Result<()> {
     let prompt = p.tokenizer.as_ref().unwrap().encode(rendered.as_str(), false).map_err(|e| anyhow::anyhow!("{e}"))?;
     assert_eq!(prompt.get_ids(), ids("prompt_ids").as_slice());
     assert_eq!(p.eos, fx["eos_token_id"].as_u64().map(|e| e as u32));
-    let o = GenOpts { max_tokens: 30, temperature: 0.0, top_p: 1.0, seed: 0, packer: None };
+    let o = GenOpts { max_tokens: 30, temperature: 0.0, top_p: 1.0, seed: 0, packer: None, duo: None };
     let got = generate(&p.model, prompt.get_ids(), p.eos, &o, &env.device, None, |_| Ok(()))?.generated;
     assert_eq!(got, ids("generated"));
     Ok(())
@@ -442,7 +442,7 @@ fn generation_with_a_press_frees_the_evicted_bytes() -> anyhow::Result<()> {
     let p = zoo_harness::pretrained::load_hf_dir(&dir, &env)?;
     let ids = safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)?["ids"].to_dtype(DType::U32)?;
     let prompt: Vec<u32> = ids.get(0)?.to_vec1()?;
-    let o = GenOpts { max_tokens: 9, temperature: 0.0, top_p: 1.0, seed: 0, packer: None };
+    let o = GenOpts { max_tokens: 9, temperature: 0.0, top_p: 1.0, seed: 0, packer: None, duo: None };
     let plain = generate(&p.model, &prompt, None, &o, &env.device, None, |_| Ok(()))?;
     assert_eq!(plain.compressions, 0);
     assert_eq!(plain.kv_bytes, plain.kv_full_bytes);
@@ -486,7 +486,7 @@ fn generation_with_kivi_holds_fewer_bytes() -> anyhow::Result<()> {
     let ids = safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)?["ids"].to_dtype(DType::U32)?;
     let prompt: Vec<u32> = ids.get(0)?.to_vec1()?;
     let hd = zoo_kv_compress::kv_head_dim(&p.model)?.expect("attention layers");
-    let o = GenOpts { max_tokens: 9, temperature: 0.0, top_p: 1.0, seed: 0, packer: None };
+    let o = GenOpts { max_tokens: 9, temperature: 0.0, top_p: 1.0, seed: 0, packer: None, duo: None };
     let plain = generate(&p.model, &prompt, None, &o, &env.device, None, |_| Ok(()))?;
     let mut last = plain.kv_bytes;
     for bits in [8u8, 4, 2] {
@@ -501,6 +501,38 @@ fn generation_with_kivi_holds_fewer_bytes() -> anyhow::Result<()> {
         assert!(s.kv_bytes < last, "{bits} bits: {} bytes, not below {last}", s.kv_bytes);
         last = s.kv_bytes;
     }
+    Ok(())
+}
+
+/// Generation with DuoAttention heads: with every head a retrieval head the tokens are plain
+/// generation's; with none, each head ends holding its sinks and window only.
+#[test]
+fn generation_with_duo_heads() -> anyhow::Result<()> {
+    use zoo_core::candle_core::{safetensors, DType, Device};
+    use zoo_harness::pretrained::{generate, GenOpts};
+    use zoo_kv_compress::duo::DuoPlan;
+    let env = Env::parse("cpu", "f32")?;
+    let dir = root().join("crates/harness/tests/hf/llama");
+    let p = zoo_harness::pretrained::load_hf_dir(&dir, &env)?;
+    let ids = safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)?["ids"].to_dtype(DType::U32)?;
+    let prompt: Vec<u32> = ids.get(0)?.to_vec1()?;
+    let o = GenOpts { max_tokens: 9, temperature: 0.0, top_p: 1.0, seed: 0, packer: None, duo: None };
+    let plain = generate(&p.model, &prompt, None, &o, &env.device, None, |_| Ok(()))?;
+    // Heads per attention layer, from a cache.
+    let mut cache = p.model.new_cache_with_capacity(4);
+    p.model.forward(&zoo_core::candle_core::Tensor::new(&[[prompt[0]]], &Device::Cpu)?, Some(&mut cache), None)?;
+    let heads: Vec<usize> = cache.iter().filter_map(|s| if let zoo_core::state::LayerState::Kv(c) = s { Some(c.head_lens().len()) } else { None }).collect();
+    let plan = |all: bool| DuoPlan { sinks: 1, window: 3, retrieval: heads.iter().map(|&h| vec![all; h]).collect() };
+    let keep = GenOpts { duo: Some((plan(true), 4)), ..o.clone() };
+    let s = generate(&p.model, &prompt, None, &keep, &env.device, None, |_| Ok(()))?;
+    assert_eq!(s.generated, plain.generated);
+    assert_eq!(s.kv_bytes, plain.kv_bytes);
+    let stream = GenOpts { duo: Some((plan(false), 4)), ..o.clone() };
+    let s = generate(&p.model, &prompt, None, &stream, &env.device, None, |_| Ok(()))?;
+    let seen = prompt.len() + 8;
+    // After the prefill and decoded tokens 4 and 8: one sink and the last three per head.
+    assert_eq!(s.compressions, 3);
+    assert_eq!(s.kv_bytes, 4 * (plain.kv_full_bytes / seen));
     Ok(())
 }
 
