@@ -225,9 +225,8 @@ impl HeadSlots {
 
     /// Fresh buffers of `cap` slots holding the used ones.
     fn reallocate(&mut self, cap: usize) -> Result<()> {
-        let (b, _, _, d) = self.k.dims4()?;
         let cap = cap.max(self.pos.len()).max(1);
-        let (nk, nv) = (Tensor::zeros((b, 1, cap, d), self.k.dtype(), self.k.device())?, Tensor::zeros((b, 1, cap, d), self.v.dtype(), self.v.device())?);
+        let (nk, nv) = (KvCache::alloc(&self.k, cap)?, KvCache::alloc(&self.v, cap)?);
         if !self.pos.is_empty() {
             let (k, v) = self.used()?;
             nk.slice_set(&k.contiguous()?, 2, 0)?;

@@ -944,13 +944,19 @@ pub struct GenPress<'a> {
 impl GenPress<'_> {
     fn apply(&self, cache: &mut [LayerState], room: usize) -> Result<()> {
         zoo_kv_compress::compress_seen(cache, self.press, self.ratio, &self.budget)?;
-        for s in cache.iter_mut() {
-            if let LayerState::Kv(c) = s {
-                c.shrink_to(c.len() + room)?;
-            }
-        }
-        Ok(())
+        shrink_caches(cache, room)
     }
+}
+
+/// Reallocate every attention layer's buffers to what it holds plus `room` tokens, so evicted
+/// memory is really freed and the next `room` decode steps do not grow them.
+fn shrink_caches(cache: &mut [LayerState], room: usize) -> Result<()> {
+    for s in cache.iter_mut() {
+        if let LayerState::Kv(c) = s {
+            c.shrink_to(c.len() + room)?;
+        }
+    }
+    Ok(())
 }
 
 /// (bytes held, bytes allocated, bytes a full cache of every seen token would hold) over layers.
@@ -1008,11 +1014,7 @@ pub fn generate(
     let mut cache = model.new_cache_with_capacity(prompt_ids.len() + o.max_tokens);
     if let Some(pk) = &o.packer {
         anyhow::ensure!(press.is_none_or(|p| p.ratio == 0.0), "a packed (quantised) cache cannot also be compressed by a press");
-        for s in cache.iter_mut() {
-            if let LayerState::Kv(c) = s {
-                c.set_packer(Some(pk.clone()))?;
-            }
-        }
+        zoo_kv_compress::pack_model(&mut cache, pk.clone())?;
     }
     if let Some(p) = press {
         zoo_kv_compress::check_ratio(p.ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
@@ -1035,12 +1037,7 @@ pub fn generate(
     let duo_apply = |cache: &mut Vec<LayerState>, done: usize| -> Result<()> {
         if let Some((plan, every)) = &o.duo {
             plan.apply(cache)?;
-            let room = (*every).min(o.max_tokens.saturating_sub(done));
-            for s in cache.iter_mut() {
-                if let LayerState::Kv(c) = s {
-                    c.shrink_to(c.len() + room)?;
-                }
-            }
+            shrink_caches(cache, (*every).min(o.max_tokens.saturating_sub(done)))?;
         }
         Ok(())
     };

@@ -428,20 +428,26 @@ fn smollm2_chat_template_and_answer_match_transformers() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The tiny HF Llama fixture (crates/harness/tests/hf/llama) on CPU, f32, and its first prompt.
+fn tiny_llama() -> anyhow::Result<(Env, zoo_harness::pretrained::Pretrained, Vec<u32>)> {
+    use zoo_core::candle_core::{safetensors, DType, Device};
+    let env = Env::parse("cpu", "f32")?;
+    let dir = root().join("crates/harness/tests/hf/llama");
+    let p = zoo_harness::pretrained::load_hf_dir(&dir, &env)?;
+    let ids = safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)?["ids"].to_dtype(DType::U32)?;
+    let prompt: Vec<u32> = ids.get(0)?.to_vec1()?;
+    Ok((env, p, prompt))
+}
+
 /// Generation with a press: at ratio 0 the tokens are those of plain generation; at ratio 0.5,
 /// compressing after the prefill and every 4 tokens, every layer holds half the tokens seen (the
 /// bytes held are half a full cache's, rounding aside), the buffers shrank to what is held plus the
 /// room until the next compression, and the compressions were counted.
 #[test]
 fn generation_with_a_press_frees_the_evicted_bytes() -> anyhow::Result<()> {
-    use zoo_core::candle_core::{safetensors, DType, Device};
     use zoo_harness::pretrained::{generate, GenOpts, GenPress};
     use zoo_kv_compress::PressConfig;
-    let env = Env::parse("cpu", "f32")?;
-    let dir = root().join("crates/harness/tests/hf/llama");
-    let p = zoo_harness::pretrained::load_hf_dir(&dir, &env)?;
-    let ids = safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)?["ids"].to_dtype(DType::U32)?;
-    let prompt: Vec<u32> = ids.get(0)?.to_vec1()?;
+    let (env, p, prompt) = tiny_llama()?;
     let o = GenOpts { max_tokens: 9, temperature: 0.0, top_p: 1.0, seed: 0, packer: None, duo: None };
     let plain = generate(&p.model, &prompt, None, &o, &env.device, None, |_| Ok(()))?;
     assert_eq!(plain.compressions, 0);
@@ -477,14 +483,9 @@ fn generation_with_a_press_frees_the_evicted_bytes() -> anyhow::Result<()> {
 /// full cache would hold is unchanged.
 #[test]
 fn generation_with_kivi_holds_fewer_bytes() -> anyhow::Result<()> {
-    use zoo_core::candle_core::{safetensors, DType, Device};
     use zoo_harness::pretrained::{generate, GenOpts};
     use zoo_kv_compress::kivi::{Axis, Kivi, KiviConfig};
-    let env = Env::parse("cpu", "f32")?;
-    let dir = root().join("crates/harness/tests/hf/llama");
-    let p = zoo_harness::pretrained::load_hf_dir(&dir, &env)?;
-    let ids = safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)?["ids"].to_dtype(DType::U32)?;
-    let prompt: Vec<u32> = ids.get(0)?.to_vec1()?;
+    let (env, p, prompt) = tiny_llama()?;
     let hd = zoo_kv_compress::kv_head_dim(&p.model)?.expect("attention layers");
     let o = GenOpts { max_tokens: 9, temperature: 0.0, top_p: 1.0, seed: 0, packer: None, duo: None };
     let plain = generate(&p.model, &prompt, None, &o, &env.device, None, |_| Ok(()))?;
@@ -508,14 +509,10 @@ fn generation_with_kivi_holds_fewer_bytes() -> anyhow::Result<()> {
 /// generation's; with none, each head ends holding its sinks and window only.
 #[test]
 fn generation_with_duo_heads() -> anyhow::Result<()> {
-    use zoo_core::candle_core::{safetensors, DType, Device};
+    use zoo_core::candle_core::Device;
     use zoo_harness::pretrained::{generate, GenOpts};
     use zoo_kv_compress::duo::DuoPlan;
-    let env = Env::parse("cpu", "f32")?;
-    let dir = root().join("crates/harness/tests/hf/llama");
-    let p = zoo_harness::pretrained::load_hf_dir(&dir, &env)?;
-    let ids = safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)?["ids"].to_dtype(DType::U32)?;
-    let prompt: Vec<u32> = ids.get(0)?.to_vec1()?;
+    let (env, p, prompt) = tiny_llama()?;
     let o = GenOpts { max_tokens: 9, temperature: 0.0, top_p: 1.0, seed: 0, packer: None, duo: None };
     let plain = generate(&p.model, &prompt, None, &o, &env.device, None, |_| Ok(()))?;
     // Heads per attention layer, from a cache.

@@ -295,6 +295,16 @@ pub fn observe_window(states: &mut [LayerState], w: Option<usize>) {
     }
 }
 
+/// Have every attention layer's (empty) cache pack its older tokens by `packer` (KIVI).
+pub fn pack_model(states: &mut [LayerState], packer: std::sync::Arc<dyn zoo_core::state::KvPacker>) -> Result<()> {
+    for s in states.iter_mut() {
+        if let LayerState::Kv(c) = s {
+            c.set_packer(Some(packer.clone()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Compress every attention layer's cache to keep (1 − ratio) of the tokens it has seen
 /// (`keep_count(seen, ratio)` on average, spread over the layers by `budget`), each scored as its
 /// layer; returns the entries each attention layer holds after, bottom first.
@@ -472,12 +482,8 @@ pub fn streaming_nll_with(
     if let Some(p) = press {
         observe_model(&mut cache, p);
     }
-    if let Some(pk) = &packer {
-        for s in cache.iter_mut() {
-            if let LayerState::Kv(c) = s {
-                c.set_packer(Some(pk.clone()))?;
-            }
-        }
+    if let Some(pk) = packer {
+        pack_model(&mut cache, pk)?;
     }
     let (mut sum, mut n) = (0f64, 0usize);
     let (mut held, mut points) = (0f64, 0usize);
