@@ -9,7 +9,11 @@
 #   here:    scripts/build-cuda.sh && tar czf .devpkg/prior.tgz -C results/EXP $(cd results/EXP && ls *.json)
 #   device:  run(command="bash scripts/device-mqar.sh 480 4 configs/mqar-2k.toml", carry=[".devpkg"], timeout_s=590)
 #   here:    tar xzf <files_at>/mqar.tgz -C results/EXP && zoo report results/EXP
-# usage: scripts/device-mqar.sh BUDGET_S WORKERS [CONFIG]
+# Runs that are still going at STOP_S seconds (env; default BUDGET_S + 60) are stopped with a
+# checkpoint (device-pool.sh POOL_STOP_S) and continue at the next call: on a warm machine from
+# runs/, which stays there between calls; across sessions from .devpkg/ckpt.tgz.*, which
+# SHIP_CKPT=1 writes to $OUT (move them to .devpkg/ here; a checkpoint already on the machine wins).
+# usage: [STOP_S=S] [SHIP_CKPT=1] scripts/device-mqar.sh BUDGET_S WORKERS [CONFIG]
 set -u
 budget=$1; workers=$2; cfg=${3:-configs/mqar.toml}
 exp=$(sed -n 's/^experiment = "\(.*\)"/\1/p' "$cfg")
@@ -18,11 +22,19 @@ export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
 [ -x /tmp/zoo ] || { gunzip -c .devpkg/zoo.gz > /tmp/zoo && chmod +x /tmp/zoo; }
 mkdir -p "$res"
 [ -f .devpkg/prior.tgz ] && tar xzf .devpkg/prior.tgz -C "$res" && echo "prior results: $(ls "$res"/*.json | wc -l)"
-ZOO=/tmp/zoo POOL_LR_FIRST=1 POOL_LR_ORDER=${LR_ORDER:-0.003,0.001,0.01} scripts/device-pool.sh "$cfg" "$budget" "$workers" \
+if ls .devpkg/ckpt.tgz.* > /dev/null 2>&1; then
+  mkdir -p runs && cat .devpkg/ckpt.tgz.* | tar xzf - -C runs --skip-old-files && echo "checkpoints brought in"
+fi
+POOL_STOP_S=${STOP_S:-$((budget + 60))} ZOO=/tmp/zoo POOL_LR_FIRST=1 POOL_LR_ORDER=${LR_ORDER:-0.003,0.001,0.01} scripts/device-pool.sh "$cfg" "$budget" "$workers" \
   > "$OUT/pool.log" 2>&1
 # No background job may outlive this script: the device call waits for every holder of its output
 # (device-pool.sh leaves the MPS daemon running; stop it).
 CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe nvidia-cuda-mps-control <<< quit > /dev/null 2>&1 || true
 tar czf "$OUT/mqar.tgz" -C "$res" $(cd "$res" && ls *.json)
 cp /tmp/pool-errors.log "$OUT/" 2>/dev/null
+if [ "${SHIP_CKPT:-0}" = 1 ] && [ -d "runs/$exp" ]; then
+  # Checkpoints of unfinished runs (a finished run has its JSON), in pieces under the size limit.
+  todo=$(cd "runs/$exp" && for r in *; do [ -f "$r/checkpoint/COMPLETE" ] && [ ! -f "../../$res/$r.json" ] && echo "$exp/$r/checkpoint"; done)
+  [ -n "$todo" ] && (cd runs && tar czf - $todo) | split -b 15m - "$OUT/ckpt.tgz." && echo "shipped checkpoints: $todo"
+fi
 tail -3 "$OUT/pool.log"; echo "results: $(ls "$res"/*.json | wc -l)"

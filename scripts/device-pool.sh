@@ -4,13 +4,17 @@
 # Starts the CUDA MPS daemon when it can (one shared context, kernels of different processes
 # overlap). Workers take run indices from a shared counter; none starts a run after SECONDS.
 # Every run records ZOO_CONCURRENT_RUNS in its JSON: its tokens/s is then not a throughput number.
-# Finished runs (result JSON present) are skipped by `zoo run`.
+# Finished runs (result JSON present) are skipped by `zoo run`; every run starts with `--resume`,
+# so a run stopped earlier continues from its checkpoint (runs/, kept on a warm machine between
+# device calls, or brought back in by scripts/device-mqar.sh).
+# With POOL_STOP_S set, the runs still going at that second get SIGTERM: each finishes its step,
+# saves a checkpoint and exits (`zoo run` exits 143); nothing trained is lost.
 # Runs start breadth-first, so a budget that ends the pool early leaves a usable table: sorted by
 # seed, then by the rank of the run's learning rate in POOL_LR_ORDER (e.g. "0.003,0.001,0.01";
 # unset or unlisted rates rank first), then by model width; ties keep the plan's order. With
 # POOL_LR_FIRST=1 the learning-rate rank sorts before the seed, so a pool that stops early leaves
 # every seed of the first rates rather than every rate of the first seed. The order is printed.
-# usage: scripts/device-pool.sh CONFIG SECONDS WORKERS [extra zoo args]
+# usage: [POOL_STOP_S=S] scripts/device-pool.sh CONFIG SECONDS WORKERS [extra zoo args]
 set -u
 cfg=$1; budget=$2; workers=$3; shift 3
 ZOO=${ZOO:-/tmp/zoo}
@@ -41,13 +45,28 @@ export ZOO_CONCURRENT_RUNS=$workers
 worker() {
   while true; do
     [ $(( $(date +%s) - start )) -gt "$budget" ] && break
+    [ -e "$counter.stop" ] && break
     p=$(flock "$counter" sh -c 'i=$(cat "$0"); echo $((i + 1)) > "$0"; echo $i' "$counter")
     [ "$p" -ge "$n" ] && break
     i=$(sed -n "$((p + 1))p" "$order")
-    "$ZOO" run "$cfg" --device cuda:0 --dtype bf16 --shard "$i/$n" -q "$@" > /dev/null 2>> /tmp/pool-errors.log \
-      && echo "run $i finished at $(( $(date +%s) - start )) s" || echo "run $i failed"
+    "$ZOO" run "$cfg" --device cuda:0 --dtype bf16 --shard "$i/$n" --resume -q "$@" > /dev/null 2>> /tmp/pool-errors.log
+    rc=$?
+    case $rc in
+      0) echo "run $i finished at $(( $(date +%s) - start )) s" ;;
+      143) echo "run $i stopped at $(( $(date +%s) - start )) s (checkpointed)"; break ;;
+      *) echo "run $i failed (exit $rc)" ;;
+    esac
   done
 }
-for w in $(seq 1 "$workers"); do worker & done
-wait
+pids=""
+for w in $(seq 1 "$workers"); do worker & pids="$pids $!"; done
+if [ -n "${POOL_STOP_S:-}" ]; then
+  # The watchdog: SIGTERM to this pool's runs at POOL_STOP_S (then nothing new starts either).
+  # Its output goes nowhere: a device call waits for every holder of its output files.
+  ( exec > /dev/null 2>&1 < /dev/null; sleep "$POOL_STOP_S"; touch "$counter.stop"; pkill -TERM -f "$ZOO run $cfg" ) &
+  watchdog=$!
+fi
+# shellcheck disable=SC2086
+wait $pids
+[ -n "${watchdog:-}" ] && { pkill -P "$watchdog" 2> /dev/null; kill "$watchdog" 2> /dev/null; }
 echo "pool done after $(( $(date +%s) - start )) s; started $(cat "$counter") of $n runs"
