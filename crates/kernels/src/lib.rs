@@ -14,6 +14,9 @@
 //!   f32 softmax of the (B·T, V) logits kept).
 //! - [`linear_scan`]: the gated linear recurrence of GLA, RetNet, Lightning and linear attention,
 //!   forward and backward, one scan over time per pass with the state in registers.
+//! - [`delta_scan`]: the delta rule of DeltaNet and Gated DeltaNet, forward and backward, one
+//!   scan over time per pass with the state in registers (the backward replays 16-step chunks
+//!   from checkpoints).
 //! - [`conv1d`]: the depthwise causal convolution (BaseConv, short q/k/v convolutions) with an
 //!   optional SiLU, forward and backward in three kernels instead of about 6K strided broadcasts.
 //! - [`rms_norm`]: RMS normalisation with a gain, forward and backward (a warp per row).
@@ -29,6 +32,7 @@ pub mod conv1d;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda_addr;
+pub mod delta_scan;
 pub mod embedding;
 pub mod linear_scan;
 pub mod rms_norm;

@@ -173,6 +173,12 @@ impl Mixer for DeltaNet {
         let beta = beta.transpose(1, 2)?.unsqueeze(3)?;
         let g = self.a.as_ref().map(|a| a.log_alpha(x)).transpose()?;
         let chunk = self.cfg.chunk;
+        // Training and scoring (no state kept) on CUDA: the fused delta-rule scan.
+        use zoo_core::zoo_kernels::{applies, delta_scan};
+        if cache.is_none() && applies("delta scan", delta_scan::unsupported(&q, &k, &v, &beta, g.as_ref()), q.device()) {
+            let o = delta_scan::delta_scan(&q, &k, &v, &beta, g.as_ref())?;
+            return self.out.forward(&o, x);
+        }
         let o = recur_with(cache.as_deref_mut(), x.dim(1)?, |s0, decode| {
             if decode {
                 step(&q, &k, &v, &beta, g.as_ref(), s0)

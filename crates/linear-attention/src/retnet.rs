@@ -48,6 +48,18 @@ pub struct RetNetConfig {
     /// Kernel size of a short causal conv + SiLU on q, k, v (fla's `use_short_conv`); 0 = off.
     #[serde(default)]
     pub short_conv: usize,
+    /// e of the decays γ_h = 1 − 2^{−e−h} (default 5, the paper's and fla's). A larger e keeps
+    /// memories longer: with two heads and e = 5 the slowest γ is 1 − 2⁻⁶, a half-life of 44
+    /// tokens. Left out of the resolved config at its default.
+    #[serde(default = "five", skip_serializing_if = "is_five")]
+    pub decay_exponent: u32,
+}
+
+fn five() -> u32 {
+    5
+}
+fn is_five(e: &u32) -> bool {
+    *e == 5
 }
 
 impl RetNetConfig {
@@ -59,6 +71,9 @@ impl RetNetConfig {
     fn check(&self, d_model: usize) -> std::result::Result<(), String> {
         check_heads_chunk(self.n_heads, d_model, self.chunk)?;
         let (dk, _) = self.widths(d_model)?;
+        if self.decay_exponent == 0 {
+            return Err("decay_exponent: must be at least 1 (e = 0 makes the first head's γ zero)".into());
+        }
         if (dk / self.n_heads) % 2 != 0 {
             return Err("expand_k: the key head dim must be even for RoPE".into());
         }
@@ -66,9 +81,9 @@ impl RetNetConfig {
     }
 }
 
-/// log γ_h of the multi-scale decay for `n_heads` heads.
-pub fn retnet_log_gamma(n_heads: usize) -> Vec<f64> {
-    (0..n_heads).map(|i| (1.0 - 2f64.powi(-5 - i as i32)).ln()).collect()
+/// log γ_h of the multi-scale decay γ_h = 1 − 2^{−e−h} for `n_heads` heads (the paper: e = 5).
+pub fn retnet_log_gamma(n_heads: usize, e: u32) -> Vec<f64> {
+    (0..n_heads).map(|i| (1.0 - 2f64.powi(-(e as i32) - i as i32)).ln()).collect()
 }
 
 pub struct Retention {
@@ -90,7 +105,7 @@ impl Retention {
         let d = ctx.d_model;
         let h = cfg.n_heads;
         let (dk, dv) = cfg.widths(d).map_err(zoo_core::candle_core::Error::msg)?;
-        let lg: Vec<f32> = retnet_log_gamma(h).into_iter().map(|x| x as f32).collect();
+        let lg: Vec<f32> = retnet_log_gamma(h, cfg.decay_exponent).into_iter().map(|x| x as f32).collect();
         let norm_name = match cfg.norm {
             OutputNorm::GroupNorm => "group_norm.weight",
             OutputNorm::RmsNorm => "g_norm.weight",
@@ -148,4 +163,24 @@ zoo_core::mixer_spec!(RetNetConfig => Retention, check(d_model), [
     r#"n_heads = 2, chunk = 4"#,
     r#"n_heads = 2, chunk = 3, norm = "rms_norm", output_gate = "none", short_conv = 3"#,
     r#"n_heads = 1, expand_v = 1.0, output_gate = "sigmoid""#,
+    r#"n_heads = 2, chunk = 4, decay_exponent = 9"#,
 ]);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decays_follow_the_exponent_and_its_default_is_the_papers() {
+        let g = retnet_log_gamma(2, 5);
+        assert!((g[0].exp() - (1.0 - 1.0 / 32.0)).abs() < 1e-12 && (g[1].exp() - (1.0 - 1.0 / 64.0)).abs() < 1e-12, "{g:?}");
+        let g = retnet_log_gamma(2, 9);
+        assert!((g[1].exp() - (1.0 - 1.0 / 1024.0)).abs() < 1e-12, "{g:?}");
+        let cfg: RetNetConfig = toml::from_str("n_heads = 2").unwrap();
+        assert_eq!(cfg.decay_exponent, 5);
+        // At its default the option is not written into resolved configs (older results stay equal).
+        assert!(!toml::to_string(&cfg).unwrap().contains("decay_exponent"));
+        let cfg: RetNetConfig = toml::from_str("n_heads = 2\ndecay_exponent = 0").unwrap();
+        assert!(cfg.check(64).unwrap_err().contains("decay_exponent"));
+    }
+}
