@@ -30,6 +30,7 @@ pub mod attention;
 pub mod check;
 pub mod conv;
 pub mod data;
+pub mod dist;
 pub mod mixer;
 pub mod mlp;
 pub mod model;

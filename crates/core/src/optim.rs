@@ -200,6 +200,34 @@ impl Grads {
         Ok(())
     }
 
+    /// Replace every gradient by its mean over the ranks of `comm` (data parallelism). A variable
+    /// without a gradient on this rank gets zeros first, so every rank reduces the same tensors
+    /// in the same order (`vars`' order).
+    pub fn all_reduce_mean<'a>(&mut self, comm: &dyn crate::dist::Comm, vars: impl Iterator<Item = &'a Var>) -> Result<()> {
+        if comm.world() == 1 {
+            return Ok(());
+        }
+        let mut order = Vec::new();
+        for v in vars {
+            let id = v.as_tensor().id();
+            let i = match self.index.get(&id) {
+                Some(&i) => i,
+                None => {
+                    self.index.insert(id, self.grads.len());
+                    self.grads.push(v.as_tensor().zeros_like()?);
+                    self.grads.len() - 1
+                }
+            };
+            order.push(i);
+        }
+        let mut gs: Vec<Tensor> = order.iter().map(|&i| self.grads[i].clone()).collect();
+        crate::dist::all_reduce_mean(comm, &mut gs)?;
+        for (&i, g) in order.iter().zip(gs) {
+            self.grads[i] = g;
+        }
+        Ok(())
+    }
+
     /// Global L2 norm of all gradients, as a scalar f32 tensor on the device (no host sync).
     pub fn global_norm(&self) -> Result<Option<Tensor>> {
         let mut total: Option<Tensor> = None;

@@ -34,6 +34,10 @@ pub struct TrainOpts {
     /// Set (to the signal number) by a SIGINT/SIGTERM handler: the loop finishes its step, writes
     /// a checkpoint and returns [`Interrupted`].
     pub stop_signal: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+    /// Data parallelism ([`crate::dist`]): this rank's communicator. Each rank trains on its slice
+    /// of every global batch; gradients, the logged loss and stop signals are reduced over ranks;
+    /// only rank 0 writes checkpoints. `None`: one device, as before.
+    pub comm: Option<std::sync::Arc<dyn crate::dist::Comm>>,
 }
 
 /// Training stopped on a signal after finishing a step; the checkpoint (if any) holds that step.
@@ -177,7 +181,14 @@ pub fn train(
     let mut good_ckpt: Option<(PathBuf, usize)> = None;
     if resume {
         if let Some(dir) = &opts.checkpoint_dir {
-            recover_checkpoint(dir)?;
+            let multi = opts.comm.as_deref().filter(|c| c.world() > 1);
+            if multi.is_none_or(|c| c.rank() == 0) {
+                recover_checkpoint(dir)?;
+            }
+            if let Some(c) = multi {
+                // A barrier: no rank reads the checkpoint before rank 0 has recovered it.
+                c.all_reduce_sum(&Tensor::zeros(1, DType::F32, &candle_core::Device::Cpu)?)?;
+            }
             if dir.join("state.json").exists() {
                 st = load_checkpoint(dir, store, &mut opt)?;
                 good_ckpt = Some((dir.clone(), st.step));
@@ -185,6 +196,7 @@ pub fn train(
         }
     }
     let vars: Vec<_> = opt.vars().cloned().collect();
+    let _dist = crate::dist::enter(opts.comm.clone().filter(|c| c.world() > 1));
     let accum = opts.grad_accum.max(1);
     let step_tokens = task.batch_tokens() * accum;
     let mut steps_here = 0;
@@ -200,11 +212,30 @@ pub fn train(
         let mut stats = Vec::new();
         for micro in 0..accum {
             let b = task.train_batch(&mut st.rng)?;
+            // Data parallelism: every rank drew the same global batch; keep this rank's rows.
+            let b = match &opts.comm {
+                Some(c) => {
+                    let (at, len) = crate::dist::rank_rows(b.inputs.dim(0)?, c.rank(), c.world())?;
+                    let rows = |t: &Tensor| t.narrow(0, at, len);
+                    crate::data::Batch { inputs: rows(&b.inputs)?, targets: rows(&b.targets)?, mask: b.mask.as_ref().map(rows).transpose()? }
+                }
+                None => b,
+            };
             let out = {
                 let _g = crate::state::enter_train_step(crate::state::TrainStep { step: st.step, total: opts.steps, micro, seed });
                 model.forward(&b.inputs, None, None)?
             };
             let mut loss = cross_entropy(&out.logits, &b.targets, b.mask.as_ref())?;
+            if let (Some(c), Some(m)) = (opts.comm.as_deref().filter(|c| c.world() > 1), &b.mask) {
+                // Weight this rank's mean by its share of the counted tokens: the ranks' mean
+                // gradient is then the global batch's. (Without a mask every rank counts the
+                // same number of tokens: weight 1.)
+                let counted = m.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+                let w = crate::dist::token_weight(c, counted)?;
+                if w != 1.0 {
+                    loss = (loss * w)?;
+                }
+            }
             if let Some(a) = out.aux_loss {
                 let a = a.to_dtype(DType::F32)?;
                 *aux_acc.get_or_insert(0.0) += a.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
@@ -218,7 +249,18 @@ pub fn train(
                 None => loss,
             });
         }
-        let loss = loss_acc.expect("accum >= 1").to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut loss = loss_acc.expect("accum >= 1").to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        // Data parallelism: mean the gradients over ranks; agree on the logged loss (the global
+        // batch's) and on whether any rank was asked to stop, so that every rank takes the same
+        // branches below.
+        let mut any_signal = 0usize;
+        if let Some(c) = opts.comm.as_deref().filter(|c| c.world() > 1) {
+            grads.all_reduce_mean(c, vars.iter())?;
+            let sig = opts.stop_signal.as_ref().map_or(0, |f| f.load(std::sync::atomic::Ordering::SeqCst));
+            let r = c.all_reduce_sum(&Tensor::new(&[loss as f32, sig as f32], &candle_core::Device::Cpu)?)?.to_vec1::<f32>()?;
+            loss = r[0] as f64 / c.world() as f64;
+            any_signal = r[1] as usize;
+        }
         let stop = |what: String| NonFiniteLoss {
             step: st.step,
             what,
@@ -286,7 +328,8 @@ pub fn train(
             None
         };
         on_step(&Progress { step: st.step, steps: opts.steps, loss, lr, tokens_per_s: tps, eval: eval.as_ref() });
-        if let Some(dir) = &opts.checkpoint_dir {
+        let writer = opts.comm.as_ref().is_none_or(|c| c.rank() == 0);
+        if let Some(dir) = opts.checkpoint_dir.as_ref().filter(|_| writer) {
             if last || opts.checkpoint_every.is_some_and(|n| st.step % n == 0) {
                 // Never replace a good checkpoint with non-finite weights.
                 if let Some(name) = first_non_finite(store)? {
@@ -302,11 +345,18 @@ pub fn train(
                 good_ckpt = Some((dir.clone(), st.step));
             }
         }
-        let signal = opts.stop_signal.as_ref().map_or(0, |f| f.load(std::sync::atomic::Ordering::SeqCst));
+        let local = opts.stop_signal.as_ref().map_or(0, |f| f.load(std::sync::atomic::Ordering::SeqCst));
+        // With several ranks only the signal state they agreed on counts (a signal arriving since
+        // then waits for the next step on every rank alike).
+        let signal = match opts.comm.as_deref().filter(|c| c.world() > 1) {
+            Some(_) if any_signal == 0 => 0,
+            Some(_) if local == 0 => 15, // another rank was stopped
+            _ => local,
+        };
         if signal != 0 && st.step < opts.steps {
             let mut checkpoint = None;
             if let Some(dir) = &opts.checkpoint_dir {
-                if good_ckpt.as_ref().is_none_or(|(_, s)| *s != st.step) && first_non_finite(store)?.is_none() {
+                if writer && good_ckpt.as_ref().is_none_or(|(_, s)| *s != st.step) && first_non_finite(store)?.is_none() {
                     save_checkpoint(dir, store, &opt, &st, &opts.meta)?;
                 }
                 checkpoint = Some(dir.clone());

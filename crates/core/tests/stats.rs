@@ -74,6 +74,7 @@ fn training_keeps_vector_stats_logs_aux_loss_and_calls_after_step() -> anyhow::R
         stop_after: None,
         meta: serde_json::Value::Null,
         stop_signal: None,
+        comm: None,
     };
     let report = train(&model, &store, &task, &opts, 0, false, &mut |_| {})?;
     // Two layers, each called once per step.

@@ -19,6 +19,10 @@ pub struct BenchOpts {
     pub iters: usize,
     pub decode_tokens: usize,
     pub skip_train: bool,
+    /// Data parallelism (`zoo launch --gpus N bench`): `batch` is the global batch, each rank
+    /// trains on its share and the gradients are all-reduced inside the timed step; only the
+    /// train step is measured (prefill and decode are per-device work).
+    pub comm: Option<std::sync::Arc<dyn zoo_core::dist::Comm>>,
 }
 
 /// Peak memory of the process (CPU: resident set high-water mark) or the device (CUDA: the memory
@@ -151,6 +155,14 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
         let b = o.batch;
         let ids = random_ids(&mut rng, b, t, vocab, env)?;
         let targets = random_ids(&mut rng, b, t, vocab, env)?;
+        // This rank's rows of the global batch (all of them on one device).
+        let (ids_r, targets_r) = match &o.comm {
+            Some(c) => {
+                let (at, len) = zoo_core::dist::rank_rows(b, c.rank(), c.world())?;
+                (ids.narrow(0, at, len)?, targets.narrow(0, at, len)?)
+            }
+            None => (ids.clone(), targets.clone()),
+        };
         let mut row = serde_json::Map::new();
         row.insert("seq_len".into(), json!(t));
         row.insert("batch".into(), json!(b));
@@ -169,10 +181,13 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
                 let vars: Vec<_> = opt.vars().cloned().collect();
                 mem.reset();
                 let s = time(env, o.warmup, o.iters, || {
-                    let out = model.forward(&ids, None, None)?;
-                    let loss = cross_entropy(&out.logits, &targets, None)?;
+                    let out = model.forward(&ids_r, None, None)?;
+                    let loss = cross_entropy(&out.logits, &targets_r, None)?;
                     let mut g = Grads::default();
                     g.accumulate(&loss.backward()?, vars.iter(), 1.0)?;
+                    if let Some(c) = &o.comm {
+                        g.all_reduce_mean(c.as_ref(), vars.iter())?;
+                    }
                     opt.step_clipped(&mut g, Some(1.0), 1e-4)?;
                     Ok(())
                 })?;
@@ -183,7 +198,11 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
             })();
             record(&mut row, "train", r);
         }
+        let per_device = o.comm.is_none();
         let r = (|| -> Result<()> {
+            if !per_device {
+                return Ok(());
+            }
             mem.reset();
             let s = time(env, o.warmup, o.iters, || {
                 let mut cache = model.new_cache();
@@ -198,7 +217,7 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
         })();
         record(&mut row, "prefill", r);
         // Decode: prefill T tokens, then generate greedily one token at a time.
-        if o.decode_tokens > 0 {
+        if o.decode_tokens > 0 && per_device {
             let r = (|| -> Result<()> {
                 // Room for the prompt and every generated token: decode allocates no cache.
                 let mut cache = model.new_cache_with_capacity(t + o.decode_tokens);
@@ -231,7 +250,7 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
             record(&mut row, "decode", r);
         }
         row.insert("cache_bytes_at_seq_len".into(), json!(model.cache_bytes(b, t)));
-        if !quiet {
+        if !quiet && o.comm.as_ref().is_none_or(|c| c.rank() == 0) {
             eprintln!("bench T={t}: {}", serde_json::to_string(&row)?);
         }
         rows.push(serde_json::Value::Object(row));
@@ -251,14 +270,18 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
         env: crate::schema::EnvRecord {
             git: env::git_state(),
             versions: serde_json::from_value(env::versions())?,
-            device: serde_json::from_value(env.describe())?,
+            device: {
+                let mut d: crate::schema::DeviceRecord = serde_json::from_value(env.describe())?;
+                d.world_size = o.comm.as_ref().map(|c| c.world() as u64).filter(|&n| n > 1);
+                d
+            },
             dtype: env.dtype_name().into(),
         },
         protocol: json!({
             "warmup_iters": o.warmup,
             "timed_iters": o.iters,
             "decode_tokens": o.decode_tokens,
-            "train_step": "forward + cross-entropy + backward + clip + AdamW on random tokens",
+            "train_step": "forward + cross-entropy + backward + clip + AdamW on random tokens (data parallel: each rank's share of the global batch, gradients all-reduced inside the step; tokens/s global)",
             "prefill": "forward with an empty cache (inference path)",
             "decode": "greedy, one token per call, after a prefill of seq_len tokens",
             "memory": mem.what(),

@@ -35,6 +35,7 @@
 pub mod bench;
 pub mod config;
 pub mod crossover;
+pub mod dist;
 pub mod env;
 pub mod gate_stats;
 pub mod needle;

@@ -58,6 +58,17 @@ enum Cmd {
         #[arg(long, hide = true)]
         stop_after: Option<usize>,
     },
+    /// Data-parallel training on this machine's GPUs: run `zoo ARGS` as N ranks, one process per
+    /// GPU, gradients all-reduced through NCCL (`zoo --device cuda --dtype bf16 launch --gpus 2 run
+    /// CONFIG`). Rank 0 writes the results and checkpoints; `--resume` works with any number of GPUs.
+    Launch {
+        /// Ranks (GPUs) to start.
+        #[arg(long)]
+        gpus: usize,
+        /// The zoo command every rank runs (e.g. `run CONFIG`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
     /// Print and write the markdown table for a results folder.
     Report { dir: PathBuf },
     /// Perplexity of a checkpoint, or of a pretrained model, on a text file.
@@ -302,9 +313,21 @@ fn main() {
 }
 
 fn env_of(cli: &Cli) -> Result<Env> {
-    let mut env = Env::parse(&cli.device, &cli.dtype)?;
+    device_env(cli, &cli.device)
+}
+
+fn device_env(cli: &Cli, device: &str) -> Result<Env> {
+    let mut env = Env::parse(device, &cli.dtype)?;
     env.max_memory = cli.max_memory.as_deref().map(zoo_harness::env::parse_bytes).transpose()?;
     Ok(env)
+}
+
+/// The environment of this process: one rank's GPU in a data-parallel launch, else `--device`.
+fn rank_env(cli: &Cli, world: Option<&zoo_core::dist::World>) -> Result<Env> {
+    match world {
+        Some(w) => device_env(cli, &zoo_harness::dist::rank_device(&cli.device, w)?),
+        None => env_of(cli),
+    }
 }
 
 fn real_main() -> Result<i32> {
@@ -319,7 +342,12 @@ fn real_main() -> Result<i32> {
             // Everything is validated before any work starts.
             let runs = config::load(config)?;
             let shard = shard.as_deref().map(parse_shard).transpose()?;
-            let env = env()?;
+            // Data parallelism (`zoo launch`, torchrun's or Slurm's variables): this rank's GPU.
+            let world = zoo_core::dist::World::from_env().map_err(|e| anyhow::anyhow!("data-parallel launch: {e}"))?;
+            if let Some(w) = &world {
+                zoo_harness::dist::check_batches(runs.iter(), w)?;
+            }
+            let env = rank_env(&cli, world.as_ref())?;
             let mine: Vec<_> = runs
                 .iter()
                 .enumerate()
@@ -333,13 +361,16 @@ fn real_main() -> Result<i32> {
                 println!("{} runs ({} in this shard), config OK", runs.len(), mine.len());
                 return Ok(0);
             }
+            let comm = world.map(|w| zoo_harness::dist::communicator(w, &env.device)).transpose()?;
+            let writer = comm.as_ref().is_none_or(|c| c.rank() == 0);
             let opts = runner::RunOpts {
                 results_dir: results_dir.clone(),
                 runs_dir: runs_dir.clone(),
                 resume,
                 force,
-                quiet: cli.quiet,
+                quiet: cli.quiet || !writer,
                 stop_after,
+                comm,
             };
             let total = mine.len();
             let mut failed = Vec::new();
@@ -350,7 +381,7 @@ fn real_main() -> Result<i32> {
                     // run's resolved config; otherwise say why and run it again.
                     match runner::existing_result(r, &out) {
                         runner::Existing::Valid => {
-                            if !cli.quiet {
+                            if !opts.quiet {
                                 eprintln!("[{}/{total}] {} — done already, skipping", k + 1, r.id);
                             }
                             continue;
@@ -365,7 +396,7 @@ fn real_main() -> Result<i32> {
                         }
                     }
                 }
-                if !cli.quiet {
+                if !opts.quiet {
                     eprintln!("[{}/{total}] {}", k + 1, r.id);
                 }
                 let res = match runner::run_one(r, &env, &opts) {
@@ -390,7 +421,7 @@ fn real_main() -> Result<i32> {
                     }
                 };
                 match res {
-                    Some(res) if !cli.quiet => {
+                    Some(res) if !opts.quiet => {
                         let res = zoo_harness::schema::parse_run(res, &out)?;
                         eprintln!(
                             "    val_loss best {:.4}  {}",
@@ -399,10 +430,11 @@ fn real_main() -> Result<i32> {
                         )
                     }
                     Some(_) => {}
+                    None if !writer => {}
                     None => eprintln!("    stopped early after --stop-after steps; resume with --resume"),
                 }
             }
-            if let Some(first) = runs.first() {
+            if let Some(first) = runs.first().filter(|_| writer) {
                 let dir = results_dir.join(&first.config.experiment);
                 if dir.is_dir() && stop_after.is_none() {
                     // The table is a convenience here: its failure does not fail the sweep.
@@ -416,6 +448,20 @@ fn real_main() -> Result<i32> {
                 eprintln!("{} of {total} runs failed: {}", failed.len(), failed.join(", "));
                 return Ok(1);
             }
+        }
+        Cmd::Launch { gpus, args } => {
+            // The global options travel to every rank.
+            let mut global = vec!["--device".to_string(), cli.device.clone(), "--dtype".into(), cli.dtype.clone()];
+            if let Some(m) = &cli.max_memory {
+                global.extend(["--max-memory".into(), m.clone()]);
+            }
+            if let Some(k) = &cli.kernels {
+                global.extend(["--kernels".into(), k.clone()]);
+            }
+            if cli.quiet {
+                global.push("--quiet".into());
+            }
+            return zoo_harness::dist::launch(*gpus, &global, args);
         }
         Cmd::Report { dir } => println!("{}", report::report(dir)?),
         Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized, press, ratio, chunk, budget, kivi, duo } => {
@@ -717,7 +763,13 @@ fn real_main() -> Result<i32> {
             let run = runs
                 .get(run_index)
                 .with_context(|| format!("--run-index {run_index}: the config has {} runs", runs.len()))?;
-            let env = env()?;
+            let world = zoo_core::dist::World::from_env().map_err(|e| anyhow::anyhow!("data-parallel launch: {e}"))?;
+            if let Some(w) = world.filter(|w| batch % w.size != 0) {
+                bail!("--batch {batch}: the global batch does not split evenly over WORLD_SIZE = {} ranks", w.size);
+            }
+            let env = rank_env(&cli, world.as_ref())?;
+            let comm = world.map(|w| zoo_harness::dist::communicator(w, &env.device)).transpose()?;
+            let writer = comm.as_ref().is_none_or(|c| c.rank() == 0);
             let vocab = zoo_harness::vocab_size(&run.config)?;
             let longest = seq_lens.iter().max().copied().unwrap_or(0) + decode_tokens;
             run.config
@@ -730,8 +782,12 @@ fn real_main() -> Result<i32> {
                 iters: *iters,
                 decode_tokens: *decode_tokens,
                 skip_train: *skip_train,
+                comm,
             };
             let mut res = bench::bench(&run.config, vocab, &env, &o, cli.quiet)?;
+            if !writer {
+                return Ok(0);
+            }
             res["label"] = serde_json::json!(run.label);
             res["plan_index"] = serde_json::json!(run.index);
             let dev = if env.device.is_cpu() { "cpu".to_string() } else { format!("cuda-{}", env.dtype_name()) };

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use zoo_core::data::{TextData, Tokenizer, TokenizerSpec};
 use zoo_core::mixer::BuildCtx;
@@ -106,6 +107,16 @@ pub struct RunOpts {
     pub quiet: bool,
     /// Testing aid: stop after this many steps, as if killed.
     pub stop_after: Option<usize>,
+    /// Data parallelism: this rank's communicator (`zoo launch`). Only rank 0 takes the run's
+    /// lock, shows progress and writes the result and checkpoints.
+    pub comm: Option<Arc<dyn zoo_core::dist::Comm>>,
+}
+
+impl RunOpts {
+    /// Whether this process writes results (one device, or rank 0).
+    pub fn writer(&self) -> bool {
+        self.comm.as_ref().is_none_or(|c| c.rank() == 0)
+    }
 }
 
 pub fn result_path(results_dir: &Path, run: &PlannedRun) -> PathBuf {
@@ -297,15 +308,18 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     let t = &cfg.train;
     let ckpt = checkpoint_dir(&opts.runs_dir, run);
     let resolved = serde_json::to_value(cfg)?;
-    let _lock = RunLock::acquire(&ckpt, &run.id)?;
+    let _lock = if opts.writer() { Some(RunLock::acquire(&ckpt, &run.id)?) } else { None };
     // Another process may have finished it between our check and the lock.
-    if !opts.force && existing_result(run, &result_path(&opts.results_dir, run)) == Existing::Valid {
+    if opts.writer() && !opts.force && existing_result(run, &result_path(&opts.results_dir, run)) == Existing::Valid {
         return Err(RunLocked { run_id: run.id.clone(), pid: "another process".into(), lock: PathBuf::new() }.into());
     }
-    check_checkpoint(run, &ckpt, &resolved, opts)?;
+    if opts.writer() {
+        check_checkpoint(run, &ckpt, &resolved, opts)?;
+    }
     let meta = json!({ "config": resolved, "tokenizer": tok, "vocab_size": vocab, "run_id": run.id });
-    let train_opts = train_opts(t, ckpt.clone(), opts.stop_after, meta);
-    let pb = progress_bar(run, opts.quiet);
+    let mut train_opts = train_opts(t, ckpt.clone(), opts.stop_after, meta);
+    train_opts.comm = opts.comm.clone();
+    let pb = progress_bar(run, opts.quiet || !opts.writer());
     let mut last_val = f64::NAN;
     let report = train(&model, &store, task.as_ref(), &train_opts, cfg.seed, opts.resume, &mut |p| {
         if let Some(e) = p.eval {
@@ -335,7 +349,11 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     };
     let total = store.num_params();
     let emb = store.num_params_in(Group::Embedding);
-    let device: crate::schema::DeviceRecord = serde_json::from_value(env.describe())?;
+    if !opts.writer() {
+        return Ok(None);
+    }
+    let mut device: crate::schema::DeviceRecord = serde_json::from_value(env.describe())?;
+    device.world_size = opts.comm.as_ref().map(|c| c.world() as u64).filter(|&n| n > 1);
     let result = crate::schema::RunResult {
         schema: crate::schema::RESULT_SCHEMA.into(),
         run_id: run.id.clone(),
@@ -409,6 +427,7 @@ fn train_opts(
         stop_after,
         meta,
         stop_signal: Some(stop_signal()),
+        comm: None,
     }
 }
 

@@ -48,6 +48,10 @@ pub struct DeviceRecord {
     /// Set when the run shared the device with other runs (its tok/s is then not a throughput).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrent_runs: Option<u64>,
+    /// Set when the run trained data-parallel on several devices (`zoo launch`): tokens/s is then
+    /// the global figure, over all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<u64>,
     /// Anything else the device reported (e.g. the host CPU of a GPU machine).
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,

@@ -61,6 +61,7 @@ fn opts(dir: &Path) -> RunOpts {
         force: false,
         quiet: true,
         stop_after: None,
+        comm: None,
     }
 }
 
@@ -525,4 +526,31 @@ fn kernels_flag_takes_fused_or_naive() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("--kernels") && err.contains("fused, naive"), "{err}");
     assert!(!dir.join("results").exists());
+}
+
+/// Data-parallel launches fail before any work, naming what is wrong: a CPU device, a batch that
+/// does not split over the ranks, a half-set world (exit 2, as every refused command), and `zoo
+/// launch` returns the ranks' failure.
+#[test]
+fn data_parallel_misuse_is_refused_before_any_work() {
+    let dir = tmpdir("dist");
+    std::fs::write(dir.join("c.toml"), BASE).unwrap();
+    let run = |env: &[(&str, &str)], args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_zoo")).args(args).envs(env.iter().copied()).current_dir(&dir).output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (code, err) = run(&[("WORLD_SIZE", "2"), ("RANK", "0")], &["run", "c.toml", "-q"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--device cpu") && err.contains("pass --device cuda"), "{err}");
+    let (code, err) = run(&[("WORLD_SIZE", "3"), ("RANK", "0")], &["--device", "cuda", "run", "c.toml", "-q"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("train.batch_size = 4 does not split evenly over WORLD_SIZE = 3"), "{err}");
+    let (code, err) = run(&[("WORLD_SIZE", "2")], &["run", "c.toml", "-q"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("WORLD_SIZE=2 is set but RANK is not"), "{err}");
+    // The launcher starts both ranks; each refuses the CPU device; the launcher exits with that.
+    let (code, err) = run(&[], &["launch", "--gpus", "2", "run", "c.toml", "-q"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(err.matches("pass --device cuda").count(), 2, "{err}");
+    assert!(!dir.join("results").exists(), "nothing ran");
 }

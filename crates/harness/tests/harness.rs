@@ -295,6 +295,7 @@ fn opts(dir: &Path, stop_after: Option<usize>, resume: bool) -> RunOpts {
         force: false,
         quiet: true,
         stop_after,
+        comm: None,
     }
 }
 

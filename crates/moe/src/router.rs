@@ -338,6 +338,17 @@ impl Router {
         let mut bias = self.bias();
         let mut b = self.bias.lock().unwrap();
         let (host, load) = &mut *b;
+        // Data parallelism: every rank updates from the loads of all ranks, so the biases stay
+        // identical.
+        if let Some(c) = zoo_core::dist::current() {
+            let local: Vec<f32> = load.iter().map(|&l| l as f32).collect();
+            let n = local.len();
+            let sum = Tensor::from_vec(local, n, &zoo_core::candle_core::Device::Cpu)
+                .and_then(|t| c.all_reduce_sum(&t))
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("all-reduce of the expert loads");
+            load.iter_mut().zip(sum).for_each(|(l, s)| *l = s as f64);
+        }
         if load.iter().all(|&l| l == 0.0) {
             return;
         }

@@ -389,3 +389,37 @@ fn moh_gates_shared_and_top_k_routed_heads() -> Result<()> {
     }
     Ok(())
 }
+
+/// Data parallelism: inside a data-parallel training loop (`dist::enter`), the aux-loss-free bias
+/// update uses the expert loads summed over ranks, so every rank's bias moves alike. Rank 0 alone
+/// sees loads [2, 0, 0, 0] and would raise experts 1-3; with rank 1's [0, 0, 1, 1] the sum
+/// [2, 0, 1, 1] has mean 1, and only expert 1 is under it.
+#[test]
+fn the_bias_update_sums_loads_over_ranks() -> Result<()> {
+    use std::sync::Arc;
+    use zoo_core::dist::{Comm, ThreadComm};
+    let loads = [[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]];
+    let handles: Vec<_> = ThreadComm::group(2)
+        .into_iter()
+        .map(|c| {
+            std::thread::spawn(move || -> Vec<f32> {
+                let store = ParamStore::new(0, DType::F32, &Device::Cpu);
+                let router = Router::new(&store.root(), 4, 4, 1, Score::Softmax, 1.0, true).unwrap();
+                router.observe(&loads[c.rank()]);
+                let _g = zoo_core::dist::enter(Some(Arc::new(c) as Arc<dyn Comm>));
+                router.update_bias(0.1);
+                router.bias()
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), vec![-0.1, 0.1, 0.0, 0.0]);
+    }
+    // Outside data-parallel training: this rank's loads alone.
+    let store = ParamStore::new(0, DType::F32, &Device::Cpu);
+    let router = Router::new(&store.root(), 4, 4, 1, Score::Softmax, 1.0, true)?;
+    router.observe(&loads[0]);
+    router.update_bias(0.1);
+    assert_eq!(router.bias(), vec![-0.1, 0.1, 0.1, 0.1]);
+    Ok(())
+}

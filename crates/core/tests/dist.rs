@@ -1,0 +1,124 @@
+//! Data parallelism through the real training loop, ranks as threads ([`ThreadComm`]) on CPU:
+//! two and four ranks, each training its slice of every global batch, end with the same
+//! parameters as each other (bit for bit) and as one device training the whole batch (to float
+//! rounding: the sums run in another order), on MQAR, whose loss counts only the masked answer
+//! tokens, so the ranks' token weights matter. One rank is the single-device path exactly.
+
+use std::sync::Arc;
+use zoo_core::attention::{Attention, AttentionConfig};
+use zoo_core::candle_core::{DType, Device};
+use zoo_core::data::MqarSegment;
+use zoo_core::dist::{Comm, ThreadComm};
+use zoo_core::mixer::{examples_from_toml, FeedForward, Mixer};
+use zoo_core::model::{Lm, LmShape};
+use zoo_core::optim::{AdamWParams, Schedule};
+use zoo_core::params::ParamStore;
+use zoo_core::task::MqarTask;
+use zoo_core::train::{train, TrainOpts};
+
+const STEPS: usize = 4;
+
+/// Train a tiny attention LM on MQAR (global batch 8, accumulation 2) with `comm`; return its
+/// parameters by name and the logged train losses.
+fn run(comm: Option<Arc<dyn Comm>>) -> anyhow::Result<(Vec<(String, Vec<f32>)>, Vec<f64>)> {
+    let dev = Device::Cpu;
+    let store = ParamStore::new(3, DType::F32, &dev);
+    let shape =
+        LmShape { vocab_size: 32, d_model: 16, n_layers: 2, tie_embeddings: true, norm_eps: 1e-5, max_seq_len: 32 };
+    let attn: AttentionConfig = examples_from_toml(&["n_heads = 2"]).remove(0);
+    let model = Lm::new(&shape, DType::F32, &store.root(), |ctx, pb| {
+        let m: Box<dyn Mixer> = Box::new(Attention::new(&attn, ctx, &pb.pp("mixer"))?);
+        Ok((m, None::<Box<dyn FeedForward>>))
+    })?;
+    // Segments of two lengths and pair counts: the ranks' slices count different numbers of
+    // answer tokens in some batches.
+    let seg = [MqarSegment { seq_len: 32, kv_pairs: 4, examples: 64 }, MqarSegment { seq_len: 32, kv_pairs: 2, examples: 64 }];
+    let task = MqarTask::new(32, &seg, &seg, 8, 0, &dev)?;
+    let opts = TrainOpts {
+        steps: STEPS,
+        grad_accum: 2,
+        schedule: Schedule { lr: 3e-3, min_lr: 3e-4, warmup_steps: 1, decay_steps: STEPS },
+        adamw: AdamWParams { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_embeddings: false },
+        grad_clip: Some(0.5),
+        eval_every: 2,
+        checkpoint_every: None,
+        checkpoint_dir: None,
+        stop_after: None,
+        meta: serde_json::Value::Null,
+        stop_signal: None,
+        comm,
+    };
+    let mut losses = vec![];
+    train(&model, &store, &task, &opts, 0, false, &mut |p| losses.push(p.loss))?;
+    let mut params = vec![];
+    for (name, t) in store.tensors() {
+        params.push((name.clone(), t.flatten_all()?.to_vec1::<f32>()?));
+    }
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((params, losses))
+}
+
+/// Every rank of a `world`-rank group, trained in threads.
+fn ranks(world: usize) -> Vec<(Vec<(String, Vec<f32>)>, Vec<f64>)> {
+    let handles: Vec<_> = ThreadComm::group(world)
+        .into_iter()
+        .map(|c| std::thread::spawn(move || run(Some(Arc::new(c) as Arc<dyn Comm>)).unwrap()))
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn max_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (f32, f32) {
+    let (mut d, mut scale) = (0f32, 0f32);
+    for ((na, va), (nb, vb)) in a.iter().zip(b) {
+        assert_eq!(na, nb);
+        for (x, y) in va.iter().zip(vb) {
+            d = d.max((x - y).abs());
+            scale = scale.max(y.abs());
+        }
+    }
+    (d, scale)
+}
+
+#[test]
+fn data_parallel_ranks_agree_with_each_other_and_with_one_device() -> anyhow::Result<()> {
+    let (single, single_loss) = run(None)?;
+    assert!(run(None)?.0 == single, "training is deterministic on CPU");
+    for world in [2, 4] {
+        let out = ranks(world);
+        for (r, (p, l)) in out.iter().enumerate().skip(1) {
+            assert!(p == &out[0].0, "world {world}: rank {r}'s parameters differ from rank 0's");
+            assert_eq!(l, &out[0].1, "world {world}: rank {r} logged other losses");
+        }
+        let (d, scale) = max_diff(&out[0].0, &single);
+        assert!(d <= 1e-5 * scale.max(1.0), "world {world}: parameters differ from one device's by {d} (scale {scale})");
+        for (a, b) in out[0].1.iter().zip(&single_loss) {
+            assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "world {world}: loss {a} against one device's {b}");
+        }
+    }
+    Ok(())
+}
+
+/// The weights matter: without them (each rank's plain mean), two ranks would train on another
+/// loss than one device whenever the slices count different numbers of answer tokens.
+#[test]
+fn token_weights_make_the_ranks_mean_the_global_mean() -> anyhow::Result<()> {
+    let comms = ThreadComm::group(2);
+    let counts = [3.0, 9.0];
+    let handles: Vec<_> = comms
+        .into_iter()
+        .map(|c| std::thread::spawn(move || zoo_core::dist::token_weight(&c, counts[c.rank()]).unwrap()))
+        .collect();
+    let w: Vec<f64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    // Rank means m_r weighted by w_r, averaged: (w_0 m_0 + w_1 m_1) / 2 = (3 m_0 + 9 m_1) / 12.
+    assert!((w[0] - 0.5).abs() < 1e-12 && (w[1] - 1.5).abs() < 1e-12, "{w:?}");
+    Ok(())
+}
+
+/// A world of one takes the single-device path bit for bit.
+#[test]
+fn one_rank_is_the_single_device_path_exactly() -> anyhow::Result<()> {
+    let (single, l1) = run(None)?;
+    let (one, l2) = run(Some(Arc::new(ThreadComm::group(1).remove(0))))?;
+    assert!(one == single && l1 == l2);
+    Ok(())
+}
