@@ -39,8 +39,14 @@ impl SwiGlu {
 
 impl FeedForward for SwiGlu {
     fn forward(&self, x: &Tensor) -> Result<FfnOut> {
-        let g = self.w1.forward(x)?.silu()?;
-        Ok(FfnOut::plain(self.w2.forward(&(g * self.w3.forward(x)?)?)?))
+        let (g, u) = (self.w1.forward(x)?, self.w3.forward(x)?);
+        // On CUDA the fused silu(g) ⊙ u (forward and backward); elsewhere the composition.
+        let z = if zoo_kernels::applies("swiglu", zoo_kernels::swiglu::unsupported(&g, &u), g.device()) {
+            zoo_kernels::swiglu::swiglu(&g, &u)?
+        } else {
+            (g.silu()? * u)?
+        };
+        Ok(FfnOut::plain(self.w2.forward(&z)?))
     }
     fn kind(&self) -> String {
         "swiglu".into()

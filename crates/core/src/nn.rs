@@ -175,14 +175,24 @@ impl Rope {
         self.cos.dim(0).unwrap_or(0)
     }
 
-    /// x: (B, H, T, Dh) at absolute positions offset..offset+T. Differentiable (`rope_slow`).
+    /// The cos and sin rows (T, head_dim / 2) of positions `offset .. offset + t`.
+    pub fn tables(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        Ok((self.cos.narrow(0, offset, t)?, self.sin.narrow(0, offset, t)?))
+    }
+
+    /// x: (B, H, T, Dh) at absolute positions offset..offset+T. Differentiable (the kernel's
+    /// backward, or `rope_slow`'s).
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let t = x.dim(2)?;
         if offset + t > self.max_len() {
             candle_core::bail!("RoPE table holds {} positions, asked for {}", self.max_len(), offset + t)
         }
-        let cos = self.cos.narrow(0, offset, t)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, offset, t)?.to_dtype(x.dtype())?;
+        let (cos, sin) = self.tables(offset, t)?;
+        // On CUDA the fused kernel (forward and backward); elsewhere candle's composition.
+        if zoo_kernels::applies("rope", zoo_kernels::rope::unsupported(x), x.device()) {
+            return zoo_kernels::rope::rope(x, &cos, &sin);
+        }
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         candle_nn::rotary_emb::rope_slow(&x.contiguous()?, &cos, &sin)
     }
 }

@@ -281,3 +281,83 @@ fn rms_norm_kernels_match_the_composition() -> Result<()> {
     check_rms(&dev, DType::F32, 1e-5)?;
     check_rms(&dev, DType::BF16, 2e-2)
 }
+
+/// The RoPE op (CPU form, or the kernel on CUDA) against candle's composition (`rope_slow`):
+/// output and dx, head widths 2 to 128, one position and an odd length, tables at an offset (the
+/// rows of positions 5..5+T, as after a cache).
+fn check_rope(dev: &Device, dt: DType, tol: f32) -> Result<()> {
+    for &(b, h, t, d) in &[(1, 1, 1, 2), (2, 3, 37, 64), (1, 2, 9, 128), (2, 1, 5, 6)] {
+        let x0 = Tensor::randn(0f32, 1.0, (b, h, t, d), &Device::Cpu)?.to_device(dev)?.to_dtype(dt)?.to_dtype(DType::F32)?;
+        let rope = zoo_core::nn::Rope::new(d, t + 5, 10_000.0, dev)?;
+        let (cos, sin) = rope.tables(5, t)?;
+        let (cos, sin) = (cos.to_dtype(DType::F32)?, sin.to_dtype(DType::F32)?);
+        let run = |fused: bool| -> Result<Vec<Tensor>> {
+            let x = candle_core::Var::from_tensor(&x0.to_dtype(if fused { dt } else { DType::F32 })?)?;
+            let y = if fused {
+                zoo_kernels::rope::rope(x.as_tensor(), &cos, &sin)?
+            } else {
+                zoo_core::candle_nn::rotary_emb::rope_slow(x.as_tensor(), &cos, &sin)?
+            };
+            assert_eq!(y.dtype(), if fused { dt } else { DType::F32 });
+            let mut out = vec![y.to_dtype(DType::F32)?];
+            out.extend(grads_of(&y, &[&x])?);
+            Ok(out)
+        };
+        let (f, n) = (run(true)?, run(false)?);
+        for (name, (a, e)) in ["y", "dx"].iter().zip(f.iter().zip(&n)) {
+            let err = max_rel(a, e)?;
+            assert!(err <= tol, "rope {name} (B {b}, H {h}, T {t}, D {d}, {dt:?}) on {dev:?}: rel. error {err:.2e} > {tol:.0e}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn rope_op_matches_the_composition_on_cpu() -> Result<()> {
+    check_rope(&Device::Cpu, DType::F32, 1e-5)?;
+    check_rope(&Device::Cpu, DType::BF16, 2e-2)
+}
+
+#[test]
+fn rope_kernel_matches_the_composition() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    check_rope(&dev, DType::F32, 1e-5)?;
+    check_rope(&dev, DType::BF16, 2e-2)
+}
+
+/// The SwiGLU op (CPU form, or the kernels on CUDA) against `silu(g) ⊙ u` in candle ops: output,
+/// dg and du, odd sizes and one over a launch's grid stride.
+fn check_swiglu(dev: &Device, dt: DType, tol: f32) -> Result<()> {
+    for shape in [vec![1usize], vec![3, 37], vec![2, 5, 344], vec![70_000 * 257]] {
+        let g0 = Tensor::randn(0f32, 2.0, shape.as_slice(), &Device::Cpu)?.to_device(dev)?.to_dtype(dt)?.to_dtype(DType::F32)?;
+        let u0 = Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)?.to_device(dev)?.to_dtype(dt)?.to_dtype(DType::F32)?;
+        let run = |fused: bool| -> Result<Vec<Tensor>> {
+            let ty = if fused { dt } else { DType::F32 };
+            let (g, u) = (candle_core::Var::from_tensor(&g0.to_dtype(ty)?)?, candle_core::Var::from_tensor(&u0.to_dtype(ty)?)?);
+            let y = if fused { zoo_kernels::swiglu::swiglu(g.as_tensor(), u.as_tensor())? } else { (g.as_tensor().silu()? * u.as_tensor())? };
+            assert_eq!(y.dtype(), ty);
+            let mut out = vec![y.to_dtype(DType::F32)?];
+            out.extend(grads_of(&y, &[&g, &u])?);
+            Ok(out)
+        };
+        let (f, n) = (run(true)?, run(false)?);
+        for (name, (a, e)) in ["z", "dg", "du"].iter().zip(f.iter().zip(&n)) {
+            let err = max_rel(a, e)?;
+            assert!(err <= tol, "swiglu {name} ({shape:?}, {dt:?}) on {dev:?}: rel. error {err:.2e} > {tol:.0e}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn swiglu_op_matches_the_composition_on_cpu() -> Result<()> {
+    check_swiglu(&Device::Cpu, DType::F32, 1e-5)?;
+    check_swiglu(&Device::Cpu, DType::BF16, 2e-2)
+}
+
+#[test]
+fn swiglu_kernels_match_the_composition() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    check_swiglu(&dev, DType::F32, 1e-5)?;
+    check_swiglu(&dev, DType::BF16, 2e-2)
+}

@@ -293,7 +293,7 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Result, Storage, Tensor};
+    use candle_core::{CudaStorage, DType, Device, Layout, Result, Tensor};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
     const MODULE: &str = "zoo_flash";

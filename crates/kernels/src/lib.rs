@@ -20,6 +20,9 @@
 //! - [`conv1d`]: the depthwise causal convolution (BaseConv, short q/k/v convolutions) with an
 //!   optional SiLU, forward and backward in three kernels instead of about 6K strided broadcasts.
 //! - [`rms_norm`]: RMS normalisation with a gain, forward and backward (a warp per row).
+//! - [`rope`]: rotary position embedding on q or k, one kernel forward, the inverse rotation
+//!   backward.
+//! - [`swiglu`]: SwiGLU's silu(g) ⊙ u, forward and a backward writing both gradients.
 //! - [`embedding`]: the token lookup with a scatter (atomicAdd) backward in place of candle's
 //!   `index_add`.
 //!
@@ -36,6 +39,8 @@ pub mod delta_scan;
 pub mod embedding;
 pub mod linear_scan;
 pub mod rms_norm;
+pub mod rope;
+pub mod swiglu;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
