@@ -200,15 +200,24 @@ impl Grads {
         Ok(())
     }
 
-    /// Replace every gradient by its mean over the ranks of `comm` (data parallelism). A variable
-    /// without a gradient on this rank gets zeros first, so every rank reduces the same tensors
-    /// in the same order (`vars`' order).
+    /// Replace every gradient by its mean over the ranks of `comm` (data parallelism). The ranks
+    /// first agree on which variables have a gradient anywhere (a variable no rank touched, such
+    /// as an expert that got no tokens, stays without one and is not updated, as on one device);
+    /// one that has a gradient elsewhere but not here gets zeros, so every rank reduces the same
+    /// tensors in the same order (`vars`' order).
     pub fn all_reduce_mean<'a>(&mut self, comm: &dyn crate::dist::Comm, vars: impl Iterator<Item = &'a Var>) -> Result<()> {
         if comm.world() == 1 {
             return Ok(());
         }
+        let vars: Vec<&Var> = vars.collect();
+        let here: Vec<f32> = vars.iter().map(|v| f32::from(self.index.contains_key(&v.as_tensor().id()))).collect();
+        let n = here.len();
+        let anywhere = comm.all_reduce_sum(&Tensor::from_vec(here, n, &candle_core::Device::Cpu)?)?.to_vec1::<f32>()?;
         let mut order = Vec::new();
-        for v in vars {
+        for (v, &count) in vars.iter().zip(&anywhere) {
+            if count == 0.0 {
+                continue;
+            }
             let id = v.as_tensor().id();
             let i = match self.index.get(&id) {
                 Some(&i) => i,

@@ -122,3 +122,34 @@ fn one_rank_is_the_single_device_path_exactly() -> anyhow::Result<()> {
     assert!(one == single && l1 == l2);
     Ok(())
 }
+
+/// Ranks agree on which variables have gradients: one with a gradient on one rank only is
+/// averaged with zeros from the others; one no rank touched stays without a gradient (so AdamW
+/// leaves it alone, as on one device).
+#[test]
+fn gradients_present_on_some_ranks_are_averaged_and_absent_ones_stay_absent() {
+    use zoo_core::candle_core::Var;
+    use zoo_core::optim::Grads;
+    let handles: Vec<_> = ThreadComm::group(2)
+        .into_iter()
+        .map(|c| {
+            std::thread::spawn(move || -> Vec<Option<Vec<f32>>> {
+                let dev = Device::Cpu;
+                let vars: Vec<Var> = (0..3).map(|_| Var::ones(2, DType::F32, &dev).unwrap()).collect();
+                // Rank 0: a·1 + b·2; rank 1: a·3; c never used.
+                let loss = if c.rank() == 0 {
+                    (vars[0].as_tensor().sum_all().unwrap() + (vars[1].as_tensor() * 2.0).unwrap().sum_all().unwrap()).unwrap()
+                } else {
+                    (vars[0].as_tensor() * 3.0).unwrap().sum_all().unwrap()
+                };
+                let mut g = Grads::default();
+                g.accumulate(&loss.backward().unwrap(), vars.iter(), 1.0).unwrap();
+                g.all_reduce_mean(&c, vars.iter()).unwrap();
+                vars.iter().map(|v| g.get(v).map(|t| t.to_vec1::<f32>().unwrap())).collect()
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), vec![Some(vec![2.0, 2.0]), Some(vec![1.0, 1.0]), None]);
+    }
+}

@@ -4,6 +4,7 @@
 //! against that CPU form. The shapes cross the kernels' edges: T = 37 over 16-step chunks, d_k =
 //! 20, 40 and 100 (one, two and four threads per state column), d_v = 70 over 64-, 32- and
 //! 16-column blocks.
+mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use zoo_kernels::delta_scan::delta_scan;
 
@@ -67,14 +68,6 @@ fn run(x: &Inputs, op: bool) -> Result<(Tensor, Vec<Tensor>)> {
     Ok((o, gs))
 }
 
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let a = a.to_device(&Device::Cpu)?;
-    let b = b.to_device(&Device::Cpu)?;
-    let err = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-6);
-    Ok(err / scale)
-}
-
 const NAMES: [&str; 5] = ["dq", "dk", "dv", "dβ", "dg"];
 
 #[test]
@@ -82,16 +75,7 @@ fn delta_scan_matches_the_naive_delta_rule_and_its_gradients_on_cpu() -> Result<
     for gated in [false, true] {
         for shape in [(2, 2, 37, 20, 70), (1, 2, 19, 40, 9)] {
             let x = inputs(&Device::Cpu, gated, shape)?;
-            let (o, g) = run(&x, true)?;
-            let (o_ref, g_ref) = run(&x, false)?;
-            let e = rel_err(&o, &o_ref)?;
-            assert!(e < 1e-5, "gated {gated} {shape:?}: output differs by {e} (relative)");
-            assert_eq!(g.len(), g_ref.len());
-            for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
-                let e = rel_err(a, b)?;
-                assert!(e < 1e-4, "gated {gated} {shape:?}: {} differs by {e} (relative)", NAMES[i]);
-                assert!(b.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "gated {gated}: {} is zero", NAMES[i]);
-            }
+            common::assert_matches(&format!("gated {gated} {shape:?}"), &run(&x, true)?, &run(&x, false)?, &NAMES, true)?;
         }
     }
     Ok(())
@@ -130,14 +114,7 @@ fn delta_scan_cuda_matches_cpu() -> Result<()> {
                 g: cpu.g.as_ref().map(|g| Var::from_tensor(&g.to_device(&dev)?)).transpose()?,
                 c: cpu.c.to_device(&dev)?,
             };
-            let (o, g) = run(&gpu, true)?;
-            let (o_ref, g_ref) = run(&cpu, true)?;
-            let e = rel_err(&o, &o_ref)?;
-            assert!(e < 1e-5, "gated {gated} {shape:?}: output differs by {e}");
-            for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
-                let e = rel_err(a, b)?;
-                assert!(e < 1e-4, "gated {gated} {shape:?}: {} differs by {e}", NAMES[i]);
-            }
+            common::assert_matches(&format!("gated {gated} {shape:?}"), &run(&gpu, true)?, &run(&cpu, true)?, &NAMES, false)?;
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 //! CPU (the op's semantics, the four scans as loops); in a CUDA build on a GPU, the kernels
 //! against that CPU form. The shapes cross every tile edge of the kernels: T = 37 over 32-step
 //! tiles, d_k = 40 over 32-row tiles, d_v = 70 over 64-column blocks.
+mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use zoo_kernels::linear_scan::linear_scan;
 
@@ -74,14 +75,6 @@ fn run(x: &Inputs, op: bool) -> Result<(Tensor, Vec<Tensor>)> {
     Ok((o, gs))
 }
 
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let a = a.to_device(&Device::Cpu)?;
-    let b = b.to_device(&Device::Cpu)?;
-    let err = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-6);
-    Ok(err / scale)
-}
-
 const SHAPE: (usize, usize, usize, usize, usize) = (2, 2, 37, 40, 70);
 const NAMES: [&str; 4] = ["dq", "dk", "dv", "dg"];
 
@@ -89,16 +82,7 @@ const NAMES: [&str; 4] = ["dq", "dk", "dv", "dg"];
 fn linear_scan_matches_the_naive_recurrence_and_its_gradients_on_cpu() -> Result<()> {
     for gate in [Gate::None, Gate::PerStep, Gate::PerChannel] {
         let x = inputs(&Device::Cpu, gate, SHAPE)?;
-        let (o, g) = run(&x, true)?;
-        let (o_ref, g_ref) = run(&x, false)?;
-        let e = rel_err(&o, &o_ref)?;
-        assert!(e < 1e-5, "{gate:?}: output differs by {e} (relative)");
-        assert_eq!(g.len(), g_ref.len());
-        for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
-            let e = rel_err(a, b)?;
-            assert!(e < 1e-4, "{gate:?}: {} differs by {e} (relative)", NAMES[i]);
-            assert!(b.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{gate:?}: {} is zero", NAMES[i]);
-        }
+        common::assert_matches(&format!("{gate:?}"), &run(&x, true)?, &run(&x, false)?, &NAMES, true)?;
     }
     Ok(())
 }
@@ -130,14 +114,7 @@ fn linear_scan_cuda_matches_cpu() -> Result<()> {
                 g: cpu.g.as_ref().map(|g| Var::from_tensor(&g.to_device(&dev)?)).transpose()?,
                 c: cpu.c.to_device(&dev)?,
             };
-            let (o, g) = run(&gpu, true)?;
-            let (o_ref, g_ref) = run(&cpu, true)?;
-            let e = rel_err(&o, &o_ref)?;
-            assert!(e < 1e-5, "{gate:?} {shape:?}: output differs by {e}");
-            for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
-                let e = rel_err(a, b)?;
-                assert!(e < 1e-4, "{gate:?} {shape:?}: {} differs by {e}", NAMES[i]);
-            }
+            common::assert_matches(&format!("{gate:?} {shape:?}"), &run(&gpu, true)?, &run(&cpu, true)?, &NAMES, false)?;
         }
     }
     Ok(())
