@@ -285,9 +285,24 @@ enum KvCmd {
         trials: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// How every press's kept entries are spread over layers and heads, as `eval --budget`.
+        #[arg(long)]
+        budget: Option<String>,
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// `--budget` (inline TOML, e.g. `type = "ragged"`), checked; the uniform budget when absent.
+fn parse_budget(b: Option<&String>) -> Result<zoo_kv_compress::Budget> {
+    match b {
+        Some(b) => {
+            let b: zoo_kv_compress::Budget = parse_inline("budget", b)?;
+            b.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
+            Ok(b)
+        }
+        None => Ok(Default::default()),
+    }
 }
 
 fn parse_shard(s: &str) -> Result<(usize, usize)> {
@@ -500,14 +515,7 @@ fn real_main() -> Result<i32> {
                 let m = reading("press")?;
                 let cfg = parse_press(press)?;
                 zoo_kv_compress::check_ratio(*ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
-                let budget = match budget {
-                    Some(b) => {
-                        let b: zoo_kv_compress::Budget = parse_inline("budget", b)?;
-                        b.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
-                        b
-                    }
-                    None => Default::default(),
-                };
+                let budget = parse_budget(budget.as_ref())?;
                 let out = zoo_harness::pretrained::evaluate_model_press(m, text, &cfg, *ratio, &budget, *chunk, &env()?)?;
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 return Ok(0);
@@ -602,17 +610,10 @@ fn real_main() -> Result<i32> {
             };
             let o = zoo_harness::pretrained::GenOpts { max_tokens: *max_tokens, temperature: *temperature, top_p: *top_p, seed: *seed, packer, duo: duo_plan };
             let built = press_cfg.as_ref().map(|c| c.build()).transpose()?;
-            let budget = match gen_budget {
-                Some(b) => {
-                    let b: zoo_kv_compress::Budget = parse_inline("budget", b)?;
-                    b.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
-                    if press_cfg.is_none() {
-                        bail!("--budget: needs --press");
-                    }
-                    b
-                }
-                None => Default::default(),
-            };
+            if gen_budget.is_some() && press_cfg.is_none() {
+                bail!("--budget: needs --press");
+            }
+            let budget = parse_budget(gen_budget.as_ref())?;
             let budget_json = serde_json::to_value(&budget)?;
             let gp = built.as_ref().map(|b| zoo_harness::pretrained::GenPress { press: b.as_ref(), ratio: *ratio, every: *compress_every, budget: budget.clone() });
             for _ in 0..*warmup {
@@ -699,8 +700,9 @@ fn real_main() -> Result<i32> {
             let out = zoo_harness::gate_stats::run(config, results_dir, &env()?)?;
             eprintln!("wrote {}", out.display());
         }
-        Cmd::Kv { cmd: KvCmd::Needle { model, press, ratios, lengths, depths, trials, seed, out } } => {
+        Cmd::Kv { cmd: KvCmd::Needle { model, press, ratios, lengths, depths, trials, seed, budget, out } } => {
             let presses = press.iter().map(|p| parse_press(p)).collect::<Result<Vec<_>>>()?;
+            let budget = parse_budget(budget.as_ref())?;
             for r in ratios.iter() {
                 zoo_kv_compress::check_ratio(*r).map_err(|e| anyhow::anyhow!("--ratios: {e}"))?;
             }
@@ -719,6 +721,7 @@ fn real_main() -> Result<i32> {
                 trials: *trials,
                 seed: *seed,
                 answer_tokens: 8,
+                budget,
             };
             let t0 = std::time::Instant::now();
             let run_env = env.record();

@@ -26,6 +26,8 @@ pub struct NeedleOpts {
     pub seed: u64,
     /// Tokens written after the question.
     pub answer_tokens: usize,
+    /// How every press's kept entries are spread over layers and heads (`--budget`).
+    pub budget: zoo_kv_compress::Budget,
 }
 
 /// The prompt's token ids: instruction, filler up to `length` tokens in all, the key sentence
@@ -79,7 +81,7 @@ pub fn run(
                 for (press, ratio, hits, answers) in tally.iter_mut() {
                     let mut c = cache.clone();
                     if let Some(i) = press {
-                        compress_seen(&mut c, built[*i].as_ref(), *ratio, &Default::default())?;
+                        compress_seen(&mut c, built[*i].as_ref(), *ratio, &o.budget)?;
                     }
                     let mut r = row.clone();
                     let mut out = Vec::new();
@@ -103,6 +105,7 @@ pub fn run(
                     "depth": depth,
                     "press": press.map(|i| serde_json::to_value(&presses[i])).transpose()?,
                     "ratio": ratio,
+                    "budget": press.map(|_| serde_json::to_value(&o.budget)).transpose()?,
                     "hits": hits,
                     "trials": o.trials,
                     "answers": answers,

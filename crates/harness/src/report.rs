@@ -710,7 +710,10 @@ fn needle_report(files: &[Value]) -> String {
     let cells: Vec<&Value> = files.iter().flat_map(|f| f["cells"].as_array().into_iter().flatten()).collect();
     let label = |c: &Value| -> String {
         match c["press"].as_object() {
-            Some(_) => format!("{} @ {}", press_name(&c["press"]), c["ratio"]),
+            Some(_) => match c["budget"]["type"].as_str().filter(|&b| b != "uniform") {
+                Some(b) => format!("{} @ {} ({b} budget)", press_name(&c["press"]), c["ratio"]),
+                None => format!("{} @ {}", press_name(&c["press"]), c["ratio"]),
+            },
             None => "full cache".to_string(),
         }
     };

@@ -592,7 +592,15 @@ fn smollm2_needle_prompt_and_grid() -> anyhow::Result<()> {
     let (e, l) = (find(&early).expect("key in prompt"), find(&late).expect("key in prompt"));
     assert!(e < 40 && l > 250, "key at {e} and {l}");
     assert!(prompt_ids(tok, 20, 0.5, "12345").is_err());
-    let o = NeedleOpts { lengths: vec![160], depths: vec![0.5], ratios: vec![0.0, 0.5], trials: 1, seed: 3, answer_tokens: 8 };
+    let mut o = NeedleOpts {
+        lengths: vec![160],
+        depths: vec![0.5],
+        ratios: vec![0.0, 0.5],
+        trials: 1,
+        seed: 3,
+        answer_tokens: 8,
+        budget: Default::default(),
+    };
     let mut partial = 0;
     let j = run(&p, &[zoo_kv_compress::PressConfig::Knorm], &o, |_, j| {
         assert_eq!(j["complete"], false);
@@ -605,5 +613,11 @@ fn smollm2_needle_prompt_and_grid() -> anyhow::Result<()> {
     assert_eq!(cells[0]["press"], serde_json::Value::Null);
     assert_eq!(cells[0]["hits"], 1, "the full cache missed the key: {}", cells[0]["answers"]);
     assert_eq!(cells[1]["ratio"], 0.5);
+    assert_eq!(cells[1]["budget"]["type"], "uniform");
+    // A ragged budget reaches the press: the cell records it, and the full cache is unchanged.
+    o.budget = zoo_kv_compress::Budget::Ragged;
+    let r = run(&p, &[zoo_kv_compress::PressConfig::Knorm], &o, |_, _| Ok(()))?;
+    let rc = r["cells"].as_array().unwrap();
+    assert_eq!((&rc[0]["answers"], &rc[1]["budget"]["type"]), (&cells[0]["answers"], &serde_json::json!("ragged")));
     Ok(())
 }
