@@ -329,9 +329,10 @@ pub fn train(
         };
         on_step(&Progress { step: st.step, steps: opts.steps, loss, lr, tokens_per_s: tps, eval: eval.as_ref() });
         let writer = opts.comm.as_ref().is_none_or(|c| c.rank() == 0);
-        if let Some(dir) = opts.checkpoint_dir.as_ref().filter(|_| writer) {
+        if let Some(dir) = &opts.checkpoint_dir {
             if last || opts.checkpoint_every.is_some_and(|n| st.step % n == 0) {
-                // Never replace a good checkpoint with non-finite weights.
+                // Never replace a good checkpoint with non-finite weights. (Every rank checks its
+                // weights, which are the same on every rank, so all stop here together.)
                 if let Some(name) = first_non_finite(store)? {
                     return Err(NonFiniteLoss {
                         step: st.step - 1,
@@ -341,7 +342,9 @@ pub fn train(
                     }
                     .into());
                 }
-                save_checkpoint(dir, store, &opt, &st, &opts.meta)?;
+                if writer {
+                    save_checkpoint(dir, store, &opt, &st, &opts.meta)?;
+                }
                 good_ckpt = Some((dir.clone(), st.step));
             }
         }

@@ -21,6 +21,11 @@ const STEPS: usize = 4;
 /// Train a tiny attention LM on MQAR (global batch 8, accumulation 2) with `comm`; return its
 /// parameters by name and the logged train losses.
 fn run(comm: Option<Arc<dyn Comm>>) -> anyhow::Result<(Vec<(String, Vec<f32>)>, Vec<f64>)> {
+    run_with(comm, None)
+}
+
+/// [`run`] with a checkpoint folder, saving every 2 steps: `(dir, stop_after, resume)`.
+fn run_with(comm: Option<Arc<dyn Comm>>, ckpt: Option<(&std::path::Path, Option<usize>, bool)>) -> anyhow::Result<(Vec<(String, Vec<f32>)>, Vec<f64>)> {
     let dev = Device::Cpu;
     let store = ParamStore::new(3, DType::F32, &dev);
     let shape =
@@ -41,15 +46,15 @@ fn run(comm: Option<Arc<dyn Comm>>) -> anyhow::Result<(Vec<(String, Vec<f32>)>, 
         adamw: AdamWParams { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_embeddings: false },
         grad_clip: Some(0.5),
         eval_every: 2,
-        checkpoint_every: None,
-        checkpoint_dir: None,
-        stop_after: None,
+        checkpoint_every: ckpt.map(|_| 2),
+        checkpoint_dir: ckpt.map(|c| c.0.to_path_buf()),
+        stop_after: ckpt.and_then(|c| c.1),
         meta: serde_json::Value::Null,
         stop_signal: None,
         comm,
     };
     let mut losses = vec![];
-    train(&model, &store, &task, &opts, 0, false, &mut |p| losses.push(p.loss))?;
+    train(&model, &store, &task, &opts, 0, ckpt.is_some_and(|c| c.2), &mut |p| losses.push(p.loss))?;
     let mut params = vec![];
     for (name, t) in store.tensors() {
         params.push((name.clone(), t.flatten_all()?.to_vec1::<f32>()?));
@@ -152,4 +157,44 @@ fn gradients_present_on_some_ranks_are_averaged_and_absent_ones_stay_absent() {
     for h in handles {
         assert_eq!(h.join().unwrap(), vec![Some(vec![2.0, 2.0]), Some(vec![1.0, 1.0]), None]);
     }
+}
+
+/// A run resumes on another number of ranks: two ranks train 2 of 4 steps and stop (rank 0 saves
+/// the checkpoint), one device finishes; and the other way round. Both end where one device
+/// training all 4 steps ends (to float rounding: the data position is the global batch's).
+#[test]
+fn a_run_resumes_on_another_number_of_ranks() -> anyhow::Result<()> {
+    let (single, _) = run(None)?;
+    let ranks_then = |world: usize, dir: &std::path::Path, stop: Option<usize>, resume: bool| {
+        let handles: Vec<_> = ThreadComm::group(world)
+            .into_iter()
+            .map(|c| {
+                let dir = dir.to_path_buf();
+                std::thread::spawn(move || run_with(Some(Arc::new(c) as Arc<dyn Comm>), Some((&dir, stop, resume))).unwrap())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+    };
+    let base = std::env::temp_dir().join(format!("zoo-dist-resume-{}", std::process::id()));
+    // 2 ranks, then one device.
+    let dir = base.join("a").join("ckpt");
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(dir.parent().unwrap())?;
+    ranks_then(2, &dir, Some(2), false);
+    assert!(dir.join("state.json").exists(), "rank 0 saved the step-2 checkpoint");
+    let (resumed, steps) = run_with(None, Some((&dir, None, true)))?;
+    assert_eq!(steps.len(), STEPS - 2, "the resumed run trained only the steps after the checkpoint");
+    let (d, scale) = max_diff(&resumed, &single);
+    assert!(d <= 1e-5 * scale.max(1.0), "2 ranks then 1: {d}");
+    // One device, then 2 ranks.
+    let dir = base.join("b").join("ckpt");
+    std::fs::create_dir_all(dir.parent().unwrap())?;
+    run_with(None, Some((&dir, Some(2), false)))?;
+    let out = ranks_then(2, &dir, None, true);
+    assert!(out[0].0 == out[1].0, "the resumed ranks agree");
+    assert_eq!(out[0].1.len(), STEPS - 2, "the resumed ranks trained only the steps after the checkpoint");
+    let (d, scale) = max_diff(&out[0].0, &single);
+    assert!(d <= 1e-5 * scale.max(1.0), "1 then 2 ranks: {d}");
+    let _ = std::fs::remove_dir_all(&base);
+    Ok(())
 }

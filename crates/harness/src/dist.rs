@@ -49,9 +49,13 @@ pub fn communicator(world: World, device: &zoo_core::candle_core::Device) -> Res
     }
 }
 
+/// How long ranks get to finish their step and save after SIGTERM before they are killed.
+const KILL_AFTER: Duration = Duration::from_secs(120);
+
 /// `zoo launch --gpus N ARGS`: run `zoo ARGS` as N ranks on this machine (RANK, WORLD_SIZE,
 /// LOCAL_RANK, ZOO_NCCL_ID_FILE set per child). SIGINT/SIGTERM are passed on to every rank (each
-/// finishes its step; rank 0 saves the checkpoint); when one rank fails the others are stopped.
+/// finishes its step; rank 0 saves the checkpoint); when one rank fails the others are stopped,
+/// and killed if they have not exited 2 minutes later.
 /// Returns the exit status: 0, or the first failing rank's.
 pub fn launch(gpus: usize, global: &[String], args: &[String]) -> Result<i32> {
     if gpus == 0 {
@@ -78,7 +82,7 @@ pub fn launch(gpus: usize, global: &[String], args: &[String]) -> Result<i32> {
         children.push(Some(child));
     }
     let mut status = 0;
-    let mut forwarded = false;
+    let mut forwarded: Option<std::time::Instant> = None;
     while children.iter().any(Option::is_some) {
         for (rank, slot) in children.iter_mut().enumerate() {
             if let Some(c) = slot {
@@ -93,12 +97,19 @@ pub fn launch(gpus: usize, global: &[String], args: &[String]) -> Result<i32> {
             }
         }
         let signal = stop.load(std::sync::atomic::Ordering::SeqCst);
-        if (signal != 0 || status != 0) && !forwarded {
+        if (signal != 0 || status != 0) && forwarded.is_none() {
             for c in children.iter().flatten() {
                 // SAFETY: kill(2) on our own child's pid.
                 unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
             }
-            forwarded = true;
+            forwarded = Some(std::time::Instant::now());
+        }
+        // A rank still there long after SIGTERM is stuck (e.g. in a collective whose peer has
+        // died): kill it.
+        if forwarded.is_some_and(|t| t.elapsed() > KILL_AFTER) {
+            for c in children.iter_mut().flatten() {
+                let _ = c.kill();
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
