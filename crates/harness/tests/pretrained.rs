@@ -621,3 +621,38 @@ fn smollm2_needle_prompt_and_grid() -> anyhow::Result<()> {
     assert_eq!((&rc[0]["answers"], &rc[1]["budget"]["type"]), (&cells[0]["answers"], &serde_json::json!("ragged")));
     Ok(())
 }
+
+/// Per-head (ragged) storage is exact: every KV head keeping the slots a uniform Knorm eviction
+/// kept gives the uniform cache's logits bit for bit over two decode steps on SmolLM2. (So the
+/// ragged budget's poor pass-key scores, results/kv-needle-budget, come from how the budget is
+/// shared between heads, not from the per-head cache.)
+#[test]
+fn smollm2_ragged_heads_with_uniform_slots_decode_as_uniform() -> anyhow::Result<()> {
+    use zoo_core::candle_core::{DType, Device, Tensor};
+    use zoo_core::mixer::LayerState;
+    let Some((gguf, _)) = smollm2(false) else { return Ok(()) };
+    let env = Env::parse("cpu", "f32")?;
+    let p = load_gguf(&gguf, &env)?;
+    let ids = zoo_harness::needle::prompt_ids(p.tokenizer.as_ref().unwrap(), 256, 0.5, "02643")?;
+    let mut cache = p.model.new_cache_with_capacity(ids.len() + 8);
+    p.model.forward_keep(&Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?, Some(&mut cache), None, Some(1))?;
+    let mut uni = cache.clone();
+    zoo_kv_compress::compress_seen(&mut uni, zoo_kv_compress::PressConfig::Knorm.build()?.as_ref(), 0.5, &Default::default())?;
+    let mut rag = cache.clone();
+    for (u, r) in uni.iter().zip(rag.iter_mut()) {
+        if let (LayerState::Kv(u), LayerState::Kv(r)) = (u, r) {
+            let all = r.positions().to_vec();
+            let slots: Vec<usize> = u.positions().iter().map(|q| all.iter().position(|x| x == q).unwrap()).collect();
+            let heads = r.head_lens().len();
+            r.retain_heads(&vec![slots; heads])?;
+            assert!(r.is_ragged());
+        }
+    }
+    for token in [17u32, 42] {
+        let x = Tensor::new(&[token], &Device::Cpu)?.unsqueeze(0)?;
+        let a = p.model.forward(&x, Some(&mut uni), None)?.logits.to_dtype(DType::F32)?;
+        let b = p.model.forward(&x, Some(&mut rag), None)?.logits.to_dtype(DType::F32)?;
+        assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(())
+}
