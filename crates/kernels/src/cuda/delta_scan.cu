@@ -35,6 +35,22 @@ __device__ __forceinline__ float group_sum(float x) {
     return x;
 }
 
+// One step on this thread's rows of a state column: S̃ = α S, w = S̃ᵀ k (summed over the column's
+// P threads), u = β (v − w), S = S̃ + k u. k points at this thread's rows of k_t.
+template <int P>
+__device__ __forceinline__ void advance(float (&s)[RPT], const float* k, float a, float beta, float v) {
+    float w = 0.0f;
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) {
+        s[r] *= a;
+        w = fmaf(k[r], s[r], w);
+    }
+    w = group_sum<P>(w);
+    const float u = beta * (v - w);
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) s[r] = fmaf(k[r], u, s[r]);
+}
+
 // Stage steps [base, base + n) of q, k (zero beyond d_k), β, α, v (and dO) into shared memory.
 template <int P>
 __device__ __forceinline__ void stage(const Delta& p, int bh, int tile, int base, int n, float (*sq)[KMAX],
@@ -76,21 +92,10 @@ __device__ void delta_fwd(const Delta& p) {
         stage<P>(p, bh, tile, base, n, sq, sk, sb, sa, sv, nullptr);
         __syncthreads();
         for (int st = 0; st < n; ++st) {
-            const float a = sa[st];
-            float w = 0.0f;
-#pragma unroll
-            for (int r = 0; r < RPT; ++r) {
-                s[r] *= a;
-                w = fmaf(sk[st][r0 + r], s[r], w);
-            }
-            w = group_sum<P>(w);
-            const float u = sb[st] * (sv[st][cl] - w);
+            advance<P>(s, &sk[st][r0], sa[st], sb[st], sv[st][cl]);
             float o = 0.0f;
 #pragma unroll
-            for (int r = 0; r < RPT; ++r) {
-                s[r] = fmaf(sk[st][r0 + r], u, s[r]);
-                o = fmaf(sq[st][r0 + r], s[r], o);
-            }
+            for (int r = 0; r < RPT; ++r) o = fmaf(sq[st][r0 + r], s[r], o);
             o = group_sum<P>(o);
             if (r0 == 0 && j < p.dv) p.out[((size_t)bh * p.t + base + st) * p.dv + j] = o;
         }
@@ -120,19 +125,7 @@ __device__ void delta_bwd(const Delta& p) {
         __syncthreads();
         stage<P>(p, bh, tile, base, n, sq, sk, sb, sa, sv, nullptr);
         __syncthreads();
-        for (int st = 0; st < n; ++st) {
-            const float a = sa[st];
-            float w = 0.0f;
-#pragma unroll
-            for (int r = 0; r < RPT; ++r) {
-                s[r] *= a;
-                w = fmaf(sk[st][r0 + r], s[r], w);
-            }
-            w = group_sum<P>(w);
-            const float u = sb[st] * (sv[st][cl] - w);
-#pragma unroll
-            for (int r = 0; r < RPT; ++r) s[r] = fmaf(sk[st][r0 + r], u, s[r]);
-        }
+        for (int st = 0; st < n; ++st) advance<P>(s, &sk[st][r0], sa[st], sb[st], sv[st][cl]);
     }
     // Backward, chunk by chunk from the end; g holds dS (the gradient of the state after step t).
     float g[RPT];
@@ -147,18 +140,9 @@ __device__ void delta_bwd(const Delta& p) {
 #pragma unroll
         for (int r = 0; r < RPT; ++r) s[r] = ck[((size_t)c * RPT + r) * NT];
         for (int st = 0; st < n; ++st) {
-            const float a = sa[st];
-            float w = 0.0f;
 #pragma unroll
-            for (int r = 0; r < RPT; ++r) {
-                hi[((size_t)st * RPT + r) * NT] = s[r];
-                s[r] *= a;
-                w = fmaf(sk[st][r0 + r], s[r], w);
-            }
-            w = group_sum<P>(w);
-            const float u = sb[st] * (sv[st][cl] - w);
-#pragma unroll
-            for (int r = 0; r < RPT; ++r) s[r] = fmaf(sk[st][r0 + r], u, s[r]);
+            for (int r = 0; r < RPT; ++r) hi[((size_t)st * RPT + r) * NT] = s[r];
+            advance<P>(s, &sk[st][r0], sa[st], sb[st], sv[st][cl]);
         }
         for (int st = n - 1; st >= 0; --st) {
             const int t = base + st;
