@@ -8,7 +8,8 @@
 # LR_ORDER (default 0.003,0.001,0.01), then the next (POOL_LR_FIRST).
 #   here:    scripts/build-cuda.sh && tar czf .devpkg/prior.tgz -C results/EXP $(cd results/EXP && ls *.json)
 #   device:  run(command="bash scripts/device-mqar.sh 480 4 configs/mqar-2k.toml", carry=[".devpkg"], timeout_s=590)
-#   here:    tar xzf <files_at>/mqar.tgz -C results/EXP && zoo report results/EXP
+#   here:    tar xzf <files_at>/mqar.tgz -C results/EXP && zoo report results/EXP (a warm machine also keeps
+#            every result in runs/EXP.results/ and restores the ones our tree lacks at the next call)
 # Runs that are still going at STOP_S seconds (env; default BUDGET_S + 60) are stopped with a
 # checkpoint (device-pool.sh POOL_STOP_S) and continue at the next call: on a warm machine from
 # runs/, which stays there between calls; across sessions from .devpkg/ckpt.tgz.*, which
@@ -22,6 +23,13 @@ export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
 [ -x /tmp/zoo ] || { gunzip -c .devpkg/zoo.gz > /tmp/zoo && chmod +x /tmp/zoo; }
 mkdir -p "$res"
 [ -f .devpkg/prior.tgz ] && tar xzf .devpkg/prior.tgz -C "$res" && echo "prior results: $(ls "$res"/*.json | wc -l)"
+# Results made by an earlier call on this (warm) machine: the call replaced the working tree with
+# ours, so bring back the ones we have not copied in yet (runs/ is ignored, so it stays).
+keep=runs/$exp.results
+if [ -d "$keep" ]; then
+  for f in "$keep"/*.json; do [ -e "$res/$(basename "$f")" ] || cp "$f" "$res/"; done
+  echo "results kept on this machine: $(ls "$keep"/*.json | wc -l)"
+fi
 if ls .devpkg/ckpt.tgz.* > /dev/null 2>&1; then
   mkdir -p runs && cat .devpkg/ckpt.tgz.* | tar xzf - -C runs --skip-old-files && echo "checkpoints brought in"
 fi
@@ -31,6 +39,7 @@ POOL_STOP_S=${STOP_S:-$((budget + 60))} ZOO=/tmp/zoo POOL_LR_FIRST=1 POOL_LR_ORD
 # (device-pool.sh leaves the MPS daemon running; stop it).
 CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe nvidia-cuda-mps-control <<< quit > /dev/null 2>&1 || true
 tar czf "$OUT/mqar.tgz" -C "$res" $(cd "$res" && ls *.json)
+mkdir -p "$keep" && cp "$res"/*.json "$keep/"
 cp /tmp/pool-errors.log "$OUT/" 2>/dev/null
 if [ "${SHIP_CKPT:-0}" = 1 ] && [ -d "runs/$exp" ]; then
   # Checkpoints of unfinished runs (a finished run has its JSON), in pieces under the size limit.
