@@ -470,7 +470,7 @@ fn generation_with_a_press_frees_the_evicted_bytes() -> anyhow::Result<()> {
     }
     // Ragged per-head budgets while generating: the heads together hold half the tokens seen.
     let knorm = PressConfig::Knorm.build()?;
-    let ragged = GenPress { press: knorm.as_ref(), ratio: 0.5, every: Some(4), budget: zoo_kv_compress::Budget::Ragged };
+    let ragged = GenPress { press: knorm.as_ref(), ratio: 0.5, every: Some(4), budget: zoo_kv_compress::Budget::Ragged { min_share: 0.0 } };
     let s = generate(&p.model, &prompt, None, &o, &env.device, Some(&ragged), |_| Ok(()))?;
     let seen = prompt.len() + 8;
     assert_eq!(s.generated.len(), 9);
@@ -615,7 +615,7 @@ fn smollm2_needle_prompt_and_grid() -> anyhow::Result<()> {
     assert_eq!(cells[1]["ratio"], 0.5);
     assert_eq!(cells[1]["budget"]["type"], "uniform");
     // A ragged budget reaches the press: the cell records it, and the full cache is unchanged.
-    o.budget = zoo_kv_compress::Budget::Ragged;
+    o.budget = zoo_kv_compress::Budget::Ragged { min_share: 0.0 };
     let r = run(&p, &[zoo_kv_compress::PressConfig::Knorm], &o, |_, _| Ok(()))?;
     let rc = r["cells"].as_array().unwrap();
     assert_eq!((&rc[0]["answers"], &rc[1]["budget"]["type"]), (&cells[0]["answers"], &serde_json::json!("ragged")));

@@ -177,9 +177,17 @@ pub enum Budget {
     },
     /// Every layer keeps the same number of entries per KV head on average, but the heads of a
     /// layer share that total by score (AdaKV's allocation, Feng et al. 2024, §3: the layer's
-    /// highest scores over all its heads, at least one per head), each head really storing only
-    /// its own ([`KvCache::retain_heads`]).
-    Ragged,
+    /// highest scores over all its heads), each head really storing only its own
+    /// ([`KvCache::retain_heads`]). Each head first keeps its own best `min_share · keep` slots
+    /// (at least one; default share 0); the rest of the total goes by score over all heads.
+    Ragged {
+        #[serde(default, skip_serializing_if = "is_zero")]
+        min_share: f64,
+    },
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 fn twenty() -> f64 {
@@ -192,6 +200,9 @@ impl Budget {
         match *self {
             Budget::Pyramid { beta } if !(beta >= 1.0 && beta.is_finite()) => {
                 Err(format!("budget.beta: {beta} must be at least 1 (the top layer keeps keep / beta)"))
+            }
+            Budget::Ragged { min_share } if !(0.0..=1.0).contains(&min_share) => {
+                Err(format!("budget.min_share: {min_share} must be in [0, 1] (the share of a head's even budget it always keeps)"))
             }
             _ => Ok(()),
         }
@@ -319,8 +330,9 @@ pub fn compress_seen(states: &mut [LayerState], press: &dyn Press, ratio: f64, b
     for (l, s) in states.iter_mut().enumerate() {
         if let LayerState::Kv(c) = s {
             let keep = keeps.next().expect("one keep per attention layer");
-            if *budget == Budget::Ragged {
-                compress_heads(c, press, keep, l)?;
+            if let Budget::Ragged { min_share } = *budget {
+                let floor = (min_share * keep as f64).floor() as usize;
+                compress_heads(c, press, keep, l, floor)?;
                 // Entries per head on average.
                 let lens = c.head_lens();
                 held.push(lens.iter().sum::<usize>() / lens.len().max(1));
@@ -334,11 +346,12 @@ pub fn compress_seen(states: &mut [LayerState], press: &dyn Press, ratio: f64, b
 }
 
 /// Per-head ragged eviction: every KV head's slots are scored as a one-head cache (its keys, its
-/// positions, its group of observed queries), and the layer keeps its `keep × heads` highest
-/// scores over all heads, at least one per head; each head then stores only its own
-/// ([`KvCache::retain_heads`]). Returns the slots each head keeps. Presses that accumulate
-/// (H2O) or hold per-head parameters (Q-Filters) do not score single heads here: an error.
-pub fn compress_heads(cache: &mut KvCache, press: &dyn Press, keep: usize, layer: usize) -> Result<Vec<usize>> {
+/// positions, its group of observed queries); each head keeps its own `min_per_head` best (at
+/// least one), and the rest of the layer's `keep × heads` goes to the highest scores over all
+/// heads; each head then stores only its own ([`KvCache::retain_heads`]). Returns the slots each
+/// head keeps. Presses that accumulate (H2O) or hold per-head parameters (Q-Filters) do not
+/// score single heads here: an error.
+pub fn compress_heads(cache: &mut KvCache, press: &dyn Press, keep: usize, layer: usize, min_per_head: usize) -> Result<Vec<usize>> {
     let lens = cache.head_lens();
     let hkv = lens.len();
     if hkv == 0 || cache.is_empty() {
@@ -378,10 +391,13 @@ pub fn compress_heads(cache: &mut KvCache, press: &dyn Press, keep: usize, layer
     // Highest first; ties: the later slot first (the earlier goes), then the lower head.
     all.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.2.cmp(&a.2)).then(a.1.cmp(&b.1)));
     let mut kept: Vec<Vec<usize>> = vec![Vec::new(); hkv];
-    // Each head's best slot first, so no head is left without keys.
+    let mut taken: Vec<Vec<bool>> = lens.iter().map(|&n| vec![false; n]).collect();
+    // Each head's own best slots first (at least one, so no head is left without keys).
+    let floor = min_per_head.max(1);
     for &(_, h, j) in &all {
-        if kept[h].is_empty() {
+        if kept[h].len() < floor {
             kept[h].push(j);
+            taken[h][j] = true;
         }
     }
     let mut n = kept.iter().map(Vec::len).sum::<usize>();
@@ -389,8 +405,9 @@ pub fn compress_heads(cache: &mut KvCache, press: &dyn Press, keep: usize, layer
         if n >= total.max(hkv) {
             break;
         }
-        if kept[h].first() != Some(&j) {
+        if !taken[h][j] {
             kept[h].push(j);
+            taken[h][j] = true;
             n += 1;
         }
     }

@@ -452,7 +452,7 @@ fn compress_heads_spreads_the_budget_by_score() -> Result<()> {
     let k = Tensor::from_vec(data, (1, 2, 4, 2), &Device::Cpu)?;
     let mut c = KvCache::with_capacity(4, None);
     c.append(&k, &k)?;
-    let kept = zoo_kv_compress::compress_heads(&mut c, PressConfig::Knorm.build()?.as_ref(), 2, 0)?;
+    let kept = zoo_kv_compress::compress_heads(&mut c, PressConfig::Knorm.build()?.as_ref(), 2, 0, 0)?;
     assert_eq!(kept, vec![3, 1]);
     assert_eq!(c.head_kv(0)?.unwrap().2, vec![0, 1, 2]);
     assert_eq!(c.head_kv(1)?.unwrap().2, vec![0]);
@@ -461,7 +461,17 @@ fn compress_heads_spreads_the_budget_by_score() -> Result<()> {
     d.set_observe(Some(4));
     d.append(&k, &k)?;
     d.observe(&k)?;
-    assert!(zoo_kv_compress::compress_heads(&mut d, PressConfig::H2o { recent: 0.5 }.build()?.as_ref(), 2, 0).is_err());
+    assert!(zoo_kv_compress::compress_heads(&mut d, PressConfig::H2o { recent: 0.5 }.build()?.as_ref(), 2, 0, 0).is_err());
+    // A floor of 2 per head: head 1 keeps its own best two (the smallest norms, slots 0 and 1),
+    // head 0 the rest of the total 4.
+    let mut e = KvCache::with_capacity(4, None);
+    e.append(&k, &k)?;
+    let kept = zoo_kv_compress::compress_heads(&mut e, PressConfig::Knorm.build()?.as_ref(), 2, 0, 2)?;
+    assert_eq!(kept, vec![2, 2]);
+    assert_eq!((e.head_kv(0)?.unwrap().2, e.head_kv(1)?.unwrap().2), (vec![0, 1], vec![0, 1]));
+    // The share is checked by name.
+    let bad = zoo_kv_compress::Budget::Ragged { min_share: 1.5 };
+    assert!(bad.check().unwrap_err().contains("budget.min_share"));
     Ok(())
 }
 
@@ -473,10 +483,10 @@ fn ragged_budget_in_streaming_nll() -> Result<()> {
     let (lm, _store) = tiny_lm(2, 8, 64)?;
     let ids: Vec<u32> = (0..40).map(|i| (i * 7 % 16) as u32).collect();
     let knorm = PressConfig::Knorm.build()?;
-    let (full, n, _) = streaming_nll(&lm, &ids, 8, Some(knorm.as_ref()), 0.0, &Budget::Ragged)?;
+    let (full, n, _) = streaming_nll(&lm, &ids, 8, Some(knorm.as_ref()), 0.0, &Budget::Ragged { min_share: 0.0 })?;
     let (shared, _, _) = streaming_nll(&lm, &ids, 8, Some(knorm.as_ref()), 0.0, &Budget::Uniform)?;
     assert!((full - shared).abs() < 1e-9 && n == 39);
-    let (half, _, held) = streaming_nll(&lm, &ids, 8, Some(knorm.as_ref()), 0.5, &Budget::Ragged)?;
+    let (half, _, held) = streaming_nll(&lm, &ids, 8, Some(knorm.as_ref()), 0.5, &Budget::Ragged { min_share: 0.0 })?;
     assert!(half.is_finite() && (half - full).abs() > 1e-6);
     assert!(held > 0.0 && held < 24.0, "held {held}");
     Ok(())
