@@ -710,8 +710,15 @@ fn needle_report(files: &[Value]) -> String {
     let cells: Vec<&Value> = files.iter().flat_map(|f| f["cells"].as_array().into_iter().flatten()).collect();
     let label = |c: &Value| -> String {
         match c["press"].as_object() {
-            Some(_) => match c["budget"]["type"].as_str().filter(|&b| b != "uniform") {
-                Some(b) => format!("{} @ {} ({b} budget)", press_name(&c["press"]), c["ratio"]),
+            Some(_) => match c["budget"].as_object().filter(|b| b.get("type").and_then(Value::as_str) != Some("uniform")) {
+                // The budget's type and any settings: "ragged budget, min_share 0.5".
+                Some(b) => {
+                    let mut what = format!("{} budget", b.get("type").and_then(Value::as_str).unwrap_or("?"));
+                    for (k, v) in b.iter().filter(|(k, _)| k.as_str() != "type") {
+                        what.push_str(&format!(", {k} {v}"));
+                    }
+                    format!("{} @ {} ({what})", press_name(&c["press"]), c["ratio"])
+                }
                 None => format!("{} @ {}", press_name(&c["press"]), c["ratio"]),
             },
             None => "full cache".to_string(),
