@@ -12,7 +12,8 @@
 # As You Like It; the filters and the calibration summary are kept in results/kv-ppl/).
 # TOVA also runs with a pyramid budget (PyramidKV's linear decay over depth, beta 20) at the same
 # total, against its uniform budget; TOVA and Knorm also with ragged per-head budgets (AdaKV's
-# allocation: the layer's highest scores over all its KV heads, each head storing only its own). A (press, ratio) whose JSON exists is skipped (FORCE=1 reruns everything), as `zoo run` does.
+# allocation: the layer's highest scores over all its KV heads, each head storing only its own), and with ragged budgets whose heads first keep half their even
+# share (min_share 0.5). A (press, ratio) whose JSON exists is skipped (FORCE=1 reruns everything), as `zoo run` does.
 # usage: scripts/kv-ppl.sh [extra zoo eval args]
 set -eu
 ZOO=${ZOO:-target/release/zoo}
@@ -41,6 +42,8 @@ for r in 0.5 0.75 0.875 0.9375; do
   run "tova-r$r" 'type = "tova"' "$r" "$@"
   run "tova_ragged-r$r" 'type = "tova"' "$r" --budget 'type = "ragged"' "$@"
   run "knorm_ragged-r$r" 'type = "knorm"' "$r" --budget 'type = "ragged"' "$@"
+  run "tova_ragged50-r$r" 'type = "tova"' "$r" --budget 'type = "ragged", min_share = 0.5' "$@"
+  run "knorm_ragged50-r$r" 'type = "knorm"' "$r" --budget 'type = "ragged", min_share = 0.5' "$@"
   run "snapkv-r$r" 'type = "snapkv", window = 64, kernel = 5' "$r" "$@"
   run "h2o-r$r" 'type = "h2o", recent = 0.5' "$r" "$@"
   run "q_filters-r$r" "type = \"q_filters\", path = \"$filters\"" "$r" "$@"
