@@ -367,13 +367,7 @@ mod cuda {
         p.hist = hp.0;
         launch(dev, &format!("zoo_delta_bwd_p{lanes}"), &p, (n.bh as u32, tiles as u32))?;
         if let Some(pp) = &pp {
-            let f = dev.get_or_load_custom_func("zoo_delta_sum", MODULE, PTX)?;
-            let (src, out, n64, t32) = (pp.0, tensor_addr(&dx)?, len as i64, tiles as i32);
-            let mut b = f.builder();
-            b.arg(&src).arg(&out).arg(&n64).arg(&t32);
-            let grid = len.div_ceil(256).min(65_535) as u32;
-            // SAFETY: part holds tiles·len f32, dx len.
-            unsafe { b.launch(LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+            crate::linear_scan::sum_tiles(dev, pp.0, tensor_addr(&dx)?, len, tiles)?;
         }
         drop((cp, hp, pp));
         drop((ckpt, hist, part));

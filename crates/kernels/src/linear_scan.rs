@@ -244,6 +244,10 @@ impl CustomOp3 for Scan {
     }
 }
 
+/// The fixed-order tile sum, shared with the delta scan.
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::sum_tiles;
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::{Dims, Kind};
@@ -327,16 +331,23 @@ mod cuda {
         // columns; the target holds `tiles` outputs of B·H·T·width f32.
         unsafe { b.launch(cfg) }.w()?;
         if let Some(pp) = &part_ptr {
-            let f = dev.get_or_load_custom_func("zoo_scan_sum", MODULE, PTX)?;
-            let (src, n64, t32) = (pp.0, len as i64, tiles as i32);
-            let mut b = f.builder();
-            b.arg(&src).arg(&out).arg(&n64).arg(&t32);
-            let blocks = len.div_ceil(256).min(65_535) as u32;
-            // SAFETY: part holds tiles·len f32, out len.
-            unsafe { b.launch(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+            sum_tiles(dev, pp.0, out, len, tiles)?;
         }
         drop(part_ptr);
         drop(part);
+        Ok(())
+    }
+
+    /// `out[x] = Σ_z part[z][x]` over `tiles` partial outputs of `len` f32 each, in a fixed order
+    /// (so the result does not depend on scheduling); also the delta scan's tile sum.
+    pub(crate) fn sum_tiles(dev: &CudaDevice, part: u64, out: u64, len: usize, tiles: usize) -> Result<()> {
+        let f = dev.get_or_load_custom_func("zoo_scan_sum", MODULE, PTX)?;
+        let (n64, t32) = (len as i64, tiles as i32);
+        let mut b = f.builder();
+        b.arg(&part).arg(&out).arg(&n64).arg(&t32);
+        let blocks = len.div_ceil(256).min(65_535) as u32;
+        // SAFETY: part holds tiles·len f32, out len (the caller's buffers).
+        unsafe { b.launch(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
         Ok(())
     }
 

@@ -8,8 +8,8 @@
 // Inputs are f32 rows of T steps per (batch·head): x = [q | k | β | g] (width ws = 2 d_k + 1 +
 // gated), v and dO of width d_v. The backward writes dv directly and, per column tile, partial
 // rows [dq | dk | dβ | dg] of x's layout (width ws), which the caller sums over tiles in a fixed
-// order. It first runs the forward once, keeping the state at the start of every TT-step chunk
-// (ckpt), then walks the chunks in reverse: the chunk's states are recomputed into hist, and
+// order (linear_scan.cu's zoo_scan_sum). It first runs the forward once, keeping the state at the
+// start of every TT-step chunk (ckpt), then walks the chunks in reverse: the chunk's states are recomputed into hist, and
 // the steps run backward from them.
 
 #define TT 16    // time steps staged in shared memory at once (also the checkpoint interval)
@@ -203,12 +203,3 @@ extern "C" __global__ void __launch_bounds__(NT) zoo_delta_fwd_p4(Delta p) { del
 extern "C" __global__ void __launch_bounds__(NT) zoo_delta_bwd_p1(Delta p) { delta_bwd<1>(p); }
 extern "C" __global__ void __launch_bounds__(NT) zoo_delta_bwd_p2(Delta p) { delta_bwd<2>(p); }
 extern "C" __global__ void __launch_bounds__(NT) zoo_delta_bwd_p4(Delta p) { delta_bwd<4>(p); }
-
-// out[x] = Σ_z part[z][x], in a fixed order.
-extern "C" __global__ void zoo_delta_sum(const float* part, float* out, long long n, int tiles) {
-    for (long long x = (long long)blockIdx.x * blockDim.x + threadIdx.x; x < n; x += (long long)gridDim.x * blockDim.x) {
-        float s = 0.0f;
-        for (int z = 0; z < tiles; ++z) s += part[(size_t)z * n + x];
-        out[x] = s;
-    }
-}
