@@ -3,8 +3,10 @@
 //! and SwiGLU experts (plus optional always-on shared experts, and an optional capacity factor that
 //! drops assignments beyond ceil(factor · N·k / E) per expert, Switch-style), joined by a
 //! dispatch that groups tokens by expert: one gather, the experts on
-//! their contiguous slices, one scatter-add ([`Dispatch::Grouped`]); the per-expert loop
-//! ([`Dispatch::Looped`]) stays as the reference the tests compare with.
+//! their contiguous slices, one weighted combine back to the tokens ([`Dispatch::Grouped`],
+//! [`dispatch`]: both passes are gathers, no `index_add`); the per-expert loop
+//! ([`Dispatch::Looped`], `index_select` and `index_add` per expert, as candle-transformers' MoE)
+//! stays as the reference the tests compare with.
 //!
 //! Statistics per layer ([`zoo_core::mixer::Stat`]): `load` (share of assignments per expert,
 //! per expert), `load_cv` (coefficient of variation of the load), `max_load` (the busiest expert's
@@ -12,8 +14,9 @@
 //! of the scores, nats), `dropped_fraction` (assignments the capacity dropped), `active_experts`
 //! (experts per token in use: k for token choice without drops; it falls from E toward k under
 //! the dense-to-sparse gate). Auxiliary losses go through `FfnOut::aux_loss`; the bias update runs in
-//! `after_step`. The expert indices are copied to the host to group tokens (one small copy per
-//! layer); device-side grouping is future work.
+//! `after_step`. The expert indices are copied to the host to group tokens (one small copy, and
+//! so one wait for the GPU, per layer): the experts' slice lengths must be known to launch their
+//! matmuls; removing that wait needs a grouped matmul with device-side offsets (future work).
 //!
 //! ```
 //! use zoo_core::candle_core::{DType, Device, Tensor};
@@ -31,6 +34,7 @@
 //! # Ok::<(), zoo_core::candle_core::Error>(())
 //! ```
 
+pub mod dispatch;
 pub mod gate_stats;
 pub mod moh;
 pub mod router;
@@ -47,7 +51,8 @@ use zoo_core::params::Pb;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Dispatch {
-    /// Sort the assignments by expert: one gather, each expert on its slice, one scatter-add.
+    /// Sort the assignments by expert: one gather, each expert on its slice, one combine
+    /// ([`dispatch::Plan`]).
     #[default]
     Grouped,
     /// One gather and one scatter-add per expert (the reference).
@@ -231,26 +236,21 @@ impl Moe {
                 Ok(out)
             }
             Dispatch::Grouped => {
-                let mut order: Vec<u32> = (0..(n * k) as u32).filter(|&a| r.kept[a as usize]).collect();
-                order.sort_by_key(|&a| experts[a as usize]);
-                if order.is_empty() {
+                let (plan, lens) = dispatch::Plan::new(experts, &r.kept, k, self.experts.len(), dev)?;
+                if plan.rows() == 0 {
                     return Ok(out);
                 }
-                let tokens: Vec<u32> = order.iter().map(|&a| a / k as u32).collect();
-                let (slots, tokens) = (Tensor::new(order.clone(), dev)?, Tensor::new(tokens, dev)?);
-                let xs = x.index_select(&tokens, 0)?; // one gather
+                let xs = plan.gather(x)?; // one gather
                 let mut parts = Vec::new();
                 let mut start = 0;
-                for e in 0..self.experts.len() {
-                    let len = order[start..].iter().take_while(|&&a| experts[a as usize] as usize == e).count();
+                for (e, &len) in lens.iter().enumerate() {
                     if len > 0 {
                         parts.push(self.expert(e, &xs.narrow(0, start, len)?)?);
                     }
                     start += len;
                 }
-                let ys = Tensor::cat(&parts, 0)?;
-                let w = weights.index_select(&slots, 0)?.unsqueeze(1)?.to_dtype(ys.dtype())?;
-                out.index_add(&tokens, &ys.broadcast_mul(&w)?, 0) // one scatter-add
+                let ys = if parts.len() == 1 { parts.pop().unwrap() } else { Tensor::cat(&parts, 0)? };
+                plan.combine(&ys, &r.weights) // one combine (a gather per slot; no scatter)
             }
         }
     }

@@ -308,7 +308,14 @@ impl Router {
             Activation::Sigmoid => zoo_core::candle_nn::ops::sigmoid(&logits)?,
         };
         match self.selection {
-            Selection::TokenChoice => route_logits(&logits, &self.bias(), self.top_k, self.score, self.temperature, self.renormalize),
+            Selection::TokenChoice => {
+                // The store's bias stays on the device (reading it to the host would wait for the GPU).
+                let bias = match &self.bias_var {
+                    Some(v) => v.as_tensor().to_dtype(DType::F32)?.reshape((1, e))?,
+                    None => Tensor::from_vec(self.bias(), (1, e), dev)?,
+                };
+                route_with_bias(&logits, &bias, self.top_k, self.score, self.temperature, self.renormalize)
+            }
             Selection::ExpertChoice { capacity_factor } => {
                 let cap = ((capacity_factor * (n * self.top_k) as f64) / e as f64).ceil() as usize;
                 route_expert_choice(&logits, cap.clamp(1, n), self.temperature)
@@ -385,12 +392,18 @@ pub fn route_logits(
     renormalize: bool,
 ) -> Result<Routing> {
     let e = logits.dim(1)?;
+    let b = Tensor::from_vec(bias.to_vec(), (1, e), logits.device())?;
+    route_with_bias(logits, &b, top_k, score, temperature, renormalize)
+}
+
+/// [`route_logits`] with the bias as a (1, E) f32 tensor on the logits' device.
+fn route_with_bias(logits: &Tensor, b: &Tensor, top_k: usize, score: Score, temperature: f64, renormalize: bool) -> Result<Routing> {
+    let e = logits.dim(1)?;
     let scores = match score {
         Score::Softmax => zoo_core::candle_nn::ops::softmax(&(logits / temperature)?, D::Minus1)?,
         Score::Sigmoid => zoo_core::candle_nn::ops::sigmoid(logits)?,
     };
-    let b = Tensor::from_vec(bias.to_vec(), (1, e), logits.device())?;
-    let select = scores.detach().broadcast_add(&b)?;
+    let select = scores.detach().broadcast_add(b)?;
     let experts = select.arg_sort_last_dim(false)?.narrow(1, 0, top_k)?.contiguous()?;
     let mut weights = scores.gather(&experts, 1)?;
     if renormalize {
