@@ -139,3 +139,85 @@ fn num(v: f64) -> String {
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
+
+/// One panel of [`heatmaps`]: `values[row][col]`, rows split into groups of `group` (a thin
+/// line between groups), columns labelled by `cols`.
+pub struct HeatPanel {
+    pub title: String,
+    pub cols: Vec<f64>,
+    pub values: Vec<Vec<f64>>,
+    pub group: usize,
+}
+
+/// Heatmap panels side by side (`per_row` to a row of panels), one colour scale for all: white
+/// at 0, dark red at `vmax` and above; `row_label` names the rows, `note` explains the scale.
+pub fn heatmaps(title: &str, row_label: &str, col_label: &str, note: &str, panels: &[HeatPanel], vmax: f64, per_row: usize) -> String {
+    let (pw, ph, gap, top, left) = (170.0, 190.0, 26.0, 56.0, 46.0);
+    let per_row = per_row.max(1);
+    let n_rows = panels.len().div_ceil(per_row).max(1);
+    let w = left + per_row as f64 * (pw + gap) + 10.0;
+    let h = top + n_rows as f64 * (ph + 56.0) + 10.0;
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>"#
+    );
+    let _ = write!(svg, r#"<text x="{}" y="20" text-anchor="middle" font-size="15">{}</text>"#, w / 2.0, esc(title));
+    let _ = write!(svg, r##"<text x="{}" y="38" text-anchor="middle" fill="#555">{}</text>"##, w / 2.0, esc(note));
+    for (i, p) in panels.iter().enumerate() {
+        let (x0, y0) = (left + (i % per_row) as f64 * (pw + gap), top + (i / per_row) as f64 * (ph + 56.0) + 16.0);
+        let _ = write!(svg, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, x0 + pw / 2.0, y0 - 4.0, esc(&p.title));
+        let (nr, nc) = (p.values.len(), p.cols.len());
+        if nr == 0 || nc == 0 {
+            continue;
+        }
+        let (cw, ch) = (pw / nc as f64, ph / nr as f64);
+        for (r, row) in p.values.iter().enumerate() {
+            for (c, &v) in row.iter().enumerate().take(nc) {
+                let f = if v.is_finite() { (v / vmax).clamp(0.0, 1.0) } else { 0.0 };
+                // white -> #b40426 (dark red)
+                let mix = |a: f64, b: f64| (a + (b - a) * f).round() as u8;
+                let _ = write!(
+                    svg,
+                    r##"<rect x="{:.1}" y="{:.1}" width="{:.2}" height="{:.2}" fill="#{:02x}{:02x}{:02x}"/>"##,
+                    x0 + c as f64 * cw,
+                    y0 + r as f64 * ch,
+                    cw + 0.3,
+                    ch + 0.3,
+                    mix(255.0, 180.0),
+                    mix(255.0, 4.0),
+                    mix(255.0, 38.0)
+                );
+            }
+        }
+        if p.group > 0 {
+            for g in (p.group..nr).step_by(p.group) {
+                let y = y0 + g as f64 * ch;
+                let _ = write!(svg, r##"<line x1="{x0}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#333" stroke-width="0.8"/>"##, x0 + pw);
+            }
+        }
+        let _ = write!(svg, r##"<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##);
+        for c in [0, nc - 1] {
+            let _ = write!(
+                svg,
+                r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+                x0 + (c as f64 + 0.5) * cw,
+                y0 + ph + 13.0,
+                if p.cols[c].fract() == 0.0 { format!("{}", p.cols[c]) } else { num(p.cols[c]) }
+            );
+        }
+        let _ = write!(svg, r##"<text x="{}" y="{}" text-anchor="middle" fill="#555">{}</text>"##, x0 + pw / 2.0, y0 + ph + 27.0, esc(col_label));
+        if i % per_row == 0 {
+            let ym = y0 + ph / 2.0;
+            let _ = write!(
+                svg,
+                r#"<text x="{}" y="{ym}" text-anchor="middle" transform="rotate(-90 {} {ym})">{}</text>"#,
+                left - 14.0,
+                left - 14.0,
+                esc(row_label)
+            );
+        }
+    }
+    svg.push_str("</svg>");
+    svg
+}

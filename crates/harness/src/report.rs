@@ -333,6 +333,68 @@ pub fn plots(results: &[RunResult]) -> Vec<(String, String)> {
         ));
     }
     out.extend(recall_vs_state(&best));
+    out.extend(moe_plots(&best));
+    out
+}
+
+/// MoE routing over training, for runs whose feed-forwards report a per-expert `load`:
+/// `moe_load.svg`, a heatmap per variant (rows: layer × expert, columns: the curve's steps; a
+/// cell is the expert's share of its layer's assignments times E, so 1 is balanced), from the
+/// variant's lowest seed (expert indices mean nothing across seeds); and `moe_active_experts.svg`,
+/// experts in use per token (mean over layers, then seeds) against step.
+fn moe_plots(best: &[(String, String, Vec<&RunResult>)]) -> Vec<(String, String)> {
+    use crate::plot::{heatmaps, line_chart, HeatPanel, Series};
+    use zoo_core::mixer::StatShape;
+    let mut panels = Vec::new();
+    let mut active = Vec::new();
+    for (label, _, runs) in best {
+        let Some(r) = runs.iter().min_by_key(|r| r.seed) else { continue };
+        let pts: Vec<_> = r.curve.iter().filter_map(|c| Some((c.step as f64, c.stats.as_ref()?))).collect();
+        let loads = |layers: &Vec<BTreeMap<String, zoo_core::mixer::StatValue>>| -> Vec<Vec<f64>> {
+            layers
+                .iter()
+                .filter_map(|m| m.get("load").filter(|v| v.shape == StatShape::PerExpert).map(|v| v.values.clone()))
+                .collect()
+        };
+        let Some(first) = pts.first().map(|(_, l)| loads(l)).filter(|l| !l.is_empty()) else { continue };
+        let e = first[0].len();
+        let mut values = vec![Vec::new(); first.len() * e];
+        for (_, layers) in &pts {
+            for (li, load) in loads(layers).iter().enumerate().take(first.len()) {
+                for (j, v) in load.iter().enumerate().take(e) {
+                    values[li * e + j].push(v * e as f64);
+                }
+            }
+        }
+        panels.push(HeatPanel { title: label.clone(), cols: pts.iter().map(|p| p.0).collect(), values, group: e });
+        let mean_active = |r: &RunResult| -> Vec<(f64, f64)> {
+            r.curve
+                .iter()
+                .filter_map(|c| {
+                    let a: Vec<f64> = c.stats.as_ref()?.iter().filter_map(|m| m.get("active_experts")?.values.first().copied()).collect();
+                    (!a.is_empty()).then(|| (c.step as f64, a.iter().sum::<f64>() / a.len() as f64))
+                })
+                .collect()
+        };
+        let mut acc: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        for r in runs {
+            for (x, y) in mean_active(r) {
+                acc.entry(x as usize).or_default().push(y);
+            }
+        }
+        let points: Vec<(f64, f64)> = acc.into_iter().map(|(x, ys)| (x as f64, ys.iter().sum::<f64>() / ys.len() as f64)).collect();
+        if !points.is_empty() {
+            active.push(Series { name: label.clone(), points });
+        }
+    }
+    if panels.is_empty() {
+        return Vec::new();
+    }
+    let note = "rows: layer × expert (lines between layers); cell: the expert's share of assignments × E (white 0, dark red ≥ 3; 1 = balanced)";
+    let mut out = vec![("moe_load.svg".to_string(), heatmaps("expert load over training", "layer × expert", "step", note, &panels, 3.0, 4))];
+    if !active.is_empty() {
+        out.push(("moe_active_experts.svg".to_string(), line_chart("experts in use per token", "step", "active experts (mean over layers)", &active, false)));
+    }
     out
 }
 

@@ -636,6 +636,27 @@ fn mixer_aux_loss_and_stats_reach_the_model_output() {
     }
 }
 
+/// `zoo report` on MoE runs draws the load heatmap (one cell per layer × expert × curve point
+/// that has statistics, the expert's share × E) and the active experts per token over training.
+#[test]
+fn report_draws_moe_load_over_training() {
+    let dir = tmpdir("moe-report");
+    let text = MQAR.replace(
+        r#"ffn = { type = "none" }"#,
+        r#"ffn = { type = "moe", n_experts = 3, top_k = 1, expert_hidden = 8, balance = { type = "aux_loss", alpha = 0.01 } }"#,
+    );
+    let run = one(&text);
+    runner::run_one(&run, &cpu(), &opts(&dir, None, false)).unwrap().unwrap();
+    let res = dir.join("results").join("t");
+    zoo_harness::report::report(&res).unwrap();
+    let svg = std::fs::read_to_string(res.join("moe_load.svg")).unwrap();
+    // 8 steps, eval every 2: 4 curve points; 2 layers × 3 experts.
+    let cells = svg.matches("<rect x=").count() - 1; // less the panel's frame
+    assert_eq!(cells, 4 * 2 * 3, "{svg}");
+    let active = std::fs::read_to_string(res.join("moe_active_experts.svg")).unwrap();
+    assert!(active.contains("<polyline"), "{active}");
+}
+
 /// `zoo report` on a folder of press evaluations: one row per press, one column per ratio, the
 /// full cache beside them, and the plot; files of other schemas are ignored.
 #[test]
