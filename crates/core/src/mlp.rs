@@ -39,17 +39,21 @@ impl SwiGlu {
 
 impl FeedForward for SwiGlu {
     fn forward(&self, x: &Tensor) -> Result<FfnOut> {
-        let (g, u) = (self.w1.forward(x)?, self.w3.forward(x)?);
-        // On CUDA the fused silu(g) ⊙ u (forward and backward); elsewhere the composition.
-        let z = if zoo_kernels::applies("swiglu", zoo_kernels::swiglu::unsupported(&g, &u), g.device()) {
-            zoo_kernels::swiglu::swiglu(&g, &u)?
-        } else {
-            (g.silu()? * u)?
-        };
+        let z = silu_mul(&self.w1.forward(x)?, &self.w3.forward(x)?)?;
         Ok(FfnOut::plain(self.w2.forward(&z)?))
     }
     fn kind(&self) -> String {
         "swiglu".into()
+    }
+}
+
+/// SwiGLU's product silu(g) ⊙ u: on CUDA the fused kernel (forward and backward), elsewhere
+/// the composition.
+pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if zoo_kernels::applies("swiglu", zoo_kernels::swiglu::unsupported(g, u), g.device()) {
+        zoo_kernels::swiglu::swiglu(g, u)
+    } else {
+        g.silu()? * u
     }
 }
 

@@ -1,17 +1,19 @@
 //! The data movement of grouped dispatch, with backward passes made of gathers only.
 //!
 //! A routing sends token t to the experts of its k slots a = t·k + j. Grouped dispatch sorts the
-//! kept slots by expert into M rows: row r holds token `rows[r]` for slot `slots[r]`, and
-//! `inv[a]` is slot a's row (M when the slot is dropped). Then
+//! kept slots by expert into rows, each expert's rows padded to a common capacity C (the busiest
+//! expert's count) so that all experts run as one batched matmul over (E, C, d): row r holds token
+//! `rows[r]` for slot `slots[r]` (padding rows: token N, slot N·k, reading zeros), and `inv[a]` is
+//! slot a's row (R, the row count, when the slot is dropped). Then
 //!
-//! - [`Plan::gather`]: `xs[r] = x[rows[r]]` (M, d), backward `dx[t] = Σ_j dxs[inv[t·k + j]]`;
+//! - [`Plan::gather`]: `xs[r] = x[rows[r]]` (R, d), backward `dx[t] = Σ_j dxs[inv[t·k + j]]`;
 //! - [`Plan::combine`]: `y[t] = Σ_j w[t, j] · ys[inv[t·k + j]]` (N, d), backward
 //!   `dys[r] = w[slots[r]] · dy[rows[r]]` and `dw[t, j] = ⟨dy[t], ys[inv[t·k + j]]⟩`.
 //!
 //! Both directions are gathers (`index_select`, one thread per output element on CUDA), so the
 //! results do not depend on float addition order. The plain composition (`index_select` for the
 //! gather, `index_add` for the scatter of the outputs) has `index_add` in both passes, and
-//! candle's CUDA `index_add` runs d threads that each walk all M indices: on the H200 it made an
+//! candle's CUDA `index_add` runs d threads that each walk all the indices: on the H200 it made an
 //! E8 k2 LM train step (4 layers, d = 128, 2048 tokens) take 42 ms against the dense twin's 5.5
 //! (`results/bench/moe-cuda`). [`Dispatch::Looped`](crate::Dispatch) keeps that composition as the
 //! reference the tests compare with.
@@ -23,11 +25,11 @@
 //! use zoo_core::candle_core::{Device, Tensor, Var};
 //! use zoo_moe::dispatch::Plan;
 //! // 3 tokens, k = 2; token 1's second slot is dropped; experts of the kept slots: 1, 0, 0, 1, 1.
-//! let (plan, lens) = Plan::new(&[1, 0, 0, 7, 1, 1], &[true, true, true, false, true, true], 2, 2, &Device::Cpu)?;
-//! assert_eq!(lens, vec![2, 3]);
+//! let (plan, lens) = Plan::new(&[1, 0, 0, 7, 1, 1], &[true, true, true, false, true, true], 2, 2, false, &Device::Cpu)?;
+//! assert_eq!((lens, plan.capacity()), (vec![2, 3], 3)); // expert 0's rows padded from 2 to 3
 //! let x = Var::new(&[[1f32], [2.], [3.]], &Device::Cpu)?;
 //! let xs = plan.gather(x.as_tensor())?;
-//! assert_eq!(xs.flatten_all()?.to_vec1::<f32>()?, vec![1., 2., 1., 3., 3.]);
+//! assert_eq!(xs.flatten_all()?.to_vec1::<f32>()?, vec![1., 2., 0., 1., 3., 3.]);
 //! let w = Tensor::new(&[[0.5f32, 0.5], [1., 0.], [0.25, 0.75]], &Device::Cpu)?;
 //! let y = plan.combine(&(xs * 10.)?, &w)?; // each expert multiplies by 10
 //! assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![10., 20., 30.]);
@@ -39,28 +41,31 @@
 use zoo_core::candle_core::backend::BackendStorage;
 use zoo_core::candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor, D};
 
-/// The sorted rows of one routing.
+/// The sorted (and padded) rows of one routing.
 pub struct Plan {
-    /// (M,) u32: the token of each row.
+    /// (R,) u32: the token of each row (N for a padding row).
     rows: Tensor,
-    /// (M,) u32: the slot t·k + j of each row.
+    /// (R,) u32: the slot t·k + j of each row (N·k for a padding row).
     slots: Tensor,
-    /// (N·k,) u32: the row of each slot, M when dropped.
+    /// (N·k,) u32: the row of each slot, R when dropped.
     inv: Tensor,
     n: usize,
     k: usize,
-    m: usize,
+    r: usize,
+    cap: usize,
 }
 
 impl Plan {
     /// From the experts of the N·k slots (`assignments`, slot t·k + j) and which are kept: the
-    /// plan, and the number of rows of each of the `n_experts` experts (rows are sorted by
-    /// expert, then by slot).
+    /// plan, and the number of kept slots of each of the `n_experts` experts. Rows are sorted by
+    /// expert, then by slot; with `packed` each expert's rows follow the previous expert's, else
+    /// every expert gets `capacity()` rows (the largest count), the rest padding.
     pub fn new(
         assignments: &[u32],
         kept: &[bool],
         k: usize,
         n_experts: usize,
+        packed: bool,
         dev: &Device,
     ) -> Result<(Self, Vec<usize>)> {
         let total = assignments.len();
@@ -73,40 +78,48 @@ impl Plan {
                 lens[e as usize] += 1;
             }
         }
+        let cap = lens.iter().copied().max().unwrap_or(0);
         // Counting sort by expert (stable: slots in order within an expert).
         let mut start = vec![0usize; n_experts];
         for e in 1..n_experts {
-            start[e] = start[e - 1] + lens[e - 1];
+            start[e] = start[e - 1] + if packed { lens[e - 1] } else { cap };
         }
-        let m: usize = lens.iter().sum();
-        let mut slots = vec![0u32; m];
-        let mut inv = vec![m as u32; total];
+        let r = if packed { lens.iter().sum() } else { cap * n_experts };
+        let n = total / k;
+        let mut slots = vec![total as u32; r];
+        let mut inv = vec![r as u32; total];
         for (a, &e) in assignments.iter().enumerate() {
             if kept[a] {
-                let r = start[e as usize];
+                let row = start[e as usize];
                 start[e as usize] += 1;
-                slots[r] = a as u32;
-                inv[a] = r as u32;
+                slots[row] = a as u32;
+                inv[a] = row as u32;
             }
         }
-        let rows: Vec<u32> = slots.iter().map(|&a| a / k as u32).collect();
+        let rows: Vec<u32> = slots.iter().map(|&a| if a as usize == total { n as u32 } else { a / k as u32 }).collect();
         let plan = Plan {
             rows: Tensor::new(rows, dev)?,
             slots: Tensor::new(slots, dev)?,
             inv: Tensor::new(inv, dev)?,
-            n: total / k,
+            n,
             k,
-            m,
+            r,
+            cap,
         };
         Ok((plan, lens))
     }
 
-    /// Number of rows (kept slots).
-    pub fn rows(&self) -> usize {
-        self.m
+    /// Rows per expert when padded (the busiest expert's count).
+    pub fn capacity(&self) -> usize {
+        self.cap
     }
 
-    /// `ys` (M, d) with a zero row appended, so that `inv`'s M (a dropped slot) reads zeros.
+    /// Number of rows (kept slots, and padding unless packed).
+    pub fn rows(&self) -> usize {
+        self.r
+    }
+
+    /// `ys` (rows, d) with a zero row appended: the row a sentinel index reads.
     fn padded(&self, ys: &Tensor) -> Result<Tensor> {
         let d = ys.dim(1)?;
         Tensor::cat(&[ys, &Tensor::zeros((1, d), ys.dtype(), ys.device())?], 0)
@@ -123,23 +136,23 @@ impl Plan {
         picked.sum(1)
     }
 
-    /// The tokens of the rows: x (N, d) -> (M, d), differentiable in x.
+    /// The tokens of the rows: x (N, d) -> (R, d), differentiable in x.
     pub fn gather(&self, x: &Tensor) -> Result<Tensor> {
-        let value = x.detach().index_select(&self.rows, 0)?;
+        let value = self.padded(&x.detach())?.index_select(&self.rows, 0)?;
         let me = self.clone_indices();
         with_grad(&value, x, move |g| me.sum_slots(g, None))
     }
 
-    /// The weighted sum of each token's rows: ys (M, d) and w (N, k) -> (N, d), differentiable
+    /// The weighted sum of each token's rows: ys (R, d) and w (N, k) -> (N, d), differentiable
     /// in both (w is cast to ys's dtype).
     pub fn combine(&self, ys: &Tensor, w: &Tensor) -> Result<Tensor> {
         let w = w.to_dtype(ys.dtype())?;
-        if ys.dim(0)? != self.m || w.dims() != [self.n, self.k] {
+        if ys.dim(0)? != self.r || w.dims() != [self.n, self.k] {
             zoo_core::candle_core::bail!(
                 "combine: ys {:?}, w {:?} for {} rows, {} tokens, k = {}",
                 ys.dims(),
                 w.dims(),
-                self.m,
+                self.r,
                 self.n,
                 self.k
             );
@@ -147,8 +160,9 @@ impl Plan {
         let value = self.sum_slots(&ys.detach(), Some(&w.detach()))?;
         let (me, ys_, w_) = (self.clone_indices(), ys.detach(), w.detach());
         with_grad2(&value, ys, &w, move |g| {
-            let w_rows = w_.flatten_all()?.index_select(&me.slots, 0)?.unsqueeze(1)?;
-            let dys = g.index_select(&me.rows, 0)?.broadcast_mul(&w_rows)?;
+            let w_pad = Tensor::cat(&[&w_.flatten_all()?, &Tensor::zeros(1, w_.dtype(), w_.device())?], 0)?;
+            let w_rows = w_pad.index_select(&me.slots, 0)?.unsqueeze(1)?;
+            let dys = me.padded(g)?.index_select(&me.rows, 0)?.broadcast_mul(&w_rows)?;
             let d = g.dim(1)?;
             let picked = me.padded(&ys_)?.index_select(&me.inv, 0)?.reshape((me.n, me.k, d))?;
             let dw = picked.broadcast_mul(&g.unsqueeze(1)?)?.sum(D::Minus1)?;
@@ -163,7 +177,8 @@ impl Plan {
             inv: self.inv.clone(),
             n: self.n,
             k: self.k,
-            m: self.m,
+            r: self.r,
+            cap: self.cap,
         }
     }
 }

@@ -2,8 +2,9 @@
 //! scores, renormalisation, Switch aux loss, ST-MoE z-loss, DeepSeek-V3's aux-loss-free bias)
 //! and SwiGLU experts (plus optional always-on shared experts, and an optional capacity factor that
 //! drops assignments beyond ceil(factor · N·k / E) per expert, Switch-style), joined by a
-//! dispatch that groups tokens by expert: one gather, the experts on
-//! their contiguous slices, one weighted combine back to the tokens ([`Dispatch::Grouped`],
+//! dispatch that groups tokens by expert: one gather into (E, C, d) rows (C the busiest
+//! expert's count, the others padded), the experts as three batched matmuls over their stacked
+//! weights ([`ExpertBank`]), one weighted combine back to the tokens ([`Dispatch::Grouped`],
 //! [`dispatch`]: both passes are gathers, no `index_add`); the per-expert loop
 //! ([`Dispatch::Looped`], `index_select` and `index_add` per expert, as candle-transformers' MoE)
 //! stays as the reference the tests compare with.
@@ -43,16 +44,18 @@ use router::{aux_loss, z_loss, Activation, Balance, Noise, Router, Routing, Scor
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor, D};
 use zoo_core::mixer::{BuildCtx, FeedForward, FfnOut, Stat, StatShape};
-use zoo_core::mlp::{MlpConfig, SwiGlu};
-use zoo_core::nn::{Linear, INIT_STD};
-use zoo_core::params::Pb;
+use zoo_core::mlp::{silu_mul, MlpConfig, SwiGlu};
+use zoo_core::nn::{residual_std, Linear, INIT_STD};
+use zoo_core::params::{Group, Init, Pb};
 
 /// How tokens reach their experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Dispatch {
-    /// Sort the assignments by expert: one gather, each expert on its slice, one combine
-    /// ([`dispatch::Plan`]).
+    /// Sort the assignments by expert: one gather, the experts as one batched SwiGLU over rows
+    /// padded to the busiest expert's count, one combine ([`dispatch::Plan`]). The experts then
+    /// compute max/mean load times the kept rows: 1.14× at the routing ablation's aux-loss
+    /// balance, 2.27× without balancing.
     #[default]
     Grouped,
     /// One gather and one scatter-add per expert (the reference).
@@ -182,10 +185,52 @@ impl MoeConfig {
     }
 }
 
+/// The routed experts: E SwiGLU feed-forwards `w2ᵀ(silu(w1ᵀx) ⊙ w3ᵀx)` with their weights
+/// stacked, `w1`, `w3` (E, d, h) and `w2` (E, h, d), so that all experts run as one batched matmul.
+pub struct ExpertBank {
+    pub w1: Tensor,
+    pub w3: Tensor,
+    pub w2: Tensor,
+}
+
+impl ExpertBank {
+    /// `experts.w1`, `experts.w3`, `experts.w2` (initialised as the dense SwiGLU's matrices).
+    pub fn new(pb: &Pb, n: usize, d: usize, h: usize, n_layers: usize) -> Result<Self> {
+        let pb = pb.pp("experts");
+        Ok(Self {
+            w1: pb.get("w1", (n, d, h), Init::Normal(INIT_STD), Group::Decay)?,
+            w3: pb.get("w3", (n, d, h), Init::Normal(INIT_STD), Group::Decay)?,
+            w2: pb.get("w2", (n, h, d), Init::Normal(residual_std(n_layers)), Group::Decay)?,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.w1.dim(0).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Expert e on its tokens x (C, d) (the per-expert loop's reference).
+    pub fn one(&self, e: usize, x: &Tensor) -> Result<Tensor> {
+        let w = |t: &Tensor| t.narrow(0, e, 1)?.squeeze(0)?.to_dtype(x.dtype());
+        let z = silu_mul(&x.matmul(&w(&self.w1)?)?, &x.matmul(&w(&self.w3)?)?)?;
+        z.matmul(&w(&self.w2)?)
+    }
+
+    /// Every expert on its rows at once: xs (E, C, d) -> (E, C, d), three batched matmuls.
+    pub fn all(&self, xs: &Tensor) -> Result<Tensor> {
+        let dt = xs.dtype();
+        let z = silu_mul(&xs.matmul(&self.w1.to_dtype(dt)?)?, &xs.matmul(&self.w3.to_dtype(dt)?)?)?;
+        z.matmul(&self.w2.to_dtype(dt)?)
+    }
+}
+
 pub struct Moe {
     pub cfg: MoeConfig,
     pub router: Router,
-    pub experts: Vec<SwiGlu>,
+    pub experts: ExpertBank,
     pub shared: Vec<SwiGlu>,
     /// w_g (d → 1) of the shared-expert gate.
     pub shared_gate: Option<Linear>,
@@ -198,18 +243,13 @@ impl Moe {
             .with_options(&pb.pp("router"), ctx.layer, cfg.activation, cfg.noise.clone(), cfg.routing.clone())?;
         let router = if matches!(cfg.balance, Balance::Bias { .. }) { router.with_bias_state(&pb.pp("router"))? } else { router };
         let mlp = MlpConfig { hidden: cfg.expert_hidden, bias: false };
-        let experts = (0..cfg.n_experts)
-            .map(|i| SwiGlu::new(&mlp, ctx, &pb.pp(format!("experts.{i}"))))
-            .collect::<Result<_>>()?;
+        let h = cfg.expert_hidden.unwrap_or_else(|| (8 * d / 3).div_ceil(8) * 8);
+        let experts = ExpertBank::new(pb, cfg.n_experts, d, h, ctx.n_layers)?;
         let shared = (0..cfg.shared_experts)
             .map(|i| SwiGlu::new(&mlp, ctx, &pb.pp(format!("shared.{i}"))))
             .collect::<Result<_>>()?;
         let shared_gate = if cfg.shared_gate { Some(Linear::new(&pb.pp("shared_gate"), d, 1, false, INIT_STD)?) } else { None };
         Ok(Self { cfg: cfg.clone(), router, experts, shared, shared_gate })
-    }
-
-    fn expert(&self, e: usize, x: &Tensor) -> Result<Tensor> {
-        Ok(self.experts[e].forward(x)?.y)
     }
 
     /// Combine the experts' outputs for tokens x (N, d) under a routing, by `how`.
@@ -229,28 +269,21 @@ impl Moe {
                     }
                     let tokens: Vec<u32> = slots.iter().map(|&a| a / k as u32).collect();
                     let (slots, tokens) = (Tensor::new(slots, dev)?, Tensor::new(tokens, dev)?);
-                    let y = self.expert(e, &x.index_select(&tokens, 0)?)?;
+                    let y = self.experts.one(e, &x.index_select(&tokens, 0)?)?;
                     let w = weights.index_select(&slots, 0)?.unsqueeze(1)?.to_dtype(y.dtype())?;
                     out = out.index_add(&tokens, &y.broadcast_mul(&w)?, 0)?;
                 }
                 Ok(out)
             }
             Dispatch::Grouped => {
-                let (plan, lens) = dispatch::Plan::new(experts, &r.kept, k, self.experts.len(), dev)?;
+                let e = self.experts.len();
+                let (plan, _) = dispatch::Plan::new(experts, &r.kept, k, e, false, dev)?;
                 if plan.rows() == 0 {
                     return Ok(out);
                 }
-                let xs = plan.gather(x)?; // one gather
-                let mut parts = Vec::new();
-                let mut start = 0;
-                for (e, &len) in lens.iter().enumerate() {
-                    if len > 0 {
-                        parts.push(self.expert(e, &xs.narrow(0, start, len)?)?);
-                    }
-                    start += len;
-                }
-                let ys = if parts.len() == 1 { parts.pop().unwrap() } else { Tensor::cat(&parts, 0)? };
-                plan.combine(&ys, &r.weights) // one combine (a gather per slot; no scatter)
+                let xs = plan.gather(x)?.reshape((e, plan.capacity(), ()))?; // one gather
+                let ys = self.experts.all(&xs)?.reshape((e * plan.capacity(), ()))?; // one batched SwiGLU
+                plan.combine(&ys, &r.weights) // one combine (gathers, no scatter)
             }
         }
     }
