@@ -2,10 +2,11 @@
 //! scores, renormalisation, Switch aux loss, ST-MoE z-loss, DeepSeek-V3's aux-loss-free bias)
 //! and SwiGLU experts (plus optional always-on shared experts, and an optional capacity factor that
 //! drops assignments beyond ceil(factor · N·k / E) per expert, Switch-style), joined by a
-//! dispatch that groups tokens by expert: one gather into (E, C, d) rows (C the busiest
-//! expert's count, the others padded), the experts as three batched matmuls over their stacked
-//! weights ([`ExpertBank`]), one weighted combine back to the tokens ([`Dispatch::Grouped`],
-//! [`dispatch`]: both passes are gathers, no `index_add`); the per-expert loop
+//! dispatch that groups tokens by expert: one gather into rows sorted by expert, the experts
+//! (on CUDA three batched matmuls over their stacked weights, [`ExpertBank`], with every
+//! expert's rows padded to the busiest expert's count; on the CPU each expert on its slice), one
+//! weighted combine back to the tokens ([`Dispatch::Grouped`], [`dispatch`]: both passes are
+//! gathers, no `index_add`); the per-expert loop
 //! ([`Dispatch::Looped`], `index_select` and `index_add` per expert, as candle-transformers' MoE)
 //! stays as the reference the tests compare with.
 //!
@@ -52,10 +53,10 @@ use zoo_core::params::{Group, Init, Pb};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Dispatch {
-    /// Sort the assignments by expert: one gather, the experts as one batched SwiGLU over rows
-    /// padded to the busiest expert's count, one combine ([`dispatch::Plan`]). The experts then
-    /// compute max/mean load times the kept rows: 1.14× at the routing ablation's aux-loss
-    /// balance, 2.27× without balancing.
+    /// Sort the assignments by expert: one gather, the experts, one combine ([`dispatch::Plan`],
+    /// [`Moe::grouped`]). On CUDA the experts run as one batched SwiGLU over rows padded to the
+    /// busiest expert's count (computing max/mean load times the kept rows: 1.14× at the routing
+    /// ablation's aux-loss balance, 2.27× without balancing); on the CPU each on its packed slice.
     #[default]
     Grouped,
     /// One gather and one scatter-add per expert (the reference).
@@ -239,16 +240,22 @@ pub struct Moe {
 impl Moe {
     pub fn new(cfg: &MoeConfig, ctx: &BuildCtx, pb: &Pb) -> Result<Self> {
         let d = ctx.d_model;
-        let router = Router::new(&pb.pp("router"), d, cfg.n_experts, cfg.top_k, cfg.score, cfg.temperature, cfg.renormalize)?
-            .with_options(&pb.pp("router"), ctx.layer, cfg.activation, cfg.noise.clone(), cfg.routing.clone())?;
-        let router = if matches!(cfg.balance, Balance::Bias { .. }) { router.with_bias_state(&pb.pp("router"))? } else { router };
+        let router =
+            Router::new(&pb.pp("router"), d, cfg.n_experts, cfg.top_k, cfg.score, cfg.temperature, cfg.renormalize)?
+                .with_options(&pb.pp("router"), ctx.layer, cfg.activation, cfg.noise.clone(), cfg.routing.clone())?;
+        let router = if matches!(cfg.balance, Balance::Bias { .. }) {
+            router.with_bias_state(&pb.pp("router"))?
+        } else {
+            router
+        };
         let mlp = MlpConfig { hidden: cfg.expert_hidden, bias: false };
         let h = cfg.expert_hidden.unwrap_or_else(|| (8 * d / 3).div_ceil(8) * 8);
         let experts = ExpertBank::new(pb, cfg.n_experts, d, h, ctx.n_layers)?;
         let shared = (0..cfg.shared_experts)
             .map(|i| SwiGlu::new(&mlp, ctx, &pb.pp(format!("shared.{i}"))))
             .collect::<Result<_>>()?;
-        let shared_gate = if cfg.shared_gate { Some(Linear::new(&pb.pp("shared_gate"), d, 1, false, INIT_STD)?) } else { None };
+        let shared_gate =
+            if cfg.shared_gate { Some(Linear::new(&pb.pp("shared_gate"), d, 1, false, INIT_STD)?) } else { None };
         Ok(Self { cfg: cfg.clone(), router, experts, shared, shared_gate })
     }
 
@@ -275,17 +282,41 @@ impl Moe {
                 }
                 Ok(out)
             }
-            Dispatch::Grouped => {
-                let e = self.experts.len();
-                let (plan, _) = dispatch::Plan::new(experts, &r.kept, k, e, false, dev)?;
-                if plan.rows() == 0 {
-                    return Ok(out);
-                }
-                let xs = plan.gather(x)?.reshape((e, plan.capacity(), ()))?; // one gather
-                let ys = self.experts.all(&xs)?.reshape((e * plan.capacity(), ()))?; // one batched SwiGLU
-                plan.combine(&ys, &r.weights) // one combine (gathers, no scatter)
-            }
+            Dispatch::Grouped => self.grouped(x, r, dev.is_cuda()),
         }
+    }
+
+    /// Grouped dispatch: one gather, the experts, one combine. `batched`: every expert's rows
+    /// padded to the busiest expert's count and the experts as three batched matmuls (the CUDA
+    /// path: few launches); else the rows packed and each expert's 2-D matmuls on its slice (the
+    /// CPU path: candle's CPU backward of a batched matmul took 34 ms where the per-expert loop's
+    /// whole backward took 28, at the routing ablation's shape).
+    pub fn grouped(&self, x: &Tensor, r: &Routing, batched: bool) -> Result<Tensor> {
+        let (e, k) = (self.experts.len(), r.experts.dim(1)?);
+        let (plan, lens) = dispatch::Plan::new(&r.assignments, &r.kept, k, e, !batched, x.device())?;
+        if plan.rows() == 0 {
+            return x.zeros_like();
+        }
+        let xs = plan.gather(x)?; // one gather
+        let ys = if batched {
+            let xs = xs.reshape((e, plan.capacity(), ()))?;
+            self.experts.all(&xs)?.reshape((e * plan.capacity(), ()))?
+        } else {
+            let mut parts = Vec::new();
+            let mut start = 0;
+            for (i, &len) in lens.iter().enumerate() {
+                if len > 0 {
+                    parts.push(self.experts.one(i, &xs.narrow(0, start, len)?)?);
+                }
+                start += len;
+            }
+            if parts.len() == 1 {
+                parts.pop().unwrap()
+            } else {
+                Tensor::cat(&parts, 0)?
+            }
+        };
+        plan.combine(&ys, &r.weights) // one combine (gathers, no scatter)
     }
 }
 

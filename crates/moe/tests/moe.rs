@@ -98,9 +98,14 @@ fn grouped_dispatch_equals_the_loop() -> Result<()> {
         }
         let dy = Tensor::randn(0f32, 1.0, (20, 8), &Device::Cpu)?;
         let mut outs = Vec::new();
-        for how in [Dispatch::Looped, Dispatch::Grouped] {
+        // The loop (the reference), then grouped with packed rows (the CPU path) and padded,
+        // batched rows (the CUDA path).
+        for how in [None, Some(false), Some(true)] {
             let r = route()?;
-            let y = moe.dispatch(x.as_tensor(), &r, how)?;
+            let y = match how {
+                None => moe.dispatch(x.as_tensor(), &r, Dispatch::Looped)?,
+                Some(batched) => moe.grouped(x.as_tensor(), &r, batched)?,
+            };
             let g = (&y * &dy)?.sum_all()?.backward()?;
             let grads: Vec<(String, Option<Tensor>)> =
                 store.vars().into_iter().map(|(n, v)| (n, g.get(v.as_tensor()).cloned())).collect();
@@ -111,18 +116,20 @@ fn grouped_dispatch_equals_the_loop() -> Result<()> {
             let scale = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-20);
             Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? / scale)
         };
-        assert!(diff(&outs[0].0, &outs[1].0)? < 1e-5, "{text}: outputs differ");
-        assert!(diff(&outs[0].1, &outs[1].1)? < 1e-5, "{text}: input gradients differ");
         let used: Vec<bool> = (0..cfg.n_experts).map(|e| r.load[e] > 0.0).collect();
-        for ((name, a), (_, b)) in outs[0].2.iter().zip(&outs[1].2) {
-            let (Some(a), Some(b)) = (a, b) else { panic!("{text}: {name}: no gradient in one dispatch or both") };
-            assert!(diff(a, b)? < 1e-5, "{text}: gradient of {name} differs");
-            assert!(a.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{text}: {name} gets a zero gradient");
-            // The stacked expert weights (E, ·, ·): an expert's slice has a gradient iff it got tokens.
-            if name.starts_with("experts.") {
-                for (e, &u) in used.iter().enumerate() {
-                    let g = a.narrow(0, e, 1)?.abs()?.sum_all()?.to_scalar::<f32>()?;
-                    assert_eq!(g > 0.0, u, "{text}: {name}[{e}]: gradient {g}, received tokens: {u}");
+        for other in &outs[1..] {
+            assert!(diff(&outs[0].0, &other.0)? < 1e-5, "{text}: outputs differ");
+            assert!(diff(&outs[0].1, &other.1)? < 1e-5, "{text}: input gradients differ");
+            for ((name, a), (_, b)) in outs[0].2.iter().zip(&other.2) {
+                let (Some(a), Some(b)) = (a, b) else { panic!("{text}: {name}: no gradient in one dispatch or both") };
+                assert!(diff(a, b)? < 1e-5, "{text}: gradient of {name} differs");
+                assert!(a.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{text}: {name} gets a zero gradient");
+                // The stacked expert weights (E, ·, ·): an expert's slice has a gradient iff it got tokens.
+                if name.starts_with("experts.") {
+                    for (e, &u) in used.iter().enumerate() {
+                        let g = a.narrow(0, e, 1)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+                        assert_eq!(g > 0.0, u, "{text}: {name}[{e}]: gradient {g}, received tokens: {u}");
+                    }
                 }
             }
         }
@@ -289,7 +296,8 @@ fn expert_choice_picks_each_experts_top_tokens() -> Result<()> {
     let r1 = route_expert_choice(&logits, 1, 1.0)?;
     assert!((r1.dropped_fraction() - 0.5).abs() < 1e-12);
     // The weights are the scores, and both dispatches agree.
-    let cfg: MoeConfig = examples_from_toml(&[r#"n_experts = 2, top_k = 1, routing = { type = "expert_choice" }"#]).remove(0);
+    let cfg: MoeConfig =
+        examples_from_toml(&[r#"n_experts = 2, top_k = 1, routing = { type = "expert_choice" }"#]).remove(0);
     let store = ParamStore::new(2, DType::F32, &Device::Cpu);
     let moe = Moe::new(&cfg, &ctx8(), &store.root())?;
     let x = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu)?;
@@ -315,17 +323,21 @@ fn dense_to_sparse_gate_from_dense_to_top_k() -> Result<()> {
     assert_eq!(eval.experts.to_vec2::<u32>()?, vec![vec![0, 1], vec![1, 2]]);
     let w = eval.weights.to_vec2::<f32>()?;
     assert!(close(w[0][0], 1.0 / (1.0 + (-1f32).exp())), "{w:?}");
-    let sel: Selection = toml::from_str::<toml::Table>("s = { type = \"dense_to_sparse\", tau_start = 2.0, tau_end = 0.4 }")
-        .unwrap()["s"]
-        .clone()
-        .try_into()
-        .unwrap();
+    let sel: Selection =
+        toml::from_str::<toml::Table>("s = { type = \"dense_to_sparse\", tau_start = 2.0, tau_end = 0.4 }").unwrap()
+            ["s"]
+            .clone()
+            .try_into()
+            .unwrap();
     assert!((sel.tau_at(0, 100).unwrap() - 2.0).abs() < 1e-12);
     assert!((sel.tau_at(50, 100).unwrap() - 1.2).abs() < 1e-12);
     assert!((sel.tau_at(200, 100).unwrap() - 0.4).abs() < 1e-12);
     // In the layer: active experts fall from E toward k as τ anneals.
     use zoo_core::state::{enter_train_step, TrainStep};
-    let cfg: MoeConfig = examples_from_toml(&[r#"n_experts = 4, top_k = 1, routing = { type = "dense_to_sparse", tau_start = 50.0, tau_end = 0.01 }"#]).remove(0);
+    let cfg: MoeConfig = examples_from_toml(&[
+        r#"n_experts = 4, top_k = 1, routing = { type = "dense_to_sparse", tau_start = 50.0, tau_end = 0.01 }"#,
+    ])
+    .remove(0);
     let store = ParamStore::new(6, DType::F32, &Device::Cpu);
     let moe = Moe::new(&cfg, &ctx8(), &store.root())?;
     let x = Tensor::randn(0f32, 1.0, (1, 16, 8), &Device::Cpu)?;
@@ -344,7 +356,8 @@ fn dense_to_sparse_gate_from_dense_to_top_k() -> Result<()> {
 fn shared_gate_scales_the_shared_experts() -> Result<()> {
     let x = Tensor::randn(0f32, 1.0, (1, 3, 8), &Device::Cpu)?;
     let with: MoeConfig = examples_from_toml(&["n_experts = 2, top_k = 1, shared_experts = 1"]).remove(0);
-    let gated: MoeConfig = examples_from_toml(&["n_experts = 2, top_k = 1, shared_experts = 1, shared_gate = true"]).remove(0);
+    let gated: MoeConfig =
+        examples_from_toml(&["n_experts = 2, top_k = 1, shared_experts = 1, shared_gate = true"]).remove(0);
     let (s1, s2) = (ParamStore::new(4, DType::F32, &Device::Cpu), ParamStore::new(4, DType::F32, &Device::Cpu));
     let (a, b) = (Moe::new(&with, &ctx8(), &s1.root())?, Moe::new(&gated, &ctx8(), &s2.root())?);
     let shared = b.shared[0].forward(&x)?.y;
@@ -363,11 +376,17 @@ fn bad_routing_options_name_the_field() {
     for (text, field) in [
         ("n_experts = 4, top_k = 1, shared_gate = true", "shared_gate"),
         (r#"n_experts = 4, top_k = 1, noise = { type = "jitter", eps = 1.5 }"#, "noise.eps"),
-        (r#"n_experts = 4, top_k = 1, routing = { type = "expert_choice", capacity_factor = 0.0 }"#, "routing.capacity_factor"),
+        (
+            r#"n_experts = 4, top_k = 1, routing = { type = "expert_choice", capacity_factor = 0.0 }"#,
+            "routing.capacity_factor",
+        ),
         (r#"n_experts = 4, top_k = 1, routing = { type = "expert_choice" }, capacity_factor = 1.0"#, "capacity_factor"),
         (r#"n_experts = 4, top_k = 1, routing = { type = "dense_to_sparse", threshold = 1.0 }"#, "routing.threshold"),
         (r#"n_experts = 4, top_k = 1, routing = { type = "dense_to_sparse", tau_end = 0.0 }"#, "routing.tau_end"),
-        (r#"n_experts = 4, top_k = 1, routing = { type = "dense_to_sparse" }, balance = { type = "bias", gamma = 0.01 }"#, "balance"),
+        (
+            r#"n_experts = 4, top_k = 1, routing = { type = "dense_to_sparse" }, balance = { type = "bias", gamma = 0.01 }"#,
+            "balance",
+        ),
     ] {
         let cfg: MoeConfig = examples_from_toml(&[text]).remove(0);
         let e = cfg.validate().unwrap_err();
