@@ -13,7 +13,8 @@ embeddings, vocab 32768. Implementations:
 Twins run in f32 weights under bf16 autocast (zoo's precision). Train step = forward +
 cross-entropy + backward + clip(1.0) + AdamW (fused=False, foreach) on random tokens; prefill =
 forward over B x T without grad; decode (hf only) = `generate` with its KV cache, greedy, after a
-prefill of T tokens. Medians of ITERS after WARMUP, synchronised; peak = torch.cuda.max_memory_allocated
+prefill of T tokens; and decode alone at T = 4096, B = 1 and 32 on the 8L-512 model (issue 11's
+decode target: zoo, the eager twin with a preallocated cache, HF), see bench_decode. Medians of ITERS after WARMUP, synchronised; peak = torch.cuda.max_memory_allocated
 of the phase.
 
     python3 scripts/twin-bench.py --zoo .devbin/zoo --out $OUT/twins-h200.json
@@ -51,7 +52,7 @@ class Block(nn.Module):
         self.w13 = nn.Linear(d, 2 * hidden(d), bias=False)
         self.w2 = nn.Linear(hidden(d), d, bias=False)
 
-    def forward(self, x, cos, sin):
+    def qkv_rope(self, x, cos, sin):
         b, t, d = x.shape
         q, k, v = self.qkv(self.n1(x)).view(b, t, 3, self.h, d // self.h).transpose(1, 3).unbind(2)
 
@@ -59,10 +60,26 @@ class Block(nn.Module):
             z1, z2 = z.chunk(2, -1)
             return torch.cat([z1 * cos - z2 * sin, z2 * cos + z1 * sin], -1)
 
-        a = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+        return rope(q), rope(k), v
+
+    def rest(self, x, a):
+        b, t, d = x.shape
         x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
         g, u = self.w13(self.n2(x)).chunk(2, -1)
         return x + self.w2(F.silu(g) * u)
+
+    def forward(self, x, cos, sin):
+        q, k, v = self.qkv_rope(x, cos, sin)
+        return self.rest(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def step(self, x, cos, sin, kc, vc, pos):
+        """x (B, t, d) at positions pos.., with a preallocated cache kc, vc (B, H, Tmax, hd)."""
+        q, k, v = self.qkv_rope(x, cos, sin)
+        t = x.shape[1]
+        kc[:, :, pos:pos + t] = k
+        vc[:, :, pos:pos + t] = v
+        a = F.scaled_dot_product_attention(q, kc[:, :, :pos + t], vc[:, :, :pos + t], is_causal=t > 1)
+        return self.rest(x, a)
 
 
 class Twin(nn.Module):
@@ -84,6 +101,15 @@ class Twin(nn.Module):
         for blk in self.blocks:
             x = blk(x, cos, sin)
         return self.norm(x) @ self.emb.weight.t()
+
+    def step(self, ids, pos, kcs, vcs):
+        """Logits of the last position of ids (B, t) at positions pos.., filling the caches."""
+        t = ids.shape[1]
+        x = self.emb(ids)
+        cos, sin = self.cos[pos:pos + t].to(x.dtype), self.sin[pos:pos + t].to(x.dtype)
+        for blk, kc, vc in zip(self.blocks, kcs, vcs):
+            x = blk.step(x, cos, sin, kc, vc, pos)
+        return self.norm(x[:, -1:]) @ self.emb.weight.t()
 
 
 def hf_model(layers, d, h):
@@ -164,6 +190,86 @@ def bench_twin(kind, layers, d, h, t, b, a):
     return row
 
 
+def bench_decode(kind, layers, d, h, t, b, a):
+    """Decode alone (issue 11's decode target): greedy, one token per step, after a prefill of t
+    tokens, in bf16 weights. eager: the twin with a preallocated (B, H, t + n, hd) cache per layer
+    written in place and SDPA over its filled part; hf: `generate` (its default dynamic cache),
+    decode = (prefill + n tokens) - prefill. Peak = max_memory_allocated over the decode steps
+    (weights and cache included); kv_bytes = the cache of t + n tokens in bf16."""
+    torch.manual_seed(0)
+    n = a.decode_tokens
+    hd = d // h
+    row = {"impl": kind, "seq_len": t, "batch": b, "decode_tokens": n,
+           "kv_bytes": 2 * layers * b * h * (t + n) * hd * 2}
+    ids = torch.randint(0, VOCAB, (b, t), device="cuda")
+    try:
+        if kind == "eager":
+            model = Twin(layers, d, h).cuda().to(torch.bfloat16).eval()
+            row["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+            kcs = [torch.zeros(b, h, t + n, hd, dtype=torch.bfloat16, device="cuda") for _ in range(layers)]
+            vcs = [torch.zeros_like(c) for c in kcs]
+            with torch.no_grad():
+                nxt = model.step(ids, 0, kcs, vcs).argmax(-1)
+                for i in range(min(2, n)):  # warm-up steps (overwritten by the timed ones)
+                    model.step(nxt, t + i, kcs, vcs)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                for i in range(n):
+                    nxt = model.step(nxt, t + i, kcs, vcs).argmax(-1)
+                torch.cuda.synchronize()
+                s = time.perf_counter() - t0
+            row.update(decode_tokens_per_s=b * n / s, decode_peak_bytes=torch.cuda.max_memory_allocated())
+        else:
+            model = hf_model(layers, d, h).cuda().to(torch.bfloat16).eval()
+            row["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+            with torch.no_grad():
+                gen = lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                pre = lambda: model(ids)
+                s_all, peak = timed(gen, 1, max(1, a.iters // 2))
+                s_pre, _ = timed(pre, 1, max(1, a.iters // 2))
+            row.update(decode_tokens_per_s=b * (n - 1) / max(s_all - s_pre, 1e-9), decode_peak_bytes=peak)
+    except torch.OutOfMemoryError as e:
+        row["decode_error"] = f"out of memory: {str(e).splitlines()[0]}"
+    model = None
+    torch.cuda.empty_cache()
+    if "decode_peak_bytes" in row:
+        row["peak_over_weights_kv"] = row["decode_peak_bytes"] / (row["weights_bytes"] + row["kv_bytes"])
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def bench_zoo_decode(layers, d, h, t, b, a):
+    """zoo's decode at (t, b): `zoo bench --skip-train` (prefill, then greedy decode with the
+    preallocated cache); weights_bytes = zoo's parameters as held (f32), kv_bytes as the twins' (bf16)."""
+    base = open(os.path.join(ROOT, "configs", "bench-baseline.toml")).read()
+    cfg = base.replace("d_model = 512", f"d_model = {d}").replace("n_layers = 8", f"n_layers = {layers}") \
+              .replace("n_heads = 8", f"n_heads = {h}")
+    n = a.decode_tokens
+    row = {"impl": "zoo-fused", "seq_len": t, "batch": b, "decode_tokens": n,
+           "kv_bytes": 2 * layers * b * h * (t + n) * (d // h) * 2}
+    with tempfile.TemporaryDirectory() as tmp:
+        path, out = os.path.join(tmp, "model.toml"), os.path.join(tmp, "out.json")
+        open(path, "w").write(cfg)
+        r = subprocess.run([a.zoo, "bench", path, "--device", "cuda:0", "--dtype", "bf16", "--seq-lens", str(t),
+                            "--batch", str(b), "--warmup", str(a.warmup), "--iters", str(a.iters), "--skip-train",
+                            "--decode-tokens", str(n), "--out", out, "-q"], capture_output=True, text=True)
+        if r.returncode != 0:
+            row["error"] = r.stderr.strip()[-400:]
+        else:
+            j = json.load(open(out))
+            z = j["rows"][0]
+            for k in ("decode_tokens_per_s", "decode_peak_bytes", "cache_bytes_after_decode", "prefill_tokens_per_s"):
+                if k in z:
+                    row[k] = z[k]
+            row["weights_bytes"] = j["params"]["bytes"]
+            row["zoo_git"] = j["env"]["git"]
+            if "decode_peak_bytes" in row:
+                row["peak_over_weights_kv"] = row["decode_peak_bytes"] / (row["weights_bytes"] + row["kv_bytes"])
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def bench_zoo(layers, d, h, shapes, a, kernels):
     base = open(os.path.join(ROOT, "configs", "bench-baseline.toml")).read()
     cfg = base.replace("d_model = 512", f"d_model = {d}").replace("n_layers = 8", f"n_layers = {layers}") \
@@ -197,6 +303,8 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--impls", default="zoo-fused,zoo-naive,hf,eager,compile")
+    ap.add_argument("--decode-batches", default="1,32",
+                    help="decode alone at T = 4096 on the 8L-512 model for these batch sizes ('' skips)")
     ap.add_argument("--out", default="twins-h200.json")
     a = ap.parse_args()
     impls = a.impls.split(",")
@@ -225,11 +333,32 @@ def main():
                     if m in z and m in o:
                         ratios[f"T{t}xB{b} zoo-fused/{other} {m}"] = z[m] / o[m]
         res["models"][name] = {"layers": layers, "d_model": d, "heads": h, "rows": rows, "ratios": ratios}
+    batches = [int(x) for x in a.decode_batches.split(",") if x.strip()]
+    if batches:
+        layers, d, h, t = 8, 512, 8, 4096
+        rows = []
+        for b in batches:
+            rows.append(bench_zoo_decode(layers, d, h, t, b, a))
+            rows += [bench_decode(kind, layers, d, h, t, b, a) for kind in ("eager", "hf")]
+        ratios = {}
+        for b in batches:
+            by = {r["impl"]: r for r in rows if r["batch"] == b}
+            z = by.get("zoo-fused", {})
+            for other in ("eager", "hf"):
+                if "decode_tokens_per_s" in z and "decode_tokens_per_s" in by.get(other, {}):
+                    ratios[f"T{t}xB{b} zoo-fused/{other} decode_tokens_per_s"] = z["decode_tokens_per_s"] / by[other]["decode_tokens_per_s"]
+            for impl, r in by.items():
+                if "peak_over_weights_kv" in r:
+                    ratios[f"T{t}xB{b} {impl} decode peak / (weights + kv)"] = r["peak_over_weights_kv"]
+        res["decode"] = {"model": "8L-512", "layers": layers, "d_model": d, "heads": h, "seq_len": t,
+                         "protocol": bench_decode.__doc__.strip(), "rows": rows, "ratios": ratios}
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(res, f, indent=1)
     os.replace(tmp, a.out)
     print(json.dumps({n: m["ratios"] for n, m in res["models"].items()}, indent=1))
+    if "decode" in res:
+        print(json.dumps(res["decode"]["ratios"], indent=1))
 
 
 if __name__ == "__main__":
