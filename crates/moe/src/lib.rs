@@ -359,15 +359,16 @@ impl FeedForward for Moe {
             add(z_loss(&r, self.cfg.z_loss)?)?;
         }
         let (share, cv, max_load) = r.load_shares();
-        let dev = x.device();
         let entropy = (r.scores.clamp(1e-30, 1.0)?.log()? * &r.scores)?.sum(D::Minus1)?.neg()?.mean_all()?;
+        // The statistics counted on the host stay there (no upload per layer and step).
+        let host = &zoo_core::candle_core::Device::Cpu;
         let stats = vec![
-            Stat::new("load", StatShape::PerExpert, Tensor::from_vec(share, self.experts.len(), dev)?),
-            Stat::new("load_cv", StatShape::Scalar, Tensor::new(&[cv as f32], dev)?),
-            Stat::new("max_load", StatShape::Scalar, Tensor::new(&[max_load as f32], dev)?),
+            Stat::new("load", StatShape::PerExpert, Tensor::from_vec(share, self.experts.len(), host)?),
+            Stat::new("load_cv", StatShape::Scalar, Tensor::new(&[cv as f32], host)?),
+            Stat::new("max_load", StatShape::Scalar, Tensor::new(&[max_load as f32], host)?),
             Stat::new("router_entropy", StatShape::Scalar, entropy.to_dtype(DType::F32)?.detach()),
-            Stat::new("dropped_fraction", StatShape::Scalar, Tensor::new(&[r.dropped_fraction() as f32], dev)?),
-            Stat::new("active_experts", StatShape::Scalar, Tensor::new(&[r.active_per_token() as f32], dev)?),
+            Stat::new("dropped_fraction", StatShape::Scalar, Tensor::new(&[r.dropped_fraction() as f32], host)?),
+            Stat::new("active_experts", StatShape::Scalar, Tensor::new(&[r.active_per_token() as f32], host)?),
         ];
         Ok(FfnOut { y, aux_loss: aux, stats })
     }
