@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 15 on the GPU machine: the KV bench (scripts/kv-bench.sh, bf16, 2k and 8k-token prompts)
+# Issue 15 on the GPU machine: the KV bench (scripts/kv-bench.sh, bf16, 2k and 8k-token prompts,
+# KV_BENCH_ROUNDS=3 alternating rounds by default)
 # and pass-key retrieval beyond 2048 tokens (scripts/kv-needle.sh's presses at 4096 and 8184
 # tokens: 8184 + the 8 answer tokens = SmolLM2's context of 8192; f32 as the CPU needles), with the
 # real SmolLM2 weights.
@@ -28,7 +29,7 @@ case ${1:-} in
     mkdir -p "$(dirname "$gguf")"
     cat "$stage"/gguf.0* > "$gguf"
     (cd "$(dirname "$gguf")" && sha256sum -c "$stage/gguf.sha256")
-    OUT_DIR=$OUT/kv-bench-h200 ZOO=/tmp/zoo bash scripts/kv-bench.sh --device cuda:0 --dtype bf16
+    KV_BENCH_ROUNDS=${KV_BENCH_ROUNDS:-3} OUT_DIR=$OUT/kv-bench-h200 ZOO=/tmp/zoo bash scripts/kv-bench.sh --device cuda:0 --dtype bf16
     filters=results/kv-ppl/qfilters-smollm2.safetensors
     mkdir -p "$OUT/kv-needle-long"
     /tmp/zoo kv needle --model "$gguf" --device cuda:0 --dtype f32 --lengths 4096,8184 \

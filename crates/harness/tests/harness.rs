@@ -720,6 +720,16 @@ fn report_tabulates_generations_against_the_full_cache() {
     // A KIVI generation is labelled by its config, not taken for the full cache.
     assert!(md.contains("| 100 | KIVI-2 K/channel V/token G32 R128 | 8.0 | 0.80× | 250 B | 250 B | 1000 B | 0.250 |"), "{md}");
     assert!(md.contains("| 100 | DuoAttention, retrieval share 0.5 | 9.0 | 0.90× | 500 B |"), "{md}");
+    // Rounds of one (prompt length, press) make one row with the median speed.
+    for (i, (press, tps)) in [(None, 20.0), (None, 40.0), (None, 30.0), (Some("knorm"), 12.0), (Some("knorm"), 18.0)].iter().enumerate() {
+        let mut v = gen(*press, if press.is_some() { 0.875 } else { 0.0 }, *tps, 100);
+        v["prompt_tokens"] = serde_json::json!(200);
+        std::fs::write(dir.join(format!("r{i}.json")), v.to_string()).unwrap();
+    }
+    let md = zoo_harness::report::report(&dir).unwrap();
+    assert!(md.contains("| 200 | full cache | 30.0 (median of 3: 20.0–40.0) | 1.00× |"), "{md}");
+    assert!(md.contains("| 200 | knorm @ 0.875 | 15.0 (median of 2: 12.0–18.0) | 0.50× |"), "{md}");
+    assert!(md.contains("| 100 | full cache | 10.0 | 1.00× |"), "{md}");
 }
 
 /// `zoo report` on KIVI evaluations: one row per config, sorted by bits (most first), with the
