@@ -480,6 +480,7 @@ fn real_main() -> Result<i32> {
         }
         Cmd::Report { dir } => println!("{}", report::report(dir)?),
         Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized, press, ratio, chunk, budget, kivi, duo } => {
+            let kv = kv_settings(model.as_ref(), press.as_ref(), *ratio, budget.as_ref(), None, kivi.as_ref(), duo.as_ref())?;
             // What every reading of a text through a pretrained model's cache needs.
             let reading = |flag: &str| -> Result<&PathBuf> {
                 let m = model.as_ref().with_context(|| format!("--{flag}: needs --model (a pretrained model)"))?;
@@ -488,37 +489,37 @@ fn real_main() -> Result<i32> {
                 }
                 Ok(m)
             };
-            if let Some(d) = duo {
-                if press.is_some() || kivi.is_some() {
+            if let Some(cfg) = &kv.duo {
+                if kv.press.is_some() || kv.kivi.is_some() {
                     bail!("--duo: give it alone (not with --press or --kivi)");
                 }
                 let m = reading("duo")?;
-                let cfg: zoo_kv_compress::duo::DuoConfig = parse_inline("duo", d)?;
-                let out = zoo_harness::pretrained::evaluate_model_duo(m, text, &cfg, *chunk, &env()?)?;
+                let out = zoo_harness::pretrained::evaluate_model_duo(m, text, cfg, *chunk, &env()?)?;
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 return Ok(0);
             }
-            if budget.is_some() && press.is_none() {
+            if kv.budget.is_some() && kv.press.is_none() {
                 bail!("--budget: needs --press");
             }
-            if let Some(k) = kivi {
-                if press.is_some() {
+            if let Some(cfg) = &kv.kivi {
+                if kv.press.is_some() {
                     bail!("--kivi: a quantised cache and a press do not combine (give one)");
                 }
                 let m = reading("kivi")?;
-                let cfg: zoo_kv_compress::kivi::KiviConfig = parse_inline("kivi", k)?;
-                let out = zoo_harness::pretrained::evaluate_model_kivi(m, text, &cfg, *chunk, &env()?)?;
+                let out = zoo_harness::pretrained::evaluate_model_kivi(m, text, cfg, *chunk, &env()?)?;
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 return Ok(0);
             }
-            if let Some(press) = press {
+            if let Some(cfg) = &kv.press {
                 let m = reading("press")?;
-                let cfg = parse_press(press)?;
-                zoo_kv_compress::check_ratio(*ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
-                let budget = parse_budget(budget.as_ref())?;
-                let out = zoo_harness::pretrained::evaluate_model_press(m, text, &cfg, *ratio, &budget, *chunk, &env()?)?;
+                zoo_kv_compress::check_ratio(kv.ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
+                let budget = kv.budget.clone().unwrap_or_default();
+                let out = zoo_harness::pretrained::evaluate_model_press(m, text, cfg, kv.ratio, &budget, *chunk, &env()?)?;
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 return Ok(0);
+            }
+            if kv.ratio != 0.0 {
+                bail!("--ratio: needs --press");
             }
             if *seq_len == Some(0) {
                 bail!("--seq-len: must be at least 1");
@@ -555,8 +556,9 @@ fn real_main() -> Result<i32> {
             gen_duo,
             kivi,
         } => {
-            let press_cfg = press.as_deref().map(parse_press).transpose()?;
-            if press_cfg.is_none() && (*ratio != 0.0 || (compress_every.is_some() && gen_duo.is_none())) {
+            let kv = kv_settings(Some(model), press.as_ref(), *ratio, gen_budget.as_ref(), *compress_every, kivi.as_ref(), gen_duo.as_ref())?;
+            let (press_cfg, ratio, compress_every) = (kv.press.clone(), &kv.ratio, &kv.every);
+            if press_cfg.is_none() && (*ratio != 0.0 || (compress_every.is_some() && kv.duo.is_none())) {
                 bail!("--ratio / --compress-every: need --press (or --duo, for --compress-every)");
             }
             zoo_kv_compress::check_ratio(*ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
@@ -587,7 +589,7 @@ fn real_main() -> Result<i32> {
                     p.context_length
                 );
             }
-            let kivi_cfg: Option<zoo_kv_compress::kivi::KiviConfig> = kivi.as_deref().map(|k| parse_inline("kivi", k)).transpose()?;
+            let kivi_cfg = kv.kivi.clone();
             let packer: Option<std::sync::Arc<dyn zoo_core::state::KvPacker>> = match &kivi_cfg {
                 Some(cfg) => {
                     if press_cfg.is_some() {
@@ -598,9 +600,8 @@ fn real_main() -> Result<i32> {
                 }
                 None => None,
             };
-            let duo_plan = match gen_duo {
-                Some(d) => {
-                    let cfg: zoo_kv_compress::duo::DuoConfig = parse_inline("duo", d)?;
+            let duo_plan = match &kv.duo {
+                Some(cfg) => {
                     if press_cfg.is_some() || kivi_cfg.is_some() {
                         bail!("--duo: give it alone (not with --press or --kivi)");
                     }
@@ -610,10 +611,10 @@ fn real_main() -> Result<i32> {
             };
             let o = zoo_harness::pretrained::GenOpts { max_tokens: *max_tokens, temperature: *temperature, top_p: *top_p, seed: *seed, packer, duo: duo_plan };
             let built = press_cfg.as_ref().map(|c| c.build()).transpose()?;
-            if gen_budget.is_some() && press_cfg.is_none() {
+            if kv.budget.is_some() && press_cfg.is_none() {
                 bail!("--budget: needs --press");
             }
-            let budget = parse_budget(gen_budget.as_ref())?;
+            let budget = kv.budget.clone().unwrap_or_default();
             let budget_json = serde_json::to_value(&budget)?;
             let gp = built.as_ref().map(|b| zoo_harness::pretrained::GenPress { press: b.as_ref(), ratio: *ratio, every: *compress_every, budget: budget.clone() });
             for _ in 0..*warmup {
@@ -652,7 +653,7 @@ fn real_main() -> Result<i32> {
                     "press": press_cfg.as_ref().map(serde_json::to_value).transpose()?,
                     "kivi": kivi_cfg.as_ref().map(serde_json::to_value).transpose()?,
                     "budget": budget_json,
-                    "duo": gen_duo.as_deref().map(|d| parse_inline::<zoo_kv_compress::duo::DuoConfig>("duo", d)).transpose()?.map(|c| serde_json::to_value(c)).transpose()?,
+                    "duo": kv.duo.as_ref().map(serde_json::to_value).transpose()?,
                     "ratio": ratio,
                     "compress_every": compress_every,
                     "compressions": stats.compressions,
@@ -701,6 +702,9 @@ fn real_main() -> Result<i32> {
             eprintln!("wrote {}", out.display());
         }
         Cmd::Kv { cmd: KvCmd::Needle { model, press, ratios, lengths, depths, trials, seed, budget, out } } => {
+            if zoo_harness::pretrained::kv_section(model)?.is_some() {
+                bail!("--model: {}'s [kv] section is for zoo eval and zoo generate; the needle grid takes --press, --ratios and --budget", model.display());
+            }
             let presses = press.iter().map(|p| parse_press(p)).collect::<Result<Vec<_>>>()?;
             let budget = parse_budget(budget.as_ref())?;
             for r in ratios.iter() {
@@ -806,6 +810,45 @@ fn real_main() -> Result<i32> {
 }
 
 /// A press given on the command line: the inside of an inline table (`type = "knorm", …`).
+/// The KV settings of `zoo eval` / `zoo generate`: the command line's flags and the model file's
+/// `[kv]` section (`pretrained::KvSection`), each setting from one of the two.
+struct KvSettings {
+    press: Option<zoo_kv_compress::PressConfig>,
+    ratio: f64,
+    budget: Option<zoo_kv_compress::Budget>,
+    every: Option<usize>,
+    kivi: Option<zoo_kv_compress::kivi::KiviConfig>,
+    duo: Option<zoo_kv_compress::duo::DuoConfig>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn kv_settings(
+    model: Option<&PathBuf>,
+    press: Option<&String>,
+    ratio: f64,
+    budget: Option<&String>,
+    every: Option<usize>,
+    kivi: Option<&String>,
+    duo: Option<&String>,
+) -> Result<KvSettings> {
+    let file = model.map(|m| zoo_harness::pretrained::kv_section(m)).transpose()?.flatten().unwrap_or_default();
+    let name = model.map(|m| m.display().to_string()).unwrap_or_default();
+    fn one<T>(flag: &str, cli: Option<T>, file: Option<T>, name: &str) -> Result<Option<T>> {
+        match (cli, file) {
+            (Some(_), Some(_)) => bail!("--{flag}: also set in {name}'s [kv] section (give it in one place)"),
+            (c, f) => Ok(c.or(f)),
+        }
+    }
+    Ok(KvSettings {
+        press: one("press", press.map(|p| parse_press(p)).transpose()?, file.press, &name)?,
+        ratio: one("ratio", (ratio != 0.0).then_some(ratio), file.ratio, &name)?.unwrap_or(0.0),
+        budget: one("budget", budget.map(|b| parse_budget(Some(b))).transpose()?, file.budget, &name)?,
+        every: one("compress-every", every, file.compress_every, &name)?,
+        kivi: one("kivi", kivi.map(|k| parse_inline("kivi", k)).transpose()?, file.kivi, &name)?,
+        duo: one("duo", duo.map(|d| parse_inline("duo", d)).transpose()?, file.duo, &name)?,
+    })
+}
+
 fn parse_press(text: &str) -> anyhow::Result<zoo_kv_compress::PressConfig> {
     let cfg: zoo_kv_compress::PressConfig = parse_inline("press", text)?;
     cfg.check().map_err(|e| anyhow::anyhow!("--{e}"))?;

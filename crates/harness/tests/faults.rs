@@ -276,6 +276,25 @@ fn bench_and_eval_reject_zero_sizes() {
     }
 }
 
+/// A KV setting given both in the model file's `[kv]` section and on the command line is refused
+/// before the model is read, naming the flag and the file.
+#[test]
+fn kv_settings_come_from_one_place() {
+    let dir = tmpdir("kv-cli");
+    std::fs::write(dir.join("m.toml"), "[model]\npretrained = \"nowhere.gguf\"\n[kv]\npress = { type = \"knorm\" }\nratio = 0.5\n").unwrap();
+    for (args, msg) in [
+        (vec!["eval", "--model", "m.toml", "--text", "t.txt", "--press", "type = \"tova\""], "--press: also set in m.toml"),
+        (vec!["eval", "--model", "m.toml", "--text", "t.txt", "--ratio", "0.25"], "--ratio: also set in m.toml"),
+        (vec!["generate", "--model", "m.toml", "--prompt", "x", "--press", "type = \"tova\""], "--press: also set in m.toml"),
+        (vec!["kv", "needle", "--model", "m.toml", "--out", "n.json"], "[kv] section is for zoo eval and zoo generate"),
+    ] {
+        let o = zoo(&args, &dir);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(msg) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
 /// Seeded config fuzzer: every `key = value` line of the base config is dropped, duplicated,
 /// retyped, scaled by 1e9, set to NaN, zero or a negative number, alone and in pairs. No mutation
 /// panics; each rejected config's error names a field (a dotted path or a backquoted key); each

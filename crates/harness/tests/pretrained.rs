@@ -122,6 +122,46 @@ fn variant_config_overrides_layer_options() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A model file's `[kv]` section: read typed and checked with the flags' rules; errors name the
+/// file and the field; a model path, or a file without the section, has none.
+#[test]
+fn model_files_carry_kv_settings() -> anyhow::Result<()> {
+    use zoo_harness::pretrained::kv_section;
+    let fixture = root().join("crates/harness/tests/hf/llama");
+    let dir = std::env::temp_dir().join(format!("zoo-kv-section-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let write = |name: &str, kv: &str| -> anyhow::Result<PathBuf> {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("[model]\npretrained = {:?}\n{kv}", fixture.display().to_string()))?;
+        Ok(p)
+    };
+    assert!(kv_section(&fixture)?.is_none());
+    assert!(kv_section(&write("none.toml", "")?)?.is_none());
+    let kv = kv_section(&write(
+        "tova.toml",
+        "[kv]\npress = { type = \"tova\" }\nratio = 0.875\ncompress_every = 16\nbudget = { type = \"pyramid\", beta = 20.0 }\n",
+    )?)?
+    .expect("a [kv] section");
+    assert_eq!(serde_json::to_value(&kv.press)?, serde_json::json!({"type": "tova"}));
+    assert_eq!((kv.ratio, kv.compress_every), (Some(0.875), Some(16)));
+    assert!(kv.budget.is_some() && kv.kivi.is_none() && kv.duo.is_none());
+    // The model still loads from the file (the section is not the model's business).
+    zoo_harness::pretrained::load(&dir.join("tova.toml"), &Env::parse("cpu", "f32")?)?;
+    for (name, kv, field) in [
+        ("unknown.toml", "[kv]\npress = { type = \"knorm\" }\nratoi = 0.5\n", "ratoi"),
+        ("press.toml", "[kv]\npress = { type = \"snapkv\", windw = 4 }\n", "kv.press"),
+        ("ratio.toml", "[kv]\npress = { type = \"knorm\" }\nratio = 1.0\n", "kv.ratio"),
+        ("alone.toml", "[kv]\nratio = 0.5\n", "kv.ratio: needs press"),
+        ("every.toml", "[kv]\npress = { type = \"knorm\" }\ncompress_every = 0\n", "kv.compress_every"),
+        ("two.toml", "[kv]\npress = { type = \"knorm\" }\nkivi = { bits = 2 }\n", "kv.press / kivi / duo"),
+    ] {
+        let e = format!("{:#}", kv_section(&write(name, kv)?).expect_err(name));
+        assert!(e.contains(name) && e.contains(field), "{name}: {e}");
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
 /// The sliding window scores every position once; a window covering the text equals one forward.
 #[test]
 fn sliding_window_scores_every_position_once() -> anyhow::Result<()> {
