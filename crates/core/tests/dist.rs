@@ -4,64 +4,11 @@
 //! rounding: the sums run in another order), on MQAR, whose loss counts only the masked answer
 //! tokens, so the ranks' token weights matter. One rank is the single-device path exactly.
 
+mod common;
+use common::dist_run::{run, run_with, STEPS};
 use std::sync::Arc;
-use zoo_core::attention::{Attention, AttentionConfig};
 use zoo_core::candle_core::{DType, Device};
-use zoo_core::data::MqarSegment;
 use zoo_core::dist::{Comm, ThreadComm};
-use zoo_core::mixer::{examples_from_toml, FeedForward, Mixer};
-use zoo_core::model::{Lm, LmShape};
-use zoo_core::optim::{AdamWParams, Schedule};
-use zoo_core::params::ParamStore;
-use zoo_core::task::MqarTask;
-use zoo_core::train::{train, TrainOpts};
-
-const STEPS: usize = 4;
-
-/// Train a tiny attention LM on MQAR (global batch 8, accumulation 2) with `comm`; return its
-/// parameters by name and the logged train losses.
-fn run(comm: Option<Arc<dyn Comm>>) -> anyhow::Result<(Vec<(String, Vec<f32>)>, Vec<f64>)> {
-    run_with(comm, None)
-}
-
-/// [`run`] with a checkpoint folder, saving every 2 steps: `(dir, stop_after, resume)`.
-fn run_with(comm: Option<Arc<dyn Comm>>, ckpt: Option<(&std::path::Path, Option<usize>, bool)>) -> anyhow::Result<(Vec<(String, Vec<f32>)>, Vec<f64>)> {
-    let dev = Device::Cpu;
-    let store = ParamStore::new(3, DType::F32, &dev);
-    let shape =
-        LmShape { vocab_size: 32, d_model: 16, n_layers: 2, tie_embeddings: true, norm_eps: 1e-5, max_seq_len: 32 };
-    let attn: AttentionConfig = examples_from_toml(&["n_heads = 2"]).remove(0);
-    let model = Lm::new(&shape, DType::F32, &store.root(), |ctx, pb| {
-        let m: Box<dyn Mixer> = Box::new(Attention::new(&attn, ctx, &pb.pp("mixer"))?);
-        Ok((m, None::<Box<dyn FeedForward>>))
-    })?;
-    // Segments of two lengths and pair counts: the ranks' slices count different numbers of
-    // answer tokens in some batches.
-    let seg = [MqarSegment { seq_len: 32, kv_pairs: 4, examples: 64 }, MqarSegment { seq_len: 32, kv_pairs: 2, examples: 64 }];
-    let task = MqarTask::new(32, &seg, &seg, 8, 0, &dev)?;
-    let opts = TrainOpts {
-        steps: STEPS,
-        grad_accum: 2,
-        schedule: Schedule { lr: 3e-3, min_lr: 3e-4, warmup_steps: 1, decay_steps: STEPS },
-        adamw: AdamWParams { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_embeddings: false },
-        grad_clip: Some(0.5),
-        eval_every: 2,
-        checkpoint_every: ckpt.map(|_| 2),
-        checkpoint_dir: ckpt.map(|c| c.0.to_path_buf()),
-        stop_after: ckpt.and_then(|c| c.1),
-        meta: serde_json::Value::Null,
-        stop_signal: None,
-        comm,
-    };
-    let mut losses = vec![];
-    train(&model, &store, &task, &opts, 0, ckpt.is_some_and(|c| c.2), &mut |p| losses.push(p.loss))?;
-    let mut params = vec![];
-    for (name, t) in store.tensors() {
-        params.push((name.clone(), t.flatten_all()?.to_vec1::<f32>()?));
-    }
-    params.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok((params, losses))
-}
 
 /// Every rank of a `world`-rank group, trained in threads.
 fn ranks(world: usize) -> Vec<(Vec<(String, Vec<f32>)>, Vec<f64>)> {

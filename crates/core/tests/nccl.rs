@@ -1,27 +1,71 @@
 //! The NCCL communicator with one rank on the GPU machine (a second GPU is not lent; two ranks on
 //! one GPU are refused by NCCL): NCCL loads, the group forms through the id file, and an
 //! all-reduce over one rank returns its input bit for bit, for a buffer the size of a gradient
-//! bucket too. Skipped without a CUDA build, a GPU, or NCCL (set ZOO_NCCL_LIB or LD_LIBRARY_PATH).
+//! bucket too; and training with a one-rank NCCL group is the single-GPU path bit for bit.
+//! Skipped without a CUDA build, a GPU, or NCCL (set ZOO_NCCL_LIB or LD_LIBRARY_PATH).
+
+#[allow(unused)]
+mod common;
+
+/// The GPU and a one-rank NCCL group on it (and the id file), or None (with the reason printed)
+/// where the test cannot run.
+#[cfg(feature = "cuda")]
+fn one_rank(tag: &str) -> anyhow::Result<Option<(zoo_core::candle_core::Device, zoo_core::dist::nccl::Nccl, std::path::PathBuf)>> {
+    use zoo_core::dist::{nccl::Nccl, World};
+    let Ok(dev) = zoo_core::candle_core::Device::new_cuda(0) else {
+        eprintln!("skipped: no CUDA device");
+        return Ok(None);
+    };
+    let id = std::env::temp_dir().join(format!("zoo-nccl-{tag}-{}.id", std::process::id()));
+    let world = World { rank: 0, size: 1, local_rank: 0 };
+    match Nccl::new(world, &dev, &id, std::time::Duration::from_secs(10)) {
+        Ok(c) => Ok(Some((dev, c, id))),
+        Err(e) if e.to_string().contains("cannot load") => {
+            eprintln!("skipped: {e}");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Issue 16's first acceptance point: with one rank, training is bit-identical to the single-GPU
+/// path. With the compositions (`naive` kernels: no atomic adds) two single-GPU runs agree bit for
+/// bit, and so must the NCCL run; with the fused kernels (the embedding's backward adds with
+/// atomics, in any order) the NCCL run must be as close to a single-GPU run as two of those are.
+#[cfg(feature = "cuda")]
+#[test]
+fn one_rank_nccl_training_is_the_single_gpu_path() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use zoo_core::dist::Comm;
+    let Some((dev, c, id)) = one_rank("train")? else { return Ok(()) };
+    let c: Arc<dyn Comm> = Arc::new(c);
+    let spread = |a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]| -> f32 {
+        a.iter().zip(b).flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0, f32::max)
+    };
+    for mode in [zoo_core::zoo_kernels::Kernels::Naive, zoo_core::zoo_kernels::Kernels::Fused] {
+        zoo_core::zoo_kernels::set_mode(mode);
+        let (a, la) = common::dist_run::run_on(&dev, None, None)?;
+        let (b, lb) = common::dist_run::run_on(&dev, None, None)?;
+        let (n, ln) = common::dist_run::run_on(&dev, Some(c.clone()), None)?;
+        let (own, nccl) = (spread(&a, &b), spread(&a, &n));
+        eprintln!("{mode:?}: two single-GPU runs differ by {own}, the NCCL run by {nccl}");
+        if mode == zoo_core::zoo_kernels::Kernels::Naive {
+            assert!(a == b && la == lb, "naive kernels: two single-GPU runs differ by {own}");
+            assert!(n == a && ln == la, "naive kernels: the one-rank NCCL run differs by {nccl}");
+        } else {
+            assert!(nccl <= own.max(1e-6), "fused kernels: NCCL run {nccl} against the runs' own spread {own}");
+        }
+    }
+    let _ = std::fs::remove_file(&id);
+    Ok(())
+}
 
 #[cfg(feature = "cuda")]
 #[test]
 fn nccl_with_one_rank_forms_a_group_and_all_reduce_is_the_identity() -> anyhow::Result<()> {
     use zoo_core::candle_core::{Device, Tensor};
-    use zoo_core::dist::{nccl::Nccl, Comm, World};
-    let Ok(dev) = Device::new_cuda(0) else {
-        eprintln!("skipped: no CUDA device");
-        return Ok(());
-    };
-    let id = std::env::temp_dir().join(format!("zoo-nccl-test-{}.id", std::process::id()));
-    let world = World { rank: 0, size: 1, local_rank: 0 };
-    let c = match Nccl::new(world, &dev, &id, std::time::Duration::from_secs(10)) {
-        Ok(c) => c,
-        Err(e) if e.to_string().contains("cannot load") => {
-            eprintln!("skipped: {e}");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
+    use zoo_core::dist::Comm;
+    let Some((dev, c, id)) = one_rank("test")? else { return Ok(()) };
     assert!(id.exists(), "rank 0 wrote the id file");
     assert_eq!((c.rank(), c.world(), c.backend()), (0, 1, "nccl"));
     for n in [1usize, 1000, 1 << 23] {
