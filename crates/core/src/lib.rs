@@ -31,6 +31,7 @@ pub mod check;
 pub mod conv;
 pub mod data;
 pub mod dist;
+pub mod grad;
 pub mod mixer;
 pub mod mlp;
 pub mod model;

@@ -10,7 +10,9 @@ mod common;
 /// The GPU and a one-rank NCCL group on it (and the id file), or None (with the reason printed)
 /// where the test cannot run.
 #[cfg(feature = "cuda")]
-fn one_rank(tag: &str) -> anyhow::Result<Option<(zoo_core::candle_core::Device, zoo_core::dist::nccl::Nccl, std::path::PathBuf)>> {
+fn one_rank(
+    tag: &str,
+) -> anyhow::Result<Option<(zoo_core::candle_core::Device, zoo_core::dist::nccl::Nccl, std::path::PathBuf)>> {
     use zoo_core::dist::{nccl::Nccl, World};
     let Ok(dev) = zoo_core::candle_core::Device::new_cuda(0) else {
         eprintln!("skipped: no CUDA device");

@@ -18,8 +18,8 @@
 //! (`results/bench/moe-cuda`). [`Dispatch::Looped`](crate::Dispatch) keeps that composition as the
 //! reference the tests compare with.
 //!
-//! The custom backward is attached by [`with_grad`]: an op whose forward copies a value computed
-//! from detached inputs, and whose backward is a closure over tensors.
+//! The custom backward is attached by [`zoo_core::grad::with_grad`]: an op whose forward copies a
+//! value computed from detached inputs, and whose backward is a closure over tensors.
 //!
 //! ```
 //! use zoo_core::candle_core::{Device, Tensor, Var};
@@ -38,8 +38,8 @@
 //! # Ok::<(), zoo_core::candle_core::Error>(())
 //! ```
 
-use zoo_core::candle_core::backend::BackendStorage;
-use zoo_core::candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor, D};
+use zoo_core::candle_core::{Device, Result, Tensor, D};
+use zoo_core::grad::{with_grad, with_grad2};
 
 /// The sorted (and padded) rows of one routing.
 pub struct Plan {
@@ -180,103 +180,5 @@ impl Plan {
             r: self.r,
             cap: self.cap,
         }
-    }
-}
-
-type Bwd1 = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
-type Bwd2 = Box<dyn Fn(&Tensor) -> Result<(Tensor, Tensor)> + Send + Sync>;
-
-/// `value` (computed from detached inputs; fresh, contiguous) as a function of `input` whose
-/// gradient is `bwd(grad of the result)`.
-pub fn with_grad(
-    value: &Tensor,
-    input: &Tensor,
-    bwd: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
-) -> Result<Tensor> {
-    value.contiguous()?.apply_op2(input, Attach1(Box::new(bwd)))
-}
-
-/// As [`with_grad`] for two inputs.
-pub fn with_grad2(
-    value: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    bwd: impl Fn(&Tensor) -> Result<(Tensor, Tensor)> + Send + Sync + 'static,
-) -> Result<Tensor> {
-    value.contiguous()?.apply_op3(a, b, Attach2(Box::new(bwd)))
-}
-
-struct Attach1(Bwd1);
-struct Attach2(Bwd2);
-
-/// The forward of the attach ops: a copy of the value's storage.
-fn copy_cpu(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-    check(l)?;
-    Ok((s.try_clone(l)?, l.shape().clone()))
-}
-
-fn copy_cuda(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-    check(l)?;
-    Ok((s.try_clone(l)?, l.shape().clone()))
-}
-
-fn check(l: &Layout) -> Result<()> {
-    if !l.is_contiguous() || l.start_offset() != 0 {
-        zoo_core::candle_core::bail!("dispatch: the attached value must be a fresh contiguous tensor");
-    }
-    Ok(())
-}
-
-impl CustomOp2 for Attach1 {
-    fn name(&self) -> &'static str {
-        "zoo-moe-attach1"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        copy_cpu(s, l)
-    }
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        copy_cuda(s, l)
-    }
-    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((None, Some((self.0)(&g.contiguous()?)?)))
-    }
-}
-
-impl CustomOp3 for Attach2 {
-    fn name(&self) -> &'static str {
-        "zoo-moe-attach2"
-    }
-    fn cpu_fwd(
-        &self,
-        s: &CpuStorage,
-        l: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        copy_cpu(s, l)
-    }
-    fn cuda_fwd(
-        &self,
-        s: &CudaStorage,
-        l: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        copy_cuda(s, l)
-    }
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (da, db) = (self.0)(&g.contiguous()?)?;
-        Ok((None, Some(da), Some(db)))
     }
 }

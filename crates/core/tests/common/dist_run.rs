@@ -17,14 +17,20 @@ use zoo_core::train::{train, TrainOpts};
 
 pub const STEPS: usize = 4;
 
+/// Parameters by name (sorted) and the logged train losses.
+pub type Outcome = (Vec<(String, Vec<f32>)>, Vec<f64>);
+
 /// Train a tiny attention LM on MQAR (global batch 8, accumulation 2) with `comm`; return its
 /// parameters by name and the logged train losses.
-pub fn run(comm: Option<Arc<dyn Comm>>) -> anyhow::Result<(Vec<(String, Vec<f32>)>, Vec<f64>)> {
+pub fn run(comm: Option<Arc<dyn Comm>>) -> anyhow::Result<Outcome> {
     run_with(comm, None)
 }
 
 /// [`run`] with a checkpoint folder, saving every 2 steps: `(dir, stop_after, resume)`.
-pub fn run_with(comm: Option<Arc<dyn Comm>>, ckpt: Option<(&std::path::Path, Option<usize>, bool)>) -> anyhow::Result<(Vec<(String, Vec<f32>)>, Vec<f64>)> {
+pub fn run_with(
+    comm: Option<Arc<dyn Comm>>,
+    ckpt: Option<(&std::path::Path, Option<usize>, bool)>,
+) -> anyhow::Result<Outcome> {
     run_on(&Device::Cpu, comm, ckpt)
 }
 
@@ -33,7 +39,7 @@ pub fn run_on(
     dev: &Device,
     comm: Option<Arc<dyn Comm>>,
     ckpt: Option<(&std::path::Path, Option<usize>, bool)>,
-) -> anyhow::Result<(Vec<(String, Vec<f32>)>, Vec<f64>)> {
+) -> anyhow::Result<Outcome> {
     let dev = dev.clone();
     let store = ParamStore::new(3, DType::F32, &dev);
     let shape =
@@ -45,7 +51,10 @@ pub fn run_on(
     })?;
     // Segments of two lengths and pair counts: the ranks' slices count different numbers of
     // answer tokens in some batches.
-    let seg = [MqarSegment { seq_len: 32, kv_pairs: 4, examples: 64 }, MqarSegment { seq_len: 32, kv_pairs: 2, examples: 64 }];
+    let seg = [
+        MqarSegment { seq_len: 32, kv_pairs: 4, examples: 64 },
+        MqarSegment { seq_len: 32, kv_pairs: 2, examples: 64 },
+    ];
     let task = MqarTask::new(32, &seg, &seg, 8, 0, &dev)?;
     let opts = TrainOpts {
         steps: STEPS,
@@ -70,4 +79,3 @@ pub fn run_on(
     params.sort_by(|a, b| a.0.cmp(&b.0));
     Ok((params, losses))
 }
-
