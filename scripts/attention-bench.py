@@ -4,7 +4,8 @@
 machine, one command; causal, bf16; forward and forward + backward (loss sum(O * W)). FLOPs as
 FlashAttention-2 counts them: forward 4*B*H*T^2*d / 2 (causal), forward + backward 3.5x that.
 Times are medians of ITERS runs after 2 warm-ups, each synchronised (wall clock around
-synchronised calls, as `zoo bench-attention` times itself).
+synchronised calls, as `zoo bench-attention` times itself). zoo runs twice: with the default
+mma.sync forward and with ZOO_FLASH_MMA=0 (the WMMA forward, `fused_wmma_forward`).
 
     python3 scripts/attention-bench.py --zoo .devbin/zoo --out results/bench/attention-h200.json
 """
@@ -49,22 +50,28 @@ def main():
     ap.add_argument("--out", default="attention-h200.json")
     a = ap.parse_args()
     shapes = ",".join(f"{b}:{h}:{t}:{d}" for b, h, t, d in SHAPES)
-    z = subprocess.run([a.zoo, "bench-attention", "--device", "cuda:0", "--dtype", "bf16", "--shapes", shapes,
-                        "--iters", str(a.iters)], capture_output=True, text=True)
-    if z.returncode != 0:
-        raise SystemExit(f"zoo bench-attention failed: {z.stderr}")
-    zoo = json.loads(z.stdout)
+    def zoo_run(extra_env):
+        z = subprocess.run([a.zoo, "bench-attention", "--device", "cuda:0", "--dtype", "bf16", "--shapes", shapes,
+                            "--iters", str(a.iters)], capture_output=True, text=True, env=dict(os.environ, **extra_env))
+        if z.returncode != 0:
+            raise SystemExit(f"zoo bench-attention failed: {z.stderr}")
+        return json.loads(z.stdout)
+    zoo = zoo_run({})
+    # The WMMA forward (fwd_tc) beside the default mma.sync one, in the same command.
+    wmma = zoo_run({"ZOO_FLASH_MMA": "0"})
     rows = []
-    for (b, h, t, d), zr in zip(SHAPES, zoo["shapes"]):
+    for (b, h, t, d), zr, zw in zip(SHAPES, zoo["shapes"], wmma["shapes"]):
         fwd, both = sdpa_times(b, h, t, d, a.iters)
         flops = zr["fwd_flops"]
         row = dict(zr)
+        if "fused" in zw:
+            row["fused_wmma_forward"] = zw["fused"]
         row["sdpa"] = {"fwd_seconds": fwd, "fwd_bwd_seconds": both,
                        "fwd_tflops": flops / fwd / 1e12, "fwd_bwd_tflops": 3.5 * flops / both / 1e12}
-        for impl in ("fused", "composition"):
-            if zr.get(impl, {}).get("fwd_seconds"):
-                row[f"{impl}/sdpa"] = {"fwd": fwd / zr[impl]["fwd_seconds"],
-                                       "fwd_bwd": both / zr[impl]["fwd_bwd_seconds"]}
+        for impl in ("fused", "fused_wmma_forward", "composition"):
+            if row.get(impl, {}).get("fwd_seconds"):
+                row[f"{impl}/sdpa"] = {"fwd": fwd / row[impl]["fwd_seconds"],
+                                       "fwd_bwd": both / row[impl]["fwd_bwd_seconds"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     res = {"schema": "zoo.attention-bench/1", "device": torch.cuda.get_device_name(0), "dtype": "bf16",

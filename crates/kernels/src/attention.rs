@@ -328,6 +328,12 @@ mod cuda {
         std::env::var("ZOO_FLASH_TC").map_or(true, |v| v != "0")
     }
 
+    /// The forward on `mma.sync` with S, P and O in registers (`fwd_mma`, head dims 32-128)
+    /// instead of WMMA through shared memory (`fwd_tc`), unless ZOO_FLASH_MMA=0.
+    fn mma_forward(d: usize) -> bool {
+        matches!(d, 32 | 64 | 96 | 128) && std::env::var("ZOO_FLASH_MMA").map_or(true, |v| v != "0")
+    }
+
     fn params(o: &FlashOpts, n: &Dims) -> Result<Params> {
         let i = |x: usize, what: &str| -> Result<i32> {
             i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("flash attention: {what} {x} too large")))
@@ -380,11 +386,18 @@ mod cuda {
         // 16-row CUDA-core kernel); ZOO_FLASH_TC=0 turns them off (for comparisons).
         let (qp, kp, vp) = (storage_addr(q.0, q.1)?, storage_addr(k.0, k.1)?, storage_addr(v.0, v.1)?);
         let tc = dt != DType::F32 && n.tq > ROWS && tensor_cores() && [qp, kp, vp].iter().all(|p| p % 16 == 0);
-        let name = format!("zoo_flash_fwd_{}{}_{}", if tc { "tc_" } else { "" }, suffix(dt)?, n.d);
+        let mma = tc && mma_forward(n.d);
+        let kind = if mma { "mma_" } else if tc { "tc_" } else { "" };
+        let name = format!("zoo_flash_fwd_{kind}{}_{}", suffix(dt)?, n.d);
         let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let launch = if tc {
-            // Shared memory of fwd_tc (attention.cu): Q, K, V tiles and P in 16-bit, S and O in f32.
-            let bytes = (TC_BR * n.d + 2 * TC_BC * n.d + TC_WARPS * 16 * TC_BC) * 2 + (TC_WARPS * 16 * TC_BC + TC_WARPS * 16 * n.d) * 4;
+            let bytes = if mma {
+                // fwd_mma: Q, K and V tiles in 16-bit, rows padded by 8 elements (MMA_PAD).
+                (TC_BR + 2 * TC_BC) * (n.d + 8) * 2
+            } else {
+                // fwd_tc: Q, K, V tiles and P in 16-bit, S and O in f32.
+                (TC_BR * n.d + 2 * TC_BC * n.d + TC_WARPS * 16 * TC_BC) * 2 + (TC_WARPS * 16 * TC_BC + TC_WARPS * 16 * n.d) * 4
+            };
             f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32).w()?;
             LaunchConfig {
                 grid_dim: (n.tq.div_ceil(TC_BR) as u32, (n.b * n.h) as u32, 1),

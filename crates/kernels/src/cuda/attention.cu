@@ -624,3 +624,194 @@ __device__ void bwd_dq_tc(const T* __restrict__ q, const T* __restrict__ k, cons
     TC_FWD(T, NAME, 256) TC_BWD(T, NAME, 32) TC_BWD(T, NAME, 64) TC_BWD(T, NAME, 96) TC_BWD(T, NAME, 128)
 TC_ALL(__nv_bfloat16, bf16)
 TC_ALL(__half, f16)
+
+// ---- Forward on mma.sync (m16n8k16, f32 accumulation) with S, P and O in registers ----
+// The tiling of fwd_tc (4 warps x 16 query rows, key tiles of 64) and its outputs (O, and the LSE
+// in base 2 of the scaled scores), so the backward kernels serve it unchanged. A warp's S
+// (16 x 64), P and O (16 x D) stay in registers in the m16n8 accumulator layout: lane l holds rows
+// g = l / 4 and g + 8, columns 2 (l % 4) + {0, 1} of every 8-column tile; a row's max and sum
+// reduce over the 4 lanes that share it. P's accumulator tiles are the A operand of P V as they
+// are (FlashAttention-2's register reuse). Q, K and V tiles sit in shared memory with rows padded
+// by 8 elements, so the fragment loads hit 32 distinct banks. Head dims 32, 64, 96, 128.
+#define MMA_PAD 8
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+    __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+// Two 16-bit elements as one register, `lo` in the low half (the lower column / row index).
+template <typename T> __device__ __forceinline__ uint32_t pack_raw(T lo, T hi) {
+    return (uint32_t)(*reinterpret_cast<const uint16_t*>(&lo)) | ((uint32_t)(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
+}
+template <typename T> __device__ __forceinline__ uint32_t ld32(const T* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// c (16 x 8, f32) += a (16 x 16) b (16 x 8).
+template <typename T> __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// load_rows with a destination row stride of LD elements (16-byte multiples).
+template <typename T, int D, int LD>
+__device__ __forceinline__ void load_rows_ld(T* dst, const T* src, int first, int n, int limit, int tid, int nthreads) {
+    constexpr int V = D / 8;
+    const uint4* s4 = reinterpret_cast<const uint4*>(src);
+    for (int e = tid; e < n * V; e += nthreads) {
+        const int r = e / V, c = e % V;
+        *reinterpret_cast<uint4*>(dst + r * LD + c * 8) =
+            first + r < limit ? s4[(size_t)(first + r) * V + c] : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// Forward. grid (ceil(Tq / 64), B * H), 128 threads; shared memory 3 * 64 * (D + 8) elements.
+template <typename T, int D>
+__device__ void fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
+                        float* __restrict__ lse, Params p) {
+    constexpr int LD = D + MMA_PAD;
+    constexpr int NT = TC_BC / 8;  // 8-key tiles of S
+    constexpr int DT = D / 8;      // 8-column tiles of O
+    extern __shared__ __align__(128) unsigned char tc_smem[];
+    T* qs = reinterpret_cast<T*>(tc_smem);  // TC_BR x LD
+    T* ks = qs + TC_BR * LD;                // TC_BC x LD
+    T* vs = ks + TC_BC * LD;                // TC_BC x LD
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, nth = blockDim.x;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hkv);
+    const int i0 = blockIdx.x * TC_BR;
+    const T* kb = k + (size_t)(b * p.Hkv + hk) * p.Tk * D;
+    const T* vb = v + (size_t)(b * p.Hkv + hk) * p.Tk * D;
+    load_rows_ld<T, D, LD>(qs, q + (size_t)bh * p.Tq * D, i0, TC_BR, p.Tq, tid, nth);
+    __syncthreads();
+    uint32_t qa[D / 16][4];
+    const T* qw = qs + warp * 16 * LD;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        qa[kk][0] = ld32(qw + g * LD + kk * 16 + 2 * t4);
+        qa[kk][1] = ld32(qw + (g + 8) * LD + kk * 16 + 2 * t4);
+        qa[kk][2] = ld32(qw + g * LD + kk * 16 + 8 + 2 * t4);
+        qa[kk][3] = ld32(qw + (g + 8) * LD + kk * 16 + 8 + 2 * t4);
+    }
+    float oacc[DT][4];
+#pragma unroll
+    for (int jd = 0; jd < DT; jd++) oacc[jd][0] = oacc[jd][1] = oacc[jd][2] = oacc[jd][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    const int r0 = i0 + warp * 16 + g, r1 = r0 + 8;  // the lane's two query rows
+    const bool live0 = r0 < p.Tq, live1 = r1 < p.Tq;
+    const int qp0 = p.q_start + r0, qp1 = p.q_start + r1;
+    const float sc = p.scale * LOG2E;
+    const int qlo = p.q_start + i0, qhi = min(qlo + TC_BR, p.q_start + p.Tq) - 1;
+    int c_lo, c_hi;
+    key_range(p, qlo, qhi, c_lo, c_hi);
+    for (int part = 0; part < 2; part++) {
+        const int from = part == 0 ? 0 : c_lo, to = part == 0 ? p.n_sink : c_hi;
+        for (int c0 = from; c0 < to; c0 += TC_BC) {
+            __syncthreads();
+            load_rows_ld<T, D, LD>(ks, kb, c0, TC_BC, to, tid, nth);
+            load_rows_ld<T, D, LD>(vs, vb, c0, TC_BC, to, tid, nth);
+            __syncthreads();
+            float s[NT][4];
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+                const T* kr = ks + (j * 8 + g) * LD + 2 * t4;
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk++) {
+                    const uint32_t bk[2] = {ld32(kr + kk * 16), ld32(kr + kk * 16 + 8)};
+                    mma16816<T>(s[j], qa[kk], bk);
+                }
+            }
+            float mx0 = m0, mx1 = m1;
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int c = c0 + j * 8 + 2 * t4 + e;
+                    const bool in = c < to;
+                    s[j][e] = live0 && in && visible(p, qp0, c) ? s[j][e] * sc : -INFINITY;
+                    s[j][2 + e] = live1 && in && visible(p, qp1, c) ? s[j][2 + e] * sc : -INFINITY;
+                    mx0 = fmaxf(mx0, s[j][e]);
+                    mx1 = fmaxf(mx1, s[j][2 + e]);
+                }
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+            const float corr0 = mx0 == -INFINITY ? 1.f : exp2f(m0 - mx0);
+            const float corr1 = mx1 == -INFINITY ? 1.f : exp2f(m1 - mx1);
+            float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    s[j][e] = mx0 == -INFINITY ? 0.f : exp2f(s[j][e] - mx0);
+                    s[j][2 + e] = mx1 == -INFINITY ? 0.f : exp2f(s[j][2 + e] - mx1);
+                    sum0 += s[j][e];
+                    sum1 += s[j][2 + e];
+                }
+            }
+            sum0 += __shfl_xor_sync(0xffffffff, sum0, 1);
+            sum0 += __shfl_xor_sync(0xffffffff, sum0, 2);
+            sum1 += __shfl_xor_sync(0xffffffff, sum1, 1);
+            sum1 += __shfl_xor_sync(0xffffffff, sum1, 2);
+            l0 = l0 * corr0 + sum0;
+            l1 = l1 * corr1 + sum1;
+            m0 = mx0;
+            m1 = mx1;
+#pragma unroll
+            for (int jd = 0; jd < DT; jd++) {
+                oacc[jd][0] *= corr0;
+                oacc[jd][1] *= corr0;
+                oacc[jd][2] *= corr1;
+                oacc[jd][3] *= corr1;
+            }
+            // O += P V: keys kk2·16 .. +16 are S tiles 2·kk2 and 2·kk2 + 1.
+#pragma unroll
+            for (int kk2 = 0; kk2 < TC_BC / 16; kk2++) {
+                const uint32_t pa[4] = {pack2<T>(s[2 * kk2][0], s[2 * kk2][1]), pack2<T>(s[2 * kk2][2], s[2 * kk2][3]),
+                                        pack2<T>(s[2 * kk2 + 1][0], s[2 * kk2 + 1][1]),
+                                        pack2<T>(s[2 * kk2 + 1][2], s[2 * kk2 + 1][3])};
+                const T* vr = vs + (kk2 * 16 + 2 * t4) * LD + g;
+#pragma unroll
+                for (int jd = 0; jd < DT; jd++) {
+                    const T* v0 = vr + jd * 8;
+                    const uint32_t bv[2] = {pack_raw<T>(v0[0], v0[LD]), pack_raw<T>(v0[8 * LD], v0[9 * LD])};
+                    mma16816<T>(oacc[jd], pa, bv);
+                }
+            }
+        }
+    }
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int jd = 0; jd < DT; jd++) {
+        const int col = jd * 8 + 2 * t4;
+        if (live0)
+            *reinterpret_cast<uint32_t*>(o + ((size_t)bh * p.Tq + r0) * D + col) = pack2<T>(oacc[jd][0] * inv0, oacc[jd][1] * inv0);
+        if (live1)
+            *reinterpret_cast<uint32_t*>(o + ((size_t)bh * p.Tq + r1) * D + col) = pack2<T>(oacc[jd][2] * inv1, oacc[jd][3] * inv1);
+    }
+    if (t4 == 0) {
+        if (live0) lse[(size_t)bh * p.Tq + r0] = l0 > 0.f ? m0 + log2f(l0) : -INFINITY;
+        if (live1) lse[(size_t)bh * p.Tq + r1] = l1 > 0.f ? m1 + log2f(l1) : -INFINITY;
+    }
+}
+
+#define MMA_FWD(T, NAME, D)                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * TC_WARPS) zoo_flash_fwd_mma_##NAME##_##D(   \
+        const T* q, const T* k, const T* v, T* o, float* lse, Params p) {                          \
+        fwd_mma<T, D>(q, k, v, o, lse, p);                                                         \
+    }
+MMA_FWD(__nv_bfloat16, bf16, 32) MMA_FWD(__nv_bfloat16, bf16, 64) MMA_FWD(__nv_bfloat16, bf16, 96) MMA_FWD(__nv_bfloat16, bf16, 128)
+MMA_FWD(__half, f16, 32) MMA_FWD(__half, f16, 64) MMA_FWD(__half, f16, 96) MMA_FWD(__half, f16, 128)
