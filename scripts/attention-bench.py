@@ -5,7 +5,7 @@ machine, one command; causal, bf16; forward and forward + backward (loss sum(O *
 FlashAttention-2 counts them: forward 4*B*H*T^2*d / 2 (causal), forward + backward 3.5x that.
 Times are medians of ITERS runs after 2 warm-ups, each synchronised (wall clock around
 synchronised calls, as `zoo bench-attention` times itself). zoo runs twice: with the default
-mma.sync forward and with ZOO_FLASH_MMA=0 (the WMMA forward, `fused_wmma_forward`).
+WMMA forward and with ZOO_FLASH_MMA=1 (the mma.sync forward, `fused_mma_forward`).
 
     python3 scripts/attention-bench.py --zoo .devbin/zoo --out results/bench/attention-h200.json
 """
@@ -57,18 +57,18 @@ def main():
             raise SystemExit(f"zoo bench-attention failed: {z.stderr}")
         return json.loads(z.stdout)
     zoo = zoo_run({})
-    # The WMMA forward (fwd_tc) beside the default mma.sync one, in the same command.
-    wmma = zoo_run({"ZOO_FLASH_MMA": "0"})
+    # The mma.sync forward (fwd_mma) beside the default WMMA one, in the same command.
+    mma = zoo_run({"ZOO_FLASH_MMA": "1"})
     rows = []
-    for (b, h, t, d), zr, zw in zip(SHAPES, zoo["shapes"], wmma["shapes"]):
+    for (b, h, t, d), zr, zm in zip(SHAPES, zoo["shapes"], mma["shapes"]):
         fwd, both = sdpa_times(b, h, t, d, a.iters)
         flops = zr["fwd_flops"]
         row = dict(zr)
-        if "fused" in zw:
-            row["fused_wmma_forward"] = zw["fused"]
+        if "fused" in zm:
+            row["fused_mma_forward"] = zm["fused"]
         row["sdpa"] = {"fwd_seconds": fwd, "fwd_bwd_seconds": both,
                        "fwd_tflops": flops / fwd / 1e12, "fwd_bwd_tflops": 3.5 * flops / both / 1e12}
-        for impl in ("fused", "fused_wmma_forward", "composition"):
+        for impl in ("fused", "fused_mma_forward", "composition"):
             if row.get(impl, {}).get("fwd_seconds"):
                 row[f"{impl}/sdpa"] = {"fwd": fwd / row[impl]["fwd_seconds"],
                                        "fwd_bwd": both / row[impl]["fwd_bwd_seconds"]}
