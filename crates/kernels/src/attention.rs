@@ -328,10 +328,10 @@ mod cuda {
         std::env::var("ZOO_FLASH_TC").map_or(true, |v| v != "0")
     }
 
-    /// The forward on `mma.sync` with S, P and O in registers (`fwd_mma`, head dims 32-128)
-    /// instead of WMMA through shared memory (`fwd_tc`) when ZOO_FLASH_MMA=1: opt-in until its
-    /// test has passed on the GPU.
-    fn mma_forward(d: usize) -> bool {
+    /// The kernels on `mma.sync` with their tiles in registers (`fwd_mma`, `bwd_dq_mma`,
+    /// `bwd_dkv_mma`; head dims 32-128) instead of WMMA through shared memory (`*_tc`) when
+    /// ZOO_FLASH_MMA=1: opt-in until their tests have passed on the GPU.
+    fn mma_kernels(d: usize) -> bool {
         matches!(d, 32 | 64 | 96 | 128) && std::env::var("ZOO_FLASH_MMA").is_ok_and(|v| v == "1")
     }
 
@@ -387,7 +387,7 @@ mod cuda {
         // 16-row CUDA-core kernel); ZOO_FLASH_TC=0 turns them off (for comparisons).
         let (qp, kp, vp) = (storage_addr(q.0, q.1)?, storage_addr(k.0, k.1)?, storage_addr(v.0, v.1)?);
         let tc = dt != DType::F32 && n.tq > ROWS && tensor_cores() && [qp, kp, vp].iter().all(|p| p % 16 == 0);
-        let mma = tc && mma_forward(n.d);
+        let mma = tc && mma_kernels(n.d);
         let kind = if mma { "mma_" } else if tc { "tc_" } else { "" };
         let name = format!("zoo_flash_fwd_{kind}{}_{}", suffix(dt)?, n.d);
         let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
@@ -454,15 +454,22 @@ mod cuda {
         let s = suffix(dt)?;
         // Tensor cores for 16-bit inputs with d <= 128 (shared memory of larger tiles does not fit).
         let tc = dt != DType::F32 && n.d <= 128 && tensor_cores() && [qp, kp, vp, gp].iter().all(|p| p % 16 == 0);
-        let t = if tc { "tc_" } else { "" };
+        let mma = tc && mma_kernels(n.d);
+        let t = if mma { "mma_" } else if tc { "tc_" } else { "" };
         let fq = dev.get_or_load_custom_func(&format!("zoo_flash_dq_{t}{s}_{}", n.d), MODULE, PTX)?;
         let fkv = dev.get_or_load_custom_func(&format!("zoo_flash_dkv_{t}{s}_{}", n.d), MODULE, PTX)?;
         let (cq, ckv) = if tc {
-            // Shared memory of bwd_dq_tc / bwd_dkv_tc (attention.cu).
-            let dq_bytes =
-                (4 * TC_BR * n.d + TC_WARPS * 16 * TC_BC) * 2 + (TC_WARPS * 16 * TC_BC + TC_WARPS * 16 * n.d + 2 * TC_BR) * 4;
-            let dkv_bytes =
-                (4 * TC_BR * n.d + TC_WARPS * 16 * TC_BR) * 2 + (TC_WARPS * 16 * TC_BR + 2 * TC_WARPS * 16 * n.d + 2 * TC_BR) * 4;
+            let (dq_bytes, dkv_bytes) = if mma {
+                // bwd_dq_mma / bwd_dkv_mma: four 64-row tiles in 16-bit with padded rows, 128 floats.
+                let b = 4 * TC_BR * (n.d + 8) * 2 + 2 * TC_BR * 4;
+                (b, b)
+            } else {
+                // Shared memory of bwd_dq_tc / bwd_dkv_tc (attention.cu).
+                (
+                    (4 * TC_BR * n.d + TC_WARPS * 16 * TC_BC) * 2 + (TC_WARPS * 16 * TC_BC + TC_WARPS * 16 * n.d + 2 * TC_BR) * 4,
+                    (4 * TC_BR * n.d + TC_WARPS * 16 * TC_BR) * 2 + (TC_WARPS * 16 * TC_BR + 2 * TC_WARPS * 16 * n.d + 2 * TC_BR) * 4,
+                )
+            };
             let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
             fq.set_attribute(attr, dq_bytes as i32).w()?;
             fkv.set_attribute(attr, dkv_bytes as i32).w()?;

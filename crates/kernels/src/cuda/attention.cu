@@ -815,3 +815,281 @@ __device__ void fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const 
     }
 MMA_FWD(__nv_bfloat16, bf16, 32) MMA_FWD(__nv_bfloat16, bf16, 64) MMA_FWD(__nv_bfloat16, bf16, 96) MMA_FWD(__nv_bfloat16, bf16, 128)
 MMA_FWD(__half, f16, 32) MMA_FWD(__half, f16, 64) MMA_FWD(__half, f16, 96) MMA_FWD(__half, f16, 128)
+
+// ---- Backward on mma.sync: the dK/dV and dQ kernels of bwd_dkv_tc / bwd_dq_tc (same grids, same
+// f32 outputs) with S, P, dP and dS in registers. dK/dV: a warp owns 16 keys and walks each
+// 64-query tile in two halves of 32 (so that dK, dV, S^T and dP^T fit in registers at d = 128);
+// dQ: a warp owns 16 queries and walks key tiles of 64. A operands that are not accumulators
+// (K_w, V_w, Q_w, dO_w) are read from shared memory at each use.
+
+// The A fragment (16 x 16, row-major) at rows r..r+16, columns c..c+16 of a tile with stride LD.
+template <typename T, int LD>
+__device__ __forceinline__ void load_a(uint32_t* a, const T* base, int r, int c, int g, int t4) {
+    a[0] = ld32(base + (r + g) * LD + c + 2 * t4);
+    a[1] = ld32(base + (r + g + 8) * LD + c + 2 * t4);
+    a[2] = ld32(base + (r + g) * LD + c + 8 + 2 * t4);
+    a[3] = ld32(base + (r + g + 8) * LD + c + 8 + 2 * t4);
+}
+// The A fragment of a 16-wide k step from two accumulator tiles (16 x 8 each) held as f32.
+template <typename T>
+__device__ __forceinline__ void acc_to_a(uint32_t* a, const float* lo, const float* hi) {
+    a[0] = pack2<T>(lo[0], lo[1]);
+    a[1] = pack2<T>(lo[2], lo[3]);
+    a[2] = pack2<T>(hi[0], hi[1]);
+    a[3] = pack2<T>(hi[2], hi[3]);
+}
+// The B fragment (16 x 8) whose k runs down the rows r..r+16 of a row-major tile (stride LD) and
+// whose n is columns n0..n0+8: pairs of rows packed.
+template <typename T, int LD>
+__device__ __forceinline__ void load_b_rows(uint32_t* b, const T* base, int r, int n0, int g, int t4) {
+    const T* x = base + (r + 2 * t4) * LD + n0 + g;
+    b[0] = pack_raw<T>(x[0], x[LD]);
+    b[1] = pack_raw<T>(x[8 * LD], x[9 * LD]);
+}
+// The B fragment (16 x 8) whose k runs along the columns c..c+16 of rows n0..n0+8 (a transposed
+// operand: B[k][n] = tile[n0 + n][c + k]).
+template <typename T, int LD>
+__device__ __forceinline__ void load_b_cols(uint32_t* b, const T* base, int n0, int c, int g, int t4) {
+    const T* x = base + (n0 + g) * LD + c + 2 * t4;
+    b[0] = ld32(x);
+    b[1] = ld32(x + 8);
+}
+
+// dK, dV. grid (ceil(Tk / 64), B * Hkv), 128 threads; shared memory 4 * 64 * (D + 8) elements and
+// 128 floats.
+template <typename T, int D>
+__device__ void bwd_dkv_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                            const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dlt,
+                            float* __restrict__ dk, float* __restrict__ dv, Params p) {
+    constexpr int LD = D + MMA_PAD;
+    constexpr int QH = 32;       // queries per half tile
+    constexpr int NQ = QH / 8;   // 8-query tiles of S^T per half
+    constexpr int DT = D / 8;
+    extern __shared__ __align__(128) unsigned char tc_smem[];
+    T* ks = reinterpret_cast<T*>(tc_smem);  // 64 x LD (this block's keys)
+    T* vs = ks + TC_BC * LD;
+    T* qs = vs + TC_BC * LD;                // 64 x LD (a query tile)
+    T* dos = qs + TC_BR * LD;
+    float* ls = reinterpret_cast<float*>(dos + TC_BR * LD);  // 64
+    float* dl = ls + TC_BR;                                   // 64
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, nth = blockDim.x;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int bk = blockIdx.y, b = bk / p.Hkv, hk = bk % p.Hkv, group = p.H / p.Hkv;
+    const int c0 = blockIdx.x * TC_BC;
+    load_rows_ld<T, D, LD>(ks, k + (size_t)bk * p.Tk * D, c0, TC_BC, p.Tk, tid, nth);
+    load_rows_ld<T, D, LD>(vs, v + (size_t)bk * p.Tk * D, c0, TC_BC, p.Tk, tid, nth);
+    float dka[DT][4], dva[DT][4];
+#pragma unroll
+    for (int jd = 0; jd < DT; jd++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dka[jd][e] = dva[jd][e] = 0.f;
+    const float sc = p.scale * LOG2E;
+    const int c_last = min(c0 + TC_BC, p.Tk) - 1;
+    int i_lo = 0, i_hi = p.Tq;
+    if (c0 >= p.n_sink) {
+        const int kp_lo = p.k_start + c0 - p.n_sink, kp_hi = p.k_start + c_last - p.n_sink;
+        i_lo = max(kp_lo - p.q_start, 0);
+        if (p.window != 0) i_hi = min(p.Tq, kp_hi + p.window - p.q_start);
+        i_hi = max(i_hi, i_lo);
+    }
+    const int kr = warp * 16;                  // the warp's first key row in the tile
+    const int ck0 = c0 + kr + g, ck1 = ck0 + 8;  // the lane's two key columns
+    for (int gh = 0; gh < group; gh++) {
+        const int bh = b * p.H + hk * group + gh;
+        for (int i0 = i_lo; i0 < i_hi; i0 += TC_BR) {
+            __syncthreads();
+            load_rows_ld<T, D, LD>(qs, q + (size_t)bh * p.Tq * D, i0, TC_BR, p.Tq, tid, nth);
+            load_rows_ld<T, D, LD>(dos, dout + (size_t)bh * p.Tq * D, i0, TC_BR, p.Tq, tid, nth);
+            for (int e = tid; e < TC_BR; e += nth) {
+                const bool in = i0 + e < p.Tq;
+                ls[e] = in ? lse[(size_t)bh * p.Tq + i0 + e] : -INFINITY;
+                dl[e] = in ? dlt[(size_t)bh * p.Tq + i0 + e] : 0.f;
+            }
+            __syncthreads();
+#pragma unroll 1
+            for (int hq = 0; hq < TC_BR / QH; hq++) {
+                const int qc = hq * QH;  // the half's first query row in the tile
+                float s[NQ][4], dp[NQ][4];
+#pragma unroll
+                for (int j = 0; j < NQ; j++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
+                }
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk++) {
+                    uint32_t ka[4], va[4];
+                    load_a<T, LD>(ka, ks, kr, kk * 16, g, t4);
+                    load_a<T, LD>(va, vs, kr, kk * 16, g, t4);
+#pragma unroll
+                    for (int j = 0; j < NQ; j++) {
+                        uint32_t bq[2], bo[2];
+                        load_b_cols<T, LD>(bq, qs, qc + j * 8, kk * 16, g, t4);
+                        load_b_cols<T, LD>(bo, dos, qc + j * 8, kk * 16, g, t4);
+                        mma16816<T>(s[j], ka, bq);   // S^T = K_w Q^T
+                        mma16816<T>(dp[j], va, bo);  // dP^T = V_w dO^T
+                    }
+                }
+                // P^T and dS^T = P^T (dP^T - D_i), in place.
+#pragma unroll
+                for (int j = 0; j < NQ; j++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int jq = qc + j * 8 + 2 * t4 + (e & 1), i = i0 + jq, c = e < 2 ? ck0 : ck1;
+                        const float L = ls[jq];
+                        const bool ok = c < p.Tk && i < p.Tq && L != -INFINITY && visible(p, p.q_start + i, c);
+                        const float pv = ok ? exp2f(s[j][e] * sc - L) : 0.f;
+                        s[j][e] = pv;
+                        dp[j][e] = pv * (dp[j][e] - dl[jq]);
+                    }
+                }
+                // dV_w += P^T dO, dK_w += dS^T Q (k = the half's 32 queries).
+#pragma unroll
+                for (int kk2 = 0; kk2 < QH / 16; kk2++) {
+                    uint32_t pa[4], da[4];
+                    acc_to_a<T>(pa, s[2 * kk2], s[2 * kk2 + 1]);
+                    acc_to_a<T>(da, dp[2 * kk2], dp[2 * kk2 + 1]);
+#pragma unroll
+                    for (int jd = 0; jd < DT; jd++) {
+                        uint32_t bo[2], bq[2];
+                        load_b_rows<T, LD>(bo, dos, qc + kk2 * 16, jd * 8, g, t4);
+                        load_b_rows<T, LD>(bq, qs, qc + kk2 * 16, jd * 8, g, t4);
+                        mma16816<T>(dva[jd], pa, bo);
+                        mma16816<T>(dka[jd], da, bq);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int jd = 0; jd < DT; jd++) {
+        const int col = jd * 8 + 2 * t4;
+        if (ck0 < p.Tk) {
+            const size_t row = (size_t)bk * p.Tk + ck0;
+            *reinterpret_cast<float2*>(dk + row * D + col) = make_float2(dka[jd][0] * p.scale, dka[jd][1] * p.scale);
+            *reinterpret_cast<float2*>(dv + row * D + col) = make_float2(dva[jd][0], dva[jd][1]);
+        }
+        if (ck1 < p.Tk) {
+            const size_t row = (size_t)bk * p.Tk + ck1;
+            *reinterpret_cast<float2*>(dk + row * D + col) = make_float2(dka[jd][2] * p.scale, dka[jd][3] * p.scale);
+            *reinterpret_cast<float2*>(dv + row * D + col) = make_float2(dva[jd][2], dva[jd][3]);
+        }
+    }
+}
+
+// dQ. grid (ceil(Tq / 64), B * H), 128 threads; shared memory 4 * 64 * (D + 8) elements and 128
+// floats.
+template <typename T, int D>
+__device__ void bwd_dq_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                           const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dlt,
+                           float* __restrict__ dq, Params p) {
+    constexpr int LD = D + MMA_PAD;
+    constexpr int NT = TC_BC / 8;
+    constexpr int DT = D / 8;
+    extern __shared__ __align__(128) unsigned char tc_smem[];
+    T* qs = reinterpret_cast<T*>(tc_smem);  // 64 x LD
+    T* dos = qs + TC_BR * LD;
+    T* ks = dos + TC_BR * LD;               // 64 x LD (a key tile)
+    T* vs = ks + TC_BC * LD;
+    float* lq = reinterpret_cast<float*>(vs + TC_BC * LD);  // 64: lse of the block's rows
+    float* dlq = lq + TC_BR;                                 // 64: D_i
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, nth = blockDim.x;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hkv);
+    const int i0 = blockIdx.x * TC_BR;
+    load_rows_ld<T, D, LD>(qs, q + (size_t)bh * p.Tq * D, i0, TC_BR, p.Tq, tid, nth);
+    load_rows_ld<T, D, LD>(dos, dout + (size_t)bh * p.Tq * D, i0, TC_BR, p.Tq, tid, nth);
+    for (int e = tid; e < TC_BR; e += nth) {
+        const bool in = i0 + e < p.Tq;
+        lq[e] = in ? lse[(size_t)bh * p.Tq + i0 + e] : -INFINITY;
+        dlq[e] = in ? dlt[(size_t)bh * p.Tq + i0 + e] : 0.f;
+    }
+    const T* kb = k + (size_t)(b * p.Hkv + hk) * p.Tk * D;
+    const T* vb = v + (size_t)(b * p.Hkv + hk) * p.Tk * D;
+    float dqa[DT][4];
+#pragma unroll
+    for (int jd = 0; jd < DT; jd++) dqa[jd][0] = dqa[jd][1] = dqa[jd][2] = dqa[jd][3] = 0.f;
+    const int qr = warp * 16;  // the warp's first query row in the tile
+    const int r0 = i0 + qr + g, r1 = r0 + 8;
+    const float sc = p.scale * LOG2E;
+    const int qlo = p.q_start + i0, qhi = min(qlo + TC_BR, p.q_start + p.Tq) - 1;
+    int c_lo, c_hi;
+    key_range(p, qlo, qhi, c_lo, c_hi);
+    __syncthreads();
+    const float L0 = lq[qr + g], L1 = lq[qr + g + 8], D0 = dlq[qr + g], D1 = dlq[qr + g + 8];
+    for (int part = 0; part < 2; part++) {
+        const int from = part == 0 ? 0 : c_lo, to = part == 0 ? p.n_sink : c_hi;
+        for (int c0 = from; c0 < to; c0 += TC_BC) {
+            __syncthreads();
+            load_rows_ld<T, D, LD>(ks, kb, c0, TC_BC, to, tid, nth);
+            load_rows_ld<T, D, LD>(vs, vb, c0, TC_BC, to, tid, nth);
+            __syncthreads();
+            float s[NT][4], dp[NT][4];
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
+            }
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                uint32_t qa[4], oa[4];
+                load_a<T, LD>(qa, qs, qr, kk * 16, g, t4);
+                load_a<T, LD>(oa, dos, qr, kk * 16, g, t4);
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    uint32_t bk2[2], bv[2];
+                    load_b_cols<T, LD>(bk2, ks, j * 8, kk * 16, g, t4);
+                    load_b_cols<T, LD>(bv, vs, j * 8, kk * 16, g, t4);
+                    mma16816<T>(s[j], qa, bk2);  // S = Q_w K^T
+                    mma16816<T>(dp[j], oa, bv);  // dP = dO_w V^T
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int cc = c0 + j * 8 + 2 * t4 + (e & 1);
+                    const bool row1 = e >= 2;
+                    const int i = row1 ? r1 : r0;
+                    const float L = row1 ? L1 : L0, Di = row1 ? D1 : D0;
+                    const bool ok = i < p.Tq && cc < to && L != -INFINITY && visible(p, p.q_start + i, cc);
+                    const float pv = ok ? exp2f(s[j][e] * sc - L) : 0.f;
+                    dp[j][e] = pv * (dp[j][e] - Di);
+                }
+            }
+            // dQ_w += dS K (k = the tile's 64 keys).
+#pragma unroll
+            for (int kk2 = 0; kk2 < TC_BC / 16; kk2++) {
+                uint32_t da[4];
+                acc_to_a<T>(da, dp[2 * kk2], dp[2 * kk2 + 1]);
+#pragma unroll
+                for (int jd = 0; jd < DT; jd++) {
+                    uint32_t bk2[2];
+                    load_b_rows<T, LD>(bk2, ks, kk2 * 16, jd * 8, g, t4);
+                    mma16816<T>(dqa[jd], da, bk2);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int jd = 0; jd < DT; jd++) {
+        const int col = jd * 8 + 2 * t4;
+        if (r0 < p.Tq)
+            *reinterpret_cast<float2*>(dq + ((size_t)bh * p.Tq + r0) * D + col) = make_float2(dqa[jd][0] * p.scale, dqa[jd][1] * p.scale);
+        if (r1 < p.Tq)
+            *reinterpret_cast<float2*>(dq + ((size_t)bh * p.Tq + r1) * D + col) = make_float2(dqa[jd][2] * p.scale, dqa[jd][3] * p.scale);
+    }
+}
+
+#define MMA_BWD(T, NAME, D)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * TC_WARPS) zoo_flash_dkv_mma_##NAME##_##D(              \
+        const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dlt, float* dk,    \
+        float* dv, Params p) {                                                                                \
+        bwd_dkv_mma<T, D>(q, k, v, dout, lse, dlt, dk, dv, p);                                                \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * TC_WARPS) zoo_flash_dq_mma_##NAME##_##D(               \
+        const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dlt, float* dq,    \
+        Params p) {                                                                                           \
+        bwd_dq_mma<T, D>(q, k, v, dout, lse, dlt, dq, p);                                                     \
+    }
+MMA_BWD(__nv_bfloat16, bf16, 32) MMA_BWD(__nv_bfloat16, bf16, 64) MMA_BWD(__nv_bfloat16, bf16, 96) MMA_BWD(__nv_bfloat16, bf16, 128)
+MMA_BWD(__half, f16, 32) MMA_BWD(__half, f16, 64) MMA_BWD(__half, f16, 96) MMA_BWD(__half, f16, 128)
