@@ -102,6 +102,10 @@ enum Cmd {
         /// Share of the cache the press evicts, in [0, 1).
         #[arg(long, default_value_t = 0.0)]
         ratio: f64,
+        /// With --press, instead of --ratio: the tokens every attention layer keeps after each
+        /// chunk (a fixed budget).
+        #[arg(long)]
+        keep_tokens: Option<usize>,
         #[arg(long, default_value_t = 128)]
         chunk: usize,
         /// With --press: how the kept entries are spread over layers, inline TOML:
@@ -152,6 +156,10 @@ enum Cmd {
         press: Option<String>,
         #[arg(long, default_value_t = 0.0)]
         ratio: f64,
+        /// With --press, instead of --ratio: the tokens every attention layer keeps after each
+        /// compression (a target size).
+        #[arg(long = "keep-tokens")]
+        gen_keep_tokens: Option<usize>,
         #[arg(long)]
         compress_every: Option<usize>,
         /// With --press: how the kept entries are spread over layers and heads, as `eval --budget`.
@@ -479,8 +487,8 @@ fn real_main() -> Result<i32> {
             return zoo_harness::dist::launch(*gpus, &global, args);
         }
         Cmd::Report { dir } => println!("{}", report::report(dir)?),
-        Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized, press, ratio, chunk, budget, kivi, duo } => {
-            let kv = kv_settings(model.as_ref(), press.as_ref(), *ratio, budget.as_ref(), None, kivi.as_ref(), duo.as_ref())?;
+        Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized, press, ratio, keep_tokens, chunk, budget, kivi, duo } => {
+            let kv = kv_settings(model.as_ref(), press.as_ref(), *ratio, *keep_tokens, budget.as_ref(), None, kivi.as_ref(), duo.as_ref())?;
             // What every reading of a text through a pretrained model's cache needs.
             let reading = |flag: &str| -> Result<&PathBuf> {
                 let m = model.as_ref().with_context(|| format!("--{flag}: needs --model (a pretrained model)"))?;
@@ -514,7 +522,7 @@ fn real_main() -> Result<i32> {
                 let m = reading("press")?;
                 zoo_kv_compress::check_ratio(kv.ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
                 let budget = kv.budget.clone().unwrap_or_default();
-                let out = zoo_harness::pretrained::evaluate_model_press(m, text, cfg, kv.ratio, &budget, *chunk, &env()?)?;
+                let out = zoo_harness::pretrained::evaluate_model_press(m, text, cfg, kv.keep(), &budget, *chunk, &env()?)?;
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 return Ok(0);
             }
@@ -551,12 +559,22 @@ fn real_main() -> Result<i32> {
             warmup,
             press,
             ratio,
+            gen_keep_tokens,
             compress_every,
             gen_budget,
             gen_duo,
             kivi,
         } => {
-            let kv = kv_settings(Some(model), press.as_ref(), *ratio, gen_budget.as_ref(), *compress_every, kivi.as_ref(), gen_duo.as_ref())?;
+            let kv = kv_settings(
+                Some(model),
+                press.as_ref(),
+                *ratio,
+                *gen_keep_tokens,
+                gen_budget.as_ref(),
+                *compress_every,
+                kivi.as_ref(),
+                gen_duo.as_ref(),
+            )?;
             let (press_cfg, ratio, compress_every) = (kv.press.clone(), &kv.ratio, &kv.every);
             if press_cfg.is_none() && (*ratio != 0.0 || (compress_every.is_some() && kv.duo.is_none())) {
                 bail!("--ratio / --compress-every: need --press (or --duo, for --compress-every)");
@@ -616,7 +634,7 @@ fn real_main() -> Result<i32> {
             }
             let budget = kv.budget.clone().unwrap_or_default();
             let budget_json = serde_json::to_value(&budget)?;
-            let gp = built.as_ref().map(|b| zoo_harness::pretrained::GenPress { press: b.as_ref(), ratio: *ratio, every: *compress_every, budget: budget.clone() });
+            let gp = built.as_ref().map(|b| zoo_harness::pretrained::GenPress { press: b.as_ref(), keep: kv.keep(), every: *compress_every, budget: budget.clone() });
             for _ in 0..*warmup {
                 let w = zoo_harness::pretrained::GenOpts { max_tokens: 2, ..o.clone() };
                 zoo_harness::pretrained::generate(&p.model, ids.get_ids(), None, &w, &env.device, gp.as_ref(), |_| Ok(()))?;
@@ -655,6 +673,7 @@ fn real_main() -> Result<i32> {
                     "budget": budget_json,
                     "duo": kv.duo.as_ref().map(serde_json::to_value).transpose()?,
                     "ratio": ratio,
+                    "keep_tokens": kv.keep_tokens,
                     "compress_every": compress_every,
                     "compressions": stats.compressions,
                     "kv_bytes": stats.kv_bytes,
@@ -815,6 +834,7 @@ fn real_main() -> Result<i32> {
 struct KvSettings {
     press: Option<zoo_kv_compress::PressConfig>,
     ratio: f64,
+    keep_tokens: Option<usize>,
     budget: Option<zoo_kv_compress::Budget>,
     every: Option<usize>,
     kivi: Option<zoo_kv_compress::kivi::KiviConfig>,
@@ -826,6 +846,7 @@ fn kv_settings(
     model: Option<&PathBuf>,
     press: Option<&String>,
     ratio: f64,
+    keep_tokens: Option<usize>,
     budget: Option<&String>,
     every: Option<usize>,
     kivi: Option<&String>,
@@ -839,14 +860,35 @@ fn kv_settings(
             (c, f) => Ok(c.or(f)),
         }
     }
-    Ok(KvSettings {
+    let kv = KvSettings {
         press: one("press", press.map(|p| parse_press(p)).transpose()?, file.press, &name)?,
         ratio: one("ratio", (ratio != 0.0).then_some(ratio), file.ratio, &name)?.unwrap_or(0.0),
+        keep_tokens: one("keep-tokens", keep_tokens, file.keep_tokens, &name)?,
         budget: one("budget", budget.map(|b| parse_budget(Some(b))).transpose()?, file.budget, &name)?,
         every: one("compress-every", every, file.compress_every, &name)?,
         kivi: one("kivi", kivi.map(|k| parse_inline("kivi", k)).transpose()?, file.kivi, &name)?,
         duo: one("duo", duo.map(|d| parse_inline("duo", d)).transpose()?, file.duo, &name)?,
-    })
+    };
+    if let Some(n) = kv.keep_tokens {
+        if kv.ratio != 0.0 {
+            bail!("--keep-tokens: give --ratio or --keep-tokens, not both");
+        }
+        if kv.press.is_none() {
+            bail!("--keep-tokens: needs --press");
+        }
+        zoo_kv_compress::Keep::Tokens(n).check().map_err(|e| anyhow::anyhow!("--{}", e.replace('_', "-")))?;
+    }
+    Ok(kv)
+}
+
+impl KvSettings {
+    /// What the press keeps: --keep-tokens, else --ratio.
+    fn keep(&self) -> zoo_kv_compress::Keep {
+        match self.keep_tokens {
+            Some(n) => zoo_kv_compress::Keep::Tokens(n),
+            None => zoo_kv_compress::Keep::Ratio(self.ratio),
+        }
+    }
 }
 
 fn parse_press(text: &str) -> anyhow::Result<zoo_kv_compress::PressConfig> {

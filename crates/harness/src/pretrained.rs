@@ -379,8 +379,8 @@ pub struct VariantConfig {
 
 /// A model file's `[kv]` section: what `zoo eval` and `zoo generate` do to the KV cache when the
 /// file is their `--model`, with the meaning of their flags of the same names (`--press`,
-/// `--ratio`, `--budget`, `--compress-every`, `--kivi`, `--duo`); a setting may be given in the
-/// file or on the command line, not both.
+/// `--ratio` or `--keep-tokens`, `--budget`, `--compress-every`, `--kivi`, `--duo`); a setting may
+/// be given in the file or on the command line, not both.
 ///
 /// ```toml
 /// [model]
@@ -397,6 +397,9 @@ pub struct KvSection {
     pub press: Option<zoo_kv_compress::PressConfig>,
     #[serde(default)]
     pub ratio: Option<f64>,
+    /// Instead of a ratio: the tokens every attention layer keeps (a target size).
+    #[serde(default)]
+    pub keep_tokens: Option<usize>,
     #[serde(default)]
     pub budget: Option<zoo_kv_compress::Budget>,
     #[serde(default)]
@@ -416,6 +419,12 @@ impl KvSection {
         if let Some(r) = self.ratio {
             zoo_kv_compress::check_ratio(r)?;
         }
+        if let Some(n) = self.keep_tokens {
+            if self.ratio.is_some() {
+                return Err("keep_tokens: give a ratio or keep_tokens, not both".into());
+            }
+            zoo_kv_compress::Keep::Tokens(n).check()?;
+        }
         if let Some(b) = &self.budget {
             b.check()?;
         }
@@ -429,8 +438,15 @@ impl KvSection {
         if given.iter().filter(|g| **g).count() > 1 {
             return Err("press / kivi / duo: give one of them".into());
         }
-        if self.press.is_none() && (self.ratio.is_some() || self.budget.is_some()) {
-            return Err(format!("{}: needs press", if self.ratio.is_some() { "ratio" } else { "budget" }));
+        if self.press.is_none() && (self.ratio.is_some() || self.keep_tokens.is_some() || self.budget.is_some()) {
+            let what = if self.ratio.is_some() {
+                "ratio"
+            } else if self.keep_tokens.is_some() {
+                "keep_tokens"
+            } else {
+                "budget"
+            };
+            return Err(format!("{what}: needs press"));
         }
         Ok(())
     }
@@ -634,24 +650,30 @@ pub fn text_ids(p: &Pretrained, model: &Path, text: &Path) -> Result<Vec<u32>> {
 }
 
 /// Perplexity of `text` read through the model's cache in chunks, a KV press keeping every
-/// attention layer at `(1 − ratio)` of the tokens read after each chunk
-/// ([`zoo_kv_compress::streaming_nll`]): the compressed cache scores every later token. The text
-/// must fit in the model's context.
+/// attention layer at `(1 − ratio)` of the tokens read (or at a fixed number of tokens) after each
+/// chunk ([`zoo_kv_compress::streaming_nll`]): the compressed cache scores every later token. The
+/// text must fit in the model's context. The JSON has `ratio` (null for a token budget) and, for
+/// a token budget, `keep_tokens`.
 pub fn evaluate_model_press(
     model: &Path,
     text: &Path,
     press: &zoo_kv_compress::PressConfig,
-    ratio: f64,
+    keep: impl Into<zoo_kv_compress::Keep>,
     budget: &zoo_kv_compress::Budget,
     chunk: usize,
     env: &Env,
 ) -> Result<serde_json::Value> {
-    zoo_kv_compress::check_ratio(ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
+    let keep = keep.into();
+    keep.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
+    let (ratio, keep_tokens) = match keep {
+        zoo_kv_compress::Keep::Ratio(r) => (Some(r), None),
+        zoo_kv_compress::Keep::Tokens(n) => (None, Some(n)),
+    };
     let p = load_with(model, env, LoadOpts::default())?;
     let ids = text_ids_in_context(&p, model, text)?;
     let t1 = std::time::Instant::now();
     let built = press.build()?;
-    let (sum, n, held) = zoo_kv_compress::streaming_nll(&p.model, &ids, chunk, Some(built.as_ref()), ratio, budget)?;
+    let (sum, n, held) = zoo_kv_compress::streaming_nll(&p.model, &ids, chunk, Some(built.as_ref()), keep, budget)?;
     env.sync()?;
     let secs = t1.elapsed().as_secs_f64();
     Ok(serde_json::json!({
@@ -662,6 +684,7 @@ pub fn evaluate_model_press(
         "scored": n,
         "press": serde_json::to_value(press)?,
         "ratio": ratio,
+        "keep_tokens": keep_tokens,
         "budget": serde_json::to_value(budget)?,
         "chunk": chunk,
         "mean_entries_held": if held.is_finite() { serde_json::json!(held) } else { serde_json::Value::Null },
@@ -1006,11 +1029,12 @@ pub struct GenStats {
 }
 
 /// KV compression while generating: after the prefill, and every `every` decoded tokens if set,
-/// each attention layer keeps `keep_count(seen, ratio)` entries and its buffers shrink to those
-/// plus the tokens until the next compression (so the evicted memory is freed).
+/// each attention layer keeps `keep.of(seen)` entries (a share of the tokens seen, or a fixed
+/// number: a target size) and its buffers shrink to those plus the tokens until the next
+/// compression (so the evicted memory is freed).
 pub struct GenPress<'a> {
     pub press: &'a dyn zoo_kv_compress::Press,
-    pub ratio: f64,
+    pub keep: zoo_kv_compress::Keep,
     pub every: Option<usize>,
     /// How the kept entries are spread over layers (and, ragged, over KV heads).
     pub budget: zoo_kv_compress::Budget,
@@ -1018,7 +1042,7 @@ pub struct GenPress<'a> {
 
 impl GenPress<'_> {
     fn apply(&self, cache: &mut [LayerState], room: usize) -> Result<()> {
-        zoo_kv_compress::compress_seen(cache, self.press, self.ratio, &self.budget)?;
+        zoo_kv_compress::compress_seen(cache, self.press, self.keep, &self.budget)?;
         shrink_caches(cache, room)
     }
 }
@@ -1088,11 +1112,11 @@ pub fn generate(
     let mut rng = zoo_core::rng::Rng::new(o.seed);
     let mut cache = model.new_cache_with_capacity(prompt_ids.len() + o.max_tokens);
     if let Some(pk) = &o.packer {
-        anyhow::ensure!(press.is_none_or(|p| p.ratio == 0.0), "a packed (quantised) cache cannot also be compressed by a press");
+        anyhow::ensure!(press.is_none_or(|p| !p.keep.evicts()), "a packed (quantised) cache cannot also be compressed by a press");
         zoo_kv_compress::pack_model(&mut cache, pk.clone())?;
     }
     if let Some(p) = press {
-        zoo_kv_compress::check_ratio(p.ratio).map_err(|e| anyhow::anyhow!("--{e}"))?;
+        p.keep.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
         anyhow::ensure!(p.every != Some(0), "--compress-every: must be at least 1");
         zoo_kv_compress::observe_model(&mut cache, p.press);
     }
@@ -1120,7 +1144,7 @@ pub fn generate(
         duo_apply(&mut cache, 0)?;
         compressions += 1;
     }
-    if let Some(p) = press.filter(|p| p.ratio > 0.0) {
+    if let Some(p) = press.filter(|p| p.keep.evicts()) {
         p.apply(&mut cache, room(0))?;
         compressions += 1;
     }
@@ -1136,7 +1160,7 @@ pub fn generate(
         }
         let x = Tensor::from_vec(vec![next], (1, 1), device)?;
         row = last_row(&model.forward(&x, Some(&mut cache), None)?.logits)?;
-        if let Some(p) = press.filter(|p| p.ratio > 0.0) {
+        if let Some(p) = press.filter(|p| p.keep.evicts()) {
             if p.every.is_some_and(|e| generated.len() % e == 0) {
                 p.apply(&mut cache, room(generated.len()))?;
                 compressions += 1;

@@ -713,11 +713,15 @@ fn generate_report(gens: &[Value]) -> String {
             return format!("KIVI-{} K/{} V/{} G{} R{}", f("bits"), f("key_axis"), f("value_axis"), f("group"), f("residual"));
         }
         match v["press"].as_object() {
-            Some(o) if v["ratio"].as_f64().unwrap_or(0.0) > 0.0 => {
+            Some(o) if v["ratio"].as_f64().unwrap_or(0.0) > 0.0 || v["keep_tokens"].as_u64().is_some() => {
                 let t = o.get("type").and_then(|t| t.as_str()).unwrap_or("?");
+                let amount = match v["keep_tokens"].as_u64() {
+                    Some(n) => format!("keeping {n} tokens"),
+                    None => format!("@ {}", v["ratio"]),
+                };
                 match v["budget"]["type"].as_str() {
-                    Some(b) if b != "uniform" => format!("{t} @ {}, {}", v["ratio"], press_name(&v["budget"])),
-                    _ => format!("{t} @ {}", v["ratio"]),
+                    Some(b) if b != "uniform" => format!("{t} {amount}, {}", press_name(&v["budget"])),
+                    _ => format!("{t} {amount}"),
                 }
             }
             _ => "full cache".to_string(),

@@ -287,6 +287,9 @@ fn kv_settings_come_from_one_place() {
         (vec!["eval", "--model", "m.toml", "--text", "t.txt", "--ratio", "0.25"], "--ratio: also set in m.toml"),
         (vec!["generate", "--model", "m.toml", "--prompt", "x", "--press", "type = \"tova\""], "--press: also set in m.toml"),
         (vec!["kv", "needle", "--model", "m.toml", "--out", "n.json"], "[kv] section is for zoo eval and zoo generate"),
+        (vec!["eval", "--model", "m.toml", "--text", "t.txt", "--keep-tokens", "64"], "--keep-tokens: give --ratio or --keep-tokens"),
+        (vec!["generate", "--model", "x.gguf", "--prompt", "x", "--keep-tokens", "64"], "--keep-tokens: needs --press"),
+        (vec!["generate", "--model", "x.gguf", "--prompt", "x", "--press", "type = \"knorm\"", "--keep-tokens", "0"], "--keep-tokens: must be at least 1"),
     ] {
         let o = zoo(&args, &dir);
         let err = String::from_utf8_lossy(&o.stderr);

@@ -154,6 +154,8 @@ fn model_files_carry_kv_settings() -> anyhow::Result<()> {
         ("alone.toml", "[kv]\nratio = 0.5\n", "kv.ratio: needs press"),
         ("every.toml", "[kv]\npress = { type = \"knorm\" }\ncompress_every = 0\n", "kv.compress_every"),
         ("two.toml", "[kv]\npress = { type = \"knorm\" }\nkivi = { bits = 2 }\n", "kv.press / kivi / duo"),
+        ("both.toml", "[kv]\npress = { type = \"knorm\" }\nratio = 0.5\nkeep_tokens = 64\n", "kv.keep_tokens: give a ratio"),
+        ("zero.toml", "[kv]\npress = { type = \"knorm\" }\nkeep_tokens = 0\n", "kv.keep_tokens: must be at least 1"),
     ] {
         let e = format!("{:#}", kv_section(&write(name, kv)?).expect_err(name));
         assert!(e.contains(name) && e.contains(field), "{name}: {e}");
@@ -494,10 +496,10 @@ fn generation_with_a_press_frees_the_evicted_bytes() -> anyhow::Result<()> {
     assert_eq!(plain.kv_bytes, plain.kv_full_bytes);
     for cfg in [PressConfig::Knorm, PressConfig::SnapKv { window: 4, kernel: 3 }, PressConfig::H2o { recent: 0.5 }] {
         let press = cfg.build()?;
-        let none = GenPress { press: press.as_ref(), ratio: 0.0, every: Some(4), budget: Default::default() };
+        let none = GenPress { press: press.as_ref(), keep: 0.0.into(), every: Some(4), budget: Default::default() };
         let same = generate(&p.model, &prompt, None, &o, &env.device, Some(&none), |_| Ok(()))?;
         assert_eq!(same.generated, plain.generated, "{cfg:?}");
-        let half = GenPress { press: press.as_ref(), ratio: 0.5, every: Some(4), budget: Default::default() };
+        let half = GenPress { press: press.as_ref(), keep: 0.5.into(), every: Some(4), budget: Default::default() };
         let s = generate(&p.model, &prompt, None, &o, &env.device, Some(&half), |_| Ok(()))?;
         // After the prefill, and after decoded tokens 4 and 8.
         assert_eq!(s.compressions, 3, "{cfg:?}");
@@ -507,10 +509,16 @@ fn generation_with_a_press_frees_the_evicted_bytes() -> anyhow::Result<()> {
         assert_eq!(s.kv_bytes, zoo_kv_compress::keep_count(seen, 0.5) * per_token, "{cfg:?}");
         // Room left for one more token (max_tokens 9 - 8 done).
         assert_eq!(s.kv_allocated_bytes, s.kv_bytes + per_token, "{cfg:?}");
+        // A token budget: every compression cuts each layer back to 5 entries (a target size).
+        let five = GenPress { press: press.as_ref(), keep: zoo_kv_compress::Keep::Tokens(5), every: Some(4), budget: Default::default() };
+        let s = generate(&p.model, &prompt, None, &o, &env.device, Some(&five), |_| Ok(()))?;
+        assert_eq!(s.compressions, 3, "{cfg:?}");
+        assert_eq!(s.kv_bytes, 5 * per_token, "{cfg:?}");
+        assert_eq!(s.kv_allocated_bytes, 6 * per_token, "{cfg:?}");
     }
     // Ragged per-head budgets while generating: the heads together hold half the tokens seen.
     let knorm = PressConfig::Knorm.build()?;
-    let ragged = GenPress { press: knorm.as_ref(), ratio: 0.5, every: Some(4), budget: zoo_kv_compress::Budget::Ragged { min_share: 0.0 } };
+    let ragged = GenPress { press: knorm.as_ref(), keep: 0.5.into(), every: Some(4), budget: zoo_kv_compress::Budget::Ragged { min_share: 0.0 } };
     let s = generate(&p.model, &prompt, None, &o, &env.device, Some(&ragged), |_| Ok(()))?;
     let seen = prompt.len() + 8;
     assert_eq!(s.generated.len(), 9);

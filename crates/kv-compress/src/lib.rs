@@ -240,6 +240,51 @@ pub fn check_ratio(ratio: f64) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// How much a compression keeps: a share of the tokens seen ([`Keep::Ratio`], the share evicted)
+/// or a fixed number of tokens ([`Keep::Tokens`]: the cache is compressed to that size, e.g. every
+/// n decoded tokens to a target size). An `f64` converts to a ratio, so the ratio-taking calls
+/// take either.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Keep {
+    Ratio(f64),
+    Tokens(usize),
+}
+
+impl From<f64> for Keep {
+    fn from(r: f64) -> Self {
+        Keep::Ratio(r)
+    }
+}
+
+impl Keep {
+    /// Refuse a ratio outside [0, 1) and zero tokens; the error names the setting.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        match *self {
+            Keep::Ratio(r) => check_ratio(r),
+            Keep::Tokens(0) => Err("keep_tokens: must be at least 1".into()),
+            Keep::Tokens(_) => Ok(()),
+        }
+    }
+
+    /// Entries kept from `seen`: [`keep_count`] for a ratio; for tokens, that many (all of them
+    /// while fewer were seen).
+    pub fn of(&self, seen: usize) -> usize {
+        match *self {
+            Keep::Ratio(r) => keep_count(seen, r),
+            Keep::Tokens(n) => n.min(seen),
+        }
+    }
+
+    /// Whether it can evict anything (a ratio of 0 cannot).
+    pub fn evicts(&self) -> bool {
+        match *self {
+            Keep::Ratio(r) => r > 0.0,
+            Keep::Tokens(_) => true,
+        }
+    }
+}
+
 /// Entries kept from `len` at `ratio`: `len − ⌊len·ratio⌋`, at least one when `len > 0`.
 pub fn keep_count(len: usize, ratio: f64) -> usize {
     (len - (len as f64 * ratio).floor() as usize).max(len.min(1))
@@ -317,15 +362,17 @@ pub fn pack_model(states: &mut [LayerState], packer: std::sync::Arc<dyn zoo_core
 }
 
 /// Compress every attention layer's cache to keep (1 − ratio) of the tokens it has seen
-/// (`keep_count(seen, ratio)` on average, spread over the layers by `budget`), each scored as its
-/// layer; returns the entries each attention layer holds after, bottom first.
-pub fn compress_seen(states: &mut [LayerState], press: &dyn Press, ratio: f64, budget: &Budget) -> Result<Vec<usize>> {
-    if let Err(e) = check_ratio(ratio) {
+/// (`keep_count(seen, ratio)` on average, spread over the layers by `budget`), or a fixed number
+/// of tokens ([`Keep::Tokens`]), each scored as its layer; returns the entries each attention
+/// layer holds after, bottom first.
+pub fn compress_seen(states: &mut [LayerState], press: &dyn Press, ratio: impl Into<Keep>, budget: &Budget) -> Result<Vec<usize>> {
+    let keep = ratio.into();
+    if let Err(e) = keep.check() {
         bail!("{e}")
     }
     let seen: Vec<usize> = states.iter().filter_map(|s| if let LayerState::Kv(c) = s { Some(c.seen()) } else { None }).collect();
     let Some(&first) = seen.first() else { return Ok(vec![]) };
-    let mut keeps = budget.layer_keeps(keep_count(first, ratio), seen.len()).into_iter();
+    let mut keeps = budget.layer_keeps(keep.of(first), seen.len()).into_iter();
     let mut held = Vec::with_capacity(seen.len());
     for (l, s) in states.iter_mut().enumerate() {
         if let LayerState::Kv(c) = s {
@@ -436,7 +483,7 @@ pub fn compress_model(states: &mut [LayerState], press: &dyn Press, ratio: f64) 
 /// each chunk (`seen`: tokens read so far; spread over layers by `budget`), so every later token is scored from the compressed
 /// cache. Returns (NLL sum, tokens scored, mean entries held per layer after each compression).
 /// With ratio 0 (or no press) this is the model's plain full-context NLL, chunk by chunk.
-pub fn streaming_nll(model: &Lm, ids: &[u32], chunk: usize, press: Option<&dyn Press>, ratio: f64, budget: &Budget) -> Result<(f64, usize, f64)> {
+pub fn streaming_nll(model: &Lm, ids: &[u32], chunk: usize, press: Option<&dyn Press>, ratio: impl Into<Keep>, budget: &Budget) -> Result<(f64, usize, f64)> {
     let s = streaming_nll_with(model, ids, chunk, press, ratio, budget, None, None)?;
     Ok((s.sum, s.n, s.held))
 }
@@ -480,18 +527,19 @@ pub fn streaming_nll_with(
     ids: &[u32],
     chunk: usize,
     press: Option<&dyn Press>,
-    ratio: f64,
+    ratio: impl Into<Keep>,
     budget: &Budget,
     packer: Option<std::sync::Arc<dyn zoo_core::state::KvPacker>>,
     duo: Option<&duo::DuoPlan>,
 ) -> Result<StreamNll> {
-    if let Err(e) = check_ratio(ratio) {
+    let keep = ratio.into();
+    if let Err(e) = keep.check() {
         bail!("{e}")
     }
     if chunk == 0 {
         bail!("chunk: must be at least 1")
     }
-    if packer.is_some() && press.is_some_and(|_| ratio > 0.0) {
+    if packer.is_some() && press.is_some_and(|_| keep.evicts()) {
         bail!("a packed (quantised) cache cannot also be compressed by a press")
     }
     let dev = model.embed.weight.device();
@@ -512,9 +560,9 @@ pub fn streaming_nll_with(
         let mean = zoo_core::model::cross_entropy(&logits, &tgt, None)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         sum += mean * (end - start) as f64;
         n += end - start;
-        if let Some(p) = press.filter(|_| ratio > 0.0) {
+        if let Some(p) = press.filter(|_| keep.evicts()) {
             // Every layer has seen the `end` tokens read so far.
-            let per_layer = compress_seen(&mut cache, p, ratio, budget)?;
+            let per_layer = compress_seen(&mut cache, p, keep, budget)?;
             held += per_layer.iter().sum::<usize>() as f64 / per_layer.len().max(1) as f64;
             points += 1;
         }

@@ -141,7 +141,29 @@ fn streaming_nll_at_ratio_zero_is_the_full_context_nll() -> Result<()> {
     assert!((sum - full).abs() > 1e-6, "ratio 0.5 changed nothing");
     // After chunks ending at 8, 16, 24, 32, 39 tokens the cache holds 4, 8, 12, 16, 20 entries.
     assert!((held - 12.0).abs() < 1e-9, "{held}");
+    // A token budget: the cache is cut back to 10 entries once it holds more (8 after the first
+    // chunk, then 10, 10, 10, 10).
+    let (sum10, n, held) = streaming_nll(&lm, &ids, 8, Some(knorm.as_ref()), zoo_kv_compress::Keep::Tokens(10), &Default::default())?;
+    assert_eq!(n, 39);
+    assert!((held - 9.6).abs() < 1e-9, "{held}");
+    assert!((sum10 - full).abs() > 1e-6, "a 10-token budget changed nothing");
+    // A budget above everything read keeps everything: the full-context NLL.
+    let (sum_all, _, _) = streaming_nll(&lm, &ids, 8, Some(knorm.as_ref()), zoo_kv_compress::Keep::Tokens(64), &Default::default())?;
+    assert!((sum_all - full).abs() < 1e-4 * full.abs(), "{sum_all} vs {full}");
     Ok(())
+}
+
+/// `Keep`: a ratio keeps `keep_count`, tokens keep that many (all while fewer were seen); zero
+/// tokens and ratios outside [0, 1) are refused by name.
+#[test]
+fn keep_by_ratio_or_tokens() {
+    use zoo_kv_compress::{keep_count, Keep};
+    assert_eq!(Keep::from(0.75).of(100), keep_count(100, 0.75));
+    assert_eq!((Keep::Tokens(16).of(100), Keep::Tokens(16).of(10), Keep::Tokens(16).of(0)), (16, 10, 0));
+    assert!(Keep::Tokens(1).evicts() && !Keep::Ratio(0.0).evicts() && Keep::Ratio(0.5).evicts());
+    assert!(Keep::Tokens(0).check().unwrap_err().starts_with("keep_tokens"));
+    assert!(Keep::Ratio(1.0).check().unwrap_err().starts_with("ratio"));
+    assert!(Keep::Tokens(3).check().is_ok() && Keep::Ratio(0.0).check().is_ok());
 }
 
 /// A cache of `n` slots over 2 heads with head dim 2 (keys `key(j)`, values equal), observing
