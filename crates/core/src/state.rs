@@ -509,6 +509,13 @@ impl KvCache {
             bail!("KvCache::observe: {t} queries but only {} tokens appended", self.seen)
         }
         let q = q.detach();
+        if t >= w {
+            // The new queries alone fill the window (every decode step of a one-query press):
+            // no concatenation with the old ones.
+            self.queries = Some(if t > w { q.narrow(2, t - w, w)?.contiguous()? } else { q });
+            self.qpos = (self.seen - w..self.seen).collect();
+            return Ok(());
+        }
         let (all, mut pos) = match self.queries.take() {
             Some(old) => (Tensor::cat(&[&old, &q], 2)?, std::mem::take(&mut self.qpos)),
             None => (q, Vec::new()),
