@@ -70,7 +70,13 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Print and write the markdown table for a results folder.
-    Report { dir: PathBuf },
+    Report {
+        dir: PathBuf,
+        /// Published numbers to set beside the runs (a TOML file: metric, source, rows of run
+        /// label, name and value; e.g. configs/references/zoology-mqar.toml).
+        #[arg(long)]
+        reference: Option<PathBuf>,
+    },
     /// Perplexity of a checkpoint, or of a pretrained model, on a text file.
     Eval {
         /// A checkpoint folder (runs/<experiment>/<run>/checkpoint).
@@ -486,7 +492,7 @@ fn real_main() -> Result<i32> {
             }
             return zoo_harness::dist::launch(*gpus, &global, args);
         }
-        Cmd::Report { dir } => println!("{}", report::report(dir)?),
+        Cmd::Report { dir, reference } => println!("{}", report::report_with(dir, reference.as_deref())?),
         Cmd::Eval { checkpoint, model, text, seq_len, batch, quantized, press, ratio, keep_tokens, chunk, budget, kivi, duo } => {
             let kv = kv_settings(model.as_ref(), press.as_ref(), *ratio, *keep_tokens, budget.as_ref(), None, kivi.as_ref(), duo.as_ref())?;
             // What every reading of a text through a pretrained model's cache needs.

@@ -476,8 +476,79 @@ fn human(n: u64) -> String {
 
 /// Print the table for a results folder and write it to `report.md` inside it. A folder of
 /// `zoo bench` JSONs (no run results) gets the throughput-crossover report instead.
+/// Published numbers to set beside a results folder's (`zoo report DIR --reference FILE`): one
+/// metric, a source, and rows naming our run labels.
+///
+/// ```toml
+/// metric = "mqar_acc,none"
+/// source = "Zoology (Arora et al. 2023), Figure 2, read off the plot"
+/// [[rows]]
+/// label = "attention,d_model=64"   # a run label of the folder
+/// name = "Attention"               # what the source calls it
+/// value = 1.0
+/// ```
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reference {
+    pub metric: String,
+    pub source: String,
+    #[serde(default)]
+    pub note: Option<String>,
+    pub rows: Vec<ReferenceRow>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceRow {
+    pub label: String,
+    pub name: String,
+    pub value: f64,
+}
+
+/// Read a [`Reference`] file; errors name the file and the field.
+pub fn read_reference(path: &Path) -> Result<Reference> {
+    let raw = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let de = toml::Deserializer::new(&raw);
+    serde_path_to_error::deserialize(de).map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner().message()))
+}
+
+/// The reference's rows beside ours: per row, our mean ± std over seeds at the label's best
+/// learning rate (the report's choice), the seeds, the reference value and the difference; rows
+/// whose label has no runs yet say so.
+pub fn reference_table(results: &[RunResult], r: &Reference) -> String {
+    let (primary, recall) = objective(results);
+    let better = |a: f64, b: f64| if recall { a > b } else { a < b };
+    let best = best_runs(results, primary, &better);
+    let mut md = format!(
+        "\n## Against the reference\n\n`{}` beside {}.{}\n\n| run | reference name | ours (mean ± std) | seeds | lr | reference | ours − reference |\n|---|---|---|---|---|---|---|\n",
+        r.metric,
+        r.source,
+        r.note.as_ref().map(|n| format!(" {n}")).unwrap_or_default()
+    );
+    for row in &r.rows {
+        let found = best.iter().find(|(l, _, _)| *l == row.label);
+        let xs: Vec<f64> = found.map(|(_, _, runs)| runs.iter().filter_map(|x| metric(x, &r.metric)).collect()).unwrap_or_default();
+        if xs.is_empty() {
+            md.push_str(&format!("| {} | {} | not run yet | 0 | – | {:.3} | – |\n", row.label, row.name, row.value));
+            continue;
+        }
+        let (m, sd) = mean_std(&xs);
+        let lr = found.map(|(_, lr, _)| lr.as_str()).unwrap_or("–");
+        let ours = if xs.len() > 1 { format!("{m:.3} ± {sd:.3}") } else { format!("{m:.3}") };
+        md.push_str(&format!("| {} | {} | {ours} | {} | {lr} | {:.3} | {:+.3} |\n", row.label, row.name, xs.len(), row.value, m - row.value));
+    }
+    md
+}
+
 pub fn report(dir: &Path) -> Result<String> {
+    report_with(dir, None)
+}
+
+/// [`report`], with a [`Reference`] table appended to a results folder's report.
+pub fn report_with(dir: &Path, reference: Option<&Path>) -> Result<String> {
+    let reference = reference.map(read_reference).transpose()?;
     let results = load_results(dir)?;
+    anyhow::ensure!(reference.is_none() || !results.is_empty(), "--reference: {} holds no run results", dir.display());
     if results.is_empty() {
         let mut benches = Vec::new();
         for (path, v) in load_schema_paths(dir, BENCH_SCHEMA)? {
@@ -520,6 +591,9 @@ pub fn report(dir: &Path) -> Result<String> {
     }
     let name = results[0].experiment.clone();
     let mut md = format!("# {name}\n\n{}", table(&results));
+    if let Some(r) = &reference {
+        md.push_str(&reference_table(&results, r));
+    }
     let plots = plots(&results);
     for (file, svg) in &plots {
         crate::env::write_atomic(&dir.join(file), svg.as_bytes())?;

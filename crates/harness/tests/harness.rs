@@ -657,6 +657,33 @@ fn report_draws_moe_load_over_training() {
     assert!(active.contains("<polyline"), "{active}");
 }
 
+/// `zoo report --reference`: the reference's rows beside ours (our value, seeds, the difference),
+/// "not run yet" for a label without runs; a bad reference file names the field.
+#[test]
+fn report_sets_a_reference_beside_the_runs() {
+    let dir = tmpdir("reference-report");
+    let run = one(MQAR);
+    let res = runner::run_one(&run, &cpu(), &opts(&dir, None, false)).unwrap().unwrap();
+    let (label, acc) = (res["label"].as_str().unwrap().to_string(), res["metrics"]["mqar_acc,none"].as_f64().unwrap());
+    let results = dir.join("results").join("t");
+    let reference = dir.join("ref.toml");
+    std::fs::write(
+        &reference,
+        format!(
+            "metric = \"mqar_acc,none\"\nsource = \"a paper, Table 1\"\n[[rows]]\nlabel = \"{label}\"\nname = \"Attention\"\nvalue = 0.5\n[[rows]]\nlabel = \"gla\"\nname = \"GLA\"\nvalue = 0.25\n"
+        ),
+    )
+    .unwrap();
+    let md = zoo_harness::report::report_with(&results, Some(&reference)).unwrap();
+    assert!(md.contains("beside a paper, Table 1"), "{md}");
+    let ours = format!("| {label} | Attention | {acc:.3} | 1 | ");
+    assert!(md.contains(&ours) && md.contains(&format!("| 0.500 | {:+.3} |", acc - 0.5)), "{md}");
+    assert!(md.contains("| gla | GLA | not run yet | 0 | – | 0.250 | – |"), "{md}");
+    std::fs::write(&reference, "metric = \"x\"\nsource = \"s\"\n[[rows]]\nlabel = \"a\"\nname = \"b\"\nvalu = 1.0\n").unwrap();
+    let e = format!("{:#}", zoo_harness::report::report_with(&results, Some(&reference)).unwrap_err());
+    assert!(e.contains("ref.toml") && e.contains("valu"), "{e}");
+}
+
 /// `zoo report` on a folder of press evaluations: one row per press, one column per ratio, the
 /// full cache beside them, and the plot; files of other schemas are ignored.
 #[test]
