@@ -309,12 +309,16 @@ impl Router {
         };
         match self.selection {
             Selection::TokenChoice => {
-                // The store's bias stays on the device (reading it to the host would wait for the GPU).
+                // The store's bias stays on the device (reading it to the host would wait for the
+                // GPU); without bias balancing there is none to add.
                 let bias = match &self.bias_var {
-                    Some(v) => v.as_tensor().to_dtype(DType::F32)?.reshape((1, e))?,
-                    None => Tensor::from_vec(self.bias(), (1, e), dev)?,
+                    Some(v) => Some(v.as_tensor().to_dtype(DType::F32)?.reshape((1, e))?),
+                    None => {
+                        let b = self.bias();
+                        b.iter().any(|&x| x != 0.0).then(|| Tensor::from_vec(b, (1, e), dev)).transpose()?
+                    }
                 };
-                route_with_bias(&logits, &bias, self.top_k, self.score, self.temperature, self.renormalize)
+                route_with_bias(&logits, bias.as_ref(), self.top_k, self.score, self.temperature, self.renormalize)
             }
             Selection::ExpertChoice { capacity_factor } => {
                 let cap = ((capacity_factor * (n * self.top_k) as f64) / e as f64).ceil() as usize;
@@ -393,18 +397,21 @@ pub fn route_logits(
 ) -> Result<Routing> {
     let e = logits.dim(1)?;
     let b = Tensor::from_vec(bias.to_vec(), (1, e), logits.device())?;
-    route_with_bias(logits, &b, top_k, score, temperature, renormalize)
+    route_with_bias(logits, Some(&b), top_k, score, temperature, renormalize)
 }
 
-/// [`route_logits`] with the bias as a (1, E) f32 tensor on the logits' device.
-fn route_with_bias(logits: &Tensor, b: &Tensor, top_k: usize, score: Score, temperature: f64, renormalize: bool) -> Result<Routing> {
+/// [`route_logits`] with the bias as a (1, E) f32 tensor on the logits' device (None: no bias).
+fn route_with_bias(logits: &Tensor, b: Option<&Tensor>, top_k: usize, score: Score, temperature: f64, renormalize: bool) -> Result<Routing> {
     let e = logits.dim(1)?;
     let scores = match score {
         // The fused softmax with its backward (one launch forward instead of six).
         Score::Softmax => zoo_core::grad::softmax_last_dim(&(logits / temperature)?)?,
         Score::Sigmoid => zoo_core::candle_nn::ops::sigmoid(logits)?,
     };
-    let select = scores.detach().broadcast_add(b)?;
+    let select = match b {
+        Some(b) => scores.detach().broadcast_add(b)?,
+        None => scores.detach(),
+    };
     let experts = select.arg_sort_last_dim(false)?.narrow(1, 0, top_k)?.contiguous()?;
     let mut weights = scores.gather(&experts, 1)?;
     if renormalize {
