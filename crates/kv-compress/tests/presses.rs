@@ -119,6 +119,40 @@ fn model_caches_compress_in_place() -> Result<()> {
     Ok(())
 }
 
+/// At ratio 0 every press (those scored by attention observing the prompt's queries) leaves the
+/// decoded logits bit for bit those of the uncompressed cache; at 0.5 each changes them.
+#[test]
+fn every_press_at_ratio_zero_gives_the_uncompressed_logits() -> Result<()> {
+    let (lm, _store) = tiny_lm(2, 8, 32)?;
+    let prompt = Tensor::new(&[[1u32, 5, 2, 7, 3, 9, 4, 11, 6, 8, 10, 12]], &Device::Cpu)?;
+    let next = Tensor::new(&[[13u32]], &Device::Cpu)?;
+    let decode = |press: Option<&dyn zoo_kv_compress::Press>, ratio: f64| -> Result<Vec<f32>> {
+        let mut st = lm.new_cache();
+        if let Some(p) = press {
+            zoo_kv_compress::observe_model(&mut st, p);
+        }
+        lm.forward(&prompt, Some(&mut st), None)?;
+        if let Some(p) = press {
+            zoo_kv_compress::compress_seen(&mut st, p, ratio, &Default::default())?;
+        }
+        lm.forward(&next, Some(&mut st), None)?.logits.flatten_all()?.to_vec1::<f32>()
+    };
+    let full = decode(None, 0.0)?;
+    for cfg in [
+        PressConfig::StreamingLlm { sinks: 2 },
+        PressConfig::Knorm,
+        PressConfig::Random { seed: 0 },
+        PressConfig::Tova,
+        PressConfig::SnapKv { window: 4, kernel: 3 },
+        PressConfig::H2o { recent: 0.5 },
+    ] {
+        let press = cfg.build()?;
+        assert_eq!(decode(Some(press.as_ref()), 0.0)?, full, "{cfg:?} at ratio 0");
+        assert_ne!(decode(Some(press.as_ref()), 0.5)?, full, "{cfg:?} at ratio 0.5 changed nothing");
+    }
+    Ok(())
+}
+
 /// Streaming NLL through the cache: at ratio 0 it equals the full-sequence forward's NLL for any
 /// chunk size; at ratio 0.5 the press changes it and the cache holds half the context read.
 #[test]
