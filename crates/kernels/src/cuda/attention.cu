@@ -855,6 +855,32 @@ __device__ __forceinline__ void load_b_cols(uint32_t* b, const T* base, int n0, 
     b[1] = ld32(x + 8);
 }
 
+// The two products of a backward tile: s[j] = A1 B1^T and dp[j] = A2 B2^T, where A1, A2 are rows
+// r .. r + 16 of the tiles a1, a2 and B1, B2 rows n0 + 8j .. n0 + 8j + 8 of b1, b2 (k over D).
+template <typename T, int D, int LD, int N>
+__device__ __forceinline__ void two_products(float (*s)[4], float (*dp)[4], const T* a1, const T* a2, int r, const T* b1,
+                                             const T* b2, int n0, int g, int t4) {
+#pragma unroll
+    for (int j = 0; j < N; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        uint32_t x1[4], x2[4];
+        load_a<T, LD>(x1, a1, r, kk * 16, g, t4);
+        load_a<T, LD>(x2, a2, r, kk * 16, g, t4);
+#pragma unroll
+        for (int j = 0; j < N; j++) {
+            uint32_t y1[2], y2[2];
+            load_b_cols<T, LD>(y1, b1, n0 + j * 8, kk * 16, g, t4);
+            load_b_cols<T, LD>(y2, b2, n0 + j * 8, kk * 16, g, t4);
+            mma16816<T>(s[j], x1, y1);
+            mma16816<T>(dp[j], x2, y2);
+        }
+    }
+}
+
 // dK, dV. grid (ceil(Tk / 64), B * Hkv), 128 threads; shared memory 4 * 64 * (D + 8) elements and
 // 128 floats.
 template <typename T, int D>
@@ -910,25 +936,7 @@ __device__ void bwd_dkv_mma(const T* __restrict__ q, const T* __restrict__ k, co
             for (int hq = 0; hq < TC_BR / QH; hq++) {
                 const int qc = hq * QH;  // the half's first query row in the tile
                 float s[NQ][4], dp[NQ][4];
-#pragma unroll
-                for (int j = 0; j < NQ; j++) {
-#pragma unroll
-                    for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
-                }
-#pragma unroll
-                for (int kk = 0; kk < D / 16; kk++) {
-                    uint32_t ka[4], va[4];
-                    load_a<T, LD>(ka, ks, kr, kk * 16, g, t4);
-                    load_a<T, LD>(va, vs, kr, kk * 16, g, t4);
-#pragma unroll
-                    for (int j = 0; j < NQ; j++) {
-                        uint32_t bq[2], bo[2];
-                        load_b_cols<T, LD>(bq, qs, qc + j * 8, kk * 16, g, t4);
-                        load_b_cols<T, LD>(bo, dos, qc + j * 8, kk * 16, g, t4);
-                        mma16816<T>(s[j], ka, bq);   // S^T = K_w Q^T
-                        mma16816<T>(dp[j], va, bo);  // dP^T = V_w dO^T
-                    }
-                }
+                two_products<T, D, LD, NQ>(s, dp, ks, vs, kr, qs, dos, qc, g, t4);  // S^T = K_w Q^T, dP^T = V_w dO^T
                 // P^T and dS^T = P^T (dP^T - D_i), in place.
 #pragma unroll
                 for (int j = 0; j < NQ; j++) {
@@ -1024,25 +1032,7 @@ __device__ void bwd_dq_mma(const T* __restrict__ q, const T* __restrict__ k, con
             load_rows_ld<T, D, LD>(vs, vb, c0, TC_BC, to, tid, nth);
             __syncthreads();
             float s[NT][4], dp[NT][4];
-#pragma unroll
-            for (int j = 0; j < NT; j++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
-            }
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                uint32_t qa[4], oa[4];
-                load_a<T, LD>(qa, qs, qr, kk * 16, g, t4);
-                load_a<T, LD>(oa, dos, qr, kk * 16, g, t4);
-#pragma unroll
-                for (int j = 0; j < NT; j++) {
-                    uint32_t bk2[2], bv[2];
-                    load_b_cols<T, LD>(bk2, ks, j * 8, kk * 16, g, t4);
-                    load_b_cols<T, LD>(bv, vs, j * 8, kk * 16, g, t4);
-                    mma16816<T>(s[j], qa, bk2);  // S = Q_w K^T
-                    mma16816<T>(dp[j], oa, bv);  // dP = dO_w V^T
-                }
-            }
+            two_products<T, D, LD, NT>(s, dp, qs, dos, qr, ks, vs, 0, g, t4);  // S = Q_w K^T, dP = dO_w V^T
 #pragma unroll
             for (int j = 0; j < NT; j++) {
 #pragma unroll
