@@ -49,6 +49,17 @@ fn grads(store: &ParamStore, opt: &AdamW, cs: &[Tensor], gscale: f64) -> Result<
     Ok(g)
 }
 
+/// Each named output of an op (`ours`) against the composition's (`reference`): the relative error
+/// (to the reference's largest entry) at most `tol`; `what` names the op and the case.
+fn assert_matches(what: &str, names: &[&str], ours: &[Tensor], reference: &[Tensor], tol: f32) -> Result<()> {
+    assert_eq!(ours.len(), reference.len(), "{what}: number of outputs");
+    for (name, (a, e)) in names.iter().zip(ours.iter().zip(reference)) {
+        let err = max_rel(a, e)?;
+        assert!(err <= tol, "{what}: {name}: rel. error {err:.2e} > {tol:.0e}");
+    }
+    Ok(())
+}
+
 fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
     let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     let s = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-30);
@@ -216,11 +227,7 @@ fn check_conv(dev: &Device, dt: DType, tol: f32) -> Result<()> {
             out.extend(grads_of(&y, &[&x, &w])?);
             Ok(out)
         };
-        let (f, n) = (run(true)?, run(false)?);
-        for (name, (a, e)) in ["y", "dx", "dw"].iter().zip(f.iter().zip(&n)) {
-            let err = max_rel(a, e)?;
-            assert!(err <= tol, "conv {name} (B {b}, T {t}, C {c}, K {k}, silu {silu}, {dt:?}) on {dev:?}: rel. error {err:.2e} > {tol:.0e}");
-        }
+        assert_matches(&format!("conv (B {b}, T {t}, C {c}, K {k}, silu {silu}, {dt:?}) on {dev:?}"), &["y", "dx", "dw"], &run(true)?, &run(false)?, tol)?;
     }
     Ok(())
 }
@@ -259,12 +266,7 @@ fn check_rms(dev: &Device, dt: DType, tol: f32) -> Result<()> {
             out.extend(grads_of(&y, &vars)?);
             Ok(out)
         };
-        let (f, n) = (run(true)?, run(false)?);
-        assert_eq!(f.len(), n.len());
-        for (name, (a, e)) in ["y", "dx", "dgain"].iter().zip(f.iter().zip(&n)) {
-            let err = max_rel(a, e)?;
-            assert!(err <= tol, "rms norm {name} ({rows} x {d}, gain {with_gain}, {dt:?}) on {dev:?}: rel. error {err:.2e} > {tol:.0e}");
-        }
+        assert_matches(&format!("rms norm ({rows} x {d}, gain {with_gain}, {dt:?}) on {dev:?}"), &["y", "dx", "dgain"], &run(true)?, &run(false)?, tol)?;
     }
     Ok(())
 }
@@ -303,11 +305,7 @@ fn check_rope(dev: &Device, dt: DType, tol: f32) -> Result<()> {
             out.extend(grads_of(&y, &[&x])?);
             Ok(out)
         };
-        let (f, n) = (run(true)?, run(false)?);
-        for (name, (a, e)) in ["y", "dx"].iter().zip(f.iter().zip(&n)) {
-            let err = max_rel(a, e)?;
-            assert!(err <= tol, "rope {name} (B {b}, H {h}, T {t}, D {d}, {dt:?}) on {dev:?}: rel. error {err:.2e} > {tol:.0e}");
-        }
+        assert_matches(&format!("rope (B {b}, H {h}, T {t}, D {d}, {dt:?}) on {dev:?}"), &["y", "dx"], &run(true)?, &run(false)?, tol)?;
     }
     Ok(())
 }
@@ -340,11 +338,7 @@ fn check_swiglu(dev: &Device, dt: DType, tol: f32) -> Result<()> {
             out.extend(grads_of(&y, &[&g, &u])?);
             Ok(out)
         };
-        let (f, n) = (run(true)?, run(false)?);
-        for (name, (a, e)) in ["z", "dg", "du"].iter().zip(f.iter().zip(&n)) {
-            let err = max_rel(a, e)?;
-            assert!(err <= tol, "swiglu {name} ({shape:?}, {dt:?}) on {dev:?}: rel. error {err:.2e} > {tol:.0e}");
-        }
+        assert_matches(&format!("swiglu ({shape:?}, {dt:?}) on {dev:?}"), &["z", "dg", "du"], &run(true)?, &run(false)?, tol)?;
     }
     Ok(())
 }
@@ -381,11 +375,7 @@ fn check_softmax(dev: &Device, dt: DType, tol: f32) -> Result<()> {
             out.extend(grads_of(&y, &[&x])?);
             Ok(out)
         };
-        let (f, n) = (run(true)?, run(false)?);
-        for (name, (a, e)) in ["y", "dx"].iter().zip(f.iter().zip(&n)) {
-            let err = max_rel(a, e)?;
-            assert!(err <= tol, "softmax {name} ({shape:?}, {dt:?}) on {dev:?}: rel. error {err:.2e} > {tol:.0e}");
-        }
+        assert_matches(&format!("softmax ({shape:?}, {dt:?}) on {dev:?}"), &["y", "dx"], &run(true)?, &run(false)?, tol)?;
     }
     let x = Tensor::ones((4, 4), DType::F32, dev)?;
     assert!(zoo_core::grad::with_grad(&x.narrow(0, 1, 2)?, &x, |g| Ok(g.clone())).is_err(), "a view is not fresh");
