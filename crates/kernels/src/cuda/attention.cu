@@ -603,25 +603,29 @@ __device__ void bwd_dq_tc(const T* __restrict__ q, const T* __restrict__ k, cons
     }
 }
 
-#define TC_FWD(T, NAME, D)                                                                         \
-    extern "C" __global__ void __launch_bounds__(32 * TC_WARPS) zoo_flash_fwd_tc_##NAME##_##D(    \
-        const T* q, const T* k, const T* v, T* o, float* lse, Params p) {                          \
-        fwd_tc<T, D>(q, k, v, o, lse, p);                                                          \
+// The exported kernels of a tensor-core family KIND (tc: WMMA, mma: mma.sync): zoo_flash_fwd_KIND_*,
+// zoo_flash_dkv_KIND_* and zoo_flash_dq_KIND_* call fwd_KIND, bwd_dkv_KIND and bwd_dq_KIND.
+#define FWD_KERNEL(KIND, T, NAME, D)                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * TC_WARPS) zoo_flash_fwd_##KIND##_##NAME##_##D(   \
+        const T* q, const T* k, const T* v, T* o, float* lse, Params p) {                             \
+        fwd_##KIND<T, D>(q, k, v, o, lse, p);                                                          \
     }
-#define TC_BWD(T, NAME, D)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(32 * TC_WARPS) zoo_flash_dkv_tc_##NAME##_##D(               \
+#define BWD_KERNELS(KIND, T, NAME, D)                                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * TC_WARPS) zoo_flash_dkv_##KIND##_##NAME##_##D(         \
         const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dlt, float* dk,    \
         float* dv, Params p) {                                                                                \
-        bwd_dkv_tc<T, D>(q, k, v, dout, lse, dlt, dk, dv, p);                                                 \
+        bwd_dkv_##KIND<T, D>(q, k, v, dout, lse, dlt, dk, dv, p);                                             \
     }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(32 * TC_WARPS) zoo_flash_dq_tc_##NAME##_##D(                \
+    extern "C" __global__ void __launch_bounds__(32 * TC_WARPS) zoo_flash_dq_##KIND##_##NAME##_##D(          \
         const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dlt, float* dq,    \
         Params p) {                                                                                           \
-        bwd_dq_tc<T, D>(q, k, v, dout, lse, dlt, dq, p);                                                      \
+        bwd_dq_##KIND<T, D>(q, k, v, dout, lse, dlt, dq, p);                                                  \
     }
 #define TC_ALL(T, NAME)                                                                                       \
-    TC_FWD(T, NAME, 32) TC_FWD(T, NAME, 64) TC_FWD(T, NAME, 96) TC_FWD(T, NAME, 128) TC_FWD(T, NAME, 192)     \
-    TC_FWD(T, NAME, 256) TC_BWD(T, NAME, 32) TC_BWD(T, NAME, 64) TC_BWD(T, NAME, 96) TC_BWD(T, NAME, 128)
+    FWD_KERNEL(tc, T, NAME, 32) FWD_KERNEL(tc, T, NAME, 64) FWD_KERNEL(tc, T, NAME, 96)                      \
+    FWD_KERNEL(tc, T, NAME, 128) FWD_KERNEL(tc, T, NAME, 192) FWD_KERNEL(tc, T, NAME, 256)                    \
+    BWD_KERNELS(tc, T, NAME, 32) BWD_KERNELS(tc, T, NAME, 64) BWD_KERNELS(tc, T, NAME, 96)                   \
+    BWD_KERNELS(tc, T, NAME, 128)
 TC_ALL(__nv_bfloat16, bf16)
 TC_ALL(__half, f16)
 
@@ -808,13 +812,6 @@ __device__ void fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const 
     }
 }
 
-#define MMA_FWD(T, NAME, D)                                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * TC_WARPS) zoo_flash_fwd_mma_##NAME##_##D(   \
-        const T* q, const T* k, const T* v, T* o, float* lse, Params p) {                          \
-        fwd_mma<T, D>(q, k, v, o, lse, p);                                                         \
-    }
-MMA_FWD(__nv_bfloat16, bf16, 32) MMA_FWD(__nv_bfloat16, bf16, 64) MMA_FWD(__nv_bfloat16, bf16, 96) MMA_FWD(__nv_bfloat16, bf16, 128)
-MMA_FWD(__half, f16, 32) MMA_FWD(__half, f16, 64) MMA_FWD(__half, f16, 96) MMA_FWD(__half, f16, 128)
 
 // ---- Backward on mma.sync: the dK/dV and dQ kernels of bwd_dkv_tc / bwd_dq_tc (same grids, same
 // f32 outputs) with S, P, dP and dS in registers. dK/dV: a warp owns 16 keys and walks each
@@ -1070,16 +1067,9 @@ __device__ void bwd_dq_mma(const T* __restrict__ q, const T* __restrict__ k, con
     }
 }
 
-#define MMA_BWD(T, NAME, D)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(32 * TC_WARPS) zoo_flash_dkv_mma_##NAME##_##D(              \
-        const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dlt, float* dk,    \
-        float* dv, Params p) {                                                                                \
-        bwd_dkv_mma<T, D>(q, k, v, dout, lse, dlt, dk, dv, p);                                                \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(32 * TC_WARPS) zoo_flash_dq_mma_##NAME##_##D(               \
-        const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dlt, float* dq,    \
-        Params p) {                                                                                           \
-        bwd_dq_mma<T, D>(q, k, v, dout, lse, dlt, dq, p);                                                     \
-    }
-MMA_BWD(__nv_bfloat16, bf16, 32) MMA_BWD(__nv_bfloat16, bf16, 64) MMA_BWD(__nv_bfloat16, bf16, 96) MMA_BWD(__nv_bfloat16, bf16, 128)
-MMA_BWD(__half, f16, 32) MMA_BWD(__half, f16, 64) MMA_BWD(__half, f16, 96) MMA_BWD(__half, f16, 128)
+#define MMA_ALL(T, NAME)                                                                                      \
+    FWD_KERNEL(mma, T, NAME, 32) FWD_KERNEL(mma, T, NAME, 64) FWD_KERNEL(mma, T, NAME, 96)                   \
+    FWD_KERNEL(mma, T, NAME, 128) BWD_KERNELS(mma, T, NAME, 32) BWD_KERNELS(mma, T, NAME, 64)                \
+    BWD_KERNELS(mma, T, NAME, 96) BWD_KERNELS(mma, T, NAME, 128)
+MMA_ALL(__nv_bfloat16, bf16)
+MMA_ALL(__half, f16)
