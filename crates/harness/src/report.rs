@@ -294,6 +294,17 @@ fn layer_mean(v: &[Option<f64>]) -> Option<f64> {
     (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
 }
 
+/// The mean over runs of each run's (x, y) points, per x (to 1e-3), in x order.
+fn mean_by(runs: &[&RunResult], pts: &dyn Fn(&RunResult) -> Vec<(f64, f64)>) -> Vec<(f64, f64)> {
+    let mut acc: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+    for r in runs {
+        for (x, y) in pts(r) {
+            acc.entry((x * 1000.0) as i64).or_default().push(y);
+        }
+    }
+    acc.into_iter().map(|(x, ys)| (x as f64 / 1000.0, ys.iter().sum::<f64>() / ys.len() as f64)).collect()
+}
+
 /// SVG plots: validation loss against step, and the per-layer first-token attention share,
 /// one line per run label (mean over seeds, at the best learning rate).
 pub fn plots(results: &[RunResult]) -> Vec<(String, String)> {
@@ -301,15 +312,6 @@ pub fn plots(results: &[RunResult]) -> Vec<(String, String)> {
     let (primary, recall) = objective(results);
     let better = |a: f64, b: f64| if recall { a > b } else { a < b };
     let best = best_runs(results, primary, &better);
-    let mean_by = |runs: &[&RunResult], pts: &dyn Fn(&RunResult) -> Vec<(f64, f64)>| -> Vec<(f64, f64)> {
-        let mut acc: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
-        for r in runs {
-            for (x, y) in pts(r) {
-                acc.entry((x * 1000.0) as i64).or_default().push(y);
-            }
-        }
-        acc.into_iter().map(|(x, ys)| (x as f64 / 1000.0, ys.iter().sum::<f64>() / ys.len() as f64)).collect()
-    };
     let curve = |r: &RunResult| -> Vec<(f64, f64)> {
         r.curve.iter().filter_map(|c| Some((c.step as f64, c.val_loss?))).collect()
     };
@@ -376,13 +378,7 @@ fn moe_plots(best: &[(String, String, Vec<&RunResult>)]) -> Vec<(String, String)
                 })
                 .collect()
         };
-        let mut acc: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
-        for r in runs {
-            for (x, y) in mean_active(r) {
-                acc.entry(x as usize).or_default().push(y);
-            }
-        }
-        let points: Vec<(f64, f64)> = acc.into_iter().map(|(x, ys)| (x as f64, ys.iter().sum::<f64>() / ys.len() as f64)).collect();
+        let points = mean_by(runs, &mean_active);
         if !points.is_empty() {
             active.push(Series { name: label.clone(), points });
         }
