@@ -30,14 +30,7 @@ case ${1:-} in
     cat "$stage"/gguf.0* > "$gguf"
     (cd "$(dirname "$gguf")" && sha256sum -c "$stage/gguf.sha256")
     KV_BENCH_ROUNDS=${KV_BENCH_ROUNDS:-3} OUT_DIR=$OUT/kv-bench-h200 ZOO=/tmp/zoo bash scripts/kv-bench.sh --device cuda:0 --dtype bf16
-    filters=results/kv-ppl/qfilters-smollm2.safetensors
-    mkdir -p "$OUT/kv-needle-long"
-    /tmp/zoo kv needle --model "$gguf" --device cuda:0 --dtype f32 --lengths 4096,8184 \
-      --ratios 0.5,0.875 --trials 2 --out "$OUT/kv-needle-long/needle.json" \
-      --press 'type = "streaming_llm", sinks = 4' --press 'type = "knorm"' \
-      --press 'type = "snapkv", window = 64, kernel = 5' --press 'type = "snapkv", window = 16, kernel = 5' \
-      --press 'type = "tova"' --press 'type = "h2o", recent = 0.5' \
-      --press "type = \"q_filters\", path = \"$filters\""
+    OUT_DIR=$OUT/kv-needle-long ZOO=/tmp/zoo bash scripts/kv-needle.sh --device cuda:0 --dtype f32 --lengths 4096,8184
     ;;
   *) echo "usage: scripts/device-kv.sh stage|run" >&2; exit 2 ;;
 esac

