@@ -261,13 +261,13 @@ impl Moe {
 
     /// Combine the experts' outputs for tokens x (N, d) under a routing, by `how`.
     pub fn dispatch(&self, x: &Tensor, r: &Routing, how: Dispatch) -> Result<Tensor> {
-        let (n, k) = r.experts.dims2()?;
         let dev = x.device();
-        let experts = &r.assignments;
-        let weights = r.weights.flatten_all()?; // (N·k,), slot a = t·k + j
-        let mut out = x.zeros_like()?;
         match how {
             Dispatch::Looped => {
+                let (n, k) = r.experts.dims2()?;
+                let experts = &r.assignments;
+                let weights = r.weights.flatten_all()?; // (N·k,), slot a = t·k + j
+                let mut out = x.zeros_like()?;
                 for e in 0..self.experts.len() {
                     let slots: Vec<u32> =
                         (0..n * k).filter(|&a| r.kept[a] && experts[a] as usize == e).map(|a| a as u32).collect();
