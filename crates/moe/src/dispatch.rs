@@ -42,6 +42,7 @@ use zoo_core::candle_core::{Device, Result, Tensor, D};
 use zoo_core::grad::{with_grad, with_grad2};
 
 /// The sorted (and padded) rows of one routing.
+#[derive(Clone)]
 pub struct Plan {
     /// (R,) u32: the token of each row (N for a padding row).
     rows: Tensor,
@@ -139,7 +140,7 @@ impl Plan {
     /// The tokens of the rows: x (N, d) -> (R, d), differentiable in x.
     pub fn gather(&self, x: &Tensor) -> Result<Tensor> {
         let value = self.padded(&x.detach())?.index_select(&self.rows, 0)?;
-        let me = self.clone_indices();
+        let me = self.clone();
         with_grad(&value, x, move |g| me.sum_slots(g, None))
     }
 
@@ -158,7 +159,7 @@ impl Plan {
             );
         }
         let value = self.sum_slots(&ys.detach(), Some(&w.detach()))?;
-        let (me, ys_, w_) = (self.clone_indices(), ys.detach(), w.detach());
+        let (me, ys_, w_) = (self.clone(), ys.detach(), w.detach());
         with_grad2(&value, ys, &w, move |g| {
             let w_pad = Tensor::cat(&[&w_.flatten_all()?, &Tensor::zeros(1, w_.dtype(), w_.device())?], 0)?;
             let w_rows = w_pad.index_select(&me.slots, 0)?.unsqueeze(1)?;
@@ -168,17 +169,5 @@ impl Plan {
             let dw = picked.broadcast_mul(&g.unsqueeze(1)?)?.sum(D::Minus1)?;
             Ok((dys, dw))
         })
-    }
-
-    fn clone_indices(&self) -> Plan {
-        Plan {
-            rows: self.rows.clone(),
-            slots: self.slots.clone(),
-            inv: self.inv.clone(),
-            n: self.n,
-            k: self.k,
-            r: self.r,
-            cap: self.cap,
-        }
     }
 }
