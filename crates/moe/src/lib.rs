@@ -289,8 +289,9 @@ impl Moe {
     /// Grouped dispatch: one gather, the experts, one combine. `batched`: every expert's rows
     /// padded to the busiest expert's count and the experts as three batched matmuls (the CUDA
     /// path: few launches); else the rows packed and each expert's 2-D matmuls on its slice (the
-    /// CPU path: candle's CPU backward of a batched matmul took 34 ms where the per-expert loop's
-    /// whole backward took 28, at the routing ablation's shape).
+    /// CPU path: in a one-off timing on 2 cores at the routing ablation's shape, candle's CPU
+    /// backward of the batched matmul alone took longer than the per-expert loop's whole
+    /// backward; `results/bench/moe-cpu` measures the path kept).
     pub fn grouped(&self, x: &Tensor, r: &Routing, batched: bool) -> Result<Tensor> {
         let (e, k) = (self.experts.len(), r.experts.dim(1)?);
         let (plan, lens) = dispatch::Plan::new(&r.assignments, &r.kept, k, e, !batched, x.device())?;
