@@ -5,7 +5,9 @@ machine, one command; causal, bf16; forward and forward + backward (loss sum(O *
 FlashAttention-2 counts them: forward 4*B*H*T^2*d / 2 (causal), forward + backward 3.5x that.
 Times are medians of ITERS runs after 2 warm-ups, each synchronised (wall clock around
 synchronised calls, as `zoo bench-attention` times itself). zoo runs twice: with the default
-WMMA kernels and with ZOO_FLASH_MMA=1 (the mma.sync kernels, `fused_mma`).
+mma.sync kernels (`fused`) and with ZOO_FLASH_MMA=0 (the older WMMA kernels, `fused_wmma`).
+(results/bench/attention-h200.json from build dc36ff4 predates the switch: there `fused` is WMMA
+and `fused_mma` the mma.sync kernels.)
 
     python3 scripts/attention-bench.py --zoo .devbin/zoo --out results/bench/attention-h200.json
 """
@@ -57,18 +59,18 @@ def main():
             raise SystemExit(f"zoo bench-attention failed: {z.stderr}")
         return json.loads(z.stdout)
     zoo = zoo_run({})
-    # The mma.sync kernels (fwd_mma, bwd_*_mma) beside the default WMMA ones, in the same command.
-    mma = zoo_run({"ZOO_FLASH_MMA": "1"})
+    # The WMMA kernels (*_tc) beside the default mma.sync ones, in the same command.
+    wmma = zoo_run({"ZOO_FLASH_MMA": "0"})
     rows = []
-    for (b, h, t, d), zr, zm in zip(SHAPES, zoo["shapes"], mma["shapes"]):
+    for (b, h, t, d), zr, zw in zip(SHAPES, zoo["shapes"], wmma["shapes"]):
         fwd, both = sdpa_times(b, h, t, d, a.iters)
         flops = zr["fwd_flops"]
         row = dict(zr)
-        if "fused" in zm:
-            row["fused_mma"] = zm["fused"]
+        if "fused" in zw:
+            row["fused_wmma"] = zw["fused"]
         row["sdpa"] = {"fwd_seconds": fwd, "fwd_bwd_seconds": both,
                        "fwd_tflops": flops / fwd / 1e12, "fwd_bwd_tflops": 3.5 * flops / both / 1e12}
-        for impl in ("fused", "fused_mma", "composition"):
+        for impl in ("fused", "fused_wmma", "composition"):
             if row.get(impl, {}).get("fwd_seconds"):
                 row[f"{impl}/sdpa"] = {"fwd": fwd / row[impl]["fwd_seconds"],
                                        "fwd_bwd": both / row[impl]["fwd_bwd_seconds"]}

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call for the measurements that wait on the GPU (stop 25's list), each step under its
 # own time limit so one slow step cannot eat the call; outputs in $OUT:
-#   tests.log          scripts/device-tests.sh with ZOO_FLASH_MMA=1 (the mma.sync attention kernels
-#                      against the composition, the CUDA softmax, and whatever else .devpkg/tests holds)
+#   tests.log          scripts/device-tests.sh (the default mma.sync attention kernels against the
+#                      composition, the CUDA softmax, and whatever else .devpkg/tests holds), then
+#                      the flash tests again with ZOO_FLASH_MMA=0 (the WMMA kernels)
 #   moe-cuda.tgz       scripts/moe-bench.sh cuda 3 (issue 14: E8 k2 vs dense, grouped vs looped)
 #   twins-decode.json  scripts/twin-bench.py --impls none (issue 11: decode at T = 4096, B = 1 and 32)
 #   attention-h200.json scripts/attention-bench.py (WMMA and mma.sync kernels beside SDPA), only if
@@ -20,7 +21,10 @@ step() { # seconds name command...
   return $rc
 }
 flash_ok=1
-step 180 tests env ZOO_FLASH_MMA=1 bash scripts/device-tests.sh > "$OUT/tests.log" 2>&1 || flash_ok=0
+step 180 tests bash scripts/device-tests.sh > "$OUT/tests.log" 2>&1 || flash_ok=0
+if [ -f /tmp/flash ]; then
+  step 90 tests-wmma env ZOO_FLASH_MMA=0 /tmp/flash --test-threads 1 >> "$OUT/tests.log" 2>&1 || flash_ok=0
+fi
 grep -E "^== |^test result|FAILED|panicked" "$OUT/tests.log" | head -20
 rm -rf results/bench/moe-cuda
 step 120 moe-bench env ZOO=/tmp/zoo bash scripts/moe-bench.sh cuda 3 > "$OUT/moe-bench.log" 2>&1

@@ -31,6 +31,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 VOCAB = 32768
@@ -200,7 +201,7 @@ def zoo_config(layers, d, h):
 def bench_decode(kind, layers, d, h, t, b, a):
     """Decode alone (issue 11's decode target): greedy, one token per step, after a prefill of t
     tokens, in bf16 weights. eager: the twin with a preallocated (B, H, t + n, hd) cache per layer
-    written in place and SDPA over its filled part; hf: `generate` (its default dynamic cache),
+    written in place and SDPA (flash or memory-efficient backend, not cuDNN) over its filled part; hf: `generate` (its default dynamic cache),
     decode = (prefill + n tokens) - prefill. Peak = max_memory_allocated over the decode steps
     (weights and cache included); kv_bytes = the cache of t + n tokens in bf16."""
     torch.manual_seed(0)
@@ -215,7 +216,11 @@ def bench_decode(kind, layers, d, h, t, b, a):
             row["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
             kcs = [torch.zeros(b, h, t + n, hd, dtype=torch.bfloat16, device="cuda") for _ in range(layers)]
             vcs = [torch.zeros_like(c) for c in kcs]
-            with torch.no_grad():
+            # Flash / memory-efficient SDPA only: PyTorch picks cuDNN's attention on Hopper, which
+            # builds a new cuDNN graph for every new key length (every decode step, tens of ms
+            # each: the first run of this bench, dc36ff4's twins-decode-h200.json, measured 24
+            # tok/s at B = 1 that way, against HF's 112).
+            with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
                 nxt = model.step(ids, 0, kcs, vcs).argmax(-1)
                 for i in range(min(2, n)):  # warm-up steps (overwritten by the timed ones)
                     model.step(nxt, t + i, kcs, vcs)

@@ -598,15 +598,35 @@ impl RunConfig {
         let m = &self.model;
         let (d, l, v) = (m.d_model as f64, m.n_layers as f64, vocab as f64);
         let params = v * d * if m.tie_embeddings { 1.0 } else { 2.0 } + l * 16.0 * d * d;
-        let heads = self
-            .layer_mixers()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|mx| max_field(&serde_json::to_value(mx).ok()?, "n_heads"))
-            .fold(0.0, f64::max);
+        let heads = self.max_heads();
         let (b, t) = (batch as f64, t as f64);
         let activation_bytes = 4.0 * b * t * (40.0 * d * l + 3.0 * v) + 4.0 * 3.0 * b * heads * t * t * l;
         Footprint { params, weight_bytes: 16.0 * params, activation_bytes }
+    }
+
+    /// The most heads any layer's mixer has (0 without heads).
+    fn max_heads(&self) -> f64 {
+        self.layer_mixers()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|mx| max_field(&serde_json::to_value(mx).ok()?, "n_heads"))
+            .fold(0.0, f64::max)
+    }
+
+    /// [`Footprint`] of inference at batch `batch` and length `t` (prefill, then decode): f32
+    /// weights alone (4 bytes per parameter; no gradients or optimiser state) and one forward's
+    /// transient activations, held a layer at a time (~10 d floats per token, the vocab-wide
+    /// logits, one layer's f32 T×T scores per head where the composition runs), plus the KV cache
+    /// (2 d floats per token and layer). `zoo bench --skip-train` checks this instead of
+    /// [`RunConfig::footprint_at`].
+    pub fn inference_footprint_at(&self, vocab: usize, batch: usize, t: usize) -> Footprint {
+        let params = self.footprint_at(vocab, batch, t).params;
+        let m = &self.model;
+        let (d, l, v) = (m.d_model as f64, m.n_layers as f64, vocab as f64);
+        let heads = self.max_heads();
+        let (b, t) = (batch as f64, t as f64);
+        let activation_bytes = 4.0 * b * t * (10.0 * d + v + 2.0 * d * l) + 4.0 * b * heads * t * t;
+        Footprint { params, weight_bytes: 4.0 * params, activation_bytes }
     }
 
     /// [`Footprint`] of this run's training step.

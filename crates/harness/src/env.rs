@@ -90,6 +90,7 @@ impl Env {
         // Which implementation the ops with a fused kernel used (`ZOO_KERNELS`); CUDA only.
         if self.device.is_cuda() {
             d["kernels"] = json!(zoo_kernels::mode().name());
+            d["flash_kernels"] = json!(zoo_kernels::attention::flash_kernel_set());
         }
         d
     }

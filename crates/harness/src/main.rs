@@ -804,9 +804,13 @@ fn real_main() -> Result<i32> {
             let writer = comm.as_ref().is_none_or(|c| c.rank() == 0);
             let vocab = zoo_harness::vocab_size(&run.config)?;
             let longest = seq_lens.iter().max().copied().unwrap_or(0) + decode_tokens;
-            run.config
-                .footprint_at(vocab, batch, longest)
-                .check(env.memory_limit(), &format!("bench at T = {longest}"))?;
+            // Without the training step, only inference has to fit (weights, one forward, the cache).
+            let footprint = if *skip_train {
+                run.config.inference_footprint_at(vocab, batch, longest)
+            } else {
+                run.config.footprint_at(vocab, batch, longest)
+            };
+            footprint.check(env.memory_limit(), &format!("bench at T = {longest}"))?;
             let o = bench::BenchOpts {
                 seq_lens: seq_lens.clone(),
                 batch,

@@ -118,6 +118,26 @@ fn absurd_sizes_are_refused_before_any_allocation() {
     }
 }
 
+/// `zoo bench --skip-train` checks the inference footprint: the 8L/512 model's decode at B = 32,
+/// T = 4096 (issue 11's decode shape, refused on the 139 GiB H200 by the training estimate of
+/// ~520 GiB) fits, while a training step at that shape is still refused, and inference at a
+/// length whose T×T scores alone exceed the limit is refused too.
+#[test]
+fn inference_is_checked_against_its_own_footprint() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = std::fs::read_to_string(root.join("configs/bench-baseline.toml")).unwrap();
+    let run = config::plan(&text, &root).unwrap().remove(0);
+    let vocab = zoo_harness::vocab_size(&run.config).unwrap();
+    let h200 = 139.8 * (1u64 << 30) as f64;
+    let (train, infer) = (run.config.footprint_at(vocab, 32, 4128), run.config.inference_footprint_at(vocab, 32, 4128));
+    assert!(train.check(h200, "bench").is_err(), "{train:?}");
+    assert!(infer.check(h200, "bench").is_ok(), "{infer:?}");
+    assert_eq!(train.params, infer.params);
+    assert!(infer.weight_bytes * 4.0 == train.weight_bytes && infer.activation_bytes < train.activation_bytes / 10.0);
+    let e = format!("{}", run.config.inference_footprint_at(vocab, 32, 1 << 17).check(h200, "bench").unwrap_err());
+    assert!(e.contains("train.batch_size / sequence length") && e.contains("--max-memory"), "{e}");
+}
+
 /// lr = 10 keeps the loss finite but far above where it started: the loss rule catches it and the
 /// result records the divergence.
 #[test]

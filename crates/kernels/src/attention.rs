@@ -61,6 +61,21 @@ impl FlashOpts {
     }
 }
 
+/// Which attention kernel set 16-bit prefill and training use on CUDA, from the environment:
+/// `mma` (the default: `mma.sync` with register tiles at head dims 32-128, WMMA at other head
+/// dims), `wmma` (ZOO_FLASH_MMA=0) or `simt` (ZOO_FLASH_TC=0: the CUDA-core kernels). Decoding
+/// steps and f32 always take the CUDA-core kernels. Result JSONs record it beside `kernels`.
+pub fn flash_kernel_set() -> &'static str {
+    let off = |var: &str| std::env::var(var).is_ok_and(|v| v == "0");
+    if off("ZOO_FLASH_TC") {
+        "simt"
+    } else if off("ZOO_FLASH_MMA") {
+        "wmma"
+    } else {
+        "mma"
+    }
+}
+
 /// Why the fused kernel cannot run on these inputs (`None`: it can): not a CUDA build, not on
 /// CUDA, `ZOO_KERNELS=naive`, dtype, head dim, head counts.
 pub fn unsupported(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<String> {
@@ -325,14 +340,16 @@ mod cuda {
     /// Tensor-core kernels unless ZOO_FLASH_TC=0 (for comparisons). They also need 16-byte aligned
     /// inputs (their 16-byte tile loads); the callers check that.
     fn tensor_cores() -> bool {
-        std::env::var("ZOO_FLASH_TC").map_or(true, |v| v != "0")
+        super::flash_kernel_set() != "simt"
     }
 
     /// The kernels on `mma.sync` with their tiles in registers (`fwd_mma`, `bwd_dq_mma`,
-    /// `bwd_dkv_mma`; head dims 32-128) instead of WMMA through shared memory (`*_tc`) when
-    /// ZOO_FLASH_MMA=1: opt-in until their tests have passed on the GPU.
+    /// `bwd_dkv_mma`; head dims 32-128) instead of WMMA through shared memory (`*_tc`), unless
+    /// ZOO_FLASH_MMA=0 (for comparisons). Default since their check passed on the H200 (build
+    /// dc36ff4) and they ran 3.7-4.7x the WMMA kernels' forward TFLOP/s
+    /// (results/bench/attention-h200.json).
     fn mma_kernels(d: usize) -> bool {
-        matches!(d, 32 | 64 | 96 | 128) && std::env::var("ZOO_FLASH_MMA").is_ok_and(|v| v == "1")
+        matches!(d, 32 | 64 | 96 | 128) && super::flash_kernel_set() == "mma"
     }
 
     fn params(o: &FlashOpts, n: &Dims) -> Result<Params> {
