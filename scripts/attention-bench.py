@@ -4,8 +4,9 @@
 machine, one command; causal, bf16; forward and forward + backward (loss sum(O * W)). FLOPs as
 FlashAttention-2 counts them: forward 4*B*H*T^2*d / 2 (causal), forward + backward 3.5x that.
 Times are medians of ITERS runs after 2 warm-ups, each synchronised (wall clock around
-synchronised calls, as `zoo bench-attention` times itself). zoo runs twice: with the default
-mma.sync kernels (`fused`) and with ZOO_FLASH_MMA=0 (the older WMMA kernels, `fused_wmma`).
+synchronised calls, as `zoo bench-attention` times itself). zoo runs three times: with the default
+mma.sync kernels (`fused`), with ZOO_FLASH_MMA=0 (the older WMMA kernels, `fused_wmma`) and with
+ZOO_FLASH_MMA=2 (the mma.sync kernels with ldmatrix loads and unmasked interior tiles, `fused_mma2`).
 (results/bench/attention-h200.json from build dc36ff4 predates the switch: there `fused` is WMMA
 and `fused_mma` the mma.sync kernels.)
 
@@ -59,18 +60,20 @@ def main():
             raise SystemExit(f"zoo bench-attention failed: {z.stderr}")
         return json.loads(z.stdout)
     zoo = zoo_run({})
-    # The WMMA kernels (*_tc) beside the default mma.sync ones, in the same command.
-    wmma = zoo_run({"ZOO_FLASH_MMA": "0"})
+    # The WMMA kernels (*_tc) and the ldmatrix mma.sync kernels (mma2) beside the default mma.sync
+    # ones, in the same command.
+    others = {"fused_wmma": zoo_run({"ZOO_FLASH_MMA": "0"}), "fused_mma2": zoo_run({"ZOO_FLASH_MMA": "2"})}
     rows = []
-    for (b, h, t, d), zr, zw in zip(SHAPES, zoo["shapes"], wmma["shapes"]):
+    for n, ((b, h, t, d), zr) in enumerate(zip(SHAPES, zoo["shapes"])):
         fwd, both = sdpa_times(b, h, t, d, a.iters)
         flops = zr["fwd_flops"]
         row = dict(zr)
-        if "fused" in zw:
-            row["fused_wmma"] = zw["fused"]
+        for label, z in others.items():
+            if "fused" in z["shapes"][n]:
+                row[label] = z["shapes"][n]["fused"]
         row["sdpa"] = {"fwd_seconds": fwd, "fwd_bwd_seconds": both,
                        "fwd_tflops": flops / fwd / 1e12, "fwd_bwd_tflops": 3.5 * flops / both / 1e12}
-        for impl in ("fused", "fused_wmma", "composition"):
+        for impl in ("fused", "fused_wmma", "fused_mma2", "composition"):
             if row.get(impl, {}).get("fwd_seconds"):
                 row[f"{impl}/sdpa"] = {"fwd": fwd / row[impl]["fwd_seconds"],
                                        "fwd_bwd": both / row[impl]["fwd_bwd_seconds"]}

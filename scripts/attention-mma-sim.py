@@ -4,12 +4,17 @@ tiles with padded rows, warps in lockstep between barriers, and mma.m16n8k16 ass
 and C fragments as the PTX ISA lays them out (lane l: group g = l / 4, t = l % 4; A rows g, g + 8
 and columns 2t, 2t + 1, 2t + 8, 2t + 9; B rows 2t, 2t + 1, 2t + 8, 2t + 9 of column g; C rows g,
 g + 8, columns 2t, 2t + 1). Each case is compared, in float64, with numpy attention and its
-gradients under the same masks (causal, windows, sinks, prefill offsets, GQA). A mistyped index
-fails it (e.g. reading V's next-but-one row gives O errors ~1). It cannot catch a misreading of
+gradients under the same masks (causal, windows, sinks, prefill offsets, GQA). The fragment loads
+are emulated as the kernels issue them, `ldmatrix` (x4, x2, x2.trans) with the kernels' per-lane
+row addresses, and each fragment is checked against the same one from plain 32/16-bit loads; the
+ldmatrix rows are checked for 16-byte alignment and bank conflicts. Tiles that the kernels run
+without a mask (`tile_visible`) run without one here too, and the script asserts that each kernel
+took that path at least once. A mistyped index fails it (e.g. reading V's next-but-one row gives O
+errors ~1; dropping the window from `tile_visible` gives errors ~0.1 in the wide-window case). It cannot catch a misreading of
 the fragment layouts themselves, nor anything about the GPU (alignment, shared-memory sizes, the
 asm): crates/core/tests/flash.rs on the GPU does that.
 
-    python3 scripts/attention-mma-sim.py        (numpy; about 10 s)
+    python3 scripts/attention-mma-sim.py        (numpy; about 20 s)
 """
 import numpy as np
 
@@ -87,9 +92,7 @@ def fwd_mma(q, k, v, p, D):
             st = {}
             for w in range(TC_WARPS):
                 qw = w * 16 * LD
-                qa = [[ld32(qs, qw + G * LD + kk * 16 + 2 * T4), ld32(qs, qw + (G + 8) * LD + kk * 16 + 2 * T4),
-                       ld32(qs, qw + G * LD + kk * 16 + 8 + 2 * T4), ld32(qs, qw + (G + 8) * LD + kk * 16 + 8 + 2 * T4)]
-                      for kk in range(D // 16)]
+                qa = [load_a(qs, w * 16, kk * 16, LD) for kk in range(D // 16)]
                 st[w] = dict(qa=qa, oacc=[np.zeros((32, 4)) for _ in range(DT)], m0=np.full(32, -np.inf),
                              m1=np.full(32, -np.inf), l0=np.zeros(32), l1=np.zeros(32))
             for part in range(2):
@@ -102,13 +105,16 @@ def fwd_mma(q, k, v, p, D):
                         sc = p.scale * LOG2E
                         s = [np.zeros((32, 4)) for _ in range(NT)]
                         for j in range(NT):
-                            kr = (j * 8 + G) * LD + 2 * T4
                             for kk in range(D // 16):
-                                s[j] = mma(s[j], S['qa'][kk], [ld32(ks, kr + kk * 16), ld32(ks, kr + kk * 16 + 8)])
+                                s[j] = mma(s[j], S['qa'][kk], load_b_cols(ks, j * 8, kk * 16, LD))
                         mx0, mx1 = S['m0'].copy(), S['m1'].copy()
+                        full = tile_visible(p, i0 + w * 16, i0 + w * 16 + 16, c0, c0 + TC_BC, to)
+                        FULL["fwd"] += full
                         for j in range(NT):
                             for e in range(2):
-                                for l in range(32):
+                                if full:
+                                    s[j][:, e] *= sc; s[j][:, 2 + e] *= sc
+                                for l in range(32 if not full else 0):
                                     c = c0 + j * 8 + 2 * T4[l] + e
                                     inn = c < to
                                     s[j][l, e] = s[j][l, e] * sc if (r0[l] < p.Tq and inn and visible(p, p.q_start + r0[l], c)) else -np.inf
@@ -136,11 +142,8 @@ def fwd_mma(q, k, v, p, D):
                         for kk2 in range(TC_BC // 16):
                             pa = [pack2(s[2 * kk2][:, 0], s[2 * kk2][:, 1]), pack2(s[2 * kk2][:, 2], s[2 * kk2][:, 3]),
                                   pack2(s[2 * kk2 + 1][:, 0], s[2 * kk2 + 1][:, 1]), pack2(s[2 * kk2 + 1][:, 2], s[2 * kk2 + 1][:, 3])]
-                            vr = (kk2 * 16 + 2 * T4) * LD + G
                             for jd in range(DT):
-                                v0 = vr + jd * 8
-                                bv = [pack2(vs[v0], vs[v0 + LD]), pack2(vs[v0 + 8 * LD], vs[v0 + 9 * LD])]
-                                S['oacc'][jd] = mma(S['oacc'][jd], pa, bv)
+                                S['oacc'][jd] = mma(S['oacc'][jd], pa, load_b_rows(vs, kk2 * 16, jd * 8, LD))
             for w in range(TC_WARPS):
                 S = st[w]
                 r0 = i0 + w * 16 + G; r1 = r0 + 8
@@ -217,6 +220,8 @@ def bwd_dq_mma(q, k, v, dout, lse, dlt, p, D):
                             for j in range(NT):
                                 s[j] = mma(s[j], qa, load_b_cols(ks, j * 8, kk * 16, LD))
                                 dp[j] = mma(dp[j], oa, load_b_cols(vs, j * 8, kk * 16, LD))
+                        full = tile_visible(p, i0 + qr, i0 + qr + 16, c0, c0 + TC_BC, to)
+                        FULL["dq"] += full
                         for j in range(NT):
                             for e in range(4):
                                 for l in range(32):
@@ -224,7 +229,7 @@ def bwd_dq_mma(q, k, v, dout, lse, dlt, p, D):
                                     row1 = e >= 2
                                     i = r1[l] if row1 else r0[l]
                                     L = L1[l] if row1 else L0[l]; Di = D1[l] if row1 else D0[l]
-                                    ok = i < p.Tq and cc < to and L != -np.inf and visible(p, p.q_start + i, cc)
+                                    ok = full or (i < p.Tq and cc < to and L != -np.inf and visible(p, p.q_start + i, cc))
                                     pv = np.exp2(s[j][l, e] * sc - L) if ok else 0.0
                                     dp[j][l, e] = pv * (dp[j][l, e] - Di)
                         for kk2 in range(TC_BC // 16):
@@ -243,9 +248,33 @@ def bwd_dq_mma(q, k, v, dout, lse, dlt, p, D):
     return dq
 
 
+def ldmatrix(mem, addr, n, trans):
+    """ldmatrix.sync.aligned.m8n8.x{n}(.trans).b16: lane 8 i + r gives the element offset of row r of
+    matrix i (addr, (32,)); lane l receives, of matrix i, row l // 4 and columns 2 (l % 4) + {0, 1}
+    (.trans: rows 2 (l % 4) + {0, 1} of column l // 4). Also checks what the GPU needs: 16-byte
+    aligned rows (tiles start at offset 0 here) and the 8 rows of a matrix in distinct 4-bank groups
+    (no bank conflicts)."""
+    out = []
+    for i in range(n):
+        rows = addr[8 * i:8 * i + 8]
+        assert np.all(rows % 8 == 0), "ldmatrix row address not 16-byte aligned"
+        banks = np.concatenate([(r // 2 + np.arange(4)) % 32 for r in rows])
+        assert len(set(banks.tolist())) == 32, "ldmatrix rows share banks"
+        if trans:
+            out.append(np.stack([mem[rows[2 * T4] + G], mem[rows[2 * T4 + 1] + G]], 1))
+        else:
+            out.append(np.stack([mem[rows[G] + 2 * T4], mem[rows[G] + 2 * T4 + 1]], 1))
+    return out
+
+
+# The fragment loads of attention.cu with ZOO_LDMATRIX (ldmatrix, the kernels' address expressions),
+# each checked against the same fragment from 32- and 16-bit loads (ZOO_LDMATRIX=0).
 def load_a(mem, r, c, LD):
-    return [ld32(mem, (r + G) * LD + c + 2 * T4), ld32(mem, (r + G + 8) * LD + c + 2 * T4),
-            ld32(mem, (r + G) * LD + c + 8 + 2 * T4), ld32(mem, (r + G + 8) * LD + c + 8 + 2 * T4)]
+    a = ldmatrix(mem, (r + (lanes & 7) + ((lanes >> 3) & 1) * 8) * LD + c + (lanes >> 4) * 8, 4, False)
+    ref = [ld32(mem, (r + G) * LD + c + 2 * T4), ld32(mem, (r + G + 8) * LD + c + 2 * T4),
+           ld32(mem, (r + G) * LD + c + 8 + 2 * T4), ld32(mem, (r + G + 8) * LD + c + 8 + 2 * T4)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, ref)), "load_a: ldmatrix fragment differs"
+    return a
 
 
 def acc_to_a(lo, hi):
@@ -253,13 +282,34 @@ def acc_to_a(lo, hi):
 
 
 def load_b_rows(mem, r, n0, LD):
+    b = ldmatrix(mem, (r + (lanes & 7) + ((lanes >> 3) & 1) * 8) * LD + n0, 2, True)
     x = (r + 2 * T4) * LD + n0 + G
-    return [pack2(mem[x], mem[x + LD]), pack2(mem[x + 8 * LD], mem[x + 9 * LD])]
+    ref = [pack2(mem[x], mem[x + LD]), pack2(mem[x + 8 * LD], mem[x + 9 * LD])]
+    assert all(np.array_equal(u, w) for u, w in zip(b, ref)), "load_b_rows: ldmatrix fragment differs"
+    return b
 
 
 def load_b_cols(mem, n0, c, LD):
+    b = ldmatrix(mem, (n0 + (lanes & 7)) * LD + c + ((lanes >> 3) & 1) * 8, 2, False)
     x = (n0 + G) * LD + c + 2 * T4
-    return [ld32(mem, x), ld32(mem, x + 8)]
+    ref = [ld32(mem, x), ld32(mem, x + 8)]
+    assert all(np.array_equal(u, w) for u, w in zip(b, ref)), "load_b_cols: ldmatrix fragment differs"
+    return b
+
+
+def tile_visible(p, i_a, i_b, c_a, c_b, c_limit):
+    if i_b > p.Tq or c_b > c_limit:
+        return False
+    if c_b <= p.n_sink:
+        return True
+    if c_a < p.n_sink:
+        return False
+    kp_lo = p.k_start + c_a - p.n_sink; kp_hi = p.k_start + c_b - 1 - p.n_sink
+    qp_lo = p.q_start + i_a; qp_hi = p.q_start + i_b - 1
+    return kp_hi <= qp_lo and (p.window == 0 or qp_hi - kp_lo < p.window)
+
+
+FULL = {"fwd": 0, "dq": 0, "dkv": 0}  # tiles that skipped the mask, per kernel
 
 
 def bwd_dkv_mma(q, k, v, dout, lse, dlt, p, D):
@@ -297,12 +347,14 @@ def bwd_dkv_mma(q, k, v, dout, lse, dlt, p, D):
                                 for j in range(NQ):
                                     s[j] = mma(s[j], ka, load_b_cols(qs, qc + j * 8, kk * 16, LD))
                                     dp[j] = mma(dp[j], va, load_b_cols(dos, qc + j * 8, kk * 16, LD))
+                            full = tile_visible(p, i0 + qc, i0 + qc + QH, c0 + kr, c0 + kr + 16, p.Tk)
+                            FULL["dkv"] += full
                             for j in range(NQ):
                                 for e in range(4):
                                     for l in range(32):
                                         jq = qc + j * 8 + 2 * T4[l] + (e & 1); i = i0 + jq; c = ck0[l] if e < 2 else ck1[l]
                                         L = ls[jq]
-                                        ok = c < p.Tk and i < p.Tq and L != -np.inf and visible(p, p.q_start + i, c)
+                                        ok = full or (c < p.Tk and i < p.Tq and L != -np.inf and visible(p, p.q_start + i, c))
                                         pv = np.exp2(s[j][l, e] * sc - L) if ok else 0.0
                                         s[j][l, e] = pv; dp[j][l, e] = pv * (dp[j][l, e] - dl[jq])
                             for kk2 in range(QH // 16):
@@ -347,3 +399,8 @@ case(1, 2, 1, 40, 43, 32, 0, 0, 3, 0)        # sinks (3 sink columns + 40 keys)
 case(1, 1, 1, 1, 30, 64, 29, 0, 0, 0)        # one query (decode-like)
 case(2, 4, 2, 130, 130, 64, 0, 0, 0, 0)      # two batches, 3 query blocks, D 64
 case(1, 2, 1, 66, 66, 96, 0, 0, 2, 0)        # D 96 with sinks
+case(1, 2, 1, 200, 200, 32, 0, 0, 0, 150)    # wide window: tiles inside it skip the mask, others not
+case(1, 2, 2, 64, 192, 64, 128, 0, 64, 0)    # 64 sink slots (a sink-only tile) and a prefill offset
+case(1, 1, 1, 128, 128, 128, 0, 0, 0, 0)     # D 128
+print("tiles that skipped the mask:", FULL)
+assert min(FULL.values()) > 0

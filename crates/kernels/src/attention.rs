@@ -63,16 +63,20 @@ impl FlashOpts {
 
 /// Which attention kernel set 16-bit prefill and training use on CUDA, from the environment:
 /// `mma` (the default: `mma.sync` with register tiles at head dims 32-128, WMMA at other head
-/// dims), `wmma` (ZOO_FLASH_MMA=0) or `simt` (ZOO_FLASH_TC=0: the CUDA-core kernels). Decoding
-/// steps and f32 always take the CUDA-core kernels. Result JSONs record it beside `kernels`.
+/// dims), `mma2` (ZOO_FLASH_MMA=2: the same with `ldmatrix` fragment loads and no mask on the tiles
+/// a warp sees whole; opt-in until its check has passed on the GPU), `wmma` (ZOO_FLASH_MMA=0) or
+/// `simt` (ZOO_FLASH_TC=0: the CUDA-core kernels). Decoding steps and f32 always take the
+/// CUDA-core kernels. Result JSONs record it beside `kernels`.
 pub fn flash_kernel_set() -> &'static str {
-    let off = |var: &str| std::env::var(var).is_ok_and(|v| v == "0");
-    if off("ZOO_FLASH_TC") {
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    if var("ZOO_FLASH_TC") == "0" {
         "simt"
-    } else if off("ZOO_FLASH_MMA") {
-        "wmma"
     } else {
-        "mma"
+        match var("ZOO_FLASH_MMA").as_str() {
+            "0" => "wmma",
+            "2" => "mma2",
+            _ => "mma",
+        }
     }
 }
 
@@ -349,7 +353,16 @@ mod cuda {
     /// dc36ff4) and they ran 3.7-4.7x the WMMA kernels' forward TFLOP/s
     /// (results/bench/attention-h200.json).
     fn mma_kernels(d: usize) -> bool {
-        matches!(d, 32 | 64 | 96 | 128) && super::flash_kernel_set() == "mma"
+        matches!(d, 32 | 64 | 96 | 128) && matches!(super::flash_kernel_set(), "mma" | "mma2")
+    }
+
+    /// The name part of the mma.sync kernels in use: `mma_` or `mma2_` (ZOO_FLASH_MMA=2).
+    fn mma_kind() -> &'static str {
+        if super::flash_kernel_set() == "mma2" {
+            "mma2_"
+        } else {
+            "mma_"
+        }
     }
 
     fn params(o: &FlashOpts, n: &Dims) -> Result<Params> {
@@ -405,7 +418,7 @@ mod cuda {
         let (qp, kp, vp) = (storage_addr(q.0, q.1)?, storage_addr(k.0, k.1)?, storage_addr(v.0, v.1)?);
         let tc = dt != DType::F32 && n.tq > ROWS && tensor_cores() && [qp, kp, vp].iter().all(|p| p % 16 == 0);
         let mma = tc && mma_kernels(n.d);
-        let kind = if mma { "mma_" } else if tc { "tc_" } else { "" };
+        let kind = if mma { mma_kind() } else if tc { "tc_" } else { "" };
         let name = format!("zoo_flash_fwd_{kind}{}_{}", suffix(dt)?, n.d);
         let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let launch = if tc {
@@ -472,7 +485,7 @@ mod cuda {
         // Tensor cores for 16-bit inputs with d <= 128 (shared memory of larger tiles does not fit).
         let tc = dt != DType::F32 && n.d <= 128 && tensor_cores() && [qp, kp, vp, gp].iter().all(|p| p % 16 == 0);
         let mma = tc && mma_kernels(n.d);
-        let t = if mma { "mma_" } else if tc { "tc_" } else { "" };
+        let t = if mma { mma_kind() } else if tc { "tc_" } else { "" };
         let fq = dev.get_or_load_custom_func(&format!("zoo_flash_dq_{t}{s}_{}", n.d), MODULE, PTX)?;
         let fkv = dev.get_or_load_custom_func(&format!("zoo_flash_dkv_{t}{s}_{}", n.d), MODULE, PTX)?;
         let (cq, ckv) = if tc {

@@ -679,9 +679,89 @@ __device__ __forceinline__ void load_rows_ld(T* dst, const T* src, int first, in
     }
 }
 
+// Fragments from shared-memory tiles. With LDSM (the mma2 kernels) each is one `ldmatrix` (x4 for
+// A; x2, or x2.trans for B from a row-major k x n tile): lane l gives the address of row l % 8 of
+// matrix l / 8 and receives, of matrix i, row l / 4 and columns 2 (l % 4) + {0, 1} (.trans: rows
+// 2 (l % 4) + {0, 1} of column l / 4), which is the mma.m16n8k16 fragment layout. Without it (the
+// mma kernels), the same fragments come from 32- and 16-bit loads; scripts/attention-mma-sim.py
+// checks the ldmatrix addressing against them. Row addresses are
+// 16-byte aligned (tiles start 16-byte aligned, LD = D + 8 elements, columns at multiples of 8),
+// and the 8 rows of a matrix (strides of 20, 36, 52, 68 words at D = 32, 64, 96, 128) fall in
+// distinct 4-bank groups, so each ldmatrix is conflict-free.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// The A fragment (16 x 16, row-major) at rows r..r+16, columns c..c+16 of a tile with stride LD.
+template <typename T, int LD, bool LDSM>
+__device__ __forceinline__ void load_a(uint32_t* a, const T* base, int r, int c, int g, int t4) {
+    if constexpr (LDSM) {
+        const int l = threadIdx.x & 31;
+        const T* x = base + (r + (l & 7) + ((l >> 3) & 1) * 8) * LD + c + (l >> 4) * 8;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                     : "r"(smem_addr(x)));
+    } else {
+        a[0] = ld32(base + (r + g) * LD + c + 2 * t4);
+        a[1] = ld32(base + (r + g + 8) * LD + c + 2 * t4);
+        a[2] = ld32(base + (r + g) * LD + c + 8 + 2 * t4);
+        a[3] = ld32(base + (r + g + 8) * LD + c + 8 + 2 * t4);
+    }
+}
+// The A fragment of a 16-wide k step from two accumulator tiles (16 x 8 each) held as f32.
+template <typename T>
+__device__ __forceinline__ void acc_to_a(uint32_t* a, const float* lo, const float* hi) {
+    a[0] = pack2<T>(lo[0], lo[1]);
+    a[1] = pack2<T>(lo[2], lo[3]);
+    a[2] = pack2<T>(hi[0], hi[1]);
+    a[3] = pack2<T>(hi[2], hi[3]);
+}
+// The B fragment (16 x 8) whose k runs down the rows r..r+16 of a row-major tile (stride LD) and
+// whose n is columns n0..n0+8: pairs of rows packed.
+template <typename T, int LD, bool LDSM>
+__device__ __forceinline__ void load_b_rows(uint32_t* b, const T* base, int r, int n0, int g, int t4) {
+    if constexpr (LDSM) {
+        const int l = threadIdx.x & 31;
+        const T* x = base + (r + (l & 7) + ((l >> 3) & 1) * 8) * LD + n0;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                     : "=r"(b[0]), "=r"(b[1])
+                     : "r"(smem_addr(x)));
+    } else {
+        const T* x = base + (r + 2 * t4) * LD + n0 + g;
+        b[0] = pack_raw<T>(x[0], x[LD]);
+        b[1] = pack_raw<T>(x[8 * LD], x[9 * LD]);
+    }
+}
+// The B fragment (16 x 8) whose k runs along the columns c..c+16 of rows n0..n0+8 (a transposed
+// operand: B[k][n] = tile[n0 + n][c + k]).
+template <typename T, int LD, bool LDSM>
+__device__ __forceinline__ void load_b_cols(uint32_t* b, const T* base, int n0, int c, int g, int t4) {
+    if constexpr (LDSM) {
+        const int l = threadIdx.x & 31;
+        const T* x = base + (n0 + (l & 7)) * LD + c + ((l >> 3) & 1) * 8;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                     : "=r"(b[0]), "=r"(b[1])
+                     : "r"(smem_addr(x)));
+    } else {
+        const T* x = base + (n0 + g) * LD + c + 2 * t4;
+        b[0] = ld32(x);
+        b[1] = ld32(x + 8);
+    }
+}
+
+// Whether the warp's query rows [i_a, i_b) see every key column of [c_a, c_b), all of them real
+// (i_b <= Tq, c_b <= c_limit): then the tile needs no mask. Sink-only tiles and tiles wholly
+// below the causal diagonal and inside the window qualify; mixed sink/key tiles take the mask.
+__device__ __forceinline__ bool tile_visible(const Params& p, int i_a, int i_b, int c_a, int c_b, int c_limit) {
+    if (i_b > p.Tq || c_b > c_limit) return false;
+    if (c_b <= p.n_sink) return true;
+    if (c_a < p.n_sink) return false;
+    const int kp_lo = p.k_start + c_a - p.n_sink, kp_hi = p.k_start + c_b - 1 - p.n_sink;
+    const int qp_lo = p.q_start + i_a, qp_hi = p.q_start + i_b - 1;
+    return kp_hi <= qp_lo && (p.window == 0 || qp_hi - kp_lo < p.window);
+}
+
 // Forward. grid (ceil(Tq / 64), B * H), 128 threads; shared memory 3 * 64 * (D + 8) elements.
-template <typename T, int D>
-__device__ void fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
+template <typename T, int D, bool V2>
+__device__ void fwd_mma_impl(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                         float* __restrict__ lse, Params p) {
     constexpr int LD = D + MMA_PAD;
     constexpr int NT = TC_BC / 8;  // 8-key tiles of S
@@ -699,14 +779,8 @@ __device__ void fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const 
     load_rows_ld<T, D, LD>(qs, q + (size_t)bh * p.Tq * D, i0, TC_BR, p.Tq, tid, nth);
     __syncthreads();
     uint32_t qa[D / 16][4];
-    const T* qw = qs + warp * 16 * LD;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-        qa[kk][0] = ld32(qw + g * LD + kk * 16 + 2 * t4);
-        qa[kk][1] = ld32(qw + (g + 8) * LD + kk * 16 + 2 * t4);
-        qa[kk][2] = ld32(qw + g * LD + kk * 16 + 8 + 2 * t4);
-        qa[kk][3] = ld32(qw + (g + 8) * LD + kk * 16 + 8 + 2 * t4);
-    }
+    for (int kk = 0; kk < D / 16; kk++) load_a<T, LD, V2>(qa[kk], qs, warp * 16, kk * 16, g, t4);
     float oacc[DT][4];
 #pragma unroll
     for (int jd = 0; jd < DT; jd++) oacc[jd][0] = oacc[jd][1] = oacc[jd][2] = oacc[jd][3] = 0.f;
@@ -729,24 +803,38 @@ __device__ void fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const 
 #pragma unroll
             for (int j = 0; j < NT; j++) {
                 s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-                const T* kr = ks + (j * 8 + g) * LD + 2 * t4;
 #pragma unroll
                 for (int kk = 0; kk < D / 16; kk++) {
-                    const uint32_t bk[2] = {ld32(kr + kk * 16), ld32(kr + kk * 16 + 8)};
+                    uint32_t bk[2];
+                    load_b_cols<T, LD, V2>(bk, ks, j * 8, kk * 16, g, t4);
                     mma16816<T>(s[j], qa[kk], bk);
                 }
             }
             float mx0 = m0, mx1 = m1;
+            // The mask only where the warp's 16 rows do not see the whole tile (warp-uniform).
+            if (V2 && tile_visible(p, i0 + warp * 16, i0 + warp * 16 + 16, c0, c0 + TC_BC, to)) {
 #pragma unroll
-            for (int j = 0; j < NT; j++) {
+                for (int j = 0; j < NT; j++) {
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int c = c0 + j * 8 + 2 * t4 + e;
-                    const bool in = c < to;
-                    s[j][e] = live0 && in && visible(p, qp0, c) ? s[j][e] * sc : -INFINITY;
-                    s[j][2 + e] = live1 && in && visible(p, qp1, c) ? s[j][2 + e] * sc : -INFINITY;
-                    mx0 = fmaxf(mx0, s[j][e]);
-                    mx1 = fmaxf(mx1, s[j][2 + e]);
+                    for (int e = 0; e < 2; e++) {
+                        s[j][e] *= sc;
+                        s[j][2 + e] *= sc;
+                        mx0 = fmaxf(mx0, s[j][e]);
+                        mx1 = fmaxf(mx1, s[j][2 + e]);
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int c = c0 + j * 8 + 2 * t4 + e;
+                        const bool in = c < to;
+                        s[j][e] = live0 && in && visible(p, qp0, c) ? s[j][e] * sc : -INFINITY;
+                        s[j][2 + e] = live1 && in && visible(p, qp1, c) ? s[j][2 + e] * sc : -INFINITY;
+                        mx0 = fmaxf(mx0, s[j][e]);
+                        mx1 = fmaxf(mx1, s[j][2 + e]);
+                    }
                 }
             }
             mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
@@ -787,11 +875,10 @@ __device__ void fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const 
                 const uint32_t pa[4] = {pack2<T>(s[2 * kk2][0], s[2 * kk2][1]), pack2<T>(s[2 * kk2][2], s[2 * kk2][3]),
                                         pack2<T>(s[2 * kk2 + 1][0], s[2 * kk2 + 1][1]),
                                         pack2<T>(s[2 * kk2 + 1][2], s[2 * kk2 + 1][3])};
-                const T* vr = vs + (kk2 * 16 + 2 * t4) * LD + g;
 #pragma unroll
                 for (int jd = 0; jd < DT; jd++) {
-                    const T* v0 = vr + jd * 8;
-                    const uint32_t bv[2] = {pack_raw<T>(v0[0], v0[LD]), pack_raw<T>(v0[8 * LD], v0[9 * LD])};
+                    uint32_t bv[2];
+                    load_b_rows<T, LD, V2>(bv, vs, kk2 * 16, jd * 8, g, t4);
                     mma16816<T>(oacc[jd], pa, bv);
                 }
             }
@@ -819,42 +906,9 @@ __device__ void fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const 
 // dQ: a warp owns 16 queries and walks key tiles of 64. A operands that are not accumulators
 // (K_w, V_w, Q_w, dO_w) are read from shared memory at each use.
 
-// The A fragment (16 x 16, row-major) at rows r..r+16, columns c..c+16 of a tile with stride LD.
-template <typename T, int LD>
-__device__ __forceinline__ void load_a(uint32_t* a, const T* base, int r, int c, int g, int t4) {
-    a[0] = ld32(base + (r + g) * LD + c + 2 * t4);
-    a[1] = ld32(base + (r + g + 8) * LD + c + 2 * t4);
-    a[2] = ld32(base + (r + g) * LD + c + 8 + 2 * t4);
-    a[3] = ld32(base + (r + g + 8) * LD + c + 8 + 2 * t4);
-}
-// The A fragment of a 16-wide k step from two accumulator tiles (16 x 8 each) held as f32.
-template <typename T>
-__device__ __forceinline__ void acc_to_a(uint32_t* a, const float* lo, const float* hi) {
-    a[0] = pack2<T>(lo[0], lo[1]);
-    a[1] = pack2<T>(lo[2], lo[3]);
-    a[2] = pack2<T>(hi[0], hi[1]);
-    a[3] = pack2<T>(hi[2], hi[3]);
-}
-// The B fragment (16 x 8) whose k runs down the rows r..r+16 of a row-major tile (stride LD) and
-// whose n is columns n0..n0+8: pairs of rows packed.
-template <typename T, int LD>
-__device__ __forceinline__ void load_b_rows(uint32_t* b, const T* base, int r, int n0, int g, int t4) {
-    const T* x = base + (r + 2 * t4) * LD + n0 + g;
-    b[0] = pack_raw<T>(x[0], x[LD]);
-    b[1] = pack_raw<T>(x[8 * LD], x[9 * LD]);
-}
-// The B fragment (16 x 8) whose k runs along the columns c..c+16 of rows n0..n0+8 (a transposed
-// operand: B[k][n] = tile[n0 + n][c + k]).
-template <typename T, int LD>
-__device__ __forceinline__ void load_b_cols(uint32_t* b, const T* base, int n0, int c, int g, int t4) {
-    const T* x = base + (n0 + g) * LD + c + 2 * t4;
-    b[0] = ld32(x);
-    b[1] = ld32(x + 8);
-}
-
 // The two products of a backward tile: s[j] = A1 B1^T and dp[j] = A2 B2^T, where A1, A2 are rows
 // r .. r + 16 of the tiles a1, a2 and B1, B2 rows n0 + 8j .. n0 + 8j + 8 of b1, b2 (k over D).
-template <typename T, int D, int LD, int N>
+template <typename T, int D, int LD, int N, bool V2>
 __device__ __forceinline__ void two_products(float (*s)[4], float (*dp)[4], const T* a1, const T* a2, int r, const T* b1,
                                              const T* b2, int n0, int g, int t4) {
 #pragma unroll
@@ -865,13 +919,13 @@ __device__ __forceinline__ void two_products(float (*s)[4], float (*dp)[4], cons
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         uint32_t x1[4], x2[4];
-        load_a<T, LD>(x1, a1, r, kk * 16, g, t4);
-        load_a<T, LD>(x2, a2, r, kk * 16, g, t4);
+        load_a<T, LD, V2>(x1, a1, r, kk * 16, g, t4);
+        load_a<T, LD, V2>(x2, a2, r, kk * 16, g, t4);
 #pragma unroll
         for (int j = 0; j < N; j++) {
             uint32_t y1[2], y2[2];
-            load_b_cols<T, LD>(y1, b1, n0 + j * 8, kk * 16, g, t4);
-            load_b_cols<T, LD>(y2, b2, n0 + j * 8, kk * 16, g, t4);
+            load_b_cols<T, LD, V2>(y1, b1, n0 + j * 8, kk * 16, g, t4);
+            load_b_cols<T, LD, V2>(y2, b2, n0 + j * 8, kk * 16, g, t4);
             mma16816<T>(s[j], x1, y1);
             mma16816<T>(dp[j], x2, y2);
         }
@@ -880,8 +934,8 @@ __device__ __forceinline__ void two_products(float (*s)[4], float (*dp)[4], cons
 
 // dK, dV. grid (ceil(Tk / 64), B * Hkv), 128 threads; shared memory 4 * 64 * (D + 8) elements and
 // 128 floats.
-template <typename T, int D>
-__device__ void bwd_dkv_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+template <typename T, int D, bool V2>
+__device__ void bwd_dkv_mma_impl(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                             const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dlt,
                             float* __restrict__ dk, float* __restrict__ dv, Params p) {
     constexpr int LD = D + MMA_PAD;
@@ -933,7 +987,9 @@ __device__ void bwd_dkv_mma(const T* __restrict__ q, const T* __restrict__ k, co
             for (int hq = 0; hq < TC_BR / QH; hq++) {
                 const int qc = hq * QH;  // the half's first query row in the tile
                 float s[NQ][4], dp[NQ][4];
-                two_products<T, D, LD, NQ>(s, dp, ks, vs, kr, qs, dos, qc, g, t4);  // S^T = K_w Q^T, dP^T = V_w dO^T
+                two_products<T, D, LD, NQ, V2>(s, dp, ks, vs, kr, qs, dos, qc, g, t4);  // S^T = K_w Q^T, dP^T = V_w dO^T
+                // No mask where the half's 32 queries see all of the warp's 16 keys (warp-uniform).
+                const bool full = V2 && tile_visible(p, i0 + qc, i0 + qc + QH, c0 + kr, c0 + kr + 16, p.Tk);
                 // P^T and dS^T = P^T (dP^T - D_i), in place.
 #pragma unroll
                 for (int j = 0; j < NQ; j++) {
@@ -941,7 +997,7 @@ __device__ void bwd_dkv_mma(const T* __restrict__ q, const T* __restrict__ k, co
                     for (int e = 0; e < 4; e++) {
                         const int jq = qc + j * 8 + 2 * t4 + (e & 1), i = i0 + jq, c = e < 2 ? ck0 : ck1;
                         const float L = ls[jq];
-                        const bool ok = c < p.Tk && i < p.Tq && L != -INFINITY && visible(p, p.q_start + i, c);
+                        const bool ok = full || (c < p.Tk && i < p.Tq && L != -INFINITY && visible(p, p.q_start + i, c));
                         const float pv = ok ? exp2f(s[j][e] * sc - L) : 0.f;
                         s[j][e] = pv;
                         dp[j][e] = pv * (dp[j][e] - dl[jq]);
@@ -956,8 +1012,8 @@ __device__ void bwd_dkv_mma(const T* __restrict__ q, const T* __restrict__ k, co
 #pragma unroll
                     for (int jd = 0; jd < DT; jd++) {
                         uint32_t bo[2], bq[2];
-                        load_b_rows<T, LD>(bo, dos, qc + kk2 * 16, jd * 8, g, t4);
-                        load_b_rows<T, LD>(bq, qs, qc + kk2 * 16, jd * 8, g, t4);
+                        load_b_rows<T, LD, V2>(bo, dos, qc + kk2 * 16, jd * 8, g, t4);
+                        load_b_rows<T, LD, V2>(bq, qs, qc + kk2 * 16, jd * 8, g, t4);
                         mma16816<T>(dva[jd], pa, bo);
                         mma16816<T>(dka[jd], da, bq);
                     }
@@ -983,8 +1039,8 @@ __device__ void bwd_dkv_mma(const T* __restrict__ q, const T* __restrict__ k, co
 
 // dQ. grid (ceil(Tq / 64), B * H), 128 threads; shared memory 4 * 64 * (D + 8) elements and 128
 // floats.
-template <typename T, int D>
-__device__ void bwd_dq_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+template <typename T, int D, bool V2>
+__device__ void bwd_dq_mma_impl(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                            const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dlt,
                            float* __restrict__ dq, Params p) {
     constexpr int LD = D + MMA_PAD;
@@ -1029,7 +1085,9 @@ __device__ void bwd_dq_mma(const T* __restrict__ q, const T* __restrict__ k, con
             load_rows_ld<T, D, LD>(vs, vb, c0, TC_BC, to, tid, nth);
             __syncthreads();
             float s[NT][4], dp[NT][4];
-            two_products<T, D, LD, NT>(s, dp, qs, dos, qr, ks, vs, 0, g, t4);  // S = Q_w K^T, dP = dO_w V^T
+            two_products<T, D, LD, NT, V2>(s, dp, qs, dos, qr, ks, vs, 0, g, t4);  // S = Q_w K^T, dP = dO_w V^T
+            // No mask where the warp's 16 queries see the whole key tile (warp-uniform).
+            const bool full = V2 && tile_visible(p, i0 + qr, i0 + qr + 16, c0, c0 + TC_BC, to);
 #pragma unroll
             for (int j = 0; j < NT; j++) {
 #pragma unroll
@@ -1038,7 +1096,7 @@ __device__ void bwd_dq_mma(const T* __restrict__ q, const T* __restrict__ k, con
                     const bool row1 = e >= 2;
                     const int i = row1 ? r1 : r0;
                     const float L = row1 ? L1 : L0, Di = row1 ? D1 : D0;
-                    const bool ok = i < p.Tq && cc < to && L != -INFINITY && visible(p, p.q_start + i, cc);
+                    const bool ok = full || (i < p.Tq && cc < to && L != -INFINITY && visible(p, p.q_start + i, cc));
                     const float pv = ok ? exp2f(s[j][e] * sc - L) : 0.f;
                     dp[j][e] = pv * (dp[j][e] - Di);
                 }
@@ -1051,7 +1109,7 @@ __device__ void bwd_dq_mma(const T* __restrict__ q, const T* __restrict__ k, con
 #pragma unroll
                 for (int jd = 0; jd < DT; jd++) {
                     uint32_t bk2[2];
-                    load_b_rows<T, LD>(bk2, ks, kk2 * 16, jd * 8, g, t4);
+                    load_b_rows<T, LD, V2>(bk2, ks, kk2 * 16, jd * 8, g, t4);
                     mma16816<T>(dqa[jd], da, bk2);
                 }
             }
@@ -1067,9 +1125,44 @@ __device__ void bwd_dq_mma(const T* __restrict__ q, const T* __restrict__ k, con
     }
 }
 
-#define MMA_ALL(T, NAME)                                                                                      \
-    FWD_KERNEL(mma, T, NAME, 32) FWD_KERNEL(mma, T, NAME, 64) FWD_KERNEL(mma, T, NAME, 96)                   \
-    FWD_KERNEL(mma, T, NAME, 128) BWD_KERNELS(mma, T, NAME, 32) BWD_KERNELS(mma, T, NAME, 64)                \
-    BWD_KERNELS(mma, T, NAME, 96) BWD_KERNELS(mma, T, NAME, 128)
-MMA_ALL(__nv_bfloat16, bf16)
-MMA_ALL(__half, f16)
+// Two builds of the mma.sync kernels: mma (fragments from 32/16-bit shared loads, a mask on every
+// tile: the kernels checked on the H200 at dc36ff4) and mma2 (fragments by ldmatrix, and no mask on
+// the tiles a warp sees whole, `tile_visible`), selected at run time (ZOO_FLASH_MMA=2) until mma2
+// has passed the same check.
+template <typename T, int D>
+__device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Params p) {
+    fwd_mma_impl<T, D, false>(q, k, v, o, lse, p);
+}
+template <typename T, int D>
+__device__ void fwd_mma2(const T* q, const T* k, const T* v, T* o, float* lse, Params p) {
+    fwd_mma_impl<T, D, true>(q, k, v, o, lse, p);
+}
+template <typename T, int D>
+__device__ void bwd_dkv_mma(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dlt,
+                            float* dk, float* dv, Params p) {
+    bwd_dkv_mma_impl<T, D, false>(q, k, v, dout, lse, dlt, dk, dv, p);
+}
+template <typename T, int D>
+__device__ void bwd_dkv_mma2(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dlt,
+                             float* dk, float* dv, Params p) {
+    bwd_dkv_mma_impl<T, D, true>(q, k, v, dout, lse, dlt, dk, dv, p);
+}
+template <typename T, int D>
+__device__ void bwd_dq_mma(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dlt,
+                           float* dq, Params p) {
+    bwd_dq_mma_impl<T, D, false>(q, k, v, dout, lse, dlt, dq, p);
+}
+template <typename T, int D>
+__device__ void bwd_dq_mma2(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* dlt,
+                            float* dq, Params p) {
+    bwd_dq_mma_impl<T, D, true>(q, k, v, dout, lse, dlt, dq, p);
+}
+
+#define MMA_ALL(KIND, T, NAME)                                                                                \
+    FWD_KERNEL(KIND, T, NAME, 32) FWD_KERNEL(KIND, T, NAME, 64) FWD_KERNEL(KIND, T, NAME, 96)                \
+    FWD_KERNEL(KIND, T, NAME, 128) BWD_KERNELS(KIND, T, NAME, 32) BWD_KERNELS(KIND, T, NAME, 64)             \
+    BWD_KERNELS(KIND, T, NAME, 96) BWD_KERNELS(KIND, T, NAME, 128)
+MMA_ALL(mma, __nv_bfloat16, bf16)
+MMA_ALL(mma, __half, f16)
+MMA_ALL(mma2, __nv_bfloat16, bf16)
+MMA_ALL(mma2, __half, f16)
