@@ -7,7 +7,9 @@ g + 8, columns 2t, 2t + 1). Each case is compared, in float64, with numpy attent
 gradients under the same masks (causal, windows, sinks, prefill offsets, GQA). The fragment loads
 are emulated as the kernels issue them, `ldmatrix` (x4, x2, x2.trans) with the kernels' per-lane
 row addresses, and each fragment is checked against the same one from plain 32/16-bit loads; the
-ldmatrix rows are checked for 16-byte alignment and bank conflicts. Tiles that the kernels run
+ldmatrix rows are checked for 16-byte alignment and bank conflicts. The forward walks its key
+tiles as mma2 does, double-buffered (tile t + 1 loaded into the other buffer before tile t is
+computed; reading the wrong buffer gives O errors ~0.5). Tiles that the kernels run
 without a mask (`tile_visible`) run without one here too, and the script asserts that each kernel
 took that path at least once. A mistyped index fails it (e.g. reading V's next-but-one row gives O
 errors ~1; dropping the window from `tile_visible` gives errors ~0.1 in the wide-window case). It cannot catch a misreading of
@@ -95,10 +97,24 @@ def fwd_mma(q, k, v, p, D):
                 qa = [load_a(qs, w * 16, kk * 16, LD) for kk in range(D // 16)]
                 st[w] = dict(qa=qa, oacc=[np.zeros((32, 4)) for _ in range(DT)], m0=np.full(32, -np.inf),
                              m1=np.full(32, -np.inf), l0=np.zeros(32), l1=np.zeros(32))
-            for part in range(2):
-                frm, to = (0, p.n_sink) if part == 0 else (c_lo, c_hi)
-                for c0 in range(frm, to, TC_BC):
-                    load_rows_ld(ks, kb, c0, TC_BC, to, D, LD); load_rows_ld(vs, vb, c0, TC_BC, to, D, LD)
+            # mma2's flat tile sequence (sink slots, then keys) with K and V double-buffered: tile
+            # t + 1 lands in buffer (t + 1) % 2 before tile t is computed from buffer t % 2.
+            n_sink_tiles = (p.n_sink + TC_BC - 1) // TC_BC
+            n_tiles = n_sink_tiles + (c_hi - c_lo + TC_BC - 1) // TC_BC
+
+            def tile(t):
+                return (t * TC_BC, p.n_sink) if t < n_sink_tiles else (c_lo + (t - n_sink_tiles) * TC_BC, c_hi)
+
+            kbuf = [np.zeros(TC_BC * LD), np.zeros(TC_BC * LD)]; vbuf = [np.zeros(TC_BC * LD), np.zeros(TC_BC * LD)]
+            if n_tiles > 0:
+                c0, to = tile(0); load_rows_ld(kbuf[0], kb, c0, TC_BC, to, D, LD); load_rows_ld(vbuf[0], vb, c0, TC_BC, to, D, LD)
+            for t in range(n_tiles):
+                c0, to = tile(t)
+                if t + 1 < n_tiles:
+                    c1, to1 = tile(t + 1)
+                    load_rows_ld(kbuf[(t + 1) & 1], kb, c1, TC_BC, to1, D, LD); load_rows_ld(vbuf[(t + 1) & 1], vb, c1, TC_BC, to1, D, LD)
+                ks, vs = kbuf[t & 1], vbuf[t & 1]
+                if True:
                     for w in range(TC_WARPS):
                         S = st[w]
                         r0 = i0 + w * 16 + G; r1 = r0 + 8

@@ -423,8 +423,10 @@ mod cuda {
         let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let launch = if tc {
             let bytes = if mma {
-                // fwd_mma: Q, K and V tiles in 16-bit, rows padded by 8 elements (MMA_PAD).
-                (TC_BR + 2 * TC_BC) * (n.d + 8) * 2
+                // fwd_mma: Q, K and V tiles in 16-bit, rows padded by 8 elements (MMA_PAD); mma2
+                // double-buffers K and V.
+                let kv_tiles = if mma_kind() == "mma2_" { 4 } else { 2 };
+                (TC_BR + kv_tiles * TC_BC) * (n.d + 8) * 2
             } else {
                 // fwd_tc: Q, K, V tiles and P in 16-bit, S and O in f32.
                 (TC_BR * n.d + 2 * TC_BC * n.d + TC_WARPS * 16 * TC_BC) * 2 + (TC_WARPS * 16 * TC_BC + TC_WARPS * 16 * n.d) * 4

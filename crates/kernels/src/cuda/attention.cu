@@ -759,7 +759,24 @@ __device__ __forceinline__ bool tile_visible(const Params& p, int i_a, int i_b, 
     return kp_hi <= qp_lo && (p.window == 0 || qp_hi - kp_lo < p.window);
 }
 
-// Forward. grid (ceil(Tq / 64), B * H), 128 threads; shared memory 3 * 64 * (D + 8) elements.
+// load_rows_ld by cp.async (16 bytes a copy, bypassing L1): rows at or beyond `limit` are zero-filled
+// (source size 0; the source address stays a valid one). Completes at cp_async_wait.
+template <typename T, int D, int LD>
+__device__ __forceinline__ void load_rows_async(T* dst, const T* src, int first, int n, int limit, int tid, int nthreads) {
+    constexpr int V = D / 8;
+    for (int e = tid; e < n * V; e += nthreads) {
+        const int r = e / V, c = e % V;
+        const bool in = first + r < limit;
+        const T* s = in ? src + (size_t)(first + r) * D + c * 8 : src;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst + r * LD + c * 8)), "l"(s),
+                     "r"(in ? 16 : 0));
+    }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Forward. grid (ceil(Tq / 64), B * H), 128 threads; shared memory 3 * 64 * (D + 8) elements
+// (mma2: 5 * 64 * (D + 8), the K and V tiles double-buffered).
 template <typename T, int D, bool V2>
 __device__ void fwd_mma_impl(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                         float* __restrict__ lse, Params p) {
@@ -768,8 +785,8 @@ __device__ void fwd_mma_impl(const T* __restrict__ q, const T* __restrict__ k, c
     constexpr int DT = D / 8;      // 8-column tiles of O
     extern __shared__ __align__(128) unsigned char tc_smem[];
     T* qs = reinterpret_cast<T*>(tc_smem);  // TC_BR x LD
-    T* ks = qs + TC_BR * LD;                // TC_BC x LD
-    T* vs = ks + TC_BC * LD;                // TC_BC x LD
+    T* ks = qs + TC_BR * LD;                // TC_BC x LD (mma2: two of them)
+    T* vs = ks + (V2 ? 2 : 1) * TC_BC * LD;  // TC_BC x LD (mma2: two of them)
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, nth = blockDim.x;
     const int g = lane >> 2, t4 = lane & 3;
     const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hkv);
@@ -792,13 +809,50 @@ __device__ void fwd_mma_impl(const T* __restrict__ q, const T* __restrict__ k, c
     const int qlo = p.q_start + i0, qhi = min(qlo + TC_BR, p.q_start + p.Tq) - 1;
     int c_lo, c_hi;
     key_range(p, qlo, qhi, c_lo, c_hi);
-    for (int part = 0; part < 2; part++) {
-        const int from = part == 0 ? 0 : c_lo, to = part == 0 ? p.n_sink : c_hi;
-        for (int c0 = from; c0 < to; c0 += TC_BC) {
+    // Key tiles: the sink slots [0, n_sink) first, then the keys [c_lo, c_hi); tile t covers
+    // columns c0 .. c0 + 64 of a part that ends at `to`.
+    const int n_sink_tiles = (p.n_sink + TC_BC - 1) / TC_BC;
+    const int n_tiles = n_sink_tiles + (c_hi - c_lo + TC_BC - 1) / TC_BC;
+    auto tile = [&](int t, int& c0, int& to) {
+        c0 = t < n_sink_tiles ? t * TC_BC : c_lo + (t - n_sink_tiles) * TC_BC;
+        to = t < n_sink_tiles ? p.n_sink : c_hi;
+    };
+    // mma2: K and V tiles double-buffered (buffer t % 2 holds tile t), tile t + 1 copied by
+    // cp.async while tile t is computed.
+    if (V2) {
+        if (n_tiles > 0) {
+            int c0, to;
+            tile(0, c0, to);
+            load_rows_async<T, D, LD>(ks, kb, c0, TC_BC, to, tid, nth);
+            load_rows_async<T, D, LD>(vs, vb, c0, TC_BC, to, tid, nth);
+        }
+        cp_async_commit();
+    }
+    for (int t = 0; t < n_tiles; t++) {
+        int c0, to;
+        tile(t, c0, to);
+        const T* kt = ks;
+        const T* vt = vs;
+        if (V2) {
+            if (t + 1 < n_tiles) {
+                int c1, to1;
+                tile(t + 1, c1, to1);
+                const int nb = ((t + 1) & 1) * TC_BC * LD;
+                load_rows_async<T, D, LD>(ks + nb, kb, c1, TC_BC, to1, tid, nth);
+                load_rows_async<T, D, LD>(vs + nb, vb, c1, TC_BC, to1, tid, nth);
+            }
+            cp_async_commit();
+            cp_async_wait<1>();  // every group but the newest: tile t has landed
+            __syncthreads();
+            kt = ks + (t & 1) * TC_BC * LD;
+            vt = vs + (t & 1) * TC_BC * LD;
+        } else {
             __syncthreads();
             load_rows_ld<T, D, LD>(ks, kb, c0, TC_BC, to, tid, nth);
             load_rows_ld<T, D, LD>(vs, vb, c0, TC_BC, to, tid, nth);
             __syncthreads();
+        }
+        {
             float s[NT][4];
 #pragma unroll
             for (int j = 0; j < NT; j++) {
@@ -806,7 +860,7 @@ __device__ void fwd_mma_impl(const T* __restrict__ q, const T* __restrict__ k, c
 #pragma unroll
                 for (int kk = 0; kk < D / 16; kk++) {
                     uint32_t bk[2];
-                    load_b_cols<T, LD, V2>(bk, ks, j * 8, kk * 16, g, t4);
+                    load_b_cols<T, LD, V2>(bk, kt, j * 8, kk * 16, g, t4);
                     mma16816<T>(s[j], qa[kk], bk);
                 }
             }
@@ -878,11 +932,13 @@ __device__ void fwd_mma_impl(const T* __restrict__ q, const T* __restrict__ k, c
 #pragma unroll
                 for (int jd = 0; jd < DT; jd++) {
                     uint32_t bv[2];
-                    load_b_rows<T, LD, V2>(bv, vs, kk2 * 16, jd * 8, g, t4);
+                    load_b_rows<T, LD, V2>(bv, vt, kk2 * 16, jd * 8, g, t4);
                     mma16816<T>(oacc[jd], pa, bv);
                 }
             }
         }
+        // mma2: everyone is done with buffer t % 2 before tile t + 2 is copied into it.
+        if (V2) __syncthreads();
     }
     const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
 #pragma unroll
