@@ -8,7 +8,7 @@ gradients under the same masks (causal, windows, sinks, prefill offsets, GQA). T
 are emulated as the kernels issue them, `ldmatrix` (x4, x2, x2.trans) with the kernels' per-lane
 row addresses, and each fragment is checked against the same one from plain 32/16-bit loads; the
 ldmatrix rows are checked for 16-byte alignment and bank conflicts. The forward walks its key
-tiles as mma2 does, double-buffered (tile t + 1 loaded into the other buffer before tile t is
+tiles as mma2 does, double-buffered (and the dQ kernel likewise) (tile t + 1 loaded into the other buffer before tile t is
 computed; reading the wrong buffer gives O errors ~0.5). Tiles that the kernels run
 without a mask (`tile_visible`) run without one here too, and the script asserts that each kernel
 took that path at least once. A mistyped index fails it (e.g. reading V's next-but-one row gives O
@@ -223,10 +223,22 @@ def bwd_dq_mma(q, k, v, dout, lse, dlt, p, D):
             sc = p.scale * LOG2E
             qlo = p.q_start + i0; qhi = min(qlo + TC_BR, p.q_start + p.Tq) - 1
             c_lo, c_hi = key_range(p, qlo, qhi)
-            for part in range(2):
-                frm, to = (0, p.n_sink) if part == 0 else (c_lo, c_hi)
-                for c0 in range(frm, to, TC_BC):
-                    load_rows_ld(ks, kb, c0, TC_BC, to, D, LD); load_rows_ld(vs, vb, c0, TC_BC, to, D, LD)
+            n_sink_tiles = (p.n_sink + TC_BC - 1) // TC_BC
+            n_tiles = n_sink_tiles + (c_hi - c_lo + TC_BC - 1) // TC_BC
+
+            def tile(t):
+                return (t * TC_BC, p.n_sink) if t < n_sink_tiles else (c_lo + (t - n_sink_tiles) * TC_BC, c_hi)
+
+            kbuf = [np.zeros(TC_BC * LD), np.zeros(TC_BC * LD)]; vbuf = [np.zeros(TC_BC * LD), np.zeros(TC_BC * LD)]
+            if n_tiles > 0:
+                c0, to = tile(0); load_rows_ld(kbuf[0], kb, c0, TC_BC, to, D, LD); load_rows_ld(vbuf[0], vb, c0, TC_BC, to, D, LD)
+            for t in range(n_tiles):
+                c0, to = tile(t)
+                if t + 1 < n_tiles:
+                    c1, to1 = tile(t + 1)
+                    load_rows_ld(kbuf[(t + 1) & 1], kb, c1, TC_BC, to1, D, LD); load_rows_ld(vbuf[(t + 1) & 1], vb, c1, TC_BC, to1, D, LD)
+                ks, vs = kbuf[t & 1], vbuf[t & 1]
+                if True:
                     for w in range(TC_WARPS):
                         qr = w * 16; r0 = i0 + qr + G; r1 = r0 + 8
                         L0, L1, D0, D1 = lq[qr + G], lq[qr + G + 8], dlq[qr + G], dlq[qr + G + 8]

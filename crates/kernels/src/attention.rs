@@ -492,9 +492,10 @@ mod cuda {
         let fkv = dev.get_or_load_custom_func(&format!("zoo_flash_dkv_{t}{s}_{}", n.d), MODULE, PTX)?;
         let (cq, ckv) = if tc {
             let (dq_bytes, dkv_bytes) = if mma {
-                // bwd_dq_mma / bwd_dkv_mma: four 64-row tiles in 16-bit with padded rows, 128 floats.
-                let b = 4 * TC_BR * (n.d + 8) * 2 + 2 * TC_BR * 4;
-                (b, b)
+                // bwd_dq_mma / bwd_dkv_mma: four 64-row tiles in 16-bit with padded rows, 128 floats;
+                // mma2's dQ kernel double-buffers its K and V tiles (two more).
+                let b = |tiles: usize| tiles * TC_BR * (n.d + 8) * 2 + 2 * TC_BR * 4;
+                (b(if mma_kind() == "mma2_" { 6 } else { 4 }), b(4))
             } else {
                 // Shared memory of bwd_dq_tc / bwd_dkv_tc (attention.cu).
                 (

@@ -1094,7 +1094,7 @@ __device__ void bwd_dkv_mma_impl(const T* __restrict__ q, const T* __restrict__ 
 }
 
 // dQ. grid (ceil(Tq / 64), B * H), 128 threads; shared memory 4 * 64 * (D + 8) elements and 128
-// floats.
+// floats (mma2: 6 * 64 * (D + 8), K and V double-buffered).
 template <typename T, int D, bool V2>
 __device__ void bwd_dq_mma_impl(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                            const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dlt,
@@ -1105,9 +1105,9 @@ __device__ void bwd_dq_mma_impl(const T* __restrict__ q, const T* __restrict__ k
     extern __shared__ __align__(128) unsigned char tc_smem[];
     T* qs = reinterpret_cast<T*>(tc_smem);  // 64 x LD
     T* dos = qs + TC_BR * LD;
-    T* ks = dos + TC_BR * LD;               // 64 x LD (a key tile)
-    T* vs = ks + TC_BC * LD;
-    float* lq = reinterpret_cast<float*>(vs + TC_BC * LD);  // 64: lse of the block's rows
+    T* ks = dos + TC_BR * LD;               // 64 x LD (a key tile; mma2: two)
+    T* vs = ks + (V2 ? 2 : 1) * TC_BC * LD;  // (mma2: two)
+    float* lq = reinterpret_cast<float*>(vs + (V2 ? 2 : 1) * TC_BC * LD);  // 64: lse of the block's rows
     float* dlq = lq + TC_BR;                                 // 64: D_i
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, nth = blockDim.x;
     const int g = lane >> 2, t4 = lane & 3;
@@ -1133,15 +1133,49 @@ __device__ void bwd_dq_mma_impl(const T* __restrict__ q, const T* __restrict__ k
     key_range(p, qlo, qhi, c_lo, c_hi);
     __syncthreads();
     const float L0 = lq[qr + g], L1 = lq[qr + g + 8], D0 = dlq[qr + g], D1 = dlq[qr + g + 8];
-    for (int part = 0; part < 2; part++) {
-        const int from = part == 0 ? 0 : c_lo, to = part == 0 ? p.n_sink : c_hi;
-        for (int c0 = from; c0 < to; c0 += TC_BC) {
+    // The forward's tile sequence (sink slots, then keys); mma2 double-buffers K and V as it does.
+    const int n_sink_tiles = (p.n_sink + TC_BC - 1) / TC_BC;
+    const int n_tiles = n_sink_tiles + (c_hi - c_lo + TC_BC - 1) / TC_BC;
+    auto tile = [&](int t, int& c0, int& to) {
+        c0 = t < n_sink_tiles ? t * TC_BC : c_lo + (t - n_sink_tiles) * TC_BC;
+        to = t < n_sink_tiles ? p.n_sink : c_hi;
+    };
+    if (V2) {
+        if (n_tiles > 0) {
+            int c0, to;
+            tile(0, c0, to);
+            load_rows_async<T, D, LD>(ks, kb, c0, TC_BC, to, tid, nth);
+            load_rows_async<T, D, LD>(vs, vb, c0, TC_BC, to, tid, nth);
+        }
+        cp_async_commit();
+    }
+    for (int t = 0; t < n_tiles; t++) {
+        int c0, to;
+        tile(t, c0, to);
+        const T* kt = ks;
+        const T* vt = vs;
+        if (V2) {
+            if (t + 1 < n_tiles) {
+                int c1, to1;
+                tile(t + 1, c1, to1);
+                const int nb = ((t + 1) & 1) * TC_BC * LD;
+                load_rows_async<T, D, LD>(ks + nb, kb, c1, TC_BC, to1, tid, nth);
+                load_rows_async<T, D, LD>(vs + nb, vb, c1, TC_BC, to1, tid, nth);
+            }
+            cp_async_commit();
+            cp_async_wait<1>();
+            __syncthreads();
+            kt = ks + (t & 1) * TC_BC * LD;
+            vt = vs + (t & 1) * TC_BC * LD;
+        } else {
             __syncthreads();
             load_rows_ld<T, D, LD>(ks, kb, c0, TC_BC, to, tid, nth);
             load_rows_ld<T, D, LD>(vs, vb, c0, TC_BC, to, tid, nth);
             __syncthreads();
+        }
+        {
             float s[NT][4], dp[NT][4];
-            two_products<T, D, LD, NT, V2>(s, dp, qs, dos, qr, ks, vs, 0, g, t4);  // S = Q_w K^T, dP = dO_w V^T
+            two_products<T, D, LD, NT, V2>(s, dp, qs, dos, qr, kt, vt, 0, g, t4);  // S = Q_w K^T, dP = dO_w V^T
             // No mask where the warp's 16 queries see the whole key tile (warp-uniform).
             const bool full = V2 && tile_visible(p, i0 + qr, i0 + qr + 16, c0, c0 + TC_BC, to);
 #pragma unroll
@@ -1165,11 +1199,12 @@ __device__ void bwd_dq_mma_impl(const T* __restrict__ q, const T* __restrict__ k
 #pragma unroll
                 for (int jd = 0; jd < DT; jd++) {
                     uint32_t bk2[2];
-                    load_b_rows<T, LD, V2>(bk2, ks, kk2 * 16, jd * 8, g, t4);
+                    load_b_rows<T, LD, V2>(bk2, kt, kk2 * 16, jd * 8, g, t4);
                     mma16816<T>(dqa[jd], da, bk2);
                 }
             }
         }
+        if (V2) __syncthreads();
     }
 #pragma unroll
     for (int jd = 0; jd < DT; jd++) {
