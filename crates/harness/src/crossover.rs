@@ -10,35 +10,101 @@ use serde_json::Value;
 use std::fmt::Write;
 use std::path::Path;
 
-/// One benchmarked model: its label and rows by sequence length.
-struct Model<'a> {
+/// One benchmarked model: its label and rows by sequence length. Benches that share a label (the
+/// rounds of one variant, e.g. scripts/moe-bench.sh's `<variant>-r<round>.json`) are one model
+/// whose rows hold, per numeric key, the median over the rounds, with the range under
+/// `<key>:min` and `<key>:max`.
+struct Model {
     label: String,
-    rows: Vec<&'a Value>,
+    rounds: usize,
+    rows: Vec<Value>,
 }
 
-fn models(benches: &[BenchResult]) -> Vec<Model<'_>> {
-    let mut ms: Vec<(u64, Model)> = benches
-        .iter()
-        .map(|b| {
-            let label = b.label.clone().unwrap_or_else(|| b.layers.clone());
-            let mut rows: Vec<&Value> = b.rows.iter().collect();
-            rows.sort_by_key(|r| r["seq_len"].as_u64());
-            (b.plan_index.unwrap_or(u64::MAX), Model { label, rows })
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// The rows of several rounds at one sequence length folded into one: a numeric key equal in every
+/// round as it is, one that differs by its median with the range beside it; other keys from the
+/// first round that has them.
+fn fold_rounds(rows: &[&Value]) -> Value {
+    let mut out = serde_json::Map::new();
+    for r in rows {
+        for (k, v) in r.as_object().into_iter().flatten() {
+            if v.is_number() || out.contains_key(k) {
+                continue;
+            }
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    let keys: std::collections::BTreeSet<&String> =
+        rows.iter().flat_map(|r| r.as_object().into_iter().flatten()).filter(|(_, v)| v.is_number()).map(|(k, _)| k).collect();
+    for k in keys {
+        let vals: Vec<&Value> = rows.iter().map(|r| &r[k.as_str()]).filter(|v| v.is_number()).collect();
+        // Equal in every round (seq_len, batch, byte counts): kept as it is, integers included.
+        if vals.iter().all(|v| *v == vals[0]) {
+            out.insert(k.clone(), vals[0].clone());
+            continue;
+        }
+        let mut xs: Vec<f64> = vals.iter().filter_map(|v| v.as_f64()).collect();
+        let (lo, hi) = xs.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+        out.insert(k.clone(), serde_json::json!(median(&mut xs)));
+        out.insert(format!("{k}:min"), serde_json::json!(lo));
+        out.insert(format!("{k}:max"), serde_json::json!(hi));
+    }
+    Value::Object(out)
+}
+
+fn models(benches: &[BenchResult]) -> Vec<Model> {
+    let mut groups: Vec<(u64, String, Vec<&BenchResult>)> = Vec::new();
+    for b in benches {
+        let label = b.label.clone().unwrap_or_else(|| b.layers.clone());
+        let index = b.plan_index.unwrap_or(u64::MAX);
+        match groups.iter_mut().find(|(_, l, _)| *l == label) {
+            Some((i, _, bs)) => {
+                *i = (*i).min(index);
+                bs.push(b);
+            }
+            None => groups.push((index, label, vec![b])),
+        }
+    }
+    groups.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    groups
+        .into_iter()
+        .map(|(_, label, bs)| {
+            let mut ts: Vec<u64> = bs.iter().flat_map(|b| b.rows.iter().filter_map(|r| r["seq_len"].as_u64())).collect();
+            ts.sort_unstable();
+            ts.dedup();
+            let rows = ts
+                .iter()
+                .map(|&t| {
+                    let at: Vec<&Value> = bs.iter().flat_map(|b| b.rows.iter()).filter(|r| r["seq_len"].as_u64() == Some(t)).collect();
+                    fold_rounds(&at)
+                })
+                .collect();
+            Model { label, rounds: bs.len(), rows }
         })
-        .collect();
-    ms.sort_by_key(|(i, m)| (*i, m.label.clone()));
-    ms.into_iter().map(|(_, m)| m).collect()
+        .collect()
 }
 
-fn row<'a>(m: &Model<'a>, t: u64) -> Option<&'a Value> {
-    m.rows.iter().copied().find(|r| r["seq_len"].as_u64() == Some(t))
+fn row(m: &Model, t: u64) -> Option<&Value> {
+    m.rows.iter().find(|r| r["seq_len"].as_u64() == Some(t))
 }
 
 /// A cell: the value, or the phase's recorded error (OOM shown as such), or a dash.
 fn cell(r: Option<&Value>, key: &str, phase: &str, f: &dyn Fn(f64) -> String) -> String {
     let Some(r) = r else { return "–".into() };
     if let Some(x) = r[key].as_f64() {
-        return f(x);
+        return match (r[format!("{key}:min")].as_f64(), r[format!("{key}:max")].as_f64()) {
+            (Some(lo), Some(hi)) if f(lo) != f(hi) => format!("{} ({}–{})", f(x), f(lo), f(hi)),
+            _ => f(x),
+        };
     }
     match r[format!("{phase}_error")].as_str() {
         Some(e) if e.to_lowercase().contains("out of memory") || e.contains("OUT_OF_MEMORY") => "OOM".into(),
@@ -86,6 +152,13 @@ pub fn report(dir: &Path, benches: &[BenchResult]) -> Result<String> {
         first.protocol["decode"].as_str().unwrap_or("?"),
         first.protocol["memory"].as_str().unwrap_or("?"),
     );
+    let rounds = ms.iter().map(|m| m.rounds).max().unwrap_or(1);
+    if rounds > 1 {
+        let _ = write!(
+            md,
+            "\nEach model ran in up to {rounds} rounds (benches with the same label): cells give the median over the rounds, with the range in parentheses where the rounds differ.\n"
+        );
+    }
     let ms_f = |x: f64| format!("{:.1}", x * 1e3);
     let mib = |x: f64| format!("{:.0}", x / 1048576.0);
     let tok = |x: f64| format!("{x:.0}");
@@ -138,6 +211,32 @@ pub fn report(dir: &Path, benches: &[BenchResult]) -> Result<String> {
             };
             let _ =
                 writeln!(md, "| {} | {tr} | {pf} | {} | {} |", m.label, growth("train_step_s"), growth("prefill_s"));
+        }
+    }
+    // Speed against the same baseline at each T, from the (median) times: > 1 is faster.
+    if let Some(base) = base {
+        let _ = write!(
+            md,
+            "\n## speed relative to `{}`\n\nBaseline time over model time for the train step and prefill, model tokens/s over baseline tokens/s for decode (> 1: faster than the baseline).\n\n| model | T | train | prefill | decode |\n|---|---|---|---|---|\n",
+            base.label
+        );
+        let ratio = |m: &Model, t: u64, key: &str, time: bool| -> String {
+            match (row(m, t).and_then(|r| r[key].as_f64()), row(base, t).and_then(|r| r[key].as_f64())) {
+                (Some(a), Some(b)) if a > 0.0 && b > 0.0 => format!("{:.2}", if time { b / a } else { a / b }),
+                _ => "–".into(),
+            }
+        };
+        for m in ms.iter().filter(|m| !std::ptr::eq(*m, base)) {
+            for &t in &ts {
+                let _ = writeln!(
+                    md,
+                    "| {} | {t} | {} | {} | {} |",
+                    m.label,
+                    ratio(m, t, "train_step_s", true),
+                    ratio(m, t, "prefill_s", true),
+                    ratio(m, t, "decode_tokens_per_s", false)
+                );
+            }
         }
     }
     let plot = |key: &str, per_token: bool| -> Vec<Series> {
@@ -193,11 +292,31 @@ mod tests {
             json!({"seq_len": 2048, "train_step_s": 2.9}), // faster from here on
             json!({"seq_len": 4096, "train_step_s": 6.0}), // baseline OOM counts as slower
         ];
-        let base = Model { label: "transformer".into(), rows: base_rows.iter().collect() };
-        let lin = Model { label: "linear".into(), rows: lin_rows.iter().collect() };
+        let base = Model { label: "transformer".into(), rounds: 1, rows: base_rows.to_vec() };
+        let lin = Model { label: "linear".into(), rounds: 1, rows: lin_rows.to_vec() };
         let ts = [512, 1024, 2048, 4096];
         assert_eq!(crossover(&lin, &base, "train_step_s", &ts), Some(2048));
         assert_eq!(crossover(&base, &lin, "train_step_s", &ts), None);
         assert_eq!(cell(row(&base, 4096), "train_step_s", "train", &|x| x.to_string()), "OOM");
+    }
+
+    #[test]
+    fn rounds_fold_to_medians_with_their_range() {
+        let r1 = json!({"seq_len": 128, "batch": 16, "train_step_s": 0.009, "decode_tokens_per_s": 100.0});
+        let r2 = json!({"seq_len": 128, "batch": 16, "train_step_s": 0.0066, "decode_error": "x"});
+        let r3 = json!({"seq_len": 128, "batch": 16, "train_step_s": 0.0094, "decode_tokens_per_s": 300.0});
+        let f = fold_rounds(&[&r1, &r2, &r3]);
+        assert_eq!(f["train_step_s"], json!(0.009));
+        assert_eq!((f["train_step_s:min"].as_f64(), f["train_step_s:max"].as_f64()), (Some(0.0066), Some(0.0094)));
+        // A key some rounds lack: the median of those that have it (two values: their mean).
+        assert_eq!(f["decode_tokens_per_s"], json!(200.0));
+        assert_eq!(f["decode_error"], json!("x"));
+        assert_eq!((f["batch"].as_u64(), f["seq_len"].as_u64()), (Some(16), Some(128)));
+        assert!(f.get("batch:min").is_none());
+        let ms = |x: f64| format!("{:.1}", x * 1e3);
+        assert_eq!(cell(Some(&f), "train_step_s", "train", &ms), "9.0 (6.6–9.4)");
+        // One round: the value alone.
+        assert_eq!(cell(Some(&fold_rounds(&[&r1])), "train_step_s", "train", &ms), "9.0");
+        assert_eq!(median(&mut [3.0, 1.0, 2.0, 10.0]), 2.5);
     }
 }
