@@ -13,7 +13,8 @@
 # Runs that are still going at STOP_S seconds (env; default BUDGET_S + 60) are stopped with a
 # checkpoint (device-pool.sh POOL_STOP_S) and continue at the next call: on a warm machine from
 # runs/, which stays there between calls; across sessions from .devpkg/ckpt.tgz.*, which
-# SHIP_CKPT=1 writes to $OUT (move them to .devpkg/ here; a checkpoint already on the machine wins).
+# SHIP_CKPT=1 writes to $OUT, the furthest-trained checkpoints that fit the device's limit on
+# returned files (move them to .devpkg/ here; a checkpoint already on the machine wins).
 # usage: [STOP_S=S] [SHIP_CKPT=1] scripts/device-mqar.sh BUDGET_S WORKERS [CONFIG]
 set -u
 budget=$1; workers=$2; cfg=${3:-configs/mqar.toml}
@@ -31,7 +32,16 @@ if [ -d "$keep" ]; then
   echo "results kept on this machine: $(ls "$keep"/*.json | wc -l)"
 fi
 if ls .devpkg/ckpt.tgz.* > /dev/null 2>&1; then
-  mkdir -p runs && cat .devpkg/ckpt.tgz.* | tar xzf - -C runs --skip-old-files && echo "checkpoints brought in"
+  mkdir -p runs
+  if cat .devpkg/ckpt.tgz.* | gzip -t 2> /dev/null; then
+    # The older form: one gzipped tar of checkpoint folders.
+    cat .devpkg/ckpt.tgz.* | tar xzf - -C runs --skip-old-files && echo "checkpoints brought in"
+  else
+    # A tar of one .tgz per checkpoint (below).
+    rm -rf /tmp/ckin && mkdir -p /tmp/ckin && cat .devpkg/ckpt.tgz.* | tar xf - -C /tmp/ckin
+    for f in /tmp/ckin/*.tgz; do tar xzf "$f" -C runs --skip-old-files; done
+    echo "checkpoints brought in: $(ls /tmp/ckin | wc -l)"
+  fi
 fi
 POOL_STOP_S=${STOP_S:-$((budget + 60))} ZOO=/tmp/zoo POOL_LR_FIRST=1 POOL_LR_ORDER=${LR_ORDER:-0.003,0.001,0.01} scripts/device-pool.sh "$cfg" "$budget" "$workers" \
   > "$OUT/pool.log" 2>&1
@@ -42,8 +52,23 @@ tar czf "$OUT/mqar.tgz" -C "$res" $(cd "$res" && ls *.json)
 mkdir -p "$keep" && cp "$res"/*.json "$keep/"
 cp /tmp/pool-errors.log "$OUT/" 2>/dev/null
 if [ "${SHIP_CKPT:-0}" = 1 ] && [ -d "runs/$exp" ]; then
-  # Checkpoints of unfinished runs (a finished run has its JSON), in pieces under the size limit.
-  todo=$(cd "runs/$exp" && for r in *; do [ -f "$r/checkpoint/COMPLETE" ] && [ ! -f "../../$res/$r.json" ] && echo "$exp/$r/checkpoint"; done)
-  [ -n "$todo" ] && (cd runs && tar czf - $todo) | split -b 15m - "$OUT/ckpt.tgz." && echo "shipped checkpoints: $todo"
+  # Checkpoints of unfinished runs (a finished run has its JSON), the furthest-trained first, each
+  # its own .tgz, as many as fit in CKPT_PIECES (default 5) pieces of 15 MiB: the device returns
+  # at most 8 files, and mqar.tgz, pool.log and pool-errors.log take three (a sixth piece would be
+  # lost, and with it every checkpoint in the stream after it). The rest are named and stay in
+  # runs/ on this machine while it is warm.
+  rm -rf /tmp/ckship && mkdir -p /tmp/ckship
+  budget=$(( ${CKPT_PIECES:-5} * 15 * 1048576 - 1048576 )); total=0; take=""; left=""
+  for r in $(cd "runs/$exp" && for r in *; do
+               [ -f "$r/checkpoint/COMPLETE" ] && [ ! -f "../../$res/$r.json" ] && echo "$(cat "$r/checkpoint/COMPLETE") $r"
+             done | sort -rn | awk '{print $2}'); do
+    tar czf "/tmp/ckship/$r.tgz" -C runs "$exp/$r/checkpoint"
+    size=$(stat -c %s "/tmp/ckship/$r.tgz")
+    if [ $((total + size)) -le "$budget" ]; then total=$((total + size)); take="$take $r.tgz"; else left="$left $r"; rm "/tmp/ckship/$r.tgz"; fi
+  done
+  if [ -n "$take" ]; then
+    (cd /tmp/ckship && tar cf - $take) | split -b 15m - "$OUT/ckpt.tgz." && echo "shipped checkpoints:$take ($((total / 1048576)) MiB)"
+  fi
+  [ -n "$left" ] && echo "checkpoints not shipped (over the size limit):$left"
 fi
 tail -3 "$OUT/pool.log"; echo "results: $(ls "$res"/*.json | wc -l)"
