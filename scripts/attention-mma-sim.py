@@ -8,7 +8,8 @@ gradients under the same masks (causal, windows, sinks, prefill offsets, GQA). T
 are emulated as the kernels issue them, `ldmatrix` (x4, x2, x2.trans) with the kernels' per-lane
 row addresses, and each fragment is checked against the same one from plain 32/16-bit loads; the
 ldmatrix rows are checked for 16-byte alignment and bank conflicts. The forward walks its key
-tiles as mma2 does, double-buffered (and the dQ kernel likewise) (tile t + 1 loaded into the other buffer before tile t is
+tiles as mma2 does, double-buffered (and the dQ kernel likewise; the dK/dV kernel its query tiles,
+LSEs and D_i, zero-filled past Tq as cp.async does) (tile t + 1 loaded into the other buffer before tile t is
 computed; reading the wrong buffer gives O errors ~0.5). Tiles that the kernels run
 without a mask (`tile_visible`) run without one here too, and the script asserts that each kernel
 took that path at least once. A mistyped index fails it (e.g. reading V's next-but-one row gives O
@@ -359,12 +360,31 @@ def bwd_dkv_mma(q, k, v, dout, lse, dlt, p, D):
                 if p.window != 0:
                     i_hi = min(p.Tq, kp_hi + p.window - p.q_start)
                 i_hi = max(i_hi, i_lo)
-            for gh in range(group):
-                bh = b * p.H + hk * group + gh
-                for i0 in range(i_lo, i_hi, TC_BR):
-                    load_rows_ld(qs, q[bh * p.Tq * D:], i0, TC_BR, p.Tq, D, LD); load_rows_ld(dos, dout[bh * p.Tq * D:], i0, TC_BR, p.Tq, D, LD)
-                    ls = np.array([lse[bh * p.Tq + i0 + e] if i0 + e < p.Tq else -np.inf for e in range(TC_BR)])
-                    dl = np.array([dlt[bh * p.Tq + i0 + e] if i0 + e < p.Tq else 0 for e in range(TC_BR)])
+            # mma2's flat query-tile sequence (head u // n_q, rows i_lo + (u % n_q) * 64), Q, dO, the
+            # LSEs and D_i double-buffered; rows at or beyond Tq arrive as zeros (cp.async zero-fill).
+            n_q = (i_hi - i_lo + TC_BR - 1) // TC_BR
+            n_tiles = group * n_q
+
+            def qtile(u):
+                return b * p.H + hk * group + u // n_q, i_lo + (u % n_q) * TC_BR
+
+            qbuf = [np.zeros(TC_BR * LD), np.zeros(TC_BR * LD)]; obuf = [np.zeros(TC_BR * LD), np.zeros(TC_BR * LD)]
+            lbuf = [None, None]; dbuf = [None, None]
+
+            def issue(u, nb):
+                bh, i0 = qtile(u)
+                load_rows_ld(qbuf[nb], q[bh * p.Tq * D:], i0, TC_BR, p.Tq, D, LD); load_rows_ld(obuf[nb], dout[bh * p.Tq * D:], i0, TC_BR, p.Tq, D, LD)
+                lbuf[nb] = np.array([lse[bh * p.Tq + i0 + e] if i0 + e < p.Tq else 0.0 for e in range(TC_BR)])
+                dbuf[nb] = np.array([dlt[bh * p.Tq + i0 + e] if i0 + e < p.Tq else 0.0 for e in range(TC_BR)])
+
+            if n_tiles > 0:
+                issue(0, 0)
+            for u in range(n_tiles):
+                bh, i0 = qtile(u)
+                if u + 1 < n_tiles:
+                    issue(u + 1, (u + 1) & 1)
+                qs, dos, ls, dl = qbuf[u & 1], obuf[u & 1], lbuf[u & 1], dbuf[u & 1]
+                if True:
                     for w in range(TC_WARPS):
                         kr = w * 16; ck0 = c0 + kr + G; ck1 = ck0 + 8
                         for hq in range(TC_BR // QH):

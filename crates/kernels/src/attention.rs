@@ -493,9 +493,14 @@ mod cuda {
         let (cq, ckv) = if tc {
             let (dq_bytes, dkv_bytes) = if mma {
                 // bwd_dq_mma / bwd_dkv_mma: four 64-row tiles in 16-bit with padded rows, 128 floats;
-                // mma2's dQ kernel double-buffers its K and V tiles (two more).
-                let b = |tiles: usize| tiles * TC_BR * (n.d + 8) * 2 + 2 * TC_BR * 4;
-                (b(if mma_kind() == "mma2_" { 6 } else { 4 }), b(4))
+                // mma2 double-buffers the dQ kernel's K and V tiles (two more tiles) and the dK/dV
+                // kernel's Q and dO tiles with their LSEs and D_i (two more tiles, 128 more floats).
+                let b = |tiles: usize, floats: usize| tiles * TC_BR * (n.d + 8) * 2 + floats * 4;
+                if mma_kind() == "mma2_" {
+                    (b(6, 2 * TC_BR), b(6, 4 * TC_BR))
+                } else {
+                    (b(4, 2 * TC_BR), b(4, 2 * TC_BR))
+                }
             } else {
                 // Shared memory of bwd_dq_tc / bwd_dkv_tc (attention.cu).
                 (

@@ -774,6 +774,15 @@ __device__ __forceinline__ void load_rows_async(T* dst, const T* src, int first,
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+// N floats from src[first ..] by 4-byte cp.async, zero-filled at or beyond `limit`.
+template <int N>
+__device__ __forceinline__ void load_floats_async(float* dst, const float* src, int first, int limit, int tid, int nthreads) {
+    for (int e = tid; e < N; e += nthreads) {
+        const bool in = first + e < limit;
+        const float* s = in ? src + first + e : src;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst + e)), "l"(s), "r"(in ? 4 : 0));
+    }
+}
 
 // Forward. grid (ceil(Tq / 64), B * H), 128 threads; shared memory 3 * 64 * (D + 8) elements
 // (mma2: 5 * 64 * (D + 8), the K and V tiles double-buffered).
@@ -989,7 +998,7 @@ __device__ __forceinline__ void two_products(float (*s)[4], float (*dp)[4], cons
 }
 
 // dK, dV. grid (ceil(Tk / 64), B * Hkv), 128 threads; shared memory 4 * 64 * (D + 8) elements and
-// 128 floats.
+// 128 floats (mma2: 6 * 64 * (D + 8) and 256, the query-side tiles double-buffered).
 template <typename T, int D, bool V2>
 __device__ void bwd_dkv_mma_impl(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                             const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dlt,
@@ -1001,10 +1010,10 @@ __device__ void bwd_dkv_mma_impl(const T* __restrict__ q, const T* __restrict__ 
     extern __shared__ __align__(128) unsigned char tc_smem[];
     T* ks = reinterpret_cast<T*>(tc_smem);  // 64 x LD (this block's keys)
     T* vs = ks + TC_BC * LD;
-    T* qs = vs + TC_BC * LD;                // 64 x LD (a query tile)
-    T* dos = qs + TC_BR * LD;
-    float* ls = reinterpret_cast<float*>(dos + TC_BR * LD);  // 64
-    float* dl = ls + TC_BR;                                   // 64
+    T* qs = vs + TC_BC * LD;                // 64 x LD (a query tile; mma2: two)
+    T* dos = qs + (V2 ? 2 : 1) * TC_BR * LD;  // (mma2: two)
+    // Per buffer: the query tile's 64 LSEs, then its 64 D_i.
+    float* fl = reinterpret_cast<float*>(dos + (V2 ? 2 : 1) * TC_BR * LD);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, nth = blockDim.x;
     const int g = lane >> 2, t4 = lane & 3;
     const int bk = blockIdx.y, b = bk / p.Hkv, hk = bk % p.Hkv, group = p.H / p.Hkv;
@@ -1027,23 +1036,67 @@ __device__ void bwd_dkv_mma_impl(const T* __restrict__ q, const T* __restrict__ 
     }
     const int kr = warp * 16;                  // the warp's first key row in the tile
     const int ck0 = c0 + kr + g, ck1 = ck0 + 8;  // the lane's two key columns
-    for (int gh = 0; gh < group; gh++) {
-        const int bh = b * p.H + hk * group + gh;
-        for (int i0 = i_lo; i0 < i_hi; i0 += TC_BR) {
+    // Query tiles: for each query head of the group, [i_lo, i_hi) in tiles of 64; tile u is head
+    // u / n_q, rows i_lo + (u % n_q) * 64. mma2 double-buffers Q, dO, the LSEs and D_i (cp.async;
+    // rows at or beyond Tq arrive as zeros, and every use of them is masked by i < Tq).
+    const int n_q = (i_hi - i_lo + TC_BR - 1) / TC_BR, n_tiles = group * n_q;
+    auto qtile = [&](int u, int& bh, int& i0) {
+        bh = b * p.H + hk * group + u / n_q;
+        i0 = i_lo + (u % n_q) * TC_BR;
+    };
+    if (V2) {
+        if (n_tiles > 0) {
+            int bh, i0;
+            qtile(0, bh, i0);
+            load_rows_async<T, D, LD>(qs, q + (size_t)bh * p.Tq * D, i0, TC_BR, p.Tq, tid, nth);
+            load_rows_async<T, D, LD>(dos, dout + (size_t)bh * p.Tq * D, i0, TC_BR, p.Tq, tid, nth);
+            load_floats_async<TC_BR>(fl, lse + (size_t)bh * p.Tq, i0, p.Tq, tid, nth);
+            load_floats_async<TC_BR>(fl + TC_BR, dlt + (size_t)bh * p.Tq, i0, p.Tq, tid, nth);
+        }
+        cp_async_commit();
+    }
+    for (int u = 0; u < n_tiles; u++) {
+        int bh, i0;
+        qtile(u, bh, i0);
+        const T* qt = qs;
+        const T* dot = dos;
+        const float* lsh = fl;
+        const float* dlh = fl + TC_BR;
+        if (V2) {
+            if (u + 1 < n_tiles) {
+                int bh1, i1;
+                qtile(u + 1, bh1, i1);
+                const int nb = (u + 1) & 1;
+                load_rows_async<T, D, LD>(qs + nb * TC_BR * LD, q + (size_t)bh1 * p.Tq * D, i1, TC_BR, p.Tq, tid, nth);
+                load_rows_async<T, D, LD>(dos + nb * TC_BR * LD, dout + (size_t)bh1 * p.Tq * D, i1, TC_BR, p.Tq, tid, nth);
+                load_floats_async<TC_BR>(fl + nb * 2 * TC_BR, lse + (size_t)bh1 * p.Tq, i1, p.Tq, tid, nth);
+                load_floats_async<TC_BR>(fl + nb * 2 * TC_BR + TC_BR, dlt + (size_t)bh1 * p.Tq, i1, p.Tq, tid, nth);
+            }
+            cp_async_commit();
+            cp_async_wait<1>();
+            __syncthreads();
+            const int cb = u & 1;
+            qt = qs + cb * TC_BR * LD;
+            dot = dos + cb * TC_BR * LD;
+            lsh = fl + cb * 2 * TC_BR;
+            dlh = lsh + TC_BR;
+        } else {
             __syncthreads();
             load_rows_ld<T, D, LD>(qs, q + (size_t)bh * p.Tq * D, i0, TC_BR, p.Tq, tid, nth);
             load_rows_ld<T, D, LD>(dos, dout + (size_t)bh * p.Tq * D, i0, TC_BR, p.Tq, tid, nth);
             for (int e = tid; e < TC_BR; e += nth) {
                 const bool in = i0 + e < p.Tq;
-                ls[e] = in ? lse[(size_t)bh * p.Tq + i0 + e] : -INFINITY;
-                dl[e] = in ? dlt[(size_t)bh * p.Tq + i0 + e] : 0.f;
+                fl[e] = in ? lse[(size_t)bh * p.Tq + i0 + e] : -INFINITY;
+                fl[TC_BR + e] = in ? dlt[(size_t)bh * p.Tq + i0 + e] : 0.f;
             }
             __syncthreads();
+        }
+        {
 #pragma unroll 1
             for (int hq = 0; hq < TC_BR / QH; hq++) {
                 const int qc = hq * QH;  // the half's first query row in the tile
                 float s[NQ][4], dp[NQ][4];
-                two_products<T, D, LD, NQ, V2>(s, dp, ks, vs, kr, qs, dos, qc, g, t4);  // S^T = K_w Q^T, dP^T = V_w dO^T
+                two_products<T, D, LD, NQ, V2>(s, dp, ks, vs, kr, qt, dot, qc, g, t4);  // S^T = K_w Q^T, dP^T = V_w dO^T
                 // No mask where the half's 32 queries see all of the warp's 16 keys (warp-uniform).
                 const bool full = V2 && tile_visible(p, i0 + qc, i0 + qc + QH, c0 + kr, c0 + kr + 16, p.Tk);
                 // P^T and dS^T = P^T (dP^T - D_i), in place.
@@ -1052,11 +1105,11 @@ __device__ void bwd_dkv_mma_impl(const T* __restrict__ q, const T* __restrict__ 
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         const int jq = qc + j * 8 + 2 * t4 + (e & 1), i = i0 + jq, c = e < 2 ? ck0 : ck1;
-                        const float L = ls[jq];
+                        const float L = lsh[jq];
                         const bool ok = full || (c < p.Tk && i < p.Tq && L != -INFINITY && visible(p, p.q_start + i, c));
                         const float pv = ok ? exp2f(s[j][e] * sc - L) : 0.f;
                         s[j][e] = pv;
-                        dp[j][e] = pv * (dp[j][e] - dl[jq]);
+                        dp[j][e] = pv * (dp[j][e] - dlh[jq]);
                     }
                 }
                 // dV_w += P^T dO, dK_w += dS^T Q (k = the half's 32 queries).
@@ -1068,14 +1121,15 @@ __device__ void bwd_dkv_mma_impl(const T* __restrict__ q, const T* __restrict__ 
 #pragma unroll
                     for (int jd = 0; jd < DT; jd++) {
                         uint32_t bo[2], bq[2];
-                        load_b_rows<T, LD, V2>(bo, dos, qc + kk2 * 16, jd * 8, g, t4);
-                        load_b_rows<T, LD, V2>(bq, qs, qc + kk2 * 16, jd * 8, g, t4);
+                        load_b_rows<T, LD, V2>(bo, dot, qc + kk2 * 16, jd * 8, g, t4);
+                        load_b_rows<T, LD, V2>(bq, qt, qc + kk2 * 16, jd * 8, g, t4);
                         mma16816<T>(dva[jd], pa, bo);
                         mma16816<T>(dka[jd], da, bq);
                     }
                 }
             }
         }
+        if (V2) __syncthreads();
     }
 #pragma unroll
     for (int jd = 0; jd < DT; jd++) {
