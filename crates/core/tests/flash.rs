@@ -40,6 +40,12 @@ fn cases() -> Vec<Case> {
         Case { tq: 7, tk: 30, q_start: 27, k_start: 4, sinks: 3, window: Some(12), ..case(1, 4, 4, 7, 96) },
         case(1, 2, 1, 19, 256),
         case(1, 2, 2, 1000, 64),                                              // T = 1000
+        // The tensor-core kernels at every head dim over several tiles: causal tiles a warp sees
+        // whole (mma2 skips their mask), a sink-only tile, double-buffered K/V and query tiles
+        // across the heads of a GQA group.
+        case(1, 2, 1, 300, 32),
+        Case { sinks: 64, ..case(1, 4, 2, 200, 96) },
+        case(1, 4, 4, 513, 128),
     ]
 }
 
