@@ -79,6 +79,30 @@ def load_rows_ld(dst, src, first, n, limit, D, LD):
         dst[r * LD:r * LD + D] = src[(first + r) * D:(first + r) * D + D] if first + r < limit else 0
 
 
+def kv_tiles(p, kb, vb, c_lo, c_hi, D, LD):
+    """attention.cu's KvTiles (the forward and dQ kernels) as mma2 runs it: the sink slots, then the
+    keys [c_lo, c_hi), in tiles of 64; K and V double-buffered, tile t + 1 loaded into buffer
+    (t + 1) % 2 before tile t is computed from buffer t % 2. Yields (c0, to, K tile, V tile)."""
+    n_sink_tiles = (p.n_sink + TC_BC - 1) // TC_BC
+    n = n_sink_tiles + (c_hi - c_lo + TC_BC - 1) // TC_BC
+
+    def at(t):
+        return (t * TC_BC, p.n_sink) if t < n_sink_tiles else (c_lo + (t - n_sink_tiles) * TC_BC, c_hi)
+
+    kbuf = [np.zeros(TC_BC * LD), np.zeros(TC_BC * LD)]; vbuf = [np.zeros(TC_BC * LD), np.zeros(TC_BC * LD)]
+
+    def copy(t):
+        c0, to = at(t)
+        load_rows_ld(kbuf[t & 1], kb, c0, TC_BC, to, D, LD); load_rows_ld(vbuf[t & 1], vb, c0, TC_BC, to, D, LD)
+
+    if n > 0:
+        copy(0)
+    for t in range(n):
+        if t + 1 < n:
+            copy(t + 1)
+        yield (*at(t), kbuf[t & 1], vbuf[t & 1])
+
+
 def fwd_mma(q, k, v, p, D):
     LD = D + PAD; NT = TC_BC // 8; DT = D // 8
     o = np.zeros(p.B * p.H * p.Tq * D); lse = np.zeros(p.B * p.H * p.Tq)
@@ -98,69 +122,52 @@ def fwd_mma(q, k, v, p, D):
                 qa = [load_a(qs, w * 16, kk * 16, LD) for kk in range(D // 16)]
                 st[w] = dict(qa=qa, oacc=[np.zeros((32, 4)) for _ in range(DT)], m0=np.full(32, -np.inf),
                              m1=np.full(32, -np.inf), l0=np.zeros(32), l1=np.zeros(32))
-            # mma2's flat tile sequence (sink slots, then keys) with K and V double-buffered: tile
-            # t + 1 lands in buffer (t + 1) % 2 before tile t is computed from buffer t % 2.
-            n_sink_tiles = (p.n_sink + TC_BC - 1) // TC_BC
-            n_tiles = n_sink_tiles + (c_hi - c_lo + TC_BC - 1) // TC_BC
-
-            def tile(t):
-                return (t * TC_BC, p.n_sink) if t < n_sink_tiles else (c_lo + (t - n_sink_tiles) * TC_BC, c_hi)
-
-            kbuf = [np.zeros(TC_BC * LD), np.zeros(TC_BC * LD)]; vbuf = [np.zeros(TC_BC * LD), np.zeros(TC_BC * LD)]
-            if n_tiles > 0:
-                c0, to = tile(0); load_rows_ld(kbuf[0], kb, c0, TC_BC, to, D, LD); load_rows_ld(vbuf[0], vb, c0, TC_BC, to, D, LD)
-            for t in range(n_tiles):
-                c0, to = tile(t)
-                if t + 1 < n_tiles:
-                    c1, to1 = tile(t + 1)
-                    load_rows_ld(kbuf[(t + 1) & 1], kb, c1, TC_BC, to1, D, LD); load_rows_ld(vbuf[(t + 1) & 1], vb, c1, TC_BC, to1, D, LD)
-                ks, vs = kbuf[t & 1], vbuf[t & 1]
-                if True:
-                    for w in range(TC_WARPS):
-                        S = st[w]
-                        r0 = i0 + w * 16 + G; r1 = r0 + 8
-                        sc = p.scale * LOG2E
-                        s = [np.zeros((32, 4)) for _ in range(NT)]
-                        for j in range(NT):
-                            for kk in range(D // 16):
-                                s[j] = mma(s[j], S['qa'][kk], load_b_cols(ks, j * 8, kk * 16, LD))
-                        mx0, mx1 = S['m0'].copy(), S['m1'].copy()
-                        full = tile_visible(p, i0 + w * 16, i0 + w * 16 + 16, c0, c0 + TC_BC, to)
-                        FULL["fwd"] += full
-                        for j in range(NT):
-                            for e in range(2):
-                                if full:
-                                    s[j][:, e] *= sc; s[j][:, 2 + e] *= sc
-                                for l in range(32 if not full else 0):
-                                    c = c0 + j * 8 + 2 * T4[l] + e
-                                    inn = c < to
-                                    s[j][l, e] = s[j][l, e] * sc if (r0[l] < p.Tq and inn and visible(p, p.q_start + r0[l], c)) else -np.inf
-                                    s[j][l, 2 + e] = s[j][l, 2 + e] * sc if (r1[l] < p.Tq and inn and visible(p, p.q_start + r1[l], c)) else -np.inf
-                                mx0 = np.maximum(mx0, s[j][:, e]); mx1 = np.maximum(mx1, s[j][:, 2 + e])
-                        for x in (1, 2):
-                            mx0 = np.maximum(mx0, mx0[lanes ^ x]); mx1 = np.maximum(mx1, mx1[lanes ^ x])
-                        with np.errstate(invalid='ignore'):
-                            corr0 = np.where(mx0 == -np.inf, 1.0, np.exp2(S['m0'] - mx0))
-                            corr1 = np.where(mx1 == -np.inf, 1.0, np.exp2(S['m1'] - mx1))
-                        sum0 = np.zeros(32); sum1 = np.zeros(32)
-                        for j in range(NT):
-                            for e in range(2):
-                                with np.errstate(invalid='ignore'):
-                                    s[j][:, e] = np.where(mx0 == -np.inf, 0.0, np.exp2(s[j][:, e] - mx0))
-                                    s[j][:, 2 + e] = np.where(mx1 == -np.inf, 0.0, np.exp2(s[j][:, 2 + e] - mx1))
-                                sum0 += s[j][:, e]; sum1 += s[j][:, 2 + e]
-                        for x in (1, 2):
-                            sum0 = sum0 + sum0[lanes ^ x]; sum1 = sum1 + sum1[lanes ^ x]
-                        S['l0'] = S['l0'] * corr0 + sum0; S['l1'] = S['l1'] * corr1 + sum1
-                        S['m0'], S['m1'] = mx0, mx1
+            for c0, to, ks, vs in kv_tiles(p, kb, vb, c_lo, c_hi, D, LD):
+                for w in range(TC_WARPS):
+                    S = st[w]
+                    r0 = i0 + w * 16 + G; r1 = r0 + 8
+                    sc = p.scale * LOG2E
+                    s = [np.zeros((32, 4)) for _ in range(NT)]
+                    for j in range(NT):
+                        for kk in range(D // 16):
+                            s[j] = mma(s[j], S['qa'][kk], load_b_cols(ks, j * 8, kk * 16, LD))
+                    mx0, mx1 = S['m0'].copy(), S['m1'].copy()
+                    full = tile_visible(p, i0 + w * 16, i0 + w * 16 + 16, c0, c0 + TC_BC, to)
+                    FULL["fwd"] += full
+                    for j in range(NT):
+                        for e in range(2):
+                            if full:
+                                s[j][:, e] *= sc; s[j][:, 2 + e] *= sc
+                            for l in range(32 if not full else 0):
+                                c = c0 + j * 8 + 2 * T4[l] + e
+                                inn = c < to
+                                s[j][l, e] = s[j][l, e] * sc if (r0[l] < p.Tq and inn and visible(p, p.q_start + r0[l], c)) else -np.inf
+                                s[j][l, 2 + e] = s[j][l, 2 + e] * sc if (r1[l] < p.Tq and inn and visible(p, p.q_start + r1[l], c)) else -np.inf
+                            mx0 = np.maximum(mx0, s[j][:, e]); mx1 = np.maximum(mx1, s[j][:, 2 + e])
+                    for x in (1, 2):
+                        mx0 = np.maximum(mx0, mx0[lanes ^ x]); mx1 = np.maximum(mx1, mx1[lanes ^ x])
+                    with np.errstate(invalid='ignore'):
+                        corr0 = np.where(mx0 == -np.inf, 1.0, np.exp2(S['m0'] - mx0))
+                        corr1 = np.where(mx1 == -np.inf, 1.0, np.exp2(S['m1'] - mx1))
+                    sum0 = np.zeros(32); sum1 = np.zeros(32)
+                    for j in range(NT):
+                        for e in range(2):
+                            with np.errstate(invalid='ignore'):
+                                s[j][:, e] = np.where(mx0 == -np.inf, 0.0, np.exp2(s[j][:, e] - mx0))
+                                s[j][:, 2 + e] = np.where(mx1 == -np.inf, 0.0, np.exp2(s[j][:, 2 + e] - mx1))
+                            sum0 += s[j][:, e]; sum1 += s[j][:, 2 + e]
+                    for x in (1, 2):
+                        sum0 = sum0 + sum0[lanes ^ x]; sum1 = sum1 + sum1[lanes ^ x]
+                    S['l0'] = S['l0'] * corr0 + sum0; S['l1'] = S['l1'] * corr1 + sum1
+                    S['m0'], S['m1'] = mx0, mx1
+                    for jd in range(DT):
+                        S['oacc'][jd][:, 0] *= corr0; S['oacc'][jd][:, 1] *= corr0
+                        S['oacc'][jd][:, 2] *= corr1; S['oacc'][jd][:, 3] *= corr1
+                    for kk2 in range(TC_BC // 16):
+                        pa = [pack2(s[2 * kk2][:, 0], s[2 * kk2][:, 1]), pack2(s[2 * kk2][:, 2], s[2 * kk2][:, 3]),
+                              pack2(s[2 * kk2 + 1][:, 0], s[2 * kk2 + 1][:, 1]), pack2(s[2 * kk2 + 1][:, 2], s[2 * kk2 + 1][:, 3])]
                         for jd in range(DT):
-                            S['oacc'][jd][:, 0] *= corr0; S['oacc'][jd][:, 1] *= corr0
-                            S['oacc'][jd][:, 2] *= corr1; S['oacc'][jd][:, 3] *= corr1
-                        for kk2 in range(TC_BC // 16):
-                            pa = [pack2(s[2 * kk2][:, 0], s[2 * kk2][:, 1]), pack2(s[2 * kk2][:, 2], s[2 * kk2][:, 3]),
-                                  pack2(s[2 * kk2 + 1][:, 0], s[2 * kk2 + 1][:, 1]), pack2(s[2 * kk2 + 1][:, 2], s[2 * kk2 + 1][:, 3])]
-                            for jd in range(DT):
-                                S['oacc'][jd] = mma(S['oacc'][jd], pa, load_b_rows(vs, kk2 * 16, jd * 8, LD))
+                            S['oacc'][jd] = mma(S['oacc'][jd], pa, load_b_rows(vs, kk2 * 16, jd * 8, LD))
             for w in range(TC_WARPS):
                 S = st[w]
                 r0 = i0 + w * 16 + G; r1 = r0 + 8
@@ -224,47 +231,32 @@ def bwd_dq_mma(q, k, v, dout, lse, dlt, p, D):
             sc = p.scale * LOG2E
             qlo = p.q_start + i0; qhi = min(qlo + TC_BR, p.q_start + p.Tq) - 1
             c_lo, c_hi = key_range(p, qlo, qhi)
-            n_sink_tiles = (p.n_sink + TC_BC - 1) // TC_BC
-            n_tiles = n_sink_tiles + (c_hi - c_lo + TC_BC - 1) // TC_BC
-
-            def tile(t):
-                return (t * TC_BC, p.n_sink) if t < n_sink_tiles else (c_lo + (t - n_sink_tiles) * TC_BC, c_hi)
-
-            kbuf = [np.zeros(TC_BC * LD), np.zeros(TC_BC * LD)]; vbuf = [np.zeros(TC_BC * LD), np.zeros(TC_BC * LD)]
-            if n_tiles > 0:
-                c0, to = tile(0); load_rows_ld(kbuf[0], kb, c0, TC_BC, to, D, LD); load_rows_ld(vbuf[0], vb, c0, TC_BC, to, D, LD)
-            for t in range(n_tiles):
-                c0, to = tile(t)
-                if t + 1 < n_tiles:
-                    c1, to1 = tile(t + 1)
-                    load_rows_ld(kbuf[(t + 1) & 1], kb, c1, TC_BC, to1, D, LD); load_rows_ld(vbuf[(t + 1) & 1], vb, c1, TC_BC, to1, D, LD)
-                ks, vs = kbuf[t & 1], vbuf[t & 1]
-                if True:
-                    for w in range(TC_WARPS):
-                        qr = w * 16; r0 = i0 + qr + G; r1 = r0 + 8
-                        L0, L1, D0, D1 = lq[qr + G], lq[qr + G + 8], dlq[qr + G], dlq[qr + G + 8]
-                        s = [np.zeros((32, 4)) for _ in range(NT)]; dp = [np.zeros((32, 4)) for _ in range(NT)]
-                        for kk in range(D // 16):
-                            qa = load_a(qs, qr, kk * 16, LD); oa = load_a(dos, qr, kk * 16, LD)
-                            for j in range(NT):
-                                s[j] = mma(s[j], qa, load_b_cols(ks, j * 8, kk * 16, LD))
-                                dp[j] = mma(dp[j], oa, load_b_cols(vs, j * 8, kk * 16, LD))
-                        full = tile_visible(p, i0 + qr, i0 + qr + 16, c0, c0 + TC_BC, to)
-                        FULL["dq"] += full
+            for c0, to, ks, vs in kv_tiles(p, kb, vb, c_lo, c_hi, D, LD):
+                for w in range(TC_WARPS):
+                    qr = w * 16; r0 = i0 + qr + G; r1 = r0 + 8
+                    L0, L1, D0, D1 = lq[qr + G], lq[qr + G + 8], dlq[qr + G], dlq[qr + G + 8]
+                    s = [np.zeros((32, 4)) for _ in range(NT)]; dp = [np.zeros((32, 4)) for _ in range(NT)]
+                    for kk in range(D // 16):
+                        qa = load_a(qs, qr, kk * 16, LD); oa = load_a(dos, qr, kk * 16, LD)
                         for j in range(NT):
-                            for e in range(4):
-                                for l in range(32):
-                                    cc = c0 + j * 8 + 2 * T4[l] + (e & 1)
-                                    row1 = e >= 2
-                                    i = r1[l] if row1 else r0[l]
-                                    L = L1[l] if row1 else L0[l]; Di = D1[l] if row1 else D0[l]
-                                    ok = full or (i < p.Tq and cc < to and L != -np.inf and visible(p, p.q_start + i, cc))
-                                    pv = np.exp2(s[j][l, e] * sc - L) if ok else 0.0
-                                    dp[j][l, e] = pv * (dp[j][l, e] - Di)
-                        for kk2 in range(TC_BC // 16):
-                            da = acc_to_a(dp[2 * kk2], dp[2 * kk2 + 1])
-                            for jd in range(DT):
-                                dqa[w][jd] = mma(dqa[w][jd], da, load_b_rows(ks, kk2 * 16, jd * 8, LD))
+                            s[j] = mma(s[j], qa, load_b_cols(ks, j * 8, kk * 16, LD))
+                            dp[j] = mma(dp[j], oa, load_b_cols(vs, j * 8, kk * 16, LD))
+                    full = tile_visible(p, i0 + qr, i0 + qr + 16, c0, c0 + TC_BC, to)
+                    FULL["dq"] += full
+                    for j in range(NT):
+                        for e in range(4):
+                            for l in range(32):
+                                cc = c0 + j * 8 + 2 * T4[l] + (e & 1)
+                                row1 = e >= 2
+                                i = r1[l] if row1 else r0[l]
+                                L = L1[l] if row1 else L0[l]; Di = D1[l] if row1 else D0[l]
+                                ok = full or (i < p.Tq and cc < to and L != -np.inf and visible(p, p.q_start + i, cc))
+                                pv = np.exp2(s[j][l, e] * sc - L) if ok else 0.0
+                                dp[j][l, e] = pv * (dp[j][l, e] - Di)
+                    for kk2 in range(TC_BC // 16):
+                        da = acc_to_a(dp[2 * kk2], dp[2 * kk2 + 1])
+                        for jd in range(DT):
+                            dqa[w][jd] = mma(dqa[w][jd], da, load_b_rows(ks, kk2 * 16, jd * 8, LD))
             for w in range(TC_WARPS):
                 qr = w * 16; r0 = i0 + qr + G; r1 = r0 + 8
                 for jd in range(DT):
@@ -384,32 +376,31 @@ def bwd_dkv_mma(q, k, v, dout, lse, dlt, p, D):
                 if u + 1 < n_tiles:
                     issue(u + 1, (u + 1) & 1)
                 qs, dos, ls, dl = qbuf[u & 1], obuf[u & 1], lbuf[u & 1], dbuf[u & 1]
-                if True:
-                    for w in range(TC_WARPS):
-                        kr = w * 16; ck0 = c0 + kr + G; ck1 = ck0 + 8
-                        for hq in range(TC_BR // QH):
-                            qc = hq * QH
-                            s = [np.zeros((32, 4)) for _ in range(NQ)]; dp = [np.zeros((32, 4)) for _ in range(NQ)]
-                            for kk in range(D // 16):
-                                ka = load_a(ks, kr, kk * 16, LD); va = load_a(vs, kr, kk * 16, LD)
-                                for j in range(NQ):
-                                    s[j] = mma(s[j], ka, load_b_cols(qs, qc + j * 8, kk * 16, LD))
-                                    dp[j] = mma(dp[j], va, load_b_cols(dos, qc + j * 8, kk * 16, LD))
-                            full = tile_visible(p, i0 + qc, i0 + qc + QH, c0 + kr, c0 + kr + 16, p.Tk)
-                            FULL["dkv"] += full
+                for w in range(TC_WARPS):
+                    kr = w * 16; ck0 = c0 + kr + G; ck1 = ck0 + 8
+                    for hq in range(TC_BR // QH):
+                        qc = hq * QH
+                        s = [np.zeros((32, 4)) for _ in range(NQ)]; dp = [np.zeros((32, 4)) for _ in range(NQ)]
+                        for kk in range(D // 16):
+                            ka = load_a(ks, kr, kk * 16, LD); va = load_a(vs, kr, kk * 16, LD)
                             for j in range(NQ):
-                                for e in range(4):
-                                    for l in range(32):
-                                        jq = qc + j * 8 + 2 * T4[l] + (e & 1); i = i0 + jq; c = ck0[l] if e < 2 else ck1[l]
-                                        L = ls[jq]
-                                        ok = full or (c < p.Tk and i < p.Tq and L != -np.inf and visible(p, p.q_start + i, c))
-                                        pv = np.exp2(s[j][l, e] * sc - L) if ok else 0.0
-                                        s[j][l, e] = pv; dp[j][l, e] = pv * (dp[j][l, e] - dl[jq])
-                            for kk2 in range(QH // 16):
-                                pa = acc_to_a(s[2 * kk2], s[2 * kk2 + 1]); da = acc_to_a(dp[2 * kk2], dp[2 * kk2 + 1])
-                                for jd in range(DT):
-                                    dva[w][jd] = mma(dva[w][jd], pa, load_b_rows(dos, qc + kk2 * 16, jd * 8, LD))
-                                    dka[w][jd] = mma(dka[w][jd], da, load_b_rows(qs, qc + kk2 * 16, jd * 8, LD))
+                                s[j] = mma(s[j], ka, load_b_cols(qs, qc + j * 8, kk * 16, LD))
+                                dp[j] = mma(dp[j], va, load_b_cols(dos, qc + j * 8, kk * 16, LD))
+                        full = tile_visible(p, i0 + qc, i0 + qc + QH, c0 + kr, c0 + kr + 16, p.Tk)
+                        FULL["dkv"] += full
+                        for j in range(NQ):
+                            for e in range(4):
+                                for l in range(32):
+                                    jq = qc + j * 8 + 2 * T4[l] + (e & 1); i = i0 + jq; c = ck0[l] if e < 2 else ck1[l]
+                                    L = ls[jq]
+                                    ok = full or (c < p.Tk and i < p.Tq and L != -np.inf and visible(p, p.q_start + i, c))
+                                    pv = np.exp2(s[j][l, e] * sc - L) if ok else 0.0
+                                    s[j][l, e] = pv; dp[j][l, e] = pv * (dp[j][l, e] - dl[jq])
+                        for kk2 in range(QH // 16):
+                            pa = acc_to_a(s[2 * kk2], s[2 * kk2 + 1]); da = acc_to_a(dp[2 * kk2], dp[2 * kk2 + 1])
+                            for jd in range(DT):
+                                dva[w][jd] = mma(dva[w][jd], pa, load_b_rows(dos, qc + kk2 * 16, jd * 8, LD))
+                                dka[w][jd] = mma(dka[w][jd], da, load_b_rows(qs, qc + kk2 * 16, jd * 8, LD))
             for w in range(TC_WARPS):
                 kr = w * 16; ck0 = c0 + kr + G; ck1 = ck0 + 8
                 for jd in range(DT):

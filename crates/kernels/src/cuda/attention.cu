@@ -784,6 +784,69 @@ __device__ __forceinline__ void load_floats_async(float* dst, const float* src, 
     }
 }
 
+// The key tiles a query block walks (the forward and dQ kernels): the sink slots [0, n_sink)
+// first, then the keys [c_lo, c_hi); tile t covers columns c0 .. c0 + 64 of a part that ends at
+// `to`. stage(t) makes tile t's K and V rows readable by the whole block: loaded in place (mma),
+// or double-buffered (mma2: buffer t % 2 holds tile t, and tile t + 1 is copied by cp.async while
+// tile t is computed; start() copies tile 0, done() ends a tile before its buffer is reused).
+template <typename T, int D, int LD, bool V2>
+struct KvTiles {
+    const Params& p;
+    const T *kb, *vb;
+    T *ks, *vs;
+    int c_lo, c_hi, n_sink_tiles, n;
+    __device__ KvTiles(const Params& p_, const T* kb_, const T* vb_, T* ks_, T* vs_, int c_lo_, int c_hi_)
+        : p(p_), kb(kb_), vb(vb_), ks(ks_), vs(vs_), c_lo(c_lo_), c_hi(c_hi_) {
+        n_sink_tiles = (p.n_sink + TC_BC - 1) / TC_BC;
+        n = n_sink_tiles + (c_hi - c_lo + TC_BC - 1) / TC_BC;
+    }
+    __device__ void at(int t, int& c0, int& to) const {
+        c0 = t < n_sink_tiles ? t * TC_BC : c_lo + (t - n_sink_tiles) * TC_BC;
+        to = t < n_sink_tiles ? p.n_sink : c_hi;
+    }
+    __device__ void copy_async(int t, int tid, int nth) const {
+        int c0, to;
+        at(t, c0, to);
+        const int off = (t & 1) * TC_BC * LD;
+        load_rows_async<T, D, LD>(ks + off, kb, c0, TC_BC, to, tid, nth);
+        load_rows_async<T, D, LD>(vs + off, vb, c0, TC_BC, to, tid, nth);
+    }
+    __device__ void start(int tid, int nth) const {
+        if (V2) {
+            if (n > 0) copy_async(0, tid, nth);
+            cp_async_commit();
+        }
+    }
+    // Tile t: its first column, the end of its part, and its K and V rows in shared memory.
+    struct Tile {
+        int c0, to;
+        const T *k, *v;
+    };
+    __device__ Tile stage(int t, int tid, int nth) const {
+        Tile r;
+        at(t, r.c0, r.to);
+        if (V2) {
+            if (t + 1 < n) copy_async(t + 1, tid, nth);
+            cp_async_commit();
+            cp_async_wait<1>();  // every group but the newest: tile t has landed
+            __syncthreads();
+            r.k = ks + (t & 1) * TC_BC * LD;
+            r.v = vs + (t & 1) * TC_BC * LD;
+        } else {
+            __syncthreads();
+            load_rows_ld<T, D, LD>(ks, kb, r.c0, TC_BC, r.to, tid, nth);
+            load_rows_ld<T, D, LD>(vs, vb, r.c0, TC_BC, r.to, tid, nth);
+            __syncthreads();
+            r.k = ks;
+            r.v = vs;
+        }
+        return r;
+    }
+    __device__ void done() const {
+        if (V2) __syncthreads();
+    }
+};
+
 // Forward. grid (ceil(Tq / 64), B * H), 128 threads; shared memory 3 * 64 * (D + 8) elements
 // (mma2: 5 * 64 * (D + 8), the K and V tiles double-buffered).
 template <typename T, int D, bool V2>
@@ -818,49 +881,10 @@ __device__ void fwd_mma_impl(const T* __restrict__ q, const T* __restrict__ k, c
     const int qlo = p.q_start + i0, qhi = min(qlo + TC_BR, p.q_start + p.Tq) - 1;
     int c_lo, c_hi;
     key_range(p, qlo, qhi, c_lo, c_hi);
-    // Key tiles: the sink slots [0, n_sink) first, then the keys [c_lo, c_hi); tile t covers
-    // columns c0 .. c0 + 64 of a part that ends at `to`.
-    const int n_sink_tiles = (p.n_sink + TC_BC - 1) / TC_BC;
-    const int n_tiles = n_sink_tiles + (c_hi - c_lo + TC_BC - 1) / TC_BC;
-    auto tile = [&](int t, int& c0, int& to) {
-        c0 = t < n_sink_tiles ? t * TC_BC : c_lo + (t - n_sink_tiles) * TC_BC;
-        to = t < n_sink_tiles ? p.n_sink : c_hi;
-    };
-    // mma2: K and V tiles double-buffered (buffer t % 2 holds tile t), tile t + 1 copied by
-    // cp.async while tile t is computed.
-    if (V2) {
-        if (n_tiles > 0) {
-            int c0, to;
-            tile(0, c0, to);
-            load_rows_async<T, D, LD>(ks, kb, c0, TC_BC, to, tid, nth);
-            load_rows_async<T, D, LD>(vs, vb, c0, TC_BC, to, tid, nth);
-        }
-        cp_async_commit();
-    }
-    for (int t = 0; t < n_tiles; t++) {
-        int c0, to;
-        tile(t, c0, to);
-        const T* kt = ks;
-        const T* vt = vs;
-        if (V2) {
-            if (t + 1 < n_tiles) {
-                int c1, to1;
-                tile(t + 1, c1, to1);
-                const int nb = ((t + 1) & 1) * TC_BC * LD;
-                load_rows_async<T, D, LD>(ks + nb, kb, c1, TC_BC, to1, tid, nth);
-                load_rows_async<T, D, LD>(vs + nb, vb, c1, TC_BC, to1, tid, nth);
-            }
-            cp_async_commit();
-            cp_async_wait<1>();  // every group but the newest: tile t has landed
-            __syncthreads();
-            kt = ks + (t & 1) * TC_BC * LD;
-            vt = vs + (t & 1) * TC_BC * LD;
-        } else {
-            __syncthreads();
-            load_rows_ld<T, D, LD>(ks, kb, c0, TC_BC, to, tid, nth);
-            load_rows_ld<T, D, LD>(vs, vb, c0, TC_BC, to, tid, nth);
-            __syncthreads();
-        }
+    KvTiles<T, D, LD, V2> kv(p, kb, vb, ks, vs, c_lo, c_hi);
+    kv.start(tid, nth);
+    for (int t = 0; t < kv.n; t++) {
+        const auto [c0, to, kt, vt] = kv.stage(t, tid, nth);
         {
             float s[NT][4];
 #pragma unroll
@@ -946,8 +970,7 @@ __device__ void fwd_mma_impl(const T* __restrict__ q, const T* __restrict__ k, c
                 }
             }
         }
-        // mma2: everyone is done with buffer t % 2 before tile t + 2 is copied into it.
-        if (V2) __syncthreads();
+        kv.done();
     }
     const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
 #pragma unroll
@@ -1187,46 +1210,10 @@ __device__ void bwd_dq_mma_impl(const T* __restrict__ q, const T* __restrict__ k
     key_range(p, qlo, qhi, c_lo, c_hi);
     __syncthreads();
     const float L0 = lq[qr + g], L1 = lq[qr + g + 8], D0 = dlq[qr + g], D1 = dlq[qr + g + 8];
-    // The forward's tile sequence (sink slots, then keys); mma2 double-buffers K and V as it does.
-    const int n_sink_tiles = (p.n_sink + TC_BC - 1) / TC_BC;
-    const int n_tiles = n_sink_tiles + (c_hi - c_lo + TC_BC - 1) / TC_BC;
-    auto tile = [&](int t, int& c0, int& to) {
-        c0 = t < n_sink_tiles ? t * TC_BC : c_lo + (t - n_sink_tiles) * TC_BC;
-        to = t < n_sink_tiles ? p.n_sink : c_hi;
-    };
-    if (V2) {
-        if (n_tiles > 0) {
-            int c0, to;
-            tile(0, c0, to);
-            load_rows_async<T, D, LD>(ks, kb, c0, TC_BC, to, tid, nth);
-            load_rows_async<T, D, LD>(vs, vb, c0, TC_BC, to, tid, nth);
-        }
-        cp_async_commit();
-    }
-    for (int t = 0; t < n_tiles; t++) {
-        int c0, to;
-        tile(t, c0, to);
-        const T* kt = ks;
-        const T* vt = vs;
-        if (V2) {
-            if (t + 1 < n_tiles) {
-                int c1, to1;
-                tile(t + 1, c1, to1);
-                const int nb = ((t + 1) & 1) * TC_BC * LD;
-                load_rows_async<T, D, LD>(ks + nb, kb, c1, TC_BC, to1, tid, nth);
-                load_rows_async<T, D, LD>(vs + nb, vb, c1, TC_BC, to1, tid, nth);
-            }
-            cp_async_commit();
-            cp_async_wait<1>();
-            __syncthreads();
-            kt = ks + (t & 1) * TC_BC * LD;
-            vt = vs + (t & 1) * TC_BC * LD;
-        } else {
-            __syncthreads();
-            load_rows_ld<T, D, LD>(ks, kb, c0, TC_BC, to, tid, nth);
-            load_rows_ld<T, D, LD>(vs, vb, c0, TC_BC, to, tid, nth);
-            __syncthreads();
-        }
+    KvTiles<T, D, LD, V2> kv(p, kb, vb, ks, vs, c_lo, c_hi);
+    kv.start(tid, nth);
+    for (int t = 0; t < kv.n; t++) {
+        const auto [c0, to, kt, vt] = kv.stage(t, tid, nth);
         {
             float s[NT][4], dp[NT][4];
             two_products<T, D, LD, NT, V2>(s, dp, qs, dos, qr, kt, vt, 0, g, t4);  // S = Q_w K^T, dP = dO_w V^T
@@ -1258,7 +1245,7 @@ __device__ void bwd_dq_mma_impl(const T* __restrict__ q, const T* __restrict__ k
                 }
             }
         }
-        if (V2) __syncthreads();
+        kv.done();
     }
 #pragma unroll
     for (int jd = 0; jd < DT; jd++) {
