@@ -58,26 +58,7 @@ done
       /tmp/zoo run /tmp/p$n.toml --device cuda:0 --dtype bf16 --shard $i/3 -q --results-dir $rd --runs-dir $rd/runs \
       > "$out/ncu-$i-$n.csv" 2> /dev/null
   done
-  python3 - "$out/ncu-$i-3.csv" "$out/ncu-$i-6.csv" <<'EOF' | tee -a "$log"
-import csv, sys, collections
-def load(p):
-    rows = list(csv.reader(open(p)))
-    s = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
-    h = rows[s]; ki = h.index("Kernel Name"); vi = h.index("Metric Value"); ui = h.index("Metric Unit")
-    t = collections.Counter(); c = collections.Counter()
-    for r in rows[s + 1:]:
-        if len(r) != len(h): continue
-        v = float(r[vi].replace(",", "")); u = r[ui]
-        v = v / 1000 if u in ("ns", "nsecond") else v * 1000 if u in ("ms", "msecond") else v
-        name = r[ki].split("(")[0][:60]; t[name] += v; c[name] += 1
-    return t, c
-t3, c3 = load(sys.argv[1]); t6, c6 = load(sys.argv[2])
-tot = sum(t6.values()) - sum(t3.values()); n = sum(c6.values()) - sum(c3.values())
-print(f"per step: {n/3:.0f} kernels, {tot/3/1000:.2f} ms of GPU time")
-d = {k: (t6[k] - t3[k]) / 3 for k in t6}
-for k, v in sorted(d.items(), key=lambda x: -x[1])[:25]:
-    print(f"  {v/1000:8.3f} ms  {(c6[k]-c3[k])/3:6.0f}x  {k}")
-EOF
+  python3 scripts/ncu-step-diff.py "$out/ncu-$i-3.csv" "$out/ncu-$i-6.csv" 3 | tee -a "$log"
 done
 
 [[ $parts == *3* ]] || exit 0
