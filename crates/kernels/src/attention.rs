@@ -63,8 +63,9 @@ impl FlashOpts {
 
 /// Which attention kernel set 16-bit prefill and training use on CUDA, from the environment:
 /// `mma` (the default: `mma.sync` with register tiles at head dims 32-128, WMMA at other head
-/// dims), `mma2` (ZOO_FLASH_MMA=2: the same with `ldmatrix` fragment loads and no mask on the tiles
-/// a warp sees whole; opt-in until its check has passed on the GPU), `wmma` (ZOO_FLASH_MMA=0) or
+/// dims), `mma2` (ZOO_FLASH_MMA=2: the same with `ldmatrix` fragment loads, no mask on the tiles
+/// a warp sees whole and `cp.async` double-buffered tile loads; opt-in until its check has passed
+/// on the GPU), `wmma` (ZOO_FLASH_MMA=0) or
 /// `simt` (ZOO_FLASH_TC=0: the CUDA-core kernels). Decoding steps and f32 always take the
 /// CUDA-core kernels. Result JSONs record it beside `kernels`.
 pub fn flash_kernel_set() -> &'static str {
