@@ -9,7 +9,8 @@
 #                      the flash tests passed
 #   twins-h200.json    scripts/twin-bench.py (issue 11's twin table, decode at T = 4096, B = 1 and 32)
 #   device:  run(command="bash scripts/device-checks.sh", carry=[".devpkg"], timeout_s=590)
-#   here:    cp the JSONs into results/bench/
+#   here:    cp the JSONs into results/bench/, then regenerate the twin table:
+#            python3 scripts/twin-table.py results/bench/twins-h200.json > results/bench/twins-h200.md
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
 [ -x /tmp/zoo ] || { gunzip -c .devpkg/zoo.gz > /tmp/zoo && chmod +x /tmp/zoo; }
