@@ -320,6 +320,15 @@ def main():
            "torch": torch.__version__, "protocol": __doc__.strip().split("\n\n")[1], "models": {}}
     import transformers
     res["transformers"] = transformers.__version__
+    res["complete"] = False
+
+    def save():
+        # Written after every section (atomically), so a call that runs out of time keeps what
+        # it measured; `complete` turns true at the end.
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, a.out)
     for name, layers, d, h, shapes in MODELS:
         rows = []
         for k in ("fused", "naive"):
@@ -341,6 +350,7 @@ def main():
                     if m in z and m in o:
                         ratios[f"T{t}xB{b} zoo-fused/{other} {m}"] = z[m] / o[m]
         res["models"][name] = {"layers": layers, "d_model": d, "heads": h, "rows": rows, "ratios": ratios}
+        save()
     batches = [int(x) for x in a.decode_batches.split(",") if x.strip()]
     if batches:
         layers, d, h, t = 8, 512, 8, 4096
@@ -360,10 +370,8 @@ def main():
                     ratios[f"T{t}xB{b} {impl} decode peak / (weights + kv)"] = r["peak_over_weights_kv"]
         res["decode"] = {"model": "8L-512", "layers": layers, "d_model": d, "heads": h, "seq_len": t,
                          "protocol": bench_decode.__doc__.strip(), "rows": rows, "ratios": ratios}
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, a.out)
+    res["complete"] = True
+    save()
     print(json.dumps({n: m["ratios"] for n, m in res["models"].items()}, indent=1))
     if "decode" in res:
         print(json.dumps(res["decode"]["ratios"], indent=1))
