@@ -57,6 +57,8 @@ def render(path):
     build = f"zoo build {b['sha'][:7]}{' (dirty)' if b.get('dirty') else ''}" if b and b.get("sha") else "zoo build unknown"
     out.append(f"{d.get('device', '?')}, {d.get('dtype', '?')}, torch {d.get('torch', '?')}, "
                f"transformers {d.get('transformers', '?')}, {build}. Protocol: see the JSON's `protocol`.")
+    if d.get("complete") is False:
+        out.append("**Incomplete run**: the bench stopped before its last section; what it measured is below.")
     out.append("")
     models = d.get("models") or {}
     if any(m.get("rows") for m in models.values()):
