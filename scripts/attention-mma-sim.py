@@ -164,8 +164,7 @@ def fwd_mma(q, k, v, p, D):
                         S['oacc'][jd][:, 0] *= corr0; S['oacc'][jd][:, 1] *= corr0
                         S['oacc'][jd][:, 2] *= corr1; S['oacc'][jd][:, 3] *= corr1
                     for kk2 in range(TC_BC // 16):
-                        pa = [pack2(s[2 * kk2][:, 0], s[2 * kk2][:, 1]), pack2(s[2 * kk2][:, 2], s[2 * kk2][:, 3]),
-                              pack2(s[2 * kk2 + 1][:, 0], s[2 * kk2 + 1][:, 1]), pack2(s[2 * kk2 + 1][:, 2], s[2 * kk2 + 1][:, 3])]
+                        pa = acc_to_a(s[2 * kk2], s[2 * kk2 + 1])
                         for jd in range(DT):
                             S['oacc'][jd] = mma(S['oacc'][jd], pa, load_b_rows(vs, kk2 * 16, jd * 8, LD))
             for w in range(TC_WARPS):

@@ -15,9 +15,6 @@ import json
 import os
 import sys
 
-IMPLS = ["zoo-fused", "zoo-naive", "hf", "eager", "compile"]
-
-
 def fmt_k(x):
     return "–" if x is None else (f"{x / 1e3:.0f}k" if x >= 1e4 else f"{x:.0f}")
 

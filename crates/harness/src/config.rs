@@ -597,11 +597,19 @@ impl RunConfig {
     pub fn footprint_at(&self, vocab: usize, batch: usize, t: usize) -> Footprint {
         let m = &self.model;
         let (d, l, v) = (m.d_model as f64, m.n_layers as f64, vocab as f64);
-        let params = v * d * if m.tie_embeddings { 1.0 } else { 2.0 } + l * 16.0 * d * d;
+        let params = self.param_estimate(vocab);
         let heads = self.max_heads();
         let (b, t) = (batch as f64, t as f64);
         let activation_bytes = 4.0 * b * t * (40.0 * d * l + 3.0 * v) + 4.0 * 3.0 * b * heads * t * t * l;
         Footprint { params, weight_bytes: 16.0 * params, activation_bytes }
+    }
+
+    /// Parameters by the estimate of [`Footprint`]: embeddings (two tables unless tied) and
+    /// ~16 d² per layer.
+    fn param_estimate(&self, vocab: usize) -> f64 {
+        let m = &self.model;
+        let (d, l, v) = (m.d_model as f64, m.n_layers as f64, vocab as f64);
+        v * d * if m.tie_embeddings { 1.0 } else { 2.0 } + l * 16.0 * d * d
     }
 
     /// The most heads any layer's mixer has (0 without heads).
@@ -620,7 +628,7 @@ impl RunConfig {
     /// (2 d floats per token and layer). `zoo bench --skip-train` checks this instead of
     /// [`RunConfig::footprint_at`].
     pub fn inference_footprint_at(&self, vocab: usize, batch: usize, t: usize) -> Footprint {
-        let params = self.footprint_at(vocab, batch, t).params;
+        let params = self.param_estimate(vocab);
         let m = &self.model;
         let (d, l, v) = (m.d_model as f64, m.n_layers as f64, vocab as f64);
         let heads = self.max_heads();

@@ -342,28 +342,23 @@ mod cuda {
     // SAFETY: plain old data with the C layout of `struct Params`.
     unsafe impl DeviceRepr for Params {}
 
-    /// Tensor-core kernels unless ZOO_FLASH_TC=0 (for comparisons). They also need 16-byte aligned
-    /// inputs (their 16-byte tile loads); the callers check that.
-    fn tensor_cores() -> bool {
-        super::flash_kernel_set() != "simt"
-    }
-
-    /// The kernels on `mma.sync` with their tiles in registers (`fwd_mma`, `bwd_dq_mma`,
-    /// `bwd_dkv_mma`; head dims 32-128) instead of WMMA through shared memory (`*_tc`), unless
-    /// ZOO_FLASH_MMA=0 (for comparisons). Default since their check passed on the H200 (build
-    /// dc36ff4) and they ran 3.7-4.7x the WMMA kernels' forward TFLOP/s
-    /// (results/bench/attention-h200.json).
-    fn mma_kernels(d: usize) -> bool {
-        matches!(d, 32 | 64 | 96 | 128) && matches!(super::flash_kernel_set(), "mma" | "mma2")
-    }
-
-    /// The name part of the mma.sync kernels in use: `mma_` or `mma2_` (ZOO_FLASH_MMA=2).
-    fn mma_kind() -> &'static str {
-        if super::flash_kernel_set() == "mma2" {
-            "mma2_"
-        } else {
-            "mma_"
+    /// The attention kernel family for 16-bit inputs whose tile pointers are 16-byte aligned
+    /// (`tc`; the tiles are loaded 16 bytes at a time) at head dim `d`, from [`super::flash_kernel_set`]
+    /// read once: `Some("mma_")` / `Some("mma2_")` for the kernels on `mma.sync` with their tiles in
+    /// registers (head dims 32-128; the default since their check passed on the H200 at build
+    /// dc36ff4, at 3.7-4.7x the WMMA kernels' forward TFLOP/s, results/bench/attention-h200.json),
+    /// `Some("tc_")` for WMMA through shared memory (other head dims, or ZOO_FLASH_MMA=0), `None`
+    /// for the CUDA-core kernels (not `tc`, or ZOO_FLASH_TC=0).
+    fn tc_kind(tc: bool, d: usize) -> Option<&'static str> {
+        let set = super::flash_kernel_set();
+        if !tc || set == "simt" {
+            return None;
         }
+        Some(match set {
+            "mma" if matches!(d, 32 | 64 | 96 | 128) => "mma_",
+            "mma2" if matches!(d, 32 | 64 | 96 | 128) => "mma2_",
+            _ => "tc_",
+        })
     }
 
     fn params(o: &FlashOpts, n: &Dims) -> Result<Params> {
@@ -417,16 +412,16 @@ mod cuda {
         // Tensor cores for 16-bit inputs and more than a tile of queries (decoding steps take the
         // 16-row CUDA-core kernel); ZOO_FLASH_TC=0 turns them off (for comparisons).
         let (qp, kp, vp) = (storage_addr(q.0, q.1)?, storage_addr(k.0, k.1)?, storage_addr(v.0, v.1)?);
-        let tc = dt != DType::F32 && n.tq > ROWS && tensor_cores() && [qp, kp, vp].iter().all(|p| p % 16 == 0);
-        let mma = tc && mma_kernels(n.d);
-        let kind = if mma { mma_kind() } else if tc { "tc_" } else { "" };
+        let family = tc_kind(dt != DType::F32 && n.tq > ROWS && [qp, kp, vp].iter().all(|p| p % 16 == 0), n.d);
+        let (tc, mma) = (family.is_some(), matches!(family, Some("mma_" | "mma2_")));
+        let kind = family.unwrap_or("");
         let name = format!("zoo_flash_fwd_{kind}{}_{}", suffix(dt)?, n.d);
         let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let launch = if tc {
             let bytes = if mma {
                 // fwd_mma: Q, K and V tiles in 16-bit, rows padded by 8 elements (MMA_PAD); mma2
                 // double-buffers K and V.
-                let kv_tiles = if mma_kind() == "mma2_" { 4 } else { 2 };
+                let kv_tiles = if kind == "mma2_" { 4 } else { 2 };
                 (TC_BR + kv_tiles * TC_BC) * (n.d + 8) * 2
             } else {
                 // fwd_tc: Q, K, V tiles and P in 16-bit, S and O in f32.
@@ -486,9 +481,9 @@ mod cuda {
         let (lp, _sync) = lse.device_ptr(&stream);
         let s = suffix(dt)?;
         // Tensor cores for 16-bit inputs with d <= 128 (shared memory of larger tiles does not fit).
-        let tc = dt != DType::F32 && n.d <= 128 && tensor_cores() && [qp, kp, vp, gp].iter().all(|p| p % 16 == 0);
-        let mma = tc && mma_kernels(n.d);
-        let t = if mma { mma_kind() } else if tc { "tc_" } else { "" };
+        let family = tc_kind(dt != DType::F32 && n.d <= 128 && [qp, kp, vp, gp].iter().all(|p| p % 16 == 0), n.d);
+        let (tc, mma) = (family.is_some(), matches!(family, Some("mma_" | "mma2_")));
+        let t = family.unwrap_or("");
         let fq = dev.get_or_load_custom_func(&format!("zoo_flash_dq_{t}{s}_{}", n.d), MODULE, PTX)?;
         let fkv = dev.get_or_load_custom_func(&format!("zoo_flash_dkv_{t}{s}_{}", n.d), MODULE, PTX)?;
         let (cq, ckv) = if tc {
@@ -497,7 +492,7 @@ mod cuda {
                 // mma2 double-buffers the dQ kernel's K and V tiles (two more tiles) and the dK/dV
                 // kernel's Q and dO tiles with their LSEs and D_i (two more tiles, 128 more floats).
                 let b = |tiles: usize, floats: usize| tiles * TC_BR * (n.d + 8) * 2 + floats * 4;
-                if mma_kind() == "mma2_" {
+                if t == "mma2_" {
                     (b(6, 2 * TC_BR), b(6, 4 * TC_BR))
                 } else {
                     (b(4, 2 * TC_BR), b(4, 2 * TC_BR))

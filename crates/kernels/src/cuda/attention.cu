@@ -959,9 +959,8 @@ __device__ void fwd_mma_impl(const T* __restrict__ q, const T* __restrict__ k, c
             // O += P V: keys kk2·16 .. +16 are S tiles 2·kk2 and 2·kk2 + 1.
 #pragma unroll
             for (int kk2 = 0; kk2 < TC_BC / 16; kk2++) {
-                const uint32_t pa[4] = {pack2<T>(s[2 * kk2][0], s[2 * kk2][1]), pack2<T>(s[2 * kk2][2], s[2 * kk2][3]),
-                                        pack2<T>(s[2 * kk2 + 1][0], s[2 * kk2 + 1][1]),
-                                        pack2<T>(s[2 * kk2 + 1][2], s[2 * kk2 + 1][3])};
+                uint32_t pa[4];
+                acc_to_a<T>(pa, s[2 * kk2], s[2 * kk2 + 1]);
 #pragma unroll
                 for (int jd = 0; jd < DT; jd++) {
                     uint32_t bv[2];
