@@ -7,8 +7,14 @@
 #                      ldmatrix mma.sync kernels, mma2)
 #   attention-h200.json scripts/attention-bench.py (mma, WMMA and mma2 kernels beside SDPA), only if
 #                      the flash tests passed
+#                      (the flash tests include the split-KV decoding kernel's, flash_decode_op)
+#   decode-h200.json   decode alone at T = 4096, B = 1 and 32 with zoo's two decoding kernels
+#                      (ZOO_FLASH_DECODE=rows, the default, and =split) beside the eager twin and HF
 #   twins-h200.json    scripts/twin-bench.py (issue 11's twin table, decode at T = 4096, B = 1 and 32)
-#   device:  run(command="bash scripts/device-checks.sh", carry=[".devpkg"], timeout_s=590)
+# PART: kernels (tests, attention bench, decode), twins (the twin table), or all (both: may not fit
+# one 600 s call; the steps' limits add up to 900 s).
+#   device:  run(command="bash scripts/device-checks.sh kernels", carry=[".devpkg"], timeout_s=590)
+#            run(command="bash scripts/device-checks.sh twins", carry=[".devpkg"], timeout_s=590)
 #   here:    cp the JSONs into results/bench/, then regenerate the twin table:
 #            python3 scripts/twin-table.py results/bench/twins-h200.json > results/bench/twins-h200.md
 set -u
@@ -21,6 +27,8 @@ step() { # seconds name command...
   echo "== $name: rc $rc, $((SECONDS - t0)) s"
   return $rc
 }
+part=${1:-all}
+if [ "$part" != twins ]; then
 flash_ok=1
 step 180 tests bash scripts/device-tests.sh > "$OUT/tests.log" 2>&1 || flash_ok=0
 if [ -f /tmp/flash ]; then
@@ -37,6 +45,12 @@ if [ "$flash_ok" = 1 ]; then
 else
   echo "== attention-bench skipped: a test failed (see tests.log)"
 fi
+# Decode alone, both decoding kernels (the split one's numbers mean nothing if its test failed).
+step 150 decode python3 scripts/twin-bench.py --zoo /tmp/zoo --impls none --decode-batches 1,32 \
+  --zoo-decode-kernels rows,split --out "$OUT/decode-h200.json" > "$OUT/decode.log" 2>&1
+tail -12 "$OUT/decode.log"
+fi
+[ "$part" = kernels ] && exit 0
 # The twin table (train, prefill, decode at the issue's shapes; decode alone at T = 4096, B = 1
 # and 32) with the default kernels.
 step 300 twins python3 scripts/twin-bench.py --zoo /tmp/zoo --out "$OUT/twins-h200.json" > "$OUT/twins.log" 2>&1

@@ -251,19 +251,23 @@ def bench_decode(kind, layers, d, h, t, b, a):
     return row
 
 
-def bench_zoo_decode(layers, d, h, t, b, a):
+def bench_zoo_decode(layers, d, h, t, b, a, kernel="rows"):
     """zoo's decode at (t, b): `zoo bench --skip-train` (prefill, then greedy decode with the
-    preallocated cache); weights_bytes = zoo's parameters as held (f32), kv_bytes as the twins' (bf16)."""
+    preallocated cache); weights_bytes = zoo's parameters as held (f32), kv_bytes as the twins' (bf16).
+    kernel: zoo's decoding attention kernel (ZOO_FLASH_DECODE): rows (impl zoo-fused) or split
+    (the split-KV kernel, impl zoo-fused-split)."""
     cfg = zoo_config(layers, d, h)
     n = a.decode_tokens
-    row = {"impl": "zoo-fused", "seq_len": t, "batch": b, "decode_tokens": n,
+    impl = "zoo-fused" if kernel == "rows" else f"zoo-fused-{kernel}"
+    row = {"impl": impl, "seq_len": t, "batch": b, "decode_tokens": n, "flash_decode": kernel,
            "kv_bytes": 2 * layers * b * h * (t + n) * (d // h) * 2}
     with tempfile.TemporaryDirectory() as tmp:
         path, out = os.path.join(tmp, "model.toml"), os.path.join(tmp, "out.json")
         open(path, "w").write(cfg)
         r = subprocess.run([a.zoo, "bench", path, "--device", "cuda:0", "--dtype", "bf16", "--seq-lens", str(t),
                             "--batch", str(b), "--warmup", str(a.warmup), "--iters", str(a.iters), "--skip-train",
-                            "--decode-tokens", str(n), "--out", out, "-q"], capture_output=True, text=True)
+                            "--decode-tokens", str(n), "--out", out, "-q"], capture_output=True, text=True,
+                           env=dict(os.environ, ZOO_FLASH_DECODE=kernel))
         if r.returncode != 0:
             row["error"] = r.stderr.strip()[-400:]
         else:
@@ -313,6 +317,8 @@ def main():
     ap.add_argument("--impls", default="zoo-fused,zoo-naive,hf,eager,compile")
     ap.add_argument("--decode-batches", default="1,32",
                     help="decode alone at T = 4096 on the 8L-512 model for these batch sizes ('' skips)")
+    ap.add_argument("--zoo-decode-kernels", default="rows",
+                    help="zoo's decoding attention kernels to bench in the decode section (rows, split)")
     ap.add_argument("--out", default="twins-h200.json")
     a = ap.parse_args()
     impls = a.impls.split(",")
@@ -356,15 +362,16 @@ def main():
         layers, d, h, t = 8, 512, 8, 4096
         rows = []
         for b in batches:
-            rows.append(bench_zoo_decode(layers, d, h, t, b, a))
+            rows += [bench_zoo_decode(layers, d, h, t, b, a, k) for k in a.zoo_decode_kernels.split(",")]
             rows += [bench_decode(kind, layers, d, h, t, b, a) for kind in ("eager", "hf")]
         ratios = {}
         for b in batches:
             by = {r["impl"]: r for r in rows if r["batch"] == b}
-            z = by.get("zoo-fused", {})
-            for other in ("eager", "hf"):
-                if "decode_tokens_per_s" in z and "decode_tokens_per_s" in by.get(other, {}):
-                    ratios[f"T{t}xB{b} zoo-fused/{other} decode_tokens_per_s"] = z["decode_tokens_per_s"] / by[other]["decode_tokens_per_s"]
+            for zi in [i for i in by if i.startswith("zoo-fused")]:
+                z = by[zi]
+                for other in ("eager", "hf"):
+                    if "decode_tokens_per_s" in z and "decode_tokens_per_s" in by.get(other, {}):
+                        ratios[f"T{t}xB{b} {zi}/{other} decode_tokens_per_s"] = z["decode_tokens_per_s"] / by[other]["decode_tokens_per_s"]
             for impl, r in by.items():
                 if "peak_over_weights_kv" in r:
                     ratios[f"T{t}xB{b} {impl} decode peak / (weights + kv)"] = r["peak_over_weights_kv"]

@@ -250,11 +250,14 @@ impl Attention {
         };
         let tk = k.dim(2)? - n_sink;
         if let (KeyPositions::From(k_start), None) = (kpos, probe.as_ref()) {
-            // One query over a long cache: the kernel gives each (batch, head) one block that walks
-            // every key, and candle's matmuls spread the work better until a split-KV decode
-            // kernel exists (H200, 8L/512, B = 4: 393 tok/s with the kernel against 649 without at
-            // T = 4096; 832 against 634 at T = 1024; results/bench/twins-h200.json).
-            let long_decode = q.dim(2)? == 1 && k.dim(2)? > DECODE_KERNEL_MAX_KEYS;
+            // One query over a long cache: the default decoding kernel gives each (batch, head)
+            // one block that walks every key, and candle's matmuls spread the work better (H200,
+            // 8L/512, B = 4: 393 tok/s with the kernel against 649 without at T = 4096; 832
+            // against 634 at T = 1024; results/bench/twins-h200.json). The split-KV kernel
+            // (ZOO_FLASH_DECODE=split) spreads the keys over many blocks and takes every length.
+            let long_decode = q.dim(2)? == 1
+                && k.dim(2)? > DECODE_KERNEL_MAX_KEYS
+                && zoo_kernels::attention::decode_kernel() != "split";
             if !long_decode {
                 match zoo_kernels::attention::unsupported(q, &k, &v) {
                     None => {
@@ -371,7 +374,8 @@ pub fn attention_mask(
     }
 }
 
-/// A one-query step over more keys than this takes the composition (see `Attention::attend`).
+/// A one-query step over more keys than this takes the composition (see `Attention::attend`),
+/// unless the split-KV decoding kernel is on (`zoo_kernels::attention::decode_kernel`).
 pub const DECODE_KERNEL_MAX_KEYS: usize = 2048;
 
 /// The absolute positions of the keys a query block attends over.

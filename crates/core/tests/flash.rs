@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use zoo_core::attention::{attention_mask, sdpa};
 use zoo_core::mixer::Phase;
-use zoo_kernels::attention::{flash_attention_op, FlashOpts};
+use zoo_kernels::attention::{flash_attention_op, flash_decode_op, FlashOpts};
 
 #[derive(Clone, Copy, Debug)]
 struct Case {
@@ -74,9 +74,44 @@ fn run(f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>, q: &Tensor, k: &
     Ok([o, grad(&qv)?, grad(&kv)?, grad(&vv)?])
 }
 
+/// Decoding steps (at most 16 queries at the end of a cache), for the split-KV kernel: one query
+/// over 1, 37, 1000 and 4097 keys at every head dim, GQA 4:1 and 8:1, windows, sinks, several
+/// queries, and K/V as views of a longer cache (`Decode::view`, not copied by the kernel).
+fn decode_cases() -> Vec<(Case, bool)> {
+    let step = |b, h, hkv, tq, tk, d| Case { tk, q_start: tk - tq, ..case(b, h, hkv, tq, d) };
+    let mut v = vec![
+        (step(1, 2, 2, 1, 1, 32), false),
+        (step(2, 4, 1, 1, 37, 64), true),
+        (Case { window: Some(8), sinks: 2, ..step(1, 8, 2, 1, 37, 64) }, true),
+        (Case { window: Some(300), ..step(2, 8, 1, 1, 1000, 128) }, true),
+        (step(1, 8, 2, 1, 4097, 64), true),
+        (Case { sinks: 3, ..step(2, 4, 4, 3, 1000, 96) }, true),
+        (step(1, 8, 1, 16, 700, 32), false),
+        (Case { tk: 2100, k_start: 4, q_start: 2000, window: Some(1500), sinks: 1, ..case(1, 4, 2, 2, 128) }, true),
+        (Case { tk: 2100, q_start: 2099, ..case(1, 2, 1, 1, 192) }, true),
+        (Case { tk: 1500, q_start: 1497, sinks: 2, ..case(2, 4, 2, 3, 256) }, false),
+    ];
+    // A query that sees nothing but the sinks (its keys all lie after it).
+    v.push((Case { tk: 40, k_start: 100, q_start: 50, sinks: 2, ..case(1, 2, 2, 1, 64) }, false));
+    v
+}
+
 /// Every case on `dev` in `dt`: the op against the f32 composition, all four results within `tol`.
 fn check(dev: &Device, dt: DType, tol: f32) -> Result<()> {
-    for (n, c) in cases().into_iter().enumerate() {
+    let all = cases().into_iter().map(|c| (c, false)).collect();
+    check_with(dev, dt, tol, all, flash_attention_op)
+}
+
+/// `check` for the given cases and op: with `view`, K and V reach the op as the first rows of a
+/// cache 5 rows longer (strided views, as `KvCache` hands them out).
+fn check_with(
+    dev: &Device,
+    dt: DType,
+    tol: f32,
+    cases: Vec<(Case, bool)>,
+    op: fn(&Tensor, &Tensor, &Tensor, &FlashOpts) -> Result<Tensor>,
+) -> Result<()> {
+    for (n, (c, view)) in cases.into_iter().enumerate() {
         let r = |shape: (usize, usize, usize, usize), s: u64| -> Result<Tensor> {
             // Deterministic inputs, rounded through `dt` so both sides see the same values.
             let x = Tensor::arange(0u32, (shape.0 * shape.1 * shape.2 * shape.3) as u32, &Device::Cpu)?
@@ -92,8 +127,17 @@ fn check(dev: &Device, dt: DType, tol: f32) -> Result<()> {
         let w = r((c.b, c.h, c.tq, c.d), 4)?;
         let want = run(|q, k, v| reference(&c, q, k, v), &q, &k, &v, &w)?;
         let o = FlashOpts { scale: 1.0 / (c.d as f64).sqrt(), q_start: c.q_start, k_start: c.k_start, n_sink: c.sinks, window: c.window };
+        let cache = |x: &Tensor| -> Result<Tensor> {
+            let x = x.to_dtype(dt)?;
+            if !view {
+                return Ok(x);
+            }
+            let rows = x.dim(2)?;
+            let pad = Tensor::ones((c.b, c.hkv, 5, c.d), dt, x.device())?;
+            Tensor::cat(&[&x, &pad], 2)?.narrow(2, 0, rows)
+        };
         let got = run(
-            |q, k, v| flash_attention_op(&q.to_dtype(dt)?, &k.to_dtype(dt)?, &v.to_dtype(dt)?, &o),
+            |q, k, v| op(&q.to_dtype(dt)?, &cache(k)?, &cache(v)?, &o),
             &q,
             &k,
             &v,
@@ -101,7 +145,7 @@ fn check(dev: &Device, dt: DType, tol: f32) -> Result<()> {
         )?;
         for (i, name) in ["output", "dq", "dk", "dv"].iter().enumerate() {
             let e = max_rel(&got[i], &want[i])?;
-            assert!(e <= tol, "case {n} {c:?} {dt:?}: {name} rel. error {e:.2e} > {tol:.0e}");
+            assert!(e <= tol, "case {n} {c:?} (view {view}) {dt:?}: {name} rel. error {e:.2e} > {tol:.0e}");
         }
     }
     Ok(())
@@ -123,6 +167,26 @@ fn flash_kernels_match_the_composition() -> Result<()> {
     check(&dev, DType::F32, 1e-5)?;
     check(&dev, DType::BF16, 2e-2)?;
     check(&dev, DType::F16, 2e-2)
+}
+
+/// The decoding cases through the op's CPU loop (their semantics) here in CI.
+#[test]
+fn decode_cases_match_the_composition_on_the_cpu() -> Result<()> {
+    check_with(&Device::Cpu, DType::F32, 1e-5, decode_cases(), flash_decode_op)
+}
+
+/// The split-KV decoding kernel (`flash_decode_op`): its forward (O and the LSE the backward
+/// kernels use) on the decoding cases, f32 to 1e-5, bf16 and f16 to 2e-2.
+#[test]
+fn split_kv_decoding_matches_the_composition() -> Result<()> {
+    let Ok(dev) = Device::new_cuda(0) else {
+        eprintln!("skipped: no CUDA device in this build or machine");
+        return Ok(());
+    };
+    for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2), (DType::F16, 2e-2)] {
+        check_with(&dev, dt, tol, decode_cases(), flash_decode_op)?;
+    }
+    Ok(())
 }
 
 /// The model's attention takes the kernel on CUDA and gives the composition's logits and loss.

@@ -91,6 +91,7 @@ impl Env {
         if self.device.is_cuda() {
             d["kernels"] = json!(zoo_kernels::mode().name());
             d["flash_kernels"] = json!(zoo_kernels::attention::flash_kernel_set());
+            d["flash_decode"] = json!(zoo_kernels::attention::decode_kernel());
         }
         d
     }

@@ -6,8 +6,9 @@
 //! log-sum-exp; the backward recomputes P from it (dQ over query rows, dK/dV over key rows,
 //! summed over the query heads of a GQA group), so nothing of size Tq × Tk is stored. Inputs f32,
 //! bf16 or f16; every sum in f32. With 16-bit inputs the matrix products run on tensor cores
-//! (WMMA 16×16×16; the backward for d ≤ 128); f32 inputs and decoding steps run on CUDA cores
-//! (`src/cuda/attention.cu`); the CPU
+//! (`mma.sync` m16n8k16 or WMMA 16×16×16; the backward for d ≤ 128); f32 inputs and decoding
+//! steps run on CUDA cores (`src/cuda/attention.cu`), decoding steps optionally split over the
+//! keys (Flash-Decoding, Dao, Haziza, Massa and Sizov 2023: [`decode_kernel`]); the CPU
 //! form of the op is a plain loop of the same algorithm's result, used to test the op's semantics
 //! here against the composition (`zoo_core::attention::sdpa`), which stays the reference and the
 //! CPU path of the model.
@@ -81,6 +82,21 @@ pub fn flash_kernel_set() -> &'static str {
     }
 }
 
+/// Which kernel a decoding step (at most [`DECODE_ROWS`] queries) takes on CUDA, from the
+/// environment: `rows` (the default: the CUDA-core forward, one block per 16 query rows of a
+/// head, walking every key) or `split` (ZOO_FLASH_DECODE=split: the split-KV kernel, the keys cut
+/// into chunks over many blocks, Flash-Decoding; it reads K and V in place from a narrowed cache
+/// view; opt-in until its check has passed on the GPU). Result JSONs record it as `flash_decode`.
+pub fn decode_kernel() -> &'static str {
+    match std::env::var("ZOO_FLASH_DECODE").as_deref() {
+        Ok("split") => "split",
+        _ => "rows",
+    }
+}
+
+/// Query rows up to which a forward is a decoding step (the CUDA-core kernels' rows per block).
+pub const DECODE_ROWS: usize = 16;
+
 /// Why the fused kernel cannot run on these inputs (`None`: it can): not a CUDA build, not on
 /// CUDA, `ZOO_KERNELS=naive`, dtype, head dim, head counts.
 pub fn unsupported(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<String> {
@@ -115,11 +131,26 @@ fn shape_problem(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<String> {
 /// The fused op on any device (CPU: the reference loop). q (B, H, Tq, d); k, v (B, Hkv, Tk, d)
 /// with the sink slots first; H a multiple of Hkv. Differentiable in q, k and v.
 pub fn flash_attention_op(q: &Tensor, k: &Tensor, v: &Tensor, o: &FlashOpts) -> Result<Tensor> {
+    flash_op(q, k, v, o, decode_kernel() == "split")
+}
+
+/// [`flash_attention_op`] with a decoding step (at most [`DECODE_ROWS`] queries) on CUDA always
+/// taking the split-KV kernel, whatever [`decode_kernel`] says (its tests call this).
+pub fn flash_decode_op(q: &Tensor, k: &Tensor, v: &Tensor, o: &FlashOpts) -> Result<Tensor> {
+    flash_op(q, k, v, o, true)
+}
+
+fn flash_op(q: &Tensor, k: &Tensor, v: &Tensor, o: &FlashOpts, split_decode: bool) -> Result<Tensor> {
     if let Some(why) = shape_problem(q, k, v) {
         candle_core::bail!("flash attention: {why}")
     }
-    let op = Flash { o: *o, lse: Mutex::new(None) };
-    q.contiguous()?.apply_op3_arc(&k.contiguous()?, &v.contiguous()?, Arc::new(Box::new(op)))
+    // The split-KV kernel reads K and V through their strides (a view of a larger cache is not
+    // copied); it needs only the head dim contiguous.
+    let split = split_decode && q.device().is_cuda() && (1..=DECODE_ROWS).contains(&q.dim(2)?);
+    let rows_ok = |t: &Tensor| t.stride()[3] == 1;
+    let kv = |t: &Tensor| if split && rows_ok(t) { Ok(t.clone()) } else { t.contiguous() };
+    let op = Flash { o: *o, split, lse: Mutex::new(None) };
+    q.contiguous()?.apply_op3_arc(&kv(k)?, &kv(v)?, Arc::new(Box::new(op)))
 }
 
 /// The row log-sum-exps of the last forward, base 2 of the scaled scores.
@@ -131,6 +162,8 @@ enum Saved {
 
 struct Flash {
     o: FlashOpts,
+    /// A decoding step on CUDA: the split-KV kernel (K and V may be strided views).
+    split: bool,
     lse: Mutex<Option<Saved>>,
 }
 
@@ -270,7 +303,11 @@ impl CustomOp3 for Flash {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let n = dims(l1, l2)?;
-        let (out, lse) = cuda::forward(&self.o, &n, (s1, l1), (s2, l2), (s3, l3))?;
+        let (out, lse) = if self.split {
+            cuda::decode(&self.o, &n, (s1, l1), (s2, l2), (s3, l3))?
+        } else {
+            cuda::forward(&self.o, &n, (s1, l1), (s2, l2), (s3, l3))?
+        };
         *self.lse.lock().unwrap() = Some(Saved::Cuda(lse));
         Ok((out, l1.shape().clone()))
     }
@@ -304,6 +341,43 @@ impl CustomOp3 for Flash {
         let dt = q.dtype();
         Ok((Some(dq.to_dtype(dt)?), Some(dk.to_dtype(dt)?), Some(dv.to_dtype(dt)?)))
     }
+}
+
+/// How the split-KV decoding kernel cuts the keys (attention.cu, `dec_split`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodePlan {
+    /// Query rows (heads of a GQA group × queries) per block: 8, or 4 at head dims ≥ 192.
+    pub rows_per_block: usize,
+    /// The first non-sink key column any of the queries may see.
+    pub c_lo: usize,
+    /// Virtual columns: the sink slots, then the keys from `c_lo` that some query may see.
+    pub n_cols: usize,
+    /// Virtual columns per split (0 when there are none) and the number of splits (≥ 1).
+    pub chunk: usize,
+    pub splits: usize,
+}
+
+/// Keys per split at the least (16 per warp; fewer only when there are fewer keys): below that
+/// the merge costs more than it spreads.
+pub const DECODE_MIN_CHUNK: usize = 64;
+
+/// The split of a decoding step's keys over about `target_blocks` blocks (4 per SM): the keys
+/// the queries at positions `q_start..q_start + tq` may see (FlashAttention's `key_range`),
+/// cut into chunks of at least [`DECODE_MIN_CHUNK`].
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn decode_plan(o: &FlashOpts, n: &Dims, target_blocks: usize) -> DecodePlan {
+    let rows_per_block = if n.d >= 192 { 4 } else { 8 };
+    let groups = (n.h / n.hkv * n.tq).div_ceil(rows_per_block);
+    let keys = n.tk - o.n_sink;
+    let (qlo, qhi) = (o.q_start as i64, (o.q_start + n.tq) as i64 - 1);
+    let lo = o.window.map_or(0, |w| qlo - w as i64 + 1 - o.k_start as i64).max(0);
+    let hi = (qhi - o.k_start as i64 + 1).min(keys as i64);
+    let n_cols = o.n_sink + (hi - lo).max(0) as usize;
+    let base = (n.b * n.hkv * groups).max(1);
+    let splits = target_blocks.div_ceil(base).clamp(1, (n_cols / DECODE_MIN_CHUNK).max(1));
+    let chunk = n_cols.div_ceil(splits);
+    let splits = if chunk == 0 { 1 } else { n_cols.div_ceil(chunk) };
+    DecodePlan { rows_per_block, c_lo: o.n_sink + lo as usize, n_cols, chunk, splits }
 }
 
 #[cfg(feature = "cuda")]
@@ -379,6 +453,111 @@ mod cuda {
         })
     }
 
+    /// `struct DecParams` of attention.cu.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct DecParams {
+        p: Params,
+        kb: i64,
+        kh: i64,
+        kr: i64,
+        vb: i64,
+        vh: i64,
+        vr: i64,
+        c_lo: i32,
+        n_cols: i32,
+        chunk: i32,
+        splits: i32,
+    }
+    // SAFETY: plain old data with the C layout of `struct DecParams`.
+    unsafe impl DeviceRepr for DecParams {}
+
+    /// Warps per block of the split-KV kernels (attention.cu: DEC_WARPS).
+    const DEC_WARPS: usize = 4;
+
+    /// Streaming multiprocessors of the device (for the split count), read once.
+    fn sm_count(dev: &candle_core::CudaDevice) -> usize {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+        static SMS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *SMS.get_or_init(|| {
+            let a = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+            dev.cuda_stream().context().attribute(a).map(|n| n.max(1) as usize).unwrap_or(132)
+        })
+    }
+
+    /// The split-KV decoding forward (`dec_split` then `dec_combine`, attention.cu): O and the LSE
+    /// as [`forward`] gives them. K and V may be strided views with a contiguous head dim.
+    pub fn decode(
+        o: &FlashOpts,
+        n: &Dims,
+        q: (&CudaStorage, &Layout),
+        k: (&CudaStorage, &Layout),
+        v: (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, CudaSlice<f32>)> {
+        let dev = q.0.device.clone();
+        let dt = q.0.dtype();
+        let strides = |l: &Layout| -> Result<(i64, i64, i64)> {
+            match l.stride() {
+                [sb, sh, sr, 1] => Ok((*sb as i64, *sh as i64, *sr as i64)),
+                s => candle_core::bail!("flash attention (split-KV): head dim not contiguous, strides {s:?}"),
+            }
+        };
+        let ((kb, kh, kr), (vb, vh, vr)) = (strides(k.1)?, strides(v.1)?);
+        let plan = super::decode_plan(o, n, DEC_WARPS * sm_count(&dev));
+        let dp = DecParams {
+            p: params(o, n)?,
+            kb,
+            kh,
+            kr,
+            vb,
+            vh,
+            vr,
+            c_lo: plan.c_lo as i32,
+            n_cols: plan.n_cols as i32,
+            chunk: plan.chunk as i32,
+            splits: plan.splits as i32,
+        };
+        let s = suffix(dt)?;
+        let fs = dev.get_or_load_custom_func(&format!("zoo_flash_dec_split_{s}_{}", n.d), MODULE, PTX)?;
+        let fc = dev.get_or_load_custom_func(&format!("zoo_flash_dec_combine_{s}_{}", n.d), MODULE, PTX)?;
+        let total = n.b * n.h * n.tq;
+        let len = total * n.d;
+        // SAFETY: dec_split writes every (split, row) of both workspaces; dec_combine every row of
+        // out and lse.
+        let part_o = unsafe { dev.alloc::<f32>(plan.splits * len)? };
+        let part_ml = unsafe { dev.alloc::<f32>(plan.splits * total * 2)? };
+        let lse = unsafe { dev.alloc::<f32>(total)? };
+        let (out, op) = crate::cuda_addr::alloc(&dev, dt, len)?;
+        let (qp, kp, vp) = (storage_addr(q.0, q.1)?, view_addr(k.0, k.1)?, view_addr(v.0, v.1)?);
+        let stream = dev.cuda_stream();
+        let (pop, _s1) = part_o.device_ptr(&stream);
+        let (pml, _s2) = part_ml.device_ptr(&stream);
+        let (lp, _s3) = lse.device_ptr(&stream);
+        let threads = (32 * DEC_WARPS) as u32;
+        let mut b = fs.builder();
+        b.arg(&qp).arg(&kp).arg(&vp).arg(&pop).arg(&pml).arg(&dp);
+        let groups = (n.h / n.hkv * n.tq).div_ceil(plan.rows_per_block);
+        let cfg = LaunchConfig {
+            grid_dim: (plan.splits as u32, (n.b * n.hkv) as u32, groups as u32),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: q is contiguous (B, H, Tq, d); k and v are read at b·kb + hk·kh + c·kr + e for the
+        // checked shapes (their views); the workspaces hold splits × rows (× d) floats.
+        unsafe { b.launch(cfg) }.w()?;
+        let mut b = fc.builder();
+        b.arg(&pop).arg(&pml).arg(&op).arg(&lp).arg(&dp);
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(DEC_WARPS) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: out holds B·H·Tq·d elements of dt and lse B·H·Tq floats.
+        unsafe { b.launch(cfg) }.w()?;
+        drop((_s1, _s2, _s3));
+        Ok((out, lse))
+    }
+
     fn suffix(dt: DType) -> Result<&'static str> {
         Ok(match dt {
             DType::F32 => "f32",
@@ -388,7 +567,7 @@ mod cuda {
         })
     }
 
-    use crate::cuda_addr::{storage_addr, tensor_addr};
+    use crate::cuda_addr::{storage_addr, tensor_addr, view_addr};
 
     fn cfg(rows: usize, blocks_y: usize) -> LaunchConfig {
         LaunchConfig {
@@ -526,5 +705,44 @@ mod cuda {
         unsafe { b.launch(ckv) }.w()?;
         drop(_sync);
         Ok((dq, dk, dv))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(b: usize, h: usize, hkv: usize, tq: usize, tk: usize, d: usize) -> Dims {
+        Dims { b, h, hkv, tq, tk, d }
+    }
+
+    /// The split of a decoding step: enough blocks for the device, chunks of at least
+    /// DECODE_MIN_CHUNK keys, every key a query may see in exactly one chunk, none it may not.
+    #[test]
+    fn decode_plan_covers_the_visible_keys_once() {
+        let at = |q_start: usize, window: Option<usize>, n_sink: usize| FlashOpts { q_start, window, n_sink, ..FlashOpts::causal(64) };
+        // One query at position 4095 over 4096 keys, 8 heads, 528 blocks wanted: 64 chunks of 64.
+        let p = decode_plan(&at(4095, None, 0), &dims(1, 8, 8, 1, 4096, 64), 528);
+        assert_eq!(p, DecodePlan { rows_per_block: 8, c_lo: 0, n_cols: 4096, chunk: 64, splits: 64 });
+        // B = 32: 256 blocks before splitting, so 3 splits (of 1366, 1366, 1364 keys).
+        let p = decode_plan(&at(4095, None, 0), &dims(32, 8, 8, 1, 4096, 64), 528);
+        assert_eq!((p.chunk, p.splits), (1366, 3));
+        // GQA 8:1 with 2 queries: 16 rows, 2 groups of 8 per kv head; head dim 256: groups of 4.
+        assert_eq!(decode_plan(&at(10, None, 0), &dims(1, 8, 1, 2, 12, 64), 528).splits, 1);
+        assert_eq!(decode_plan(&at(10, None, 0), &dims(1, 8, 1, 2, 12, 256), 528).rows_per_block, 4);
+        // A window of 1000 at position 4095 with 4 sinks: columns 0..4 and 4 + 3096 .. 4 + 4096.
+        let p = decode_plan(&at(4095, Some(1000), 4), &dims(1, 8, 8, 1, 4 + 4096, 64), 528);
+        assert_eq!((p.c_lo, p.n_cols), (4 + 3096, 4 + 1000));
+        assert_eq!(p.splits, (p.n_cols).div_ceil(p.chunk));
+        assert!(p.chunk >= DECODE_MIN_CHUNK && (p.splits - 1) * p.chunk < p.n_cols);
+        // Keys after the queries (k_start beyond): only the sinks are visible; none at all: one empty split.
+        let late = FlashOpts { k_start: 100, ..at(50, None, 2) };
+        assert_eq!(decode_plan(&late, &dims(1, 2, 2, 1, 2 + 30, 32), 528).n_cols, 2);
+        let none = FlashOpts { k_start: 100, ..at(50, None, 0) };
+        let p = decode_plan(&none, &dims(1, 2, 2, 1, 30, 32), 528);
+        assert_eq!((p.n_cols, p.chunk, p.splits), (0, 0, 1));
+        // Queries at 5..=9 over keys from position 0 in a cache of 20: keys 0..=9 only.
+        let p = decode_plan(&at(5, None, 0), &dims(1, 4, 2, 5, 20, 64), 528);
+        assert_eq!((p.c_lo, p.n_cols, p.splits), (0, 10, 1));
     }
 }

@@ -8,6 +8,15 @@ use candle_core::{CudaStorage, DType, Layout, Result, Storage, Tensor};
 /// outlive the kernels that use the address (the caller holds its tensor) and all work must be on
 /// the device's one stream, which orders every read and write.
 pub fn storage_addr(cs: &CudaStorage, l: &Layout) -> Result<u64> {
+    if !l.is_contiguous() {
+        candle_core::bail!("zoo-kernels: input not contiguous")
+    }
+    view_addr(cs, l)
+}
+
+/// Address of the first element of a view (`l.start_offset()`), whatever its strides: for kernels
+/// that take the strides too. The same conditions as [`storage_addr`].
+pub fn view_addr(cs: &CudaStorage, l: &Layout) -> Result<u64> {
     let stream = cs.device.cuda_stream();
     let (p, size) = match cs.dtype() {
         DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
@@ -16,9 +25,6 @@ pub fn storage_addr(cs: &CudaStorage, l: &Layout) -> Result<u64> {
         DType::U32 => (cs.as_cuda_slice::<u32>()?.device_ptr(&stream).0, 4),
         t => candle_core::bail!("zoo-kernels: no raw address for dtype {t:?}"),
     };
-    if !l.is_contiguous() {
-        candle_core::bail!("zoo-kernels: input not contiguous")
-    }
     Ok(p + (l.start_offset() * size) as u64)
 }
 

@@ -1297,3 +1297,184 @@ MMA_ALL(mma, __nv_bfloat16, bf16)
 MMA_ALL(mma, __half, f16)
 MMA_ALL(mma2, __nv_bfloat16, bf16)
 MMA_ALL(mma2, __half, f16)
+
+// ---- Split-KV decoding (Flash-Decoding: Dao, Haziza, Massa and Sizov 2023) on CUDA cores ----
+// A few query rows (decode steps: Tq <= 16) over a long cache. The forward kernels above give each
+// (batch, head) one block that walks every key, so a one-query step over 4096 keys keeps a handful
+// of blocks busy. Here the keys a kv head's rows may see are cut into `splits` chunks, one block
+// per (chunk, batch x kv head, group of R rows); a block reads its K/V chunk once for all the query
+// heads of the GQA group (rows r = g * Tq + i: head hk * G + g, query i), its 4 warps take the
+// chunk's keys in turn (lanes over the head dim, element j * 32 + lane, so a warp reads a key row
+// in coalesced 32-element pieces), each warp keeping an online softmax per row, merged in shared
+// memory at the end. The block writes its rows' unnormalised output and (max, sum) in base 2 to a
+// workspace; `dec_combine` merges the chunks (one warp per row) into O and the LSE of the other
+// forward kernels, so the backward kernels serve this forward unchanged.
+//
+// K and V may be views of a larger cache (B, Hkv, capacity, D) narrowed to Tk rows: their batch,
+// head and row strides come in DecParams (elements; the head dim is contiguous), so a decode step
+// does not copy the cache. Virtual column u < n_sink is sink slot u; u >= n_sink is key column
+// c_lo + u - n_sink, so keys outside every row's window or causal range are never read.
+#define DEC_WARPS 4
+
+struct DecParams {
+    Params p;
+    long long kb, kh, kr;  // K strides (elements) of batch, kv head and row
+    long long vb, vh, vr;  // V strides
+    int c_lo, n_cols;      // the virtual columns (above)
+    int chunk, splits;     // virtual columns per split, and their number
+};
+
+// Rows per block at head dim D (the registers of R rows of q and of the accumulator per lane).
+template <int D> struct DecRows { static constexpr int R = D >= 192 ? 4 : 8; };
+
+template <typename T, int D>
+__device__ __forceinline__ void dec_load(float* dst, const T* row, int lane) {
+#pragma unroll
+    for (int j = 0; j < D / 32; j++) dst[j] = to_f(row[j * 32 + lane]);
+}
+
+// grid (splits, B * Hkv, ceil(G * Tq / R)), DEC_WARPS * 32 threads. part_o (splits, B * H * Tq, D)
+// f32, part_ml (splits, B * H * Tq, 2) f32, rows in (b, hk, g, i) order (= (b, h, i)).
+template <typename T, int D>
+__device__ void dec_split(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                          float* __restrict__ part_o, float* __restrict__ part_ml, DecParams dp) {
+    constexpr int E = D / 32, R = DecRows<D>::R;
+    const Params& p = dp.p;
+    __shared__ float s_acc[DEC_WARPS][R][D];
+    __shared__ float s_m[DEC_WARPS][R], s_l[DEC_WARPS][R];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int split = blockIdx.x, bk = blockIdx.y, b = bk / p.Hkv, hk = bk % p.Hkv;
+    const int G = p.H / p.Hkv, rows = G * p.Tq, r0 = blockIdx.z * R;
+    const float qscale = p.scale * LOG2E;
+    float qr[R][E], acc[R][E], m[R], l[R];
+    int qpos[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const int rr = r0 + r;
+        const bool live = rr < rows;
+        // Row rr of this kv head: head hk * G + rr / Tq, query rr % Tq; q is contiguous (B, H, Tq, D).
+        const T* qrow = q + ((size_t)bk * rows + (live ? rr : 0)) * D;
+#pragma unroll
+        for (int j = 0; j < E; j++) { qr[r][j] = live ? to_f(qrow[j * 32 + lane]) * qscale : 0.f; acc[r][j] = 0.f; }
+        m[r] = -INFINITY;
+        l[r] = 0.f;
+        qpos[r] = live ? p.q_start + rr % p.Tq : INT_MIN;  // INT_MIN: a dead row sees nothing
+    }
+    const T* kbase = k + b * dp.kb + hk * dp.kh;
+    const T* vbase = v + b * dp.vb + hk * dp.vh;
+    const int u_end = min((split + 1) * dp.chunk, dp.n_cols);
+    auto col = [&](int u) { return u < p.n_sink ? u : dp.c_lo + u - p.n_sink; };
+    // Each warp takes keys u = first + warp, + DEC_WARPS, ...; the next key's K and V rows are
+    // loaded before the current one is used (two rows in flight per warp).
+    int u = split * dp.chunk + warp;
+    float kn[E], vn[E];
+    if (u < u_end) {
+        dec_load<T, D>(kn, kbase + col(u) * dp.kr, lane);
+        dec_load<T, D>(vn, vbase + col(u) * dp.vr, lane);
+    }
+    for (; u < u_end; u += DEC_WARPS) {
+        float kc[E], vc[E];
+#pragma unroll
+        for (int j = 0; j < E; j++) { kc[j] = kn[j]; vc[j] = vn[j]; }
+        const int c = col(u);
+        if (u + DEC_WARPS < u_end) {
+            dec_load<T, D>(kn, kbase + col(u + DEC_WARPS) * dp.kr, lane);
+            dec_load<T, D>(vn, vbase + col(u + DEC_WARPS) * dp.vr, lane);
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float s = 0.f;
+#pragma unroll
+            for (int j = 0; j < E; j++) s += qr[r][j] * kc[j];
+            s = warp_sum(s);
+            // qpos INT_MIN (a dead row) fails every test of `visible` but the sinks': check it first.
+            if (qpos[r] == INT_MIN || !visible(p, qpos[r], c)) continue;
+            const float mn = fmaxf(m[r], s);
+            const float corr = exp2f(m[r] - mn), pj = exp2f(s - mn);
+            l[r] = l[r] * corr + pj;
+#pragma unroll
+            for (int j = 0; j < E; j++) acc[r][j] = acc[r][j] * corr + pj * vc[j];
+            m[r] = mn;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int j = 0; j < E; j++) s_acc[warp][r][j * 32 + lane] = acc[r][j];
+        if (lane == 0) { s_m[warp][r] = m[r]; s_l[warp][r] = l[r]; }
+    }
+    __syncthreads();
+    // Merge the warps: row r's max M over the warps, sum L = sum_w l_w 2^(m_w - M), O likewise.
+    const size_t total = (size_t)p.B * p.H * p.Tq;
+    for (int e = threadIdx.x; e < R * D; e += DEC_WARPS * 32) {
+        const int r = e / D, x = e % D;
+        if (r0 + r >= rows) break;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; w++) mx = fmaxf(mx, s_m[w][r]);
+        float o = 0.f, sum = 0.f;
+        if (mx != -INFINITY) {
+#pragma unroll
+            for (int w = 0; w < DEC_WARPS; w++) {
+                const float f = exp2f(s_m[w][r] - mx);
+                o += s_acc[w][r][x] * f;
+                sum += s_l[w][r] * f;
+            }
+        }
+        const size_t row = (size_t)bk * rows + r0 + r;
+        part_o[((size_t)split * total + row) * D + x] = o;
+        if (x == 0) {
+            part_ml[((size_t)split * total + row) * 2] = mx;
+            part_ml[((size_t)split * total + row) * 2 + 1] = sum;
+        }
+    }
+}
+
+// grid (ceil(B * H * Tq / DEC_WARPS)), DEC_WARPS * 32 threads: a warp per row merges the splits
+// into O (B, H, Tq, D) in T and the row's LSE (base 2; -inf and O = 0 for a row that sees nothing).
+template <typename T, int D>
+__device__ void dec_combine(const float* __restrict__ part_o, const float* __restrict__ part_ml, T* __restrict__ o,
+                            float* __restrict__ lse, DecParams dp) {
+    const Params& p = dp.p;
+    const size_t total = (size_t)p.B * p.H * p.Tq;
+    const size_t row = (size_t)blockIdx.x * DEC_WARPS + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= total) return;
+    float mx = -INFINITY;
+    for (int s = lane; s < dp.splits; s += 32) mx = fmaxf(mx, part_ml[((size_t)s * total + row) * 2]);
+    mx = warp_max(mx);
+    float sum = 0.f;
+    if (mx != -INFINITY)
+        for (int s = lane; s < dp.splits; s += 32) {
+            const float ms = part_ml[((size_t)s * total + row) * 2];
+            sum += part_ml[((size_t)s * total + row) * 2 + 1] * exp2f(ms - mx);
+        }
+    sum = warp_sum(sum);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    for (int x = lane; x < D; x += 32) {
+        float acc = 0.f;
+        if (sum > 0.f)
+            for (int s = 0; s < dp.splits; s++) {
+                const float ms = part_ml[((size_t)s * total + row) * 2];
+                if (ms != -INFINITY) acc += part_o[((size_t)s * total + row) * D + x] * exp2f(ms - mx);
+            }
+        o[row * D + x] = from_f<T>(acc * inv);
+    }
+    if (lane == 0) lse[row] = sum > 0.f ? mx + log2f(sum) : -INFINITY;
+}
+
+#define DEC_KERNELS(T, NAME, D)                                                                           \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) zoo_flash_dec_split_##NAME##_##D(       \
+        const T* q, const T* k, const T* v, float* part_o, float* part_ml, DecParams dp) {                \
+        dec_split<T, D>(q, k, v, part_o, part_ml, dp);                                                    \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) zoo_flash_dec_combine_##NAME##_##D(     \
+        const float* part_o, const float* part_ml, T* o, float* lse, DecParams dp) {                      \
+        dec_combine<T, D>(part_o, part_ml, o, lse, dp);                                                   \
+    }
+#define DEC_ALL(T, NAME)                                                                                  \
+    DEC_KERNELS(T, NAME, 32) DEC_KERNELS(T, NAME, 64) DEC_KERNELS(T, NAME, 96)                            \
+    DEC_KERNELS(T, NAME, 128) DEC_KERNELS(T, NAME, 192) DEC_KERNELS(T, NAME, 256)
+DEC_ALL(float, f32)
+DEC_ALL(__nv_bfloat16, bf16)
+DEC_ALL(__half, f16)
