@@ -45,19 +45,22 @@ export PATH=$CUHOME/bin:$PATH CUDA_HOME=$CUHOME CUDA_PATH=$CUHOME CUDA_ROOT=$CUH
 export CUDA_COMPUTE_CAP=90 RUSTFLAGS="-L $LIB"
 export LD_LIBRARY_PATH=$LIB:${LD_LIBRARY_PATH:-}
 cargo build --release --features cuda -p zoo-harness --target-dir target-cuda
-mkdir -p .devbin .devpkg && cp target-cuda/release/zoo .devbin/zoo && strip .devbin/zoo && gzip -c .devbin/zoo > .devpkg/zoo.gz
-echo "built .devbin/zoo and .devpkg/zoo.gz (carry .devpkg to the device: gunzip -c .devpkg/zoo.gz > /tmp/zoo)"
+# ZOO_DEVPKG: the folder to fill (default .devpkg; e.g. .devpkg-x2 for the multi-GPU checks, whose
+# test binary would not fit beside the others in one call's 64 MiB).
+PKG=${ZOO_DEVPKG:-.devpkg}
+mkdir -p .devbin "$PKG" && cp target-cuda/release/zoo .devbin/zoo && strip .devbin/zoo && gzip -c .devbin/zoo > "$PKG/zoo.gz"
+echo "built .devbin/zoo and $PKG/zoo.gz (carry $PKG to the device: gunzip -c $PKG/zoo.gz > /tmp/zoo)"
 # The CUDA tests of the kernels, built here and run there (scripts/device-tests.sh): each test
-# target's binary, stripped and gzipped into .devpkg/tests/ (about 12 MB each: the device takes
+# target's binary, stripped and gzipped into $PKG/tests/ (about 12 MB each: the device takes
 # 64 MiB a call, so ZOO_CUDA_TESTS="crate:test ..." can pick fewer than all).
 if [ "${1:-}" = --tests ]; then
-  rm -rf .devpkg/tests && mkdir -p .devpkg/tests
+  rm -rf "$PKG/tests" && mkdir -p "$PKG/tests"
   for pt in ${ZOO_CUDA_TESTS:-zoo-core:fused zoo-kernels:embedding zoo-core:flash}; do
     cargo test --release --features cuda -p "${pt%%:*}" --test "${pt#*:}" --target-dir target-cuda --no-run \
       --message-format=json 2> /dev/null | grep -o '"executable":"[^"]*"' | cut -d'"' -f4
   done | while read -r exe; do
       name=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
-      strip -o ".devpkg/tests/$name" "$exe" && gzip -f ".devpkg/tests/$name"
-      echo "test binary .devpkg/tests/$name.gz"
+      strip -o "$PKG/tests/$name" "$exe" && gzip -f "$PKG/tests/$name"
+      echo "test binary $PKG/tests/$name.gz"
     done
 fi

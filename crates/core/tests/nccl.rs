@@ -1,8 +1,10 @@
-//! The NCCL communicator with one rank on the GPU machine (a second GPU is not lent; two ranks on
-//! one GPU are refused by NCCL): NCCL loads, the group forms through the id file, and an
-//! all-reduce over one rank returns its input bit for bit, for a buffer the size of a gradient
-//! bucket too; and training with a one-rank NCCL group is the single-GPU path bit for bit.
-//! Skipped without a CUDA build, a GPU, or NCCL (set ZOO_NCCL_LIB or LD_LIBRARY_PATH).
+//! The NCCL communicator on the GPU machine. With one rank (two ranks on one GPU are refused by
+//! NCCL): NCCL loads, the group forms through the id file, and an all-reduce over one rank returns
+//! its input bit for bit, for a buffer the size of a gradient bucket too; and training with a
+//! one-rank NCCL group is the single-GPU path bit for bit. With two GPUs, two ranks (threads, one
+//! GPU each) train the data-parallel tests' model: their parameters stay identical, and equal one
+//! GPU training the whole batch to float rounding. Skipped without a CUDA build, a GPU (a second
+//! one for the two-rank test), or NCCL (set ZOO_NCCL_LIB or LD_LIBRARY_PATH).
 
 #[allow(unused)]
 mod common;
@@ -82,5 +84,64 @@ fn nccl_with_one_rank_forms_a_group_and_all_reduce_is_the_identity() -> anyhow::
     assert!(s.device().is_cpu());
     assert_eq!(s.to_vec1::<f32>()?, vec![2.5, 3.0]);
     let _ = std::fs::remove_file(&id);
+    Ok(())
+}
+
+/// Issue 16's cross-rank check on a machine with two GPUs: two ranks, each a thread with its own
+/// GPU and NCCL communicator, train the data-parallel tests' model (global batch 8, accumulation
+/// 2, MQAR's masked loss). Their parameters and logged losses are bit-identical after training
+/// (identical all-reduced gradients, identical updates), and equal one GPU training the whole
+/// batch to float rounding (the gradient sums run in another order), as two CPU ranks do in
+/// dist.rs.
+#[cfg(feature = "cuda")]
+#[test]
+fn two_ranks_on_two_gpus_stay_identical_and_match_one_gpu() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use zoo_core::candle_core::Device;
+    use zoo_core::dist::{nccl::Nccl, Comm, World};
+    if Device::new_cuda(1).is_err() {
+        eprintln!("skipped: fewer than two CUDA devices");
+        return Ok(());
+    }
+    let id = std::env::temp_dir().join(format!("zoo-nccl-two-{}.id", std::process::id()));
+    let _ = std::fs::remove_file(&id);
+    let handles: Vec<_> = (0..2)
+        .map(|rank| {
+            let id = id.clone();
+            std::thread::spawn(move || -> anyhow::Result<Option<common::dist_run::Outcome>> {
+                // The device is made on this thread, so its context is current for NCCL's init.
+                let dev = Device::new_cuda(rank)?;
+                let world = World { rank, size: 2, local_rank: rank };
+                let c = match Nccl::new(world, &dev, &id, std::time::Duration::from_secs(60)) {
+                    Ok(c) => c,
+                    Err(e) if e.to_string().contains("cannot load") => {
+                        eprintln!("skipped: {e}");
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                Ok(Some(common::dist_run::run_on(&dev, Some(Arc::new(c) as Arc<dyn Comm>), None)?))
+            })
+        })
+        .collect();
+    let out: Vec<_> = handles.into_iter().map(|h| h.join().expect("rank thread")).collect::<anyhow::Result<_>>()?;
+    let _ = std::fs::remove_file(&id);
+    let [Some((p0, l0)), Some((p1, l1))] = <[_; 2]>::try_from(out).expect("two ranks") else { return Ok(()) };
+    assert!(p0 == p1, "rank 1's parameters differ from rank 0's");
+    assert_eq!(l0, l1, "the ranks logged different losses");
+    let (single, single_loss) = common::dist_run::run_on(&Device::new_cuda(0)?, None, None)?;
+    let (mut d, mut scale) = (0f32, 0f32);
+    for ((na, va), (nb, vb)) in p0.iter().zip(&single) {
+        assert_eq!(na, nb);
+        for (x, y) in va.iter().zip(vb) {
+            d = d.max((x - y).abs());
+            scale = scale.max(y.abs());
+        }
+    }
+    eprintln!("two ranks against one GPU: parameters differ by {d} (scale {scale})");
+    assert!(d <= 1e-5 * scale.max(1.0), "two ranks differ from one GPU's parameters by {d} (scale {scale})");
+    for (a, b) in l0.iter().zip(&single_loss) {
+        assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "loss {a} on two ranks against one GPU's {b}");
+    }
     Ok(())
 }
