@@ -4,11 +4,15 @@
 # variant once, in plan order), into results/bench/moe-<device>/<variant>-r<round>.json. Compare
 # medians over rounds within one command's output only.
 # usage: scripts/moe-bench.sh cpu|cuda [ROUNDS] [extra zoo bench args]
+# Environment: CFG (default configs/moe-bench.toml), T (sequence length, default 128), BATCH
+# (default 16), OUT_DIR (default results/bench/moe-<device>, with -512 for configs/moe-bench-512.toml).
 set -eu
 dev=${1:-cpu}; rounds=${2:-3}; shift 2 || shift $#
 ZOO=${ZOO:-target/release/zoo}
-cfg=configs/moe-bench.toml
-out=results/bench/moe-$dev
+cfg=${CFG:-configs/moe-bench.toml}
+tag=$(basename "$cfg" .toml | sed 's/^moe-bench//')
+out=${OUT_DIR:-results/bench/moe-$dev$tag}
+T=${T:-128}; BATCH=${BATCH:-16}
 args=""; [ "$dev" = cuda ] && args="--device cuda:0 --dtype bf16"
 mkdir -p "$out"
 names=$("$ZOO" run "$cfg" --dry-run | head -n -1 | sed 's/__.*//')
@@ -16,7 +20,7 @@ for r in $(seq 1 "$rounds"); do
   i=0
   for n in $names; do
     # shellcheck disable=SC2086
-    "$ZOO" bench "$cfg" --run-index "$i" --seq-lens 128 --batch 16 --warmup 2 --iters 10 --decode-tokens 16 \
+    "$ZOO" bench "$cfg" --run-index "$i" --seq-lens "$T" --batch "$BATCH" --warmup 2 --iters 10 --decode-tokens 16 \
       $args -q --out "$out/$n-r$r.json" "$@" > /dev/null
     echo "round $r: $n"
     i=$((i + 1))
