@@ -18,15 +18,8 @@
 #   here:    cp the JSONs into results/bench/, then regenerate the twin table:
 #            python3 scripts/twin-table.py results/bench/twins-h200.json > results/bench/twins-h200.md
 set -u
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
+. "$(dirname "$0")/device-lib.sh"
 [ -x /tmp/zoo ] || { gunzip -c .devpkg/zoo.gz > /tmp/zoo && chmod +x /tmp/zoo; }
-step() { # seconds name command...
-  local s=$1 name=$2; shift 2
-  local t0=$SECONDS
-  timeout "$s" "$@"; local rc=$?
-  echo "== $name: rc $rc, $((SECONDS - t0)) s"
-  return $rc
-}
 part=${1:-all}
 if [ "$part" != twins ]; then
 flash_ok=1

@@ -14,21 +14,10 @@
 #                carry=[".devpkg-x2", "data/shakespeare.txt"], timeout_s=590)
 #   here:    cp the JSONs into results/bench/ (ddp) and results/dp-curve/ (the curves)
 set -u
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
-if [ -z "${ZOO_NCCL_LIB:-}" ]; then
-  lib=$(python3 -c "import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], 'lib', 'libnccl.so.2'))" 2> /dev/null) \
-    && [ -f "$lib" ] && export ZOO_NCCL_LIB=$lib
-fi
+. "$(dirname "$0")/device-lib.sh"
 PKG=${ZOO_DEVPKG:-.devpkg-x2}
 [ -x /tmp/zoo ] || { gunzip -c "$PKG/zoo.gz" > /tmp/zoo && chmod +x /tmp/zoo; }
 out=${OUT:-/tmp/out}; mkdir -p "$out"
-step() { # seconds name command...
-  local s=$1 name=$2; shift 2
-  local t0=$SECONDS
-  timeout "$s" "$@"; local rc=$?
-  echo "== $name: rc $rc, $((SECONDS - t0)) s"
-  return $rc
-}
 nvidia-smi -L
 gunzip -c "$PKG/tests/nccl.gz" > /tmp/nccl && chmod +x /tmp/nccl
 step 150 nccl-tests /tmp/nccl --test-threads 1 --nocapture > "$out/nccl.log" 2>&1

@@ -1,0 +1,15 @@
+# Shared by the device scripts (sourced): the CUDA libraries' path, NCCL from PyTorch's wheel, and
+# `step SECONDS NAME COMMAND...`, which runs a command under its own time limit and reports it.
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
+# zoo opens NCCL at run time (the multi-GPU tests and runs): PyTorch's nvidia-nccl wheel has it.
+if [ -z "${ZOO_NCCL_LIB:-}" ]; then
+  lib=$(python3 -c "import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], 'lib', 'libnccl.so.2'))" 2> /dev/null) \
+    && [ -f "$lib" ] && export ZOO_NCCL_LIB=$lib
+fi
+step() { # seconds name command...
+  local s=$1 name=$2; shift 2
+  local t0=$SECONDS
+  timeout "$s" "$@"; local rc=$?
+  echo "== $name: rc $rc, $((SECONDS - t0)) s"
+  return $rc
+}
