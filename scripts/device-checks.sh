@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
-# One device call for the measurements that wait on the GPU (issue 11's kernels and twins), each
-# step under its own time limit so one slow step cannot eat the call; outputs in $OUT:
-#   tests.log          scripts/device-tests.sh (the default mma.sync attention kernels against the
-#                      composition, the CUDA softmax, and whatever else .devpkg/tests holds), then
-#                      the flash tests again with ZOO_FLASH_MMA=0 (the WMMA kernels) and =2 (the
-#                      ldmatrix mma.sync kernels, mma2)
+# The measurements that wait on the GPU (issues 11 and 14), by part, each step under its own time
+# limit so one slow step cannot eat the call; outputs in $OUT:
+# kernels:
+#   tests.log          scripts/device-tests.sh (the default mma.sync attention kernels and the
+#                      split-KV decoding kernel, flash_decode_op, against the composition, the CUDA
+#                      softmax, and whatever else .devpkg/tests holds), then the flash tests again
+#                      with ZOO_FLASH_MMA=0 (the WMMA kernels) and =2 (the ldmatrix mma.sync
+#                      kernels, mma2)
 #   attention-h200.json scripts/attention-bench.py (mma, WMMA and mma2 kernels beside SDPA), only if
 #                      the flash tests passed
-#                      (the flash tests include the split-KV decoding kernel's, flash_decode_op)
 #   decode-h200.json   decode alone at T = 4096, B = 1 and 32 with zoo's two decoding kernels
 #                      (ZOO_FLASH_DECODE=rows, the default, and =split) beside the eager twin and HF
+# twins:
 #   twins-h200.json    scripts/twin-bench.py (issue 11's twin table, decode at T = 4096, B = 1 and 32)
-# PART: kernels (tests, attention bench, decode), twins (the twin table), or all (both: may not fit
-# one 600 s call; the steps' limits add up to 900 s).
+# moe:
+#   profile-moe.txt    scripts/device-profile-moe.sh (where the E8 k2 step's time goes: step time,
+#                      and ncu's GPU time by kernel; its CSVs are left out of $OUT, 8 files at most)
+#   moe-cuda-512.tgz   scripts/moe-bench.sh on configs/moe-bench-512.toml (8 layers, d = 512, T = 512,
+#                      B = 16; 3 rounds), the folder results/bench/moe-cuda-512
+# all: kernels then twins (may not fit one 600 s call).
 #   device:  run(command="bash scripts/device-checks.sh kernels", carry=[".devpkg"], timeout_s=590)
 #            run(command="bash scripts/device-checks.sh twins", carry=[".devpkg"], timeout_s=590)
+#            run(command="bash scripts/device-checks.sh moe", carry=[".devpkg"], timeout_s=590)
 #   here:    cp the JSONs into results/bench/, then regenerate the twin table:
 #            python3 scripts/twin-table.py results/bench/twins-h200.json > results/bench/twins-h200.md
+#            tar xzf moe-cuda-512.tgz -C results/bench && zoo report results/bench/moe-cuda-512
 set -u
 . "$(dirname "$0")/device-lib.sh"
 [ -x /tmp/zoo ] || { gunzip -c .devpkg/zoo.gz > /tmp/zoo && chmod +x /tmp/zoo; }
@@ -44,6 +52,14 @@ step 150 decode python3 scripts/twin-bench.py --zoo /tmp/zoo --impls none --deco
 tail -12 "$OUT/decode.log"
 fi
 [ "$part" = kernels ] && exit 0
+if [ "$part" = moe ]; then
+  step 240 moe-profile env OUT=/tmp/moe-prof bash scripts/device-profile-moe.sh
+  cp /tmp/moe-prof/profile-moe.txt "$OUT/" 2> /dev/null
+  step 300 moe-bench-512 env ZOO=/tmp/zoo CFG=configs/moe-bench-512.toml T=512 OUT_DIR=/tmp/moe-512/moe-cuda-512 \
+    bash scripts/moe-bench.sh cuda 3
+  tar czf "$OUT/moe-cuda-512.tgz" -C /tmp/moe-512 moe-cuda-512
+  exit 0
+fi
 # The twin table (train, prefill, decode at the issue's shapes; decode alone at T = 4096, B = 1
 # and 32) with the default kernels.
 step 300 twins python3 scripts/twin-bench.py --zoo /tmp/zoo --out "$OUT/twins-h200.json" > "$OUT/twins.log" 2>&1
