@@ -249,7 +249,21 @@ impl Attention {
             _ => (k.clone(), v.clone(), 0),
         };
         let tk = k.dim(2)? - n_sink;
-        if let (KeyPositions::From(k_start), None) = (kpos, probe.as_ref()) {
+        // One query that sees every stored key (a window's ring while decoding, a cache after
+        // eviction): the kernel may take the keys as consecutive positions ending at the query's,
+        // which it sees all of too (attention does not depend on the keys' order).
+        let sees_all = |pos: &[usize]| {
+            q.dim(2).is_ok_and(|t| t == 1)
+                && tk <= q_start + 1
+                && self.cfg.window.is_none_or(|w| tk <= w)
+                && pos.iter().all(|&p| p <= q_start && self.cfg.window.is_none_or(|w| q_start - p < w))
+        };
+        let kernel_start = match kpos {
+            KeyPositions::From(k_start) => Some(*k_start),
+            KeyPositions::List(pos) if sees_all(pos) => Some(q_start + 1 - tk),
+            KeyPositions::List(_) => None,
+        };
+        if let (Some(k_start), None) = (kernel_start, probe.as_ref()) {
             // One query over a long cache: the default decoding kernel gives each (batch, head)
             // one block that walks every key, and candle's matmuls spread the work better (H200,
             // 8L/512, B = 4: 393 tok/s with the kernel against 649 without at T = 4096; 832
@@ -264,7 +278,7 @@ impl Attention {
                         let o = zoo_kernels::attention::FlashOpts {
                             scale: 1.0 / (q.dim(3)? as f64).sqrt(),
                             q_start,
-                            k_start: *k_start,
+                            k_start,
                             n_sink,
                             window: self.cfg.window,
                         };
@@ -279,13 +293,8 @@ impl Attention {
         }
         let mask = match kpos {
             KeyPositions::From(k_start) => self.mask(q.dim(2)?, q_start, tk, *k_start, n_sink, phase, q.device())?,
-            // One query that sees every stored key (a window's ring while decoding): no mask.
-            KeyPositions::List(pos)
-                if q.dim(2)? == 1
-                    && pos.iter().all(|&p| p <= q_start && self.cfg.window.is_none_or(|w| q_start - p < w)) =>
-            {
-                None
-            }
+            // One query that sees every stored key: no mask.
+            KeyPositions::List(pos) if sees_all(pos) => None,
             KeyPositions::List(pos) => {
                 Some(attention_mask_at(q_start, q.dim(2)?, pos, self.cfg.window, n_sink, q.device())?)
             }

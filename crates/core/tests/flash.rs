@@ -212,3 +212,44 @@ fn model_attention_uses_the_kernel_with_the_same_result() -> Result<()> {
     assert!(e <= 1e-5, "model attention: fused vs naive rel. error {e:.2e}");
     Ok(())
 }
+
+/// A decoding step whose keys are not in position order (a window's ring once it wraps) or not
+/// consecutive (a cache after eviction) still takes the kernel when its query sees every stored key,
+/// and gives the composition's outputs: windowed attention (sinks, GQA) decoding past its window,
+/// and plain attention decoding after `KvCache::retain` dropped some slots.
+#[test]
+fn decoding_over_a_ring_or_an_evicted_cache_matches_the_composition() -> Result<()> {
+    let Ok(dev) = Device::new_cuda(0) else {
+        eprintln!("skipped: no CUDA device in this build or machine");
+        return Ok(());
+    };
+    use zoo_core::attention::{Attention, AttentionConfig};
+    use zoo_core::mixer::{BuildCtx, Mixer};
+    use zoo_core::params::ParamStore;
+    use zoo_core::state::LayerState;
+    let ctx = BuildCtx { d_model: 128, n_layers: 1, layer: 0, max_seq_len: 64, kind_layer: 0, kind_layers: 1 };
+    for (toml_cfg, evict) in [("n_heads = 4\nn_kv_heads = 2\nwindow = 6\nsink_tokens = 2\n", false), ("n_heads = 4\nn_kv_heads = 2\n", true)] {
+        let cfg: AttentionConfig = toml::from_str(toml_cfg).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let store = ParamStore::new(0, DType::F32, &dev);
+        let att = Attention::new(&cfg, &ctx, &store.root())?;
+        let x = Tensor::randn(0f32, 1.0, (2, 24, 128), &dev)?;
+        let mut outs = vec![];
+        for mode in [zoo_kernels::Kernels::Fused, zoo_kernels::Kernels::Naive] {
+            zoo_kernels::set_mode(mode);
+            let mut state = att.new_state(0);
+            let mut ys = vec![att.forward(&x.narrow(1, 0, 4)?, Phase::Prefill, Some(&mut state), None)?];
+            for t in 4..24 {
+                if evict && t == 12 {
+                    let LayerState::Kv(c) = &mut state else { unreachable!("attention keeps a KV cache") };
+                    c.retain(&[0, 2, 3, 5, 8, 9, 11])?;
+                }
+                ys.push(att.forward(&x.narrow(1, t, 1)?, Phase::Decode, Some(&mut state), None)?);
+            }
+            outs.push(Tensor::cat(&ys, 1)?);
+        }
+        zoo_kernels::set_mode(zoo_kernels::Kernels::Fused);
+        let e = max_rel(&outs[0], &outs[1])?;
+        assert!(e <= 1e-5, "{toml_cfg:?} (evict {evict}): fused vs naive decoding rel. error {e:.2e}");
+    }
+    Ok(())
+}

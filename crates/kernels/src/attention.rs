@@ -163,6 +163,7 @@ enum Saved {
 struct Flash {
     o: FlashOpts,
     /// A decoding step on CUDA: the split-KV kernel (K and V may be strided views).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     split: bool,
     lse: Mutex<Option<Saved>>,
 }
