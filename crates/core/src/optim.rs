@@ -72,6 +72,21 @@ impl AdamW {
         if let Some(norm) = self.step_fused(grads, max_norm, lr)? {
             return Ok(Some(norm));
         }
+        if self.inplace_applies(grads) {
+            // The composition's clip and step, the clip's scaling folded into the step's pass.
+            let norm = grads.global_norm()?;
+            if let Some(n) = &norm {
+                if !n.to_scalar::<f32>()?.is_finite() {
+                    return Ok(norm);
+                }
+            }
+            let scale = match (&norm, max_norm) {
+                (Some(n), Some(c)) => Some(clip_scale(n, c)?.to_scalar::<f32>()?),
+                _ => None,
+            };
+            self.step_inplace(grads, lr, scale)?;
+            return Ok(norm);
+        }
         let norm = match max_norm {
             Some(c) => grads.clip(c)?,
             None => grads.global_norm()?,
@@ -119,10 +134,43 @@ impl AdamW {
         Ok(Some(out.get(0)?))
     }
 
-    /// One update with the given (already clipped) gradients at learning rate `lr`: the
-    /// composition (the reference of the fused step). Parameters without a gradient are left
-    /// unchanged.
+    /// One update with the given (already clipped) gradients at learning rate `lr`. Parameters
+    /// without a gradient are left unchanged. f32 tensors on the CPU are updated in place
+    /// ([`cpu_inplace`]: three passes, no temporaries, bit for bit the composition's arithmetic);
+    /// the rest by the composition ([`AdamW::step_composed`]), the reference of both fused steps.
     pub fn step(&mut self, grads: &Grads, lr: f64) -> Result<()> {
+        if self.inplace_applies(grads) {
+            self.step_inplace(grads, lr, None)
+        } else {
+            self.step_composed(grads, lr)
+        }
+    }
+
+    /// Whether every weight, gradient and moment is a contiguous f32 tensor on the CPU.
+    fn inplace_applies(&self, grads: &Grads) -> bool {
+        self.slots.iter().all(|s| {
+            [Some(s.var.as_tensor()), grads.get(&s.var), Some(&s.m), Some(&s.v)]
+                .iter()
+                .all(|t| t.is_none_or(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()))
+        })
+    }
+
+    /// The in-place step, each gradient first multiplied by `scale` when given (the clip's).
+    fn step_inplace(&mut self, grads: &Grads, lr: f64, scale: Option<f32>) -> Result<()> {
+        self.t += 1;
+        let h = cpu_inplace::Hyper::new(&self.params, self.t, lr);
+        for s in &self.slots {
+            let Some(g) = grads.get(&s.var) else { continue };
+            let moment = |beta, one_minus, square| cpu_inplace::Moment { beta, one_minus, square, scale };
+            s.m.inplace_op2(g, &moment(h.beta1, h.one_minus_beta1, false))?;
+            s.v.inplace_op2(g, &moment(h.beta2, h.one_minus_beta2, true))?;
+            s.var.as_tensor().inplace_op3(&s.m, &s.v, &cpu_inplace::Update { h, decay: s.decay })?;
+        }
+        Ok(())
+    }
+
+    /// [`AdamW::step`] as a composition of tensor ops, on any device and dtype.
+    pub fn step_composed(&mut self, grads: &Grads, lr: f64) -> Result<()> {
         self.t += 1;
         let p = self.params;
         let bc1 = 1.0 - p.beta1.powi(self.t as i32);
@@ -144,7 +192,9 @@ impl AdamW {
         Ok(())
     }
 
-    /// Moments by name (`m.<param>`, `v.<param>`) for checkpoints.
+    /// Moments by name (`m.<param>`, `v.<param>`) for checkpoints. They share storage with the
+    /// optimiser's, which the next step updates in place (the fused steps, CUDA and CPU): save or
+    /// copy them before stepping again.
     pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
         for s in &self.slots {
@@ -254,7 +304,7 @@ impl Grads {
     /// clipping. The scale min(1, max_norm / norm) is computed on the device.
     pub fn clip(&mut self, max_norm: f64) -> Result<Option<Tensor>> {
         let Some(norm) = self.global_norm()? else { return Ok(None) };
-        let scale = ((norm.clone() + 1e-6)?.recip()? * max_norm)?.minimum(1.0)?;
+        let scale = clip_scale(&norm, max_norm)?;
         for g in self.grads.iter_mut() {
             *g = g.broadcast_mul(&scale.to_dtype(g.dtype())?)?;
         }
@@ -268,6 +318,11 @@ impl Grads {
     pub fn is_empty(&self) -> bool {
         self.grads.is_empty()
     }
+}
+
+/// The clip's factor min(1, max_norm / (norm + 1e-6)), computed on the norm's device.
+fn clip_scale(norm: &Tensor, max_norm: f64) -> Result<Tensor> {
+    ((norm.clone() + 1e-6)?.recip()? * max_norm)?.minimum(1.0)
 }
 
 /// Linear warmup to `lr`, then cosine decay to `min_lr` at `decay_steps`, then flat (nanoGPT).
@@ -329,6 +384,59 @@ mod tests {
         Ok(())
     }
 
+    /// The in-place CPU step is the composition bit for bit: weights and both moments over five
+    /// steps of changing gradients and learning rates (the last two clipped), decayed and
+    /// undecayed groups, a parameter without a gradient left alone.
+    #[test]
+    fn inplace_step_is_the_composition_bit_for_bit() -> Result<()> {
+        let dev = Device::Cpu;
+        let make = || -> Result<(ParamStore, AdamW)> {
+            let store = ParamStore::new(7, DType::F32, &dev);
+            let pb = store.root();
+            pb.get("w", (3, 5), crate::params::Init::Normal(0.5), Group::Decay)?;
+            pb.get("b", 5, crate::params::Init::Normal(0.5), Group::NoDecay)?;
+            pb.get("idle", 4, crate::params::Init::Normal(0.5), Group::Decay)?;
+            let opt = AdamW::new(&store, AdamWParams { weight_decay: 0.3, ..Default::default() })?;
+            Ok((store, opt))
+        };
+        let ((sa, mut a), (sb, mut b)) = (make()?, make()?);
+        for step in 0..5 {
+            let lr = 1e-2 / (1.0 + step as f64);
+            let mut all = vec![];
+            for (inplace, store, opt) in [(true, &sa, &mut a), (false, &sb, &mut b)] {
+                let p = store.params();
+                let (w, bias) = (p["w"].var.as_tensor(), p["b"].var.as_tensor());
+                let x = Tensor::arange(0f32, 15.0, &dev)?.reshape((3, 5))?.affine(0.37, step as f64)?.sin()?;
+                let loss = ((w * &x)?.sqr()?.sum_all()? + bias.broadcast_mul(&x)?.exp()?.sum_all()?)?;
+                let mut grads = Grads::default();
+                grads.accumulate(&loss.backward()?, opt.vars().cloned().collect::<Vec<_>>().iter(), 1.0)?;
+                // Steps 3 and 4 clip (to 0.1: the scaling applies), through step_clipped.
+                let clip = (step >= 3).then_some(0.1);
+                match (inplace, clip) {
+                    (true, None) => opt.step(&grads, lr)?,
+                    (true, Some(c)) => _ = opt.step_clipped(&mut grads, Some(c), lr)?,
+                    (false, clip) => {
+                        if let Some(c) = clip {
+                            let n = grads.clip(c)?.unwrap().to_scalar::<f32>()?;
+                            assert!(n > 0.1, "the clip scales ({n})");
+                        }
+                        opt.step_composed(&grads, lr)?
+                    }
+                }
+                let mut flat = vec![];
+                for t in p.values().map(|p| p.var.as_tensor().clone()).chain(opt.state_tensors().into_values()) {
+                    flat.extend(t.flatten_all()?.to_vec1::<f32>()?);
+                }
+                all.push(flat);
+            }
+            assert!(all[0] == all[1], "step {step}: the in-place step differs from the composition");
+        }
+        let idle = sa.params()["idle"].var.as_tensor().to_vec1::<f32>()?;
+        let fresh = make()?.0.params()["idle"].var.as_tensor().to_vec1::<f32>()?;
+        assert_eq!(idle, fresh, "a parameter without a gradient is not updated");
+        Ok(())
+    }
+
     #[test]
     fn adamw_first_step_and_decay() -> Result<()> {
         // After one step, Adam moves each coordinate by lr·sign(g) (bias-corrected), and decoupled
@@ -350,5 +458,120 @@ mod tests {
         assert!((wv[0] - (1.0 * (1.0 - 0.05) - 0.1)).abs() < 1e-5, "{wv:?}");
         assert!((gv[0] - 1.1).abs() < 1e-5, "{gv:?}");
         Ok(())
+    }
+}
+
+/// AdamW's update in place on f32 CPU tensors: the composition's arithmetic (candle's
+/// `x * a + b` for every op with a scalar, then the tensor ops), element by element and in the
+/// same order, so the result is bit for bit the composition's, without its dozen temporaries.
+mod cpu_inplace {
+    use super::AdamWParams;
+    use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result};
+
+    /// The hyper-parameters as the composition's scalar ops see them (f64, converted to f32 by
+    /// candle's affine).
+    #[derive(Clone, Copy)]
+    pub struct Hyper {
+        pub beta1: f32,
+        pub one_minus_beta1: f32,
+        pub beta2: f32,
+        pub one_minus_beta2: f32,
+        inv_bc1: f32,
+        inv_bc2: f32,
+        eps: f32,
+        keep: f32,
+        lr: f32,
+        weight_decay: bool,
+    }
+
+    impl Hyper {
+        pub fn new(p: &AdamWParams, t: usize, lr: f64) -> Self {
+            let bc1 = 1.0 - p.beta1.powi(t as i32);
+            let bc2 = 1.0 - p.beta2.powi(t as i32);
+            Self {
+                beta1: p.beta1 as f32,
+                one_minus_beta1: (1.0 - p.beta1) as f32,
+                beta2: p.beta2 as f32,
+                one_minus_beta2: (1.0 - p.beta2) as f32,
+                inv_bc1: (1.0 / bc1) as f32,
+                inv_bc2: (1.0 / bc2) as f32,
+                eps: p.eps as f32,
+                keep: (1.0 - lr * p.weight_decay) as f32,
+                lr: lr as f32,
+                weight_decay: p.weight_decay > 0.0,
+            }
+        }
+    }
+
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
+            _ => bail!("AdamW in place: {what} must be contiguous f32"),
+        }
+    }
+
+    fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, z))) => Ok(&mut v[a..z]),
+            _ => bail!("AdamW in place: {what} must be contiguous f32"),
+        }
+    }
+
+    /// m ← m·β + g·(1 − β) (or with g² for the second moment), g first multiplied by `scale`
+    /// when given (the clip's `g.broadcast_mul(scale)`).
+    pub struct Moment {
+        pub beta: f32,
+        pub one_minus: f32,
+        pub square: bool,
+        pub scale: Option<f32>,
+    }
+
+    impl InplaceOp2 for Moment {
+        fn name(&self) -> &'static str {
+            "adamw-moment"
+        }
+
+        fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+            let (m, g) = (slice_mut(s1, l1, "moment")?, slice(s2, l2, "gradient")?);
+            if m.len() != g.len() {
+                bail!("AdamW in place: moment of {} elements, gradient of {}", m.len(), g.len())
+            }
+            // The composition: (m * β)? + ((g or g.sqr()) * (1 − β))?, each `* s` an affine `x·s + 0`.
+            for (m, &g) in m.iter_mut().zip(g) {
+                let g = self.scale.map_or(g, |s| g * s);
+                let x = if self.square { g * g } else { g };
+                *m = (*m * self.beta + 0.0) + (x * self.one_minus + 0.0);
+            }
+            Ok(())
+        }
+    }
+
+    /// w ← w·(1 − lr·wd) − lr · (m / bc1) / (√(v / bc2) + ε), the decay only for decayed groups.
+    pub struct Update {
+        pub h: Hyper,
+        pub decay: bool,
+    }
+
+    impl InplaceOp3 for Update {
+        fn name(&self) -> &'static str {
+            "adamw-update"
+        }
+
+        fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<()> {
+            let (w, m, v) = (slice_mut(s1, l1, "weight")?, slice(s2, l2, "first moment")?, slice(s3, l3, "second moment")?);
+            if w.len() != m.len() || w.len() != v.len() {
+                bail!("AdamW in place: weight of {} elements, moments of {} and {}", w.len(), m.len(), v.len())
+            }
+            let h = &self.h;
+            let decay = self.decay && h.weight_decay;
+            for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
+                let mhat = m * h.inv_bc1 + 0.0;
+                let vhat = v * h.inv_bc2 + 0.0;
+                let upd = mhat / (vhat.sqrt() * 1.0 + h.eps);
+                let kept = if decay { *w * h.keep + 0.0 } else { *w };
+                *w = kept - (upd * h.lr + 0.0);
+            }
+            Ok(())
+        }
     }
 }
