@@ -220,12 +220,63 @@ impl ExpertBank {
         z.matmul(&w(&self.w2)?)
     }
 
+    /// Every expert on its own slice of the rows: xs (R, d) packed by expert (`lens[e]` rows each,
+    /// in expert order) -> (R, d), three [`grouped_matmul`]s.
+    pub fn packed(&self, xs: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        let dt = xs.dtype();
+        let w = |t: &Tensor| t.to_dtype(dt);
+        let z = silu_mul(&grouped_matmul(xs, &w(&self.w1)?, lens)?, &grouped_matmul(xs, &w(&self.w3)?, lens)?)?;
+        grouped_matmul(&z, &w(&self.w2)?, lens)
+    }
+
     /// Every expert on its rows at once: xs (E, C, d) -> (E, C, d), three batched matmuls.
     pub fn all(&self, xs: &Tensor) -> Result<Tensor> {
         let dt = xs.dtype();
         let z = silu_mul(&xs.matmul(&self.w1.to_dtype(dt)?)?, &xs.matmul(&self.w3.to_dtype(dt)?)?)?;
         z.matmul(&self.w2.to_dtype(dt)?)
     }
+}
+
+/// `y[rows of e] = x[rows of e] · w[e]`: x (R, k) packed by expert (`lens[e]` rows each, in
+/// expert order), w (E, k, n) -> (R, n), one matmul per expert with rows; differentiable in x and
+/// w. Its backward builds each gradient in one buffer (w's slices zero for experts without rows),
+/// where the composition (`w.narrow(0, e, 1)` per expert) would give every expert's slice a
+/// full-size (E, k, n) gradient and add them up: E times the weight-sized traffic, which dominated
+/// a small-batch CPU step (`results/bench/moe-cpu`).
+pub fn grouped_matmul(x: &Tensor, w: &Tensor, lens: &[usize]) -> Result<Tensor> {
+    let (e, k, n) = w.dims3()?;
+    if lens.len() != e || x.dim(0)? != lens.iter().sum::<usize>() || x.dim(1)? != k {
+        zoo_core::candle_core::bail!("grouped_matmul: x {:?}, w {:?}, {} row counts summing to {}", x.dims(), w.dims(), lens.len(), lens.iter().sum::<usize>());
+    }
+    // Each expert's (start, len) among the rows, experts without rows left out.
+    let spans: Vec<(usize, usize, usize)> = lens
+        .iter()
+        .scan(0, |start, &len| {
+            let s = *start;
+            *start += len;
+            Some((s, len))
+        })
+        .enumerate()
+        .filter(|(_, (_, len))| *len > 0)
+        .map(|(i, (s, len))| (i, s, len))
+        .collect();
+    if spans.is_empty() {
+        return Tensor::zeros((0, n), x.dtype(), x.device());
+    }
+    let (xd, wd) = (x.detach(), w.detach());
+    let parts = spans.iter().map(|&(i, s, len)| xd.narrow(0, s, len)?.matmul(&wd.get(i)?)).collect::<Result<Vec<_>>>()?;
+    let value = Tensor::cat(&parts, 0)?;
+    zoo_core::grad::with_grad2(&value, x, w, move |g| {
+        // dx_e = g_e · w[e]ᵀ; dw[e] = x_eᵀ · g_e (zero for experts without rows).
+        let parts = spans.iter().map(|&(i, s, len)| g.narrow(0, s, len)?.matmul(&wd.get(i)?.t()?)).collect::<Result<Vec<_>>>()?;
+        let dx = Tensor::cat(&parts, 0)?;
+        let zero = Tensor::zeros((k, n), wd.dtype(), wd.device())?;
+        let mut dw = vec![zero; e];
+        for &(i, s, len) in &spans {
+            dw[i] = xd.narrow(0, s, len)?.t()?.matmul(&g.narrow(0, s, len)?)?;
+        }
+        Ok((dx, Tensor::stack(&dw, 0)?))
+    })
 }
 
 pub struct Moe {
@@ -303,19 +354,7 @@ impl Moe {
             let xs = xs.reshape((e, plan.capacity(), ()))?;
             self.experts.all(&xs)?.reshape((e * plan.capacity(), ()))?
         } else {
-            let mut parts = Vec::new();
-            let mut start = 0;
-            for (i, &len) in lens.iter().enumerate() {
-                if len > 0 {
-                    parts.push(self.experts.one(i, &xs.narrow(0, start, len)?)?);
-                }
-                start += len;
-            }
-            if parts.len() == 1 {
-                parts.pop().unwrap()
-            } else {
-                Tensor::cat(&parts, 0)?
-            }
+            self.experts.packed(&xs, &lens)?
         };
         plan.combine(&ys, &r.weights) // one combine (gathers, no scatter)
     }
