@@ -467,6 +467,10 @@ mod tests {
 mod cpu_inplace {
     use super::AdamWParams;
     use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result};
+    use rayon::prelude::*;
+
+    /// Elements per task of the passes (elementwise: the split does not change any result).
+    const CHUNK: usize = 1 << 15;
 
     /// The hyper-parameters as the composition's scalar ops see them (f64, converted to f32 by
     /// candle's affine).
@@ -537,11 +541,14 @@ mod cpu_inplace {
                 bail!("AdamW in place: moment of {} elements, gradient of {}", m.len(), g.len())
             }
             // The composition: (m * β)? + ((g or g.sqr()) * (1 − β))?, each `* s` an affine `x·s + 0`.
-            for (m, &g) in m.iter_mut().zip(g) {
-                let g = self.scale.map_or(g, |s| g * s);
-                let x = if self.square { g * g } else { g };
-                *m = (*m * self.beta + 0.0) + (x * self.one_minus + 0.0);
-            }
+            let pass = |m: &mut [f32], g: &[f32]| {
+                for (m, &g) in m.iter_mut().zip(g) {
+                    let g = self.scale.map_or(g, |s| g * s);
+                    let x = if self.square { g * g } else { g };
+                    *m = (*m * self.beta + 0.0) + (x * self.one_minus + 0.0);
+                }
+            };
+            m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| pass(m, g));
             Ok(())
         }
     }
@@ -564,13 +571,16 @@ mod cpu_inplace {
             }
             let h = &self.h;
             let decay = self.decay && h.weight_decay;
-            for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
-                let mhat = m * h.inv_bc1 + 0.0;
-                let vhat = v * h.inv_bc2 + 0.0;
-                let upd = mhat / (vhat.sqrt() * 1.0 + h.eps);
-                let kept = if decay { *w * h.keep + 0.0 } else { *w };
-                *w = kept - (upd * h.lr + 0.0);
-            }
+            let pass = |w: &mut [f32], m: &[f32], v: &[f32]| {
+                for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
+                    let mhat = m * h.inv_bc1 + 0.0;
+                    let vhat = v * h.inv_bc2 + 0.0;
+                    let upd = mhat / (vhat.sqrt() * 1.0 + h.eps);
+                    let kept = if decay { *w * h.keep + 0.0 } else { *w };
+                    *w = kept - (upd * h.lr + 0.0);
+                }
+            };
+            w.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(|((w, m), v)| pass(w, m, v));
             Ok(())
         }
     }
