@@ -18,10 +18,15 @@
 #                      and ncu's GPU time by kernel; its CSVs are left out of $OUT, 8 files at most)
 #   moe-cuda-512.tgz   scripts/moe-bench.sh on configs/moe-bench-512.toml (8 layers, d = 512, T = 512,
 #                      B = 16; 3 rounds), the folder results/bench/moe-cuda-512
+# profile:
+#   profile-train.txt  scripts/device-profile-train.sh (ms per training step and ncu's GPU time by
+#                      kernel at the twin shapes furthest from the targets: 6L/384 at 256 x 32,
+#                      8L/512 at 4096 x 4)
 # all: kernels then twins (may not fit one 600 s call).
 #   device:  run(command="bash scripts/device-checks.sh kernels", carry=[".devpkg"], timeout_s=590)
 #            run(command="bash scripts/device-checks.sh twins", carry=[".devpkg"], timeout_s=590)
 #            run(command="bash scripts/device-checks.sh moe", carry=[".devpkg"], timeout_s=590)
+#            run(command="bash scripts/device-checks.sh profile", carry=[".devpkg"], timeout_s=590)
 #   here:    cp the JSONs into results/bench/, then regenerate the twin table:
 #            python3 scripts/twin-table.py results/bench/twins-h200.json > results/bench/twins-h200.md
 #            tar xzf moe-cuda-512.tgz -C results/bench && zoo report results/bench/moe-cuda-512
@@ -52,6 +57,10 @@ step 150 decode python3 scripts/twin-bench.py --zoo /tmp/zoo --impls none --deco
 tail -12 "$OUT/decode.log"
 fi
 [ "$part" = kernels ] && exit 0
+if [ "$part" = profile ]; then
+  step 560 train-profile bash scripts/device-profile-train.sh
+  exit 0
+fi
 if [ "$part" = moe ]; then
   step 240 moe-profile env OUT=/tmp/moe-prof bash scripts/device-profile-moe.sh
   cp /tmp/moe-prof/profile-moe.txt "$OUT/" 2> /dev/null
