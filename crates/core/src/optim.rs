@@ -349,118 +349,6 @@ impl Schedule {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn schedule_shape() {
-        let s = Schedule { lr: 1.0, min_lr: 0.1, warmup_steps: 10, decay_steps: 110 };
-        assert!(s.at(0) < s.at(5) && s.at(5) < s.at(9));
-        assert!((s.at(10) - 1.0).abs() < 1e-12);
-        assert!((s.at(60) - 0.55).abs() < 1e-12);
-        assert!((s.at(110) - 0.1).abs() < 1e-12);
-        assert!((s.at(1000) - 0.1).abs() < 1e-12);
-    }
-
-    #[test]
-    fn clip_scales_to_max_norm() -> Result<()> {
-        let dev = Device::Cpu;
-        let a = Var::new(&[3.0f32, 0.0], &dev)?;
-        let b = Var::new(&[0.0f32, 4.0], &dev)?;
-        let loss = (((a.as_tensor() * a.as_tensor())?.sum_all()? * 0.5)?
-            + ((b.as_tensor() * b.as_tensor())?.sum_all()? * 0.5)?)?;
-        let gs = loss.backward()?;
-        let mut grads = Grads::default();
-        grads.accumulate(&gs, [&a, &b].into_iter(), 1.0)?;
-        let n = grads.clip(1.0)?.unwrap().to_scalar::<f32>()?;
-        assert!((n - 5.0).abs() < 1e-5);
-        let n2 = grads.global_norm()?.unwrap().to_scalar::<f32>()?;
-        assert!((n2 - 1.0).abs() < 1e-5, "{n2}");
-        // A norm below the limit is untouched.
-        let n3 = grads.clip(10.0)?.unwrap().to_scalar::<f32>()?;
-        assert!((n3 - 1.0).abs() < 1e-5);
-        Ok(())
-    }
-
-    /// The in-place CPU step is the composition bit for bit: weights and both moments over five
-    /// steps of changing gradients and learning rates (the last two clipped), decayed and
-    /// undecayed groups, a parameter without a gradient left alone.
-    #[test]
-    fn inplace_step_is_the_composition_bit_for_bit() -> Result<()> {
-        let dev = Device::Cpu;
-        let make = || -> Result<(ParamStore, AdamW)> {
-            let store = ParamStore::new(7, DType::F32, &dev);
-            let pb = store.root();
-            pb.get("w", (3, 5), crate::params::Init::Normal(0.5), Group::Decay)?;
-            pb.get("b", 5, crate::params::Init::Normal(0.5), Group::NoDecay)?;
-            pb.get("idle", 4, crate::params::Init::Normal(0.5), Group::Decay)?;
-            let opt = AdamW::new(&store, AdamWParams { weight_decay: 0.3, ..Default::default() })?;
-            Ok((store, opt))
-        };
-        let ((sa, mut a), (sb, mut b)) = (make()?, make()?);
-        for step in 0..5 {
-            let lr = 1e-2 / (1.0 + step as f64);
-            let mut all = vec![];
-            for (inplace, store, opt) in [(true, &sa, &mut a), (false, &sb, &mut b)] {
-                let p = store.params();
-                let (w, bias) = (p["w"].var.as_tensor(), p["b"].var.as_tensor());
-                let x = Tensor::arange(0f32, 15.0, &dev)?.reshape((3, 5))?.affine(0.37, step as f64)?.sin()?;
-                let loss = ((w * &x)?.sqr()?.sum_all()? + bias.broadcast_mul(&x)?.exp()?.sum_all()?)?;
-                let mut grads = Grads::default();
-                grads.accumulate(&loss.backward()?, opt.vars().cloned().collect::<Vec<_>>().iter(), 1.0)?;
-                // Steps 3 and 4 clip (to 0.1: the scaling applies), through step_clipped.
-                let clip = (step >= 3).then_some(0.1);
-                match (inplace, clip) {
-                    (true, None) => opt.step(&grads, lr)?,
-                    (true, Some(c)) => _ = opt.step_clipped(&mut grads, Some(c), lr)?,
-                    (false, clip) => {
-                        if let Some(c) = clip {
-                            let n = grads.clip(c)?.unwrap().to_scalar::<f32>()?;
-                            assert!(n > 0.1, "the clip scales ({n})");
-                        }
-                        opt.step_composed(&grads, lr)?
-                    }
-                }
-                let mut flat = vec![];
-                for t in p.values().map(|p| p.var.as_tensor().clone()).chain(opt.state_tensors().into_values()) {
-                    flat.extend(t.flatten_all()?.to_vec1::<f32>()?);
-                }
-                all.push(flat);
-            }
-            assert!(all[0] == all[1], "step {step}: the in-place step differs from the composition");
-        }
-        let idle = sa.params()["idle"].var.as_tensor().to_vec1::<f32>()?;
-        let fresh = make()?.0.params()["idle"].var.as_tensor().to_vec1::<f32>()?;
-        assert_eq!(idle, fresh, "a parameter without a gradient is not updated");
-        Ok(())
-    }
-
-    #[test]
-    fn adamw_first_step_and_decay() -> Result<()> {
-        // After one step, Adam moves each coordinate by lr·sign(g) (bias-corrected), and decoupled
-        // decay shrinks decayed weights by (1 - lr·wd) first.
-        let dev = Device::Cpu;
-        let store = ParamStore::new(0, DType::F32, &dev);
-        let pb = store.root();
-        let w = pb.get("w", 2, crate::params::Init::Const(1.0), Group::Decay)?;
-        let g = pb.get("g", 2, crate::params::Init::Const(1.0), Group::NoDecay)?;
-        let mut opt = AdamW::new(&store, AdamWParams { weight_decay: 0.5, ..Default::default() })?;
-        let loss = ((w * 2.0)?.sum_all()? + (g * -3.0)?.sum_all()?)?;
-        let gs = loss.backward()?;
-        let mut grads = Grads::default();
-        grads.accumulate(&gs, opt.vars().cloned().collect::<Vec<_>>().iter(), 1.0)?;
-        opt.step(&grads, 0.1)?;
-        let p = store.params();
-        let wv = p["w"].var.as_tensor().to_vec1::<f32>()?;
-        let gv = p["g"].var.as_tensor().to_vec1::<f32>()?;
-        assert!((wv[0] - (1.0 * (1.0 - 0.05) - 0.1)).abs() < 1e-5, "{wv:?}");
-        assert!((gv[0] - 1.1).abs() < 1e-5, "{gv:?}");
-        Ok(())
-    }
-}
-
 /// AdamW's update in place on f32 CPU tensors: the composition's arithmetic (candle's
 /// `x * a + b` for every op with a scalar, then the tensor ops), element by element and in the
 /// same order, so the result is bit for bit the composition's, without its dozen temporaries.
@@ -583,5 +471,117 @@ mod cpu_inplace {
             w.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(|((w, m), v)| pass(w, m, v));
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn schedule_shape() {
+        let s = Schedule { lr: 1.0, min_lr: 0.1, warmup_steps: 10, decay_steps: 110 };
+        assert!(s.at(0) < s.at(5) && s.at(5) < s.at(9));
+        assert!((s.at(10) - 1.0).abs() < 1e-12);
+        assert!((s.at(60) - 0.55).abs() < 1e-12);
+        assert!((s.at(110) - 0.1).abs() < 1e-12);
+        assert!((s.at(1000) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn clip_scales_to_max_norm() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Var::new(&[3.0f32, 0.0], &dev)?;
+        let b = Var::new(&[0.0f32, 4.0], &dev)?;
+        let loss = (((a.as_tensor() * a.as_tensor())?.sum_all()? * 0.5)?
+            + ((b.as_tensor() * b.as_tensor())?.sum_all()? * 0.5)?)?;
+        let gs = loss.backward()?;
+        let mut grads = Grads::default();
+        grads.accumulate(&gs, [&a, &b].into_iter(), 1.0)?;
+        let n = grads.clip(1.0)?.unwrap().to_scalar::<f32>()?;
+        assert!((n - 5.0).abs() < 1e-5);
+        let n2 = grads.global_norm()?.unwrap().to_scalar::<f32>()?;
+        assert!((n2 - 1.0).abs() < 1e-5, "{n2}");
+        // A norm below the limit is untouched.
+        let n3 = grads.clip(10.0)?.unwrap().to_scalar::<f32>()?;
+        assert!((n3 - 1.0).abs() < 1e-5);
+        Ok(())
+    }
+
+    /// The in-place CPU step is the composition bit for bit: weights and both moments over five
+    /// steps of changing gradients and learning rates (the last two clipped), decayed and
+    /// undecayed groups, a parameter without a gradient left alone.
+    #[test]
+    fn inplace_step_is_the_composition_bit_for_bit() -> Result<()> {
+        let dev = Device::Cpu;
+        let make = || -> Result<(ParamStore, AdamW)> {
+            let store = ParamStore::new(7, DType::F32, &dev);
+            let pb = store.root();
+            pb.get("w", (3, 5), crate::params::Init::Normal(0.5), Group::Decay)?;
+            pb.get("b", 5, crate::params::Init::Normal(0.5), Group::NoDecay)?;
+            pb.get("idle", 4, crate::params::Init::Normal(0.5), Group::Decay)?;
+            let opt = AdamW::new(&store, AdamWParams { weight_decay: 0.3, ..Default::default() })?;
+            Ok((store, opt))
+        };
+        let ((sa, mut a), (sb, mut b)) = (make()?, make()?);
+        for step in 0..5 {
+            let lr = 1e-2 / (1.0 + step as f64);
+            let mut all = vec![];
+            for (inplace, store, opt) in [(true, &sa, &mut a), (false, &sb, &mut b)] {
+                let p = store.params();
+                let (w, bias) = (p["w"].var.as_tensor(), p["b"].var.as_tensor());
+                let x = Tensor::arange(0f32, 15.0, &dev)?.reshape((3, 5))?.affine(0.37, step as f64)?.sin()?;
+                let loss = ((w * &x)?.sqr()?.sum_all()? + bias.broadcast_mul(&x)?.exp()?.sum_all()?)?;
+                let mut grads = Grads::default();
+                grads.accumulate(&loss.backward()?, opt.vars().cloned().collect::<Vec<_>>().iter(), 1.0)?;
+                // Steps 3 and 4 clip (to 0.1: the scaling applies), through step_clipped.
+                let clip = (step >= 3).then_some(0.1);
+                match (inplace, clip) {
+                    (true, None) => opt.step(&grads, lr)?,
+                    (true, Some(c)) => _ = opt.step_clipped(&mut grads, Some(c), lr)?,
+                    (false, clip) => {
+                        if let Some(c) = clip {
+                            let n = grads.clip(c)?.unwrap().to_scalar::<f32>()?;
+                            assert!(n > 0.1, "the clip scales ({n})");
+                        }
+                        opt.step_composed(&grads, lr)?
+                    }
+                }
+                let mut flat = vec![];
+                for t in p.values().map(|p| p.var.as_tensor().clone()).chain(opt.state_tensors().into_values()) {
+                    flat.extend(t.flatten_all()?.to_vec1::<f32>()?);
+                }
+                all.push(flat);
+            }
+            assert!(all[0] == all[1], "step {step}: the in-place step differs from the composition");
+        }
+        let idle = sa.params()["idle"].var.as_tensor().to_vec1::<f32>()?;
+        let fresh = make()?.0.params()["idle"].var.as_tensor().to_vec1::<f32>()?;
+        assert_eq!(idle, fresh, "a parameter without a gradient is not updated");
+        Ok(())
+    }
+
+    #[test]
+    fn adamw_first_step_and_decay() -> Result<()> {
+        // After one step, Adam moves each coordinate by lr·sign(g) (bias-corrected), and decoupled
+        // decay shrinks decayed weights by (1 - lr·wd) first.
+        let dev = Device::Cpu;
+        let store = ParamStore::new(0, DType::F32, &dev);
+        let pb = store.root();
+        let w = pb.get("w", 2, crate::params::Init::Const(1.0), Group::Decay)?;
+        let g = pb.get("g", 2, crate::params::Init::Const(1.0), Group::NoDecay)?;
+        let mut opt = AdamW::new(&store, AdamWParams { weight_decay: 0.5, ..Default::default() })?;
+        let loss = ((w * 2.0)?.sum_all()? + (g * -3.0)?.sum_all()?)?;
+        let gs = loss.backward()?;
+        let mut grads = Grads::default();
+        grads.accumulate(&gs, opt.vars().cloned().collect::<Vec<_>>().iter(), 1.0)?;
+        opt.step(&grads, 0.1)?;
+        let p = store.params();
+        let wv = p["w"].var.as_tensor().to_vec1::<f32>()?;
+        let gv = p["g"].var.as_tensor().to_vec1::<f32>()?;
+        assert!((wv[0] - (1.0 * (1.0 - 0.05) - 0.1)).abs() < 1e-5, "{wv:?}");
+        assert!((gv[0] - 1.1).abs() < 1e-5, "{gv:?}");
+        Ok(())
     }
 }
