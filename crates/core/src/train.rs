@@ -209,6 +209,7 @@ pub fn train(
         let mut grads = Grads::default();
         let mut loss_acc: Option<Tensor> = None;
         let mut aux_acc: Option<f64> = None;
+        let mut aux_parts: Vec<Tensor> = Vec::new();
         let mut stats = Vec::new();
         for micro in 0..accum {
             let b = task.train_batch(&mut st.rng)?;
@@ -238,7 +239,9 @@ pub fn train(
             }
             if let Some(a) = out.aux_loss {
                 let a = a.to_dtype(DType::F32)?;
-                *aux_acc.get_or_insert(0.0) += a.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
+                // Read after the step's backward is queued (below), not here: reading it now would
+                // make the host wait for the forward before it could launch the backward.
+                aux_parts.push(a.detach());
                 loss = (loss + a)?;
             }
             stats = out.stats;
@@ -250,6 +253,9 @@ pub fn train(
             });
         }
         let mut loss = loss_acc.expect("accum >= 1").to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        for a in aux_parts {
+            *aux_acc.get_or_insert(0.0) += a.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
+        }
         // Data parallelism: mean the gradients over ranks; agree on the logged loss (the global
         // batch's) and on whether any rank was asked to stop, so that every rank takes the same
         // branches below.
