@@ -11,6 +11,9 @@
 #                      the flash tests passed
 #   decode-h200.json   decode alone at T = 4096, B = 1 and 32 with zoo's two decoding kernels
 #                      (ZOO_FLASH_DECODE=rows, the default, and =split) beside the eager twin and HF
+#   graph-6L.json, graph-8L.json  `zoo bench --cuda-graph` of the 6L/384 twin model at 256 x 32 and
+#                      the 8L/512 one at 1024 x 4: the train step and prefill as plain launches and
+#                      as a replayed CUDA graph (or why the capture failed)
 # twins:
 #   twins-h200.json    scripts/twin-bench.py (issue 11's twin table, decode at T = 4096, B = 1 and 32)
 # moe:
@@ -55,6 +58,16 @@ fi
 step 150 decode python3 scripts/twin-bench.py --zoo /tmp/zoo --impls none --decode-batches 1,32 \
   --zoo-decode-kernels rows,split --out "$OUT/decode-h200.json" > "$OUT/decode.log" 2>&1
 tail -12 "$OUT/decode.log"
+# The launches' cost: the same step captured into a CUDA graph and replayed.
+graph() { # layers d heads T B name
+  sed -e "s/^d_model = .*/d_model = $2/" -e "s/^n_layers = .*/n_layers = $1/" -e "s/n_heads = 8/n_heads = $3/" \
+    configs/bench-baseline.toml > /tmp/graph-$6.toml
+  step 90 "graph $6" /tmp/zoo bench /tmp/graph-$6.toml --device cuda:0 --dtype bf16 --seq-lens "$4" --batch "$5" \
+    --decode-tokens 0 --iters 10 --cuda-graph -q --out "$OUT/graph-$6.json" > /dev/null
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows'][0]; print({k: v for k, v in r.items() if 'tokens_per_s' in k or 'error' in k})" "$OUT/graph-$6.json"
+}
+graph 6 384 6 256 32 6L
+graph 8 512 8 1024 4 8L
 fi
 [ "$part" = kernels ] && exit 0
 if [ "$part" = profile ]; then

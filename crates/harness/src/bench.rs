@@ -19,6 +19,8 @@ pub struct BenchOpts {
     pub iters: usize,
     pub decode_tokens: usize,
     pub skip_train: bool,
+    /// CUDA: also time the train step and the prefill as a captured CUDA graph ([`graph_time`]).
+    pub cuda_graph: bool,
     /// Data parallelism (`zoo launch --gpus N bench`): `batch` is the global batch, each rank
     /// trains on its share and the gradients are all-reduced inside the timed step; only the
     /// train step is measured (prefill and decode are per-device work).
@@ -124,6 +126,21 @@ fn random_ids(rng: &mut Rng, b: usize, t: usize, vocab: usize, env: &Env) -> Res
 }
 
 /// Time `f` over `iters` runs after `warmup` runs; returns mean seconds per run.
+/// `<phase>_graph_s` and `<phase>_graph_tokens_per_s`, or `<phase>_graph_error` (its first line).
+fn record_graph(row: &mut serde_json::Map<String, serde_json::Value>, phase: &str, r: Result<Option<f64>>, tokens: usize) {
+    match r {
+        Ok(Some(s)) => {
+            row.insert(format!("{phase}_graph_s"), json!(s));
+            row.insert(format!("{phase}_graph_tokens_per_s"), json!(tokens as f64 / s));
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let msg = format!("{e:#}");
+            row.insert(format!("{phase}_graph_error"), json!(msg.lines().next().unwrap_or("").trim()));
+        }
+    }
+}
+
 fn time(env: &Env, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..warmup {
         f()?;
@@ -135,6 +152,47 @@ fn time(env: &Env, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()
     }
     env.sync()?;
     Ok(t0.elapsed().as_secs_f64() / iters.max(1) as f64)
+}
+
+/// Seconds per replay of `f` captured once into a CUDA graph (after `warmup` plain calls, which
+/// also fill candle's cache of small host-to-device uploads, so that the capture finds them
+/// there), over `iters` replays; `Ok(None)` off CUDA. Capture fails where the step waits for the
+/// host (a read to the host, an upload of new data) or allocates outside the stream's pool; the
+/// error names the op. What the replay computes is what the capture recorded: the same inputs,
+/// and the optimiser's scalars (learning rate, bias corrections) as they were then.
+#[cfg(feature = "cuda")]
+pub fn graph_time(env: &Env, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Option<f64>> {
+    use anyhow::Context;
+    use zoo_core::candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let candle_core::Device::Cuda(dev) = &env.device else { return Ok(None) };
+    let _cache = dev.enable_cuda_graph_htod_cache();
+    for _ in 0..warmup.max(2) {
+        f()?;
+    }
+    env.sync()?;
+    let stream = dev.cuda_stream();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| anyhow::anyhow!("begin capture: {e:?}"))?;
+    let r = f();
+    // End the capture whatever happened, so the stream is usable again.
+    let g = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+    r.context("during capture")?;
+    let g = g.map_err(|e| anyhow::anyhow!("end capture: {e:?}"))?.context("the capture recorded nothing")?;
+    g.upload().map_err(|e| anyhow::anyhow!("graph upload: {e:?}"))?;
+    g.launch().map_err(|e| anyhow::anyhow!("graph launch: {e:?}"))?;
+    env.sync()?;
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        g.launch().map_err(|e| anyhow::anyhow!("graph launch: {e:?}"))?;
+    }
+    env.sync()?;
+    Ok(Some(t0.elapsed().as_secs_f64() / iters.max(1) as f64))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn graph_time(_: &Env, _: usize, _: usize, _: impl FnMut() -> Result<()>) -> Result<Option<f64>> {
+    Ok(None)
 }
 
 pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: bool) -> Result<serde_json::Value> {
@@ -180,7 +238,7 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
                 let mut opt = AdamW::new(&store, AdamWParams::default())?;
                 let vars: Vec<_> = opt.vars().cloned().collect();
                 mem.reset();
-                let s = time(env, o.warmup, o.iters, || {
+                let mut step = || -> Result<()> {
                     let out = model.forward(&ids_r, None, None)?;
                     let loss = cross_entropy(&out.logits, &targets_r, None)?;
                     let mut g = Grads::default();
@@ -190,10 +248,15 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
                     }
                     opt.step_clipped(&mut g, Some(1.0), 1e-4)?;
                     Ok(())
-                })?;
+                };
+                let s = time(env, o.warmup, o.iters, &mut step)?;
                 row.insert("train_step_s".into(), json!(s));
                 row.insert("train_tokens_per_s".into(), json!((b * t) as f64 / s));
                 row.insert("train_peak_bytes".into(), json!(mem.read()));
+                if o.cuda_graph && o.comm.is_none() {
+                    let g = graph_time(env, o.warmup, o.iters, &mut step);
+                    record_graph(&mut row, "train", g, b * t);
+                }
                 Ok(())
             })();
             record(&mut row, "train", r);
@@ -204,15 +267,19 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
                 return Ok(());
             }
             mem.reset();
-            let s = time(env, o.warmup, o.iters, || {
+            let prefill = || -> Result<()> {
                 let mut cache = model.new_cache();
                 let out = model.forward(&ids, Some(&mut cache), None)?;
                 drop(out);
                 Ok(())
-            })?;
+            };
+            let s = time(env, o.warmup, o.iters, prefill)?;
             row.insert("prefill_s".into(), json!(s));
             row.insert("prefill_tokens_per_s".into(), json!((b * t) as f64 / s));
             row.insert("prefill_peak_bytes".into(), json!(mem.read()));
+            if o.cuda_graph {
+                record_graph(&mut row, "prefill", graph_time(env, o.warmup, o.iters, prefill), b * t);
+            }
             Ok(())
         })();
         record(&mut row, "prefill", r);

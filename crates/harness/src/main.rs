@@ -212,6 +212,11 @@ enum Cmd {
         decode_tokens: usize,
         #[arg(long)]
         skip_train: bool,
+        /// CUDA: also time the train step and the prefill captured once into a CUDA graph and
+        /// replayed (`train_graph_*`, `prefill_graph_*`; or why the capture failed, `*_graph_error`):
+        /// what the launches cost. An experiment: the replayed step keeps the captured learning rate.
+        #[arg(long)]
+        cuda_graph: bool,
         /// Which run of a sweep to benchmark (by index in the plan).
         #[arg(long, default_value_t = 0)]
         run_index: usize,
@@ -780,7 +785,7 @@ fn real_main() -> Result<i32> {
             let out = bench::attention(&shapes, (*iters).max(1), &env)?;
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        Cmd::Bench { config, seq_lens, batch, warmup, iters, decode_tokens, skip_train, run_index, out } => {
+        Cmd::Bench { config, seq_lens, batch, warmup, iters, decode_tokens, skip_train, cuda_graph, run_index, out } => {
             let (batch, run_index) = (*batch, *run_index);
             if *iters == 0 {
                 bail!("--iters: must be at least 1 (timed iterations)");
@@ -800,6 +805,9 @@ fn real_main() -> Result<i32> {
                 bail!("--batch {batch}: the global batch does not split evenly over WORLD_SIZE = {} ranks", w.size);
             }
             let env = rank_env(&cli, world.as_ref())?;
+            if *cuda_graph && (!env.device.is_cuda() || world.is_some()) {
+                bail!("--cuda-graph: captures one device's step; needs --device cuda:N and no data-parallel launch");
+            }
             let comm = world.map(|w| zoo_harness::dist::communicator(w, &env.device)).transpose()?;
             let writer = comm.as_ref().is_none_or(|c| c.rank() == 0);
             let vocab = zoo_harness::vocab_size(&run.config)?;
@@ -818,6 +826,7 @@ fn real_main() -> Result<i32> {
                 iters: *iters,
                 decode_tokens: *decode_tokens,
                 skip_train: *skip_train,
+                cuda_graph: *cuda_graph,
                 comm,
             };
             let mut res = bench::bench(&run.config, vocab, &env, &o, cli.quiet)?;

@@ -285,6 +285,7 @@ fn bench_and_eval_reject_zero_sizes() {
         (vec!["bench", "c.toml", "--batch", "0"], "--batch"),
         (vec!["bench", "c.toml", "--seq-lens", "0"], "--seq-lens"),
         (vec!["bench", "c.toml", "--seq-lens", "1000000", "--max-memory", "1GiB"], "GiB"),
+        (vec!["bench", "c.toml", "--cuda-graph"], "--cuda-graph: captures one device's step"),
         (vec!["eval", "--checkpoint", "x", "--text", "y", "--seq-len", "0"], "--seq-len"),
         (vec!["eval", "--checkpoint", "x", "--text", "y", "--batch", "0"], "--batch"),
         (vec!["run", "c.toml", "--max-memory", "lots"], "--max-memory"),
