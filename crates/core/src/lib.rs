@@ -32,6 +32,7 @@ pub mod conv;
 pub mod data;
 pub mod dist;
 pub mod grad;
+pub mod graph;
 pub mod mixer;
 pub mod mlp;
 pub mod model;

@@ -100,8 +100,33 @@ impl AdamW {
         Ok(norm)
     }
 
+    /// [`AdamW::step_clipped`]'s fused CUDA step with the learning rate and bias corrections read
+    /// from `hp`, an f32 `[lr, bc1, bc2]` on the device that the caller fills with
+    /// [`AdamW::next_hp`] before the step runs: the form of a step captured into a CUDA graph
+    /// (`crate::graph`), whose replays repeat kernel arguments but read memory afresh. `lr` is
+    /// unused. `None` (nothing done) where the fused step does not apply.
+    pub fn step_clipped_device_hp(&mut self, grads: &Grads, max_norm: Option<f64>, hp: &Tensor) -> Result<Option<Tensor>> {
+        self.step_fused_with(grads, max_norm, 0.0, Some(hp))
+    }
+
+    /// `[lr, bc1, bc2]` of the next step (t + 1) at learning rate `lr`, as the fused step computes them.
+    pub fn next_hp(&self, lr: f64) -> [f32; 3] {
+        let t = self.t + 1;
+        let p = self.params;
+        [lr as f32, (1.0 - p.beta1.powi(t as i32)) as f32, (1.0 - p.beta2.powi(t as i32)) as f32]
+    }
+
+    /// Count one more update without running it here (a replayed CUDA graph ran it).
+    pub fn advance(&mut self) {
+        self.t += 1;
+    }
+
     /// The fused step, or `None` (nothing done) where it does not apply.
     fn step_fused(&mut self, grads: &Grads, max_norm: Option<f64>, lr: f64) -> Result<Option<Tensor>> {
+        self.step_fused_with(grads, max_norm, lr, None)
+    }
+
+    fn step_fused_with(&mut self, grads: &Grads, max_norm: Option<f64>, lr: f64, hp_device: Option<&Tensor>) -> Result<Option<Tensor>> {
         let mut slots = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
             if let Some(g) = grads.get(&s.var) {
@@ -129,7 +154,7 @@ impl AdamW {
             bc1: 1.0 - p.beta1.powi(t as i32),
             bc2: 1.0 - p.beta2.powi(t as i32),
         };
-        let out = zoo_kernels::adamw::step(&slots, &hp, max_norm)?;
+        let out = zoo_kernels::adamw::step_with(&slots, &hp, max_norm, hp_device)?;
         self.t = t;
         Ok(Some(out.get(0)?))
     }

@@ -198,6 +198,10 @@ pub fn train(
     let vars: Vec<_> = opt.vars().cloned().collect();
     let _dist = crate::dist::enter(opts.comm.clone().filter(|c| c.world() > 1));
     let accum = opts.grad_accum.max(1);
+    // Steps replayed from a CUDA graph (opt-in: crate::graph); None: every step eagerly.
+    let multi_rank = opts.comm.as_deref().is_some_and(|c| c.world() > 1);
+    let dev = vars.first().map_or(candle_core::Device::Cpu, |v| v.device().clone());
+    let mut graph = crate::graph::GraphTrainer::new(&dev, accum, multi_rank);
     let step_tokens = task.batch_tokens() * accum;
     let mut steps_here = 0;
     while st.step < opts.steps {
@@ -211,8 +215,24 @@ pub fn train(
         let mut aux_acc: Option<f64> = None;
         let mut aux_parts: Vec<Tensor> = Vec::new();
         let mut stats = Vec::new();
-        for micro in 0..accum {
+        // The graph path (one micro-batch, one rank): the step's loss and gradient norm, or
+        // None when this step runs eagerly (on the same batch: the data order does not change).
+        let mut graph_batch = None;
+        let mut graph_out = None;
+        if let Some(g) = graph.as_mut() {
             let b = task.train_batch(&mut st.rng)?;
+            let ts = crate::state::TrainStep { step: st.step, total: opts.steps, micro: 0, seed };
+            graph_out = g.step(model, &mut opt, &vars, &b, lr, opts.grad_clip, ts)?;
+            graph_batch = Some(b);
+        }
+        for micro in 0..accum {
+            if graph_out.is_some() {
+                break;
+            }
+            let b = match graph_batch.take() {
+                Some(b) => b,
+                None => task.train_batch(&mut st.rng)?,
+            };
             // Data parallelism: every rank drew the same global batch; keep this rank's rows.
             let b = match &opts.comm {
                 Some(c) => {
@@ -252,7 +272,10 @@ pub fn train(
                 None => loss,
             });
         }
-        let mut loss = loss_acc.expect("accum >= 1").to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let (mut loss, graph_norm) = match (graph_out, loss_acc) {
+            (Some((l, n)), _) => (l, Some(n)),
+            (None, l) => (l.expect("accum >= 1").to_dtype(DType::F64)?.to_scalar::<f64>()?, None),
+        };
         for a in aux_parts {
             *aux_acc.get_or_insert(0.0) += a.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
         }
@@ -276,10 +299,13 @@ pub fn train(
         if !loss.is_finite() {
             return Err(stop(format!("loss became {loss}")).into());
         }
-        // Clip + update; with a non-finite norm nothing is updated and the run stops here.
-        let norm = opt.step_clipped(&mut grads, opts.grad_clip, lr)?;
+        // Clip + update (done already on the graph path); with a non-finite norm nothing is
+        // updated and the run stops here.
+        let norm = match graph_norm {
+            Some(n) => n,
+            None => opt.step_clipped(&mut grads, opts.grad_clip, lr)?.map(|n| n.to_scalar::<f32>()).transpose()?,
+        };
         if let Some(n) = norm {
-            let n = n.to_scalar::<f32>()?;
             if !n.is_finite() {
                 return Err(stop(format!("gradient norm became {n}")).into());
             }

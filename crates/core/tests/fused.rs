@@ -10,6 +10,9 @@ use zoo_core::optim::{AdamW, AdamWParams, Grads};
 use zoo_core::params::{Group, Init, ParamStore};
 use zoo_kernels::Kernels;
 
+#[allow(unused)]
+mod common;
+
 /// The kernel mode is process-wide: tests that switch it take this lock.
 static MODE: Mutex<()> = Mutex::new(());
 
@@ -392,4 +395,44 @@ fn softmax_with_its_backward_matches_the_composition_on_cuda() -> Result<()> {
     let Some(dev) = cuda() else { return Ok(()) };
     check_softmax(&dev, DType::F32, 1e-5)?;
     check_softmax(&dev, DType::BF16, 2e-2)
+}
+
+/// Training steps replayed from a CUDA graph (`zoo_core::graph`, opt-in) against eager steps: the
+/// data-parallel tests' tiny attention LM on MQAR (one micro-batch a step), with the fused kernels
+/// (the graph path needs the fused AdamW). The graph must actually run (`graph::launches` grows by
+/// the steps after the first), and the parameters and logged losses must equal the eager run's
+/// within two eager runs' own spread (the fused embedding backward adds atomically, in any order).
+#[cfg(feature = "cuda")]
+#[test]
+fn graph_replayed_steps_train_as_the_eager_steps() -> anyhow::Result<()> {
+    use zoo_core::candle_core::Device;
+    let Ok(dev) = Device::new_cuda(0) else {
+        eprintln!("skipped: no CUDA device");
+        return Ok(());
+    };
+    let _g = MODE.lock().unwrap();
+    zoo_core::zoo_kernels::set_mode(zoo_core::zoo_kernels::Kernels::Fused);
+    let run = |graph: bool| {
+        zoo_core::graph::set_enabled(graph);
+        common::dist_run::run_accum(&dev, None, None, 1)
+    };
+    let (a, la) = run(false)?;
+    let (b, lb) = run(false)?;
+    let before = zoo_core::graph::launches();
+    let (g, lg) = run(true)?;
+    let launched = zoo_core::graph::launches() - before;
+    zoo_core::graph::set_enabled(false);
+    // The first step runs eagerly (filling candle's upload cache), the rest from the graph.
+    assert_eq!(launched, common::dist_run::STEPS - 1, "graph launches");
+    let spread = |x: &[(String, Vec<f32>)], y: &[(String, Vec<f32>)]| -> f32 {
+        x.iter().zip(y).flat_map(|((_, p), (_, q))| p.iter().zip(q).map(|(u, v)| (u - v).abs())).fold(0.0, f32::max)
+    };
+    let (own, graph) = (spread(&a, &b), spread(&a, &g));
+    eprintln!("two eager runs differ by {own}, the graph run by {graph}; losses {la:?} / {lg:?}");
+    assert!(graph <= own.max(1e-6), "graph run {graph} against the eager runs' own spread {own}");
+    for ((x, y), z) in la.iter().zip(&lb).zip(&lg) {
+        let tol = (x - y).abs().max(1e-6);
+        assert!((x - z).abs() <= tol, "loss {z} on the graph path against eager {x} (eager spread {tol})");
+    }
+    Ok(())
 }

@@ -92,6 +92,8 @@ impl Env {
             d["kernels"] = json!(zoo_kernels::mode().name());
             d["flash_kernels"] = json!(zoo_kernels::attention::flash_kernel_set());
             d["flash_decode"] = json!(zoo_kernels::attention::decode_kernel());
+            // Training steps replayed from a CUDA graph where they can be (ZOO_CUDA_GRAPH=1).
+            d["cuda_graph"] = json!(zoo_core::graph::enabled());
         }
         d
     }

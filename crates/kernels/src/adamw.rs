@@ -76,16 +76,29 @@ pub fn unsupported(slots: &[Slot]) -> Option<String> {
 /// to every slot, in place. Returns `[‖g‖₂, clip scale]` as an f32 tensor of shape (2,) on the
 /// device. Call only when [`unsupported`] returns `None`.
 pub fn step(slots: &[Slot], hp: &AdamWStep, max_norm: Option<f64>) -> Result<Tensor> {
+    step_with(slots, hp, max_norm, None)
+}
+
+/// [`step`], with the learning rate and both bias corrections read from `hp_device` when given
+/// (an f32 tensor `[lr, bc1, bc2]` on the device; `hp.lr`, `hp.bc1`, `hp.bc2` are then unused):
+/// the form a step captured into a CUDA graph needs, since a replay repeats the captured kernel
+/// arguments but reads memory afresh. The same arithmetic, bit for bit.
+pub fn step_with(slots: &[Slot], hp: &AdamWStep, max_norm: Option<f64>, hp_device: Option<&Tensor>) -> Result<Tensor> {
     if let Some(why) = unsupported(slots) {
         candle_core::bail!("fused AdamW does not apply: {why}");
     }
-    imp::step(slots, hp, max_norm)
+    if let Some(t) = hp_device {
+        if t.dims() != [3] || t.dtype() != candle_core::DType::F32 || !t.is_contiguous() || !t.device().same_device(slots[0].w.device()) {
+            candle_core::bail!("fused AdamW: the device hyper-parameters must be a contiguous f32 [lr, bc1, bc2] on the weights' device");
+        }
+    }
+    imp::step(slots, hp, max_norm, hp_device)
 }
 
 #[cfg(not(feature = "cuda"))]
 mod imp {
     use super::*;
-    pub fn step(_: &[Slot], _: &AdamWStep, _: Option<f64>) -> Result<Tensor> {
+    pub fn step(_: &[Slot], _: &AdamWStep, _: Option<f64>, _: Option<&Tensor>) -> Result<Tensor> {
         candle_core::bail!("zoo-kernels was built without the `cuda` feature")
     }
 }
@@ -133,7 +146,7 @@ mod imp {
         Ok(p + (layout.start_offset() * 4) as u64)
     }
 
-    pub fn step(slots: &[Slot], hp: &AdamWStep, max_norm: Option<f64>) -> Result<Tensor> {
+    pub fn step(slots: &[Slot], hp: &AdamWStep, max_norm: Option<f64>, hp_device: Option<&Tensor>) -> Result<Tensor> {
         let device = slots[0].w.device().clone();
         let Device::Cuda(dev) = &device else { candle_core::bail!("fused AdamW: not a CUDA device") };
         let slots: Vec<&Slot> = slots.iter().filter(|s| s.w.elem_count() > 0).collect();
@@ -173,7 +186,8 @@ mod imp {
 
         let sumsq = dev.get_or_load_custom_func("zoo_sumsq_f32", MODULE, PTX)?;
         let clip = dev.get_or_load_custom_func("zoo_clip_scale", MODULE, PTX)?;
-        let adamw = dev.get_or_load_custom_func("zoo_adamw_f32", MODULE, PTX)?;
+        let adamw_name = if hp_device.is_some() { "zoo_adamw_hp_f32" } else { "zoo_adamw_f32" };
+        let adamw = dev.get_or_load_custom_func(adamw_name, MODULE, PTX)?;
         for tl in &lists {
             let cfg = LaunchConfig { grid_dim: (gx as u32, tl.count, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
             let mut b = sumsq.builder();
@@ -191,10 +205,16 @@ mod imp {
         let f = |x: f64| x as f32;
         let (lr, b1, b2, eps, wd, bc1, bc2) =
             (f(hp.lr), f(hp.beta1), f(hp.beta2), f(hp.eps), f(hp.weight_decay), f(hp.bc1), f(hp.bc2));
+        let hp_ptr = hp_device.map(|t| addr(t, dev)).transpose()?;
         for tl in &lists {
             let cfg = LaunchConfig { grid_dim: (gx as u32, tl.count, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
             let mut b = adamw.builder();
-            b.arg(tl).arg(&out_ptr).arg(&use_scale).arg(&lr).arg(&b1).arg(&b2).arg(&eps).arg(&wd).arg(&bc1).arg(&bc2);
+            b.arg(tl).arg(&out_ptr).arg(&use_scale);
+            match &hp_ptr {
+                // hp: [lr, bc1, bc2] (checked by step_with).
+                Some(p) => b.arg(p).arg(&b1).arg(&b2).arg(&eps).arg(&wd),
+                None => b.arg(&lr).arg(&b1).arg(&b2).arg(&eps).arg(&wd).arg(&bc1).arg(&bc2),
+            };
             // SAFETY: as for zoo_sumsq_f32; w, m, v are distinct buffers updated element-wise.
             unsafe { b.launch(cfg) }.w()?;
         }

@@ -40,6 +40,16 @@ pub fn run_on(
     comm: Option<Arc<dyn Comm>>,
     ckpt: Option<(&std::path::Path, Option<usize>, bool)>,
 ) -> anyhow::Result<Outcome> {
+    run_accum(dev, comm, ckpt, 2)
+}
+
+/// [`run_on`] with `accum` micro-batches per step (global batch 8 · accum / 2).
+pub fn run_accum(
+    dev: &Device,
+    comm: Option<Arc<dyn Comm>>,
+    ckpt: Option<(&std::path::Path, Option<usize>, bool)>,
+    accum: usize,
+) -> anyhow::Result<Outcome> {
     let dev = dev.clone();
     let store = ParamStore::new(3, DType::F32, &dev);
     let shape =
@@ -58,7 +68,7 @@ pub fn run_on(
     let task = MqarTask::new(32, &seg, &seg, 8, 0, &dev)?;
     let opts = TrainOpts {
         steps: STEPS,
-        grad_accum: 2,
+        grad_accum: accum,
         schedule: Schedule { lr: 3e-3, min_lr: 3e-4, warmup_steps: 1, decay_steps: STEPS },
         adamw: AdamWParams { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_embeddings: false },
         grad_clip: Some(0.5),

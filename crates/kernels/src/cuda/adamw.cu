@@ -70,9 +70,9 @@ extern "C" __global__ void zoo_clip_scale(const float* __restrict__ partials, ui
     }
 }
 
-extern "C" __global__ void zoo_adamw_f32(const TensorList tl, const float* __restrict__ scale, uint32_t use_scale,
-                                         float lr, float beta1, float beta2, float eps, float weight_decay,
-                                         float bc1, float bc2) {
+__device__ __forceinline__ void adamw(const TensorList& tl, const float* __restrict__ scale, uint32_t use_scale,
+                                      float lr, float beta1, float beta2, float eps, float weight_decay, float bc1,
+                                      float bc2) {
     const uint32_t t = blockIdx.y;
     float* w = reinterpret_cast<float*>(tl.w[t]);
     const float* g = reinterpret_cast<const float*>(tl.g[t]);
@@ -93,4 +93,18 @@ extern "C" __global__ void zoo_adamw_f32(const TensorList tl, const float* __res
         const float upd = (mi / bc1) / (sqrtf(vi / bc2) + eps);
         w[i] = w[i] * keep - upd * lr;
     }
+}
+
+extern "C" __global__ void zoo_adamw_f32(const TensorList tl, const float* __restrict__ scale, uint32_t use_scale,
+                                         float lr, float beta1, float beta2, float eps, float weight_decay,
+                                         float bc1, float bc2) {
+    adamw(tl, scale, use_scale, lr, beta1, beta2, eps, weight_decay, bc1, bc2);
+}
+
+// The same step with lr, bc1 and bc2 read from device memory (hp = [lr, bc1, bc2]), so that a step
+// captured into a CUDA graph takes each replay's values (written to hp before the replay).
+extern "C" __global__ void zoo_adamw_hp_f32(const TensorList tl, const float* __restrict__ scale, uint32_t use_scale,
+                                            const float* __restrict__ hp, float beta1, float beta2, float eps,
+                                            float weight_decay) {
+    adamw(tl, scale, use_scale, hp[0], beta1, beta2, eps, weight_decay, hp[1], hp[2]);
 }

@@ -1,0 +1,313 @@
+//! Training steps replayed from a CUDA graph: opt-in (`ZOO_CUDA_GRAPH=1`, or [`set_enabled`]),
+//! for models whose step is bound by kernel launches (candle launches every op from the host; a
+//! small model's step is mostly that).
+//!
+//! The first step of a run takes the graph path eagerly, with candle's cache of small
+//! host-to-device uploads on (`CudaDevice::enable_cuda_graph_htod_cache`: the dims and strides its
+//! kernels read), the second is captured into a graph and launched, every later one is a replay.
+//! The step reads its batch, and the optimiser its learning rate and bias corrections
+//! ([`AdamW::next_hp`]), from device buffers written before each replay; the loss and the
+//! gradient norm come back through two more. A replay runs the captured kernels with their
+//! captured arguments, so it computes exactly what the eager step computes; only the host work
+//! (launches, the autograd graph, allocations) is gone.
+//!
+//! What cannot be captured falls back to the eager step, with the reason printed once: a step
+//! that reads from the device (an MoE router's expert lengths) or uploads new host data, a model
+//! with auxiliary losses or statistics (MoE), an optimiser step the fused AdamW does not take
+//! (`ZOO_KERNELS=naive`, CPU), gradient accumulation, data parallelism, and a batch of another
+//! shape than the captured one (that step alone runs eagerly).
+
+use crate::data::Batch;
+use crate::model::{cross_entropy, Lm};
+use crate::optim::{AdamW, Grads};
+use crate::state::TrainStep;
+use candle_core::{Result, Var};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+/// 0: follow `ZOO_CUDA_GRAPH`; 1: on; 2: off.
+static MODE: AtomicU8 = AtomicU8::new(0);
+static REPLAYS: AtomicUsize = AtomicUsize::new(0);
+
+/// Turn the graph path on or off for this process (over `ZOO_CUDA_GRAPH`).
+pub fn set_enabled(on: bool) {
+    MODE.store(if on { 1 } else { 2 }, Ordering::SeqCst);
+}
+
+/// Whether training steps go through a CUDA graph where they can.
+pub fn enabled() -> bool {
+    match MODE.load(Ordering::SeqCst) {
+        1 => true,
+        2 => false,
+        _ => std::env::var("ZOO_CUDA_GRAPH").is_ok_and(|v| v == "1"),
+    }
+}
+
+/// Training steps launched from a captured graph in this process (the capture's own launch
+/// included): what tests check to know the path ran.
+pub fn launches() -> usize {
+    REPLAYS.load(Ordering::SeqCst)
+}
+
+/// The graph path of one training run.
+pub struct GraphTrainer {
+    #[cfg(feature = "cuda")]
+    inner: imp::Inner,
+}
+
+impl GraphTrainer {
+    /// A trainer for this run, or `None` where the graph path is off or cannot apply (not CUDA,
+    /// gradient accumulation, data parallelism); the reason is printed when it was asked for.
+    pub fn new(device: &candle_core::Device, accum: usize, data_parallel: bool) -> Option<Self> {
+        if !enabled() {
+            return None;
+        }
+        let why = if !device.is_cuda() {
+            Some("not on CUDA")
+        } else if !cfg!(feature = "cuda") {
+            Some("built without the cuda feature")
+        } else if accum > 1 {
+            Some("gradient accumulation")
+        } else if data_parallel {
+            Some("data parallelism")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            eprintln!("zoo: CUDA graph not used ({why}); training eagerly");
+            return None;
+        }
+        #[cfg(feature = "cuda")]
+        {
+            Some(Self { inner: imp::Inner::default() })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            None
+        }
+    }
+
+    /// One training step through the graph path on batch `b` at learning rate `lr`: the loss and
+    /// the gradient norm when it ran, `None` when this step must run eagerly instead (nothing of
+    /// it has run: the caller trains on the same batch). Errors are real failures.
+    #[allow(unused_variables, clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        model: &Lm,
+        opt: &mut AdamW,
+        vars: &[Var],
+        b: &Batch,
+        lr: f64,
+        clip: Option<f64>,
+        ts: TrainStep,
+    ) -> Result<Option<(f64, Option<f32>)>> {
+        #[cfg(feature = "cuda")]
+        {
+            self.inner.step(model, opt, vars, b, lr, clip, ts)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Ok(None)
+        }
+    }
+}
+
+/// The captured step: forward, loss, backward and the fused AdamW, on the buffers. `updated` is
+/// set once the optimiser step has been issued (an error after it is not a reason to fall back).
+#[allow(dead_code)]
+fn body(model: &Lm, opt: &mut AdamW, vars: &[Var], bufs: &Buffers, clip: Option<f64>, ts: TrainStep, updated: &mut bool) -> Result<()> {
+    let out = {
+        let _g = crate::state::enter_train_step(ts);
+        model.forward(&bufs.inputs, None, None)?
+    };
+    if out.aux_loss.is_some() || !out.stats.is_empty() {
+        candle_core::bail!("the model reports auxiliary losses or statistics (MoE)");
+    }
+    let loss = cross_entropy(&out.logits, &bufs.targets, bufs.mask.as_ref())?;
+    let mut grads = Grads::default();
+    grads.accumulate(&loss.backward()?, vars.iter(), 1.0)?;
+    let Some(norm) = opt.step_clipped_device_hp(&grads, clip, &bufs.hp)? else {
+        candle_core::bail!("the fused AdamW does not apply (ZOO_KERNELS=naive, or weights not f32)");
+    };
+    *updated = true;
+    bufs.loss.slice_set(&loss.to_dtype(candle_core::DType::F32)?.reshape(1)?, 0, 0)?;
+    bufs.norm.slice_set(&norm.narrow(0, 0, 1)?, 0, 0)?;
+    Ok(())
+}
+
+/// The device buffers a captured step reads and writes.
+#[allow(dead_code)]
+struct Buffers {
+    inputs: candle_core::Tensor,
+    targets: candle_core::Tensor,
+    mask: Option<candle_core::Tensor>,
+    /// `[lr, bc1, bc2]` of the step (AdamW's device hyper-parameters).
+    hp: candle_core::Tensor,
+    loss: candle_core::Tensor,
+    norm: candle_core::Tensor,
+}
+
+#[allow(dead_code)]
+impl Buffers {
+    fn like(b: &Batch) -> Result<Self> {
+        let dev = b.inputs.device();
+        let f32 = candle_core::DType::F32;
+        Ok(Self {
+            inputs: b.inputs.zeros_like()?,
+            targets: b.targets.zeros_like()?,
+            mask: b.mask.as_ref().map(|m| m.zeros_like()).transpose()?,
+            hp: candle_core::Tensor::zeros(3, f32, dev)?,
+            loss: candle_core::Tensor::zeros(1, f32, dev)?,
+            norm: candle_core::Tensor::zeros(1, f32, dev)?,
+        })
+    }
+
+    /// Whether batch `b` fits these buffers (same shapes, a mask iff they have one).
+    fn fits(&self, b: &Batch) -> bool {
+        b.inputs.dims() == self.inputs.dims()
+            && b.targets.dims() == self.targets.dims()
+            && match (&b.mask, &self.mask) {
+                (Some(m), Some(n)) => m.dims() == n.dims() && m.dtype() == n.dtype(),
+                (None, None) => true,
+                _ => false,
+            }
+    }
+
+    /// Write the batch and the step's hyper-parameters (outside any capture).
+    fn fill(&self, b: &Batch, hp: [f32; 3]) -> Result<()> {
+        self.inputs.slice_set(&b.inputs.contiguous()?, 0, 0)?;
+        self.targets.slice_set(&b.targets.contiguous()?, 0, 0)?;
+        if let (Some(m), Some(n)) = (&b.mask, &self.mask) {
+            n.slice_set(&m.contiguous()?, 0, 0)?;
+        }
+        self.hp.slice_set(&candle_core::Tensor::new(&hp, self.hp.device())?, 0, 0)
+    }
+
+    /// The step's loss and gradient norm (a wait for the device).
+    fn read(&self) -> Result<(f64, Option<f32>)> {
+        let loss = self.loss.to_vec1::<f32>()?[0] as f64;
+        let norm = self.norm.to_vec1::<f32>()?[0];
+        Ok((loss, Some(norm)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use super::*;
+    use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    use candle_core::cuda_backend::cudarc::driver::CudaGraph;
+    use candle_core::Device;
+
+    #[derive(Default)]
+    pub enum Phase {
+        /// The next step runs eagerly with the upload cache on (and sets up the buffers).
+        #[default]
+        Warm,
+        /// The next step is captured, then launched.
+        Capture,
+        Replay(CudaGraph),
+        Off,
+    }
+
+    #[derive(Default)]
+    pub struct Inner {
+        phase: Phase,
+        bufs: Option<Buffers>,
+    }
+
+    fn off(phase: &mut Phase, why: impl std::fmt::Display) {
+        eprintln!("zoo: CUDA graph off ({why}); training eagerly");
+        *phase = Phase::Off;
+    }
+
+    impl Inner {
+        #[allow(clippy::too_many_arguments)]
+        pub fn step(
+            &mut self,
+            model: &Lm,
+            opt: &mut AdamW,
+            vars: &[Var],
+            b: &Batch,
+            lr: f64,
+            clip: Option<f64>,
+            ts: TrainStep,
+        ) -> Result<Option<(f64, Option<f32>)>> {
+            if matches!(self.phase, Phase::Off) {
+                return Ok(None);
+            }
+            let Device::Cuda(dev) = b.inputs.device().clone() else { return Ok(None) };
+            if self.bufs.is_none() {
+                self.bufs = Some(Buffers::like(b)?);
+            }
+            let bufs = self.bufs.as_ref().expect("made above");
+            if !bufs.fits(b) {
+                return Ok(None); // another shape: this step runs eagerly
+            }
+            bufs.fill(b, opt.next_hp(lr))?;
+            match std::mem::take(&mut self.phase) {
+                Phase::Warm => {
+                    let mut updated = false;
+                    let r = {
+                        let _cache = dev.enable_cuda_graph_htod_cache();
+                        body(model, opt, vars, bufs, clip, ts, &mut updated)
+                    };
+                    match r {
+                        Ok(()) => {
+                            self.phase = Phase::Capture;
+                            bufs.read().map(Some)
+                        }
+                        // The weights moved: the eager step must not run again.
+                        Err(e) if updated => Err(e),
+                        Err(e) => {
+                            off(&mut self.phase, e);
+                            Ok(None)
+                        }
+                    }
+                }
+                Phase::Capture => {
+                    let t0 = opt.t;
+                    let stream = dev.cuda_stream();
+                    let _cache = dev.enable_cuda_graph_htod_cache();
+                    if let Err(e) = stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) {
+                        off(&mut self.phase, format!("begin capture: {e:?}"));
+                        return Ok(None);
+                    }
+                    let r = body(model, opt, vars, bufs, clip, ts, &mut false);
+                    let g = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+                    let g = match (r, g) {
+                        (Ok(()), Ok(Some(g))) => g,
+                        (r, g) => {
+                            // Capture records and runs nothing: undo the host's count of the step.
+                            opt.t = t0;
+                            let why = match (r, g) {
+                                (Err(e), _) => format!("capture: {e}"),
+                                (_, Err(e)) => format!("end capture: {e:?}"),
+                                _ => "the capture recorded nothing".into(),
+                            };
+                            off(&mut self.phase, why);
+                            return Ok(None);
+                        }
+                    };
+                    if let Err(e) = g.launch() {
+                        opt.t = t0;
+                        off(&mut self.phase, format!("graph launch: {e:?}"));
+                        return Ok(None);
+                    }
+                    REPLAYS.fetch_add(1, Ordering::SeqCst);
+                    eprintln!("zoo: training steps replay a CUDA graph from step {}", ts.step + 1);
+                    let out = bufs.read()?;
+                    self.phase = Phase::Replay(g);
+                    Ok(Some(out))
+                }
+                Phase::Replay(g) => {
+                    g.launch().map_err(|e| candle_core::Error::Msg(format!("CUDA graph launch: {e:?}")))?;
+                    opt.advance();
+                    REPLAYS.fetch_add(1, Ordering::SeqCst);
+                    let out = bufs.read()?;
+                    self.phase = Phase::Replay(g);
+                    Ok(Some(out))
+                }
+                Phase::Off => Ok(None),
+            }
+        }
+    }
+}
