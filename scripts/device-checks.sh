@@ -9,6 +9,8 @@
 #                      kernels, mma2)
 #   attention-h200.json scripts/attention-bench.py (mma, WMMA and mma2 kernels beside SDPA), only if
 #                      the flash tests passed
+#                      (the fused tests include the CUDA-graph training test)
+# decode:
 #   decode-h200.json   decode alone at T = 4096, B = 1 and 32 with zoo's two decoding kernels
 #                      (ZOO_FLASH_DECODE=rows, the default, and =split) beside the eager twin and HF
 #   graph-6L.json, graph-8L.json  `zoo bench --cuda-graph` of the 6L/384 twin model at 256 x 32 and
@@ -25,8 +27,9 @@
 #   profile-train.txt  scripts/device-profile-train.sh (ms per training step and ncu's GPU time by
 #                      kernel at the twin shapes furthest from the targets: 6L/384 at 256 x 32,
 #                      8L/512 at 4096 x 4)
-# all: kernels then twins (may not fit one 600 s call).
+# all: kernels, decode, twins (more than one 600 s call).
 #   device:  run(command="bash scripts/device-checks.sh kernels", carry=[".devpkg"], timeout_s=590)
+#            run(command="bash scripts/device-checks.sh decode", carry=[".devpkg"], timeout_s=590)
 #            run(command="bash scripts/device-checks.sh twins", carry=[".devpkg"], timeout_s=590)
 #            run(command="bash scripts/device-checks.sh moe", carry=[".devpkg"], timeout_s=590)
 #            run(command="bash scripts/device-checks.sh profile", carry=[".devpkg"], timeout_s=590)
@@ -36,53 +39,69 @@
 set -u
 . "$(dirname "$0")/device-lib.sh"
 [ -x /tmp/zoo ] || { gunzip -c .devpkg/zoo.gz > /tmp/zoo && chmod +x /tmp/zoo; }
-part=${1:-all}
-if [ "$part" != twins ]; then
-flash_ok=1
-step 180 tests bash scripts/device-tests.sh > "$OUT/tests.log" 2>&1 || flash_ok=0
-if [ -f /tmp/flash ]; then
-  step 90 tests-wmma env ZOO_FLASH_MMA=0 /tmp/flash --test-threads 1 >> "$OUT/tests.log" 2>&1 || flash_ok=0
-  # mma2 is opt-in: its failure is reported (the bench's fused_mma2 numbers then mean nothing) but
-  # does not hold back the bench of the default kernels.
-  step 90 tests-mma2 env ZOO_FLASH_MMA=2 /tmp/flash --test-threads 1 >> "$OUT/tests.log" 2>&1
-fi
-grep -E "^== |^test result|FAILED|panicked" "$OUT/tests.log" | head -20
-if [ "$flash_ok" = 1 ]; then
-  step 120 attention-bench python3 scripts/attention-bench.py --zoo /tmp/zoo --out "$OUT/attention-h200.json" \
-    > "$OUT/attention.log" 2>&1
-  tail -3 "$OUT/attention.log"
-else
-  echo "== attention-bench skipped: a test failed (see tests.log)"
-fi
-# Decode alone, both decoding kernels (the split one's numbers mean nothing if its test failed).
-step 150 decode python3 scripts/twin-bench.py --zoo /tmp/zoo --impls none --decode-batches 1,32 \
-  --zoo-decode-kernels rows,split --out "$OUT/decode-h200.json" > "$OUT/decode.log" 2>&1
-tail -12 "$OUT/decode.log"
-# The launches' cost: the same step captured into a CUDA graph and replayed.
+
+kernels() {
+  local flash_ok=1
+  step 180 tests bash scripts/device-tests.sh > "$OUT/tests.log" 2>&1 || flash_ok=0
+  if [ -f /tmp/flash ]; then
+    step 90 tests-wmma env ZOO_FLASH_MMA=0 /tmp/flash --test-threads 1 >> "$OUT/tests.log" 2>&1 || flash_ok=0
+    # mma2 is opt-in: its failure is reported (the bench's fused_mma2 numbers then mean nothing) but
+    # does not hold back the bench of the default kernels.
+    step 90 tests-mma2 env ZOO_FLASH_MMA=2 /tmp/flash --test-threads 1 >> "$OUT/tests.log" 2>&1
+  fi
+  grep -E "^== |^test result|FAILED|panicked" "$OUT/tests.log" | head -20
+  if [ "$flash_ok" = 1 ]; then
+    step 120 attention-bench python3 scripts/attention-bench.py --zoo /tmp/zoo --out "$OUT/attention-h200.json" \
+      > "$OUT/attention.log" 2>&1
+    tail -3 "$OUT/attention.log"
+  else
+    echo "== attention-bench skipped: a test failed (see tests.log)"
+  fi
+}
+
+decode() {
+  # Decode alone, both decoding kernels (the split one's numbers mean nothing if its test failed).
+  step 200 decode python3 scripts/twin-bench.py --zoo /tmp/zoo --impls none --decode-batches 1,32 \
+    --zoo-decode-kernels rows,split --out "$OUT/decode-h200.json" > "$OUT/decode.log" 2>&1
+  tail -12 "$OUT/decode.log"
+  # The launches' cost: the same step captured into a CUDA graph and replayed.
+  graph 6 384 6 256 32 6L
+  graph 8 512 8 1024 4 8L
+}
+
 graph() { # layers d heads T B name
   sed -e "s/^d_model = .*/d_model = $2/" -e "s/^n_layers = .*/n_layers = $1/" -e "s/n_heads = 8/n_heads = $3/" \
     configs/bench-baseline.toml > /tmp/graph-$6.toml
-  step 90 "graph $6" /tmp/zoo bench /tmp/graph-$6.toml --device cuda:0 --dtype bf16 --seq-lens "$4" --batch "$5" \
+  step 120 "graph $6" /tmp/zoo bench /tmp/graph-$6.toml --device cuda:0 --dtype bf16 --seq-lens "$4" --batch "$5" \
     --decode-tokens 0 --iters 10 --cuda-graph -q --out "$OUT/graph-$6.json" > /dev/null
   python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows'][0]; print({k: v for k, v in r.items() if 'tokens_per_s' in k or 'error' in k})" "$OUT/graph-$6.json"
 }
-graph 6 384 6 256 32 6L
-graph 8 512 8 1024 4 8L
-fi
-[ "$part" = kernels ] && exit 0
-if [ "$part" = profile ]; then
-  step 560 train-profile bash scripts/device-profile-train.sh
-  exit 0
-fi
-if [ "$part" = moe ]; then
+
+twins() {
+  # The twin table (train, prefill, decode at the issue's shapes; decode alone at T = 4096, B = 1
+  # and 32) with the default kernels.
+  step 300 twins python3 scripts/twin-bench.py --zoo /tmp/zoo --out "$OUT/twins-h200.json" > "$OUT/twins.log" 2>&1
+  tail -3 "$OUT/twins.log"
+}
+
+moe() {
   step 240 moe-profile env OUT=/tmp/moe-prof bash scripts/device-profile-moe.sh
   cp /tmp/moe-prof/profile-moe.txt "$OUT/" 2> /dev/null
   step 300 moe-bench-512 env ZOO=/tmp/zoo CFG=configs/moe-bench-512.toml T=512 OUT_DIR=/tmp/moe-512/moe-cuda-512 \
     bash scripts/moe-bench.sh cuda 3
   tar czf "$OUT/moe-cuda-512.tgz" -C /tmp/moe-512 moe-cuda-512
-  exit 0
-fi
-# The twin table (train, prefill, decode at the issue's shapes; decode alone at T = 4096, B = 1
-# and 32) with the default kernels.
-step 300 twins python3 scripts/twin-bench.py --zoo /tmp/zoo --out "$OUT/twins-h200.json" > "$OUT/twins.log" 2>&1
-tail -3 "$OUT/twins.log"
+}
+
+profile() {
+  step 560 train-profile bash scripts/device-profile-train.sh
+}
+
+case "${1:-all}" in
+  kernels) kernels ;;
+  decode) decode ;;
+  twins) twins ;;
+  moe) moe ;;
+  profile) profile ;;
+  all) kernels; decode; twins ;;
+  *) echo "usage: $0 kernels|decode|twins|moe|profile|all" >&2; exit 2 ;;
+esac
