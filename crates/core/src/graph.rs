@@ -86,29 +86,32 @@ impl GraphTrainer {
         }
     }
 
-    /// One training step through the graph path on batch `b` at learning rate `lr`: the loss and
-    /// the gradient norm when it ran, `None` when this step must run eagerly instead (nothing of
-    /// it has run: the caller trains on the same batch). Errors are real failures.
-    #[allow(unused_variables, clippy::too_many_arguments)]
-    pub fn step(
-        &mut self,
-        model: &Lm,
-        opt: &mut AdamW,
-        vars: &[Var],
-        b: &Batch,
-        lr: f64,
-        clip: Option<f64>,
-        ts: TrainStep,
-    ) -> Result<Option<(f64, Option<f32>)>> {
+    /// One training step through the graph path: the loss and the gradient norm when it ran,
+    /// `None` when this step must run eagerly instead (nothing of it has run: the caller trains on
+    /// the same batch). Errors are real failures.
+    #[allow(unused_variables)]
+    pub fn step(&mut self, a: StepArgs) -> Result<Option<(f64, Option<f32>)>> {
         #[cfg(feature = "cuda")]
         {
-            self.inner.step(model, opt, vars, b, lr, clip, ts)
+            self.inner.step(a)
         }
         #[cfg(not(feature = "cuda"))]
         {
             Ok(None)
         }
     }
+}
+
+/// What one step of [`GraphTrainer::step`] works on: the model, its optimiser and parameters,
+/// the batch, the learning rate, the clip and the step's identity.
+pub struct StepArgs<'a> {
+    pub model: &'a Lm,
+    pub opt: &'a mut AdamW,
+    pub vars: &'a [Var],
+    pub batch: &'a Batch,
+    pub lr: f64,
+    pub clip: Option<f64>,
+    pub ts: TrainStep,
 }
 
 /// The captured step: forward, loss, backward and the fused AdamW, on the buffers. `updated` is
@@ -220,17 +223,8 @@ mod imp {
     }
 
     impl Inner {
-        #[allow(clippy::too_many_arguments)]
-        pub fn step(
-            &mut self,
-            model: &Lm,
-            opt: &mut AdamW,
-            vars: &[Var],
-            b: &Batch,
-            lr: f64,
-            clip: Option<f64>,
-            ts: TrainStep,
-        ) -> Result<Option<(f64, Option<f32>)>> {
+        pub fn step(&mut self, a: StepArgs) -> Result<Option<(f64, Option<f32>)>> {
+            let StepArgs { model, opt, vars, batch: b, lr, clip, ts } = a;
             if matches!(self.phase, Phase::Off) {
                 return Ok(None);
             }

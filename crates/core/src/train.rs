@@ -222,7 +222,8 @@ pub fn train(
         if let Some(g) = graph.as_mut() {
             let b = task.train_batch(&mut st.rng)?;
             let ts = crate::state::TrainStep { step: st.step, total: opts.steps, micro: 0, seed };
-            graph_out = g.step(model, &mut opt, &vars, &b, lr, opts.grad_clip, ts)?;
+            let args = crate::graph::StepArgs { model, opt: &mut opt, vars: &vars, batch: &b, lr, clip: opts.grad_clip, ts };
+            graph_out = g.step(args)?;
             graph_batch = Some(b);
         }
         for micro in 0..accum {

@@ -305,7 +305,7 @@ impl CustomOp3 for Flash {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let n = dims(l1, l2)?;
         let (out, lse) = if self.split {
-            cuda::decode(&self.o, &n, (s1, l1), (s2, l2), (s3, l3))?
+            cuda::decode(&self.o, &n, [(s1, l1), (s2, l2), (s3, l3)])?
         } else {
             cuda::forward(&self.o, &n, (s1, l1), (s2, l2), (s3, l3))?
         };
@@ -488,13 +488,8 @@ mod cuda {
 
     /// The split-KV decoding forward (`dec_split` then `dec_combine`, attention.cu): O and the LSE
     /// as [`forward`] gives them. K and V may be strided views with a contiguous head dim.
-    pub fn decode(
-        o: &FlashOpts,
-        n: &Dims,
-        q: (&CudaStorage, &Layout),
-        k: (&CudaStorage, &Layout),
-        v: (&CudaStorage, &Layout),
-    ) -> Result<(CudaStorage, CudaSlice<f32>)> {
+    pub fn decode(o: &FlashOpts, n: &Dims, qkv: [(&CudaStorage, &Layout); 3]) -> Result<(CudaStorage, CudaSlice<f32>)> {
+        let [q, k, v] = qkv;
         let dev = q.0.device.clone();
         let dt = q.0.dtype();
         let strides = |l: &Layout| -> Result<(i64, i64, i64)> {
