@@ -48,7 +48,7 @@ cargo build --release --features cuda -p zoo-harness --target-dir target-cuda
 # ZOO_DEVPKG: the folder to fill (default .devpkg; e.g. .devpkg-x2 for the multi-GPU checks, whose
 # test binary would not fit beside the others in one call's 64 MiB).
 PKG=${ZOO_DEVPKG:-.devpkg}
-mkdir -p .devbin "$PKG" && cp target-cuda/release/zoo .devbin/zoo && strip .devbin/zoo && gzip -c .devbin/zoo > "$PKG/zoo.gz"
+mkdir -p .devbin "$PKG" && cp target-cuda/release/zoo .devbin/zoo && strip .devbin/zoo && gzip -9 -c .devbin/zoo > "$PKG/zoo.gz"
 echo "built .devbin/zoo and $PKG/zoo.gz (carry $PKG to the device: gunzip -c $PKG/zoo.gz > /tmp/zoo)"
 # The CUDA tests of the kernels, built here and run there (scripts/device-tests.sh): each test
 # target's binary, stripped and gzipped into $PKG/tests/ (about 12 MB each: the device takes
@@ -60,7 +60,7 @@ if [ "${1:-}" = --tests ]; then
       --message-format=json 2> /dev/null | grep -o '"executable":"[^"]*"' | cut -d'"' -f4
   done | while read -r exe; do
       name=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
-      strip -o "$PKG/tests/$name" "$exe" && gzip -f "$PKG/tests/$name"
+      strip -o "$PKG/tests/$name" "$exe" && gzip -9 -f "$PKG/tests/$name"
       echo "test binary $PKG/tests/$name.gz"
     done
 fi
