@@ -270,8 +270,11 @@ mod imp {
                     let g = match (r, g) {
                         (Ok(()), Ok(Some(g))) => g,
                         (r, g) => {
-                            // Capture records and runs nothing: undo the host's count of the step.
+                            // Capture records and runs nothing: undo the host's count of the step,
+                            // and clear the error cudarc recorded for the frees that failed with
+                            // the capture (it would surface at the next eager call).
                             opt.t = t0;
+                            let _ = stream.context().check_err();
                             let why = match (r, g) {
                                 (Err(e), _) => format!("capture: {e}"),
                                 (_, Err(e)) => format!("end capture: {e:?}"),
@@ -283,6 +286,7 @@ mod imp {
                     };
                     if let Err(e) = g.launch() {
                         opt.t = t0;
+                        let _ = stream.context().check_err();
                         off(&mut self.phase, format!("graph launch: {e:?}"));
                         return Ok(None);
                     }

@@ -175,8 +175,12 @@ pub fn graph_time(env: &Env, warmup: usize, iters: usize, mut f: impl FnMut() ->
         .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(|e| anyhow::anyhow!("begin capture: {e:?}"))?;
     let r = f();
-    // End the capture whatever happened, so the stream is usable again.
+    // End the capture whatever happened, so the stream is usable again, and clear any error cudarc
+    // recorded for frees that failed with it (it would surface at the next call).
     let g = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+    if r.is_err() || !matches!(g, Ok(Some(_))) {
+        let _ = stream.context().check_err();
+    }
     r.context("during capture")?;
     let g = g.map_err(|e| anyhow::anyhow!("end capture: {e:?}"))?.context("the capture recorded nothing")?;
     g.upload().map_err(|e| anyhow::anyhow!("graph upload: {e:?}"))?;
