@@ -22,7 +22,9 @@
 #   profile-moe.txt    scripts/device-profile-moe.sh (where the E8 k2 step's time goes: step time,
 #                      and ncu's GPU time by kernel; its CSVs are left out of $OUT, 8 files at most)
 #   moe-cuda-512.tgz   scripts/moe-bench.sh on configs/moe-bench-512.toml (8 layers, d = 512, T = 512,
-#                      B = 16; 3 rounds), the folder results/bench/moe-cuda-512
+#                      B = 16; 3 rounds; with --cuda-graph: the tiled variant's step replayed from a
+#                      graph, the others' capture failing on their host read), the folder
+#                      results/bench/moe-cuda-512
 # profile:
 #   profile-train.txt  scripts/device-profile-train.sh (ms per training step and ncu's GPU time by
 #                      kernel at the twin shapes furthest from the targets: 6L/384 at 256 x 32,
@@ -85,10 +87,10 @@ twins() {
 }
 
 moe() {
-  step 240 moe-profile env OUT=/tmp/moe-prof bash scripts/device-profile-moe.sh
+  step 270 moe-profile env OUT=/tmp/moe-prof bash scripts/device-profile-moe.sh
   cp /tmp/moe-prof/profile-moe.txt "$OUT/" 2> /dev/null
   step 300 moe-bench-512 env ZOO=/tmp/zoo CFG=configs/moe-bench-512.toml T=512 OUT_DIR=/tmp/moe-512/moe-cuda-512 \
-    bash scripts/moe-bench.sh cuda 3
+    bash scripts/moe-bench.sh cuda 3 --cuda-graph
   tar czf "$OUT/moe-cuda-512.tgz" -C /tmp/moe-512 moe-cuda-512
 }
 

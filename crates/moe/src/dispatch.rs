@@ -110,6 +110,17 @@ impl Plan {
         Ok((plan, lens))
     }
 
+    /// A plan made elsewhere (on the device: `zoo_kernels::moe_plan`): `rows` (R,) token of each
+    /// row (N for padding), `slots` (R,) slot of each row (N·k for padding), `inv` (N·k,) row of
+    /// each slot; `cap` rows per expert group (the tile).
+    pub fn from_parts(rows: Tensor, slots: Tensor, inv: Tensor, n: usize, k: usize, cap: usize) -> Result<Self> {
+        let r = rows.dim(0)?;
+        if slots.dim(0)? != r || inv.dim(0)? != n * k {
+            zoo_core::candle_core::bail!("dispatch plan: {r} rows, {} slots of rows, {} slots for {n} tokens, k = {k}", slots.dim(0)?, inv.dim(0)?);
+        }
+        Ok(Plan { rows, slots, inv, n, k, r, cap })
+    }
+
     /// Rows per expert when padded (the busiest expert's count).
     pub fn capacity(&self) -> usize {
         self.cap

@@ -16,9 +16,10 @@
 //! of the scores, nats), `dropped_fraction` (assignments the capacity dropped), `active_experts`
 //! (experts per token in use: k for token choice without drops; it falls from E toward k under
 //! the dense-to-sparse gate). Auxiliary losses go through `FfnOut::aux_loss`; the bias update runs in
-//! `after_step`. The expert indices are copied to the host to group tokens (one small copy, and
-//! so one wait for the GPU, per layer): the experts' slice lengths must be known to launch their
-//! matmuls; removing that wait needs a grouped matmul with device-side offsets (future work).
+//! `after_step`. The grouped and looped dispatches copy the expert indices to the host to group
+//! tokens (one small copy, and so one wait for the GPU, per layer): the experts' slice lengths set
+//! their matmuls' shapes. [`Dispatch::Tiled`] does without: the grouping is made on the device
+//! into tiles of [`TILE`] rows under a static bound, and the experts run over the tiles.
 //!
 //! ```
 //! use zoo_core::candle_core::{DType, Device, Tensor};
@@ -42,6 +43,7 @@ pub mod moh;
 pub mod router;
 
 use router::{aux_loss, z_loss, Activation, Balance, Noise, Router, Routing, Score, Selection};
+use zoo_core::zoo_kernels;
 use serde::{Deserialize, Serialize};
 use zoo_core::candle_core::{DType, Result, Tensor, D};
 use zoo_core::mixer::{BuildCtx, FeedForward, FfnOut, Stat, StatShape};
@@ -61,7 +63,18 @@ pub enum Dispatch {
     Grouped,
     /// One gather and one scatter-add per expert (the reference).
     Looped,
+    /// Grouped on the device, with no host round-trip: the router's top-k stays on the device,
+    /// one kernel groups the slots by expert into tiles of [`TILE`] rows
+    /// (`zoo_kernels::moe_plan`), and the experts run as three batched matmuls over the tiles,
+    /// each tile with its expert's weights (gathered per tile). The shapes do not depend on the
+    /// routing (a static bound of `ceil(N·k / TILE) + E` tiles), so the step can be captured into
+    /// a CUDA graph. Token choice without noise, selection bias or capacity only (the config
+    /// says so otherwise).
+    Tiled,
 }
+
+/// Rows per tile of [`Dispatch::Tiled`]: each expert's rows are padded to a multiple of it.
+pub const TILE: usize = 64;
 
 fn one() -> f64 {
     1.0
@@ -174,6 +187,22 @@ impl MoeConfig {
                 return Err("balance: the selection bias applies to token choice only".into());
             }
         }
+        if self.dispatch == Dispatch::Tiled {
+            let why = if self.routing != Selection::TokenChoice {
+                Some("routing: tiled dispatch takes token choice")
+            } else if self.capacity_factor.is_some() {
+                Some("capacity_factor: tiled dispatch is dropless")
+            } else if !matches!(self.noise, Noise::None) {
+                Some("noise: tiled dispatch routes without noise")
+            } else if matches!(self.balance, Balance::Bias { .. }) {
+                Some("balance: the selection bias needs the loads on the host; tiled dispatch keeps them on the device")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(format!("{why} (dispatch = \"tiled\")"));
+            }
+        }
         match self.balance {
             Balance::AuxLoss { alpha } if !(alpha.is_finite() && alpha >= 0.0) => {
                 Err(format!("balance.alpha: {alpha} must be finite and >= 0"))
@@ -227,6 +256,16 @@ impl ExpertBank {
         let w = |t: &Tensor| t.to_dtype(dt);
         let z = silu_mul(&grouped_matmul(xs, &w(&self.w1)?, lens)?, &grouped_matmul(xs, &w(&self.w3)?, lens)?)?;
         grouped_matmul(&z, &w(&self.w2)?, lens)
+    }
+
+    /// Every tile of rows with its expert: xs (T·tile, d), `tile_expert` (T,) u32 -> (T·tile, d),
+    /// three batched matmuls over the tiles with each tile's expert weights gathered.
+    pub fn tiles(&self, xs: &Tensor, tile_expert: &Tensor, tile: usize) -> Result<Tensor> {
+        let (dt, t) = (xs.dtype(), tile_expert.dim(0)?);
+        let x3 = xs.reshape((t, tile, ()))?;
+        let w = |w: &Tensor| w.to_dtype(dt)?.index_select(tile_expert, 0);
+        let z = silu_mul(&x3.matmul(&w(&self.w1)?)?, &x3.matmul(&w(&self.w3)?)?)?;
+        z.matmul(&w(&self.w2)?)?.reshape((t * tile, ()))
     }
 
     /// Every expert on its rows at once: xs (E, C, d) -> (E, C, d), three batched matmuls.
@@ -334,7 +373,50 @@ impl Moe {
                 Ok(out)
             }
             Dispatch::Grouped => self.grouped(x, r, dev.is_cuda()),
+            // The routing was made on the host; group it as the grouped path does on this device.
+            Dispatch::Tiled => self.grouped(x, r, dev.is_cuda()),
         }
+    }
+
+    /// [`Dispatch::Tiled`]'s layer on tokens (N, d): the output, the auxiliary losses and the
+    /// statistics, with nothing read to the host.
+    fn forward_tiled(&self, flat: &Tensor) -> Result<(Tensor, Option<Tensor>, Vec<Stat>)> {
+        let (n, k, e) = (flat.dim(0)?, self.cfg.top_k, self.experts.len());
+        let r = self.router.route_on_device(flat)?;
+        let p = zoo_kernels::moe_plan::plan(&r.experts.flatten_all()?, e, k, TILE)?;
+        let plan = dispatch::Plan::from_parts(p.rows.clone(), p.slots.clone(), p.inv.clone(), n, k, TILE)?;
+        let ys = self.experts.tiles(&plan.gather(flat)?, &p.tile_expert, TILE)?;
+        let y = plan.combine(&ys, &r.weights)?;
+        let mut aux: Option<Tensor> = None;
+        if let Balance::AuxLoss { alpha } = self.cfg.balance {
+            aux = Some(router::aux_loss_of(&r.scores, &p.counts, alpha)?);
+        }
+        if self.cfg.z_loss > 0.0 {
+            let z = router::z_loss_of(&r.logits, self.cfg.z_loss)?;
+            aux = Some(match aux {
+                Some(a) => (a + z)?,
+                None => z,
+            });
+        }
+        // The statistics of the host path, computed on the device from the counts.
+        let share = {
+            let c = p.counts.to_dtype(DType::F32)?;
+            c.broadcast_div(&c.sum_all()?.maximum(1.0)?)?
+        };
+        let mean = 1.0 / e as f64;
+        let cv = ((share.affine(1.0, -mean)?.sqr()?.mean_all()?.sqrt()?) / mean)?;
+        let max_load = (share.max(0)? / mean)?;
+        let entropy = (r.scores.clamp(1e-30, 1.0)?.log()? * &r.scores)?.sum(D::Minus1)?.neg()?.mean_all()?;
+        let host = &zoo_core::candle_core::Device::Cpu;
+        let stats = vec![
+            Stat::new("load", StatShape::PerExpert, share.detach()),
+            Stat::new("load_cv", StatShape::Scalar, cv.reshape(1)?.detach()),
+            Stat::new("max_load", StatShape::Scalar, max_load.reshape(1)?.detach()),
+            Stat::new("router_entropy", StatShape::Scalar, entropy.to_dtype(DType::F32)?.detach()),
+            Stat::new("dropped_fraction", StatShape::Scalar, Tensor::new(&[0f32], host)?),
+            Stat::new("active_experts", StatShape::Scalar, Tensor::new(&[k as f32], host)?),
+        ];
+        Ok((y, aux, stats))
     }
 
     /// Grouped dispatch: one gather, the experts, one combine. `batched`: every expert's rows
@@ -360,26 +442,38 @@ impl Moe {
     }
 }
 
+impl Moe {
+    /// `y` plus the shared experts' output on tokens (N, d) (gated when configured).
+    fn add_shared(&self, flat: &Tensor, y: Tensor) -> Result<Tensor> {
+        if self.shared.is_empty() {
+            return Ok(y);
+        }
+        let mut ys = self.shared[0].forward(flat)?.y;
+        for s in &self.shared[1..] {
+            ys = (ys + s.forward(flat)?.y)?;
+        }
+        if let Some(g) = &self.shared_gate {
+            ys = ys.broadcast_mul(&zoo_core::candle_nn::ops::sigmoid(&g.forward(flat)?)?)?;
+        }
+        y + ys
+    }
+}
+
 impl FeedForward for Moe {
     fn forward(&self, x: &Tensor) -> Result<FfnOut> {
         let (b, t, d) = x.dims3()?;
         let flat = x.reshape((b * t, d))?;
+        if self.cfg.dispatch == Dispatch::Tiled {
+            let (y, aux_loss, stats) = self.forward_tiled(&flat)?;
+            let y = self.add_shared(&flat, y)?.reshape((b, t, d))?;
+            return Ok(FfnOut { y, aux_loss, stats });
+        }
         let mut r = self.router.route(&flat)?;
         if let Some(cf) = self.cfg.capacity_factor {
             r.apply_capacity(cf)?;
         }
-        let mut y = self.dispatch(&flat, &r, self.cfg.dispatch)?;
-        if !self.shared.is_empty() {
-            let mut ys = self.shared[0].forward(&flat)?.y;
-            for s in &self.shared[1..] {
-                ys = (ys + s.forward(&flat)?.y)?;
-            }
-            if let Some(g) = &self.shared_gate {
-                ys = ys.broadcast_mul(&zoo_core::candle_nn::ops::sigmoid(&g.forward(&flat)?)?)?;
-            }
-            y = (y + ys)?;
-        }
-        let y = y.reshape((b, t, d))?;
+        let y = self.dispatch(&flat, &r, self.cfg.dispatch)?;
+        let y = self.add_shared(&flat, y)?.reshape((b, t, d))?;
         let mut aux: Option<Tensor> = None;
         let mut add = |l: Tensor| -> Result<()> {
             aux = Some(match aux.take() {

@@ -335,6 +335,24 @@ impl Router {
         }
     }
 
+    /// Token-choice routing that stays on the device (no expert index read to the host): the
+    /// scores (N, E), the top-k experts (N, k) u32 and their weights (N, k), and the logits
+    /// (for the z-loss). Only without noise and selection bias ([`crate::Dispatch::Tiled`]'s
+    /// conditions, checked by the config).
+    pub fn route_on_device(&self, x: &Tensor) -> Result<DeviceRouting> {
+        if !matches!(self.noise, Noise::None) || self.bias_var.is_some() || self.selection != Selection::TokenChoice {
+            zoo_core::candle_core::bail!("route_on_device: token choice without noise or selection bias only");
+        }
+        let logits = self.proj.forward(x)?.to_dtype(DType::F32)?;
+        let logits = match self.activation {
+            Activation::None => logits,
+            Activation::Tanh => logits.tanh()?,
+            Activation::Sigmoid => zoo_core::candle_nn::ops::sigmoid(&logits)?,
+        };
+        let (scores, experts, weights) = top_k(&logits, None, self.top_k, self.score, self.temperature, self.renormalize)?;
+        Ok(DeviceRouting { experts, weights, scores, logits })
+    }
+
     /// Record a training step's loads (for the bias update).
     pub fn observe(&self, load: &[f64]) {
         let mut b = self.bias.lock().unwrap();
@@ -400,9 +418,20 @@ pub fn route_logits(
     route_with_bias(logits, Some(&b), top_k, score, temperature, renormalize)
 }
 
-/// [`route_logits`] with the bias as a (1, E) f32 tensor on the logits' device (None: no bias).
-fn route_with_bias(logits: &Tensor, b: Option<&Tensor>, top_k: usize, score: Score, temperature: f64, renormalize: bool) -> Result<Routing> {
-    let e = logits.dim(1)?;
+/// A token-choice routing kept on the device ([`Router::route_on_device`]).
+pub struct DeviceRouting {
+    /// (N, k) u32.
+    pub experts: Tensor,
+    /// (N, k): the picked scores (renormalised if asked).
+    pub weights: Tensor,
+    /// (N, E).
+    pub scores: Tensor,
+    pub logits: Tensor,
+}
+
+/// Scores (N, E), the top-k experts (N, k) by score (plus the selection bias `b`, (1, E), when
+/// given) and their weights, all on the logits' device.
+fn top_k(logits: &Tensor, b: Option<&Tensor>, top_k: usize, score: Score, temperature: f64, renormalize: bool) -> Result<(Tensor, Tensor, Tensor)> {
     let scores = match score {
         // The fused softmax with its backward (one launch forward instead of six).
         Score::Softmax => zoo_core::grad::softmax_last_dim(&(logits / temperature)?)?,
@@ -417,6 +446,13 @@ fn route_with_bias(logits: &Tensor, b: Option<&Tensor>, top_k: usize, score: Sco
     if renormalize {
         weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
     }
+    Ok((scores, experts, weights))
+}
+
+/// [`route_logits`] with the bias as a (1, E) f32 tensor on the logits' device (None: no bias).
+fn route_with_bias(logits: &Tensor, b: Option<&Tensor>, top_k: usize, score: Score, temperature: f64, renormalize: bool) -> Result<Routing> {
+    let e = logits.dim(1)?;
+    let (scores, experts, weights) = self::top_k(logits, b, top_k, score, temperature, renormalize)?;
     let mut load = vec![0.0; e];
     let assignments = experts.flatten_all()?.to_vec1::<u32>()?;
     for &i in &assignments {
@@ -498,7 +534,21 @@ pub fn aux_loss(r: &Routing, alpha: f64) -> Result<Tensor> {
 
 /// ST-MoE's router z-loss `β · mean_t (logsumexp_i z_ti)²`.
 pub fn z_loss(r: &Routing, beta: f64) -> Result<Tensor> {
-    let m = r.logits.max_keepdim(1)?.detach();
-    let lse = (r.logits.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + &m)?;
+    z_loss_of(&r.logits, beta)
+}
+
+/// [`z_loss`] of logits (N, E).
+pub fn z_loss_of(logits: &Tensor, beta: f64) -> Result<Tensor> {
+    let m = logits.max_keepdim(1)?.detach();
+    let lse = (logits.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + &m)?;
     lse.sqr()?.mean_all()? * beta
+}
+
+/// [`aux_loss`] from the scores (N, E) and the slots per expert `counts` (E,) of a routing kept on
+/// the device: `α · E · Σ_i f_i P_i`, f_i = counts_i / Σ counts.
+pub fn aux_loss_of(scores: &Tensor, counts: &Tensor, alpha: f64) -> Result<Tensor> {
+    let e = counts.dim(0)?;
+    let c = counts.to_dtype(DType::F32)?;
+    let f = c.broadcast_div(&c.sum_all()?.maximum(1.0)?)?.to_dtype(scores.dtype())?;
+    (scores.mean(0)? * f)?.sum_all()? * (alpha * e as f64)
 }

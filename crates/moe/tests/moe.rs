@@ -463,3 +463,85 @@ fn the_bias_update_sums_loads_over_ranks() -> Result<()> {
     assert_eq!(router.bias(), vec![-0.1, 0.1, 0.1, 0.1]);
     Ok(())
 }
+
+/// Tiled dispatch (routing, grouping and statistics kept on the device; the experts over tiles of
+/// rows, `zoo_kernels::moe_plan`'s CPU form here) equals the per-expert loop: outputs and every
+/// parameter and input gradient to 1e-5 in f32, and the same auxiliary losses and statistics.
+#[test]
+fn tiled_dispatch_equals_the_loop() -> Result<()> {
+    for text in [
+        r#"balance = { type = "aux_loss", alpha = 0.01 }, z_loss = 0.001"#,
+        r#"score = "sigmoid", renormalize = false"#,
+        r#"shared_experts = 1, shared_gate = true, activation = "tanh""#,
+    ] {
+        let ctx = BuildCtx { d_model: 8, n_layers: 1, layer: 0, max_seq_len: 16, kind_layer: 0, kind_layers: 1 };
+        let x = Tensor::randn(0f32, 1.0, (2, 10, 8), &Device::Cpu)?;
+        let dy = Tensor::randn(0f32, 1.0, (2, 10, 8), &Device::Cpu)?;
+        let mut outs = Vec::new();
+        for (e, k) in [(4, 2), (5, 1)] {
+            for dispatch in ["looped", "tiled"] {
+                let line = format!("n_experts = {e}, top_k = {k}, dispatch = \"{dispatch}\", {text}");
+                let cfg: MoeConfig = examples_from_toml(&[line.as_str()]).remove(0);
+                cfg.validate().unwrap();
+                let store = ParamStore::new(3, DType::F32, &Device::Cpu);
+                let moe = Moe::new(&cfg, &ctx, &store.root())?;
+                let xv = Var::from_tensor(&x)?;
+                let out = moe.forward(xv.as_tensor())?;
+                let mut loss = (&out.y * &dy)?.sum_all()?;
+                let aux = out.aux_loss.as_ref().map(|a| a.to_scalar::<f32>()).transpose()?;
+                if let Some(a) = &out.aux_loss {
+                    loss = (loss + a)?;
+                }
+                let g = loss.backward()?;
+                let mut grads: Vec<(String, Tensor)> = store
+                    .vars()
+                    .into_iter()
+                    .map(|(n, v)| (n, g.get(v.as_tensor()).cloned().unwrap_or(v.as_tensor().zeros_like().unwrap())))
+                    .collect();
+                grads.push(("x".into(), g.get(xv.as_tensor()).cloned().unwrap()));
+                let stats: Vec<(String, Vec<f64>)> =
+                    out.stats.iter().map(|s| (s.name.to_string(), s.reduce().unwrap().values)).collect();
+                outs.push((line, out.y, aux, grads, stats));
+            }
+            let (tiled, looped) = (outs.pop().unwrap(), outs.pop().unwrap());
+            let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                let scale = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-20);
+                Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? / scale)
+            };
+            let what = &tiled.0;
+            assert!(diff(&looped.1, &tiled.1)? < 1e-5, "{what}: outputs differ");
+            match (looped.2, tiled.2) {
+                (Some(a), Some(b)) => assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "{what}: aux {a} vs {b}"),
+                (None, None) => {}
+                (a, b) => panic!("{what}: aux {a:?} vs {b:?}"),
+            }
+            for ((name, a), (_, b)) in looped.3.iter().zip(&tiled.3) {
+                assert!(diff(a, b)? < 1e-5, "{what}: gradient of {name} differs");
+            }
+            for ((name, a), (_, b)) in looped.4.iter().zip(&tiled.4) {
+                assert_eq!(a.len(), b.len(), "{what}: statistic {name}");
+                for (u, v) in a.iter().zip(b) {
+                    assert!((u - v).abs() < 1e-5, "{what}: statistic {name}: {a:?} vs {b:?}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tiled dispatch takes token choice without noise, capacity or selection bias; the config says
+/// which field stands in the way.
+#[test]
+fn tiled_dispatch_refuses_what_it_cannot_keep_on_the_device() {
+    for (text, field) in [
+        (r#"capacity_factor = 1.0"#, "capacity_factor"),
+        (r#"noise = { type = "jitter", eps = 0.01 }"#, "noise"),
+        (r#"balance = { type = "bias", gamma = 0.001 }"#, "balance"),
+        (r#"routing = { type = "expert_choice" }"#, "routing"),
+    ] {
+        let line = format!("n_experts = 4, top_k = 2, dispatch = \"tiled\", {text}");
+        let cfg: MoeConfig = examples_from_toml(&[line.as_str()]).remove(0);
+        let err = cfg.validate().unwrap_err();
+        assert!(err.starts_with(field), "{line}: {err}");
+    }
+}
