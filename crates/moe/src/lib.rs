@@ -19,7 +19,7 @@
 //! `after_step`. The grouped and looped dispatches copy the expert indices to the host to group
 //! tokens (one small copy, and so one wait for the GPU, per layer): the experts' slice lengths set
 //! their matmuls' shapes. [`Dispatch::Tiled`] does without: the grouping is made on the device
-//! into tiles of [`TILE`] rows under a static bound, and the experts run over the tiles.
+//! into tiles of at most [`TILE`] rows under a static bound, and the experts run over the tiles.
 //!
 //! ```
 //! use zoo_core::candle_core::{DType, Device, Tensor};
@@ -64,17 +64,25 @@ pub enum Dispatch {
     /// One gather and one scatter-add per expert (the reference).
     Looped,
     /// Grouped on the device, with no host round-trip: the router's top-k stays on the device,
-    /// one kernel groups the slots by expert into tiles of [`TILE`] rows
-    /// (`zoo_kernels::moe_plan`), and the experts run as three batched matmuls over the tiles,
+    /// one kernel groups the slots by expert into tiles of at most [`TILE`] rows ([`tile_for`],
+    /// `zoo_kernels::moe_plan`), and the experts run as three batched matmuls over the tiles,
     /// each tile with its expert's weights (gathered per tile). The shapes do not depend on the
-    /// routing (a static bound of `ceil(N·k / TILE) + E` tiles), so the step can be captured into
+    /// routing (a static bound of `ceil(N·k / tile) + E` tiles), so the step can be captured into
     /// a CUDA graph. Token choice without noise, selection bias or capacity only (the config
     /// says so otherwise).
     Tiled,
 }
 
-/// Rows per tile of [`Dispatch::Tiled`]: each expert's rows are padded to a multiple of it.
+/// Rows per tile of [`Dispatch::Tiled`] at most: each expert's rows are padded to a multiple of
+/// the tile, which is this, or less for few slots per expert ([`tile_for`]).
 pub const TILE: usize = 64;
+
+/// The tile of [`Dispatch::Tiled`] for `slots` assignments over `experts`: the mean slots per
+/// expert rounded up to a power of two, between 8 and [`TILE`] (a decoding step's few slots
+/// would otherwise fill mostly padding). It depends on the shapes only, not on the routing.
+pub fn tile_for(slots: usize, experts: usize) -> usize {
+    (slots / experts.max(1)).next_power_of_two().clamp(8, TILE)
+}
 
 fn one() -> f64 {
     1.0
@@ -383,9 +391,10 @@ impl Moe {
     fn forward_tiled(&self, flat: &Tensor) -> Result<(Tensor, Option<Tensor>, Vec<Stat>)> {
         let (n, k, e) = (flat.dim(0)?, self.cfg.top_k, self.experts.len());
         let r = self.router.route_on_device(flat)?;
-        let p = zoo_kernels::moe_plan::plan(&r.experts.flatten_all()?, e, k, TILE)?;
-        let plan = dispatch::Plan::from_parts(p.rows.clone(), p.slots.clone(), p.inv.clone(), n, k, TILE)?;
-        let ys = self.experts.tiles(&plan.gather(flat)?, &p.tile_expert, TILE)?;
+        let tile = tile_for(n * k, e);
+        let p = zoo_kernels::moe_plan::plan(&r.experts.flatten_all()?, e, k, tile)?;
+        let plan = dispatch::Plan::from_parts(p.rows.clone(), p.slots.clone(), p.inv.clone(), n, k, tile)?;
+        let ys = self.experts.tiles(&plan.gather(flat)?, &p.tile_expert, tile)?;
         let y = plan.combine(&ys, &r.weights)?;
         let mut aux: Option<Tensor> = None;
         if let Balance::AuxLoss { alpha } = self.cfg.balance {
