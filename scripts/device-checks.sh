@@ -19,6 +19,7 @@
 # twins:
 #   twins-h200.json    scripts/twin-bench.py (issue 11's twin table, decode at T = 4096, B = 1 and 32)
 # moe:
+#   moe-graph.txt      the tiled MoE LM's curve trained eagerly and through a CUDA graph, side by side
 #   profile-moe.txt    scripts/device-profile-moe.sh (where the E8 k2 step's time goes: step time,
 #                      and ncu's GPU time by kernel; its CSVs are left out of $OUT, 8 files at most)
 #   moe-cuda-512.tgz   scripts/moe-bench.sh on configs/moe-bench-512.toml (8 layers, d = 512, T = 512,
@@ -86,7 +87,32 @@ twins() {
   tail -3 "$OUT/twins.log"
 }
 
+# The tiled MoE LM trained 40 steps eagerly and through a CUDA graph (ZOO_CUDA_GRAPH=1): the two
+# curves (train and val loss, the aux loss, the load statistics) must agree within the fused
+# kernels' run-to-run noise; $OUT/moe-graph.txt says how far apart they are.
+moe_graph() {
+  local i n
+  n=$(/tmp/zoo run configs/moe-bench.toml --dry-run | grep -c "__")
+  i=$(/tmp/zoo run configs/moe-bench.toml --dry-run | grep -n "^e8k2_tiled__" | cut -d: -f1); i=$((i - 1))
+  sed -e 's/^steps = .*/steps = 40\nwarmup_steps = 2\neval_every = 20/' -e 's/^experiment = .*/experiment = "moe-graph"/' \
+    -e 's/examples = 1 }/examples = 256 }/g' configs/moe-bench.toml > /tmp/moe-graph.toml
+  for g in 0 1; do
+    rm -rf /tmp/moe-graph-$g
+    step 120 "moe-graph $g" env ZOO_CUDA_GRAPH=$g /tmp/zoo run /tmp/moe-graph.toml --device cuda:0 --dtype bf16 --shard $i/$n -q \
+      --results-dir /tmp/moe-graph-$g --runs-dir /tmp/moe-graph-$g/runs > /dev/null 2>> "$OUT/moe-graph.txt"
+  done
+  python3 - "$OUT/moe-graph.txt" <<'PY'
+import glob, json, sys
+c = [json.load(open(glob.glob(f"/tmp/moe-graph-{g}/moe-graph/*.json")[0]))["curve"] for g in (0, 1)]
+out = open(sys.argv[1], "a")
+for a, b in zip(*c):
+    line = f"step {a['step']}: train {a['train_loss']:.5f} / {b['train_loss']:.5f}, val {a['val_loss']:.5f} / {b['val_loss']:.5f}, aux {a.get('aux_loss')} / {b.get('aux_loss')}, stats equal keys: {sorted((a.get('stats') or [{}])[0]) == sorted((b.get('stats') or [{}])[0])}"
+    print(line); out.write(line + "\n")
+PY
+}
+
 moe() {
+  moe_graph
   step 270 moe-profile env OUT=/tmp/moe-prof bash scripts/device-profile-moe.sh
   cp /tmp/moe-prof/profile-moe.txt "$OUT/" 2> /dev/null
   step 300 moe-bench-512 env ZOO=/tmp/zoo CFG=configs/moe-bench-512.toml T=512 OUT_DIR=/tmp/moe-512/moe-cuda-512 \

@@ -11,11 +11,12 @@
 //! captured arguments, so it computes exactly what the eager step computes; only the host work
 //! (launches, the autograd graph, allocations) is gone.
 //!
-//! What cannot be captured falls back to the eager step, with the reason printed once: a step
-//! that reads from the device (an MoE router's expert lengths) or uploads new host data, a model
-//! with auxiliary losses or statistics (MoE), an optimiser step the fused AdamW does not take
-//! (`ZOO_KERNELS=naive`, CPU), gradient accumulation, data parallelism, and a batch of another
-//! shape than the captured one (that step alone runs eagerly).
+//! A model's auxiliary loss and statistics (MoE) come back through buffers of their own. What
+//! cannot be captured falls back to the eager step, with the reason printed once: a step that
+//! reads from the device (the grouped and looped MoE dispatches read the expert lengths; the
+//! tiled one does not) or uploads new host data (router noise), an optimiser step the fused AdamW
+//! does not take (`ZOO_KERNELS=naive`, CPU), gradient accumulation, data parallelism, and a batch
+//! of another shape than the captured one (that step alone runs eagerly).
 
 use crate::data::Batch;
 use crate::model::{cross_entropy, Lm};
@@ -90,7 +91,7 @@ impl GraphTrainer {
     /// `None` when this step must run eagerly instead (nothing of it has run: the caller trains on
     /// the same batch). Errors are real failures.
     #[allow(unused_variables)]
-    pub fn step(&mut self, a: StepArgs) -> Result<Option<(f64, Option<f32>)>> {
+    pub fn step(&mut self, a: StepArgs) -> Result<Option<StepOut>> {
         #[cfg(feature = "cuda")]
         {
             self.inner.step(a)
@@ -100,6 +101,15 @@ impl GraphTrainer {
             Ok(None)
         }
     }
+}
+
+/// What a step on the graph path gives back, as the eager step reports it: the loss (the
+/// auxiliary loss included), the gradient norm, the auxiliary loss, the statistics (copies).
+pub struct StepOut {
+    pub loss: f64,
+    pub norm: Option<f32>,
+    pub aux: Option<f64>,
+    pub stats: Vec<Vec<crate::mixer::Stat>>,
 }
 
 /// What one step of [`GraphTrainer::step`] works on: the model, its optimiser and parameters,
@@ -114,25 +124,60 @@ pub struct StepArgs<'a> {
     pub ts: TrainStep,
 }
 
-/// The captured step: forward, loss, backward and the fused AdamW, on the buffers. `updated` is
-/// set once the optimiser step has been issued (an error after it is not a reason to fall back).
+/// The captured step: forward, loss (plus the model's auxiliary loss, as the eager step adds it),
+/// backward and the fused AdamW, on the buffers; the auxiliary loss and the device statistics are
+/// copied into buffers of their own, made on the first (eager) step. `updated` is set once the
+/// optimiser step has been issued (an error after it is not a reason to fall back).
 #[allow(dead_code)]
-fn body(model: &Lm, opt: &mut AdamW, vars: &[Var], bufs: &Buffers, clip: Option<f64>, ts: TrainStep, updated: &mut bool) -> Result<()> {
+fn body(model: &Lm, opt: &mut AdamW, vars: &[Var], bufs: &mut Buffers, clip: Option<f64>, ts: TrainStep, updated: &mut bool) -> Result<()> {
     let out = {
         let _g = crate::state::enter_train_step(ts);
         model.forward(&bufs.inputs, None, None)?
     };
-    if out.aux_loss.is_some() || !out.stats.is_empty() {
-        candle_core::bail!("the model reports auxiliary losses or statistics (MoE)");
+    let f32 = candle_core::DType::F32;
+    let first = bufs.stats.is_none();
+    if first {
+        // Buffers for the statistics on the device (host ones are constants, kept as they are).
+        let stats = out
+            .stats
+            .iter()
+            .map(|layer| {
+                layer
+                    .iter()
+                    .map(|s| {
+                        let v = if s.value.device().is_cpu() { s.value.clone() } else { s.value.zeros_like()? };
+                        Ok(crate::mixer::Stat::new(s.name.clone(), s.shape, v))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        bufs.stats = Some(stats);
+        bufs.aux = out.aux_loss.as_ref().map(|_| candle_core::Tensor::zeros(1, f32, bufs.loss.device())).transpose()?;
     }
-    let loss = cross_entropy(&out.logits, &bufs.targets, bufs.mask.as_ref())?;
+    let mut loss = cross_entropy(&out.logits, &bufs.targets, bufs.mask.as_ref())?;
+    match (&out.aux_loss, &bufs.aux) {
+        (Some(a), Some(buf)) => {
+            let a = a.to_dtype(f32)?;
+            buf.slice_set(&a.detach().reshape(1)?, 0, 0)?;
+            loss = (loss + a)?;
+        }
+        (None, None) => {}
+        _ => candle_core::bail!("the model's auxiliary loss came and went between steps"),
+    }
+    for (layer, kept) in out.stats.iter().zip(bufs.stats.as_ref().expect("made above")) {
+        for (s, k) in layer.iter().zip(kept) {
+            if !s.value.device().is_cpu() {
+                k.value.slice_set(&s.value.detach().to_dtype(k.value.dtype())?.contiguous()?, 0, 0)?;
+            }
+        }
+    }
     let mut grads = Grads::default();
     grads.accumulate(&loss.backward()?, vars.iter(), 1.0)?;
     let Some(norm) = opt.step_clipped_device_hp(&grads, clip, &bufs.hp)? else {
         candle_core::bail!("the fused AdamW does not apply (ZOO_KERNELS=naive, or weights not f32)");
     };
     *updated = true;
-    bufs.loss.slice_set(&loss.to_dtype(candle_core::DType::F32)?.reshape(1)?, 0, 0)?;
+    bufs.loss.slice_set(&loss.to_dtype(f32)?.reshape(1)?, 0, 0)?;
     bufs.norm.slice_set(&norm.narrow(0, 0, 1)?, 0, 0)?;
     Ok(())
 }
@@ -147,6 +192,9 @@ struct Buffers {
     hp: candle_core::Tensor,
     loss: candle_core::Tensor,
     norm: candle_core::Tensor,
+    /// The auxiliary loss (when the model has one) and the statistics, from the first step on.
+    aux: Option<candle_core::Tensor>,
+    stats: Option<Vec<Vec<crate::mixer::Stat>>>,
 }
 
 #[allow(dead_code)]
@@ -161,6 +209,8 @@ impl Buffers {
             hp: candle_core::Tensor::zeros(3, f32, dev)?,
             loss: candle_core::Tensor::zeros(1, f32, dev)?,
             norm: candle_core::Tensor::zeros(1, f32, dev)?,
+            aux: None,
+            stats: None,
         })
     }
 
@@ -185,11 +235,20 @@ impl Buffers {
         self.hp.slice_set(&candle_core::Tensor::new(&hp, self.hp.device())?, 0, 0)
     }
 
-    /// The step's loss and gradient norm (a wait for the device).
-    fn read(&self) -> Result<(f64, Option<f32>)> {
+    /// What the step left in the buffers (a wait for the device): the loss and gradient norm, the
+    /// auxiliary loss, and copies of the statistics (the buffers are overwritten by the next step).
+    fn read(&self) -> Result<StepOut> {
         let loss = self.loss.to_vec1::<f32>()?[0] as f64;
         let norm = self.norm.to_vec1::<f32>()?[0];
-        Ok((loss, Some(norm)))
+        let aux = self.aux.as_ref().map(|a| a.to_vec1::<f32>().map(|v| v[0] as f64)).transpose()?;
+        let copy = |s: &crate::mixer::Stat| -> Result<crate::mixer::Stat> {
+            Ok(crate::mixer::Stat::new(s.name.clone(), s.shape, s.value.copy()?))
+        };
+        let stats = match &self.stats {
+            Some(layers) => layers.iter().map(|l| l.iter().map(copy).collect::<Result<Vec<_>>>()).collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        Ok(StepOut { loss, norm: Some(norm), aux, stats })
     }
 }
 
@@ -223,7 +282,7 @@ mod imp {
     }
 
     impl Inner {
-        pub fn step(&mut self, a: StepArgs) -> Result<Option<(f64, Option<f32>)>> {
+        pub fn step(&mut self, a: StepArgs) -> Result<Option<StepOut>> {
             let StepArgs { model, opt, vars, batch: b, lr, clip, ts } = a;
             if matches!(self.phase, Phase::Off) {
                 return Ok(None);
@@ -232,7 +291,7 @@ mod imp {
             if self.bufs.is_none() {
                 self.bufs = Some(Buffers::like(b)?);
             }
-            let bufs = self.bufs.as_ref().expect("made above");
+            let bufs = self.bufs.as_mut().expect("made above");
             if !bufs.fits(b) {
                 return Ok(None); // another shape: this step runs eagerly
             }

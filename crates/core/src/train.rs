@@ -274,7 +274,11 @@ pub fn train(
             });
         }
         let (mut loss, graph_norm) = match (graph_out, loss_acc) {
-            (Some((l, n)), _) => (l, Some(n)),
+            (Some(g), _) => {
+                aux_acc = g.aux;
+                stats = g.stats;
+                (g.loss, Some(g.norm))
+            }
             (None, l) => (l.expect("accum >= 1").to_dtype(DType::F64)?.to_scalar::<f64>()?, None),
         };
         for a in aux_parts {
