@@ -22,6 +22,7 @@
 #   moe-graph.txt      the tiled MoE LM's curve trained eagerly and through a CUDA graph, side by side
 #   profile-moe.txt    scripts/device-profile-moe.sh (where the E8 k2 step's time goes: step time,
 #                      and ncu's GPU time by kernel; its CSVs are left out of $OUT, 8 files at most)
+# moe512:
 #   moe-cuda-512.tgz   scripts/moe-bench.sh on configs/moe-bench-512.toml (8 layers, d = 512, T = 512,
 #                      B = 16; 3 rounds; with --cuda-graph: the tiled variant's step replayed from a
 #                      graph, the others' capture failing on their host read), the folder
@@ -35,6 +36,7 @@
 #            run(command="bash scripts/device-checks.sh decode", carry=[".devpkg"], timeout_s=590)
 #            run(command="bash scripts/device-checks.sh twins", carry=[".devpkg"], timeout_s=590)
 #            run(command="bash scripts/device-checks.sh moe", carry=[".devpkg"], timeout_s=590)
+#            run(command="bash scripts/device-checks.sh moe512", carry=[".devpkg"], timeout_s=590)
 #            run(command="bash scripts/device-checks.sh profile", carry=[".devpkg"], timeout_s=590)
 #   here:    cp the JSONs into results/bench/, then regenerate the twin table:
 #            python3 scripts/twin-table.py results/bench/twins-h200.json > results/bench/twins-h200.md
@@ -113,9 +115,12 @@ PY
 
 moe() {
   moe_graph
-  step 270 moe-profile env OUT=/tmp/moe-prof bash scripts/device-profile-moe.sh
+  step 300 moe-profile env OUT=/tmp/moe-prof bash scripts/device-profile-moe.sh
   cp /tmp/moe-prof/profile-moe.txt "$OUT/" 2> /dev/null
-  step 300 moe-bench-512 env ZOO=/tmp/zoo CFG=configs/moe-bench-512.toml T=512 OUT_DIR=/tmp/moe-512/moe-cuda-512 \
+}
+
+moe512() {
+  step 540 moe-bench-512 env ZOO=/tmp/zoo CFG=configs/moe-bench-512.toml T=512 OUT_DIR=/tmp/moe-512/moe-cuda-512 \
     bash scripts/moe-bench.sh cuda 3 --cuda-graph
   tar czf "$OUT/moe-cuda-512.tgz" -C /tmp/moe-512 moe-cuda-512
 }
@@ -129,7 +134,8 @@ case "${1:-all}" in
   decode) decode ;;
   twins) twins ;;
   moe) moe ;;
+  moe512) moe512 ;;
   profile) profile ;;
   all) kernels; decode; twins ;;
-  *) echo "usage: $0 kernels|decode|twins|moe|profile|all" >&2; exit 2 ;;
+  *) echo "usage: $0 kernels|decode|twins|moe|moe512|profile|all" >&2; exit 2 ;;
 esac
