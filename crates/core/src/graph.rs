@@ -252,10 +252,38 @@ impl Buffers {
     }
 }
 
+/// Capture what `f` launches on `dev`'s stream into a CUDA graph, with candle's upload cache on
+/// (the parameter uploads `f` makes must already be in it: run `f` once under the cache first).
+/// The capture records and runs nothing. On failure the capture is ended (the stream is usable
+/// again), the error cudarc recorded for the frees that failed with it is cleared (it would
+/// surface at the next call), and the reason comes back.
+#[cfg(feature = "cuda")]
+pub fn capture<E: std::fmt::Display>(
+    dev: &candle_core::CudaDevice,
+    f: impl FnOnce() -> std::result::Result<(), E>,
+) -> std::result::Result<candle_core::cuda_backend::cudarc::driver::CudaGraph, String> {
+    use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let stream = dev.cuda_stream();
+    let _cache = dev.enable_cuda_graph_htod_cache();
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(|e| format!("begin capture: {e:?}"))?;
+    let r = f();
+    let g = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+    match (r, g) {
+        (Ok(()), Ok(Some(g))) => Ok(g),
+        (r, g) => {
+            let _ = stream.context().check_err();
+            Err(match (r, g) {
+                (Err(e), _) => format!("capture: {e}"),
+                (_, Err(e)) => format!("end capture: {e:?}"),
+                _ => "the capture recorded nothing".into(),
+            })
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use super::*;
-    use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     use candle_core::cuda_backend::cudarc::driver::CudaGraph;
     use candle_core::Device;
 
@@ -318,34 +346,18 @@ mod imp {
                 }
                 Phase::Capture => {
                     let t0 = opt.t;
-                    let stream = dev.cuda_stream();
-                    let _cache = dev.enable_cuda_graph_htod_cache();
-                    if let Err(e) = stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) {
-                        off(&mut self.phase, format!("begin capture: {e:?}"));
-                        return Ok(None);
-                    }
-                    let r = body(model, opt, vars, bufs, clip, ts, &mut false);
-                    let g = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-                    let g = match (r, g) {
-                        (Ok(()), Ok(Some(g))) => g,
-                        (r, g) => {
-                            // Capture records and runs nothing: undo the host's count of the step,
-                            // and clear the error cudarc recorded for the frees that failed with
-                            // the capture (it would surface at the next eager call).
+                    let g = match capture(&dev, || body(model, opt, vars, bufs, clip, ts, &mut false)) {
+                        Ok(g) => g,
+                        Err(why) => {
+                            // The capture ran nothing: undo the host's count of the step.
                             opt.t = t0;
-                            let _ = stream.context().check_err();
-                            let why = match (r, g) {
-                                (Err(e), _) => format!("capture: {e}"),
-                                (_, Err(e)) => format!("end capture: {e:?}"),
-                                _ => "the capture recorded nothing".into(),
-                            };
                             off(&mut self.phase, why);
                             return Ok(None);
                         }
                     };
                     if let Err(e) = g.launch() {
                         opt.t = t0;
-                        let _ = stream.context().check_err();
+                        let _ = dev.cuda_stream().context().check_err();
                         off(&mut self.phase, format!("graph launch: {e:?}"));
                         return Ok(None);
                     }

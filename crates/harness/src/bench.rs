@@ -162,27 +162,15 @@ fn time(env: &Env, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()
 /// and the optimiser's scalars (learning rate, bias corrections) as they were then.
 #[cfg(feature = "cuda")]
 pub fn graph_time(env: &Env, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Option<f64>> {
-    use anyhow::Context;
-    use zoo_core::candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let candle_core::Device::Cuda(dev) = &env.device else { return Ok(None) };
-    let _cache = dev.enable_cuda_graph_htod_cache();
-    for _ in 0..warmup.max(2) {
-        f()?;
+    {
+        let _cache = dev.enable_cuda_graph_htod_cache();
+        for _ in 0..warmup.max(2) {
+            f()?;
+        }
     }
     env.sync()?;
-    let stream = dev.cuda_stream();
-    stream
-        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-        .map_err(|e| anyhow::anyhow!("begin capture: {e:?}"))?;
-    let r = f();
-    // End the capture whatever happened, so the stream is usable again, and clear any error cudarc
-    // recorded for frees that failed with it (it would surface at the next call).
-    let g = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-    if r.is_err() || !matches!(g, Ok(Some(_))) {
-        let _ = stream.context().check_err();
-    }
-    r.context("during capture")?;
-    let g = g.map_err(|e| anyhow::anyhow!("end capture: {e:?}"))?.context("the capture recorded nothing")?;
+    let g = zoo_core::graph::capture(dev, f).map_err(|why| anyhow::anyhow!(why))?;
     g.upload().map_err(|e| anyhow::anyhow!("graph upload: {e:?}"))?;
     g.launch().map_err(|e| anyhow::anyhow!("graph launch: {e:?}"))?;
     env.sync()?;
