@@ -19,6 +19,14 @@ pub struct AdamWParams {
     pub decay_embeddings: bool,
 }
 
+impl AdamWParams {
+    /// Adam's bias corrections `(1 − β₁ᵗ, 1 − β₂ᵗ)` of update t (1-based): every form of the step
+    /// (composition, in place on the CPU, the fused kernels) takes them from here.
+    pub fn bias_corrections(&self, t: usize) -> (f64, f64) {
+        (1.0 - self.beta1.powi(t as i32), 1.0 - self.beta2.powi(t as i32))
+    }
+}
+
 impl Default for AdamWParams {
     fn default() -> Self {
         Self { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_embeddings: false }
@@ -113,7 +121,8 @@ impl AdamW {
     pub fn next_hp(&self, lr: f64) -> [f32; 3] {
         let t = self.t + 1;
         let p = self.params;
-        [lr as f32, (1.0 - p.beta1.powi(t as i32)) as f32, (1.0 - p.beta2.powi(t as i32)) as f32]
+        let (bc1, bc2) = p.bias_corrections(t);
+        [lr as f32, bc1 as f32, bc2 as f32]
     }
 
     /// Count one more update without running it here (a replayed CUDA graph ran it).
@@ -145,14 +154,15 @@ impl AdamW {
         }
         let t = self.t + 1;
         let p = self.params;
+        let (bc1, bc2) = p.bias_corrections(t);
         let hp = zoo_kernels::adamw::AdamWStep {
             lr,
             beta1: p.beta1,
             beta2: p.beta2,
             eps: p.eps,
             weight_decay: p.weight_decay,
-            bc1: 1.0 - p.beta1.powi(t as i32),
-            bc2: 1.0 - p.beta2.powi(t as i32),
+            bc1,
+            bc2,
         };
         let out = zoo_kernels::adamw::step_with(&slots, &hp, max_norm, hp_device)?;
         self.t = t;
@@ -198,8 +208,7 @@ impl AdamW {
     pub fn step_composed(&mut self, grads: &Grads, lr: f64) -> Result<()> {
         self.t += 1;
         let p = self.params;
-        let bc1 = 1.0 - p.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - p.beta2.powi(self.t as i32);
+        let (bc1, bc2) = p.bias_corrections(self.t);
         for s in self.slots.iter_mut() {
             let Some(g) = grads.get(&s.var) else { continue };
             let g = g.to_dtype(s.var.dtype())?;
@@ -403,8 +412,7 @@ mod cpu_inplace {
 
     impl Hyper {
         pub fn new(p: &AdamWParams, t: usize, lr: f64) -> Self {
-            let bc1 = 1.0 - p.beta1.powi(t as i32);
-            let bc2 = 1.0 - p.beta2.powi(t as i32);
+            let (bc1, bc2) = p.bias_corrections(t);
             Self {
                 beta1: p.beta1 as f32,
                 one_minus_beta1: (1.0 - p.beta1) as f32,
