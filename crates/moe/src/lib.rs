@@ -42,10 +42,10 @@ pub mod gate_stats;
 pub mod moh;
 pub mod router;
 
-use router::{aux_loss, z_loss, Activation, Balance, Noise, Router, Routing, Score, Selection};
+use router::{aux_loss, Activation, Balance, Noise, Router, Routing, Score, Selection};
 use zoo_core::zoo_kernels;
 use serde::{Deserialize, Serialize};
-use zoo_core::candle_core::{DType, Result, Tensor, D};
+use zoo_core::candle_core::{DType, Result, Tensor};
 use zoo_core::mixer::{BuildCtx, FeedForward, FfnOut, Stat, StatShape};
 use zoo_core::mlp::{silu_mul, MlpConfig, SwiGlu};
 use zoo_core::nn::{residual_std, Linear, INIT_STD};
@@ -396,36 +396,29 @@ impl Moe {
         let plan = dispatch::Plan::from_parts(p.rows.clone(), p.slots.clone(), p.inv.clone(), n, k, tile)?;
         let ys = self.experts.tiles(&plan.gather(flat)?, &p.tile_expert, tile)?;
         let y = plan.combine(&ys, &r.weights)?;
-        let mut aux: Option<Tensor> = None;
-        if let Balance::AuxLoss { alpha } = self.cfg.balance {
-            aux = Some(router::aux_loss_of(&r.scores, &p.counts, alpha)?);
-        }
-        if self.cfg.z_loss > 0.0 {
-            let z = router::z_loss_of(&r.logits, self.cfg.z_loss)?;
-            aux = Some(match aux {
-                Some(a) => (a + z)?,
-                None => z,
-            });
-        }
-        // The statistics of the host path, computed on the device from the counts.
+        // Each expert's share of the assignments, and from it what the host path counts.
         let share = {
             let c = p.counts.to_dtype(DType::F32)?;
-            c.broadcast_div(&c.sum_all()?.maximum(1.0)?)?
+            c.broadcast_div(&c.sum_all()?.maximum(1.0)?)?.detach()
         };
+        let balance = match self.cfg.balance {
+            Balance::AuxLoss { alpha } => Some(router::aux_loss_of(&r.scores, &share, alpha)?),
+            _ => None,
+        };
+        let aux = self.aux_losses(balance, &r.logits)?;
         let mean = 1.0 / e as f64;
-        let cv = ((share.affine(1.0, -mean)?.sqr()?.mean_all()?.sqrt()?) / mean)?;
-        let max_load = (share.max(0)? / mean)?;
-        let entropy = (r.scores.clamp(1e-30, 1.0)?.log()? * &r.scores)?.sum(D::Minus1)?.neg()?.mean_all()?;
-        let host = &zoo_core::candle_core::Device::Cpu;
-        let stats = vec![
-            Stat::new("load", StatShape::PerExpert, share.detach()),
-            Stat::new("load_cv", StatShape::Scalar, cv.reshape(1)?.detach()),
-            Stat::new("max_load", StatShape::Scalar, max_load.reshape(1)?.detach()),
-            Stat::new("router_entropy", StatShape::Scalar, entropy.to_dtype(DType::F32)?.detach()),
-            Stat::new("dropped_fraction", StatShape::Scalar, Tensor::new(&[0f32], host)?),
-            Stat::new("active_experts", StatShape::Scalar, Tensor::new(&[k as f32], host)?),
-        ];
-        Ok((y, aux, stats))
+        let cv = ((share.affine(1.0, -mean)?.sqr()?.mean_all()?.sqrt()?) / mean)?.reshape(1)?;
+        let max_load = (share.max(0)? / mean)?.reshape(1)?;
+        Ok((y, aux, layer_stats(share, cv, max_load, &r.scores, 0.0, k as f32)?))
+    }
+
+    /// The balance loss (when given) plus the router z-loss of `logits` (when configured).
+    fn aux_losses(&self, balance: Option<Tensor>, logits: &Tensor) -> Result<Option<Tensor>> {
+        let z = (self.cfg.z_loss > 0.0).then(|| router::z_loss_of(logits, self.cfg.z_loss)).transpose()?;
+        Ok(match (balance, z) {
+            (Some(a), Some(z)) => Some((a + z)?),
+            (a, z) => a.or(z),
+        })
     }
 
     /// Grouped dispatch: one gather, the experts, one combine. `batched`: every expert's rows
@@ -449,6 +442,21 @@ impl Moe {
         };
         plan.combine(&ys, &r.weights) // one combine (gathers, no scatter)
     }
+}
+
+/// A layer's statistics, from its load shares (E,), their coefficient of variation and busiest
+/// share over the mean (each (1,)), its scores (N, E) (for the router entropy), the dropped
+/// fraction and the active experts per token: the names and shapes results carry, in one place.
+fn layer_stats(load: Tensor, cv: Tensor, max_load: Tensor, scores: &Tensor, dropped: f32, active: f32) -> Result<Vec<Stat>> {
+    let host = &zoo_core::candle_core::Device::Cpu;
+    Ok(vec![
+        Stat::new("load", StatShape::PerExpert, load),
+        Stat::new("load_cv", StatShape::Scalar, cv),
+        Stat::new("max_load", StatShape::Scalar, max_load),
+        Stat::new("router_entropy", StatShape::Scalar, router::entropy(scores)?.to_dtype(DType::F32)?.detach()),
+        Stat::new("dropped_fraction", StatShape::Scalar, Tensor::new(&[dropped], host)?),
+        Stat::new("active_experts", StatShape::Scalar, Tensor::new(&[active], host)?),
+    ])
 }
 
 impl Moe {
@@ -483,36 +491,29 @@ impl FeedForward for Moe {
         }
         let y = self.dispatch(&flat, &r, self.cfg.dispatch)?;
         let y = self.add_shared(&flat, y)?.reshape((b, t, d))?;
-        let mut aux: Option<Tensor> = None;
-        let mut add = |l: Tensor| -> Result<()> {
-            aux = Some(match aux.take() {
-                Some(a) => (a + l)?,
-                None => l,
-            });
-            Ok(())
-        };
-        match self.cfg.balance {
-            Balance::AuxLoss { alpha } => add(aux_loss(&r, alpha)?)?,
+        let balance = match self.cfg.balance {
+            Balance::AuxLoss { alpha } => Some(aux_loss(&r, alpha)?),
             // Only training steps move the bias (an evaluation's loads would, and a resume would lose them).
-            Balance::Bias { .. } if zoo_core::state::train_step().is_some() => self.router.observe(&r.load),
-            Balance::Bias { .. } => {}
-            Balance::None => {}
-        }
-        if self.cfg.z_loss > 0.0 {
-            add(z_loss(&r, self.cfg.z_loss)?)?;
-        }
+            Balance::Bias { .. } => {
+                if zoo_core::state::train_step().is_some() {
+                    self.router.observe(&r.load);
+                }
+                None
+            }
+            Balance::None => None,
+        };
+        let aux = self.aux_losses(balance, &r.logits)?;
         let (share, cv, max_load) = r.load_shares();
-        let entropy = (r.scores.clamp(1e-30, 1.0)?.log()? * &r.scores)?.sum(D::Minus1)?.neg()?.mean_all()?;
         // The statistics counted on the host stay there (no upload per layer and step).
         let host = &zoo_core::candle_core::Device::Cpu;
-        let stats = vec![
-            Stat::new("load", StatShape::PerExpert, Tensor::from_vec(share, self.experts.len(), host)?),
-            Stat::new("load_cv", StatShape::Scalar, Tensor::new(&[cv as f32], host)?),
-            Stat::new("max_load", StatShape::Scalar, Tensor::new(&[max_load as f32], host)?),
-            Stat::new("router_entropy", StatShape::Scalar, entropy.to_dtype(DType::F32)?.detach()),
-            Stat::new("dropped_fraction", StatShape::Scalar, Tensor::new(&[r.dropped_fraction() as f32], host)?),
-            Stat::new("active_experts", StatShape::Scalar, Tensor::new(&[r.active_per_token() as f32], host)?),
-        ];
+        let stats = layer_stats(
+            Tensor::from_vec(share, self.experts.len(), host)?,
+            Tensor::new(&[cv as f32], host)?,
+            Tensor::new(&[max_load as f32], host)?,
+            &r.scores,
+            r.dropped_fraction() as f32,
+            r.active_per_token() as f32,
+        )?;
         Ok(FfnOut { y, aux_loss: aux, stats })
     }
 

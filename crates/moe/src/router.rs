@@ -526,10 +526,8 @@ pub fn route_dense_to_sparse(logits: &Tensor, gumbel: Option<&Tensor>, tau: f64,
 
 /// Switch's auxiliary loss `α · E · Σ_i f_i P_i` (f from the assignments, no gradient).
 pub fn aux_loss(r: &Routing, alpha: f64) -> Result<Tensor> {
-    let e = r.load.len();
-    let f = Tensor::from_vec(r.load_shares().0, e, r.scores.device())?;
-    let p = r.scores.mean(0)?; // (E,)
-    (p * f)?.sum_all()? * (alpha * e as f64)
+    let f = Tensor::from_vec(r.load_shares().0, r.load.len(), r.scores.device())?;
+    aux_loss_of(&r.scores, &f, alpha)
 }
 
 /// ST-MoE's router z-loss `β · mean_t (logsumexp_i z_ti)²`.
@@ -544,11 +542,14 @@ pub fn z_loss_of(logits: &Tensor, beta: f64) -> Result<Tensor> {
     lse.sqr()?.mean_all()? * beta
 }
 
-/// [`aux_loss`] from the scores (N, E) and the slots per expert `counts` (E,) of a routing kept on
-/// the device: `α · E · Σ_i f_i P_i`, f_i = counts_i / Σ counts.
-pub fn aux_loss_of(scores: &Tensor, counts: &Tensor, alpha: f64) -> Result<Tensor> {
-    let e = counts.dim(0)?;
-    let c = counts.to_dtype(DType::F32)?;
-    let f = c.broadcast_div(&c.sum_all()?.maximum(1.0)?)?.to_dtype(scores.dtype())?;
-    (scores.mean(0)? * f)?.sum_all()? * (alpha * e as f64)
+/// [`aux_loss`] from the scores (N, E) and each expert's share of the assignments `f` (E,), on
+/// the scores' device: `α · E · Σ_i f_i P_i`, P the mean score.
+pub fn aux_loss_of(scores: &Tensor, f: &Tensor, alpha: f64) -> Result<Tensor> {
+    let e = f.dim(0)?;
+    (scores.mean(0)? * f.to_dtype(scores.dtype())?)?.sum_all()? * (alpha * e as f64)
+}
+
+/// The mean entropy of the score rows (N, E), nats: the `router_entropy` statistic.
+pub fn entropy(scores: &Tensor) -> Result<Tensor> {
+    (scores.clamp(1e-30, 1.0)?.log()? * scores)?.sum(zoo_core::candle_core::D::Minus1)?.neg()?.mean_all()
 }
