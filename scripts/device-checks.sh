@@ -75,8 +75,7 @@ decode() {
 }
 
 graph() { # layers d heads T B name
-  sed -e "s/^d_model = .*/d_model = $2/" -e "s/^n_layers = .*/n_layers = $1/" -e "s/n_heads = 8/n_heads = $3/" \
-    configs/bench-baseline.toml > /tmp/graph-$6.toml
+  baseline_at "$1" "$2" "$3" > /tmp/graph-$6.toml
   step 120 "graph $6" /tmp/zoo bench /tmp/graph-$6.toml --device cuda:0 --dtype bf16 --seq-lens "$4" --batch "$5" \
     --decode-tokens 0 --iters 10 --cuda-graph -q --out "$OUT/graph-$6.json" > /dev/null
   python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows'][0]; print({k: v for k, v in r.items() if 'tokens_per_s' in k or 'error' in k})" "$OUT/graph-$6.json"

@@ -13,3 +13,9 @@ step() { # seconds name command...
   echo "== $name: rc $rc, $((SECONDS - t0)) s"
   return $rc
 }
+# configs/bench-baseline.toml (the twins' model) at LAYERS, D_MODEL and HEADS, on stdout, as
+# scripts/twin-bench.py's zoo_config makes it.
+baseline_at() { # layers d heads
+  sed -e "s/^d_model = .*/d_model = $2/" -e "s/^n_layers = .*/n_layers = $1/" -e "s/n_heads = 8/n_heads = $3/" \
+    configs/bench-baseline.toml
+}

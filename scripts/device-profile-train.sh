@@ -18,9 +18,8 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"; log=$out/profile-train.txt
 # configs/bench-baseline.toml at a shape, training N steps on MQAR sequences of length T (the
 # tokens do not matter to the time), evaluating only at the end.
 mk() { # layers d heads T B steps file
-  sed -e "s/^d_model = .*/d_model = $2/" -e "s/^n_layers = .*/n_layers = $1/" -e "s/n_heads = 8/n_heads = $3/" \
-      -e "s/seq_len = 4096/seq_len = $4/g" -e "s/^batch_size = .*/batch_size = $5/" -e "s/^steps = .*/steps = $6/" \
-      -e 's/^experiment = .*/experiment = "prof-train"/' configs/bench-baseline.toml > "$7"
+  baseline_at "$1" "$2" "$3" | sed -e "s/seq_len = 4096/seq_len = $4/g" -e "s/^batch_size = .*/batch_size = $5/" \
+      -e "s/^steps = .*/steps = $6/" -e 's/^experiment = .*/experiment = "prof-train"/' > "$7"
   printf 'warmup_steps = 0\neval_every = 1000000\n' >> "$7"
 }
 secs() { python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(j['throughput']['train_seconds'])" "$1"; }
