@@ -5,7 +5,7 @@
 //! tokens, so the ranks' token weights matter. One rank is the single-device path exactly.
 
 mod common;
-use common::dist_run::{run, run_with, STEPS};
+use common::dist_run::{max_diff, run, run_with, STEPS};
 use std::sync::Arc;
 use zoo_core::candle_core::{DType, Device};
 use zoo_core::dist::{Comm, ThreadComm};
@@ -19,17 +19,6 @@ fn ranks(world: usize) -> Vec<(Vec<(String, Vec<f32>)>, Vec<f64>)> {
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
-fn max_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (f32, f32) {
-    let (mut d, mut scale) = (0f32, 0f32);
-    for ((na, va), (nb, vb)) in a.iter().zip(b) {
-        assert_eq!(na, nb);
-        for (x, y) in va.iter().zip(vb) {
-            d = d.max((x - y).abs());
-            scale = scale.max(y.abs());
-        }
-    }
-    (d, scale)
-}
 
 #[test]
 fn data_parallel_ranks_agree_with_each_other_and_with_one_device() -> anyhow::Result<()> {

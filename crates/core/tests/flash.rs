@@ -79,7 +79,7 @@ fn run(f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>, q: &Tensor, k: &
 /// queries, and K/V as views of a longer cache (`Decode::view`, not copied by the kernel).
 fn decode_cases() -> Vec<(Case, bool)> {
     let step = |b, h, hkv, tq, tk, d| Case { tk, q_start: tk - tq, ..case(b, h, hkv, tq, d) };
-    let mut v = vec![
+    vec![
         (step(1, 2, 2, 1, 1, 32), false),
         (step(2, 4, 1, 1, 37, 64), true),
         (Case { window: Some(8), sinks: 2, ..step(1, 8, 2, 1, 37, 64) }, true),
@@ -90,10 +90,9 @@ fn decode_cases() -> Vec<(Case, bool)> {
         (Case { tk: 2100, k_start: 4, q_start: 2000, window: Some(1500), sinks: 1, ..case(1, 4, 2, 2, 128) }, true),
         (Case { tk: 2100, q_start: 2099, ..case(1, 2, 1, 1, 192) }, true),
         (Case { tk: 1500, q_start: 1497, sinks: 2, ..case(2, 4, 2, 3, 256) }, false),
-    ];
-    // A query that sees nothing but the sinks (its keys all lie after it).
-    v.push((Case { tk: 40, k_start: 100, q_start: 50, sinks: 2, ..case(1, 2, 2, 1, 64) }, false));
-    v
+        // A query that sees nothing but the sinks (its keys all lie after it).
+        (Case { tk: 40, k_start: 100, q_start: 50, sinks: 2, ..case(1, 2, 2, 1, 64) }, false),
+    ]
 }
 
 /// Every case on `dev` in `dt`: the op against the f32 composition, all four results within `tol`.

@@ -424,9 +424,7 @@ fn graph_replayed_steps_train_as_the_eager_steps() -> anyhow::Result<()> {
     zoo_core::graph::set_enabled(false);
     // The first step runs eagerly (filling candle's upload cache), the rest from the graph.
     assert_eq!(launched, common::dist_run::STEPS - 1, "graph launches");
-    let spread = |x: &[(String, Vec<f32>)], y: &[(String, Vec<f32>)]| -> f32 {
-        x.iter().zip(y).flat_map(|((_, p), (_, q))| p.iter().zip(q).map(|(u, v)| (u - v).abs())).fold(0.0, f32::max)
-    };
+    let spread = |x: &[(String, Vec<f32>)], y: &[(String, Vec<f32>)]| common::dist_run::max_diff(x, y).0;
     let (own, graph) = (spread(&a, &b), spread(&a, &g));
     eprintln!("two eager runs differ by {own}, the graph run by {graph}; losses {la:?} / {lg:?}");
     assert!(graph <= own.max(1e-6), "graph run {graph} against the eager runs' own spread {own}");

@@ -43,9 +43,7 @@ fn one_rank_nccl_training_is_the_single_gpu_path() -> anyhow::Result<()> {
     use zoo_core::dist::Comm;
     let Some((dev, c, id)) = one_rank("train")? else { return Ok(()) };
     let c: Arc<dyn Comm> = Arc::new(c);
-    let spread = |a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]| -> f32 {
-        a.iter().zip(b).flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0, f32::max)
-    };
+    let spread = |a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]| common::dist_run::max_diff(a, b).0;
     for mode in [zoo_core::zoo_kernels::Kernels::Naive, zoo_core::zoo_kernels::Kernels::Fused] {
         zoo_core::zoo_kernels::set_mode(mode);
         let (a, la) = common::dist_run::run_on(&dev, None, None)?;
@@ -130,14 +128,7 @@ fn two_ranks_on_two_gpus_stay_identical_and_match_one_gpu() -> anyhow::Result<()
     assert!(p0 == p1, "rank 1's parameters differ from rank 0's");
     assert_eq!(l0, l1, "the ranks logged different losses");
     let (single, single_loss) = common::dist_run::run_on(&Device::new_cuda(0)?, None, None)?;
-    let (mut d, mut scale) = (0f32, 0f32);
-    for ((na, va), (nb, vb)) in p0.iter().zip(&single) {
-        assert_eq!(na, nb);
-        for (x, y) in va.iter().zip(vb) {
-            d = d.max((x - y).abs());
-            scale = scale.max(y.abs());
-        }
-    }
+    let (d, scale) = common::dist_run::max_diff(&p0, &single);
     eprintln!("two ranks against one GPU: parameters differ by {d} (scale {scale})");
     assert!(d <= 1e-5 * scale.max(1.0), "two ranks differ from one GPU's parameters by {d} (scale {scale})");
     for (a, b) in l0.iter().zip(&single_loss) {

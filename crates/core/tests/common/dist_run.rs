@@ -89,3 +89,17 @@ pub fn run_accum(
     params.sort_by(|a, b| a.0.cmp(&b.0));
     Ok((params, losses))
 }
+
+/// The largest difference between two runs' parameters (matched by name), and the largest
+/// magnitude of `b`'s: (max |a - b|, max |b|).
+pub fn max_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (f32, f32) {
+    let (mut d, mut scale) = (0f32, 0f32);
+    for ((na, va), (nb, vb)) in a.iter().zip(b) {
+        assert_eq!(na, nb);
+        for (x, y) in va.iter().zip(vb) {
+            d = d.max((x - y).abs());
+            scale = scale.max(y.abs());
+        }
+    }
+    (d, scale)
+}
