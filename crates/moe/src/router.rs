@@ -117,6 +117,17 @@ fn dts_threshold() -> f64 {
     0.001
 }
 
+impl Activation {
+    /// The activation on router logits (before the tempered softmax).
+    pub fn apply(self, logits: Tensor) -> Result<Tensor> {
+        match self {
+            Activation::None => Ok(logits),
+            Activation::Tanh => logits.tanh(),
+            Activation::Sigmoid => zoo_core::candle_nn::ops::sigmoid(&logits),
+        }
+    }
+}
+
 impl Selection {
     /// The dense-to-sparse temperature at a training step: linear from τ_start to τ_end.
     pub fn tau_at(&self, step: usize, total: usize) -> Option<f64> {
@@ -302,11 +313,7 @@ impl Router {
             let scale = softplus(&w.forward(x)?.to_dtype(DType::F32)?)?;
             logits = (logits + (Tensor::from_vec(eps, (n, e), dev)? * scale)?)?;
         }
-        let logits = match self.activation {
-            Activation::None => logits,
-            Activation::Tanh => logits.tanh()?,
-            Activation::Sigmoid => zoo_core::candle_nn::ops::sigmoid(&logits)?,
-        };
+        let logits = self.activation.apply(logits)?;
         match self.selection {
             Selection::TokenChoice => {
                 // The store's bias stays on the device (reading it to the host would wait for the
@@ -344,11 +351,7 @@ impl Router {
             zoo_core::candle_core::bail!("route_on_device: token choice without noise or selection bias only");
         }
         let logits = self.proj.forward(x)?.to_dtype(DType::F32)?;
-        let logits = match self.activation {
-            Activation::None => logits,
-            Activation::Tanh => logits.tanh()?,
-            Activation::Sigmoid => zoo_core::candle_nn::ops::sigmoid(&logits)?,
-        };
+        let logits = self.activation.apply(logits)?;
         let (scores, experts, weights) = top_k(&logits, None, self.top_k, self.score, self.temperature, self.renormalize)?;
         Ok(DeviceRouting { experts, weights, scores, logits })
     }
