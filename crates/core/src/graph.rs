@@ -107,7 +107,7 @@ impl GraphTrainer {
 /// auxiliary loss included), the gradient norm, the auxiliary loss, the statistics (copies).
 pub struct StepOut {
     pub loss: f64,
-    pub norm: Option<f32>,
+    pub norm: f32,
     pub aux: Option<f64>,
     pub stats: Vec<Vec<crate::mixer::Stat>>,
 }
@@ -248,7 +248,7 @@ impl Buffers {
             Some(layers) => layers.iter().map(|l| l.iter().map(copy).collect::<Result<Vec<_>>>()).collect::<Result<Vec<_>>>()?,
             None => Vec::new(),
         };
-        Ok(StepOut { loss, norm: Some(norm), aux, stats })
+        Ok(StepOut { loss, norm, aux, stats })
     }
 }
 

@@ -226,10 +226,9 @@ pub fn train(
             graph_out = g.step(args)?;
             graph_batch = Some(b);
         }
-        for micro in 0..accum {
-            if graph_out.is_some() {
-                break;
-            }
+        // Eagerly unless the graph path ran the step.
+        let micro_batches = if graph_out.is_some() { 0 } else { accum };
+        for micro in 0..micro_batches {
             let b = match graph_batch.take() {
                 Some(b) => b,
                 None => task.train_batch(&mut st.rng)?,
@@ -307,7 +306,7 @@ pub fn train(
         // Clip + update (done already on the graph path); with a non-finite norm nothing is
         // updated and the run stops here.
         let norm = match graph_norm {
-            Some(n) => n,
+            Some(n) => Some(n),
             None => opt.step_clipped(&mut grads, opts.grad_clip, lr)?.map(|n| n.to_scalar::<f32>()).transpose()?,
         };
         if let Some(n) = norm {
