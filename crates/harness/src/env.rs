@@ -87,9 +87,10 @@ impl Env {
         if let Some(n) = concurrent_runs() {
             d["concurrent_runs"] = json!(n);
         }
-        // Which implementation the ops with a fused kernel used (`ZOO_KERNELS`); CUDA only.
+        // Which implementation the ops with a fused kernel used (`ZOO_KERNELS`): on the CPU it
+        // picks the linear-attention scans' CPU forms or the chunked compositions.
+        d["kernels"] = json!(zoo_kernels::mode().name());
         if self.device.is_cuda() {
-            d["kernels"] = json!(zoo_kernels::mode().name());
             d["flash_kernels"] = json!(zoo_kernels::attention::flash_kernel_set());
             d["flash_decode"] = json!(zoo_kernels::attention::decode_kernel());
             // Training steps replayed from a CUDA graph where they can be (ZOO_CUDA_GRAPH=1).

@@ -117,15 +117,38 @@ fn load(case: &Case, dev: &Device) -> (Box<dyn zoo_core::mixer::Mixer>, ParamSto
     (mixer, store)
 }
 
+/// The process-wide kernel mode that the CPU test switches: the tests here take turns.
+static MODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    MODE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// On the CPU, both training paths: the scans' CPU forms (`zoo_kernels::linear_scan` and
+/// `delta_scan`, the default) and the chunked compositions (`ZOO_KERNELS=naive`).
 #[test]
 fn zoo_layers_match_fla_outputs_and_gradients() {
-    check(&Device::Cpu)
+    use zoo_core::zoo_kernels::{mode, set_mode, Kernels};
+    let _turn = turn();
+    struct Restore(Kernels);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            set_mode(self.0)
+        }
+    }
+    let _restore = Restore(mode());
+    for k in [Kernels::Fused, Kernels::Naive] {
+        println!("kernels: {}", k.name());
+        set_mode(k);
+        check(&Device::Cpu)
+    }
 }
 
 /// The same on CUDA in f32, where GLA, RetNet, Simple GLA, Based and linear attention run the
 /// fused linear-scan kernels (`zoo_kernels::linear_scan`) in place of the chunked composition.
 #[test]
 fn zoo_layers_match_fla_on_cuda_with_the_kernels() {
+    let _turn = turn();
     match Device::new_cuda(0) {
         Ok(dev) => check(&dev),
         Err(_) => eprintln!("skipped: no CUDA device in this build or machine"),
@@ -179,6 +202,7 @@ fn check(dev: &Device) {
 /// output's RMSNorm would cancel that.)
 #[test]
 fn a_perturbed_weight_is_caught() {
+    let _turn = turn();
     let case = cases().into_iter().find(|c| c.name == "gla").expect("gla fixture");
     let (mixer, store) = load(&case, &Device::Cpu);
     let (name, var) = store.vars().into_iter().find(|(n, _)| n.ends_with("k_proj.weight")).unwrap();

@@ -19,8 +19,9 @@
 //! `zoo-linear-attention`'s chunked WY form, launches dozens of small ops per chunk; here each pass
 //! is one kernel. Everything runs in f32 from a zero state (the training and scoring forward;
 //! prefill with a cache and decoding keep the chunked and one-step forms). The CPU form of the op
-//! runs the same equations as plain loops and is tested against candle's autograd of the naive
-//! recurrence; the CUDA kernels (`src/cuda/delta_scan.cu`) are tested against the CPU form on
+//! runs the same equations, the (batch, head) sequences in parallel and the backward from the same
+//! 16-step checkpoints; it is the CPU's training path (see [`unsupported`]) and is tested against
+//! candle's autograd of the naive recurrence; the CUDA kernels (`src/cuda/delta_scan.cu`) are tested against the CPU form on
 //! the GPU machine.
 //!
 //! ```
@@ -40,8 +41,12 @@ use std::sync::Arc;
 pub const MAX_DK: usize = 128;
 
 /// Why the fused kernel cannot run here (`None`: it can): the device, or a shape it does not take.
+/// As the linear scan's, the CPU form also runs on the CPU, where it beats the chunked WY
+/// composition (`examples/scan_cpu.rs` of zoo-linear-attention); `ZOO_KERNELS=naive` keeps the
+/// composition everywhere.
 pub fn unsupported(q: &Tensor, k: &Tensor, v: &Tensor, beta: &Tensor, g: Option<&Tensor>) -> Option<String> {
-    if let Some(why) = crate::unavailable(q.device()) {
+    let cpu_form = q.device().is_cpu() && crate::mode() == crate::Kernels::Fused;
+    if let Some(why) = crate::unavailable(q.device()).filter(|_| !cpu_form) {
         return Some(why);
     }
     shape_problem(q, k, v, beta, g)
@@ -111,104 +116,138 @@ impl Delta {
     }
 }
 
-/// One step of the recurrence on a state `s` (d_k × d_v, row-major) entering step t: decays,
-/// writes, and returns (w, u) per column.
-fn cpu_step(s: &mut [f32], row: &[f32], v: &[f32], n: Dims, gated: bool) -> (Vec<f32>, Vec<f32>) {
-    let (dk, dv) = (n.dk, n.dv);
-    let (k, b) = (&row[dk..2 * dk], row[2 * dk]);
-    let a = if gated { row[2 * dk + 1].exp() } else { 1.0 };
-    s.iter_mut().for_each(|e| *e *= a);
-    let mut w = vec![0f32; dv];
-    for i in 0..dk {
-        for j in 0..dv {
-            w[j] += k[i] * s[i * dv + j];
-        }
-    }
-    let u: Vec<f32> = (0..dv).map(|j| b * (v[j] - w[j])).collect();
-    for i in 0..dk {
-        for j in 0..dv {
-            s[i * dv + j] += k[i] * u[j];
-        }
-    }
-    (w, u)
-}
+/// Steps between the CPU backward's state checkpoints (as the kernels' `TT`).
+const CPU_CHUNK: usize = 16;
 
-/// The CPU forward: o (bh, t, dv).
-fn cpu_forward(x: &[f32], v: &[f32], n: Dims, gated: bool) -> Vec<f32> {
-    let Dims { bh, t: tl, dk, dv, ws } = n;
-    let mut out = vec![0f32; bh * tl * dv];
-    for b in 0..bh {
-        let mut s = vec![0f32; dk * dv];
-        for t in 0..tl {
-            let r = b * tl + t;
-            let row = &x[r * ws..(r + 1) * ws];
-            cpu_step(&mut s, row, &v[r * dv..(r + 1) * dv], n, gated);
-            for i in 0..dk {
-                for j in 0..dv {
-                    out[r * dv + j] += row[i] * s[i * dv + j];
-                }
+/// One step of the recurrence on a state `s` (d_k × d_v, row-major) entering step t: decays it,
+/// writes `w = S̃ᵀ k` and `u = β (v − w)` into the given buffers and adds `k uᵀ`. With `q`, also
+/// returns `o = S_tᵀ q` into `o` (added to it).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn cpu_step(s: &mut [f32], row: &[f32], v: &[f32], n: Dims, gated: bool, w: &mut [f32], u: &mut [f32], o: Option<&mut [f32]>) {
+    let (dk, dv) = (n.dk, n.dv);
+    let (q, k, b) = (&row[..dk], &row[dk..2 * dk], row[2 * dk]);
+    let a = if gated { row[2 * dk + 1].exp() } else { 1.0 };
+    w.fill(0.0);
+    for (si, &ki) in s.chunks_exact_mut(dv).zip(k) {
+        if gated {
+            si.iter_mut().for_each(|e| *e *= a);
+        }
+        w.iter_mut().zip(si.iter()).for_each(|(wj, &e)| *wj += ki * e);
+    }
+    u.iter_mut().zip(v).zip(w.iter()).for_each(|((uj, &vj), &wj)| *uj = b * (vj - wj));
+    match o {
+        Some(o) => {
+            for ((si, &ki), &qi) in s.chunks_exact_mut(dv).zip(k).zip(q) {
+                si.iter_mut().zip(u.iter()).for_each(|(e, &uj)| *e += ki * uj);
+                o.iter_mut().zip(si.iter()).for_each(|(oj, &e)| *oj += qi * e);
+            }
+        }
+        None => {
+            for (si, &ki) in s.chunks_exact_mut(dv).zip(k) {
+                si.iter_mut().zip(u.iter()).for_each(|(e, &uj)| *e += ki * uj);
             }
         }
     }
+}
+
+/// The CPU forward: o (bh, t, dv), the (batch, head) sequences in parallel.
+fn cpu_forward(x: &[f32], v: &[f32], n: Dims, gated: bool) -> Vec<f32> {
+    use rayon::prelude::*;
+    let Dims { t: tl, dk, dv, ws, .. } = n;
+    let mut out = vec![0f32; n.bh * tl * dv];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(tl * dv).enumerate().for_each(|(b, ob)| {
+        crate::cpu::simd(|| {
+            let (mut s, mut w, mut u) = (vec![0f32; dk * dv], vec![0f32; dv], vec![0f32; dv]);
+            for (t, o) in ob.chunks_exact_mut(dv).enumerate() {
+                let r = b * tl + t;
+                cpu_step(&mut s, &x[r * ws..(r + 1) * ws], &v[r * dv..(r + 1) * dv], n, gated, &mut w, &mut u, Some(o));
+            }
+        })
+    });
     out
 }
 
-/// The CPU backward: (dx rows [dq | dk | dβ | dg], dv), every state kept.
+/// The CPU backward: (dx rows [dq | dk | dβ | dg], dv), the (batch, head) sequences in parallel.
+/// As the kernels do, the forward keeps the state at every 16th step and each 16-step chunk is
+/// replayed from its checkpoint, so memory does not grow with T·d_k·d_v.
 fn cpu_backward(x: &[f32], v: &[f32], d_o: &[f32], n: Dims, gated: bool) -> (Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
     let Dims { bh, t: tl, dk, dv, ws } = n;
     let (mut dx, mut dvv) = (vec![0f32; bh * tl * ws], vec![0f32; bh * tl * dv]);
-    for b in 0..bh {
-        // states[t]: the state entering step t (before its decay); w, u per step.
-        let mut s = vec![0f32; dk * dv];
-        let mut states = Vec::with_capacity(tl);
-        let mut wu = Vec::with_capacity(tl);
-        for t in 0..tl {
-            let r = b * tl + t;
-            states.push(s.clone());
-            wu.push(cpu_step(&mut s, &x[r * ws..(r + 1) * ws], &v[r * dv..(r + 1) * dv], n, gated));
-        }
-        let mut ds = vec![0f32; dk * dv];
-        for t in (0..tl).rev() {
-            let r = b * tl + t;
-            let row = &x[r * ws..(r + 1) * ws];
-            let (q, k, beta) = (&row[..dk], &row[dk..2 * dk], row[2 * dk]);
-            let a = if gated { row[2 * dk + 1].exp() } else { 1.0 };
-            let (w, u) = &wu[t];
-            let sp = &states[t];
-            let (vr, dor) = (&v[r * dv..(r + 1) * dv], &d_o[r * dv..(r + 1) * dv]);
-            let dxr = &mut dx[r * ws..(r + 1) * ws];
-            for i in 0..dk {
-                for j in 0..dv {
-                    ds[i * dv + j] += q[i] * dor[j];
-                    // S_t = α S_{t−1} + k uᵀ
-                    dxr[i] += (a * sp[i * dv + j] + k[i] * u[j]) * dor[j];
-                }
-            }
-            let mut du = vec![0f32; dv];
-            for i in 0..dk {
-                for j in 0..dv {
-                    du[j] += ds[i * dv + j] * k[i];
-                }
-            }
-            let mut dal = 0f32;
-            for j in 0..dv {
-                dvv[r * dv + j] = beta * du[j];
-                dxr[2 * dk] += du[j] * (vr[j] - w[j]);
-            }
-            for i in 0..dk {
-                for j in 0..dv {
-                    let dw = -beta * du[j];
-                    dxr[dk + i] += ds[i * dv + j] * u[j] + a * sp[i * dv + j] * dw;
-                    let dst = ds[i * dv + j] + k[i] * dw;
-                    dal += sp[i * dv + j] * dst;
-                    ds[i * dv + j] = a * dst;
-                }
-            }
-            if gated {
-                dxr[2 * dk + 1] = a * dal;
-            }
-        }
+    if dvv.is_empty() {
+        return (dx, dvv);
     }
+    let sz = dk * dv;
+    dx.par_chunks_mut(tl * ws).zip(dvv.par_chunks_mut(tl * dv)).enumerate().for_each(|(b, (dxb, dvb))| {
+        crate::cpu::simd(|| {
+            let row = |t: usize| &x[(b * tl + t) * ws..(b * tl + t + 1) * ws];
+            let vrow = |t: usize| &v[(b * tl + t) * dv..(b * tl + t + 1) * dv];
+            // The state entering each chunk.
+            let (mut s, mut w, mut u) = (vec![0f32; sz], vec![0f32; dv], vec![0f32; dv]);
+            let mut ckpt = Vec::with_capacity(tl.div_ceil(CPU_CHUNK) * sz);
+            for t in 0..tl {
+                if t % CPU_CHUNK == 0 {
+                    ckpt.extend_from_slice(&s);
+                }
+                cpu_step(&mut s, row(t), vrow(t), n, gated, &mut w, &mut u, None);
+            }
+            // Per chunk, replayed: states[i] enters step t0 + i; w, u of each step.
+            let mut states = vec![0f32; CPU_CHUNK * sz];
+            let (mut ws_, mut us) = (vec![0f32; CPU_CHUNK * dv], vec![0f32; CPU_CHUNK * dv]);
+            let (mut ds, mut du, mut dw) = (vec![0f32; sz], vec![0f32; dv], vec![0f32; dv]);
+            for c in (0..tl.div_ceil(CPU_CHUNK)).rev() {
+                let (t0, t1) = (c * CPU_CHUNK, ((c + 1) * CPU_CHUNK).min(tl));
+                s.copy_from_slice(&ckpt[c * sz..(c + 1) * sz]);
+                for t in t0..t1 {
+                    let i = t - t0;
+                    states[i * sz..(i + 1) * sz].copy_from_slice(&s);
+                    let (wi, ui) = (&mut ws_[i * dv..(i + 1) * dv], &mut us[i * dv..(i + 1) * dv]);
+                    cpu_step(&mut s, row(t), vrow(t), n, gated, wi, ui, None);
+                }
+                for t in (t0..t1).rev() {
+                    let i = t - t0;
+                    let r = row(t);
+                    let (q, k, beta) = (&r[..dk], &r[dk..2 * dk], r[2 * dk]);
+                    let a = if gated { r[2 * dk + 1].exp() } else { 1.0 };
+                    let (w, u) = (&ws_[i * dv..(i + 1) * dv], &us[i * dv..(i + 1) * dv]);
+                    let sp = &states[i * sz..(i + 1) * sz];
+                    let dor = &d_o[(b * tl + t) * dv..(b * tl + t + 1) * dv];
+                    let dxr = &mut dxb[t * ws..(t + 1) * ws];
+                    // dS += q dOᵀ; dq = S_t dO = α S_{t−1} dO + k (u · dO); du = dSᵀ k.
+                    let udo = crate::cpu::dot(u, dor);
+                    du.fill(0.0);
+                    for (((dsi, spi), &qi), (&ki, dqi)) in ds.chunks_exact_mut(dv).zip(sp.chunks_exact(dv)).zip(q).zip(k.iter().zip(dxr[..dk].iter_mut())) {
+                        dsi.iter_mut().zip(dor).for_each(|(e, &dj)| *e += qi * dj);
+                        *dqi = a * crate::cpu::dot(spi, dor) + ki * udo;
+                        du.iter_mut().zip(dsi.iter()).for_each(|(d, &e)| *d += e * ki);
+                    }
+                    let dvr = &mut dvb[t * dv..(t + 1) * dv];
+                    let mut dbeta = 0f32;
+                    for j in 0..dv {
+                        dvr[j] = beta * du[j];
+                        dbeta += du[j] * (vrow(t)[j] - w[j]);
+                        dw[j] = -beta * du[j];
+                    }
+                    dxr[2 * dk] = dbeta;
+                    // dk = dS u + S̃ dw; dS̃ = dS + k dwᵀ; dα = Σ S_{t−1} ⊙ dS̃; dS ← α dS̃.
+                    let mut dal = 0f32;
+                    for ((dsi, spi), (&ki, dki)) in ds.chunks_exact_mut(dv).zip(sp.chunks_exact(dv)).zip(k.iter().zip(dxr[dk..2 * dk].iter_mut())) {
+                        *dki = crate::cpu::dot(dsi, u) + a * crate::cpu::dot(spi, &dw);
+                        dsi.iter_mut().zip(dw.iter()).for_each(|(e, &dwj)| *e += ki * dwj);
+                        dal += crate::cpu::dot(spi, dsi);
+                        dsi.iter_mut().for_each(|e| *e *= a);
+                    }
+                    if gated {
+                        dxr[2 * dk + 1] = a * dal;
+                    }
+                }
+            }
+        })
+    });
     (dx, dvv)
 }
 

@@ -3,7 +3,10 @@
 //! Every kernel has a composition of candle ops that does the same work (in zoo-core); that
 //! composition runs on CPU, when this crate is built without the `cuda` feature, when a kernel
 //! does not apply (it says why), and when `ZOO_KERNELS=naive`. It is the reference every kernel
-//! is tested against (`crates/core/tests/fused.rs`, run on the GPU machine).
+//! is tested against (`crates/core/tests/fused.rs`, run on the GPU machine). The two scans are the
+//! exception on the CPU: their CPU forms, loops over each (batch, head) sequence, train there in
+//! place of the chunked compositions, which they beat several times over (1-35×, zoo-linear-
+//! attention's `examples/scan_cpu.rs`).
 //!
 //! Kernels so far:
 //! - [`adamw`]: multi-tensor AdamW with global grad-norm clipping in two launches per 48
@@ -32,6 +35,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod conv1d;
+mod cpu;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda_addr;
