@@ -124,8 +124,8 @@ fn turn() -> std::sync::MutexGuard<'static, ()> {
     MODE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// On the CPU, both training paths: the scans' CPU forms (`zoo_kernels::linear_scan` and
-/// `delta_scan`, the default) and the chunked compositions (`ZOO_KERNELS=naive`).
+/// On the CPU, both training paths: the ops' CPU forms (the default: `zoo_kernels::linear_scan`
+/// for GLA, `delta_scan`, `conv1d`) and the compositions (`ZOO_KERNELS=naive`).
 #[test]
 fn zoo_layers_match_fla_outputs_and_gradients() {
     use zoo_core::zoo_kernels::{mode, set_mode, Kernels};

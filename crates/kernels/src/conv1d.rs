@@ -39,9 +39,12 @@ fn chunking(rows: usize) -> (usize, usize) {
     (per, rows.div_ceil(per).max(1))
 }
 
-/// Why the fused kernel cannot run here (`None`: it can).
+/// Why the fused kernel cannot run here (`None`: it can). As the scans', the op's CPU form also
+/// runs on the CPU, where it beats the composition's strided broadcasts (`ZOO_KERNELS=naive` keeps
+/// the composition).
 pub fn unsupported(x: &Tensor, w: &Tensor) -> Option<String> {
-    if let Some(why) = crate::unavailable(x.device()) {
+    let cpu_form = x.device().is_cpu() && crate::mode() == crate::Kernels::Fused;
+    if let Some(why) = crate::unavailable(x.device()).filter(|_| !cpu_form) {
         return Some(why);
     }
     if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
@@ -58,8 +61,8 @@ fn shape_problem(x: &Tensor, w: &Tensor) -> Option<String> {
 }
 
 /// x (B, T, C), w (C, K) → y (B, T, C) in x's dtype, differentiable in x and w (w's gradient in
-/// f32). On any device: the CPU form is plain loops (the semantics, tested against the
-/// composition), CUDA runs the kernels.
+/// f32). On any device: the CPU form is loops over each sequence's rows, in parallel (tested
+/// against the composition), CUDA runs the kernels.
 pub fn causal_conv1d(x: &Tensor, w: &Tensor, silu: bool) -> Result<Tensor> {
     if let Some(why) = shape_problem(x, w) {
         candle_core::bail!("causal conv1d: {why}")
@@ -106,78 +109,116 @@ fn silu_grad(p: f32) -> f32 {
 
 /// The CPU forms: x, g (B·T·C), w (C·K), all f32.
 mod cpu {
+    //! Each sequence's rows in parallel on rayon's pool, every row a vector over the channels
+    //! (compiled for AVX2 where the CPU has it; the same bits either way).
     use super::{silu_grad, Dims};
+    use crate::cpu::simd;
+    use rayon::prelude::*;
 
-    pub fn pre(x: &[f32], w: &[f32], n: Dims, row0: usize, t: usize, c: usize) -> f32 {
-        let mut p = 0.0;
-        for j in 0..n.k {
-            if t + j + 1 >= n.k {
-                let s = t + j + 1 - n.k;
-                p += w[c * n.k + j] * x[(row0 + s) * n.c + c];
-            }
-        }
-        p
+    /// w (C, K) as its K columns, (K, C).
+    fn columns(w: &[f32], n: Dims) -> Vec<f32> {
+        (0..n.k).flat_map(|j| (0..n.c).map(move |c| w[c * n.k + j])).collect()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn gpre(x: &[f32], w: &[f32], g: &[f32], n: Dims, row0: usize, t: usize, c: usize, silu: bool) -> f32 {
-        let gv = g[(row0 + t) * n.c + c];
+    fn row(x: &[f32], n: Dims, t: usize) -> &[f32] {
+        &x[t * n.c..(t + 1) * n.c]
+    }
+
+    /// The pre-activation of one sequence (T × C rows) into `p`: taps in ascending order, as the
+    /// composition adds them.
+    #[inline(always)]
+    fn pre(xb: &[f32], wt: &[f32], n: Dims, p: &mut [f32]) {
+        p.fill(0.0);
+        for (t, pr) in p.chunks_exact_mut(n.c).enumerate() {
+            for j in (n.k - 1).saturating_sub(t)..n.k {
+                let (xr, wr) = (row(xb, n, t + j + 1 - n.k), row(wt, n, j));
+                pr.iter_mut().zip(xr).zip(wr).for_each(|((e, &x), &w)| *e += w * x);
+            }
+        }
+    }
+
+    /// dL/dp of one sequence into `gp`.
+    #[inline(always)]
+    fn gpre(xb: &[f32], wt: &[f32], gb: &[f32], n: Dims, silu: bool, gp: &mut [f32]) {
         if silu {
-            gv * silu_grad(pre(x, w, n, row0, t, c))
+            pre(xb, wt, n, gp);
+            gp.iter_mut().zip(gb).for_each(|(p, &g)| *p = g * silu_grad(*p));
         } else {
-            gv
+            gp.copy_from_slice(gb);
         }
     }
 
     pub fn forward(x: &[f32], w: &[f32], n: Dims, silu: bool) -> Vec<f32> {
         let mut y = vec![0f32; n.b * n.t * n.c];
-        for b in 0..n.b {
-            for t in 0..n.t {
-                for c in 0..n.c {
-                    let p = pre(x, w, n, b * n.t, t, c);
-                    y[(b * n.t + t) * n.c + c] = if silu { p / (1.0 + (-p).exp()) } else { p };
-                }
-            }
+        if y.is_empty() {
+            return y;
         }
+        let wt = columns(w, n);
+        y.par_chunks_mut(n.t * n.c).zip(x.par_chunks(n.t * n.c)).for_each(|(yb, xb)| {
+            simd(|| {
+                pre(xb, &wt, n, yb);
+                if silu {
+                    yb.iter_mut().for_each(|p| *p = *p / (1.0 + (-*p).exp()));
+                }
+            })
+        });
         y
     }
 
     pub fn dx(x: &[f32], w: &[f32], g: &[f32], n: Dims, silu: bool) -> Vec<f32> {
         let mut dx = vec![0f32; n.b * n.t * n.c];
-        for b in 0..n.b {
-            for s in 0..n.t {
-                for c in 0..n.c {
-                    let mut acc = 0.0;
+        if dx.is_empty() {
+            return dx;
+        }
+        let wt = columns(w, n);
+        let len = n.t * n.c;
+        dx.par_chunks_mut(len).zip(x.par_chunks(len).zip(g.par_chunks(len))).for_each(|(db, (xb, gb))| {
+            simd(|| {
+                let mut gp = vec![0f32; len];
+                gpre(xb, &wt, gb, n, silu, &mut gp);
+                // dx[s] = Σ_j w[:, j] ⊙ gp[s + K − 1 − j] over the taps that stay inside T.
+                for (s, dr) in db.chunks_exact_mut(n.c).enumerate() {
                     for j in 0..n.k {
                         let t = s + n.k - 1 - j;
                         if t < n.t {
-                            acc += w[c * n.k + j] * gpre(x, w, g, n, b * n.t, t, c, silu);
+                            let (gr, wr) = (row(&gp, n, t), row(&wt, n, j));
+                            dr.iter_mut().zip(gr).zip(wr).for_each(|((e, &g), &w)| *e += w * g);
                         }
                     }
-                    dx[(b * n.t + s) * n.c + c] = acc;
                 }
-            }
-        }
+            })
+        });
         dx
     }
 
-    /// One chunk: (1, C, K).
+    /// The weight gradient's partial sums, one (C, K) per sequence: (B, C, K).
     pub fn dw(x: &[f32], w: &[f32], g: &[f32], n: Dims, silu: bool) -> Vec<f32> {
-        let mut dw = vec![0f32; n.c * n.k];
-        for b in 0..n.b {
-            for t in 0..n.t {
-                for c in 0..n.c {
-                    let gp = gpre(x, w, g, n, b * n.t, t, c, silu);
-                    for j in 0..n.k {
-                        if t + j + 1 >= n.k {
-                            let s = t + j + 1 - n.k;
-                            dw[c * n.k + j] += gp * x[(b * n.t + s) * n.c + c];
+        let len = n.t * n.c;
+        if n.b * len == 0 {
+            return vec![0f32; n.b.max(1) * n.c * n.k];
+        }
+        let wt = columns(w, n);
+        let parts: Vec<Vec<f32>> = x
+            .par_chunks(len)
+            .zip(g.par_chunks(len))
+            .map(|(xb, gb)| {
+                simd(|| {
+                    let mut gp = vec![0f32; len];
+                    gpre(xb, &wt, gb, n, silu, &mut gp);
+                    // (K, C): dw[:, j] = Σ_t gp[t] ⊙ x[t − K + 1 + j].
+                    let mut acc = vec![0f32; n.k * n.c];
+                    for t in 0..n.t {
+                        let gr = row(&gp, n, t);
+                        for j in (n.k - 1).saturating_sub(t)..n.k {
+                            let xr = row(xb, n, t + j + 1 - n.k);
+                            acc[j * n.c..(j + 1) * n.c].iter_mut().zip(gr).zip(xr).for_each(|((e, &g), &x)| *e += g * x);
                         }
                     }
-                }
-            }
-        }
-        dw
+                    acc
+                })
+            })
+            .collect();
+        parts.iter().flat_map(|acc| (0..n.c).flat_map(move |c| (0..n.k).map(move |j| acc[j * n.c + c]))).collect()
     }
 }
 
@@ -233,7 +274,7 @@ impl CustomOp3 for Grad {
         let (x, w, g) = (crate::cpu_f32(s1, l1, what)?, crate::cpu_f32(s2, l2, what)?, crate::cpu_f32(s3, l3, what)?);
         Ok(match self.part {
             Part::Dx => (crate::cpu_from_f32(cpu::dx(&x, &w, &g, n, self.silu), s1.dtype())?, l1.shape().clone()),
-            Part::Dw => (CpuStorage::F32(cpu::dw(&x, &w, &g, n, self.silu)), Shape::from((1, n.c, n.k))),
+            Part::Dw => (CpuStorage::F32(cpu::dw(&x, &w, &g, n, self.silu)), Shape::from((n.b.max(1), n.c, n.k))),
         })
     }
 

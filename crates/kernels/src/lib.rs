@@ -3,10 +3,11 @@
 //! Every kernel has a composition of candle ops that does the same work (in zoo-core); that
 //! composition runs on CPU, when this crate is built without the `cuda` feature, when a kernel
 //! does not apply (it says why), and when `ZOO_KERNELS=naive`. It is the reference every kernel
-//! is tested against (`crates/core/tests/fused.rs`, run on the GPU machine). The two scans are the
-//! exception on the CPU: their CPU forms, loops over each (batch, head) sequence, train there in
-//! place of the chunked compositions, which they beat several times over (1-35×, zoo-linear-
-//! attention's `examples/scan_cpu.rs`).
+//! is tested against (`crates/core/tests/fused.rs`, run on the GPU machine). Three ops are the
+//! exception on the CPU, where their CPU forms (loops over each sequence, in parallel) run in place
+//! of the compositions, which they beat several times over: the linear scan with a per-channel
+//! decay (GLA), the delta scan (zoo-linear-attention's `examples/scan_cpu.rs`) and the causal
+//! conv1d (`scripts/cpu-forms-bench.sh` for whole models).
 //!
 //! Kernels so far:
 //! - [`adamw`]: multi-tensor AdamW with global grad-norm clipping in two launches per 48

@@ -31,6 +31,7 @@ fn main() -> Result<()> {
         ("quickstart GLA d64", 32, 1, 64, 64, 64, 64),
         ("GLA fla widths d128 2 heads", 32, 2, 64, 32, 64, 32),
         ("RetNet-like scalar decay", 32, 2, 64, 32, 64, 1),
+        ("RetNet d64 1 head (recall-gate-ablation)", 32, 1, 64, 64, 128, 1),
         ("linear attention, no decay", 32, 2, 64, 32, 64, 0),
         ("GLA T=256", 8, 2, 256, 32, 64, 32),
     ];

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The linear-attention scans' CPU forms against the chunked compositions they replace on the CPU,
-# as `zoo bench` train steps of whole models, in one command: every model benched with
-# ZOO_KERNELS=naive (the chunked compositions) and with the default (fused: the CPU forms of
-# zoo_kernels::linear_scan / delta_scan), alternating, ROUNDS rounds, into
-# results/bench/linear-cpu/{naive,fused}/<run>-r<round>.json, then `zoo report` of each folder.
+# The ops' CPU forms against the compositions they replace on the CPU, as `zoo bench` train steps
+# of whole models, in one command: every model benched with ZOO_KERNELS=naive (the compositions)
+# and with the default (fused: the CPU forms of zoo_kernels::linear_scan for GLA, delta_scan and
+# conv1d, the short convolutions), alternating, ROUNDS rounds, into
+# results/bench/cpu-forms/{naive,fused}/<run>-r<round>.json, then `zoo report` of each folder.
 # Models: the quickstart's GLA (d 64, 128), its GLA + attention hybrid (d 128) and attention
-# (d 128, which has no scan: a control), and configs/recall-gate-ablation.toml's RetNet and
-# Gated DeltaNet (d 64); each at its config's T = 64 and batch 32. Prefill and decode keep the
-# chunked and one-step forms in both modes (they hold a state).
-# usage: scripts/scan-cpu-bench.sh [ROUNDS]
+# (d 128: only its BaseConv layer changes), and configs/recall-gate-ablation.toml's RetNet (whose
+# scalar decay keeps the chunked form: only the conv layer changes) and Gated DeltaNet (d 64);
+# each at its config's T = 64 and batch 32. Prefill and decode keep the compositions in both
+# modes (they hold a state).
+# usage: scripts/cpu-forms-bench.sh [ROUNDS]
 set -eu
 rounds=${1:-3}
 ZOO=${ZOO:-target/release/zoo}
-out=${OUT_DIR:-results/bench/linear-cpu}
+out=${OUT_DIR:-results/bench/cpu-forms}
 mkdir -p "$out/naive" "$out/fused"
 benches="configs/quickstart.toml:7 configs/quickstart.toml:8 configs/quickstart.toml:11 configs/quickstart.toml:2
 configs/recall-gate-ablation.toml:4 configs/recall-gate-ablation.toml:8"
