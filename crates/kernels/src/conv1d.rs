@@ -107,10 +107,10 @@ fn silu_grad(p: f32) -> f32 {
     s * (1.0 + p * (1.0 - s))
 }
 
-/// The CPU forms: x, g (B·T·C), w (C·K), all f32.
 mod cpu {
-    //! Each sequence's rows in parallel on rayon's pool, every row a vector over the channels
-    //! (compiled for AVX2 where the CPU has it; the same bits either way).
+    //! The CPU forms: x, g (B·T·C), w (C·K), all f32. Each sequence's rows in parallel on rayon's
+    //! pool, every row a vector over the channels (compiled for AVX2 where the CPU has it; the
+    //! same bits either way).
     use super::{silu_grad, Dims};
     use crate::cpu::simd;
     use rayon::prelude::*;
