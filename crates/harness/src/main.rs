@@ -366,6 +366,7 @@ fn rank_env(cli: &Cli, world: Option<&zoo_core::dist::World>) -> Result<Env> {
 }
 
 fn real_main() -> Result<i32> {
+    bench::keep_freed_memory();
     let cli = Cli::parse();
     if let Some(k) = cli.kernels.as_deref().and_then(zoo_kernels::Kernels::parse) {
         zoo_kernels::set_mode(k);

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""zoo against PyTorch twins on the CPU: the GPU comparison's models (scripts/twin-bench.py: zoo's
+configs/bench-baseline.toml family, RMSNorm pre-norm blocks, softmax attention with RoPE, SwiGLU,
+tied embeddings, vocab 32768) at CPU sizes, one command, one JSON.
+
+Implementations, all f32 (zoo's CPU precision), on the same threads (RAYON_NUM_THREADS for zoo,
+torch.set_num_threads with the same count for PyTorch):
+- zoo: `zoo bench` (default kernels: on the CPU the compositions, plus the ops' CPU forms where
+  they apply; this model has none of them);
+- hf: transformers' LlamaForCausalLM, attn_implementation="sdpa";
+- eager: twin-bench.py's hand-written twin (F.scaled_dot_product_attention, plain PyTorch ops);
+- compile: the same twin under torch.compile (inductor's C++ backend).
+Train step = forward + cross-entropy + backward + clip(1.0) + AdamW (foreach) on random tokens;
+prefill = forward over B x T without grad. Medians of ITERS timed iterations after WARMUP. Memory
+is not compared here (zoo reports its process peak per phase; PyTorch's CPU allocator has no
+per-phase peak).
+
+    python3 scripts/twin-bench-cpu.py --zoo target/release/zoo --out results/bench/twins-cpu.json
+"""
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+_spec = importlib.util.spec_from_file_location("twin_bench", os.path.join(ROOT, "scripts", "twin-bench.py"))
+tb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tb)
+VOCAB = tb.VOCAB
+# (name, layers, d_model, heads, [(T, B), ...]): CPU-sized members of the same family.
+MODELS = [("4L-256", 4, 256, 4, [(256, 8)]), ("6L-384", 6, 384, 6, [(256, 4)])]
+
+
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def timed(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), ts
+
+
+def bench_twin(kind, layers, d, h, t, b, a):
+    torch.manual_seed(0)
+    model = tb.hf_model(layers, d, h) if kind == "hf" else tb.Twin(layers, d, h)
+    fwd = (lambda ids: model(ids).logits) if kind == "hf" else model
+    if kind == "compile":
+        fwd = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
+    ids = torch.randint(0, VOCAB, (b, t + 1))
+    row = {"impl": kind, "seq_len": t, "batch": b}
+
+    def step():
+        logits = fwd(ids[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    s, ts = timed(step, a.warmup, a.iters)
+    row.update(train_step_s=s, train_tokens_per_s=b * t / s, train_step_times=ts)
+
+    def prefill():
+        with torch.no_grad():
+            fwd(ids[:, :-1])
+
+    s, ts = timed(prefill, a.warmup, a.iters)
+    row.update(prefill_s=s, prefill_tokens_per_s=b * t / s, prefill_times=ts)
+    print(json.dumps({k: v for k, v in row.items() if not k.endswith("times")}), flush=True)
+    return row
+
+
+def bench_zoo(layers, d, h, shapes, a):
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.toml")
+        open(path, "w").write(tb.zoo_config(layers, d, h))
+        for t, b in shapes:
+            out = os.path.join(tmp, f"{t}-{b}.json")
+            r = subprocess.run([a.zoo, "bench", path, "--seq-lens", str(t), "--batch", str(b), "--warmup", str(a.warmup),
+                                "--iters", str(a.iters), "--decode-tokens", "2", "--out", out, "-q"],
+                               env=dict(os.environ, RAYON_NUM_THREADS=str(a.threads)), capture_output=True, text=True)
+            if r.returncode != 0:
+                rows.append({"impl": "zoo", "seq_len": t, "batch": b, "error": r.stderr.strip()[-400:]})
+                continue
+            j = json.load(open(out))
+            z = j["rows"][0]
+            row = {"impl": "zoo", "seq_len": t, "batch": b, "zoo_git": j["env"]["git"], "zoo_kernels": j["env"]["device"].get("kernels")}
+            for k in ("train_step_s", "train_tokens_per_s", "prefill_s", "prefill_tokens_per_s"):
+                row[k] = z[k]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zoo", default=os.path.join(ROOT, "target", "release", "zoo"))
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("RAYON_NUM_THREADS", os.cpu_count() or 1)))
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the whole comparison, alternating implementations")
+    ap.add_argument("--impls", default="zoo,hf,eager,compile")
+    ap.add_argument("--out", default="twins-cpu.json")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    impls = a.impls.split(",")
+    import transformers
+    res = {"schema": "zoo.twin-bench/1", "device": f"{cpu_name()} ({a.threads} threads)", "dtype": "f32",
+           "torch": torch.__version__, "transformers": transformers.__version__,
+           "protocol": __doc__.strip().split("\n\n")[1], "rounds": a.rounds, "models": {}, "complete": False}
+
+    def save():
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, a.out)
+
+    for name, layers, d, h, shapes in MODELS:
+        rows = []
+        for rnd in range(a.rounds):
+            if "zoo" in impls:
+                rows += [dict(r, round=rnd) for r in bench_zoo(layers, d, h, shapes, a)]
+            for kind in ("hf", "eager", "compile"):
+                if kind in impls:
+                    rows += [dict(bench_twin(kind, layers, d, h, t, b, a), round=rnd) for t, b in shapes]
+        ratios = {}
+        for t, b in shapes:
+            def med(impl, m):
+                v = [r[m] for r in rows if r["impl"] == impl and r["seq_len"] == t and r["batch"] == b and m in r]
+                return statistics.median(v) if v else None
+            for other in ("hf", "eager", "compile"):
+                for m in ("train_tokens_per_s", "prefill_tokens_per_s"):
+                    z, o = med("zoo", m), med(other, m)
+                    if z and o:
+                        ratios[f"T{t}xB{b} zoo/{other} {m}"] = z / o
+        res["models"][name] = {"layers": layers, "d_model": d, "heads": h, "rows": rows, "ratios": ratios}
+        save()
+    res["complete"] = True
+    save()
+    print(json.dumps({n: m["ratios"] for n, m in res["models"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
