@@ -18,6 +18,45 @@ pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// The contiguous elements of a CPU storage as f32: borrowed when they are f32 (no copy of a
+/// large tensor), converted from bf16, f16 or f64 otherwise (`op` names the op in errors).
+pub(crate) fn f32_view<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, op: &str) -> candle_core::Result<std::borrow::Cow<'a, [f32]>> {
+    match s {
+        candle_core::CpuStorage::F32(v) => {
+            let (a, z) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: input not contiguous")))?;
+            Ok(std::borrow::Cow::Borrowed(&v[a..z]))
+        }
+        _ => crate::cpu_f32(s, l, op).map(std::borrow::Cow::Owned),
+    }
+}
+
+/// log Σ_j e^{x_j} of a row, from its maximum (a fixed order: eight interleaved lanes).
+#[inline(always)]
+pub(crate) fn logsumexp(x: &[f32]) -> f32 {
+    let mut mx = [f32::NEG_INFINITY; 8];
+    let c = x.chunks_exact(8);
+    let rest = c.remainder();
+    for ch in c {
+        for z in 0..8 {
+            mx[z] = mx[z].max(ch[z]);
+        }
+    }
+    let m = rest.iter().fold(mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)), |a, &b| a.max(b));
+    if m == f32::NEG_INFINITY {
+        return m;
+    }
+    let mut acc = [0f32; 8];
+    let c = x.chunks_exact(8);
+    let rest = c.remainder();
+    for ch in c {
+        for z in 0..8 {
+            acc[z] += (ch[z] - m).exp();
+        }
+    }
+    let tail: f32 = rest.iter().map(|&r| (r - m).exp()).sum();
+    m + (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail).ln()
+}
+
 /// Σ_j a_j b_j over the shorter of the two, in eight interleaved partial sums (a fixed order, so
 /// that it vectorises).
 #[inline(always)]
@@ -39,6 +78,17 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn logsumexp_matches_the_definition() {
+        for n in [1, 7, 8, 13, 40] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7).collect();
+            let want = x.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+            let got = super::logsumexp(&x) as f64;
+            assert!((got - want).abs() < 1e-5, "n = {n}: {got} vs {want}");
+        }
+        assert_eq!(super::logsumexp(&[f32::NEG_INFINITY; 3]), f32::NEG_INFINITY);
+    }
+
     #[test]
     fn dot_sums_every_product() {
         for n in [0, 1, 7, 8, 9, 16, 29] {

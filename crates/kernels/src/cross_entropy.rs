@@ -15,9 +15,12 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
-/// Why the fused kernel cannot run here (`None`: it can).
+/// Why the fused kernel cannot run here (`None`: it can). On the CPU the op's CPU form runs (rows
+/// in parallel, the gradient written in one pass), in place of the composition's passes over the
+/// (B·T, V) logits; `ZOO_KERNELS=naive` keeps the composition.
 pub fn unsupported(logits: &Tensor, targets: &Tensor) -> Option<String> {
-    if let Some(why) = crate::unavailable(logits.device()) {
+    let cpu_form = logits.device().is_cpu() && crate::mode() == crate::Kernels::Fused;
+    if let Some(why) = crate::unavailable(logits.device()).filter(|_| !cpu_form) {
         return Some(why);
     }
     if !matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16) {
@@ -33,7 +36,7 @@ pub fn unsupported(logits: &Tensor, targets: &Tensor) -> Option<String> {
 /// outside the vocabulary gives NaN (the CPU form: an error).
 pub fn nll_op(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
-    if targets.dims() != [n] {
+    if targets.dims() != [n] || v == 0 {
         candle_core::bail!("cross-entropy: targets {:?} for logits {:?}", targets.dims(), logits.dims())
     }
     let op = Nll { v, lse: Mutex::new(None) };
@@ -52,22 +55,25 @@ impl CustomOp2 for Nll {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
         if matches!(s1, CpuStorage::F64(_)) {
             candle_core::bail!("cross-entropy: unsupported logits dtype f64")
         }
-        let x = crate::cpu_f32(s1, l1, "cross-entropy")?;
+        let x = crate::cpu::f32_view(s1, l1, "cross-entropy")?;
         let (a, z) = l2.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cross-entropy: targets not contiguous".into()))?;
         let t = &s2.as_slice::<u32>()?[a..z];
         let v = self.v;
-        let (mut nll, mut lse) = (Vec::with_capacity(t.len()), Vec::with_capacity(t.len()));
-        for (i, &ti) in t.iter().enumerate() {
-            let row = &x[i * v..(i + 1) * v];
-            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let l = m + row.iter().map(|&r| (r - m).exp()).sum::<f32>().ln();
-            let Some(&xt) = row.get(ti as usize) else { candle_core::bail!("cross-entropy: target {ti} outside the vocabulary of {v}") };
-            lse.push(l);
-            nll.push(l - xt);
+        if let Some(&bad) = t.iter().find(|&&ti| ti as usize >= v) {
+            candle_core::bail!("cross-entropy: target {bad} outside the vocabulary of {v}")
         }
+        // (nll, lse) per row, the rows in parallel.
+        let mut out = vec![0f32; 2 * t.len()];
+        out.par_chunks_mut(2).zip(x.par_chunks(v)).zip(t.par_iter()).with_min_len(8).for_each(|((o, row), &ti)| {
+            let l = crate::cpu::simd(|| crate::cpu::logsumexp(row));
+            o[0] = l - row[ti as usize];
+            o[1] = l;
+        });
+        let (nll, lse): (Vec<f32>, Vec<f32>) = out.chunks_exact(2).map(|o| (o[0], o[1])).unzip();
         *self.lse.lock().unwrap() = Some(Tensor::from_vec(lse, t.len(), &candle_core::Device::Cpu)?);
         Ok((CpuStorage::F32(nll), Shape::from(t.len())))
     }
@@ -97,12 +103,44 @@ impl CustomOp2 for Nll {
             #[cfg(not(feature = "cuda"))]
             candle_core::bail!("cross-entropy: CUDA tensors in a build without the cuda feature")
         } else {
-            // softmax − one-hot, scaled by g: the reference form.
-            let p = x.to_dtype(DType::F32)?.broadcast_sub(&lse.unsqueeze(1)?)?.exp()?;
-            let onehot = t.unsqueeze(1)?.broadcast_eq(&Tensor::arange(0u32, self.v as u32, x.device())?.unsqueeze(0)?)?.to_dtype(DType::F32)?;
-            (p - onehot)?.broadcast_mul(&g.unsqueeze(1)?)?.to_dtype(x.dtype())?
+            x.apply_op3_no_bwd(t, &Tensor::stack(&[&lse, &g], 1)?, &NllGrad { v: self.v })?
         };
         Ok((Some(dx), None))
+    }
+}
+
+/// The CPU backward: `dx[i, j] = g[i] · (e^{x[i, j] − lse[i]} − [j = t[i]])` (softmax − one-hot,
+/// scaled by g) from x, t and the rows [lse, g] (N, 2), written once in x's type, the rows in
+/// parallel.
+struct NllGrad {
+    v: usize,
+}
+
+impl candle_core::CustomOp3 for NllGrad {
+    fn name(&self) -> &'static str {
+        "zoo-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = crate::cpu::f32_view(s1, l1, "cross-entropy backward")?;
+        let (a, z) = l2.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cross-entropy: targets not contiguous".into()))?;
+        let t = &s2.as_slice::<u32>()?[a..z];
+        let lg = crate::cpu::f32_view(s3, l3, "cross-entropy backward")?;
+        let v = self.v;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(v).zip(x.par_chunks(v)).zip(t.par_iter().zip(lg.par_chunks(2))).with_min_len(8).for_each(|((d, row), (&ti, lg))| {
+            let (lse, g) = (lg[0], lg[1]);
+            crate::cpu::simd(|| d.iter_mut().zip(row).for_each(|(d, &x)| *d = (x - lse).exp() * g));
+            d[ti as usize] -= g;
+        });
+        let dt = match s1 {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::BF16(_) => DType::BF16,
+            CpuStorage::F16(_) => DType::F16,
+            _ => candle_core::bail!("cross-entropy: unsupported logits dtype"),
+        };
+        Ok((crate::cpu_from_f32(dx, dt)?, l1.shape().clone()))
     }
 }
 

@@ -3,11 +3,12 @@
 //! Every kernel has a composition of candle ops that does the same work (in zoo-core); that
 //! composition runs on CPU, when this crate is built without the `cuda` feature, when a kernel
 //! does not apply (it says why), and when `ZOO_KERNELS=naive`. It is the reference every kernel
-//! is tested against (`crates/core/tests/fused.rs`, run on the GPU machine). Three ops are the
-//! exception on the CPU, where their CPU forms (loops over each sequence, in parallel) run in place
-//! of the compositions, which they beat several times over: the linear scan with a per-channel
-//! decay (GLA), the delta scan (zoo-linear-attention's `examples/scan_cpu.rs`) and the causal
-//! conv1d (`scripts/cpu-forms-bench.sh` for whole models).
+//! is tested against (`crates/core/tests/fused.rs`, run on the GPU machine). Four ops are the
+//! exception on the CPU, where their CPU forms (loops over each sequence or row, in parallel) run
+//! in place of the compositions, which they beat several times over: the linear scan with a
+//! per-channel decay (GLA), the delta scan (zoo-linear-attention's `examples/scan_cpu.rs`), the
+//! causal conv1d (`scripts/cpu-forms-bench.sh` for whole models) and the cross-entropy
+//! (zoo-core's `examples/ce_cpu.rs`).
 //!
 //! Kernels so far:
 //! - [`adamw`]: multi-tensor AdamW with global grad-norm clipping in two launches per 48
