@@ -11,11 +11,13 @@ torch.set_num_threads with the same count for PyTorch):
 - eager: twin-bench.py's hand-written twin (F.scaled_dot_product_attention, plain PyTorch ops);
 - compile: the same twin under torch.compile (inductor's C++ backend).
 Train step = forward + cross-entropy + backward + clip(1.0) + AdamW (foreach) on random tokens;
-prefill = forward over B x T without grad. Medians of ITERS timed iterations after WARMUP. Memory
+prefill = forward over B x T without grad. Medians of ITERS timed iterations after WARMUP, then
+the median over ROUNDS rounds (each implementation once per round, in turn). Memory
 is not compared here (zoo reports its process peak per phase; PyTorch's CPU allocator has no
 per-phase peak).
 
-    python3 scripts/twin-bench-cpu.py --zoo target/release/zoo --out results/bench/twins-cpu.json
+    python3 scripts/twin-bench-cpu.py --zoo target/release/zoo --rounds 2 --out results/bench/twins-cpu.json
+    python3 scripts/twin-table.py results/bench/twins-cpu.json > results/bench/twins-cpu.md
 """
 import argparse
 import importlib.util
@@ -102,11 +104,11 @@ def bench_zoo(layers, d, h, shapes, a):
                                 "--iters", str(a.iters), "--decode-tokens", "2", "--out", out, "-q"],
                                env=dict(os.environ, RAYON_NUM_THREADS=str(a.threads)), capture_output=True, text=True)
             if r.returncode != 0:
-                rows.append({"impl": "zoo", "seq_len": t, "batch": b, "error": r.stderr.strip()[-400:]})
+                rows.append({"impl": "zoo-fused", "seq_len": t, "batch": b, "error": r.stderr.strip()[-400:]})
                 continue
             j = json.load(open(out))
             z = j["rows"][0]
-            row = {"impl": "zoo", "seq_len": t, "batch": b, "zoo_git": j["env"]["git"], "zoo_kernels": j["env"]["device"].get("kernels")}
+            row = {"impl": "zoo-fused", "seq_len": t, "batch": b, "zoo_git": j["env"]["git"], "zoo_kernels": j["env"]["device"].get("kernels")}
             for k in ("train_step_s", "train_tokens_per_s", "prefill_s", "prefill_tokens_per_s"):
                 row[k] = z[k]
             rows.append(row)
@@ -137,25 +139,40 @@ def main():
             json.dump(res, f, indent=1)
         os.replace(tmp, a.out)
 
+    metrics = ("train_step_s", "train_tokens_per_s", "prefill_s", "prefill_tokens_per_s")
     for name, layers, d, h, shapes in MODELS:
-        rows = []
+        raw = []
         for rnd in range(a.rounds):
             if "zoo" in impls:
-                rows += [dict(r, round=rnd) for r in bench_zoo(layers, d, h, shapes, a)]
+                raw += [dict(r, round=rnd) for r in bench_zoo(layers, d, h, shapes, a)]
             for kind in ("hf", "eager", "compile"):
                 if kind in impls:
-                    rows += [dict(bench_twin(kind, layers, d, h, t, b, a), round=rnd) for t, b in shapes]
+                    raw += [dict(bench_twin(kind, layers, d, h, t, b, a), round=rnd) for t, b in shapes]
+        # rows: per implementation and shape, the median over the rounds of each metric (what
+        # scripts/twin-table.py reads); raw: every round's row.
+        rows = []
+        for impl in dict.fromkeys(r["impl"] for r in raw):
+            for t, b in shapes:
+                mine = [r for r in raw if r["impl"] == impl and r["seq_len"] == t and r["batch"] == b]
+                row = {"impl": impl, "seq_len": t, "batch": b, "rounds": len(mine)}
+                for m in metrics:
+                    v = [r[m] for r in mine if m in r]
+                    if v:
+                        row[m] = statistics.median(v)
+                for r in mine:
+                    for k in ("zoo_git", "zoo_kernels", "error"):
+                        if k in r:
+                            row[k] = r[k]
+                rows.append(row)
         ratios = {}
         for t, b in shapes:
-            def med(impl, m):
-                v = [r[m] for r in rows if r["impl"] == impl and r["seq_len"] == t and r["batch"] == b and m in r]
-                return statistics.median(v) if v else None
+            by = {r["impl"]: r for r in rows if r["seq_len"] == t and r["batch"] == b}
+            z = by.get("zoo-fused", {})
             for other in ("hf", "eager", "compile"):
                 for m in ("train_tokens_per_s", "prefill_tokens_per_s"):
-                    z, o = med("zoo", m), med(other, m)
-                    if z and o:
-                        ratios[f"T{t}xB{b} zoo/{other} {m}"] = z / o
-        res["models"][name] = {"layers": layers, "d_model": d, "heads": h, "rows": rows, "ratios": ratios}
+                    if m in z and m in by.get(other, {}):
+                        ratios[f"T{t}xB{b} zoo/{other} {m}"] = z[m] / by[other][m]
+        res["models"][name] = {"layers": layers, "d_model": d, "heads": h, "rows": rows, "raw": raw, "ratios": ratios}
         save()
     res["complete"] = True
     save()
