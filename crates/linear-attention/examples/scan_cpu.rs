@@ -4,7 +4,7 @@
 //!
 //!     cargo run --release -p zoo-linear-attention --example scan_cpu
 use std::time::Instant;
-use zoo_core::candle_core::{DType, Device, Result, Tensor, Var};
+use zoo_core::candle_core::{Device, Result, Tensor, Var};
 use zoo_core::zoo_kernels::delta_scan::delta_scan;
 use zoo_core::zoo_kernels::linear_scan::linear_scan;
 use zoo_linear_attention::kernel::chunked;
@@ -21,6 +21,18 @@ fn median(f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
     }
     ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
     Ok(ts[3])
+}
+
+/// Times `forward(fused)` and the backward of Σ o ⊙ r, both forms, and prints one table row.
+fn row(label: &str, r: &Tensor, forward: &dyn Fn(bool) -> Result<Tensor>) -> Result<()> {
+    let run = |fused: bool| -> Result<()> {
+        (forward(fused)? * r)?.sum_all()?.backward()?;
+        Ok(())
+    };
+    let c = median(&mut || run(false))?;
+    let s = median(&mut || run(true))?;
+    println!("| {label} | {:.2} | {:.2} | {:.2} |", c * 1e3, s * 1e3, c / s);
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -48,19 +60,8 @@ fn main() -> Result<()> {
         };
         let r = Tensor::randn(0f32, 1.0, (b, h, t, dv), &dev)?;
         let gt = g.as_ref().map(|g| g.as_tensor().clone());
-        let run = |fused: bool| -> Result<()> {
-            let o = if fused {
-                linear_scan(&q, &k, &v, gt.as_ref())?
-            } else {
-                chunked(&q, &k, &v, gt.as_ref(), None, 64)?.0
-            };
-            let grads = (o * &r)?.sum_all()?.backward()?;
-            let _ = grads.get(&q).map(|x| x.to_dtype(DType::F32));
-            Ok(())
-        };
-        let c = median(&mut || run(false))?;
-        let s = median(&mut || run(true))?;
-        println!("| {name} (B {b}, H {h}, T {t}, d_k {dk}, d_v {dv}, gate {gw}) | {:.2} | {:.2} | {:.2} |", c * 1e3, s * 1e3, c / s);
+        let label = format!("{name} (B {b}, H {h}, T {t}, d_k {dk}, d_v {dv}, gate {gw})");
+        row(&label, &r, &|fused| if fused { linear_scan(&q, &k, &v, gt.as_ref()) } else { Ok(chunked(&q, &k, &v, gt.as_ref(), None, 64)?.0) })?;
     }
     // The delta rule: the chunked WY form against the delta scan.
     for (name, b, h, t, dk, dv, gated) in [
@@ -76,19 +77,14 @@ fn main() -> Result<()> {
         let g = if gated { Some(Var::from_tensor(&(Tensor::rand(0f32, 1.0, (b, h, t, 1), &dev)? * -0.1)?)?) } else { None };
         let gt = g.as_ref().map(|g| g.as_tensor().clone());
         let r = Tensor::randn(0f32, 1.0, (b, h, t, dv), &dev)?;
-        let run = |fused: bool| -> Result<()> {
-            let o = if fused {
-                delta_scan(&q, &k, &v, &beta, gt.as_ref())?
+        let label = format!("{name} (B {b}, H {h}, T {t}, d_k {dk}, d_v {dv})");
+        row(&label, &r, &|fused| {
+            if fused {
+                delta_scan(&q, &k, &v, &beta, gt.as_ref())
             } else {
-                zoo_linear_attention::delta_rule::chunked(&q, &k, &v, &beta, gt.as_ref(), None, 64)?.0
-            };
-            let grads = (o * &r)?.sum_all()?.backward()?;
-            let _ = grads.get(&q).map(|x| x.to_dtype(DType::F32));
-            Ok(())
-        };
-        let c = median(&mut || run(false))?;
-        let s = median(&mut || run(true))?;
-        println!("| {name} (B {b}, H {h}, T {t}, d_k {dk}, d_v {dv}) | {:.2} | {:.2} | {:.2} |", c * 1e3, s * 1e3, c / s);
+                Ok(zoo_linear_attention::delta_rule::chunked(&q, &k, &v, &beta, gt.as_ref(), None, 64)?.0)
+            }
+        })?;
     }
     Ok(())
 }
