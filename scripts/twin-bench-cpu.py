@@ -12,9 +12,9 @@ torch.set_num_threads with the same count for PyTorch):
 - compile: the same twin under torch.compile (inductor's C++ backend).
 Train step = forward + cross-entropy + backward + clip(1.0) + AdamW (foreach) on random tokens;
 prefill = forward over B x T without grad. Medians of ITERS timed iterations after WARMUP, then
-the median over ROUNDS rounds (each implementation once per round, in turn). Memory
-is not compared here (zoo reports its process peak per phase; PyTorch's CPU allocator has no
-per-phase peak).
+the median over ROUNDS rounds (each implementation once per round, in turn). Memory is not
+compared (PyTorch's CPU allocator has no per-phase peak); zoo's train peak (process resident
+set) is recorded.
 
     python3 scripts/twin-bench-cpu.py --zoo target/release/zoo --rounds 2 --out results/bench/twins-cpu.json
     python3 scripts/twin-table.py results/bench/twins-cpu.json > results/bench/twins-cpu.md
@@ -109,8 +109,9 @@ def bench_zoo(layers, d, h, shapes, a):
             j = json.load(open(out))
             z = j["rows"][0]
             row = {"impl": "zoo-fused", "seq_len": t, "batch": b, "zoo_git": j["env"]["git"], "zoo_kernels": j["env"]["device"].get("kernels")}
-            for k in ("train_step_s", "train_tokens_per_s", "prefill_s", "prefill_tokens_per_s"):
-                row[k] = z[k]
+            for k in ("train_step_s", "train_tokens_per_s", "prefill_s", "prefill_tokens_per_s", "train_peak_bytes"):
+                if k in z:
+                    row[k] = z[k]
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -139,7 +140,7 @@ def main():
             json.dump(res, f, indent=1)
         os.replace(tmp, a.out)
 
-    metrics = ("train_step_s", "train_tokens_per_s", "prefill_s", "prefill_tokens_per_s")
+    metrics = ("train_step_s", "train_tokens_per_s", "prefill_s", "prefill_tokens_per_s", "train_peak_bytes")
     for name, layers, d, h, shapes in MODELS:
         raw = []
         for rnd in range(a.rounds):

@@ -47,6 +47,16 @@ pub struct ModelProbe {
     pub ffn_stats: Vec<Vec<Stat>>,
 }
 
+/// What [`Lm::loss`] gives back.
+pub struct LossOutput {
+    /// The masked mean cross-entropy (f32; f64 for an f64 model), without the auxiliary loss.
+    pub loss: Tensor,
+    /// Sum of the feed-forwards' auxiliary losses, if any.
+    pub aux_loss: Option<Tensor>,
+    /// The feed-forwards' statistics of this forward, per layer.
+    pub stats: Vec<Vec<Stat>>,
+}
+
 pub struct LmOutput {
     /// (B, T, V)
     pub logits: Tensor,
@@ -116,10 +126,63 @@ impl Lm {
     pub fn forward_keep(
         &self,
         ids: &Tensor,
+        cache: Option<&mut [LayerState]>,
+        probe: Option<&mut ModelProbe>,
+        keep: Option<usize>,
+    ) -> Result<LmOutput> {
+        let (h, aux_loss, stats) = self.trunk(ids, cache, probe, keep)?;
+        let logits = match &self.head {
+            Some(head) => head.forward(&h)?,
+            None if self.embed.quant.is_some() && crate::nn::use_quantized(&h) => {
+                self.embed.quant.as_ref().expect("checked").forward(&h)?
+            }
+            None => {
+                let (b, t, d) = h.dims3()?;
+                let w = self.embed.weight.to_dtype(h.dtype())?;
+                h.reshape((b * t, d))?.matmul(&w.t()?)?.reshape((b, t, ()))?
+            }
+        };
+        Ok(LmOutput { logits, aux_loss, stats })
+    }
+
+    /// The training loss of a batch, the masked mean cross-entropy of `targets` (as
+    /// [`cross_entropy`] of [`Lm::forward`]'s logits), with the forward's auxiliary loss and
+    /// statistics (the auxiliary loss is not added). On the CPU in f32 the LM head is fused into
+    /// the loss (`zoo_kernels::cross_entropy::linear_nll`): the (B·T, V) logits are made a chunk of
+    /// rows at a time and their gradient never enters the autograd's store
+    /// (`ZOO_KERNELS=naive`: the logits, then [`cross_entropy`]).
+    pub fn loss(&self, ids: &Tensor, targets: &Tensor, mask: Option<&Tensor>) -> Result<LossOutput> {
+        let fused = ids.device().is_cpu() && self.dtype == DType::F32 && zoo_kernels::mode() == zoo_kernels::Kernels::Fused;
+        let head_w = match &self.head {
+            Some(l) if l.bias.is_none() && l.quant.is_none() => Some(&l.weight),
+            Some(_) => None,
+            None if self.embed.quant.is_none() => Some(&self.embed.weight),
+            None => None,
+        };
+        match head_w.filter(|w| fused && w.dtype() == DType::F32) {
+            Some(w) => {
+                let (h, aux_loss, stats) = self.trunk(ids, None, None, None)?;
+                let (b, t, d) = h.dims3()?;
+                let nll = zoo_kernels::cross_entropy::linear_nll(&h.reshape((b * t, d))?, w, &targets.flatten_all()?)?;
+                Ok(LossOutput { loss: masked_mean(&nll, mask, DType::F32)?, aux_loss, stats })
+            }
+            None => {
+                let out = self.forward(ids, None, None)?;
+                Ok(LossOutput { loss: cross_entropy(&out.logits, targets, mask)?, aux_loss: out.aux_loss, stats: out.stats })
+            }
+        }
+    }
+
+    /// The embedding and the blocks, then the final norm: (h (B, T', d) of the last `keep`
+    /// positions, the summed auxiliary loss, the statistics per layer).
+    #[allow(clippy::type_complexity)]
+    fn trunk(
+        &self,
+        ids: &Tensor,
         mut cache: Option<&mut [LayerState]>,
         mut probe: Option<&mut ModelProbe>,
         keep: Option<usize>,
-    ) -> Result<LmOutput> {
+    ) -> Result<(Tensor, Option<Tensor>, Vec<Vec<Stat>>)> {
         let phase = Phase::of(cache.is_some(), ids.dim(1)?);
         let mut h = self.embed.forward(ids, self.dtype)?;
         let mut aux: Option<Tensor> = None;
@@ -160,19 +223,7 @@ impl Lm {
             Some(k) if k < h.dim(1)? => h.narrow(1, h.dim(1)? - k, k)?,
             _ => h,
         };
-        let h = self.norm_f.forward(&h)?;
-        let logits = match &self.head {
-            Some(head) => head.forward(&h)?,
-            None if self.embed.quant.is_some() && crate::nn::use_quantized(&h) => {
-                self.embed.quant.as_ref().expect("checked").forward(&h)?
-            }
-            None => {
-                let (b, t, d) = h.dims3()?;
-                let w = self.embed.weight.to_dtype(h.dtype())?;
-                h.reshape((b * t, d))?.matmul(&w.t()?)?.reshape((b, t, ()))?
-            }
-        };
-        Ok(LmOutput { logits, aux_loss: aux, stats: all_stats })
+        Ok((self.norm_f.forward(&h)?, aux, all_stats))
     }
 
     /// Let every mixer and feed-forward update its non-gradient state; the training loop calls this
@@ -214,10 +265,16 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>) -
             lp.gather(&targets.reshape((b * t, 1))?, 1)?.reshape(b * t)?.neg()?
         }
     };
+    masked_mean(&nll, mask, work)
+}
+
+/// The mean of per-position losses `nll` (B·T,) over the positions where `mask` (B, T) is 1 (all
+/// without a mask), in `work`.
+fn masked_mean(nll: &Tensor, mask: Option<&Tensor>, work: DType) -> Result<Tensor> {
     match mask {
         None => nll.mean(0),
         Some(m) => {
-            let m = m.reshape(b * t)?.to_dtype(work)?;
+            let m = m.flatten_all()?.to_dtype(work)?;
             let n = m.sum_all()?.maximum(1.0)?;
             (nll * &m)?.sum_all()?.broadcast_div(&n)
         }

@@ -2,7 +2,7 @@
 //! resume bit-exactly on CPU, and a hard stop on a non-finite loss.
 
 use crate::mixer::{Stat, StatValue};
-use crate::model::{cross_entropy, Lm};
+use crate::model::Lm;
 use crate::optim::{AdamW, AdamWParams, Grads, Schedule};
 use crate::params::ParamStore;
 use crate::rng::Rng;
@@ -244,9 +244,9 @@ pub fn train(
             };
             let out = {
                 let _g = crate::state::enter_train_step(crate::state::TrainStep { step: st.step, total: opts.steps, micro, seed });
-                model.forward(&b.inputs, None, None)?
+                model.loss(&b.inputs, &b.targets, b.mask.as_ref())?
             };
-            let mut loss = cross_entropy(&out.logits, &b.targets, b.mask.as_ref())?;
+            let mut loss = out.loss;
             if let (Some(c), Some(m)) = (opts.comm.as_deref().filter(|c| c.world() > 1), &b.mask) {
                 // Weight this rank's mean by its share of the counted tokens: the ranks' mean
                 // gradient is then the global batch's. (Without a mask every rank counts the

@@ -174,3 +174,64 @@ fn probes_record_causal_attention() -> Result<()> {
     }
     Ok(())
 }
+
+/// The loss fused with the LM head (`zoo_kernels::cross_entropy::linear_nll`, chunks of 3 rows
+/// over 10, the last one short) against the logits path (`h wᵀ`, then the composition's
+/// log-softmax): the per-row losses and the gradients of h and w.
+#[test]
+fn linear_nll_matches_the_logits_path() -> Result<()> {
+    use zoo_core::candle_core::Var;
+    let dev = Device::Cpu;
+    let (n, d, v) = (10, 5, 7);
+    let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, d), &dev)?)?;
+    let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (v, d), &dev)?)?;
+    let t = Tensor::from_vec((0..n).map(|i| (i * 3 % v) as u32).collect::<Vec<_>>(), n, &dev)?;
+    let r = Tensor::randn(0f32, 1.0, n, &dev)?; // weights per row, so every row's gradient counts
+    let run = |fused: bool| -> Result<Vec<Tensor>> {
+        let nll = if fused {
+            zoo_core::zoo_kernels::cross_entropy::linear_nll_chunked(h.as_tensor(), w.as_tensor(), &t, 3)?
+        } else {
+            let logits = h.as_tensor().matmul(&w.as_tensor().t()?)?;
+            let lp = zoo_core::candle_nn::ops::log_softmax(&logits, 1)?;
+            lp.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?
+        };
+        let g = (&nll * &r)?.sum_all()?.backward()?;
+        Ok(vec![nll.clone(), g.get(h.as_tensor()).expect("dh").clone(), g.get(w.as_tensor()).expect("dw").clone()])
+    };
+    let (a, b) = (run(true)?, run(false)?);
+    for ((x, y), what) in a.iter().zip(&b).zip(["nll", "dh", "dw"]) {
+        let e = (x - y)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let s = y.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(e <= 1e-5 * s.max(1.0), "{what}: max error {e:e} (scale {s})");
+    }
+    Ok(())
+}
+
+/// `Lm::loss` (on the CPU in f32: the head fused into the loss) equals the cross-entropy of
+/// `Lm::forward`'s logits, loss and every parameter's gradient, tied and untied, with and without
+/// a mask.
+#[test]
+fn model_loss_matches_the_cross_entropy_of_the_logits() -> Result<()> {
+    let mut rng = Rng::new(5);
+    for tie in [true, false] {
+        let (model, store) = tiny(DType::F32, attn(2, 2, false, None, 0), tie, 3)?;
+        let x = ids(&mut rng, 2, 9, 11)?;
+        let y = ids(&mut rng, 2, 9, 11)?;
+        let keep: Vec<f32> = (0..18).map(|i| if i % 4 == 1 { 0.0 } else { 1.0 }).collect();
+        let mask = Tensor::from_vec(keep, (2, 9), &Device::Cpu)?;
+        for m in [None, Some(&mask)] {
+            let a = model.loss(&x, &y, m)?.loss;
+            let b = cross_entropy(&model.forward(&x, None, None)?.logits, &y, m)?;
+            let (ga, gb) = (a.backward()?, b.backward()?);
+            let (la, lb) = (a.to_scalar::<f32>()?, b.to_scalar::<f32>()?);
+            assert!((la - lb).abs() <= 1e-5 * lb.abs(), "tie {tie}, mask {}: loss {la} vs {lb}", m.is_some());
+            for (name, var) in store.vars() {
+                let (p, q) = (ga.get(var.as_tensor()).expect("gradient"), gb.get(var.as_tensor()).expect("gradient"));
+                let e = (p - q)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                let s = q.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                assert!(e <= 1e-5 * s.max(1e-3), "tie {tie}, mask {}: {name} max error {e:e} (scale {s})", m.is_some());
+            }
+        }
+    }
+    Ok(())
+}

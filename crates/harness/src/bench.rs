@@ -8,7 +8,6 @@ use anyhow::Result;
 use serde_json::json;
 use std::time::Instant;
 use zoo_core::candle_core::{DType, Tensor};
-use zoo_core::model::cross_entropy;
 use zoo_core::optim::{AdamW, AdamWParams, Grads};
 use zoo_core::rng::Rng;
 
@@ -266,8 +265,7 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
                 let vars: Vec<_> = opt.vars().cloned().collect();
                 mem.reset();
                 let mut step = || -> Result<()> {
-                    let out = model.forward(&ids_r, None, None)?;
-                    let loss = cross_entropy(&out.logits, &targets_r, None)?;
+                    let loss = model.loss(&ids_r, &targets_r, None)?.loss;
                     let mut g = Grads::default();
                     g.accumulate(&loss.backward()?, vars.iter(), 1.0)?;
                     if let Some(c) = &o.comm {
