@@ -43,8 +43,7 @@ fn chunking(rows: usize) -> (usize, usize) {
 /// runs on the CPU, where it beats the composition's strided broadcasts (`ZOO_KERNELS=naive` keeps
 /// the composition).
 pub fn unsupported(x: &Tensor, w: &Tensor) -> Option<String> {
-    let cpu_form = x.device().is_cpu() && crate::mode() == crate::Kernels::Fused;
-    if let Some(why) = crate::unavailable(x.device()).filter(|_| !cpu_form) {
+    if let Some(why) = crate::unavailable_unless_cpu_form(x.device(), true) {
         return Some(why);
     }
     if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {

@@ -18,18 +18,6 @@ pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// The contiguous elements of a CPU storage as f32: borrowed when they are f32 (no copy of a
-/// large tensor), converted from bf16, f16 or f64 otherwise (`op` names the op in errors).
-pub(crate) fn f32_view<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, op: &str) -> candle_core::Result<std::borrow::Cow<'a, [f32]>> {
-    match s {
-        candle_core::CpuStorage::F32(v) => {
-            let (a, z) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: input not contiguous")))?;
-            Ok(std::borrow::Cow::Borrowed(&v[a..z]))
-        }
-        _ => crate::cpu_f32(s, l, op).map(std::borrow::Cow::Owned),
-    }
-}
-
 /// log Σ_j e^{x_j} of a row, from its maximum (a fixed order: eight interleaved lanes).
 #[inline(always)]
 pub(crate) fn logsumexp(x: &[f32]) -> f32 {

@@ -12,6 +12,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -19,8 +20,7 @@ use std::sync::{Arc, Mutex};
 /// in parallel, the gradient written in one pass), in place of the composition's passes over the
 /// (B·T, V) logits; `ZOO_KERNELS=naive` keeps the composition.
 pub fn unsupported(logits: &Tensor, targets: &Tensor) -> Option<String> {
-    let cpu_form = logits.device().is_cpu() && crate::mode() == crate::Kernels::Fused;
-    if let Some(why) = crate::unavailable(logits.device()).filter(|_| !cpu_form) {
+    if let Some(why) = crate::unavailable_unless_cpu_form(logits.device(), true) {
         return Some(why);
     }
     if !matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16) {
@@ -58,14 +58,9 @@ impl CustomOp2 for Nll {
         if matches!(s1, CpuStorage::F64(_)) {
             candle_core::bail!("cross-entropy: unsupported logits dtype f64")
         }
-        let x = crate::cpu::f32_view(s1, l1, "cross-entropy")?;
-        let (a, z) = l2.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cross-entropy: targets not contiguous".into()))?;
-        let t = &s2.as_slice::<u32>()?[a..z];
-        let v = self.v;
-        if let Some(&bad) = t.iter().find(|&&ti| ti as usize >= v) {
-            candle_core::bail!("cross-entropy: target {bad} outside the vocabulary of {v}")
-        }
-        let out = nll_lse_rows(&x, t, v);
+        let x = crate::cpu_f32(s1, l1, "cross-entropy")?;
+        let t = targets(s2, l2, self.v)?;
+        let out = nll_lse_rows(&x, t, self.v);
         let (nll, lse): (Vec<f32>, Vec<f32>) = out.chunks_exact(2).map(|o| (o[0], o[1])).unzip();
         *self.lse.lock().unwrap() = Some(Tensor::from_vec(lse, t.len(), &candle_core::Device::Cpu)?);
         Ok((CpuStorage::F32(nll), Shape::from(t.len())))
@@ -102,6 +97,16 @@ impl CustomOp2 for Nll {
     }
 }
 
+/// The targets of a CPU storage (u32, contiguous), each checked to lie inside a vocabulary of `v`.
+fn targets<'a>(s: &'a CpuStorage, l: &Layout, v: usize) -> Result<&'a [u32]> {
+    let (a, z) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cross-entropy: targets not contiguous".into()))?;
+    let t = &s.as_slice::<u32>()?[a..z];
+    if let Some(&bad) = t.iter().find(|&&ti| ti as usize >= v) {
+        candle_core::bail!("cross-entropy: target {bad} outside the vocabulary of {v}")
+    }
+    Ok(t)
+}
+
 /// (nll, lse) of each row of x (N·V f32, targets checked), the rows in parallel.
 fn nll_lse_rows(x: &[f32], t: &[u32], v: usize) -> Vec<f32> {
     use rayon::prelude::*;
@@ -125,12 +130,8 @@ impl CustomOp2 for NllLse {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = crate::cpu::f32_view(s1, l1, "cross-entropy")?;
-        let (a, z) = l2.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cross-entropy: targets not contiguous".into()))?;
-        let t = &s2.as_slice::<u32>()?[a..z];
-        if let Some(&bad) = t.iter().find(|&&ti| ti as usize >= self.v) {
-            candle_core::bail!("cross-entropy: target {bad} outside the vocabulary of {}", self.v)
-        }
+        let x = crate::cpu_f32(s1, l1, "cross-entropy")?;
+        let t = targets(s2, l2, self.v)?;
         Ok((CpuStorage::F32(nll_lse_rows(&x, t, self.v)), Shape::from((t.len(), 2))))
     }
 }
@@ -228,10 +229,9 @@ impl candle_core::CustomOp3 for NllGrad {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let x = crate::cpu::f32_view(s1, l1, "cross-entropy backward")?;
-        let (a, z) = l2.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cross-entropy: targets not contiguous".into()))?;
-        let t = &s2.as_slice::<u32>()?[a..z];
-        let lg = crate::cpu::f32_view(s3, l3, "cross-entropy backward")?;
+        let x = crate::cpu_f32(s1, l1, "cross-entropy backward")?;
+        let t = targets(s2, l2, self.v)?;
+        let lg = crate::cpu_f32(s3, l3, "cross-entropy backward")?;
         let v = self.v;
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(v).zip(x.par_chunks(v)).zip(t.par_iter().zip(lg.par_chunks(2))).with_min_len(8).for_each(|((d, row), (&ti, lg))| {
@@ -239,13 +239,7 @@ impl candle_core::CustomOp3 for NllGrad {
             crate::cpu::simd(|| d.iter_mut().zip(row).for_each(|(d, &x)| *d = (x - lse).exp() * g));
             d[ti as usize] -= g;
         });
-        let dt = match s1 {
-            CpuStorage::F32(_) => DType::F32,
-            CpuStorage::BF16(_) => DType::BF16,
-            CpuStorage::F16(_) => DType::F16,
-            _ => candle_core::bail!("cross-entropy: unsupported logits dtype"),
-        };
-        Ok((crate::cpu_from_f32(dx, dt)?, l1.shape().clone()))
+        Ok((crate::cpu_from_f32(dx, s1.dtype())?, l1.shape().clone()))
     }
 }
 

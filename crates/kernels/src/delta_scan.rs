@@ -45,8 +45,7 @@ pub const MAX_DK: usize = 128;
 /// composition (`examples/scan_cpu.rs` of zoo-linear-attention); `ZOO_KERNELS=naive` keeps the
 /// composition everywhere.
 pub fn unsupported(q: &Tensor, k: &Tensor, v: &Tensor, beta: &Tensor, g: Option<&Tensor>) -> Option<String> {
-    let cpu_form = q.device().is_cpu() && crate::mode() == crate::Kernels::Fused;
-    if let Some(why) = crate::unavailable(q.device()).filter(|_| !cpu_form) {
+    if let Some(why) = crate::unavailable_unless_cpu_form(q.device(), true) {
         return Some(why);
     }
     shape_problem(q, k, v, beta, g)
@@ -136,17 +135,11 @@ fn cpu_step(s: &mut [f32], row: &[f32], v: &[f32], n: Dims, gated: bool, w: &mut
         w.iter_mut().zip(si.iter()).for_each(|(wj, &e)| *wj += ki * e);
     }
     u.iter_mut().zip(v).zip(w.iter()).for_each(|((uj, &vj), &wj)| *uj = b * (vj - wj));
-    match o {
-        Some(o) => {
-            for ((si, &ki), &qi) in s.chunks_exact_mut(dv).zip(k).zip(q) {
-                si.iter_mut().zip(u.iter()).for_each(|(e, &uj)| *e += ki * uj);
-                o.iter_mut().zip(si.iter()).for_each(|(oj, &e)| *oj += qi * e);
-            }
-        }
-        None => {
-            for (si, &ki) in s.chunks_exact_mut(dv).zip(k) {
-                si.iter_mut().zip(u.iter()).for_each(|(e, &uj)| *e += ki * uj);
-            }
+    let mut o = o;
+    for ((si, &ki), &qi) in s.chunks_exact_mut(dv).zip(k).zip(q) {
+        si.iter_mut().zip(u.iter()).for_each(|(e, &uj)| *e += ki * uj);
+        if let Some(o) = o.as_deref_mut() {
+            o.iter_mut().zip(si.iter()).for_each(|(oj, &e)| *oj += qi * e);
         }
     }
 }

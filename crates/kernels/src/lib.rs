@@ -116,16 +116,28 @@ pub fn unavailable(device: &candle_core::Device) -> Option<String> {
     }
 }
 
-/// The contiguous elements of a CPU storage as f32 (f32, bf16, f16, f64), for the ops' CPU
-/// reference forms; `op` names the op in errors.
-pub fn cpu_f32(s: &candle_core::CpuStorage, l: &candle_core::Layout, op: &str) -> candle_core::Result<Vec<f32>> {
+/// [`unavailable`] for an op whose CPU form also runs on the CPU, where it beats the composition:
+/// there, in fused mode and when `cpu_form` (the op's own condition for it) holds, nothing stops
+/// the op.
+pub fn unavailable_unless_cpu_form(device: &candle_core::Device, cpu_form: bool) -> Option<String> {
+    if cpu_form && device.is_cpu() && mode() == Kernels::Fused {
+        None
+    } else {
+        unavailable(device)
+    }
+}
+
+/// The contiguous elements of a CPU storage as f32, for the ops' CPU forms: borrowed when they are
+/// f32 (no copy of a large tensor), converted from bf16, f16 or f64; `op` names the op in errors.
+pub fn cpu_f32<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, op: &str) -> candle_core::Result<std::borrow::Cow<'a, [f32]>> {
     use candle_core::CpuStorage;
+    use std::borrow::Cow;
     let (a, z) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: input not contiguous")))?;
     Ok(match s {
-        CpuStorage::F32(v) => v[a..z].to_vec(),
-        CpuStorage::BF16(v) => v[a..z].iter().map(|x| x.to_f32()).collect(),
-        CpuStorage::F16(v) => v[a..z].iter().map(|x| x.to_f32()).collect(),
-        CpuStorage::F64(v) => v[a..z].iter().map(|&x| x as f32).collect(),
+        CpuStorage::F32(v) => Cow::Borrowed(&v[a..z]),
+        CpuStorage::BF16(v) => Cow::Owned(v[a..z].iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::F16(v) => Cow::Owned(v[a..z].iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::F64(v) => Cow::Owned(v[a..z].iter().map(|&x| x as f32).collect()),
         _ => candle_core::bail!("{op}: unsupported dtype"),
     })
 }

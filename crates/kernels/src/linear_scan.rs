@@ -44,8 +44,7 @@ use std::sync::Arc;
 /// everywhere.
 pub fn unsupported(q: &Tensor, k: &Tensor, v: &Tensor, g: Option<&Tensor>) -> Option<String> {
     let per_channel = g.is_some_and(|g| g.dim(3).is_ok_and(|w| w > 1));
-    let cpu_form = q.device().is_cpu() && crate::mode() == crate::Kernels::Fused && per_channel;
-    if let Some(why) = crate::unavailable(q.device()).filter(|_| !cpu_form) {
+    if let Some(why) = crate::unavailable_unless_cpu_form(q.device(), per_channel) {
         return Some(why);
     }
     shape_problem(q, k, v, g)

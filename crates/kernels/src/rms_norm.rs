@@ -149,7 +149,7 @@ impl CustomOp3 for Grad {
                 let mut dx = vec![0f32; x.len()];
                 for (i, &ri) in r.iter().enumerate() {
                     let row = i * d..(i + 1) * d;
-                    let dot: f32 = x[row.clone()].iter().zip(&g[row.clone()]).zip(&gain).map(|((a, b), c)| a * b * c).sum();
+                    let dot: f32 = x[row.clone()].iter().zip(&g[row.clone()]).zip(gain.iter()).map(|((a, b), c)| a * b * c).sum();
                     let c = ri * ri * ri * dot / d as f32;
                     for j in 0..d {
                         dx[i * d + j] = ri * g[i * d + j] * gain[j] - x[i * d + j] * c;

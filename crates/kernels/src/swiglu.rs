@@ -52,7 +52,7 @@ impl CustomOp2 for SwiGlu {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (g, u) = (crate::cpu_f32(s1, l1, "swiglu")?, crate::cpu_f32(s2, l2, "swiglu")?);
-        let z = g.iter().zip(&u).map(|(&a, &b)| a * sigmoid(a) * b).collect();
+        let z = g.iter().zip(u.iter()).map(|(&a, &b)| a * sigmoid(a) * b).collect();
         Ok((crate::cpu_from_f32(z, s1.dtype())?, l1.shape().clone()))
     }
 
