@@ -13,7 +13,7 @@
 # (vocab 32768: the loss and the LM head) at T = 256, batch 8. Prefill and decode keep the
 # compositions in both modes (they hold a state).
 # Then the allocator's purge delay, the same way: configs/bench-baseline-cpu.toml with
-# MIMALLOC_PURGE_DELAY=10 (mimalloc's arenas return freed memory to the OS within 100 ms) and with
+# MIMALLOC_PURGE_DELAY=10 (freed memory goes back to the OS after 10 ms) and with
 # zoo's default (an hour), into results/bench/cpu-purge/{10ms,default}/.
 # usage: scripts/cpu-forms-bench.sh [ROUNDS]
 set -eu

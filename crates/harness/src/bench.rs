@@ -27,12 +27,13 @@ pub struct BenchOpts {
 }
 
 /// How long mimalloc (the `zoo` binary's allocator) keeps memory that was freed before it
-/// returns it to the OS, unless `MIMALLOC_PURGE_DELAY` says otherwise: an hour (mimalloc's
-/// default is 10 ms, times 10 for its arenas). A training step frees and allocates the same large
-/// buffers every step; returned to the OS, each of them is faulted in and zeroed again at its next
-/// use, which took a third of a CPU train step of the 4-layer d 256 model at T 256 × 8 (3.14 → 2.33 s,
-/// page faults 65k → 9k; resident peak +7%). [`PeakMem::reset`]'s `mi_collect(true)` still
-/// returns everything freed, since a delayed purge is scheduled (a disabled one, −1, is not).
+/// returns it to the OS, unless `MIMALLOC_PURGE_DELAY` says otherwise: an hour (the bundled
+/// mimalloc v3's default is 1 s). A training step frees and allocates the same large buffers every
+/// step; returned to the OS, each of them is faulted in and zeroed again at its next use
+/// (`results/bench/cpu-purge`: configs/bench-baseline-cpu.toml's train step 2660 ms with a 10 ms
+/// delay, 1396 ms with this one, for a resident peak of 1275 MiB instead of 1041).
+/// [`PeakMem::reset`]'s `mi_collect(true)` still returns everything freed, since a delayed purge is
+/// scheduled (a disabled one, −1, is not).
 pub const PURGE_DELAY_MS: i64 = 3_600_000;
 
 /// `mi_option_purge_delay` in mimalloc's `mi_option_e` (the same index in its v2 and v3 headers;
