@@ -14,6 +14,8 @@
 # unset or unlisted rates rank first), then by model width; ties keep the plan's order. With
 # POOL_LR_FIRST=1 the learning-rate rank sorts before the seed, so a pool that stops early leaves
 # every seed of the first rates rather than every rate of the first seed. The order is printed.
+# POOL_SKIP (an awk regular expression over run ids) names runs not to start in this call, e.g.
+# those whose checkpoints travel in a later call.
 # usage: [POOL_STOP_S=S] scripts/device-pool.sh CONFIG SECONDS WORKERS [extra zoo args]
 set -u
 cfg=$1; budget=$2; workers=$3; shift 3
@@ -29,8 +31,9 @@ plan=$(mktemp); "$ZOO" run "$cfg" --dry-run > "$plan"
 n=$(tail -1 "$plan" | cut -d' ' -f1)
 # index, seed, lr rank, width: sort, keep the indices.
 order=$(mktemp)
-head -n "$n" "$plan" | awk -v lrs="${POOL_LR_ORDER:-}" '
+head -n "$n" "$plan" | awk -v lrs="${POOL_LR_ORDER:-}" -v skip="${POOL_SKIP:-}" '
   BEGIN { m = split(lrs, L, ","); for (i = 1; i <= m; i++) rank[L[i]] = i }
+  skip != "" && $0 ~ skip { next }
   { id = $0; seed = id; sub(/.*__seed-/, "", seed); lr = id; sub(/.*__lr-/, "", lr); sub(/__.*/, "", lr)
     d = 0; if (match(id, /d_model-[0-9]+/)) d = substr(id, RSTART + 8, RLENGTH - 8)
     r = (lr in rank) ? rank[lr] : 0
@@ -39,6 +42,7 @@ if [ "${POOL_LR_FIRST:-0}" = 1 ]; then keys="-k3,3n -k2,2n -k4,4n"; else keys="-
 # shellcheck disable=SC2086
 sort -s $keys "$order.keys" | cut -d' ' -f1 > "$order"
 echo "run order: $(tr '\n' ' ' < "$order")"
+n_all=$n; n=$(wc -l < "$order")
 counter=$(mktemp); echo 0 > "$counter"
 start=$(date +%s)
 export ZOO_CONCURRENT_RUNS=$workers
@@ -49,7 +53,7 @@ worker() {
     p=$(flock "$counter" sh -c 'i=$(cat "$0"); echo $((i + 1)) > "$0"; echo $i' "$counter")
     [ "$p" -ge "$n" ] && break
     i=$(sed -n "$((p + 1))p" "$order")
-    "$ZOO" run "$cfg" --device cuda:0 --dtype bf16 --shard "$i/$n" --resume -q "$@" > /dev/null 2>> /tmp/pool-errors.log
+    "$ZOO" run "$cfg" --device cuda:0 --dtype bf16 --shard "$i/$n_all" --resume -q "$@" > /dev/null 2>> /tmp/pool-errors.log
     rc=$?
     case $rc in
       0) echo "run $i finished at $(( $(date +%s) - start )) s" ;;
