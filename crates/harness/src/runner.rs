@@ -301,6 +301,8 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     let cfg = &run.config;
     let started = env::now_rfc3339();
     let t0 = Instant::now();
+    // Training steps launched from a CUDA graph by this run (the counter is the process's).
+    let graph_launches0 = zoo_core::graph::launches();
     // Before any allocation: the run must fit the device (MQAR's data is bounded by validation).
     cfg.footprint(crate::vocab_size(cfg)?).check(env.memory_limit(), &format!("run `{}`", run.id))?;
     let (task, vocab, tok) = build_task(cfg, env)?;
@@ -354,6 +356,12 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     }
     let mut device: crate::schema::DeviceRecord = serde_json::from_value(env.describe())?;
     device.world_size = opts.comm.as_ref().map(|c| c.world() as u64).filter(|&n| n > 1);
+    if device.extra.get("cuda_graph") == Some(&serde_json::Value::Bool(true)) {
+        // `cuda_graph` says the graph path was asked for; this says whether it ran: a capture that
+        // failed trains eagerly (steps since a resume, for a resumed run).
+        let n = zoo_core::graph::launches() - graph_launches0;
+        device.extra.insert("cuda_graph_steps".into(), serde_json::json!(n));
+    }
     let result = crate::schema::RunResult {
         schema: crate::schema::RESULT_SCHEMA.into(),
         run_id: run.id.clone(),
