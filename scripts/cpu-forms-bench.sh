@@ -14,7 +14,10 @@
 # compositions in both modes (they hold a state).
 # Then the allocator's purge delay, the same way: configs/bench-baseline-cpu.toml with
 # MIMALLOC_PURGE_DELAY=10 (freed memory goes back to the OS after 10 ms) and with
-# zoo's default (an hour), into results/bench/cpu-purge/{10ms,default}/.
+# zoo's default (an hour), into results/bench/cpu-purge/{10ms,default}/. And the fused loss's
+# backward, the same way: configs/bench-baseline-cpu.toml with ZOO_CE_KEEP_BYTES=0 (the logits
+# recomputed chunk by chunk) and with the default (softmax − one-hot kept from the forward), into
+# results/bench/cpu-loss-keep/{recompute,keep}/.
 # usage: scripts/cpu-forms-bench.sh [ROUNDS]
 set -eu
 rounds=${1:-3}
@@ -22,7 +25,8 @@ ZOO=${ZOO:-target/release/zoo}
 out=${OUT_DIR:-results/bench/cpu-forms}
 loss=${LOSS_DIR:-results/bench/cpu-loss}
 purge=${PURGE_DIR:-results/bench/cpu-purge}
-mkdir -p "$out/naive" "$out/fused" "$loss/naive" "$loss/fused" "$purge/10ms" "$purge/default"
+keep=${KEEP_DIR:-results/bench/cpu-loss-keep}
+mkdir -p "$out/naive" "$out/fused" "$loss/naive" "$loss/fused" "$purge/10ms" "$purge/default" "$keep/recompute" "$keep/keep"
 # config:run index:T:batch:folder
 benches="configs/quickstart.toml:7:64:32:$out configs/quickstart.toml:8:64:32:$out configs/quickstart.toml:11:64:32:$out
 configs/quickstart.toml:2:64:32:$out configs/recall-gate-ablation.toml:4:64:32:$out configs/recall-gate-ablation.toml:8:64:32:$out
@@ -45,7 +49,10 @@ for r in $(seq 1 "$rounds"); do
   bench "bench-baseline-cpu-r$r" "$purge/10ms" configs/bench-baseline-cpu.toml 0 256 8 MIMALLOC_PURGE_DELAY=10
   bench "bench-baseline-cpu-r$r" "$purge/default" configs/bench-baseline-cpu.toml 0 256 8 ZOO_KERNELS=fused
   echo "round $r: purge delay 10 ms and default"
+  bench "bench-baseline-cpu-r$r" "$keep/recompute" configs/bench-baseline-cpu.toml 0 256 8 ZOO_CE_KEEP_BYTES=0
+  bench "bench-baseline-cpu-r$r" "$keep/keep" configs/bench-baseline-cpu.toml 0 256 8 ZOO_KERNELS=fused
+  echo "round $r: the loss's backward recomputing and keeping"
 done
-for d in "$out/naive" "$out/fused" "$loss/naive" "$loss/fused" "$purge/10ms" "$purge/default"; do
+for d in "$out/naive" "$out/fused" "$loss/naive" "$loss/fused" "$purge/10ms" "$purge/default" "$keep/recompute" "$keep/keep"; do
   "$ZOO" report "$d" > /dev/null  # writes report.md there
 done

@@ -176,8 +176,9 @@ fn probes_record_causal_attention() -> Result<()> {
 }
 
 /// The loss fused with the LM head (`zoo_kernels::cross_entropy::linear_nll`, chunks of 3 rows
-/// over 10, the last one short) against the logits path (`h wᵀ`, then the composition's
-/// log-softmax): the per-row losses and the gradients of h and w.
+/// over 10, the last one short; softmax − one-hot kept from the forward, and recomputed) against
+/// the logits path (`h wᵀ`, then the composition's log-softmax): the per-row losses and the
+/// gradients of h and w.
 #[test]
 fn linear_nll_matches_the_logits_path() -> Result<()> {
     use zoo_core::candle_core::Var;
@@ -187,9 +188,9 @@ fn linear_nll_matches_the_logits_path() -> Result<()> {
     let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (v, d), &dev)?)?;
     let t = Tensor::from_vec((0..n).map(|i| (i * 3 % v) as u32).collect::<Vec<_>>(), n, &dev)?;
     let r = Tensor::randn(0f32, 1.0, n, &dev)?; // weights per row, so every row's gradient counts
-    let run = |fused: bool| -> Result<Vec<Tensor>> {
-        let nll = if fused {
-            zoo_core::zoo_kernels::cross_entropy::linear_nll_chunked(h.as_tensor(), w.as_tensor(), &t, 3)?
+    let run = |fused: Option<bool>| -> Result<Vec<Tensor>> {
+        let nll = if let Some(keep) = fused {
+            zoo_core::zoo_kernels::cross_entropy::linear_nll_chunked(h.as_tensor(), w.as_tensor(), &t, 3, keep)?
         } else {
             let logits = h.as_tensor().matmul(&w.as_tensor().t()?)?;
             let lp = zoo_core::candle_nn::ops::log_softmax(&logits, 1)?;
@@ -198,11 +199,14 @@ fn linear_nll_matches_the_logits_path() -> Result<()> {
         let g = (&nll * &r)?.sum_all()?.backward()?;
         Ok(vec![nll.clone(), g.get(h.as_tensor()).expect("dh").clone(), g.get(w.as_tensor()).expect("dw").clone()])
     };
-    let (a, b) = (run(true)?, run(false)?);
-    for ((x, y), what) in a.iter().zip(&b).zip(["nll", "dh", "dw"]) {
-        let e = (x - y)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        let s = y.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(e <= 1e-5 * s.max(1.0), "{what}: max error {e:e} (scale {s})");
+    let b = run(None)?;
+    for keep in [true, false] {
+        let a = run(Some(keep))?;
+        for ((x, y), what) in a.iter().zip(&b).zip(["nll", "dh", "dw"]) {
+            let e = (x - y)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let s = y.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(e <= 1e-5 * s.max(1.0), "{what} (keep {keep}): max error {e:e} (scale {s})");
+        }
     }
     Ok(())
 }

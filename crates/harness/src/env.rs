@@ -90,6 +90,11 @@ impl Env {
         // Which implementation the ops with a fused kernel used (`ZOO_KERNELS`): on the CPU it
         // picks the linear-attention scans' CPU forms or the chunked compositions.
         d["kernels"] = json!(zoo_kernels::mode().name());
+        if self.device.is_cpu() {
+            // How much of the fused loss's softmax − one-hot the CPU keeps for the backward
+            // instead of recomputing the logits (`ZOO_CE_KEEP_BYTES`).
+            d["ce_keep_bytes"] = json!(zoo_kernels::cross_entropy::linear_nll_keep_bytes());
+        }
         if self.device.is_cuda() {
             d["flash_kernels"] = json!(zoo_kernels::attention::flash_kernel_set());
             d["flash_decode"] = json!(zoo_kernels::attention::decode_kernel());

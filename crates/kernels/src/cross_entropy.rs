@@ -143,34 +143,89 @@ pub fn linear_nll_chunk(v: usize) -> usize {
     (16usize << 20).div_ceil(v.max(1)).max(1)
 }
 
+/// Up to this many bytes of (N, V) f32, [`linear_nll`] keeps each row's softmax − one-hot from
+/// the forward for the backward, where a larger loss recomputes the logits: 1 GiB (N = 8192 rows
+/// at V = 32768), unless `ZOO_CE_KEEP_BYTES` says otherwise (0: always recompute). Results:
+/// results/bench/cpu-loss-keep (scripts/cpu-forms-bench.sh).
+pub fn linear_nll_keep_bytes() -> usize {
+    std::env::var("ZOO_CE_KEEP_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 30)
+}
+
 /// The cross-entropy fused with the LM head, on the CPU: nll (N,) of the logits `h wᵀ` for
 /// h (N, d), w (V, d) (f32, CPU) and targets t (N,) u32, differentiable in h and w, made
 /// [`linear_nll_chunk`] rows at a time so that the (N, V) logits never exist at once and their
 /// gradient never enters the autograd's store (which would add it into a fresh (N, V) zero
-/// tensor). The forward keeps each row's log-sum-exp; the backward recomputes each chunk's logits
-/// (one more matmul) and writes `dh = dlogits w`, `dw = Σ dlogitsᵀ h` chunk by chunk.
+/// tensor). With g the upstream gradient of row i, `dlogits[i] = g[i] · (softmax − one-hot)[i]`,
+/// so `dh = g ⊙ (P w)` and `dw = Pᵀ (g ⊙ h)` for P = softmax − one-hot. Where (N, V) f32 fits in
+/// [`linear_nll_keep_bytes`] the forward turns each chunk's logits into its P in place (one e^x
+/// per logit) and keeps it, so the backward is the two matmuls; otherwise the forward keeps each
+/// row's log-sum-exp and the backward recomputes each chunk's logits (one more matmul).
 pub fn linear_nll(h: &Tensor, w: &Tensor, t: &Tensor) -> Result<Tensor> {
-    linear_nll_chunked(h, w, t, linear_nll_chunk(w.dim(0)?))
+    let (n, v) = (h.dim(0)?, w.dim(0)?);
+    linear_nll_chunked(h, w, t, linear_nll_chunk(v), n * v * 4 <= linear_nll_keep_bytes())
 }
 
-/// [`linear_nll`] with `chunk` rows of logits at a time.
-pub fn linear_nll_chunked(h: &Tensor, w: &Tensor, t: &Tensor, chunk: usize) -> Result<Tensor> {
+/// [`linear_nll`] with `chunk` rows of logits at a time, keeping P (`keep`) or recomputing it.
+pub fn linear_nll_chunked(h: &Tensor, w: &Tensor, t: &Tensor, chunk: usize, keep: bool) -> Result<Tensor> {
     let ((n, d), (v, wd)) = (h.dims2()?, w.dims2()?);
     if d != wd || t.dims() != [n] || v == 0 || chunk == 0 || !h.device().is_cpu() || h.dtype() != DType::F32 || w.dtype() != DType::F32 {
         candle_core::bail!("linear cross-entropy: h {:?} {:?}, w {:?} {:?}, targets {:?}, chunk {chunk} (f32 on the CPU)", h.dims(), h.dtype(), w.dims(), w.dtype(), t.dims())
     }
     let (hd, wt) = (h.detach(), w.detach().t()?);
     let mut rows = Vec::with_capacity(n.div_ceil(chunk));
+    let mut kept = Vec::new();
     for s in (0..n).step_by(chunk) {
         let len = chunk.min(n - s);
         let logits = hd.narrow(0, s, len)?.matmul(&wt)?;
-        rows.push(logits.apply_op2_no_bwd(&t.narrow(0, s, len)?.contiguous()?, &NllLse { v })?);
+        let tc = t.narrow(0, s, len)?.contiguous()?;
+        if keep {
+            let op = SoftmaxMinusOneHot { v, rows: Mutex::new(Vec::new()) };
+            logits.inplace_op2(&tc, &op)?;
+            let r = std::mem::take(&mut *op.rows.lock().unwrap());
+            rows.push(Tensor::from_vec(r, (len, 2), h.device())?);
+            kept.push(logits);
+        } else {
+            rows.push(logits.apply_op2_no_bwd(&tc, &NllLse { v })?);
+        }
     }
     let rows = Tensor::cat(&rows, 0)?; // (N, 2): nll, lse
     let (nll, lse) = (rows.narrow(1, 0, 1)?.squeeze(1)?, rows.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?);
     // The values come from the chunks above; the gradient from this op, whose forward is zero.
-    let grad = h.apply_op2_arc(w, Arc::new(Box::new(LinearNllGrad { t: t.contiguous()?, lse, chunk, v })))?;
+    let grad = h.apply_op2_arc(w, Arc::new(Box::new(LinearNllGrad { t: t.contiguous()?, lse, chunk, v, kept })))?;
     nll + grad
+}
+
+/// In place over a chunk of CPU logits (len, V) f32: each row becomes its softmax − one-hot of its
+/// target (the gradient of its nll for g = 1), from one e^x per logit; [nll, lse] of each row go to
+/// `rows`.
+struct SoftmaxMinusOneHot {
+    v: usize,
+    rows: Mutex<Vec<f32>>,
+}
+
+impl candle_core::InplaceOp2 for SoftmaxMinusOneHot {
+    fn name(&self) -> &'static str {
+        "zoo-cross-entropy-keep"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        use rayon::prelude::*;
+        let t = targets(s2, l2, self.v)?;
+        let (a, z) = l1.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cross-entropy: logits not contiguous".into()))?;
+        let CpuStorage::F32(x) = s1 else { candle_core::bail!("cross-entropy: logits {:?}, not f32", s1.dtype()) };
+        let mut out = vec![0f32; 2 * t.len()];
+        out.par_chunks_mut(2).zip(x[a..z].par_chunks_mut(self.v)).zip(t.par_iter()).with_min_len(8).for_each(|((o, row), &ti)| {
+            let xt = row[ti as usize];
+            let (m, sum) = crate::cpu::simd(|| crate::cpu::exp_shifted_in_place(row));
+            let lse = m + sum.ln();
+            (o[0], o[1]) = (lse - xt, lse);
+            let inv = 1.0 / sum;
+            crate::cpu::simd(|| row.iter_mut().for_each(|p| *p *= inv));
+            row[ti as usize] -= 1.0;
+        });
+        *self.rows.lock().unwrap() = out;
+        Ok(())
+    }
 }
 
 /// The gradient path of [`linear_nll`]: forward zeros (N,), backward the chunked dh and dw.
@@ -179,6 +234,8 @@ struct LinearNllGrad {
     lse: Tensor,
     chunk: usize,
     v: usize,
+    /// Each chunk's softmax − one-hot (len, V), where the forward kept them.
+    kept: Vec<Tensor>,
 }
 
 impl CustomOp2 for LinearNllGrad {
@@ -198,14 +255,20 @@ impl CustomOp2 for LinearNllGrad {
         let wt = w.t()?;
         let mut dh = Vec::with_capacity(n.div_ceil(self.chunk));
         let mut dw: Option<Tensor> = None;
-        for s in (0..n).step_by(self.chunk) {
+        for (i, s) in (0..n).step_by(self.chunk).enumerate() {
             let len = self.chunk.min(n - s);
             let hc = h.narrow(0, s, len)?;
-            let logits = hc.matmul(&wt)?;
-            let lg = Tensor::stack(&[&self.lse.narrow(0, s, len)?, &g.narrow(0, s, len)?], 1)?;
-            let dlogits = logits.apply_op3_no_bwd(&self.t.narrow(0, s, len)?, &lg, &NllGrad { v: self.v })?;
-            dh.push(dlogits.matmul(&w)?);
-            let part = dlogits.t()?.matmul(&hc)?;
+            let part = if let Some(p) = self.kept.get(i) {
+                let gc = g.narrow(0, s, len)?.unsqueeze(1)?;
+                dh.push(p.matmul(&w)?.broadcast_mul(&gc)?);
+                p.t()?.matmul(&hc.broadcast_mul(&gc)?)?
+            } else {
+                let logits = hc.matmul(&wt)?;
+                let lg = Tensor::stack(&[&self.lse.narrow(0, s, len)?, &g.narrow(0, s, len)?], 1)?;
+                let dlogits = logits.apply_op3_no_bwd(&self.t.narrow(0, s, len)?, &lg, &NllGrad { v: self.v })?;
+                dh.push(dlogits.matmul(&w)?);
+                dlogits.t()?.matmul(&hc)?
+            };
             dw = Some(match dw {
                 Some(acc) => (acc + part)?,
                 None => part,
@@ -236,7 +299,7 @@ impl candle_core::CustomOp3 for NllGrad {
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(v).zip(x.par_chunks(v)).zip(t.par_iter().zip(lg.par_chunks(2))).with_min_len(8).for_each(|((d, row), (&ti, lg))| {
             let (lse, g) = (lg[0], lg[1]);
-            crate::cpu::simd(|| d.iter_mut().zip(row).for_each(|(d, &x)| *d = (x - lse).exp() * g));
+            crate::cpu::simd(|| d.iter_mut().zip(row).for_each(|(d, &x)| *d = crate::cpu::exp(x - lse) * g));
             d[ti as usize] -= g;
         });
         Ok((crate::cpu_from_f32(dx, s1.dtype())?, l1.shape().clone()))
