@@ -30,8 +30,8 @@ pub struct BenchOpts {
 /// returns it to the OS, unless `MIMALLOC_PURGE_DELAY` says otherwise: an hour (the bundled
 /// mimalloc v3's default is 1 s). A training step frees and allocates the same large buffers every
 /// step; returned to the OS, each of them is faulted in and zeroed again at its next use
-/// (`results/bench/cpu-purge`: configs/bench-baseline-cpu.toml's train step 2660 ms with a 10 ms
-/// delay, 1396 ms with this one, for a resident peak of 1275 MiB instead of 1041).
+/// (`results/bench/cpu-purge`: configs/bench-baseline-cpu.toml's train step 2620 ms with a 10 ms
+/// delay, 1125 ms with this one, for a resident peak of 1389 MiB instead of 1295).
 /// [`PeakMem::reset`]'s `mi_collect(true)` still returns everything freed, since a delayed purge is
 /// scheduled (a disabled one, −1, is not).
 pub const PURGE_DELAY_MS: i64 = 3_600_000;
