@@ -178,7 +178,8 @@ fn body(model: &Lm, opt: &mut AdamW, vars: &[Var], bufs: &mut Buffers, clip: Opt
     };
     *updated = true;
     bufs.loss.slice_set(&loss.to_dtype(f32)?.reshape(1)?, 0, 0)?;
-    bufs.norm.slice_set(&norm.narrow(0, 0, 1)?, 0, 0)?;
+    // The fused step returns the norm as a scalar.
+    bufs.norm.slice_set(&norm.reshape(1)?, 0, 0)?;
     Ok(())
 }
 
