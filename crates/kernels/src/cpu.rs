@@ -30,8 +30,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Rounding by the magic number 1.5 · 2^23 (to nearest even, and the integer in the low bits)
-    // keeps every step plain float and bit arithmetic, which vectorises; a float-to-int cast
-    // (saturating in Rust) did not.
+    // keeps every step plain float and bit arithmetic, which vectorises; a first version with
+    // `round_ties_even` and a float-to-int cast (saturating in Rust) compiled to scalar code.
     const MAGIC: f32 = 12_582_912.0;
     let xc = x.max(-87.3).min(88.7);
     let nm = xc * LOG2E + MAGIC;
