@@ -356,7 +356,7 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     }
     let mut device: crate::schema::DeviceRecord = serde_json::from_value(env.describe())?;
     device.world_size = opts.comm.as_ref().map(|c| c.world() as u64).filter(|&n| n > 1);
-    if device.extra.get("cuda_graph") == Some(&serde_json::Value::Bool(true)) {
+    if env.device.is_cuda() && zoo_core::graph::enabled() {
         // `cuda_graph` says the graph path was asked for; this says whether it ran: a capture that
         // failed trains eagerly (steps since a resume, for a resumed run).
         let n = zoo_core::graph::launches() - graph_launches0;
