@@ -21,7 +21,16 @@ budget=$1; workers=$2; cfg=${3:-configs/mqar.toml}
 exp=$(sed -n 's/^experiment = "\(.*\)"/\1/p' "$cfg")
 res=results/$exp
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
-[ -x /tmp/zoo ] || { gunzip -c .devpkg/zoo.gz > /tmp/zoo && chmod +x /tmp/zoo; }
+# The binary travels as zoo.gz, or as zoo.xz (half the size: room for checkpoints under the carry
+# limit; python3's lzma unpacks it, the device has no xz).
+if [ ! -x /tmp/zoo ]; then
+  if [ -f .devpkg/zoo.xz ]; then
+    python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.devpkg/zoo.xz'), open('/tmp/zoo', 'wb'))"
+  else
+    gunzip -c .devpkg/zoo.gz > /tmp/zoo
+  fi
+  chmod +x /tmp/zoo
+fi
 mkdir -p "$res"
 [ -f .devpkg/prior.tgz ] && tar xzf .devpkg/prior.tgz -C "$res" && echo "prior results: $(ls "$res"/*.json | wc -l)"
 # Results made by an earlier call on this (warm) machine: the call replaced the working tree with

@@ -46,6 +46,10 @@ n_all=$n; n=$(wc -l < "$order")
 counter=$(mktemp); echo 0 > "$counter"
 start=$(date +%s)
 export ZOO_CONCURRENT_RUNS=$workers
+# Each worker's CPU threads (data generation, host-side ops): the cores split among the workers,
+# not every worker spawning a thread per core.
+threads=$(( $(nproc) / workers )); [ "$threads" -ge 1 ] || threads=1
+export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-$threads}
 worker() {
   while true; do
     [ $(( $(date +%s) - start )) -gt "$budget" ] && break
