@@ -595,6 +595,62 @@ mod tests {
         Ok(())
     }
 
+    /// Since vendor/candle-core's backward keeps the first gradient to reach a node as it is, the
+    /// gradients of different variables may share storage (both sides of an add get one tensor)
+    /// or be views into a larger one at an offset (the pieces of a cat). The in-place step reads
+    /// them and writes only weights and moments: each parameter moves by its own gradient, as the
+    /// composition moves it. Also checks a node with fan-in (x used three times) accumulates.
+    #[test]
+    fn gradients_that_share_storage_update_each_parameter_by_its_own() -> Result<()> {
+        let dev = Device::Cpu;
+        let make = || -> Result<(ParamStore, AdamW)> {
+            let store = ParamStore::new(3, DType::F32, &dev);
+            let pb = store.root();
+            for name in ["a", "b", "c", "d", "x"] {
+                pb.get(name, 4, crate::params::Init::Normal(0.5), Group::Decay)?;
+            }
+            let opt = AdamW::new(&store, AdamWParams { weight_decay: 0.1, ..Default::default() })?;
+            Ok((store, opt))
+        };
+        let ((sa, mut a), (sb, mut b)) = (make()?, make()?);
+        let w = Tensor::new(&[0.5f32, -1.0, 2.0, 0.25, 1.5, -0.75, 3.0, -2.0], &dev)?;
+        for step in 0..3 {
+            let mut states = vec![];
+            for (inplace, store, opt) in [(true, &sa, &mut a), (false, &sb, &mut b)] {
+                let p = store.params();
+                let t = |n: &str| p[n].var.as_tensor().clone();
+                // a + b: one gradient tensor for both; cat(c, d): views of one buffer, d's at an
+                // offset; x three times: its gradient 2x + cos x − 1 is a sum.
+                let shared = (t("a") + t("b"))?.sum_all()?;
+                let pieces = (Tensor::cat(&[t("c"), t("d")], 0)? * &w)?.sum_all()?;
+                let x = t("x");
+                let fan = ((&x * &x)?.sum_all()? + x.sin()?.sum_all()? - x.sum_all()?)?;
+                let gs = (shared + pieces + fan)?.backward()?;
+                let mut grads = Grads::default();
+                grads.accumulate(&gs, opt.vars().cloned().collect::<Vec<_>>().iter(), 1.0)?;
+                if step == 0 && inplace {
+                    let g = |n: &str| grads.get(&p[n].var).unwrap().to_vec1::<f32>();
+                    assert_eq!(g("a")?, vec![1.0; 4]);
+                    assert_eq!(g("b")?, vec![1.0; 4]);
+                    assert_eq!(g("c")?, w.narrow(0, 0, 4)?.to_vec1::<f32>()?);
+                    assert_eq!(g("d")?, w.narrow(0, 4, 4)?.to_vec1::<f32>()?);
+                    let xv = x.to_vec1::<f32>()?;
+                    for (gx, x) in g("x")?.iter().zip(&xv) {
+                        assert!((gx - (2.0 * x + x.cos() - 1.0)).abs() < 1e-5, "{gx} at x = {x}");
+                    }
+                }
+                if inplace { opt.step(&grads, 1e-2)? } else { opt.step_composed(&grads, 1e-2)? }
+                let mut flat = vec![];
+                for t in p.values().map(|p| p.var.as_tensor().clone()).chain(opt.state_tensors().into_values()) {
+                    flat.extend(t.flatten_all()?.to_vec1::<f32>()?);
+                }
+                states.push(flat);
+            }
+            assert!(states[0] == states[1], "step {step}: the in-place step differs from the composition");
+        }
+        Ok(())
+    }
+
     #[test]
     fn adamw_first_step_and_decay() -> Result<()> {
         // After one step, Adam moves each coordinate by lr·sign(g) (bias-corrected), and decoupled
