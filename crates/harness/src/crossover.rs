@@ -61,10 +61,36 @@ fn fold_rounds(rows: &[&Value]) -> Value {
     Value::Object(out)
 }
 
+fn batch_of(b: &BenchResult) -> Option<u64> {
+    b.rows.first().and_then(|r| r["batch"].as_u64())
+}
+
+/// Whether the benches were run at more than one batch size.
+fn batches_differ(benches: &[BenchResult]) -> bool {
+    benches.iter().any(|b| batch_of(b) != batch_of(&benches[0]))
+}
+
+/// The column a bench belongs to: its label (the sweep run's, or its layers). A folder may hold
+/// benches of several configs (scripts/ab-builds-bench.sh), whose labels can coincide ("default"
+/// for any config without a sweep): the experiment then names the column, and the batch where
+/// the benches' batches differ, so that no two models fold into one median.
+fn model_label(b: &BenchResult, experiments_differ: bool, batches_differ: bool) -> String {
+    let mut label = b.label.clone().unwrap_or_else(|| b.layers.clone());
+    if experiments_differ {
+        label = if label == "default" { b.experiment.clone() } else { format!("{}: {label}", b.experiment) };
+    }
+    if let (true, Some(n)) = (batches_differ, batch_of(b)) {
+        label = format!("{label} (B {n})");
+    }
+    label
+}
+
 fn models(benches: &[BenchResult]) -> Vec<Model> {
+    let experiments_differ = benches.iter().any(|b| b.experiment != benches[0].experiment);
+    let batches_differ = batches_differ(benches);
     let mut groups: Vec<(u64, String, Vec<&BenchResult>)> = Vec::new();
     for b in benches {
-        let label = b.label.clone().unwrap_or_else(|| b.layers.clone());
+        let label = model_label(b, experiments_differ, batches_differ);
         let index = b.plan_index.unwrap_or(u64::MAX);
         match groups.iter_mut().find(|(_, l, _)| *l == label) {
             Some((i, _, bs)) => {
@@ -140,10 +166,17 @@ pub fn report(dir: &Path, benches: &[BenchResult]) -> Result<String> {
     ts.sort_unstable();
     ts.dedup();
     let first = &benches[0];
-    let batch = first.rows.first().and_then(|r| r["batch"].as_u64()).unwrap_or(1);
+    let batch_text = match batches_differ(benches) {
+        true => "per model (in its column)".to_string(),
+        false => batch_of(first).unwrap_or(1).to_string(),
+    };
+    let mut experiments: Vec<&str> = benches.iter().map(|b| b.experiment.as_str()).collect();
+    experiments.dedup();
+    experiments.sort_unstable();
+    experiments.dedup();
     let mut md = format!(
-        "# throughput crossover: {}\n\nDevice: {} ({} threads), dtype {}, batch {batch}. Protocol: {}; {}; {}. Memory: {}.\n",
-        first.experiment,
+        "# throughput crossover: {}\n\nDevice: {} ({} threads), dtype {}, batch {batch_text}. Protocol: {}; {}; {}. Memory: {}.\n",
+        experiments.join(", "),
         first.env.device.name,
         first.env.device.threads,
         first.env.dtype,
@@ -249,7 +282,9 @@ pub fn report(dir: &Path, benches: &[BenchResult]) -> Result<String> {
                     .filter_map(|r| {
                         let t = r["seq_len"].as_f64()?;
                         let v = r[key].as_f64()?;
-                        Some((t, if per_token { v / (t * batch as f64) * 1e6 } else { v }))
+                        // Per token of the row's own batch (a folder may mix batch sizes).
+                        let batch = r["batch"].as_f64().unwrap_or(1.0);
+                        Some((t, if per_token { v / (t * batch) * 1e6 } else { v }))
                     })
                     .collect(),
             })
@@ -298,6 +333,49 @@ mod tests {
         assert_eq!(crossover(&lin, &base, "train_step_s", &ts), Some(2048));
         assert_eq!(crossover(&base, &lin, "train_step_s", &ts), None);
         assert_eq!(cell(row(&base, 4096), "train_step_s", "train", &|x| x.to_string()), "OOM");
+    }
+
+    /// Two configs without a sweep are both labelled "default": in one folder they are two
+    /// columns, named by experiment (and batch, where it differs), not one median of both.
+    #[test]
+    fn benches_of_different_configs_are_different_models() -> anyhow::Result<()> {
+        let bench = |exp: &str, batch: u64, step: f64| -> anyhow::Result<BenchResult> {
+            let env = crate::schema::EnvRecord {
+                git: json!({"sha": "x", "dirty": false}),
+                versions: Default::default(),
+                device: crate::schema::DeviceRecord {
+                    kind: "cpu".into(),
+                    name: "cpu".into(),
+                    threads: 2,
+                    concurrent_runs: None,
+                    world_size: None,
+                    extra: Default::default(),
+                },
+                dtype: "f32".into(),
+            };
+            Ok(BenchResult {
+                schema: "zoo.bench/1".into(),
+                experiment: exp.into(),
+                label: Some("default".into()),
+                plan_index: Some(0),
+                config: json!({}),
+                layers: "attention".into(),
+                env,
+                params: json!({}),
+                protocol: json!({}),
+                vocab_size: 8,
+                rows: vec![json!({"seq_len": 256, "batch": batch, "train_step_s": step})],
+                finished_at: "t".into(),
+            })
+        };
+        let same = [bench("a", 8, 1.0)?, bench("a", 8, 3.0)?];
+        let ms = models(&same);
+        assert_eq!(ms.len(), 1, "rounds of one config fold");
+        assert_eq!((ms[0].label.as_str(), ms[0].rounds), ("default", 2));
+        let mixed = [bench("small", 8, 1.0)?, bench("big", 4, 3.0)?, bench("small", 8, 1.2)?];
+        let got: Vec<(String, usize)> = models(&mixed).into_iter().map(|m| (m.label, m.rounds)).collect();
+        assert_eq!(got, [("big (B 4)".to_string(), 1), ("small (B 8)".to_string(), 2)]);
+        Ok(())
     }
 
     #[test]
