@@ -512,6 +512,26 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// A CPU f32 store of the named parameters (shape, group; N(0, 0.5) init) and its AdamW.
+    fn store_and_opt(seed: u64, weight_decay: f64, params: &[(&str, &[usize], Group)]) -> Result<(ParamStore, AdamW)> {
+        let store = ParamStore::new(seed, DType::F32, &Device::Cpu);
+        let pb = store.root();
+        for &(name, shape, group) in params {
+            pb.get(name, shape, crate::params::Init::Normal(0.5), group)?;
+        }
+        let opt = AdamW::new(&store, AdamWParams { weight_decay, ..Default::default() })?;
+        Ok((store, opt))
+    }
+
+    /// Every weight, then every optimiser state tensor, flattened into one vector.
+    fn flat_state(store: &ParamStore, opt: &AdamW) -> Result<Vec<f32>> {
+        let mut flat = vec![];
+        for t in store.params().values().map(|p| p.var.as_tensor().clone()).chain(opt.state_tensors().into_values()) {
+            flat.extend(t.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(flat)
+    }
+
     #[test]
     fn schedule_shape() {
         let s = Schedule { lr: 1.0, min_lr: 0.1, warmup_steps: 10, decay_steps: 110 };
@@ -548,15 +568,7 @@ mod tests {
     #[test]
     fn inplace_step_is_the_composition_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
-        let make = || -> Result<(ParamStore, AdamW)> {
-            let store = ParamStore::new(7, DType::F32, &dev);
-            let pb = store.root();
-            pb.get("w", (3, 5), crate::params::Init::Normal(0.5), Group::Decay)?;
-            pb.get("b", 5, crate::params::Init::Normal(0.5), Group::NoDecay)?;
-            pb.get("idle", 4, crate::params::Init::Normal(0.5), Group::Decay)?;
-            let opt = AdamW::new(&store, AdamWParams { weight_decay: 0.3, ..Default::default() })?;
-            Ok((store, opt))
-        };
+        let make = || store_and_opt(7, 0.3, &[("w", &[3, 5], Group::Decay), ("b", &[5], Group::NoDecay), ("idle", &[4], Group::Decay)]);
         let ((sa, mut a), (sb, mut b)) = (make()?, make()?);
         for step in 0..5 {
             let lr = 1e-2 / (1.0 + step as f64);
@@ -581,11 +593,7 @@ mod tests {
                         opt.step_composed(&grads, lr)?
                     }
                 }
-                let mut flat = vec![];
-                for t in p.values().map(|p| p.var.as_tensor().clone()).chain(opt.state_tensors().into_values()) {
-                    flat.extend(t.flatten_all()?.to_vec1::<f32>()?);
-                }
-                all.push(flat);
+                all.push(flat_state(store, opt)?);
             }
             assert!(all[0] == all[1], "step {step}: the in-place step differs from the composition");
         }
@@ -603,15 +611,7 @@ mod tests {
     #[test]
     fn gradients_that_share_storage_update_each_parameter_by_its_own() -> Result<()> {
         let dev = Device::Cpu;
-        let make = || -> Result<(ParamStore, AdamW)> {
-            let store = ParamStore::new(3, DType::F32, &dev);
-            let pb = store.root();
-            for name in ["a", "b", "c", "d", "x"] {
-                pb.get(name, 4, crate::params::Init::Normal(0.5), Group::Decay)?;
-            }
-            let opt = AdamW::new(&store, AdamWParams { weight_decay: 0.1, ..Default::default() })?;
-            Ok((store, opt))
-        };
+        let make = || store_and_opt(3, 0.1, &["a", "b", "c", "d", "x"].map(|n| (n, &[4usize][..], Group::Decay)));
         let ((sa, mut a), (sb, mut b)) = (make()?, make()?);
         let w = Tensor::new(&[0.5f32, -1.0, 2.0, 0.25, 1.5, -0.75, 3.0, -2.0], &dev)?;
         for step in 0..3 {
@@ -640,11 +640,7 @@ mod tests {
                     }
                 }
                 if inplace { opt.step(&grads, 1e-2)? } else { opt.step_composed(&grads, 1e-2)? }
-                let mut flat = vec![];
-                for t in p.values().map(|p| p.var.as_tensor().clone()).chain(opt.state_tensors().into_values()) {
-                    flat.extend(t.flatten_all()?.to_vec1::<f32>()?);
-                }
-                states.push(flat);
+                states.push(flat_state(store, opt)?);
             }
             assert!(states[0] == states[1], "step {step}: the in-place step differs from the composition");
         }
