@@ -2,7 +2,7 @@
 # Two builds of zoo side by side on this machine, in one command: `zoo bench` train steps (and
 # prefill) of the same models with binary A and binary B, alternating A, B for every model in
 # every round, into OUT/<A's commit>/ and OUT/<B's commit>/ (<label>-r<round>.json), then
-# `zoo report` of each folder. For what a change to the code buys, both binaries built the same
+# `zoo report` of each folder, and B's ratios over A in OUT/summary.json (scripts/ab-summary.py). For what a change to the code buys, both binaries built the same
 # way from clean commits (e.g. a git worktree per commit and one CARGO_TARGET_DIR, so that build
 # settings are equal); each JSON records its binary's commit and whether the tree was dirty.
 # Models (config:run index:T:batch:label): the 4L-256 and 6L-384 softmax LMs of
@@ -34,3 +34,5 @@ for r in $(seq 1 "$rounds"); do
   done
 done
 for c in "$ca" "$cb"; do "$zb" report "$out/$c" > /dev/null && echo "report: $out/$c/report.md"; done
+# B over A per model, as JSON (OUT/summary.json) and a table.
+python3 "$(dirname "$0")/ab-summary.py" "$out" "$ca" "$cb"
