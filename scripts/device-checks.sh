@@ -43,7 +43,7 @@
 #            tar xzf moe-cuda-512.tgz -C results/bench && zoo report results/bench/moe-cuda-512
 set -u
 . "$(dirname "$0")/device-lib.sh"
-[ -x /tmp/zoo ] || { gunzip -c .devpkg/zoo.gz > /tmp/zoo && chmod +x /tmp/zoo; }
+zoo_binary
 
 kernels() {
   local flash_ok=1

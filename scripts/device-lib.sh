@@ -19,3 +19,15 @@ baseline_at() { # layers d heads
   sed -e "s/^d_model = .*/d_model = $2/" -e "s/^n_layers = .*/n_layers = $1/" -e "s/n_heads = 8/n_heads = $3/" \
     configs/bench-baseline.toml
 }
+# The CUDA zoo at /tmp/zoo, from .devpkg/zoo.xz (xz: half the size of gzip, room for checkpoints
+# under the carry limit; python3's lzma unpacks it, the device has no xz) or .devpkg/zoo.gz; a
+# /tmp/zoo already there (a warm machine) is kept.
+zoo_binary() {
+  [ -x /tmp/zoo ] && return 0
+  if [ -f .devpkg/zoo.xz ]; then
+    python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.devpkg/zoo.xz'), open('/tmp/zoo', 'wb'))" || return 1
+  else
+    gunzip -c .devpkg/zoo.gz > /tmp/zoo || return 1
+  fi
+  chmod +x /tmp/zoo
+}

@@ -15,22 +15,13 @@
 # runs/, which stays there between calls; across sessions from .devpkg/ckpt.tgz.*, which
 # SHIP_CKPT=1 writes to $OUT, the furthest-trained checkpoints that fit the device's limit on
 # returned files (move them to .devpkg/ here; a checkpoint already on the machine wins).
-# usage: [STOP_S=S] [SHIP_CKPT=1] scripts/device-mqar.sh BUDGET_S WORKERS [CONFIG]
+# usage: [STOP_S=S] [SHIP_CKPT=1] [WITH_TESTS=1] scripts/device-mqar.sh BUDGET_S WORKERS [CONFIG]
 set -u
 budget=$1; workers=$2; cfg=${3:-configs/mqar.toml}
 exp=$(sed -n 's/^experiment = "\(.*\)"/\1/p' "$cfg")
 res=results/$exp
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
-# The binary travels as zoo.gz, or as zoo.xz (half the size: room for checkpoints under the carry
-# limit; python3's lzma unpacks it, the device has no xz).
-if [ ! -x /tmp/zoo ]; then
-  if [ -f .devpkg/zoo.xz ]; then
-    python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.devpkg/zoo.xz'), open('/tmp/zoo', 'wb'))"
-  else
-    gunzip -c .devpkg/zoo.gz > /tmp/zoo
-  fi
-  chmod +x /tmp/zoo
-fi
+. "$(dirname "$0")/device-lib.sh"
+zoo_binary
 mkdir -p "$res"
 [ -f .devpkg/prior.tgz ] && tar xzf .devpkg/prior.tgz -C "$res" && echo "prior results: $(ls "$res"/*.json | wc -l)"
 # Results made by an earlier call on this (warm) machine: the call replaced the working tree with
@@ -52,8 +43,28 @@ if ls .devpkg/ckpt.tgz.* > /dev/null 2>&1; then
     echo "checkpoints brought in: $(ls /tmp/ckin | wc -l)"
   fi
 fi
+# WITH_TESTS=1: the CUDA test binaries in .devpkg/tests (scripts/build-cuda.sh --tests) run beside
+# the pool, for correctness only (they share the GPU with the pool's runs, so nothing they time
+# means anything): every test, then the flash tests again with the WMMA (ZOO_FLASH_MMA=0) and
+# ldmatrix (=2) attention kernels, into $OUT/tests.log (a fourth returned file: CKPT_PIECES <= 4).
+# They start once the pool's MPS daemon is up, so that they are its clients too, and end by 450 s.
+tests=""
+if [ "${WITH_TESTS:-0}" = 1 ] && ls .devpkg/tests/*.gz > /dev/null 2>&1; then
+  ( exec > "$OUT/tests.log" 2>&1 < /dev/null
+    sleep 15
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe
+    step 240 tests bash scripts/device-tests.sh
+    for m in 0 2; do
+      [ -x /tmp/flash ] && step 90 "flash ZOO_FLASH_MMA=$m" env ZOO_FLASH_MMA=$m /tmp/flash --test-threads 1
+    done ) &
+  tests=$!
+fi
 POOL_STOP_S=${STOP_S:-$((budget + 60))} ZOO=/tmp/zoo POOL_LR_FIRST=1 POOL_LR_ORDER=${LR_ORDER:-0.003,0.001,0.01} scripts/device-pool.sh "$cfg" "$budget" "$workers" \
   > "$OUT/pool.log" 2>&1
+if [ -n "$tests" ]; then
+  wait "$tests"
+  grep -E "^== |^test result|FAILED|panicked" "$OUT/tests.log" | head -30
+fi
 # No background job may outlive this script: the device call waits for every holder of its output
 # (device-pool.sh leaves the MPS daemon running; stop it).
 CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe nvidia-cuda-mps-control <<< quit > /dev/null 2>&1 || true

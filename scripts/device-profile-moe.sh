@@ -6,13 +6,13 @@
 #  1. zoo's own train_seconds over STEPS steps of one process (ms per step);
 #  2. ncu's GPU time by kernel per step (6 steps minus 3, scripts/ncu-step-diff.py): if it is far
 #     below part 1's step time, the step waits on the host (launches, the expert lengths read back).
-# Output: $OUT/profile-moe.txt and the ncu CSVs. Carry .devpkg (zoo.gz).
+# Output: $OUT/profile-moe.txt and the ncu CSVs. Carry .devpkg (zoo.xz or zoo.gz).
 #   device:  run(command="bash scripts/device-profile-moe.sh", carry=[".devpkg"], timeout_s=400)
 # usage: scripts/device-profile-moe.sh [STEPS]
 set -u
 steps=${1:-100}
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
-[ -x /tmp/zoo ] || { gunzip -c .devpkg/zoo.gz > /tmp/zoo && chmod +x /tmp/zoo; }
+. "$(dirname "$0")/device-lib.sh"
+zoo_binary
 out=${OUT:-/tmp/out}; mkdir -p "$out"; log=$out/profile-moe.txt
 # configs/moe-bench.toml trains 1 step; these copies train N steps, evaluating never.
 mk() { sed -e "s/^steps = .*/steps = $1/" -e 's/^experiment = .*/experiment = "prof-moe"/' configs/moe-bench.toml > "$2"; }

@@ -13,7 +13,7 @@ set -u
 . "$(dirname "$0")/device-lib.sh"
 steps=${1:-20}; shift $(( $# > 0 ? 1 : 0 ))
 shapes=${*:-"6:384:6:256:32 8:512:8:4096:4"}
-[ -x /tmp/zoo ] || { gunzip -c .devpkg/zoo.gz > /tmp/zoo && chmod +x /tmp/zoo; }
+zoo_binary
 out=${OUT:-/tmp/out}; mkdir -p "$out"; log=$out/profile-train.txt
 # configs/bench-baseline.toml at a shape, training N steps on MQAR sequences of length T (the
 # tokens do not matter to the time), evaluating only at the end.
