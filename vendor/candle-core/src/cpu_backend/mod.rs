@@ -1478,7 +1478,18 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // gemm overwrites every element of dst (read_dst = false) when k > 0, so the output is not
+        // zero-filled first: that fill was a full pass over every matmul's output (zoo's change,
+        // PATCH.md). With k = 0 gemm writes nothing and the zeros are the answer.
+        let mut dst = if k == 0 {
+            vec![T::zero(); b * m * n]
+        } else {
+            let mut v = Vec::with_capacity(b * m * n);
+            // SAFETY: T is a plain float type (Copy, no Drop, every bit pattern a value), as in
+            // CpuDevice::alloc_uninit, and gemm writes all b * m * n elements before any is read.
+            unsafe { v.set_len(b * m * n) };
+            v
+        };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
