@@ -8,7 +8,8 @@
 # Models (config:run index:T:batch:label): the 4L-256 and 6L-384 softmax LMs of
 # scripts/twin-bench-cpu.py at its shapes (vocab 32768), and the quickstart's GLA and GLA +
 # attention hybrid at d 128 (configs/quickstart.toml, T 64 x 32, as scripts/cpu-forms-bench.sh).
-# usage: scripts/ab-builds-bench.sh OUT ROUNDS ZOO_A ZOO_B
+# FIRST_ROUND=N numbers the rounds from N (more rounds into a folder that has some).
+# usage: [FIRST_ROUND=N] scripts/ab-builds-bench.sh OUT ROUNDS ZOO_A ZOO_B
 set -eu
 out=$1; rounds=$2; za=$3; zb=$4
 benches="configs/bench-baseline-cpu.toml:0:256:8:4L-256 configs/bench-baseline-cpu-6l.toml:0:256:4:6L-384
@@ -16,13 +17,15 @@ configs/quickstart.toml:8:64:32:gla-d128 configs/quickstart.toml:11:64:32:hybrid
 commit() { # the commit a binary was built at, from a tiny bench's JSON
   "$1" bench configs/bench-baseline-cpu.toml --seq-lens 8 --batch 1 --warmup 0 --iters 1 --decode-tokens 1 \
     --skip-train -q --out /tmp/ab-commit.json > /dev/null
-  python3 -c "import json; g = json.load(open('/tmp/ab-commit.json'))['env']['git']; print(g['sha'][:7] + ('-dirty' if g['dirty'] else ''))"
+  # The binary's own commit: env.git.build where the checkout is the same commit, else env.git.
+  python3 -c "import json; g = json.load(open('/tmp/ab-commit.json'))['env']['git']; g = g.get('build', g); print(g['sha'][:7] + ('-dirty' if g['dirty'] else ''))"
 }
 ca=$(commit "$za"); cb=$(commit "$zb")
 [ "$ca" != "$cb" ] || { echo "both binaries were built at $ca" >&2; exit 1; }
 mkdir -p "$out/$ca" "$out/$cb"
 echo "A = $ca, B = $cb; $rounds rounds"
-for r in $(seq 1 "$rounds"); do
+first=${FIRST_ROUND:-1}
+for r in $(seq "$first" $((first + rounds - 1))); do
   for e in $benches; do
     IFS=: read -r cfg i t b label <<< "$e"
     for side in "$za:$ca" "$zb:$cb"; do
