@@ -47,13 +47,8 @@ zoo_binary
 
 kernels() {
   local flash_ok=1
-  step 180 tests bash scripts/device-tests.sh > "$OUT/tests.log" 2>&1 || flash_ok=0
-  if [ -f /tmp/flash ]; then
-    step 90 tests-wmma env ZOO_FLASH_MMA=0 /tmp/flash --test-threads 1 >> "$OUT/tests.log" 2>&1 || flash_ok=0
-    # mma2 is opt-in: its failure is reported (the bench's fused_mma2 numbers then mean nothing) but
-    # does not hold back the bench of the default kernels.
-    step 90 tests-mma2 env ZOO_FLASH_MMA=2 /tmp/flash --test-threads 1 >> "$OUT/tests.log" 2>&1
-  fi
+  : > "$OUT/tests.log"
+  kernel_tests "$OUT/tests.log" || flash_ok=0
   grep -E "^== |^test result|FAILED|panicked" "$OUT/tests.log" | head -20
   if [ "$flash_ok" = 1 ]; then
     step 120 attention-bench python3 scripts/attention-bench.py --zoo /tmp/zoo --out "$OUT/attention-h200.json" \

@@ -31,3 +31,16 @@ zoo_binary() {
   fi
   chmod +x /tmp/zoo
 }
+# The CUDA test binaries of .devpkg/tests (scripts/device-tests.sh), then the flash tests again
+# with the WMMA (ZOO_FLASH_MMA=0) and the ldmatrix mma.sync (=2) attention kernels, all appended
+# to LOG. Fails where the default or the WMMA kernels' tests fail; mma2 is opt-in: its failure is
+# reported (a bench's fused_mma2 numbers then mean nothing) but does not fail the call.
+kernel_tests() { # log
+  local log=$1 ok=0
+  step 180 tests bash scripts/device-tests.sh >> "$log" 2>&1 || ok=1
+  if [ -f /tmp/flash ]; then
+    step 90 tests-wmma env ZOO_FLASH_MMA=0 /tmp/flash --test-threads 1 >> "$log" 2>&1 || ok=1
+    step 90 tests-mma2 env ZOO_FLASH_MMA=2 /tmp/flash --test-threads 1 >> "$log" 2>&1
+  fi
+  return $ok
+}

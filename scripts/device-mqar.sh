@@ -47,16 +47,15 @@ fi
 # the pool, for correctness only (they share the GPU with the pool's runs, so nothing they time
 # means anything): every test, then the flash tests again with the WMMA (ZOO_FLASH_MMA=0) and
 # ldmatrix (=2) attention kernels, into $OUT/tests.log (a fourth returned file: CKPT_PIECES <= 4).
-# They start once the pool's MPS daemon is up, so that they are its clients too, and end by 450 s.
+# They start once the pool's MPS daemon is up, so that they are its clients too, and end by 375 s
+# (device-lib.sh's kernel_tests, as device-checks.sh kernels runs them).
 tests=""
 if [ "${WITH_TESTS:-0}" = 1 ] && ls .devpkg/tests/*.gz > /dev/null 2>&1; then
-  ( exec > "$OUT/tests.log" 2>&1 < /dev/null
+  ( exec > /dev/null 2>&1 < /dev/null
     sleep 15
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe
-    step 240 tests bash scripts/device-tests.sh
-    for m in 0 2; do
-      [ -x /tmp/flash ] && step 90 "flash ZOO_FLASH_MMA=$m" env ZOO_FLASH_MMA=$m /tmp/flash --test-threads 1
-    done ) &
+    : > "$OUT/tests.log"
+    kernel_tests "$OUT/tests.log" ) &
   tests=$!
 fi
 POOL_STOP_S=${STOP_S:-$((budget + 60))} ZOO=/tmp/zoo POOL_LR_FIRST=1 POOL_LR_ORDER=${LR_ORDER:-0.003,0.001,0.01} scripts/device-pool.sh "$cfg" "$budget" "$workers" \

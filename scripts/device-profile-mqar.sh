@@ -15,8 +15,9 @@
 # usage: scripts/device-profile-mqar.sh [STEPS]
 set -u
 steps=${1:-200}; parts=${PARTS:-123}
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
-gunzip -c .devpkg/zoo.gz > /tmp/zoo && chmod +x /tmp/zoo
+. "$(dirname "$0")/device-lib.sh"
+# Always this call's binary, not one an earlier call left.
+rm -f /tmp/zoo && zoo_binary
 out=${OUT:-/tmp/out}; mkdir -p "$out"; log=$out/profile.txt
 cfg=/tmp/prof.toml
 # The long-budget MQAR model and data (configs/mqar-long-conv.toml) with small test sets.

@@ -171,7 +171,6 @@ pub fn report(dir: &Path, benches: &[BenchResult]) -> Result<String> {
         false => batch_of(first).unwrap_or(1).to_string(),
     };
     let mut experiments: Vec<&str> = benches.iter().map(|b| b.experiment.as_str()).collect();
-    experiments.dedup();
     experiments.sort_unstable();
     experiments.dedup();
     let mut md = format!(
