@@ -1,14 +1,16 @@
 //! GFLOP/s of candle's CPU matmul (the `gemm` crate) at the CPU twins' shapes (scripts/twin-bench-cpu.py's
 //! 6L-384 model at T 256 × 4: 1024 rows), for the forward and both backward products of a linear
 //! layer and of the LM head. Medians of 7 after 2 warm-ups, f32, on RAYON_NUM_THREADS threads.
-//! `python3 scripts/matmul-cpu.py` times the same products with PyTorch.
+//! `scripts/matmul-cpu.py` runs it beside PyTorch's matmul at the same shapes, in one command, into
+//! results/bench/matmul-cpu.json; with `--json` it prints one JSON object per shape.
 //!
-//!     cargo run --release -p zoo-core --example matmul_cpu
+//!     cargo run --release -p zoo-core --example matmul_cpu [-- --json]
 use candle_core::{Device, Result, Tensor};
 use std::time::Instant;
 
 fn main() -> Result<()> {
     let dev = Device::Cpu;
+    let json = std::env::args().any(|a| a == "--json");
     // (name, m, k, n): x (m, k) · w (k, n).
     let shapes = [
         ("qkv/o fwd", 1024, 384, 384),
@@ -32,7 +34,11 @@ fn main() -> Result<()> {
         }
         ts.sort_by(|x, y| x.partial_cmp(y).unwrap());
         let s = ts[ts.len() / 2];
-        println!("{name:16} {m:6} x {k:5} x {n:6}: {:8.2} ms, {:6.1} GFLOP/s", s * 1e3, 2.0 * (m * k * n) as f64 / s / 1e9);
+        if json {
+            println!(r#"{{"name": "{name}", "m": {m}, "k": {k}, "n": {n}, "seconds": {s}}}"#);
+        } else {
+            println!("{name:16} {m:6} x {k:5} x {n:6}: {:8.2} ms, {:6.1} GFLOP/s", s * 1e3, 2.0 * (m * k * n) as f64 / s / 1e9);
+        }
     }
     Ok(())
 }
