@@ -47,8 +47,8 @@ impl FeedForward for SwiGlu {
     }
 }
 
-/// SwiGLU's product silu(g) ⊙ u: on CUDA the fused kernel (forward and backward), elsewhere
-/// the composition.
+/// SwiGLU's product silu(g) ⊙ u: the fused op (the kernel on CUDA, its CPU form on the CPU;
+/// forward and backward), or with `ZOO_KERNELS=naive` the composition.
 pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if zoo_kernels::applies("swiglu", zoo_kernels::swiglu::unsupported(g, u), g.device()) {
         zoo_kernels::swiglu::swiglu(g, u)

@@ -135,7 +135,8 @@ impl RmsNorm {
         Ok(Self { weight: pb.get("weight", d, Init::Const(1.0), Group::NoDecay)?, eps })
     }
 
-    /// On CUDA the fused kernel (`zoo_kernels::rms_norm`) runs unless `ZOO_KERNELS=naive`.
+    /// The fused op (`zoo_kernels::rms_norm`: the kernel on CUDA, its CPU form on the CPU) runs
+    /// unless `ZOO_KERNELS=naive`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::ops::head_rms_norm(x, &self.weight, self.eps)
     }
@@ -188,7 +189,8 @@ impl Rope {
             candle_core::bail!("RoPE table holds {} positions, asked for {}", self.max_len(), offset + t)
         }
         let (cos, sin) = self.tables(offset, t)?;
-        // On CUDA the fused kernel (forward and backward); elsewhere candle's composition.
+        // The fused op (the kernel on CUDA, its CPU form on the CPU; forward and backward), else
+        // candle's composition.
         if zoo_kernels::applies("rope", zoo_kernels::rope::unsupported(x), x.device()) {
             return zoo_kernels::rope::rope(x, &cos, &sin);
         }

@@ -24,7 +24,8 @@ pub fn softmax_last_dim_fused(x: &Tensor, phase: Phase) -> Result<Tensor> {
 }
 
 /// x / sqrt(mean(x², last dim) + ε), without a gain; accumulates in f32 (f64 stays f64).
-/// On CUDA the fused kernel (`zoo_kernels::rms_norm`) runs unless `ZOO_KERNELS=naive`.
+/// The fused op (`zoo_kernels::rms_norm`: the kernel on CUDA, its CPU form on the CPU) runs unless
+/// `ZOO_KERNELS=naive`.
 pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
     if zoo_kernels::applies("rms norm", zoo_kernels::rms_norm::unsupported(x), x.device()) {
         return zoo_kernels::rms_norm::rms_norm(x, None, eps);
@@ -42,7 +43,7 @@ pub fn rms_normalize_naive(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Per-head RMS normalisation over the last dim with a gain of size d (GLA's output norm).
-/// On CUDA the fused kernel runs, as in [`rms_normalize`].
+/// The fused op runs, as in [`rms_normalize`].
 pub fn head_rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
     if zoo_kernels::applies("rms norm", zoo_kernels::rms_norm::unsupported(x), x.device()) {
         return zoo_kernels::rms_norm::rms_norm(x, Some(gain), eps);

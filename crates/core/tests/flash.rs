@@ -1,8 +1,9 @@
 //! Flash attention (zoo-kernels) against the composition it replaces (`sdpa` with the additive mask
 //! of the same positions, window and sinks): the output and the gradient of every input.
 //!
-//! On the CPU the op runs its reference loop, which checks the op's semantics (causal positions,
-//! prefill offsets, windows, sink slots, GQA/MQA) here in CI. Built with `--features cuda` and run
+//! On the CPU the op runs its CPU form (blocked, on `gemm`; the model's attention on the CPU), which
+//! checks it and the op's semantics (causal positions, prefill offsets, windows, sink slots,
+//! GQA/MQA) here in CI. Built with `--features cuda` and run
 //! on the GPU machine (`scripts/device-tests.sh`), the same cases run the CUDA kernels in f32, bf16
 //! and f16 against the f32 composition on the same (rounded) inputs.
 
@@ -150,7 +151,7 @@ fn check_with(
     Ok(())
 }
 
-/// The op's CPU reference loop equals the composition (semantics of every case).
+/// The op's CPU form equals the composition (semantics of every case).
 #[test]
 fn flash_reference_loop_matches_the_composition() -> Result<()> {
     check(&Device::Cpu, DType::F32, 1e-5)
@@ -188,27 +189,40 @@ fn split_kv_decoding_matches_the_composition() -> Result<()> {
     Ok(())
 }
 
-/// The model's attention takes the kernel on CUDA and gives the composition's logits and loss.
+/// Held by the tests that switch the process-wide kernel mode, so that they do not switch it under
+/// each other.
+static MODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Devices to run the model-level checks on: the CPU (the op's CPU form) and CUDA where there is one.
+fn devices() -> Vec<Device> {
+    let mut devs = vec![Device::Cpu];
+    if let Ok(dev) = Device::new_cuda(0) {
+        devs.push(dev);
+    }
+    devs
+}
+
+/// The model's attention takes the op (the kernel on CUDA, the CPU form on the CPU) and gives the
+/// composition's outputs.
 #[test]
 fn model_attention_uses_the_kernel_with_the_same_result() -> Result<()> {
-    let Ok(dev) = Device::new_cuda(0) else {
-        eprintln!("skipped: no CUDA device in this build or machine");
-        return Ok(());
-    };
-    use zoo_core::attention::{Attention, AttentionConfig};
-    use zoo_core::mixer::{BuildCtx, Mixer};
-    use zoo_core::params::ParamStore;
-    let cfg: AttentionConfig = toml::from_str("n_heads = 4\nn_kv_heads = 2\nwindow = 9\nsink_tokens = 2\n").map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    let ctx = BuildCtx { d_model: 128, n_layers: 1, layer: 0, max_seq_len: 64, kind_layer: 0, kind_layers: 1 };
-    let store = ParamStore::new(0, DType::F32, &dev);
-    let att = Attention::new(&cfg, &ctx, &store.root())?;
-    let x = Tensor::randn(0f32, 1.0, (2, 40, 128), &dev)?;
-    let fused = att.forward(&x, Phase::Train, None, None)?;
-    zoo_kernels::set_mode(zoo_kernels::Kernels::Naive);
-    let naive = att.forward(&x, Phase::Train, None, None);
-    zoo_kernels::set_mode(zoo_kernels::Kernels::Fused);
-    let e = max_rel(&fused, &naive?)?;
-    assert!(e <= 1e-5, "model attention: fused vs naive rel. error {e:.2e}");
+    let _mode = MODE.lock().unwrap_or_else(|e| e.into_inner());
+    for dev in devices() {
+        use zoo_core::attention::{Attention, AttentionConfig};
+        use zoo_core::mixer::{BuildCtx, Mixer};
+        use zoo_core::params::ParamStore;
+        let cfg: AttentionConfig = toml::from_str("n_heads = 4\nn_kv_heads = 2\nwindow = 9\nsink_tokens = 2\n").map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let ctx = BuildCtx { d_model: 128, n_layers: 1, layer: 0, max_seq_len: 64, kind_layer: 0, kind_layers: 1 };
+        let store = ParamStore::new(0, DType::F32, &dev);
+        let att = Attention::new(&cfg, &ctx, &store.root())?;
+        let x = Tensor::randn(0f32, 1.0, (2, 40, 128), &dev)?;
+        let fused = att.forward(&x, Phase::Train, None, None)?;
+        zoo_kernels::set_mode(zoo_kernels::Kernels::Naive);
+        let naive = att.forward(&x, Phase::Train, None, None);
+        zoo_kernels::set_mode(zoo_kernels::Kernels::Fused);
+        let e = max_rel(&fused, &naive?)?;
+        assert!(e <= 1e-5, "model attention on {dev:?}: fused vs naive rel. error {e:.2e}");
+    }
     Ok(())
 }
 
@@ -218,37 +232,36 @@ fn model_attention_uses_the_kernel_with_the_same_result() -> Result<()> {
 /// and plain attention decoding after `KvCache::retain` dropped some slots.
 #[test]
 fn decoding_over_a_ring_or_an_evicted_cache_matches_the_composition() -> Result<()> {
-    let Ok(dev) = Device::new_cuda(0) else {
-        eprintln!("skipped: no CUDA device in this build or machine");
-        return Ok(());
-    };
-    use zoo_core::attention::{Attention, AttentionConfig};
-    use zoo_core::mixer::{BuildCtx, Mixer};
-    use zoo_core::params::ParamStore;
-    use zoo_core::state::LayerState;
-    let ctx = BuildCtx { d_model: 128, n_layers: 1, layer: 0, max_seq_len: 64, kind_layer: 0, kind_layers: 1 };
-    for (toml_cfg, evict) in [("n_heads = 4\nn_kv_heads = 2\nwindow = 6\nsink_tokens = 2\n", false), ("n_heads = 4\nn_kv_heads = 2\n", true)] {
-        let cfg: AttentionConfig = toml::from_str(toml_cfg).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let store = ParamStore::new(0, DType::F32, &dev);
-        let att = Attention::new(&cfg, &ctx, &store.root())?;
-        let x = Tensor::randn(0f32, 1.0, (2, 24, 128), &dev)?;
-        let mut outs = vec![];
-        for mode in [zoo_kernels::Kernels::Fused, zoo_kernels::Kernels::Naive] {
-            zoo_kernels::set_mode(mode);
-            let mut state = att.new_state(0);
-            let mut ys = vec![att.forward(&x.narrow(1, 0, 4)?, Phase::Prefill, Some(&mut state), None)?];
-            for t in 4..24 {
-                if evict && t == 12 {
-                    let LayerState::Kv(c) = &mut state else { unreachable!("attention keeps a KV cache") };
-                    c.retain(&[0, 2, 3, 5, 8, 9, 11])?;
+    let _mode = MODE.lock().unwrap_or_else(|e| e.into_inner());
+    for dev in devices() {
+        use zoo_core::attention::{Attention, AttentionConfig};
+        use zoo_core::mixer::{BuildCtx, Mixer};
+        use zoo_core::params::ParamStore;
+        use zoo_core::state::LayerState;
+        let ctx = BuildCtx { d_model: 128, n_layers: 1, layer: 0, max_seq_len: 64, kind_layer: 0, kind_layers: 1 };
+        for (toml_cfg, evict) in [("n_heads = 4\nn_kv_heads = 2\nwindow = 6\nsink_tokens = 2\n", false), ("n_heads = 4\nn_kv_heads = 2\n", true)] {
+            let cfg: AttentionConfig = toml::from_str(toml_cfg).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let store = ParamStore::new(0, DType::F32, &dev);
+            let att = Attention::new(&cfg, &ctx, &store.root())?;
+            let x = Tensor::randn(0f32, 1.0, (2, 24, 128), &dev)?;
+            let mut outs = vec![];
+            for mode in [zoo_kernels::Kernels::Fused, zoo_kernels::Kernels::Naive] {
+                zoo_kernels::set_mode(mode);
+                let mut state = att.new_state(0);
+                let mut ys = vec![att.forward(&x.narrow(1, 0, 4)?, Phase::Prefill, Some(&mut state), None)?];
+                for t in 4..24 {
+                    if evict && t == 12 {
+                        let LayerState::Kv(c) = &mut state else { unreachable!("attention keeps a KV cache") };
+                        c.retain(&[0, 2, 3, 5, 8, 9, 11])?;
+                    }
+                    ys.push(att.forward(&x.narrow(1, t, 1)?, Phase::Decode, Some(&mut state), None)?);
                 }
-                ys.push(att.forward(&x.narrow(1, t, 1)?, Phase::Decode, Some(&mut state), None)?);
+                outs.push(Tensor::cat(&ys, 1)?);
             }
-            outs.push(Tensor::cat(&ys, 1)?);
+            zoo_kernels::set_mode(zoo_kernels::Kernels::Fused);
+            let e = max_rel(&outs[0], &outs[1])?;
+            assert!(e <= 1e-5, "{toml_cfg:?} (evict {evict}) on {dev:?}: fused vs naive decoding rel. error {e:.2e}");
         }
-        zoo_kernels::set_mode(zoo_kernels::Kernels::Fused);
-        let e = max_rel(&outs[0], &outs[1])?;
-        assert!(e <= 1e-5, "{toml_cfg:?} (evict {evict}): fused vs naive decoding rel. error {e:.2e}");
     }
     Ok(())
 }

@@ -244,9 +244,9 @@ fn conv_kernels_match_the_composition() -> Result<()> {
 
 /// The RMS norm op (CPU form, or the kernels on CUDA) against the composition
 /// (`rms_normalize_naive` times the gain): output, dx and the gain's gradient, with and without a
-/// gain, rows shorter and longer than a warp.
+/// gain, rows shorter and longer than a warp, and more rows than one CPU task takes.
 fn check_rms(dev: &Device, dt: DType, tol: f32) -> Result<()> {
-    for &(rows, d, with_gain) in &[(7, 5, true), (33, 64, true), (4, 300, false), (130, 128, true)] {
+    for &(rows, d, with_gain) in &[(7, 5, true), (33, 64, true), (4, 300, false), (130, 128, true), (1000, 384, true)] {
         let x0 = (Tensor::randn(0f32, 2.0, (rows, d), &Device::Cpu)? + 0.3)?.to_device(dev)?.to_dtype(dt)?.to_dtype(DType::F32)?;
         let g0 = (Tensor::randn(0f32, 0.3, d, &Device::Cpu)? + 1.0)?.to_device(dev)?;
         let run = |fused: bool| -> Result<Vec<Tensor>> {
@@ -282,10 +282,10 @@ fn rms_norm_kernels_match_the_composition() -> Result<()> {
 }
 
 /// The RoPE op (CPU form, or the kernel on CUDA) against candle's composition (`rope_slow`):
-/// output and dx, head widths 2 to 128, one position and an odd length, tables at an offset (the
+/// output and dx, head widths 2 to 128, one position, an odd length and several CPU tasks, tables at an offset (the
 /// rows of positions 5..5+T, as after a cache).
 fn check_rope(dev: &Device, dt: DType, tol: f32) -> Result<()> {
-    for &(b, h, t, d) in &[(1, 1, 1, 2), (2, 3, 37, 64), (1, 2, 9, 128), (2, 1, 5, 6)] {
+    for &(b, h, t, d) in &[(1, 1, 1, 2), (2, 3, 37, 64), (1, 2, 9, 128), (2, 1, 5, 6), (2, 3, 300, 64)] {
         let x0 = Tensor::randn(0f32, 1.0, (b, h, t, d), &Device::Cpu)?.to_device(dev)?.to_dtype(dt)?.to_dtype(DType::F32)?;
         let rope = zoo_core::nn::Rope::new(d, t + 5, 10_000.0, dev)?;
         let (cos, sin) = rope.tables(5, t)?;

@@ -88,7 +88,8 @@ impl Env {
             d["concurrent_runs"] = json!(n);
         }
         // Which implementation the ops with a fused kernel used (`ZOO_KERNELS`): on the CPU it
-        // picks the linear-attention scans' CPU forms or the chunked compositions.
+        // picks the ops' CPU forms (attention, norms, RoPE, SwiGLU, the loss, the scans, the conv)
+        // or the candle compositions.
         d["kernels"] = json!(zoo_kernels::mode().name());
         if self.device.is_cpu() {
             // How much of the fused loss's softmax − one-hot the CPU keeps for the backward

@@ -21,9 +21,10 @@ struct Cli {
     /// whose estimated footprint exceeds it are refused before any allocation.
     #[arg(long, global = true)]
     max_memory: Option<String>,
-    /// Ops with a fused CUDA kernel, or on the CPU a CPU form (GLA's scan, the delta rule, the
-    /// causal conv): `fused` (default) or `naive` (the candle compositions), as `ZOO_KERNELS` sets
-    /// it; every result and bench JSON records which ran.
+    /// Ops with a fused CUDA kernel, or on the CPU a CPU form (attention, RMS norm, RoPE, SwiGLU,
+    /// the cross-entropy, GLA's scan, the delta rule, the causal conv): `fused` (default) or
+    /// `naive` (the candle compositions), as `ZOO_KERNELS` sets it; every result and bench JSON
+    /// records which ran.
     #[arg(long, global = true, value_parser = ["fused", "naive"])]
     kernels: Option<String>,
     /// No progress output.

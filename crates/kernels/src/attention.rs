@@ -8,10 +8,10 @@
 //! bf16 or f16; every sum in f32. With 16-bit inputs the matrix products run on tensor cores
 //! (`mma.sync` m16n8k16 or WMMA 16×16×16; the backward for d ≤ 128); f32 inputs and decoding
 //! steps run on CUDA cores (`src/cuda/attention.cu`), decoding steps optionally split over the
-//! keys (Flash-Decoding, Dao, Haziza, Massa and Sizov 2023: [`decode_kernel`]); the CPU
-//! form of the op is a plain loop of the same algorithm's result, used to test the op's semantics
-//! here against the composition (`zoo_core::attention::sdpa`), which stays the reference and the
-//! CPU path of the model.
+//! keys (Flash-Decoding, Dao, Haziza, Massa and Sizov 2023: [`decode_kernel`]). On the CPU the
+//! op's CPU form runs (`attention_cpu`: the same blocked algorithm with its products on `gemm`),
+//! the model's attention there in fused mode; the composition (`zoo_core::attention::sdpa`) stays
+//! the reference both are tested against and runs with `ZOO_KERNELS=naive`.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -53,7 +53,10 @@ impl FlashOpts {
         Self { scale: 1.0 / (head_dim as f64).sqrt(), q_start: 0, k_start: 0, n_sink: 0, window: None }
     }
 
-    fn visible(&self, qp: usize, c: usize) -> bool {
+    /// Whether the query at absolute position `qp` sees key column `c` (sinks first): the mask's
+    /// definition, which the CPU form's key ranges are tested against.
+    #[cfg(test)]
+    pub(crate) fn visible(&self, qp: usize, c: usize) -> bool {
         if c < self.n_sink {
             return true;
         }
@@ -97,17 +100,18 @@ pub fn decode_kernel() -> &'static str {
 /// Query rows up to which a forward is a decoding step (the CUDA-core kernels' rows per block).
 pub const DECODE_ROWS: usize = 16;
 
-/// Why the fused kernel cannot run on these inputs (`None`: it can): not a CUDA build, not on
-/// CUDA, `ZOO_KERNELS=naive`, dtype, head dim, head counts.
+/// Why the fused kernel cannot run on these inputs (`None`: it can): `ZOO_KERNELS=naive`, a
+/// device that is neither the CPU nor CUDA in a CUDA build, dtype, head dim, head counts.
+/// On the CPU (fused mode) the op's CPU form runs for any head dim.
 pub fn unsupported(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<String> {
-    if let Some(why) = crate::unavailable(q.device()) {
+    if let Some(why) = crate::unavailable_unless_cpu_form(q.device(), true) {
         return Some(why);
     }
     shape_problem(q, k, v).or_else(|| {
         let d = q.dim(3).unwrap_or(0);
         if !matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16) {
             Some(format!("dtype {:?}", q.dtype()))
-        } else if !HEAD_DIMS.contains(&d) {
+        } else if q.device().is_cuda() && !HEAD_DIMS.contains(&d) {
             Some(format!("head dim {d} (kernels for {HEAD_DIMS:?})"))
         } else {
             None
@@ -128,7 +132,7 @@ fn shape_problem(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<String> {
     None
 }
 
-/// The fused op on any device (CPU: the reference loop). q (B, H, Tq, d); k, v (B, Hkv, Tk, d)
+/// The fused op on any device (CPU: its CPU form). q (B, H, Tq, d); k, v (B, Hkv, Tk, d)
 /// with the sink slots first; H a multiple of Hkv. Differentiable in q, k and v.
 pub fn flash_attention_op(q: &Tensor, k: &Tensor, v: &Tensor, o: &FlashOpts) -> Result<Tensor> {
     flash_op(q, k, v, o, decode_kernel() == "split")
@@ -153,7 +157,8 @@ fn flash_op(q: &Tensor, k: &Tensor, v: &Tensor, o: &FlashOpts, split_decode: boo
     q.contiguous()?.apply_op3_arc(&kv(k)?, &kv(v)?, Arc::new(Box::new(op)))
 }
 
-/// The row log-sum-exps of the last forward, base 2 of the scaled scores.
+/// The row log-sum-exps of the last forward: base 2 of the scaled scores on CUDA, natural log
+/// on the CPU.
 enum Saved {
     Cpu(Vec<f32>),
     #[cfg(feature = "cuda")]
@@ -168,102 +173,19 @@ struct Flash {
     lse: Mutex<Option<Saved>>,
 }
 
-struct Dims {
-    b: usize,
-    h: usize,
-    hkv: usize,
-    tq: usize,
-    tk: usize,
-    d: usize,
+pub(crate) struct Dims {
+    pub(crate) b: usize,
+    pub(crate) h: usize,
+    pub(crate) hkv: usize,
+    pub(crate) tq: usize,
+    pub(crate) tk: usize,
+    pub(crate) d: usize,
 }
 
 fn dims(q: &Layout, k: &Layout) -> Result<Dims> {
     let (b, h, tq, d) = q.shape().dims4()?;
     let (_, hkv, tk, _) = k.shape().dims4()?;
     Ok(Dims { b, h, hkv, tq, tk, d })
-}
-
-impl Flash {
-    /// CPU forward: O (f32) and the base-2 LSE per row.
-    fn cpu(&self, q: &[f32], k: &[f32], v: &[f32], n: &Dims) -> (Vec<f32>, Vec<f32>) {
-        let (d, group) = (n.d, n.h / n.hkv);
-        let sc = self.o.scale as f32 * std::f32::consts::LOG2_E;
-        let mut out = vec![0f32; n.b * n.h * n.tq * d];
-        let mut lse = vec![f32::NEG_INFINITY; n.b * n.h * n.tq];
-        let mut s = vec![0f32; n.tk];
-        for b in 0..n.b {
-            for h in 0..n.h {
-                let kv = (b * n.hkv + h / group) * n.tk * d;
-                for i in 0..n.tq {
-                    let row = (b * n.h + h) * n.tq + i;
-                    let qr = &q[row * d..(row + 1) * d];
-                    let mut m = f32::NEG_INFINITY;
-                    for (c, sc_c) in s.iter_mut().enumerate() {
-                        *sc_c = if self.o.visible(self.o.q_start + i, c) {
-                            qr.iter().zip(&k[kv + c * d..kv + (c + 1) * d]).map(|(a, b)| a * b).sum::<f32>() * sc
-                        } else {
-                            f32::NEG_INFINITY
-                        };
-                        m = m.max(*sc_c);
-                    }
-                    if m == f32::NEG_INFINITY {
-                        continue;
-                    }
-                    let mut l = 0f32;
-                    let or = &mut out[row * d..(row + 1) * d];
-                    for (c, &sc_c) in s.iter().enumerate() {
-                        let p = (sc_c - m).exp2();
-                        l += p;
-                        for (o, x) in or.iter_mut().zip(&v[kv + c * d..kv + (c + 1) * d]) {
-                            *o += p * x;
-                        }
-                    }
-                    or.iter_mut().for_each(|o| *o /= l);
-                    lse[row] = m + l.log2();
-                }
-            }
-        }
-        (out, lse)
-    }
-
-    /// CPU backward: dQ, dK, dV (f32).
-    #[allow(clippy::too_many_arguments)]
-    fn cpu_bwd(&self, q: &[f32], k: &[f32], v: &[f32], g: &[f32], lse: &[f32], dlt: &[f32], n: &Dims) -> [Vec<f32>; 3] {
-        let (d, group) = (n.d, n.h / n.hkv);
-        let scale = self.o.scale as f32;
-        let sc = scale * std::f32::consts::LOG2_E;
-        let mut dq = vec![0f32; q.len()];
-        let mut dk = vec![0f32; k.len()];
-        let mut dv = vec![0f32; v.len()];
-        for b in 0..n.b {
-            for h in 0..n.h {
-                let kv = (b * n.hkv + h / group) * n.tk * d;
-                for i in 0..n.tq {
-                    let row = (b * n.h + h) * n.tq + i;
-                    if lse[row] == f32::NEG_INFINITY {
-                        continue;
-                    }
-                    let (qr, gr) = (&q[row * d..(row + 1) * d], &g[row * d..(row + 1) * d]);
-                    for c in 0..n.tk {
-                        if !self.o.visible(self.o.q_start + i, c) {
-                            continue;
-                        }
-                        let (kr, vr) = (&k[kv + c * d..kv + (c + 1) * d], &v[kv + c * d..kv + (c + 1) * d]);
-                        let s: f32 = qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * sc;
-                        let p = (s - lse[row]).exp2();
-                        let dp: f32 = gr.iter().zip(vr).map(|(a, b)| a * b).sum();
-                        let ds = p * (dp - dlt[row]) * scale;
-                        for e in 0..d {
-                            dq[row * d + e] += ds * kr[e];
-                            dk[kv + c * d + e] += ds * qr[e];
-                            dv[kv + c * d + e] += p * gr[e];
-                        }
-                    }
-                }
-            }
-        }
-        [dq, dk, dv]
-    }
 }
 
 impl CustomOp3 for Flash {
@@ -281,7 +203,7 @@ impl CustomOp3 for Flash {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let n = dims(l1, l2)?;
-        let (out, lse) = self.cpu(&crate::cpu_f32(s1, l1, OP)?, &crate::cpu_f32(s2, l2, OP)?, &crate::cpu_f32(s3, l3, OP)?, &n);
+        let (out, lse) = crate::attention_cpu::forward(&self.o, &n, &crate::cpu_f32(s1, l1, OP)?, &crate::cpu_f32(s2, l2, OP)?, &crate::cpu_f32(s3, l3, OP)?);
         *self.lse.lock().unwrap() = Some(Saved::Cpu(lse));
         let out = match s1 {
             CpuStorage::F32(_) => CpuStorage::F32(out),
@@ -331,7 +253,7 @@ impl CustomOp3 for Flash {
         let (dq, dk, dv) = match saved.as_ref() {
             Some(Saved::Cpu(lse)) => {
                 let f = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-                let [dq, dk, dv] = self.cpu_bwd(&f(q)?, &f(k)?, &f(v)?, &f(&g)?, lse, &dlt.flatten_all()?.to_vec1()?, &n);
+                let [dq, dk, dv] = crate::attention_cpu::backward(&self.o, &n, &f(q)?, &f(k)?, &f(v)?, &f(&g)?, lse, &dlt.flatten_all()?.to_vec1()?);
                 let dev = q.device();
                 (Tensor::from_vec(dq, q.shape(), dev)?, Tensor::from_vec(dk, k.shape(), dev)?, Tensor::from_vec(dv, v.shape(), dev)?)
             }

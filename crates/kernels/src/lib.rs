@@ -1,20 +1,23 @@
 //! zoo-kernels: fused CUDA kernels for zoo, called behind the functions the model already uses.
 //!
 //! Every kernel has a composition of candle ops that does the same work (in zoo-core); that
-//! composition runs on CPU, when this crate is built without the `cuda` feature, when a kernel
-//! does not apply (it says why), and when `ZOO_KERNELS=naive`. It is the reference every kernel
-//! is tested against (`crates/core/tests/fused.rs`, run on the GPU machine). Four ops are the
-//! exception on the CPU, where their CPU forms (loops over each sequence or row, in parallel) run
-//! in place of the compositions, which they beat several times over: the linear scan with a
-//! per-channel decay (GLA), the delta scan (zoo-linear-attention's `examples/scan_cpu.rs`), the
-//! causal conv1d (`scripts/cpu-forms-bench.sh` for whole models) and the cross-entropy
-//! (zoo-core's `examples/ce_cpu.rs`).
+//! composition runs on the CPU (unless the op has a CPU form, below), when a kernel does not
+//! apply (it says why), and when `ZOO_KERNELS=naive`. It is the reference every kernel
+//! is tested against (`crates/core/tests/fused.rs` and `flash.rs`, run on the GPU machine). On the
+//! CPU, in fused mode, eight ops run their own CPU forms in place of the compositions, which they
+//! beat several times over: attention (blocked, its products on `gemm`, `examples/attention_cpu.rs`
+//! in zoo-core), RMS norm, RoPE and SwiGLU's product (rows or chunks in parallel,
+//! `examples/elementwise_cpu.rs`), the linear scan with a per-channel decay (GLA), the delta scan
+//! (zoo-linear-attention's `examples/scan_cpu.rs`), the causal conv1d (`scripts/cpu-forms-bench.sh`
+//! for whole models) and the cross-entropy (zoo-core's `examples/ce_cpu.rs`). The same tests check
+//! them against the compositions in CI.
 //!
 //! Kernels so far:
 //! - [`adamw`]: multi-tensor AdamW with global grad-norm clipping in two launches per 48
 //!   tensors plus one for the norm, in place, instead of about twenty launches per parameter tensor.
 //! - [`attention`]: tiled online-softmax attention forward and backward (FlashAttention-2's
-//!   algorithm on CUDA cores, f32 sums) with causal positions, windows, sinks and GQA.
+//!   algorithm on CUDA cores, f32 sums) with causal positions, windows, sinks and GQA; on the CPU
+//!   its blocked form (`attention_cpu`).
 //! - [`cross_entropy`]: the loss per row from its log-sum-exp, the gradient written once (no
 //!   f32 softmax of the (B·T, V) logits kept).
 //! - [`linear_scan`]: the gated linear recurrence of GLA, RetNet, Lightning and linear attention,
@@ -36,6 +39,7 @@
 
 pub mod adamw;
 pub mod attention;
+mod attention_cpu;
 pub mod conv1d;
 mod cpu;
 pub mod cross_entropy;

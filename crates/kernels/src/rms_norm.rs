@@ -33,7 +33,7 @@ fn chunking(rows: usize) -> (usize, usize) {
 
 /// Why the fused kernel cannot run here (`None`: it can).
 pub fn unsupported(x: &Tensor) -> Option<String> {
-    if let Some(why) = crate::unavailable(x.device()) {
+    if let Some(why) = crate::unavailable_unless_cpu_form(x.device(), true) {
         return Some(why);
     }
     if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
@@ -46,8 +46,8 @@ pub fn unsupported(x: &Tensor) -> Option<String> {
 }
 
 /// x (…, d), gain (d) or none (γ = 1) → y with x's shape and dtype, differentiable in x and the
-/// gain (its gradient in f32). On any device: the CPU form is plain loops (the semantics, tested
-/// against the composition), CUDA runs the kernels.
+/// gain (its gradient in f32). On any device: the CPU form is rows in parallel tasks (tested
+/// against the composition; the model's norm on the CPU in fused mode), CUDA runs the kernels.
 pub fn rms_norm(x: &Tensor, gain: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let d = x.dim(candle_core::D::Minus1)?;
     let gamma = match gain {
@@ -86,19 +86,27 @@ impl CustomOp2 for Norm {
         "zoo-rms-norm"
     }
 
+    /// The CPU form: rows in parallel tasks, the sums of squares in eight lanes.
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
         let (x, gain) = (crate::cpu_f32(s1, l1, "rms norm")?, crate::cpu_f32(s2, l2, "rms norm")?);
         let d = self.d;
         let rows = x.len() / d.max(1);
         let mut y = vec![0f32; x.len()];
         let mut r = vec![0f32; rows];
-        for i in 0..rows {
-            let xr = &x[i * d..(i + 1) * d];
-            let ss: f32 = xr.iter().map(|v| v * v).sum();
-            r[i] = 1.0 / (ss / d as f32 + self.eps).sqrt();
-            for j in 0..d {
-                y[i * d + j] = xr[j] * r[i] * gain[j];
-            }
+        if d > 0 {
+            let k = crate::cpu::rows_per_task(d);
+            y.par_chunks_mut(k * d).zip(r.par_chunks_mut(k)).enumerate().for_each(|(c, (yc, rc))| {
+                crate::cpu::simd(|| {
+                    for (i, (yr, ri)) in yc.chunks_exact_mut(d).zip(rc.iter_mut()).enumerate() {
+                        let xr = &x[(c * k + i) * d..(c * k + i + 1) * d];
+                        *ri = 1.0 / (crate::cpu::dot(xr, xr) / d as f32 + self.eps).sqrt();
+                        for ((yv, &xv), &gv) in yr.iter_mut().zip(xr).zip(gain.iter()) {
+                            *yv = xv * *ri * gv;
+                        }
+                    }
+                })
+            });
         }
         *self.r.lock().unwrap() = Some(Tensor::from_vec(r, rows, &candle_core::Device::Cpu)?);
         Ok((crate::cpu_from_f32(y, s1.dtype())?, l1.shape().clone()))
@@ -142,31 +150,58 @@ impl CustomOp3 for Grad {
     ) -> Result<(CpuStorage, Shape)> {
         let what = "rms norm backward";
         let (x, gain, g) = (crate::cpu_f32(s1, l1, what)?, crate::cpu_f32(s2, l2, what)?, crate::cpu_f32(s3, l3, what)?);
-        let r = self.r.to_vec1::<f32>()?;
+        use rayon::prelude::*;
         let d = self.d;
-        Ok(match self.part {
-            Part::Dx => {
-                let mut dx = vec![0f32; x.len()];
-                for (i, &ri) in r.iter().enumerate() {
-                    let row = i * d..(i + 1) * d;
-                    let dot: f32 = x[row.clone()].iter().zip(&g[row.clone()]).zip(gain.iter()).map(|((a, b), c)| a * b * c).sum();
-                    let c = ri * ri * ri * dot / d as f32;
-                    for j in 0..d {
-                        dx[i * d + j] = ri * g[i * d + j] * gain[j] - x[i * d + j] * c;
+        let k = crate::cpu::rows_per_task(d);
+        crate::cpu::with_f32(&self.r, what, |r| -> Result<(CpuStorage, Shape)> {
+            Ok(match self.part {
+                Part::Dx => {
+                    let mut dx = vec![0f32; x.len()];
+                    if d > 0 {
+                        dx.par_chunks_mut(k * d).enumerate().for_each(|(c, dc)| {
+                            crate::cpu::simd(|| {
+                                let mut u = vec![0f32; d];
+                                for (i, dr) in dc.chunks_exact_mut(d).enumerate() {
+                                    let row = (c * k + i) * d..(c * k + i + 1) * d;
+                                    let (xr, gr, ri) = (&x[row.clone()], &g[row], r[c * k + i]);
+                                    u.iter_mut().zip(gr).zip(gain.iter()).for_each(|((uv, &a), &b)| *uv = a * b);
+                                    let cf = ri * ri * ri * crate::cpu::dot(xr, &u) / d as f32;
+                                    for ((dv, &uv), &xv) in dr.iter_mut().zip(&u).zip(xr) {
+                                        *dv = ri * uv - xv * cf;
+                                    }
+                                }
+                            })
+                        });
                     }
+                    (crate::cpu_from_f32(dx, s1.dtype())?, l1.shape().clone())
                 }
-                (crate::cpu_from_f32(dx, s1.dtype())?, l1.shape().clone())
-            }
-            Part::Dw => {
-                let mut dw = vec![0f32; d];
-                for (i, &ri) in r.iter().enumerate() {
-                    for j in 0..d {
-                        dw[j] += g[i * d + j] * x[i * d + j] * ri;
-                    }
+                Part::Dw => {
+                    // One partial sum per task (rows k·c..), summed by the caller.
+                    let parts: Vec<Vec<f32>> = if d == 0 {
+                        vec![]
+                    } else {
+                        x.par_chunks(k * d)
+                            .zip(g.par_chunks(k * d))
+                            .enumerate()
+                            .map(|(c, (xc, gc))| {
+                                crate::cpu::simd(|| {
+                                    let mut dw = vec![0f32; d];
+                                    for (i, (xr, gr)) in xc.chunks_exact(d).zip(gc.chunks_exact(d)).enumerate() {
+                                        let ri = r[c * k + i];
+                                        dw.iter_mut().zip(xr).zip(gr).for_each(|((w, &a), &b)| *w += b * a * ri);
+                                    }
+                                    dw
+                                })
+                            })
+                            .collect()
+                    };
+                    let n = parts.len().max(1);
+                    let mut flat: Vec<f32> = parts.concat();
+                    flat.resize(n * d, 0.0);
+                    (CpuStorage::F32(flat), Shape::from((n, d)))
                 }
-                (CpuStorage::F32(dw), Shape::from((1, d)))
-            }
-        })
+            })
+        })?
     }
 
     #[cfg(feature = "cuda")]

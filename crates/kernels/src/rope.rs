@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 /// Why the fused kernel cannot run here (`None`: it can).
 pub fn unsupported(x: &Tensor) -> Option<String> {
-    if let Some(why) = crate::unavailable(x.device()) {
+    if let Some(why) = crate::unavailable_unless_cpu_form(x.device(), true) {
         return Some(why);
     }
     if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
@@ -62,15 +62,26 @@ impl CustomOp1 for Rope {
         let (cos, sin) = (self.cos.flatten_all()?.to_vec1::<f32>()?, self.sin.flatten_all()?.to_vec1::<f32>()?);
         let (t, h) = (self.t, self.h);
         let mut y = vec![0f32; x.len()];
-        for row in 0..x.len() / (2 * h) {
-            let pos = row % t;
-            for i in 0..h {
-                let (c, sn) = (cos[pos * h + i], self.sign * sin[pos * h + i]);
-                let at = row * 2 * h + i;
-                let (a, b) = (x[at], x[at + h]);
-                y[at] = a * c - b * sn;
-                y[at + h] = b * c + a * sn;
-            }
+        // Rows (one head vector at one position) in parallel tasks.
+        use rayon::prelude::*;
+        if h > 0 {
+            let k = crate::cpu::rows_per_task(2 * h);
+            y.par_chunks_mut(k * 2 * h).enumerate().for_each(|(c, yc)| {
+                crate::cpu::simd(|| {
+                    for (i, yr) in yc.chunks_exact_mut(2 * h).enumerate() {
+                        let row = c * k + i;
+                        let pos = row % t;
+                        let (cs, sn) = (&cos[pos * h..(pos + 1) * h], &sin[pos * h..(pos + 1) * h]);
+                        let (xa, xb) = x[row * 2 * h..(row + 1) * 2 * h].split_at(h);
+                        let (ya, yb) = yr.split_at_mut(h);
+                        for i in 0..h {
+                            let (c, s) = (cs[i], self.sign * sn[i]);
+                            ya[i] = xa[i] * c - xb[i] * s;
+                            yb[i] = xb[i] * c + xa[i] * s;
+                        }
+                    }
+                })
+            });
         }
         Ok((crate::cpu_from_f32(y, s.dtype())?, l.shape().clone()))
     }

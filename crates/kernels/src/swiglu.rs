@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// Why the fused kernel cannot run here (`None`: it can).
 pub fn unsupported(g: &Tensor, u: &Tensor) -> Option<String> {
-    if let Some(why) = crate::unavailable(g.device()) {
+    if let Some(why) = crate::unavailable_unless_cpu_form(g.device(), true) {
         return Some(why);
     }
     if g.dims() != u.dims() || g.dtype() != u.dtype() {
@@ -41,18 +41,24 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 
 struct SwiGlu;
 
-fn sigmoid(a: f32) -> f32 {
-    1.0 / (1.0 + (-a).exp())
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "zoo-swiglu"
     }
 
+    /// The CPU form: one pass in parallel chunks, e^x vectorised.
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
         let (g, u) = (crate::cpu_f32(s1, l1, "swiglu")?, crate::cpu_f32(s2, l2, "swiglu")?);
-        let z = g.iter().zip(u.iter()).map(|(&a, &b)| a * sigmoid(a) * b).collect();
+        let mut z = vec![0f32; g.len()];
+        const N: usize = crate::cpu::ELEMS_PER_TASK;
+        z.par_chunks_mut(N).enumerate().for_each(|(c, zc)| {
+            crate::cpu::simd(|| {
+                for ((zv, &a), &b) in zc.iter_mut().zip(&g[c * N..]).zip(&u[c * N..]) {
+                    *zv = a * crate::cpu::sigmoid(a) * b;
+                }
+            })
+        });
         Ok((crate::cpu_from_f32(z, s1.dtype())?, l1.shape().clone()))
     }
 
@@ -88,15 +94,27 @@ impl CustomOp2 for SwiGlu {
             #[cfg(not(feature = "cuda"))]
             candle_core::bail!("swiglu: CUDA tensors in a build without the cuda feature")
         }
-        let v = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-        let (gv, uv, dv) = (v(g)?, v(u)?, v(&dz)?);
-        let mut dg = Vec::with_capacity(gv.len());
-        let mut du = Vec::with_capacity(gv.len());
-        for ((&a, &b), &d) in gv.iter().zip(&uv).zip(&dv) {
-            let s = sigmoid(a);
-            dg.push(d * b * s * (1.0 + a * (1.0 - s)));
-            du.push(d * a * s);
-        }
+        // The CPU form: both gradients in one parallel pass.
+        use rayon::prelude::*;
+        let n = g.elem_count();
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        crate::cpu::with_f32(g, "swiglu", |gv| {
+            crate::cpu::with_f32(u, "swiglu", |uv| {
+                crate::cpu::with_f32(&dz, "swiglu", |dv| {
+                    const N: usize = crate::cpu::ELEMS_PER_TASK;
+                    dg.par_chunks_mut(N).zip(du.par_chunks_mut(N)).enumerate().for_each(|(c, (dgc, duc))| {
+                        crate::cpu::simd(|| {
+                            let r = c * N..(c * N + dgc.len());
+                            for ((((dgv, duv), &a), &b), &d) in dgc.iter_mut().zip(duc.iter_mut()).zip(&gv[r.clone()]).zip(&uv[r.clone()]).zip(&dv[r]) {
+                                let s = crate::cpu::sigmoid(a);
+                                *dgv = d * b * s * (1.0 + a * (1.0 - s));
+                                *duv = d * a * s;
+                            }
+                        })
+                    })
+                })
+            })
+        })???;
         let t = |x: Vec<f32>| Tensor::from_vec(x, g.shape(), g.device())?.to_dtype(g.dtype());
         Ok((Some(t(dg)?), Some(t(du)?)))
     }
