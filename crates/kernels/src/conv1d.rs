@@ -102,7 +102,7 @@ struct Grad {
 }
 
 fn silu_grad(p: f32) -> f32 {
-    let s = 1.0 / (1.0 + (-p).exp());
+    let s = crate::cpu::sigmoid(p);
     s * (1.0 + p * (1.0 - s))
 }
 
@@ -157,7 +157,7 @@ mod cpu {
             simd(|| {
                 pre(xb, &wt, n, yb);
                 if silu {
-                    yb.iter_mut().for_each(|p| *p = *p / (1.0 + (-*p).exp()));
+                    yb.iter_mut().for_each(|p| *p *= crate::cpu::sigmoid(*p));
                 }
             })
         });

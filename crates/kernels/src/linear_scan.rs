@@ -158,9 +158,9 @@ fn scan_one(kind: Kind, l: Src, r: Src, m: Src, g: Option<Src>, n: Dims, forward
             Some(g) => {
                 let gr = g.row(tl, b, tg, gw);
                 if gw == 1 {
-                    decay.fill(gr[0].exp());
+                    decay.fill(crate::cpu::exp(gr[0]));
                 } else {
-                    decay.iter_mut().zip(gr).for_each(|(a, &x)| *a = x.exp());
+                    decay.iter_mut().zip(gr).for_each(|(a, &x)| *a = crate::cpu::exp(x));
                 }
                 true
             }
