@@ -5,13 +5,17 @@ tied embeddings, vocab 32768) at CPU sizes, one command, one JSON.
 
 Implementations, all f32 (zoo's CPU precision), on the same threads (RAYON_NUM_THREADS for zoo,
 torch.set_num_threads with the same count for PyTorch):
-- zoo: `zoo bench` (default kernels: on the CPU the compositions, plus the ops' CPU forms where
-  they apply; this model has none of them);
+- zoo: `zoo bench` (default kernels: on the CPU the ops' CPU forms, here attention, RMS norm,
+  RoPE, SwiGLU and the cross-entropy with the LM head fused into it; candle's ops elsewhere);
 - hf: transformers' LlamaForCausalLM, attn_implementation="sdpa";
 - eager: twin-bench.py's hand-written twin (F.scaled_dot_product_attention, plain PyTorch ops);
 - compile: the same twin under torch.compile (inductor's C++ backend).
 Train step = forward + cross-entropy + backward + clip(1.0) + AdamW (foreach) on random tokens;
-prefill = forward over B x T without grad. Medians of ITERS timed iterations after WARMUP, then
+prefill = forward over B x T without grad; decode (zoo and hf) = greedy, one token per step with
+the model's KV cache after a prefill of T tokens (zoo: `zoo bench`'s DECODE_TOKENS timed steps;
+hf: `generate` of DECODE_TOKENS new tokens minus `generate` of one, B x (DECODE_TOKENS - 1)
+tokens; generate's prefill computes only the last position's logits, so a plain forward is not
+what it spends before its first step). Medians of ITERS timed iterations after WARMUP, then
 the median over ROUNDS rounds (each implementation once per round, in turn). Memory is not
 compared (PyTorch's CPU allocator has no per-phase peak); zoo's train peak (process resident
 set) is recorded.
@@ -89,6 +93,17 @@ def bench_twin(kind, layers, d, h, t, b, a):
 
     s, ts = timed(prefill, a.warmup, a.iters)
     row.update(prefill_s=s, prefill_tokens_per_s=b * t / s, prefill_times=ts)
+    if kind == "hf" and a.decode_tokens > 1:
+
+        def generate(n):
+            with torch.no_grad():
+                model.generate(ids[:, :-1], max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+        # generate(n) − generate(1): n − 1 decoding steps, the prefill (which computes only the
+        # last position's logits in generate) cancelling out.
+        s_all, _ = timed(lambda: generate(a.decode_tokens), 1, max(1, a.iters // 2))
+        s_one, _ = timed(lambda: generate(1), 1, max(1, a.iters // 2))
+        row.update(decode_tokens_per_s=b * (a.decode_tokens - 1) / max(s_all - s_one, 1e-9))
     print(json.dumps({k: v for k, v in row.items() if not k.endswith("times")}), flush=True)
     return row
 
@@ -101,7 +116,7 @@ def bench_zoo(layers, d, h, shapes, a):
         for t, b in shapes:
             out = os.path.join(tmp, f"{t}-{b}.json")
             r = subprocess.run([a.zoo, "bench", path, "--seq-lens", str(t), "--batch", str(b), "--warmup", str(a.warmup),
-                                "--iters", str(a.iters), "--decode-tokens", "2", "--out", out, "-q"],
+                                "--iters", str(a.iters), "--decode-tokens", str(a.decode_tokens), "--out", out, "-q"],
                                env=dict(os.environ, RAYON_NUM_THREADS=str(a.threads)), capture_output=True, text=True)
             if r.returncode != 0:
                 rows.append({"impl": "zoo-fused", "seq_len": t, "batch": b, "error": r.stderr.strip()[-400:]})
@@ -109,7 +124,7 @@ def bench_zoo(layers, d, h, shapes, a):
             j = json.load(open(out))
             z = j["rows"][0]
             row = {"impl": "zoo-fused", "seq_len": t, "batch": b, "zoo_git": j["env"]["git"], "zoo_kernels": j["env"]["device"].get("kernels")}
-            for k in ("train_step_s", "train_tokens_per_s", "prefill_s", "prefill_tokens_per_s", "train_peak_bytes"):
+            for k in ("train_step_s", "train_tokens_per_s", "prefill_s", "prefill_tokens_per_s", "train_peak_bytes", "decode_tokens_per_s"):
                 if k in z:
                     row[k] = z[k]
             rows.append(row)
@@ -122,6 +137,7 @@ def main():
     ap.add_argument("--zoo", default=os.path.join(ROOT, "target", "release", "zoo"))
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--decode-tokens", type=int, default=16, help="greedy tokens after the prefill (zoo and hf)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("RAYON_NUM_THREADS", os.cpu_count() or 1)))
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole comparison, alternating implementations")
     ap.add_argument("--impls", default="zoo,hf,eager,compile")
@@ -132,7 +148,7 @@ def main():
     import transformers
     res = {"schema": "zoo.twin-bench/1", "device": f"{cpu_name()} ({a.threads} threads)", "dtype": "f32",
            "torch": torch.__version__, "transformers": transformers.__version__,
-           "protocol": __doc__.strip().split("\n\n")[1], "rounds": a.rounds, "models": {}, "complete": False}
+           "protocol": __doc__.strip().split("\n\n")[1], "rounds": a.rounds, "decode_tokens": a.decode_tokens, "models": {}, "complete": False}
 
     def save():
         tmp = a.out + ".tmp"
@@ -140,7 +156,7 @@ def main():
             json.dump(res, f, indent=1)
         os.replace(tmp, a.out)
 
-    metrics = ("train_step_s", "train_tokens_per_s", "prefill_s", "prefill_tokens_per_s", "train_peak_bytes")
+    metrics = ("train_step_s", "train_tokens_per_s", "prefill_s", "prefill_tokens_per_s", "train_peak_bytes", "decode_tokens_per_s")
     for name, layers, d, h, shapes in MODELS:
         raw = []
         for rnd in range(a.rounds):
@@ -170,7 +186,7 @@ def main():
             by = {r["impl"]: r for r in rows if r["seq_len"] == t and r["batch"] == b}
             z = by.get("zoo-fused", {})
             for other in ("hf", "eager", "compile"):
-                for m in ("train_tokens_per_s", "prefill_tokens_per_s"):
+                for m in ("train_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
                     if m in z and m in by.get(other, {}):
                         ratios[f"T{t}xB{b} zoo/{other} {m}"] = z[m] / by[other][m]
         res["models"][name] = {"layers": layers, "d_model": d, "heads": h, "rows": rows, "raw": raw, "ratios": ratios}
