@@ -269,7 +269,9 @@ impl Attention {
             // 8L/512, B = 4: 393 tok/s with the kernel against 649 without at T = 4096; 832
             // against 634 at T = 1024; results/bench/twins-h200.json). The split-KV kernel
             // (ZOO_FLASH_DECODE=split) spreads the keys over many blocks and takes every length.
-            let long_decode = q.dim(2)? == 1
+            // On the CPU the op's CPU form takes every length (it reads the cache in place).
+            let long_decode = q.device().is_cuda()
+                && q.dim(2)? == 1
                 && k.dim(2)? > DECODE_KERNEL_MAX_KEYS
                 && zoo_kernels::attention::decode_kernel() != "split";
             if !long_decode {

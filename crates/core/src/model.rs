@@ -139,7 +139,7 @@ impl Lm {
             None => {
                 let (b, t, d) = h.dims3()?;
                 let w = self.embed.weight.to_dtype(h.dtype())?;
-                h.reshape((b * t, d))?.matmul(&w.t()?)?.reshape((b, t, ()))?
+                crate::nn::matmul_t(&h.reshape((b * t, d))?, &w)?.reshape((b, t, ()))?
             }
         };
         Ok(LmOutput { logits, aux_loss, stats })

@@ -82,10 +82,20 @@ impl Linear {
     fn dense(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.to_dtype(x.dtype())?;
         match x.dims() {
-            [b, t, d] => x.reshape((b * t, *d))?.matmul(&w.t()?)?.reshape((*b, *t, ())),
+            [b, t, d] => matmul_t(&x.reshape((b * t, *d))?, &w)?.reshape((*b, *t, ())),
+            [_, _] => matmul_t(x, &w),
             _ => x.broadcast_matmul(&w.t()?),
         }
     }
+}
+
+/// x (rows, k) times wᵀ for w (n, k): on the CPU, for a decoding step's few rows, the skinny op
+/// (`zoo_kernels::skinny`: each row of W read once, not packed for gemm); else candle's matmul.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if zoo_kernels::skinny::unsupported(x, w).is_none() {
+        return zoo_kernels::skinny::matmul_t(x, w);
+    }
+    x.matmul(&w.t()?)
 }
 
 /// At most this many rows (tokens) go through a quantized matmul: decoding. Longer inputs (prefill,

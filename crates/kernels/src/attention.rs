@@ -149,10 +149,12 @@ fn flash_op(q: &Tensor, k: &Tensor, v: &Tensor, o: &FlashOpts, split_decode: boo
         candle_core::bail!("flash attention: {why}")
     }
     // The split-KV kernel reads K and V through their strides (a view of a larger cache is not
-    // copied); it needs only the head dim contiguous.
+    // copied); it needs only the head dim contiguous. The CPU form reads f32 K and V in place
+    // where each head's rows are contiguous (a prefix of a cache's rows).
     let split = split_decode && q.device().is_cuda() && (1..=DECODE_ROWS).contains(&q.dim(2)?);
     let rows_ok = |t: &Tensor| t.stride()[3] == 1;
-    let kv = |t: &Tensor| if split && rows_ok(t) { Ok(t.clone()) } else { t.contiguous() };
+    let cpu_ok = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.stride()[3] == 1 && t.stride()[2] == t.dim(3).unwrap_or(0);
+    let kv = |t: &Tensor| if (split && rows_ok(t)) || cpu_ok(t) { Ok(t.clone()) } else { t.contiguous() };
     let op = Flash { o: *o, split, lse: Mutex::new(None) };
     q.contiguous()?.apply_op3_arc(&kv(k)?, &kv(v)?, Arc::new(Box::new(op)))
 }
@@ -203,7 +205,8 @@ impl CustomOp3 for Flash {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let n = dims(l1, l2)?;
-        let (out, lse) = crate::attention_cpu::forward(&self.o, &n, &crate::cpu_f32(s1, l1, OP)?, &crate::cpu_f32(s2, l2, OP)?, &crate::cpu_f32(s3, l3, OP)?);
+        let (k, v) = (crate::attention_cpu::Heads::of(s2, l2, OP)?, crate::attention_cpu::Heads::of(s3, l3, OP)?);
+        let (out, lse) = crate::attention_cpu::forward(&self.o, &n, &crate::cpu_f32(s1, l1, OP)?, &k, &v);
         *self.lse.lock().unwrap() = Some(Saved::Cpu(lse));
         let out = match s1 {
             CpuStorage::F32(_) => CpuStorage::F32(out),

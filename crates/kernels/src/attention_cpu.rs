@@ -17,7 +17,41 @@
 //! intermediates and their gradients as whole tensors, a pass each.
 
 use crate::attention::{Dims, FlashOpts};
+use candle_core::{CpuStorage, Layout, Result};
 use rayon::prelude::*;
+use std::borrow::Cow;
+
+/// K or V: (B, Hkv, Tk, d) elements whose rows of one head are contiguous, each head at its own
+/// offset (a decoding step's view of a longer cache is read in place, not copied).
+pub(crate) struct Heads<'a> {
+    data: Cow<'a, [f32]>,
+    base: Vec<usize>,
+    len: usize,
+}
+
+impl<'a> Heads<'a> {
+    /// The heads of a K or V storage: as they lie where the rows of every head are contiguous
+    /// (f32; any strides over batch and head), else through a contiguous f32 copy.
+    pub(crate) fn of(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<Self> {
+        let (b, h, t, d) = l.shape().dims4()?;
+        let st = l.stride();
+        if let (CpuStorage::F32(v), false) = (s, l.is_contiguous()) {
+            if st[3] == 1 && st[2] == d {
+                let base: Vec<usize> = (0..b * h).map(|i| l.start_offset() + (i / h) * st[0] + (i % h) * st[1]).collect();
+                if base.iter().all(|&o| o + t * d <= v.len()) {
+                    return Ok(Self { data: Cow::Borrowed(&v[..]), base, len: t * d });
+                }
+            }
+        }
+        let data = crate::cpu_f32(s, l, op)?;
+        let base = (0..b * h).map(|i| i * t * d).collect();
+        Ok(Self { data, base, len: t * d })
+    }
+
+    fn head(&self, i: usize) -> &[f32] {
+        &self.data[self.base[i]..self.base[i] + self.len]
+    }
+}
 
 /// Query rows per block.
 pub(crate) const BLOCK: usize = 64;
@@ -104,7 +138,7 @@ fn scores(o: &FlashOpts, n: &Dims, s: &mut [f32], qb: &[f32], k: &[f32], i0: usi
 
 /// Forward over all (batch, head) tasks: O (B, H, Tq, d) and the natural-log LSE per row (−∞
 /// for a row that sees no key, whose output is 0).
-pub(crate) fn forward(o: &FlashOpts, n: &Dims, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn forward(o: &FlashOpts, n: &Dims, q: &[f32], k: &Heads, v: &Heads) -> (Vec<f32>, Vec<f32>) {
     let (d, tq, tk) = (n.d, n.tq, n.tk);
     let mut out = vec![0f32; n.b * n.h * tq * d];
     let mut lse = vec![f32::NEG_INFINITY; n.b * n.h * tq];
@@ -114,7 +148,7 @@ pub(crate) fn forward(o: &FlashOpts, n: &Dims, q: &[f32], k: &[f32], v: &[f32]) 
     out.par_chunks_mut(tq * d).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (oh, lh))| {
         crate::cpu::simd(|| {
             let kv = (bh / n.h) * n.hkv + (bh % n.h) / (n.h / n.hkv);
-            let (qh, kh, vh) = (&q[bh * tq * d..(bh + 1) * tq * d], &k[kv * tk * d..(kv + 1) * tk * d], &v[kv * tk * d..(kv + 1) * tk * d]);
+            let (qh, kh, vh) = (&q[bh * tq * d..(bh + 1) * tq * d], k.head(kv), v.head(kv));
             let mut s = vec![0f32; BLOCK.min(tq) * tk];
             let ns = o.n_sink;
             for i0 in (0..tq).step_by(BLOCK) {

@@ -31,6 +31,8 @@
 //! - [`rope`]: rotary position embedding on q or k, one kernel forward, the inverse rotation
 //!   backward.
 //! - [`swiglu`]: SwiGLU's silu(g) ⊙ u, forward and a backward writing both gradients.
+//! - [`skinny`] (CPU only): `x Wᵀ` for a decoding step's few rows, reading each row of W once
+//!   instead of packing W for `gemm`.
 //! - [`embedding`]: the token lookup with a scatter (atomicAdd) backward in place of candle's
 //!   `index_add`.
 //!
@@ -51,6 +53,7 @@ pub mod linear_scan;
 pub mod moe_plan;
 pub mod rms_norm;
 pub mod rope;
+pub mod skinny;
 pub mod swiglu;
 
 use std::sync::atomic::{AtomicU8, Ordering};
