@@ -7,13 +7,16 @@
 # settings are equal); each JSON records its binary's commit and whether the tree was dirty.
 # Models (config:run index:T:batch:label): the 4L-256 and 6L-384 softmax LMs of
 # scripts/twin-bench-cpu.py at its shapes (vocab 32768), and the quickstart's GLA and GLA +
-# attention hybrid at d 128 (configs/quickstart.toml, T 64 x 32, as scripts/cpu-forms-bench.sh).
+# attention hybrid at d 128 (configs/quickstart.toml, T 64 x 32, as scripts/cpu-forms-bench.sh);
+# each also decodes 16 tokens after its prefill. A label ending in -decode is decoding alone after
+# a long prompt (the 6L-384 LM, T 4096 x B 1, 32 tokens; no train step).
 # FIRST_ROUND=N numbers the rounds from N (more rounds into a folder that has some).
 # usage: [FIRST_ROUND=N] scripts/ab-builds-bench.sh OUT ROUNDS ZOO_A ZOO_B
 set -eu
 out=$1; rounds=$2; za=$3; zb=$4
 benches="configs/bench-baseline-cpu.toml:0:256:8:4L-256 configs/bench-baseline-cpu-6l.toml:0:256:4:6L-384
-configs/quickstart.toml:8:64:32:gla-d128 configs/quickstart.toml:11:64:32:hybrid-d128"
+configs/quickstart.toml:8:64:32:gla-d128 configs/quickstart.toml:11:64:32:hybrid-d128
+configs/bench-baseline-cpu-6l.toml:0:4096:1:6L-384-decode"
 commit() { # the commit a binary was built at, from a tiny bench's JSON
   "$1" bench configs/bench-baseline-cpu.toml --seq-lens 8 --batch 1 --warmup 0 --iters 1 --decode-tokens 1 \
     --skip-train -q --out /tmp/ab-commit.json > /dev/null
@@ -30,9 +33,14 @@ for r in $(seq "$first" $((first + rounds - 1))); do
     IFS=: read -r cfg i t b label <<< "$e"
     for side in "$za:$ca" "$zb:$cb"; do
       z=${side%%:*}; c=${side##*:}
-      "$z" bench "$cfg" --run-index "$i" --seq-lens "$t" --batch "$b" --warmup 2 --iters 6 \
-        --decode-tokens 16 -q --out "$out/$c/$label-r$r.json" > /dev/null
-      python3 -c "import json; z = json.load(open('$out/$c/$label-r$r.json'))['rows'][0]; print('round $r $label $c: train %.1f ms, peak %.0f MiB, prefill %.0f tok/s' % (z['train_step_s'] * 1e3, z['train_peak_bytes'] / 2**20, z['prefill_tokens_per_s']))"
+      case $label in
+        # Decoding alone after a long prefill: no train step, one prefill, 32 tokens.
+        *-decode) how="--skip-train --warmup 1 --iters 1 --decode-tokens 32" ;;
+        *) how="--warmup 2 --iters 6 --decode-tokens 16" ;;
+      esac
+      # shellcheck disable=SC2086
+      "$z" bench "$cfg" --run-index "$i" --seq-lens "$t" --batch "$b" $how -q --out "$out/$c/$label-r$r.json" > /dev/null
+      python3 -c "import json; z = json.load(open('$out/$c/$label-r$r.json'))['rows'][0]; print('round $r $label $c: train %s ms, prefill %.0f tok/s, decode %.1f tok/s' % ('%.1f' % (z['train_step_s'] * 1e3) if 'train_step_s' in z else '-', z['prefill_tokens_per_s'], z.get('decode_tokens_per_s', 0)))"
     done
   done
 done

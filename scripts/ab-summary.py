@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The ratios of a two-build comparison (scripts/ab-builds-bench.sh): for every model label found in
 both OUT/<A>/ and OUT/<B>/ (files <label>-r<round>.json), the median over the rounds of the train
-step, prefill and train peak, each build's range, and B's speed over A's, into OUT/summary.json
+step, prefill, train peak and decode tokens/s, each build's range, and B's speed over A's, into OUT/summary.json
 and as a markdown table on stdout.
 usage: scripts/ab-summary.py OUT A B   (A, B: the two folder names, e.g. commits)"""
 import glob
@@ -36,6 +36,10 @@ def main():
             if sa and sb:
                 # Time and memory: lower is better, so A / B is B's gain.
                 m[key] = {a: sa, b: sb, "a_over_b": sa["median"] / sb["median"]}
+        sa, sb = stats(ra[label], "decode_tokens_per_s"), stats(rb[label], "decode_tokens_per_s")
+        if sa and sb:
+            # A rate: higher is better, so B / A is B's gain.
+            m["decode_tokens_per_s"] = {a: sa, b: sb, "b_over_a": sb["median"] / sa["median"]}
         first = rb[label][0]
         m["shape"] = {"seq_len": first["rows"][0]["seq_len"], "batch": first["rows"][0]["batch"]}
         m["experiment"] = first["experiment"]
@@ -52,15 +56,18 @@ def main():
     with open(os.path.join(out, "summary.json.tmp"), "w") as f:
         json.dump(summary, f, indent=1)
     os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
-    print(f"| model (T × B) | train step {a} → {b} (ms) | speed-up | prefill (ms) | train peak (MiB) |")
-    print("|---|---|---|---|---|")
+    print(f"| model (T × B) | train step {a} → {b} (ms) | speed-up | prefill (ms) | train peak (MiB) | decode (tok/s) | speed-up |")
+    print("|---|---|---|---|---|---|---|")
     for label, m in models.items():
-        t, p, mem = m.get("train_step_s"), m.get("prefill_s"), m.get("train_peak_bytes")
+        t, p, mem, dec = m.get("train_step_s"), m.get("prefill_s"), m.get("train_peak_bytes"), m.get("decode_tokens_per_s")
         cell = lambda s, k, f: f"{f(s[a][k])} → {f(s[b][k])}" if s else "–"
         ms = lambda x: f"{x * 1e3:.1f}"
         mib = lambda x: f"{x / 2**20:.0f}"
+        rate = lambda x: f"{x:.1f}"
+        gain = lambda s, k: f"{s[k]:.2f}×" if s else "–"
         print(f'| {label} ({m["shape"]["seq_len"]} × {m["shape"]["batch"]}) | {cell(t, "median", ms)} '
-              f'| {t["a_over_b"]:.2f}× | {cell(p, "median", ms)} | {cell(mem, "median", mib)} |')
+              f'| {gain(t, "a_over_b")} | {cell(p, "median", ms)} | {cell(mem, "median", mib)} '
+              f'| {cell(dec, "median", rate)} | {gain(dec, "b_over_a")} |')
 
 
 if __name__ == "__main__":
