@@ -153,7 +153,7 @@ fn check_with(
 
 /// The op's CPU form equals the composition (semantics of every case).
 #[test]
-fn flash_reference_loop_matches_the_composition() -> Result<()> {
+fn flash_cpu_form_matches_the_composition() -> Result<()> {
     check(&Device::Cpu, DType::F32, 1e-5)
 }
 

@@ -65,6 +65,18 @@ fn key_range(o: &FlashOpts, keys: usize, i0: usize, i1: usize) -> (usize, usize)
     (lo, hi)
 }
 
+/// The query blocks of a head that see some key: (first row, rows, the block's keys lo..hi after
+/// the sinks), for `tq` queries over `keys` keys.
+fn blocks(o: &FlashOpts, tq: usize, keys: usize) -> impl Iterator<Item = (usize, usize, (usize, usize))> + '_ {
+    (0..tq)
+        .step_by(BLOCK)
+        .map(move |i0| {
+            let m = BLOCK.min(tq - i0);
+            (i0, m, key_range(o, keys, i0, i0 + m))
+        })
+        .filter(move |&(_, _, (lo, hi))| o.n_sink + hi - lo > 0)
+}
+
 /// `dst (m × n) = [dst +] beta · lhs (m × k) · rhs (k × n)`, single-threaded, every matrix given
 /// by its row and column strides in elements (`read`: add to dst, else overwrite it). The bounds
 /// of all three are checked before the unchecked product.
@@ -151,13 +163,8 @@ pub(crate) fn forward(o: &FlashOpts, n: &Dims, q: &[f32], k: &Heads, v: &Heads) 
             let (qh, kh, vh) = (&q[bh * tq * d..(bh + 1) * tq * d], k.head(kv), v.head(kv));
             let mut s = vec![0f32; BLOCK.min(tq) * tk];
             let ns = o.n_sink;
-            for i0 in (0..tq).step_by(BLOCK) {
-                let m = BLOCK.min(tq - i0);
-                let (lo, hi) = key_range(o, tk - ns, i0, i0 + m);
+            for (i0, m, (lo, hi)) in blocks(o, tq, tk - ns) {
                 let cols = ns + hi - lo;
-                if cols == 0 {
-                    continue;
-                }
                 scores(o, n, &mut s, &qh[i0 * d..], kh, i0, m, (lo, hi));
                 for r in 0..m {
                     let row = &mut s[r * cols..(r + 1) * cols];
@@ -200,13 +207,8 @@ pub(crate) fn backward(o: &FlashOpts, n: &Dims, q: &[f32], k: &[f32], v: &[f32],
                     let mut p = vec![0f32; BLOCK.min(tq) * tk];
                     let mut ds = vec![0f32; BLOCK.min(tq) * tk];
                     let (ns, scale) = (o.n_sink, o.scale as f32);
-                    for i0 in (0..tq).step_by(BLOCK) {
-                        let m = BLOCK.min(tq - i0);
-                        let (lo, hi) = key_range(o, tk - ns, i0, i0 + m);
+                    for (i0, m, (lo, hi)) in blocks(o, tq, tk - ns) {
                         let cols = ns + hi - lo;
-                        if cols == 0 {
-                            continue;
-                        }
                         let (qb, gb) = (&qh[i0 * d..(i0 + m) * d], &gh[i0 * d..(i0 + m) * d]);
                         scores(o, n, &mut p, qb, kh, i0, m, (lo, hi));
                         // dP = dO V_colsᵀ

@@ -114,7 +114,7 @@ impl CustomOp2 for SwiGlu {
                     })
                 })
             })
-        })???;
+        })???; // one `?` per borrowed input
         let t = |x: Vec<f32>| Tensor::from_vec(x, g.shape(), g.device())?.to_dtype(g.dtype());
         Ok((Some(t(dg)?), Some(t(du)?)))
     }
