@@ -6,7 +6,9 @@ tied embeddings, vocab 32768) at CPU sizes, one command, one JSON.
 Implementations, all f32 (zoo's CPU precision), on the same threads (RAYON_NUM_THREADS for zoo,
 torch.set_num_threads with the same count for PyTorch):
 - zoo: `zoo bench` (default kernels: on the CPU the ops' CPU forms, here attention, RMS norm,
-  RoPE, SwiGLU and the cross-entropy with the LM head fused into it; candle's ops elsewhere);
+  RoPE, SwiGLU and the cross-entropy with the LM head fused into it, and the skinny decode matmul;
+  candle's ops elsewhere); zoo-naive: the same with ZOO_KERNELS=naive (the candle compositions),
+  so that the table shows the CPU forms' own gain;
 - hf: transformers' LlamaForCausalLM, attn_implementation="sdpa";
 - eager: twin-bench.py's hand-written twin (F.scaled_dot_product_attention, plain PyTorch ops);
 - compile: the same twin under torch.compile (inductor's C++ backend).
@@ -108,8 +110,9 @@ def bench_twin(kind, layers, d, h, t, b, a):
     return row
 
 
-def bench_zoo(layers, d, h, shapes, a):
+def bench_zoo(layers, d, h, shapes, a, kernels="fused"):
     rows = []
+    impl = f"zoo-{kernels}"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.toml")
         open(path, "w").write(tb.zoo_config(layers, d, h))
@@ -117,13 +120,13 @@ def bench_zoo(layers, d, h, shapes, a):
             out = os.path.join(tmp, f"{t}-{b}.json")
             r = subprocess.run([a.zoo, "bench", path, "--seq-lens", str(t), "--batch", str(b), "--warmup", str(a.warmup),
                                 "--iters", str(a.iters), "--decode-tokens", str(a.decode_tokens), "--out", out, "-q"],
-                               env=dict(os.environ, RAYON_NUM_THREADS=str(a.threads)), capture_output=True, text=True)
+                               env=dict(os.environ, RAYON_NUM_THREADS=str(a.threads), ZOO_KERNELS=kernels), capture_output=True, text=True)
             if r.returncode != 0:
-                rows.append({"impl": "zoo-fused", "seq_len": t, "batch": b, "error": r.stderr.strip()[-400:]})
+                rows.append({"impl": impl, "seq_len": t, "batch": b, "error": r.stderr.strip()[-400:]})
                 continue
             j = json.load(open(out))
             z = j["rows"][0]
-            row = {"impl": "zoo-fused", "seq_len": t, "batch": b, "zoo_git": j["env"]["git"], "zoo_kernels": j["env"]["device"].get("kernels")}
+            row = {"impl": impl, "seq_len": t, "batch": b, "zoo_git": j["env"]["git"], "zoo_kernels": j["env"]["device"].get("kernels")}
             for k in ("train_step_s", "train_tokens_per_s", "prefill_s", "prefill_tokens_per_s", "train_peak_bytes", "decode_tokens_per_s"):
                 if k in z:
                     row[k] = z[k]
@@ -140,7 +143,7 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=16, help="greedy tokens after the prefill (zoo and hf)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("RAYON_NUM_THREADS", os.cpu_count() or 1)))
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole comparison, alternating implementations")
-    ap.add_argument("--impls", default="zoo,hf,eager,compile")
+    ap.add_argument("--impls", default="zoo,zoo-naive,hf,eager,compile")
     ap.add_argument("--out", default="twins-cpu.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -162,6 +165,8 @@ def main():
         for rnd in range(a.rounds):
             if "zoo" in impls:
                 raw += [dict(r, round=rnd) for r in bench_zoo(layers, d, h, shapes, a)]
+            if "zoo-naive" in impls:
+                raw += [dict(r, round=rnd) for r in bench_zoo(layers, d, h, shapes, a, "naive")]
             for kind in ("hf", "eager", "compile"):
                 if kind in impls:
                     raw += [dict(bench_twin(kind, layers, d, h, t, b, a), round=rnd) for t, b in shapes]
@@ -185,7 +190,7 @@ def main():
         for t, b in shapes:
             by = {r["impl"]: r for r in rows if r["seq_len"] == t and r["batch"] == b}
             z = by.get("zoo-fused", {})
-            for other in ("hf", "eager", "compile"):
+            for other in ("hf", "eager", "compile", "zoo-naive"):
                 for m in ("train_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
                     if m in z and m in by.get(other, {}):
                         ratios[f"T{t}xB{b} zoo/{other} {m}"] = z[m] / by[other][m]
