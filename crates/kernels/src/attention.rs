@@ -153,7 +153,7 @@ fn flash_op(q: &Tensor, k: &Tensor, v: &Tensor, o: &FlashOpts, split_decode: boo
     // where each head's rows are contiguous (a prefix of a cache's rows).
     let split = split_decode && q.device().is_cuda() && (1..=DECODE_ROWS).contains(&q.dim(2)?);
     let rows_ok = |t: &Tensor| t.stride()[3] == 1;
-    let cpu_ok = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.stride()[3] == 1 && t.stride()[2] == t.dim(3).unwrap_or(0);
+    let cpu_ok = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && crate::attention_cpu::heads_in_place(t.layout());
     let kv = |t: &Tensor| if (split && rows_ok(t)) || cpu_ok(t) { Ok(t.clone()) } else { t.contiguous() };
     let op = Flash { o: *o, split, lse: Mutex::new(None) };
     q.contiguous()?.apply_op3_arc(&kv(k)?, &kv(v)?, Arc::new(Box::new(op)))

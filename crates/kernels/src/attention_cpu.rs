@@ -29,14 +29,21 @@ pub(crate) struct Heads<'a> {
     len: usize,
 }
 
+/// Whether K or V (B, Hkv, Tk, d) with this layout can be read in place by [`Heads::of`]: each
+/// head's rows contiguous (any strides over batch and head; a prefix of a cache's rows).
+pub(crate) fn heads_in_place(l: &Layout) -> bool {
+    let st = l.stride();
+    st.len() == 4 && st[3] == 1 && st[2] == l.dims()[3]
+}
+
 impl<'a> Heads<'a> {
-    /// The heads of a K or V storage: as they lie where the rows of every head are contiguous
-    /// (f32; any strides over batch and head), else through a contiguous f32 copy.
+    /// The heads of a K or V storage: as they lie where [`heads_in_place`] (f32), else through a
+    /// contiguous f32 copy.
     pub(crate) fn of(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<Self> {
         let (b, h, t, d) = l.shape().dims4()?;
         let st = l.stride();
         if let (CpuStorage::F32(v), false) = (s, l.is_contiguous()) {
-            if st[3] == 1 && st[2] == d {
+            if heads_in_place(l) {
                 let base: Vec<usize> = (0..b * h).map(|i| l.start_offset() + (i / h) * st[0] + (i % h) * st[1]).collect();
                 if base.iter().all(|&o| o + t * d <= v.len()) {
                     return Ok(Self { data: Cow::Borrowed(&v[..]), base, len: t * d });

@@ -54,14 +54,15 @@ pub(crate) fn exp(x: f32) -> f32 {
     }
 }
 
-/// Rows of `row_len` elements per parallel task of a row-wise CPU form: about 16K elements a
-/// task (rayon's split costs about a microsecond), at least one row.
-pub(crate) fn rows_per_task(row_len: usize) -> usize {
-    (1usize << 14).div_ceil(row_len.max(1)).max(1)
-}
-
-/// Elements per parallel task of an elementwise CPU form.
+/// Elements per parallel task of an elementwise CPU form: about 16K (rayon's split costs about a
+/// microsecond).
 pub(crate) const ELEMS_PER_TASK: usize = 1 << 14;
+
+/// Rows of `row_len` elements per parallel task of a row-wise CPU form: about
+/// [`ELEMS_PER_TASK`] elements a task, at least one row.
+pub(crate) fn rows_per_task(row_len: usize) -> usize {
+    ELEMS_PER_TASK.div_ceil(row_len.max(1)).max(1)
+}
 
 /// σ(a) = 1 / (1 + e^{−a}) on [`exp`], which vectorises (0 and 1 at the ends, NaN stays NaN).
 #[inline(always)]
@@ -69,13 +70,20 @@ pub(crate) fn sigmoid(a: f32) -> f32 {
     1.0 / (1.0 + exp(-a))
 }
 
-/// The contiguous f32 elements of a CPU tensor, borrowed (converted when 16-bit), for a CPU
-/// form's backward: `f` sees them while the storage is read-locked.
-pub(crate) fn with_f32<R>(t: &candle_core::Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let t = t.contiguous()?;
-    let (st, l) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cs) = &*st else { candle_core::bail!("{op}: tensor not on the CPU") };
-    Ok(f(&crate::cpu_f32(cs, l, op)?))
+/// The contiguous f32 elements of CPU tensors, borrowed (converted when 16-bit), for a CPU form's
+/// backward: `f` sees them while their storages are read-locked, without the copy of `to_vec1`.
+pub(crate) fn with_f32<const N: usize, R>(ts: [&candle_core::Tensor; N], op: &str, f: impl FnOnce([&[f32]; N]) -> R) -> candle_core::Result<R> {
+    let ts = ts.map(|t| t.contiguous());
+    let ts: Vec<candle_core::Tensor> = ts.into_iter().collect::<candle_core::Result<_>>()?;
+    let locked: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let data = locked
+        .iter()
+        .map(|(st, l)| match &**st {
+            candle_core::Storage::Cpu(cs) => crate::cpu_f32(cs, l, op),
+            _ => candle_core::bail!("{op}: tensor not on the CPU"),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(f(std::array::from_fn(|i| &*data[i])))
 }
 
 /// The maximum of a row (−∞ for an empty one), in eight interleaved lanes.

@@ -153,55 +153,54 @@ impl CustomOp3 for Grad {
         use rayon::prelude::*;
         let d = self.d;
         let k = crate::cpu::rows_per_task(d);
-        crate::cpu::with_f32(&self.r, what, |r| -> Result<(CpuStorage, Shape)> {
-            Ok(match self.part {
-                Part::Dx => {
-                    let mut dx = vec![0f32; x.len()];
-                    if d > 0 {
-                        dx.par_chunks_mut(k * d).enumerate().for_each(|(c, dc)| {
-                            crate::cpu::simd(|| {
-                                let mut u = vec![0f32; d];
-                                for (i, dr) in dc.chunks_exact_mut(d).enumerate() {
-                                    let row = (c * k + i) * d..(c * k + i + 1) * d;
-                                    let (xr, gr, ri) = (&x[row.clone()], &g[row], r[c * k + i]);
-                                    u.iter_mut().zip(gr).zip(gain.iter()).for_each(|((uv, &a), &b)| *uv = a * b);
-                                    let cf = ri * ri * ri * crate::cpu::dot(xr, &u) / d as f32;
-                                    for ((dv, &uv), &xv) in dr.iter_mut().zip(&u).zip(xr) {
-                                        *dv = ri * uv - xv * cf;
-                                    }
+        let r = self.r.to_vec1::<f32>()?;
+        Ok(match self.part {
+            Part::Dx => {
+                let mut dx = vec![0f32; x.len()];
+                if d > 0 {
+                    dx.par_chunks_mut(k * d).enumerate().for_each(|(c, dc)| {
+                        crate::cpu::simd(|| {
+                            let mut u = vec![0f32; d];
+                            for (i, dr) in dc.chunks_exact_mut(d).enumerate() {
+                                let row = (c * k + i) * d..(c * k + i + 1) * d;
+                                let (xr, gr, ri) = (&x[row.clone()], &g[row], r[c * k + i]);
+                                u.iter_mut().zip(gr).zip(gain.iter()).for_each(|((uv, &a), &b)| *uv = a * b);
+                                let cf = ri * ri * ri * crate::cpu::dot(xr, &u) / d as f32;
+                                for ((dv, &uv), &xv) in dr.iter_mut().zip(&u).zip(xr) {
+                                    *dv = ri * uv - xv * cf;
                                 }
-                            })
-                        });
-                    }
-                    (crate::cpu_from_f32(dx, s1.dtype())?, l1.shape().clone())
+                            }
+                        })
+                    });
                 }
-                Part::Dw => {
-                    // One partial sum per task (rows k·c..), summed by the caller.
-                    let parts: Vec<Vec<f32>> = if d == 0 {
-                        vec![]
-                    } else {
-                        x.par_chunks(k * d)
-                            .zip(g.par_chunks(k * d))
-                            .enumerate()
-                            .map(|(c, (xc, gc))| {
-                                crate::cpu::simd(|| {
-                                    let mut dw = vec![0f32; d];
-                                    for (i, (xr, gr)) in xc.chunks_exact(d).zip(gc.chunks_exact(d)).enumerate() {
-                                        let ri = r[c * k + i];
-                                        dw.iter_mut().zip(xr).zip(gr).for_each(|((w, &a), &b)| *w += b * a * ri);
-                                    }
-                                    dw
-                                })
+                (crate::cpu_from_f32(dx, s1.dtype())?, l1.shape().clone())
+            }
+            Part::Dw => {
+                // One partial sum per task (rows k·c..), summed by the caller.
+                let parts: Vec<Vec<f32>> = if d == 0 {
+                    vec![]
+                } else {
+                    x.par_chunks(k * d)
+                        .zip(g.par_chunks(k * d))
+                        .enumerate()
+                        .map(|(c, (xc, gc))| {
+                            crate::cpu::simd(|| {
+                                let mut dw = vec![0f32; d];
+                                for (i, (xr, gr)) in xc.chunks_exact(d).zip(gc.chunks_exact(d)).enumerate() {
+                                    let ri = r[c * k + i];
+                                    dw.iter_mut().zip(xr).zip(gr).for_each(|((w, &a), &b)| *w += b * a * ri);
+                                }
+                                dw
                             })
-                            .collect()
-                    };
-                    let n = parts.len().max(1);
-                    let mut flat: Vec<f32> = parts.concat();
-                    flat.resize(n * d, 0.0);
-                    (CpuStorage::F32(flat), Shape::from((n, d)))
-                }
-            })
-        })?
+                        })
+                        .collect()
+                };
+                let n = parts.len().max(1);
+                let mut flat: Vec<f32> = parts.concat();
+                flat.resize(n * d, 0.0);
+                (CpuStorage::F32(flat), Shape::from((n, d)))
+            }
+        })
     }
 
     #[cfg(feature = "cuda")]

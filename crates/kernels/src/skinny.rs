@@ -29,11 +29,11 @@ const W_ROWS: usize = 64;
 /// Why the op does not run on these inputs (`None`: it does): naive mode, not the CPU, not f32,
 /// more than [`MAX_ROWS`] rows, shapes that do not multiply.
 pub fn unsupported(x: &Tensor, w: &Tensor) -> Option<String> {
-    if crate::mode() == crate::Kernels::Naive {
-        return Some("ZOO_KERNELS=naive".into());
-    }
     if !x.device().is_cpu() {
         return Some("not on the CPU".into());
+    }
+    if let Some(why) = crate::unavailable_unless_cpu_form(x.device(), true) {
+        return Some(why);
     }
     if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
         return Some(format!("dtypes {:?}, {:?}", x.dtype(), w.dtype()));

@@ -98,23 +98,19 @@ impl CustomOp2 for SwiGlu {
         use rayon::prelude::*;
         let n = g.elem_count();
         let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
-        crate::cpu::with_f32(g, "swiglu", |gv| {
-            crate::cpu::with_f32(u, "swiglu", |uv| {
-                crate::cpu::with_f32(&dz, "swiglu", |dv| {
-                    const N: usize = crate::cpu::ELEMS_PER_TASK;
-                    dg.par_chunks_mut(N).zip(du.par_chunks_mut(N)).enumerate().for_each(|(c, (dgc, duc))| {
-                        crate::cpu::simd(|| {
-                            let r = c * N..(c * N + dgc.len());
-                            for ((((dgv, duv), &a), &b), &d) in dgc.iter_mut().zip(duc.iter_mut()).zip(&gv[r.clone()]).zip(&uv[r.clone()]).zip(&dv[r]) {
-                                let s = crate::cpu::sigmoid(a);
-                                *dgv = d * b * s * (1.0 + a * (1.0 - s));
-                                *duv = d * a * s;
-                            }
-                        })
-                    })
+        crate::cpu::with_f32([g, u, &dz], "swiglu", |[gv, uv, dv]| {
+            const N: usize = crate::cpu::ELEMS_PER_TASK;
+            dg.par_chunks_mut(N).zip(du.par_chunks_mut(N)).enumerate().for_each(|(c, (dgc, duc))| {
+                crate::cpu::simd(|| {
+                    let r = c * N..(c * N + dgc.len());
+                    for ((((dgv, duv), &a), &b), &d) in dgc.iter_mut().zip(duc.iter_mut()).zip(&gv[r.clone()]).zip(&uv[r.clone()]).zip(&dv[r]) {
+                        let s = crate::cpu::sigmoid(a);
+                        *dgv = d * b * s * (1.0 + a * (1.0 - s));
+                        *duv = d * a * s;
+                    }
                 })
             })
-        })???; // one `?` per borrowed input
+        })?;
         let t = |x: Vec<f32>| Tensor::from_vec(x, g.shape(), g.device())?.to_dtype(g.dtype());
         Ok((Some(t(dg)?), Some(t(du)?)))
     }
