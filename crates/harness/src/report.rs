@@ -235,14 +235,36 @@ pub fn table(results: &[RunResult]) -> String {
     }
     if let Some(r) = results.first() {
         out.push_str(&format!(
-            "\nDevice: {} ({} threads), dtype {}. Mean ± sample std over seeds; with several learning rates, the best by mean `{primary}`.\n",
-            r.env.device.name, r.env.device.threads, r.env.dtype
+            "\n{}, dtype {}. Mean ± sample std over seeds; with several learning rates, the best by mean `{primary}`.\n",
+            devices_text(results),
+            r.env.dtype
         ));
     }
     if results.iter().any(|r| r.shared_device()) {
         out.push_str("Train tok/s in parentheses: runs that shared the device with other runs (`concurrent_runs` in their JSON), so not a throughput measurement; use `zoo bench` for that.\n");
     }
     out
+}
+
+/// "Device: NAME (N threads)" when every run had the same device, else each device with its run
+/// count, so a grid finished over several machines says so.
+fn devices_text(results: &[RunResult]) -> String {
+    let mut by_device: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in results {
+        *by_device.entry(format!("{} ({} threads)", r.env.device.name, r.env.device.threads)).or_default() += 1;
+    }
+    if by_device.len() == 1 {
+        return format!("Device: {}", by_device.keys().next().unwrap());
+    }
+    let mut by_name: std::collections::BTreeMap<&str, usize> = Default::default();
+    for r in results {
+        *by_name.entry(r.env.device.name.as_str()).or_default() += 1;
+    }
+    if by_name.len() == 1 {
+        return format!("Device: {}", by_name.keys().next().unwrap());
+    }
+    let parts: Vec<String> = by_name.iter().map(|(name, n)| format!("{name} ({n} run{})", if *n == 1 { "" } else { "s" })).collect();
+    format!("Devices: {}", parts.join(", "))
 }
 
 /// The metric that picks the best learning rate, and whether higher is better: MQAR accuracy for

@@ -682,6 +682,15 @@ fn report_sets_a_reference_beside_the_runs() {
     std::fs::write(&reference, "metric = \"x\"\nsource = \"s\"\n[[rows]]\nlabel = \"a\"\nname = \"b\"\nvalu = 1.0\n").unwrap();
     let e = format!("{:#}", zoo_harness::report::report_with(&results, Some(&reference)).unwrap_err());
     assert!(e.contains("ref.toml") && e.contains("valu"), "{e}");
+    // A grid finished on two machines names both, with their run counts.
+    let name = res["env"]["device"]["name"].as_str().unwrap().to_string();
+    assert!(md.contains(&format!("\nDevice: {name} (")), "{md}");
+    let mut other = res.clone();
+    other["seed"] = 7.into();
+    other["env"]["device"]["name"] = "A GPU".into();
+    std::fs::write(results.join("other-device.json"), serde_json::to_string(&other).unwrap()).unwrap();
+    let md = zoo_harness::report::report(&results).unwrap();
+    assert!(md.contains(&format!("Devices: A GPU (1 run), {name} (1 run),")), "{md}");
 }
 
 /// `zoo report` on a folder of press evaluations: one row per press, one column per ratio, the
