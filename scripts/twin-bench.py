@@ -360,12 +360,10 @@ def main():
     batches = [int(x) for x in a.decode_batches.split(",") if x.strip()]
     if batches:
         layers, d, h, t = 8, 512, 8, 4096
-        rows = []
+        rows, ratios = [], {}
         for b in batches:
             rows += [bench_zoo_decode(layers, d, h, t, b, a, k) for k in a.zoo_decode_kernels.split(",")]
             rows += [bench_decode(kind, layers, d, h, t, b, a) for kind in ("eager", "hf")]
-        ratios = {}
-        for b in batches:
             by = {r["impl"]: r for r in rows if r["batch"] == b}
             for zi in [i for i in by if i.startswith("zoo-fused")]:
                 z = by[zi]
@@ -375,8 +373,11 @@ def main():
             for impl, r in by.items():
                 if "peak_over_weights_kv" in r:
                     ratios[f"T{t}xB{b} {impl} decode peak / (weights + kv)"] = r["peak_over_weights_kv"]
-        res["decode"] = {"model": "8L-512", "layers": layers, "d_model": d, "heads": h, "seq_len": t,
-                         "protocol": bench_decode.__doc__.strip(), "rows": rows, "ratios": ratios}
+            # Saved after each batch size, so a call cut short keeps the batches it finished.
+            res["decode"] = {"model": "8L-512", "layers": layers, "d_model": d, "heads": h, "seq_len": t,
+                             "protocol": bench_decode.__doc__.strip(), "rows": rows, "ratios": ratios,
+                             "batches_done": batches[:batches.index(b) + 1]}
+            save()
     res["complete"] = True
     save()
     print(json.dumps({n: m["ratios"] for n, m in res["models"].items()}, indent=1))
