@@ -84,58 +84,6 @@ fn blocks(o: &FlashOpts, tq: usize, keys: usize) -> impl Iterator<Item = (usize,
         .filter(move |&(_, _, (lo, hi))| o.n_sink + hi - lo > 0)
 }
 
-/// `dst (m × n) = [dst +] beta · lhs (m × k) · rhs (k × n)`, single-threaded, every matrix given
-/// by its row and column strides in elements (`read`: add to dst, else overwrite it). The bounds
-/// of all three are checked before the unchecked product.
-#[allow(clippy::too_many_arguments)]
-fn mm(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    dst_rs: usize,
-    read: bool,
-    (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
-    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
-    beta: f32,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!((m - 1) * dst_rs + n <= dst.len(), "attention (CPU): product out of its destination");
-    if k == 0 {
-        if !read {
-            (0..m).for_each(|i| dst[i * dst_rs..i * dst_rs + n].fill(0.0));
-        }
-        return;
-    }
-    assert!((m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(), "attention (CPU): left factor out of range");
-    assert!((k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(), "attention (CPU): right factor out of range");
-    // SAFETY: every index the product touches lies inside its slice (checked just above), and
-    // dst does not alias lhs or rhs (a &mut and two & borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            read,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 /// One block's scaled scores `S = scale · Q_blk K_colsᵀ` into `s` (m rows of `ns + hi − lo`
 /// columns: the sinks, then keys lo..hi), masked to −∞ where a row may not look.
 #[allow(clippy::too_many_arguments)]
@@ -143,8 +91,8 @@ fn scores(o: &FlashOpts, n: &Dims, s: &mut [f32], qb: &[f32], k: &[f32], i0: usi
     let (d, ns) = (n.d, o.n_sink);
     let cols = ns + hi - lo;
     let scale = o.scale as f32;
-    mm((m, ns, d), s, cols, false, (qb, d, 1), (k, 1, d), scale);
-    mm((m, hi - lo, d), &mut s[ns..], cols, false, (qb, d, 1), (&k[(ns + lo) * d..], 1, d), scale);
+    crate::cpu::mm((m, ns, d), s, cols, false, (qb, d, 1), (k, 1, d), scale);
+    crate::cpu::mm((m, hi - lo, d), &mut s[ns..], cols, false, (qb, d, 1), (&k[(ns + lo) * d..], 1, d), scale);
     let keys = n.tk - ns;
     for r in 0..m {
         let (lo_r, hi_r) = key_range(o, keys, i0 + r, i0 + r + 1);
@@ -185,8 +133,8 @@ pub(crate) fn forward(o: &FlashOpts, n: &Dims, q: &[f32], k: &Heads, v: &Heads) 
                     lh[i0 + r] = mx + l.ln();
                 }
                 let ob = &mut oh[i0 * d..];
-                mm((m, d, ns), ob, d, false, (&s, cols, 1), (vh, d, 1), 1.0);
-                mm((m, d, hi - lo), ob, d, true, (&s[ns..], cols, 1), (&vh[(ns + lo) * d..], d, 1), 1.0);
+                crate::cpu::mm((m, d, ns), ob, d, false, (&s, cols, 1), (vh, d, 1), 1.0);
+                crate::cpu::mm((m, d, hi - lo), ob, d, true, (&s[ns..], cols, 1), (&vh[(ns + lo) * d..], d, 1), 1.0);
             }
         })
     });
@@ -219,8 +167,8 @@ pub(crate) fn backward(o: &FlashOpts, n: &Dims, q: &[f32], k: &[f32], v: &[f32],
                         let (qb, gb) = (&qh[i0 * d..(i0 + m) * d], &gh[i0 * d..(i0 + m) * d]);
                         scores(o, n, &mut p, qb, kh, i0, m, (lo, hi));
                         // dP = dO V_colsᵀ
-                        mm((m, ns, d), &mut ds, cols, false, (gb, d, 1), (vh, 1, d), 1.0);
-                        mm((m, hi - lo, d), &mut ds[ns..], cols, false, (gb, d, 1), (&vh[(ns + lo) * d..], 1, d), 1.0);
+                        crate::cpu::mm((m, ns, d), &mut ds, cols, false, (gb, d, 1), (vh, 1, d), 1.0);
+                        crate::cpu::mm((m, hi - lo, d), &mut ds[ns..], cols, false, (gb, d, 1), (&vh[(ns + lo) * d..], 1, d), 1.0);
                         for r in 0..m {
                             let (l, dd) = (lh[i0 + r], dh[i0 + r]);
                             let (pr, dr) = (&mut p[r * cols..(r + 1) * cols], &mut ds[r * cols..(r + 1) * cols]);
@@ -235,14 +183,14 @@ pub(crate) fn backward(o: &FlashOpts, n: &Dims, q: &[f32], k: &[f32], v: &[f32],
                             }
                         }
                         // dV_cols += Pᵀ dO, dK_cols += scale · dSᵀ Q
-                        mm((ns, d, m), dvh, d, true, (&p, 1, cols), (gb, d, 1), 1.0);
-                        mm((hi - lo, d, m), &mut dvh[(ns + lo) * d..], d, true, (&p[ns..], 1, cols), (gb, d, 1), 1.0);
-                        mm((ns, d, m), dkh, d, true, (&ds, 1, cols), (qb, d, 1), scale);
-                        mm((hi - lo, d, m), &mut dkh[(ns + lo) * d..], d, true, (&ds[ns..], 1, cols), (qb, d, 1), scale);
+                        crate::cpu::mm((ns, d, m), dvh, d, true, (&p, 1, cols), (gb, d, 1), 1.0);
+                        crate::cpu::mm((hi - lo, d, m), &mut dvh[(ns + lo) * d..], d, true, (&p[ns..], 1, cols), (gb, d, 1), 1.0);
+                        crate::cpu::mm((ns, d, m), dkh, d, true, (&ds, 1, cols), (qb, d, 1), scale);
+                        crate::cpu::mm((hi - lo, d, m), &mut dkh[(ns + lo) * d..], d, true, (&ds[ns..], 1, cols), (qb, d, 1), scale);
                         // dQ = scale · dS K_cols
                         let dqb = &mut dqh[i0 * d..(i0 + m) * d];
-                        mm((m, d, ns), dqb, d, false, (&ds, cols, 1), (kh, d, 1), scale);
-                        mm((m, d, hi - lo), dqb, d, true, (&ds[ns..], cols, 1), (&kh[(ns + lo) * d..], d, 1), scale);
+                        crate::cpu::mm((m, d, ns), dqb, d, false, (&ds, cols, 1), (kh, d, 1), scale);
+                        crate::cpu::mm((m, d, hi - lo), dqb, d, true, (&ds[ns..], cols, 1), (&kh[(ns + lo) * d..], d, 1), scale);
                     }
                 })
             },

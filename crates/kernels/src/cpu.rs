@@ -168,6 +168,58 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes(acc, tail)
 }
 
+/// `dst (m × n) = [dst +] beta · lhs (m × k) · rhs (k × n)`, single-threaded, every matrix given
+/// by its row and column strides in elements (`read`: add to dst, else overwrite it). The bounds
+/// of all three are checked before the unchecked product.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    read: bool,
+    (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
+    beta: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * dst_rs + n <= dst.len(), "CPU product out of its destination");
+    if k == 0 {
+        if !read {
+            (0..m).for_each(|i| dst[i * dst_rs..i * dst_rs + n].fill(0.0));
+        }
+        return;
+    }
+    assert!((m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(), "CPU product: left factor out of range");
+    assert!((k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(), "CPU product: right factor out of range");
+    // SAFETY: every index the product touches lies inside its slice (checked just above), and
+    // dst does not alias lhs or rhs (a &mut and two & borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            read,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -421,13 +421,25 @@ impl Moe {
         })
     }
 
-    /// Grouped dispatch: one gather, the experts, one combine. `batched`: every expert's rows
+    /// Grouped dispatch: one gather, the experts, one combine; on the CPU in fused mode (f32) the
+    /// CPU form `zoo_kernels::moe_experts` does all three as one op. `batched`: every expert's rows
     /// padded to the busiest expert's count and the experts as three batched matmuls (the CUDA
     /// path: few launches); else the rows packed and each expert's 2-D matmuls on its slice (the
     /// CPU path: in a one-off timing on 2 cores at the routing ablation's shape, candle's CPU
     /// backward of the batched matmul alone took longer than the per-expert loop's whole
     /// backward; `results/bench/moe-cpu` measures the path kept).
     pub fn grouped(&self, x: &Tensor, r: &Routing, batched: bool) -> Result<Tensor> {
+        if !batched && zoo_kernels::moe_experts::unsupported(x, &self.experts.w1).is_none() {
+            // On the CPU (f32, fused mode): the experts and both data movements as one op.
+            let b = &self.experts;
+            return zoo_kernels::moe_experts::experts_swiglu(x, &b.w1, &b.w3, &b.w2, &r.weights, &r.assignments, &r.kept);
+        }
+        self.grouped_composition(x, r, batched)
+    }
+
+    /// [`Moe::grouped`] as candle ops (the reference of `zoo_kernels::moe_experts`, and what
+    /// runs on CUDA and in naive mode).
+    pub fn grouped_composition(&self, x: &Tensor, r: &Routing, batched: bool) -> Result<Tensor> {
         let (e, k) = (self.experts.len(), r.experts.dim(1)?);
         let (plan, lens) = dispatch::Plan::new(&r.assignments, &r.kept, k, e, !batched, x.device())?;
         if plan.rows() == 0 {

@@ -98,13 +98,14 @@ fn grouped_dispatch_equals_the_loop() -> Result<()> {
         }
         let dy = Tensor::randn(0f32, 1.0, (20, 8), &Device::Cpu)?;
         let mut outs = Vec::new();
-        // The loop (the reference), then grouped with packed rows (the CPU path) and padded,
-        // batched rows (the CUDA path).
-        for how in [None, Some(false), Some(true)] {
+        // The loop (the reference), then grouped with packed rows (the CPU path: its CPU form
+        // `zoo_kernels::moe_experts`, and its composition) and padded, batched rows (the CUDA path).
+        for how in [None, Some((false, true)), Some((false, false)), Some((true, false))] {
             let r = route()?;
             let y = match how {
                 None => moe.dispatch(x.as_tensor(), &r, Dispatch::Looped)?,
-                Some(batched) => moe.grouped(x.as_tensor(), &r, batched)?,
+                Some((batched, true)) => moe.grouped(x.as_tensor(), &r, batched)?,
+                Some((batched, false)) => moe.grouped_composition(x.as_tensor(), &r, batched)?,
             };
             let g = (&y * &dy)?.sum_all()?.backward()?;
             let grads: Vec<(String, Option<Tensor>)> =
@@ -137,6 +138,47 @@ fn grouped_dispatch_equals_the_loop() -> Result<()> {
             outs[0].2.iter().any(|(n, g)| n.starts_with("router") && g.is_some()),
             "{text}: router gets no gradient"
         );
+    }
+    Ok(())
+}
+
+/// The CPU form of grouped dispatch (`zoo_kernels::moe_experts`) against its composition at a
+/// size where its passes split into several parallel tasks (3000 tokens: the combine's chunks of
+/// 2048 rows at d = 8), with an expert that gets no token: outputs and every gradient to 1e-5.
+#[test]
+fn moe_cpu_form_matches_the_composition_across_tasks() -> Result<()> {
+    let cfg: MoeConfig = examples_from_toml(&["n_experts = 5, top_k = 2"]).remove(0);
+    let store = ParamStore::new(4, DType::F32, &Device::Cpu);
+    let moe = Moe::new(&cfg, &ctx8(), &store.root())?;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3000, 8), &Device::Cpu)?)?;
+    let mut r = moe.router.route(x.as_tensor())?;
+    // Send expert 4's slots to expert 0, so that expert 4 gets no token.
+    r.assignments.iter_mut().filter(|a| **a == 4).for_each(|a| *a = 0);
+    let dy = Tensor::randn(0f32, 1.0, (3000, 8), &Device::Cpu)?;
+    let mut outs = Vec::new();
+    for form in [true, false] {
+        let y = if form { moe.grouped(x.as_tensor(), &r, false)? } else { moe.grouped_composition(x.as_tensor(), &r, false)? };
+        let g = (&y * &dy)?.sum_all()?.backward()?;
+        let grads: Vec<Tensor> = std::iter::once(x.as_tensor())
+            .chain([&moe.experts.w1, &moe.experts.w3, &moe.experts.w2])
+            .map(|t| g.get(t).cloned().expect("a gradient"))
+            .collect();
+        let router: Vec<Tensor> = store.vars().into_iter().filter(|(n, _)| n.starts_with("router")).filter_map(|(_, v)| g.get(v.as_tensor()).cloned()).collect();
+        assert!(!router.is_empty(), "no router gradient");
+        outs.push((y, grads, router));
+    }
+    let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
+        let scale = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-20);
+        Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? / scale)
+    };
+    assert!(rel(&outs[1].0, &outs[0].0)? < 1e-5, "outputs differ");
+    for (i, (a, b)) in outs[1].1.iter().zip(&outs[0].1).chain(outs[1].2.iter().zip(&outs[0].2)).enumerate() {
+        assert!(rel(a, b)? < 1e-5, "gradient {i} differs by {}", rel(a, b)?);
+    }
+    // Expert 4 got no token: its slices of the weight gradients are zero in the CPU form.
+    for g in &outs[0].1[1..] {
+        assert_eq!(g.get(4)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        assert!(g.get(0)?.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
     }
     Ok(())
 }
