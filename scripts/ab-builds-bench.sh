@@ -10,13 +10,15 @@
 # attention hybrid at d 128 (configs/quickstart.toml, T 64 x 32, as scripts/cpu-forms-bench.sh);
 # each also decodes 16 tokens after its prefill. A label ending in -decode is decoding alone after
 # a long prompt (the 6L-384 LM, T 4096 x B 1, 32 tokens; no train step).
-# FIRST_ROUND=N numbers the rounds from N (more rounds into a folder that has some).
-# usage: [FIRST_ROUND=N] scripts/ab-builds-bench.sh OUT ROUNDS ZOO_A ZOO_B
+# FIRST_ROUND=N numbers the rounds from N (more rounds into a folder that has some). BENCHES
+# replaces the list (same config:run index:T:batch:label form, space-separated), e.g. the MoE
+# bench's models: "configs/moe-bench.toml:0:128:16:dense configs/moe-bench.toml:1:128:16:e8k2".
+# usage: [FIRST_ROUND=N] [BENCHES=...] scripts/ab-builds-bench.sh OUT ROUNDS ZOO_A ZOO_B
 set -eu
 out=$1; rounds=$2; za=$3; zb=$4
-benches="configs/bench-baseline-cpu.toml:0:256:8:4L-256 configs/bench-baseline-cpu-6l.toml:0:256:4:6L-384
+benches=${BENCHES:-"configs/bench-baseline-cpu.toml:0:256:8:4L-256 configs/bench-baseline-cpu-6l.toml:0:256:4:6L-384
 configs/quickstart.toml:8:64:32:gla-d128 configs/quickstart.toml:11:64:32:hybrid-d128
-configs/bench-baseline-cpu-6l.toml:0:4096:1:6L-384-decode"
+configs/bench-baseline-cpu-6l.toml:0:4096:1:6L-384-decode"}
 commit() { # the commit a binary was built at, from a tiny bench's JSON
   "$1" bench configs/bench-baseline-cpu.toml --seq-lens 8 --batch 1 --warmup 0 --iters 1 --decode-tokens 1 \
     --skip-train -q --out /tmp/ab-commit.json > /dev/null
