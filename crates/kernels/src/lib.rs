@@ -10,7 +10,8 @@
 //! `examples/elementwise_cpu.rs`), the linear scan with a per-channel decay (GLA), the delta scan
 //! (zoo-linear-attention's `examples/scan_cpu.rs`), the causal conv1d (`scripts/cpu-forms-bench.sh`
 //! for whole models) and the cross-entropy (zoo-core's `examples/ce_cpu.rs`). The same tests check
-//! them against the compositions in CI.
+//! them against the compositions in CI. Two ops exist only as CPU forms: [`skinny`] and
+//! [`moe_experts`] (zoo-moe's grouped dispatch; its composition runs on CUDA).
 //!
 //! Kernels so far:
 //! - [`adamw`]: multi-tensor AdamW with global grad-norm clipping in two launches per 48
@@ -31,6 +32,8 @@
 //! - [`rope`]: rotary position embedding on q or k, one kernel forward, the inverse rotation
 //!   backward.
 //! - [`swiglu`]: SwiGLU's silu(g) ⊙ u, forward and a backward writing both gradients.
+//! - [`moe_experts`] (CPU only): an MoE layer's routed SwiGLU experts with the gather and the
+//!   weighted combine, forward and backward, one parallel task per expert.
 //! - [`skinny`] (CPU only): `x Wᵀ` for a decoding step's few rows, reading each row of W once
 //!   instead of packing W for `gemm`.
 //! - [`embedding`]: the token lookup with a scatter (atomicAdd) backward in place of candle's
