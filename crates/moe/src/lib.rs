@@ -386,16 +386,67 @@ impl Moe {
         }
     }
 
+    /// The layer's forward, with tiled dispatch through its tiles composition (the CUDA path)
+    /// where `cpu_form` is false, even on the CPU (tests compare the two there).
+    pub fn forward_with(&self, x: &Tensor, cpu_form: bool) -> Result<FfnOut> {
+        let (b, t, d) = x.dims3()?;
+        let flat = x.reshape((b * t, d))?;
+        if self.cfg.dispatch == Dispatch::Tiled {
+            let (y, aux_loss, stats) = self.forward_tiled(&flat, cpu_form)?;
+            let y = self.add_shared(&flat, y)?.reshape((b, t, d))?;
+            return Ok(FfnOut { y, aux_loss, stats });
+        }
+        let mut r = self.router.route(&flat)?;
+        if let Some(cf) = self.cfg.capacity_factor {
+            r.apply_capacity(cf)?;
+        }
+        let y = self.dispatch(&flat, &r, self.cfg.dispatch)?;
+        let y = self.add_shared(&flat, y)?.reshape((b, t, d))?;
+        let balance = match self.cfg.balance {
+            Balance::AuxLoss { alpha } => Some(aux_loss(&r, alpha)?),
+            // Only training steps move the bias (an evaluation's loads would, and a resume would lose them).
+            Balance::Bias { .. } => {
+                if zoo_core::state::train_step().is_some() {
+                    self.router.observe(&r.load);
+                }
+                None
+            }
+            Balance::None => None,
+        };
+        let aux = self.aux_losses(balance, &r.logits)?;
+        let (share, cv, max_load) = r.load_shares();
+        // The statistics counted on the host stay there (no upload per layer and step).
+        let host = &zoo_core::candle_core::Device::Cpu;
+        let stats = layer_stats(
+            Tensor::from_vec(share, self.experts.len(), host)?,
+            Tensor::new(&[cv as f32], host)?,
+            Tensor::new(&[max_load as f32], host)?,
+            &r.scores,
+            r.dropped_fraction() as f32,
+            r.active_per_token() as f32,
+        )?;
+        Ok(FfnOut { y, aux_loss: aux, stats })
+    }
+
     /// [`Dispatch::Tiled`]'s layer on tokens (N, d): the output, the auxiliary losses and the
-    /// statistics, with nothing read to the host.
-    fn forward_tiled(&self, flat: &Tensor) -> Result<(Tensor, Option<Tensor>, Vec<Stat>)> {
+    /// statistics, with nothing read to the host on CUDA (on the CPU, with `cpu_form`, the
+    /// experts run as grouped dispatch's CPU form).
+    fn forward_tiled(&self, flat: &Tensor, cpu_form: bool) -> Result<(Tensor, Option<Tensor>, Vec<Stat>)> {
         let (n, k, e) = (flat.dim(0)?, self.cfg.top_k, self.experts.len());
         let r = self.router.route_on_device(flat)?;
         let tile = tile_for(n * k, e);
-        let p = zoo_kernels::moe_plan::plan(&r.experts.flatten_all()?, e, k, tile)?;
-        let plan = dispatch::Plan::from_parts(p.rows.clone(), p.slots.clone(), p.inv.clone(), n, k, tile)?;
-        let ys = self.experts.tiles(&plan.gather(flat)?, &p.tile_expert, tile)?;
-        let y = plan.combine(&ys, &r.weights)?;
+        let experts = r.experts.flatten_all()?;
+        let p = zoo_kernels::moe_plan::plan(&experts, e, k, tile)?;
+        let y = if cpu_form && zoo_kernels::moe_experts::unsupported(flat, &self.experts.w1).is_none() {
+            // On the CPU the experts' indices are on the host already: grouped dispatch's CPU form
+            // does the same sums as the tiles without their padding and per-tile weight copies.
+            let b = &self.experts;
+            zoo_kernels::moe_experts::experts_swiglu(flat, &b.w1, &b.w3, &b.w2, &r.weights, &experts.to_vec1::<u32>()?, &vec![true; n * k])?
+        } else {
+            let plan = dispatch::Plan::from_parts(p.rows.clone(), p.slots.clone(), p.inv.clone(), n, k, tile)?;
+            let ys = self.experts.tiles(&plan.gather(flat)?, &p.tile_expert, tile)?;
+            plan.combine(&ys, &r.weights)?
+        };
         // Each expert's share of the assignments, and from it what the host path counts.
         let share = {
             let c = p.counts.to_dtype(DType::F32)?;
@@ -490,45 +541,8 @@ impl Moe {
 
 impl FeedForward for Moe {
     fn forward(&self, x: &Tensor) -> Result<FfnOut> {
-        let (b, t, d) = x.dims3()?;
-        let flat = x.reshape((b * t, d))?;
-        if self.cfg.dispatch == Dispatch::Tiled {
-            let (y, aux_loss, stats) = self.forward_tiled(&flat)?;
-            let y = self.add_shared(&flat, y)?.reshape((b, t, d))?;
-            return Ok(FfnOut { y, aux_loss, stats });
-        }
-        let mut r = self.router.route(&flat)?;
-        if let Some(cf) = self.cfg.capacity_factor {
-            r.apply_capacity(cf)?;
-        }
-        let y = self.dispatch(&flat, &r, self.cfg.dispatch)?;
-        let y = self.add_shared(&flat, y)?.reshape((b, t, d))?;
-        let balance = match self.cfg.balance {
-            Balance::AuxLoss { alpha } => Some(aux_loss(&r, alpha)?),
-            // Only training steps move the bias (an evaluation's loads would, and a resume would lose them).
-            Balance::Bias { .. } => {
-                if zoo_core::state::train_step().is_some() {
-                    self.router.observe(&r.load);
-                }
-                None
-            }
-            Balance::None => None,
-        };
-        let aux = self.aux_losses(balance, &r.logits)?;
-        let (share, cv, max_load) = r.load_shares();
-        // The statistics counted on the host stay there (no upload per layer and step).
-        let host = &zoo_core::candle_core::Device::Cpu;
-        let stats = layer_stats(
-            Tensor::from_vec(share, self.experts.len(), host)?,
-            Tensor::new(&[cv as f32], host)?,
-            Tensor::new(&[max_load as f32], host)?,
-            &r.scores,
-            r.dropped_fraction() as f32,
-            r.active_per_token() as f32,
-        )?;
-        Ok(FfnOut { y, aux_loss: aux, stats })
+        self.forward_with(x, true)
     }
-
     fn kind(&self) -> String {
         format!("moe(E{}k{})", self.cfg.n_experts, self.cfg.top_k)
     }
