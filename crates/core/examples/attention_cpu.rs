@@ -5,22 +5,10 @@
 //!
 //!     cargo run --release -p zoo-core --example attention_cpu
 use candle_core::{Device, Result, Tensor, Var};
-use std::time::Instant;
+use zoo_core::check::median_ms;
 use zoo_core::attention::{attention_mask, sdpa};
 use zoo_core::state::Phase;
 use zoo_core::zoo_kernels::attention::{flash_attention_op, FlashOpts};
-
-fn median_ms(f: &dyn Fn() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut ts = (0..7)
-        .map(|_| {
-            let t0 = Instant::now();
-            f().map(|_| t0.elapsed().as_secs_f64() * 1e3)
-        })
-        .collect::<Result<Vec<f64>>>()?;
-    ts.sort_by(|a, b| a.total_cmp(b));
-    Ok(ts[3])
-}
 
 fn main() -> Result<()> {
     let dev = Device::Cpu;
@@ -34,8 +22,8 @@ fn main() -> Result<()> {
             let _ = g.get(q.as_tensor()).map(|x| x.dims().len());
             Ok(())
         };
-        let comp = median_ms(&|| backward(sdpa(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), Phase::Train, None)?))?;
-        let op = median_ms(&|| backward(flash_attention_op(q.as_tensor(), k.as_tensor(), v.as_tensor(), &FlashOpts::causal(d))?))?;
+        let comp = median_ms(7, &|| backward(sdpa(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), Phase::Train, None)?))?;
+        let op = median_ms(7, &|| backward(flash_attention_op(q.as_tensor(), k.as_tensor(), v.as_tensor(), &FlashOpts::causal(d))?))?;
         println!("B {b} H {h} T {t} d {d}: composition {comp:.1} ms, op (CPU form) {op:.1} ms, {:.2}x", comp / op);
     }
     Ok(())

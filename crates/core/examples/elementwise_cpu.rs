@@ -6,20 +6,8 @@
 //!
 //!     cargo run --release -p zoo-core --example elementwise_cpu
 use candle_core::{DType, Device, Result, Tensor, Var};
-use std::time::Instant;
+use zoo_core::check::median_ms;
 use zoo_core::zoo_kernels as zk;
-
-fn median_ms(f: &dyn Fn() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut ts = (0..9)
-        .map(|_| {
-            let t0 = Instant::now();
-            f().map(|_| t0.elapsed().as_secs_f64() * 1e3)
-        })
-        .collect::<Result<Vec<f64>>>()?;
-    ts.sort_by(|a, b| a.total_cmp(b));
-    Ok(ts[4])
-}
 
 type Case<'a> = (&'static str, Box<dyn Fn() -> Result<()> + 'a>, Box<dyn Fn() -> Result<()> + 'a>, Box<dyn Fn() -> Result<()> + 'a>);
 
@@ -53,8 +41,8 @@ fn main() -> Result<()> {
         ),
     ];
     for (name, identity, comp, op) in cases {
-        let z = median_ms(&*identity)?;
-        let (c, o) = (median_ms(&*comp)? - z, median_ms(&*op)? - z);
+        let z = median_ms(9, &*identity)?;
+        let (c, o) = (median_ms(9, &*comp)? - z, median_ms(9, &*op)? - z);
         println!("{name}: composition {c:.2} ms, op (CPU form) {o:.2} ms, {:.1}x (the loss's {z:.2} ms subtracted)", c / o);
     }
     Ok(())

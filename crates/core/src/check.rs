@@ -127,3 +127,23 @@ pub fn mixer_contract<S: crate::mixer::MixerSpec>() -> Result<Vec<String>> {
     }
     Ok(problems)
 }
+
+/// The median wall time in milliseconds of `runs` calls of `f`, after one warm-up call: the
+/// examples' timer for ops alone (whole models are timed by `zoo bench`).
+///
+/// ```
+/// let ms = zoo_core::check::median_ms(3, &|| Ok(()))?;
+/// assert!(ms >= 0.0);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn median_ms(runs: usize, f: &dyn Fn() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut ts = (0..runs.max(1))
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            f().map(|_| t0.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    ts.sort_by(|a, b| a.total_cmp(b));
+    Ok(ts[ts.len() / 2])
+}

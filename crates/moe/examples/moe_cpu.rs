@@ -6,7 +6,7 @@
 //! after 1 warm-up.
 //!
 //!     cargo run --release -p zoo-moe --example moe_cpu
-use std::time::Instant;
+use zoo_core::check::median_ms;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -15,18 +15,6 @@ use zoo_core::mixer::{examples_from_toml, BuildCtx, FeedForward};
 use zoo_core::mlp::{MlpConfig, SwiGlu};
 use zoo_core::params::ParamStore;
 use zoo_moe::{Dispatch, Moe, MoeConfig};
-
-fn median_ms(f: &dyn Fn() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut ts = (0..9)
-        .map(|_| {
-            let t0 = Instant::now();
-            f().map(|_| t0.elapsed().as_secs_f64() * 1e3)
-        })
-        .collect::<Result<Vec<f64>>>()?;
-    ts.sort_by(|a, b| a.total_cmp(b));
-    Ok(ts[4])
-}
 
 fn main() -> Result<()> {
     let dev = Device::Cpu;
@@ -56,13 +44,13 @@ fn main() -> Result<()> {
     let r = grouped.router.route(x.as_tensor())?;
     let packed = || -> Result<()> { loss(grouped.grouped(x.as_tensor(), &r, false)?) };
     let rows: Vec<(&str, f64)> = vec![
-        ("dense SwiGLU (hidden 352)", median_ms(&|| ffn(&dense))?),
-        ("MoE E8 k2 grouped, whole layer", median_ms(&|| ffn(&grouped))?),
-        ("MoE E8 k2 looped, whole layer", median_ms(&|| ffn(&looped))?),
-        ("  router alone (+ a loss through its weights)", median_ms(&route)?),
-        ("  grouped dispatch on a fixed routing (CPU form)", median_ms(&packed)?),
-        ("  the same as candle ops (its composition)", median_ms(&|| loss(grouped.grouped_composition(x.as_tensor(), &r, false)?))?),
-        ("  looped dispatch on a fixed routing", median_ms(&|| loss(looped.dispatch(x.as_tensor(), &r, Dispatch::Looped)?))?),
+        ("dense SwiGLU (hidden 352)", median_ms(9, &|| ffn(&dense))?),
+        ("MoE E8 k2 grouped, whole layer", median_ms(9, &|| ffn(&grouped))?),
+        ("MoE E8 k2 looped, whole layer", median_ms(9, &|| ffn(&looped))?),
+        ("  router alone (+ a loss through its weights)", median_ms(9, &route)?),
+        ("  grouped dispatch on a fixed routing (CPU form)", median_ms(9, &packed)?),
+        ("  the same as candle ops (its composition)", median_ms(9, &|| loss(grouped.grouped_composition(x.as_tensor(), &r, false)?))?),
+        ("  looped dispatch on a fixed routing", median_ms(9, &|| loss(looped.dispatch(x.as_tensor(), &r, Dispatch::Looped)?))?),
     ];
     for (name, ms) in rows {
         println!("{name:48} {ms:8.2} ms");
