@@ -138,6 +138,21 @@ pub fn unavailable_unless_cpu_form(device: &candle_core::Device, cpu_form: bool)
     }
 }
 
+/// Why an op that exists only as a CPU form cannot run on `x` and `w` (`None`: it can): not on
+/// the CPU, naive mode, or not both f32 ([`skinny`], [`moe_experts`]).
+pub(crate) fn cpu_only_f32(x: &candle_core::Tensor, w: &candle_core::Tensor) -> Option<String> {
+    if !x.device().is_cpu() {
+        return Some("CPU only (the composition runs on CUDA)".into());
+    }
+    if let Some(why) = unavailable_unless_cpu_form(x.device(), true) {
+        return Some(why);
+    }
+    if x.dtype() != candle_core::DType::F32 || w.dtype() != candle_core::DType::F32 {
+        return Some(format!("dtypes {:?}, {:?}: the CPU form takes f32", x.dtype(), w.dtype()));
+    }
+    None
+}
+
 /// The contiguous elements of a CPU storage as f32, for the ops' CPU forms: borrowed when they are
 /// f32 (no copy of a large tensor), converted from bf16, f16 or f64; `op` names the op in errors.
 pub fn cpu_f32<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, op: &str) -> candle_core::Result<std::borrow::Cow<'a, [f32]>> {

@@ -31,7 +31,7 @@
 //! ```
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -39,16 +39,7 @@ const OP: &str = "moe experts";
 
 /// Why the CPU form cannot run here (`None`: it can): not the CPU, naive mode, or not f32.
 pub fn unsupported(x: &Tensor, w1: &Tensor) -> Option<String> {
-    if !x.device().is_cpu() {
-        return Some("CPU only (the composition runs on CUDA)".into());
-    }
-    if let Some(why) = crate::unavailable_unless_cpu_form(x.device(), true) {
-        return Some(why);
-    }
-    if x.dtype() != DType::F32 || w1.dtype() != DType::F32 {
-        return Some(format!("dtype {:?} (weights {:?}); the CPU form takes f32", x.dtype(), w1.dtype()));
-    }
-    None
+    crate::cpu_only_f32(x, w1)
 }
 
 /// The routed experts' output (N, d) for tokens `x` (N, d), stacked expert weights `w1`, `w3`

@@ -18,7 +18,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// At most this many rows of x take the op (decoding: a batch of one token each).
 pub const MAX_ROWS: usize = 16;
@@ -29,14 +29,8 @@ const W_ROWS: usize = 64;
 /// Why the op does not run on these inputs (`None`: it does): naive mode, not the CPU, not f32,
 /// more than [`MAX_ROWS`] rows, shapes that do not multiply.
 pub fn unsupported(x: &Tensor, w: &Tensor) -> Option<String> {
-    if !x.device().is_cpu() {
-        return Some("not on the CPU".into());
-    }
-    if let Some(why) = crate::unavailable_unless_cpu_form(x.device(), true) {
+    if let Some(why) = crate::cpu_only_f32(x, w) {
         return Some(why);
-    }
-    if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
-        return Some(format!("dtypes {:?}, {:?}", x.dtype(), w.dtype()));
     }
     match (x.dims(), w.dims()) {
         ([m, k], [_, kw]) if *m <= MAX_ROWS && k == kw => None,
