@@ -76,6 +76,13 @@ impl Tokenizer {
         Ok(Tokenizer::Hf { tok: Box::new(tok), path: path.display().to_string(), hash: fnv1a_hex(&bytes) })
     }
 
+    /// A tokenizer built in memory (e.g. from a GGUF file's metadata), named by `source`; its hash
+    /// is that of its JSON serialisation.
+    pub fn from_hf(tok: tokenizers::Tokenizer, source: &str) -> Result<Self> {
+        let json = tok.to_string(false).map_err(|e| anyhow::anyhow!("serialising tokenizer {source}: {e}"))?;
+        Ok(Tokenizer::Hf { tok: Box::new(tok), path: source.to_string(), hash: fnv1a_hex(json.as_bytes()) })
+    }
+
     pub fn from_spec(spec: &TokenizerSpec) -> Result<Self> {
         Ok(match spec {
             TokenizerSpec::Bytes => Tokenizer::Bytes,

@@ -31,6 +31,11 @@ pub struct RunConfig {
     pub model: ModelConfig,
     pub data: DataConfig,
     pub train: TrainConfig,
+    /// Where the weights start: a pretrained model (`[model] pretrained = ...` in the file, which
+    /// [`plan`] resolves into this and the model's architecture in `model`); none: a fresh
+    /// initialisation from `seed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<crate::pretrained::PretrainedSource>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,6 +59,9 @@ pub struct ModelConfig {
     /// The feed-forward of every layer; default SwiGLU.
     #[serde(default = "default_ffn")]
     pub ffn: FfnConfig,
+    /// The vocabulary (embedding rows); default the data's. A pretrained model's sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<usize>,
 }
 
 impl ModelConfig {
@@ -172,6 +180,9 @@ pub enum TokenizerConfig {
     Hf {
         path: PathBuf,
     },
+    /// The pretrained model's own tokenizer (`[model] pretrained = ...`: an HF folder's
+    /// `tokenizer.json`, a GGUF file's tokenizer metadata).
+    Model,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -334,6 +345,17 @@ pub fn load(path: &Path) -> Result<Vec<PlannedRun>> {
 pub fn plan(text: &str, _base_dir: &Path) -> Result<Vec<PlannedRun>> {
     let mut root: toml::Value = toml::from_str(text).map_err(|e| anyhow!("{e}"))?;
     let table = root.as_table_mut().ok_or_else(|| anyhow!("config must be a table"))?;
+    if table.contains_key("init") {
+        bail!("init: set by `[model] pretrained = ...`, not written by hand");
+    }
+    // `[model] pretrained = ...`: the checkpoint's architecture becomes the model section (loaded
+    // once here, on the CPU), and the source the run's `init`.
+    if let Some(model) = table.get("model").filter(|m| m.get("pretrained").is_some()).cloned() {
+        let src: crate::pretrained::PretrainedSource = typed(model, "model")?;
+        let resolved = crate::pretrained::architecture(&src)?;
+        table.insert("model".into(), toml::Value::try_from(resolved).context("model: the resolved architecture")?);
+        table.insert("init".into(), toml::Value::try_from(src).context("init")?);
+    }
     let sweep: Sweep = match table.remove("sweep") {
         Some(v) => typed(v, "sweep")?,
         None => Sweep::default(),
@@ -547,6 +569,14 @@ pub fn validate(c: &RunConfig) -> Result<()> {
     check_name("experiment", &c.experiment)?;
     c.model.validate_shape()?;
     c.data.validate(&c.train)?;
+    if let DataConfig::Text { tokenizer: TokenizerConfig::Model, .. } = &c.data {
+        if c.init.is_none() {
+            bail!("data.tokenizer: `model` is the pretrained model's tokenizer; set `[model] pretrained = ...`");
+        }
+    }
+    if c.model.vocab_size == Some(0) {
+        bail!("model.vocab_size: must be at least 1");
+    }
     validate_layers(c)?;
     c.train.validate()
 }

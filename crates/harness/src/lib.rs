@@ -49,13 +49,14 @@ pub mod stats;
 
 use anyhow::{Context, Result};
 use std::path::Path;
-use zoo_core::data::{Tokenizer, TokenizerSpec};
+use zoo_core::data::TokenizerSpec;
 
 /// The vocabulary size a config's model will have.
 pub fn vocab_size(cfg: &config::RunConfig) -> Result<usize> {
     Ok(match &cfg.data {
+        _ if cfg.model.vocab_size.is_some() => cfg.model.vocab_size.unwrap(),
         config::DataConfig::Mqar { vocab_size, .. } => *vocab_size,
-        config::DataConfig::Text { paths, tokenizer, .. } => runner::load_text(paths, tokenizer)?.1.vocab_size(),
+        config::DataConfig::Text { paths, tokenizer, .. } => runner::load_text(paths, tokenizer, cfg.init.as_ref())?.1.vocab_size(),
     })
 }
 
@@ -90,7 +91,7 @@ pub fn evaluate_checkpoint(
     env: &env::Env,
 ) -> Result<serde_json::Value> {
     let Checkpoint { cfg, spec, model, .. } = load_checkpoint(ckpt, env)?;
-    let tok = Tokenizer::from_spec(&spec.context("this checkpoint was not trained on text (no tokenizer)")?)?;
+    let tok = pretrained::tokenizer_from_spec(&spec.context("this checkpoint was not trained on text (no tokenizer)")?)?;
     let s = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     let ids = tok.encode(&s)?;
     let t = seq_len.unwrap_or(cfg.max_seq_len());
@@ -113,7 +114,8 @@ pub fn evaluate_checkpoint(
 pub fn export_checkpoint(ckpt: &Path, out: &Path, env: &env::Env) -> Result<()> {
     let Checkpoint { cfg, spec, model, store } = load_checkpoint(ckpt, env)?;
     let tokenizer = match &spec {
-        Some(TokenizerSpec::Hf { path, .. }) => Some(std::path::PathBuf::from(path)),
+        // A GGUF file's tokenizer has no tokenizer.json to copy.
+        Some(TokenizerSpec::Hf { path, .. }) if !path.ends_with(".gguf") => Some(std::path::PathBuf::from(path)),
         _ => None,
     };
     pretrained::export_llama(&cfg.layer_mixers()?, &cfg.model.ffn, &model.shape, &store, out, tokenizer.as_deref())

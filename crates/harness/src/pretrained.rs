@@ -521,16 +521,71 @@ pub fn override_mixers(base: &[MixerConfig], overrides: &[LayerOverride]) -> Res
 /// Load the pretrained model a [`VariantConfig`] names, with its overrides applied.
 pub fn load_variant(path: &Path, env: &Env, opts: LoadOpts) -> Result<Pretrained> {
     let v = read_variant(path)?;
-    let src = &v.model.pretrained;
+    load_source(&v.model, v.seed, env, opts).with_context(|| format!("{}", path.display()))
+}
+
+/// The architecture of a pretrained source as a zoo model config (its overrides applied and
+/// `vocab_size` set): what `zoo run` trains from `[model] pretrained = ...`. It loads the model
+/// on the CPU (the loaders read the architecture and the weights together).
+pub fn architecture(src: &PretrainedSource) -> Result<ModelConfig> {
+    let env = Env::parse("cpu", "f32")?;
+    let p = load_source(src, 0, &env, LoadOpts::default()).with_context(|| format!("model.pretrained: {}", src.pretrained.display()))?;
+    let mut config = p.config;
+    config.vocab_size = Some(p.model.shape.vocab_size);
+    Ok(config)
+}
+
+/// A pretrained model's own tokenizer: an HF folder's (or cached model id's) `tokenizer.json`, or
+/// a GGUF file's tokenizer metadata (then named by the file's path; [`tokenizer_from_spec`] reads
+/// it back).
+pub fn model_tokenizer(src: &Path) -> Result<zoo_core::data::Tokenizer> {
+    let dir = if src.is_dir() {
+        Some(src.to_path_buf())
+    } else if !src.exists() && src.to_str().is_some_and(is_model_id) {
+        Some(cached_model_dir(src.to_str().unwrap(), &hf_hub::Cache::from_env())?)
+    } else {
+        None
+    };
+    if let Some(dir) = dir {
+        let path = dir.join("tokenizer.json");
+        anyhow::ensure!(path.is_file(), "data.tokenizer: {} has no tokenizer.json", dir.display());
+        return zoo_core::data::Tokenizer::hf(&path);
+    }
+    let mut f = std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let content = Content::read(&mut f).map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", src.display()))?;
+    let (tok, _, _) = gguf_tokenizer(&content, src)?;
+    zoo_core::data::Tokenizer::from_hf(tok, &src.display().to_string())
+}
+
+/// A checkpoint's tokenizer from its spec: [`zoo_core::data::Tokenizer::from_spec`], and for a
+/// GGUF file's tokenizer the file's metadata, checked against the hash recorded in training.
+pub fn tokenizer_from_spec(spec: &zoo_core::data::TokenizerSpec) -> Result<zoo_core::data::Tokenizer> {
+    use zoo_core::data::{Tokenizer, TokenizerSpec};
+    match spec {
+        TokenizerSpec::Hf { path, hash } if path.ends_with(".gguf") => {
+            let tok = model_tokenizer(Path::new(path))?;
+            if let (Some(want), Tokenizer::Hf { hash: got, .. }) = (hash, &tok) {
+                anyhow::ensure!(want == got, "the tokenizer of {path} changed since training (hash {got}, trained with {want})");
+            }
+            Ok(tok)
+        }
+        _ => Tokenizer::from_spec(spec),
+    }
+}
+
+/// Load a pretrained source (a model and the overrides of its layers); parameters the overrides
+/// add start from their fresh initialisation with `seed`.
+pub fn load_source(v: &PretrainedSource, seed: u64, env: &Env, opts: LoadOpts) -> Result<Pretrained> {
+    let src = &v.pretrained;
     if src.extension().is_some_and(|e| e == "toml") {
-        bail!("{}: model.pretrained: {} is a TOML file, not a model", path.display(), src.display());
+        bail!("model.pretrained: {} is a TOML file, not a model", src.display());
     }
     let mut p = load_with(src, env, opts)?;
-    if v.model.overrides.is_empty() {
+    if v.overrides.is_empty() {
         return Ok(p);
     }
     let base = vec![p.config.mixer.clone().context("a pretrained model has one mixer config")?; p.model.shape.n_layers];
-    let mixers = override_mixers(&base, &v.model.overrides).with_context(|| format!("{}", path.display()))?;
+    let mixers = override_mixers(&base, &v.overrides)?;
     let shape = &p.model.shape;
     for (l, m) in mixers.iter().enumerate() {
         let ctx = zoo_core::mixer::BuildCtx {
@@ -541,13 +596,13 @@ pub fn load_variant(path: &Path, env: &Env, opts: LoadOpts) -> Result<Pretrained
             kind_layer: l,
             kind_layers: shape.n_layers,
         };
-        zoo_core::mixer::MixerSpec::validate(m, &ctx).map_err(|e| anyhow::anyhow!("{}: layer {l}: {e}", path.display()))?;
+        zoo_core::mixer::MixerSpec::validate(m, &ctx).map_err(|e| anyhow::anyhow!("layer {l}: {e}"))?;
     }
-    let store = ParamStore::preset_extending(p.store.tensors(), v.seed, zoo_core::candle_core::DType::F32, &env.device);
+    let store = ParamStore::preset_extending(p.store.tensors(), seed, zoo_core::candle_core::DType::F32, &env.device);
     store.set_quantized(p.store.quantized_all());
     let model = crate::runner::build_lm_in(&store, &p.model.shape, &mixers, &p.config.ffn, env)
         .and_then(|m| store.finish_preset().map(|_| m))
-        .with_context(|| format!("{}: building the variant of {}", path.display(), src.display()))?;
+        .with_context(|| format!("building the variant of {}", src.display()))?;
     // The resolved config: one named mixer per distinct layer config, and the pattern.
     let mut names: Vec<(String, MixerConfig)> = Vec::new();
     let mut pattern = Vec::new();

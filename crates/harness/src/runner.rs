@@ -19,14 +19,25 @@ use zoo_core::train::{train, TrainOpts};
 /// Build the model a config describes, with weights initialised from `seed`.
 pub fn build_model(cfg: &RunConfig, vocab: usize, env: &Env) -> Result<(Lm, ParamStore)> {
     let shape = LmShape {
-        vocab_size: vocab,
+        vocab_size: cfg.model.vocab_size.unwrap_or(vocab),
         d_model: cfg.model.d_model,
         n_layers: cfg.model.n_layers,
         tie_embeddings: cfg.model.tie_embeddings,
         norm_eps: cfg.model.norm_eps,
         max_seq_len: cfg.max_seq_len(),
     };
-    build_lm(&shape, &cfg.layer_mixers()?, &cfg.model.ffn, cfg.seed, env)
+    let Some(init) = &cfg.init else {
+        return build_lm(&shape, &cfg.layer_mixers()?, &cfg.model.ffn, cfg.seed, env);
+    };
+    // The pretrained weights, as the store's parameters are created; parameters the checkpoint
+    // lacks (from layer overrides) start from their fresh initialisation with `seed`.
+    let p = crate::pretrained::load_source(init, cfg.seed, env, crate::pretrained::LoadOpts::default())?;
+    let store = ParamStore::preset_extending(p.store.tensors(), cfg.seed, zoo_core::candle_core::DType::F32, &env.device);
+    drop(p);
+    let model = build_lm_in(&store, &shape, &cfg.layer_mixers()?, &cfg.model.ffn, env)
+        .and_then(|m| store.finish_preset().map(|_| m))
+        .with_context(|| format!("model.pretrained: {}: the weights do not fit the model section", init.pretrained.display()))?;
+    Ok((model, store))
 }
 
 /// Build a model of this shape from one mixer config per layer and the feed-forward config.
@@ -60,8 +71,9 @@ pub fn build_lm_in(
     Ok(model)
 }
 
-/// Read and tokenise a text corpus as the config says.
-pub fn load_text(paths: &[PathBuf], tok: &TokenizerConfig) -> Result<(String, Tokenizer)> {
+/// Read and tokenise a text corpus as the config says (`init`: the pretrained source, whose
+/// tokenizer `TokenizerConfig::Model` names).
+pub fn load_text(paths: &[PathBuf], tok: &TokenizerConfig, init: Option<&crate::pretrained::PretrainedSource>) -> Result<(String, Tokenizer)> {
     let mut text = String::new();
     for p in paths {
         text.push_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?);
@@ -70,6 +82,10 @@ pub fn load_text(paths: &[PathBuf], tok: &TokenizerConfig) -> Result<(String, To
         TokenizerConfig::Bytes => Tokenizer::bytes(),
         TokenizerConfig::Chars => Tokenizer::chars_from(&text),
         TokenizerConfig::Hf { path } => Tokenizer::hf(path)?,
+        TokenizerConfig::Model => {
+            let src = init.context("data.tokenizer: `model` needs `[model] pretrained = ...`")?;
+            crate::pretrained::model_tokenizer(&src.pretrained)?
+        }
     };
     Ok((text, tokenizer))
 }
@@ -82,7 +98,10 @@ pub fn build_task(cfg: &RunConfig, env: &Env) -> Result<(Box<dyn Task>, usize, O
             Ok((Box::new(task), *vocab_size, None))
         }
         DataConfig::Text { paths, tokenizer, val_fraction } => {
-            let (text, tok) = load_text(paths, tokenizer)?;
+            let (text, tok) = load_text(paths, tokenizer, cfg.init.as_ref())?;
+            if let Some(v) = cfg.model.vocab_size.filter(|&v| v < tok.vocab_size()) {
+                anyhow::bail!("model.vocab_size: {v} is smaller than the tokenizer's {} tokens", tok.vocab_size());
+            }
             let ids = tok.encode(&text)?;
             let data = TextData::new(ids, *val_fraction, &tok)?;
             let task = TextTask {
@@ -93,7 +112,7 @@ pub fn build_task(cfg: &RunConfig, env: &Env) -> Result<(Box<dyn Task>, usize, O
                 device: env.device.clone(),
                 report_bpb: true,
             };
-            Ok((Box::new(task), tok.vocab_size(), Some(tok.spec())))
+            Ok((Box::new(task), cfg.model.vocab_size.unwrap_or(tok.vocab_size()), Some(tok.spec())))
         }
     }
 }

@@ -816,3 +816,45 @@ fn report_tabulates_needle_grids() {
     assert!(md.contains("| knorm @ 0.5 | 50% (2/4) | – |"), "{md}");
     assert!(md.contains("| full cache | 100% (2/2) | – |"), "{md}"); // by depth at 200 tokens
 }
+
+/// `[model] pretrained = ...` in a run config: the plan takes the checkpoint's architecture (HF
+/// folder: the 2-layer Llama fixture) and records the source as `init`; the model starts from its
+/// weights (a parameter equals the file's tensor) and trains; the pretrained tokenizer needs the
+/// model to have one, and `init` cannot be written by hand.
+#[test]
+fn a_run_trains_from_a_pretrained_model() {
+    let dir = tmpdir("pretrained-run");
+    let text = dir.join("t.txt");
+    std::fs::write(&text, "the quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf/llama");
+    let cfg = |tokenizer: &str| {
+        format!(
+            "experiment = \"ft\"\nseed = 5\n[model]\npretrained = \"{}\"\n[data]\ntype = \"text\"\npaths = [\"{}\"]\n\
+             tokenizer = {{ type = \"{tokenizer}\" }}\n[train]\nsteps = 2\nbatch_size = 2\nseq_len = 16\nlr = 1e-4\n\
+             warmup_steps = 0\neval_every = 2\neval_batches = 1\n",
+            fixture.display(),
+            text.display()
+        )
+    };
+    let runs = zoo_harness::config::plan(&cfg("chars"), &dir).unwrap();
+    let c = &runs[0].config;
+    assert_eq!((c.model.d_model, c.model.n_layers, c.model.vocab_size, c.model.tie_embeddings), (32, 2, Some(96), false));
+    assert_eq!(c.init.as_ref().unwrap().pretrained, fixture);
+    let (_, store) = runner::build_model(c, zoo_harness::vocab_size(c).unwrap(), &cpu()).unwrap();
+    let file = zoo_core::candle_core::safetensors::load(fixture.join("model.safetensors"), &zoo_core::candle_core::Device::Cpu).unwrap();
+    let vars = store.vars();
+    let ours = &vars.iter().find(|(n, _)| n == "layers.1.ffn.w2.weight").unwrap().1;
+    let theirs = &file["model.layers.1.mlp.down_proj.weight"];
+    assert_eq!(ours.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let res = runner::run_one(&runs[0], &cpu(), &opts(&dir, None, false)).unwrap().unwrap();
+    assert_eq!(res["config"]["init"]["pretrained"], fixture.display().to_string());
+    assert!(res["metrics"]["val_loss,final"].as_f64().unwrap().is_finite());
+    // The fixture folder has no tokenizer.json.
+    let run = &zoo_harness::config::plan(&cfg("model"), &dir).unwrap()[0];
+    let e = format!("{:#}", runner::build_task(&run.config, &cpu()).err().expect("a model without tokenizer.json"));
+    assert!(e.contains("data.tokenizer") && e.contains("tokenizer.json"), "{e}");
+    let e = format!("{:#}", zoo_harness::config::plan(&format!("{}[init]\npretrained = \"x\"\n", cfg("chars")), &dir).unwrap_err());
+    assert!(e.contains("init"), "{e}");
+    let e = format!("{:#}", zoo_harness::config::plan(&cfg("chars").replace("pretrained = ", "pretrained_ = "), &dir).unwrap_err());
+    assert!(e.contains("model"), "{e}");
+}
