@@ -24,6 +24,9 @@ pub struct TrainOpts {
     pub grad_clip: Option<f64>,
     /// Evaluate every this many steps (and at the end).
     pub eval_every: usize,
+    /// Also evaluate before the first step (kept as [`TrainState::initial_val`]): the starting
+    /// point of a run from pretrained weights.
+    pub eval_at_start: bool,
     /// Save a checkpoint every this many steps (and at the end), if `checkpoint_dir` is set.
     pub checkpoint_every: Option<usize>,
     pub checkpoint_dir: Option<PathBuf>,
@@ -102,6 +105,9 @@ pub struct TrainState {
     /// The first step's train loss: the reference of the divergence rule ([`diverged`]).
     #[serde(default)]
     pub first_loss: Option<f64>,
+    /// The validation loss before the first step ([`TrainOpts::eval_at_start`]).
+    #[serde(default)]
+    pub initial_val: Option<f64>,
 }
 
 /// The loss-based divergence rule, checked at every eval point besides NaN/inf: a run has diverged
@@ -176,6 +182,7 @@ pub fn train(
         spike_detector: SpikeDetector::default(),
         aux_window: None,
         first_loss: None,
+        initial_val: None,
     };
     // The checkpoint on disk that holds finite weights, and its step.
     let mut good_ckpt: Option<(PathBuf, usize)> = None;
@@ -194,6 +201,9 @@ pub fn train(
                 good_ckpt = Some((dir.clone(), st.step));
             }
         }
+    }
+    if opts.eval_at_start && st.step == 0 && st.initial_val.is_none() {
+        st.initial_val = Some(task.evaluate(model)?.loss);
     }
     let vars: Vec<_> = opt.vars().cloned().collect();
     let _dist = crate::dist::enter(opts.comm.clone().filter(|c| c.world() > 1));

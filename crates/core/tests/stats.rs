@@ -69,6 +69,7 @@ fn training_keeps_vector_stats_logs_aux_loss_and_calls_after_step() -> anyhow::R
         adamw: AdamWParams { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0, decay_embeddings: false },
         grad_clip: Some(1.0),
         eval_every: 2,
+        eval_at_start: false,
         checkpoint_every: None,
         checkpoint_dir: None,
         stop_after: None,

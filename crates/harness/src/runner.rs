@@ -340,6 +340,8 @@ pub fn run_one(run: &PlannedRun, env: &Env, opts: &RunOpts) -> Result<Option<ser
     let meta = json!({ "config": resolved, "tokenizer": tok, "vocab_size": vocab, "run_id": run.id });
     let mut train_opts = train_opts(t, ckpt.clone(), opts.stop_after, meta);
     train_opts.comm = opts.comm.clone();
+    // A run from pretrained weights records where it starts (`val_loss,initial`).
+    train_opts.eval_at_start = cfg.init.is_some();
     let pb = progress_bar(run, opts.quiet || !opts.writer());
     let mut last_val = f64::NAN;
     let report = train(&model, &store, task.as_ref(), &train_opts, cfg.seed, opts.resume, &mut |p| {
@@ -449,6 +451,7 @@ fn train_opts(
         },
         grad_clip: (t.grad_clip > 0.0).then_some(t.grad_clip),
         eval_every: t.eval_every,
+        eval_at_start: false,
         checkpoint_every: t.checkpoint_every,
         checkpoint_dir: Some(ckpt),
         stop_after,
@@ -506,6 +509,9 @@ fn metrics_of(
     }
     // Spike events by the robust rule of zoo_core::spikes (results written before it recorded a
     // `loss_spikes` from the old 1.5 × running-minimum rule, which the report does not show).
+    if let Some(v) = st.initial_val {
+        metrics.insert("val_loss,initial".into(), json!(v));
+    }
     metrics.insert("loss_spikes,robust".into(), json!(st.spike_detector.events));
     metrics.insert("diverged".into(), json!(if diverged.is_some() { 1.0 } else { 0.0 }));
     if let Some((step, _)) = diverged {

@@ -840,7 +840,7 @@ fn a_run_trains_from_a_pretrained_model() {
     let c = &runs[0].config;
     assert_eq!((c.model.d_model, c.model.n_layers, c.model.vocab_size, c.model.tie_embeddings), (32, 2, Some(96), false));
     assert_eq!(c.init.as_ref().unwrap().pretrained, fixture);
-    let (_, store) = runner::build_model(c, zoo_harness::vocab_size(c).unwrap(), &cpu()).unwrap();
+    let (model, store) = runner::build_model(c, zoo_harness::vocab_size(c).unwrap(), &cpu()).unwrap();
     let file = zoo_core::candle_core::safetensors::load(fixture.join("model.safetensors"), &zoo_core::candle_core::Device::Cpu).unwrap();
     let vars = store.vars();
     let ours = &vars.iter().find(|(n, _)| n == "layers.1.ffn.w2.weight").unwrap().1;
@@ -848,7 +848,12 @@ fn a_run_trains_from_a_pretrained_model() {
     assert_eq!(ours.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     let res = runner::run_one(&runs[0], &cpu(), &opts(&dir, None, false)).unwrap().unwrap();
     assert_eq!(res["config"]["init"]["pretrained"], fixture.display().to_string());
-    assert!(res["metrics"]["val_loss,final"].as_f64().unwrap().is_finite());
+    // Where it started: the pretrained model's validation loss, evaluated before the first step.
+    let (initial, fin) = (res["metrics"]["val_loss,initial"].as_f64().unwrap(), res["metrics"]["val_loss,final"].as_f64().unwrap());
+    assert!(initial.is_finite() && fin.is_finite() && initial != fin, "{initial} {fin}");
+    let (task, _, _) = runner::build_task(c, &cpu()).unwrap();
+    let before = task.evaluate(&model).unwrap().loss;
+    assert!((before - initial).abs() < 1e-6, "the untrained model's {before} against the recorded {initial}");
     // The fixture folder has no tokenizer.json.
     let run = &zoo_harness::config::plan(&cfg("model"), &dir).unwrap()[0];
     let e = format!("{:#}", runner::build_task(&run.config, &cpu()).err().expect("a model without tokenizer.json"));

@@ -73,6 +73,7 @@ pub fn run_accum(
         adamw: AdamWParams { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_embeddings: false },
         grad_clip: Some(0.5),
         eval_every: 2,
+        eval_at_start: false,
         checkpoint_every: ckpt.map(|_| 2),
         checkpoint_dir: ckpt.map(|c| c.0.to_path_buf()),
         stop_after: ckpt.and_then(|c| c.1),
