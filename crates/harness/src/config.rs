@@ -574,8 +574,12 @@ pub fn validate(c: &RunConfig) -> Result<()> {
             bail!("data.tokenizer: `model` is the pretrained model's tokenizer; set `[model] pretrained = ...`");
         }
     }
-    if c.model.vocab_size == Some(0) {
-        bail!("model.vocab_size: must be at least 1");
+    match (c.model.vocab_size, &c.data) {
+        (Some(0), _) => bail!("model.vocab_size: must be at least 1"),
+        (Some(v), DataConfig::Mqar { vocab_size, .. }) if v < *vocab_size => {
+            bail!("model.vocab_size: {v} is smaller than data.vocab_size ({vocab_size})")
+        }
+        _ => {}
     }
     validate_layers(c)?;
     c.train.validate()

@@ -77,7 +77,9 @@ pub fn load_checkpoint(ckpt: &Path, env: &env::Env) -> Result<Checkpoint> {
     let cfg: config::RunConfig = serde_json::from_value(meta["config"].clone()).context("meta.json: config")?;
     let vocab = meta["vocab_size"].as_u64().context("meta.json: vocab_size")? as usize;
     let spec: Option<TokenizerSpec> = serde_json::from_value(meta["tokenizer"].clone())?;
-    let (model, store) = runner::build_model(&cfg, vocab, env)?;
+    // The checkpoint holds every weight: a run from a pretrained model is rebuilt without loading
+    // that model again.
+    let (model, store) = runner::build_model(&config::RunConfig { init: None, ..cfg.clone() }, vocab, env)?;
     zoo_core::train::load_weights(ckpt, &store)?;
     Ok(Checkpoint { cfg, spec, model, store })
 }

@@ -460,6 +460,19 @@ lr = 1e-3
             &["data.paths", "/nonexistent/corpus.txt", "not found"],
         ),
         (
+            "model vocab below the data's",
+            &MQAR.replace("n_layers = 2", "n_layers = 2\nvocab_size = 16"),
+            &["model.vocab_size", "smaller than data.vocab_size (32)"],
+        ),
+        (
+            "the model's tokenizer without a pretrained model",
+            &MQAR.replace(
+                "type = \"mqar\"\nvocab_size = 32\ntrain = [{ seq_len = 16, kv_pairs = 2, examples = 64 }]\ntest = [{ seq_len = 16, kv_pairs = 2, examples = 16 }]",
+                "type = \"text\"\npaths = [\"Cargo.toml\"]\ntokenizer = { type = \"model\" }",
+            ).replace("batch_size = 4", "batch_size = 4\nseq_len = 8"),
+            &["data.tokenizer", "[model] pretrained"],
+        ),
+        (
             "unknown mixer type",
             &MQAR.replace(r#"type = "attention""#, r#"type = "attn""#),
             &["model.mixer", "unknown variant `attn`"],
