@@ -53,8 +53,10 @@ use zoo_core::data::TokenizerSpec;
 
 /// The vocabulary size a config's model will have.
 pub fn vocab_size(cfg: &config::RunConfig) -> Result<usize> {
+    if let Some(v) = cfg.model.vocab_size {
+        return Ok(v);
+    }
     Ok(match &cfg.data {
-        _ if cfg.model.vocab_size.is_some() => cfg.model.vocab_size.unwrap(),
         config::DataConfig::Mqar { vocab_size, .. } => *vocab_size,
         config::DataConfig::Text { paths, tokenizer, .. } => runner::load_text(paths, tokenizer, cfg.init.as_ref())?.1.vocab_size(),
     })

@@ -30,8 +30,10 @@ pub fn build_model(cfg: &RunConfig, vocab: usize, env: &Env) -> Result<(Lm, Para
         return build_lm(&shape, &cfg.layer_mixers()?, &cfg.model.ffn, cfg.seed, env);
     };
     // The pretrained weights, as the store's parameters are created; parameters the checkpoint
-    // lacks (from layer overrides) start from their fresh initialisation with `seed`.
-    let p = crate::pretrained::load_source(init, cfg.seed, env, crate::pretrained::LoadOpts::default())?;
+    // lacks (from the layer overrides, already in the resolved mixers) start from their fresh
+    // initialisation with `seed`. The checkpoint alone is loaded: the overrides' variant model
+    // would be built here only to be built again.
+    let p = crate::pretrained::load_with(&init.pretrained, env, crate::pretrained::LoadOpts::default())?;
     let store = ParamStore::preset_extending(p.store.tensors(), cfg.seed, zoo_core::candle_core::DType::F32, &env.device);
     drop(p);
     let model = build_lm_in(&store, &shape, &cfg.layer_mixers()?, &cfg.model.ffn, env)

@@ -436,20 +436,25 @@ impl Moe {
         let r = self.router.route_on_device(flat)?;
         let tile = tile_for(n * k, e);
         let experts = r.experts.flatten_all()?;
-        let p = zoo_kernels::moe_plan::plan(&experts, e, k, tile)?;
-        let y = if cpu_form && zoo_kernels::moe_experts::unsupported(flat, &self.experts.w1).is_none() {
+        let (y, counts) = if cpu_form && zoo_kernels::moe_experts::unsupported(flat, &self.experts.w1).is_none() {
             // On the CPU the experts' indices are on the host already: grouped dispatch's CPU form
-            // does the same sums as the tiles without their padding and per-tile weight copies.
+            // does the same sums as the tiles without their padding and per-tile weight copies,
+            // and the counts are read off the indices (no tile plan is made).
+            let assignments = experts.to_vec1::<u32>()?;
+            let mut counts = vec![0u32; e];
+            assignments.iter().for_each(|&a| counts[a as usize] += 1);
             let b = &self.experts;
-            zoo_kernels::moe_experts::experts_swiglu(flat, &b.w1, &b.w3, &b.w2, &r.weights, &experts.to_vec1::<u32>()?, &vec![true; n * k])?
+            let y = zoo_kernels::moe_experts::experts_swiglu(flat, &b.w1, &b.w3, &b.w2, &r.weights, &assignments, &vec![true; n * k])?;
+            (y, Tensor::new(counts, flat.device())?)
         } else {
+            let p = zoo_kernels::moe_plan::plan(&experts, e, k, tile)?;
             let plan = dispatch::Plan::from_parts(p.rows.clone(), p.slots.clone(), p.inv.clone(), n, k, tile)?;
             let ys = self.experts.tiles(&plan.gather(flat)?, &p.tile_expert, tile)?;
-            plan.combine(&ys, &r.weights)?
+            (plan.combine(&ys, &r.weights)?, p.counts)
         };
         // Each expert's share of the assignments, and from it what the host path counts.
         let share = {
-            let c = p.counts.to_dtype(DType::F32)?;
+            let c = counts.to_dtype(DType::F32)?;
             c.broadcast_div(&c.sum_all()?.maximum(1.0)?)?.detach()
         };
         let balance = match self.cfg.balance {
@@ -543,6 +548,7 @@ impl FeedForward for Moe {
     fn forward(&self, x: &Tensor) -> Result<FfnOut> {
         self.forward_with(x, true)
     }
+
     fn kind(&self) -> String {
         format!("moe(E{}k{})", self.cfg.n_experts, self.cfg.top_k)
     }
