@@ -6,7 +6,10 @@ FlashAttention-2 counts them: forward 4*B*H*T^2*d / 2 (causal), forward + backwa
 Times are medians of ITERS runs after 2 warm-ups, each synchronised (wall clock around
 synchronised calls, as `zoo bench-attention` times itself). zoo runs three times: with the default
 mma.sync kernels (`fused`), with ZOO_FLASH_MMA=0 (the older WMMA kernels, `fused_wmma`) and with
-ZOO_FLASH_MMA=2 (the mma.sync kernels with ldmatrix loads and unmasked interior tiles, `fused_mma2`).
+ZOO_FLASH_MMA=2 (the mma.sync kernels with ldmatrix loads and unmasked interior tiles, `fused_mma2`),
+and with ZOO_FLASH_CUDNN=1 (cuDNN's fused attention through zoo's op, `fused_cudnn`; its row says
+in `cudnn` which cuDNN version ran, or why it did not). `sdpa_backend` records which of PyTorch's
+SDPA backends were enabled and the cuDNN PyTorch loaded.
 (results/bench/attention-h200.json from build dc36ff4 predates the switch: there `fused` is WMMA
 and `fused_mma` the mma.sync kernels.)
 
@@ -63,6 +66,8 @@ def main():
     # The WMMA kernels (*_tc) and the ldmatrix mma.sync kernels (mma2) beside the default mma.sync
     # ones, in the same command.
     others = {"fused_wmma": zoo_run({"ZOO_FLASH_MMA": "0"}), "fused_mma2": zoo_run({"ZOO_FLASH_MMA": "2"})}
+    cudnn = zoo_run({"ZOO_FLASH_CUDNN": "1"})
+    others["fused_cudnn"] = cudnn
     rows = []
     for n, ((b, h, t, d), zr) in enumerate(zip(SHAPES, zoo["shapes"])):
         fwd, both = sdpa_times(b, h, t, d, a.iters)
@@ -73,7 +78,7 @@ def main():
                 row[label] = z["shapes"][n]["fused"]
         row["sdpa"] = {"fwd_seconds": fwd, "fwd_bwd_seconds": both,
                        "fwd_tflops": flops / fwd / 1e12, "fwd_bwd_tflops": 3.5 * flops / both / 1e12}
-        for impl in ("fused", "fused_wmma", "fused_mma2", "composition"):
+        for impl in ("fused", "fused_wmma", "fused_mma2", "fused_cudnn", "composition"):
             if row.get(impl, {}).get("fwd_seconds"):
                 row[f"{impl}/sdpa"] = {"fwd": fwd / row[impl]["fwd_seconds"],
                                        "fwd_bwd": both / row[impl]["fwd_bwd_seconds"]}
@@ -81,6 +86,10 @@ def main():
         print(json.dumps(row), flush=True)
     res = {"schema": "zoo.attention-bench/1", "device": torch.cuda.get_device_name(0), "dtype": "bf16",
            "causal": True, "iters": a.iters, "torch": torch.__version__, "zoo": {k: zoo[k] for k in ("device", "git")},
+           "zoo_cudnn": cudnn["device"].get("cudnn"),
+           "sdpa_backend": {"cudnn": torch.backends.cudnn.version(), "flash": torch.backends.cuda.flash_sdp_enabled(),
+                            "cudnn_sdp": torch.backends.cuda.cudnn_sdp_enabled(),
+                            "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled()},
            "what": "median wall seconds of synchronised calls; ratio = sdpa seconds / zoo seconds (>1: zoo faster)",
            "shapes": rows}
     tmp = a.out + ".tmp"

@@ -41,6 +41,19 @@ grep -rhoE '\bcu[A-Z][A-Za-z0-9_]*\b' "$CUDARC/src/driver/sys" | sort -u > "$CUD
   while read -r s; do echo "int $s(void){return 999;}"; done < "$CUDA/cu_syms.txt"; } > "$CUDA/stub.c"
 gcc -shared -fPIC -o "$LIB/libcuda.so.1" -Wl,-soname,libcuda.so.1 "$CUDA/stub.c"
 ln -sf libcuda.so.1 "$LIB/libcuda.so"
+# cuDNN's fused attention (crates/kernels/src/cudnn): the cuDNN frontend's header-only C++ API and
+# cuDNN's C headers, from their PyPI wheels (headers only are kept; the wheel of cuDNN itself is
+# 350 MB). cuDNN is opened at run time, from PyTorch's wheel on the GPU machine.
+FE=$CUDA/cudnn-fe/include; CUDNN_INC=$CUDA/cudnn/nvidia/cudnn/include
+if [ ! -f "$FE/cudnn_frontend.h" ] || [ ! -f "$CUDNN_INC/cudnn.h" ]; then
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps -d "$tmp" nvidia-cudnn-frontend==1.32.0 nvidia-cudnn-cu13==9.13.0.50
+  mkdir -p "$CUDA/cudnn-fe" "$CUDA/cudnn"
+  (cd "$CUDA/cudnn-fe" && unzip -q -o "$tmp"/nvidia_cudnn_frontend-*.whl 'include/*')
+  (cd "$CUDA/cudnn" && unzip -q -o "$tmp"/nvidia_cudnn_cu13-*.whl 'nvidia/cudnn/include/*')
+  rm -rf "$tmp"
+fi
+export ZOO_CUDNN_INCLUDE=$FE:$CUDNN_INC
 export PATH=$CUHOME/bin:$PATH CUDA_HOME=$CUHOME CUDA_PATH=$CUHOME CUDA_ROOT=$CUHOME
 export CUDA_COMPUTE_CAP=90 RUSTFLAGS="-L $LIB"
 export LD_LIBRARY_PATH=$LIB:${LD_LIBRARY_PATH:-}

@@ -31,6 +31,15 @@
 #   profile-train.txt  scripts/device-profile-train.sh (ms per training step and ncu's GPU time by
 #                      kernel at the twin shapes furthest from the targets: 6L/384 at 256 x 32,
 #                      8L/512 at 4096 x 4)
+# cudnn:
+#   tests.log          the CUDA tests (scripts/device-tests.sh, default kernels), then the flash
+#                      tests with ZOO_FLASH_CUDNN=1 (cuDNN's attention where it applies; the test
+#                      fails if cuDNN ran on fewer than 4 of the 16-bit cases)
+#   attention-h200.json scripts/attention-bench.py (mma, WMMA, mma2 and cuDNN through zoo's op beside
+#                      SDPA), only if those tests passed
+#   twins-cudnn.json   scripts/twin-bench.py with ZOO_FLASH_CUDNN=1: zoo (fused) against HF and the
+#                      torch.compile twin at the three training shapes, and decode at T = 4096, B = 32
+#                      with both decoding kernels beside the eager twin and HF
 # all: kernels, decode, twins (more than one 600 s call).
 #   device:  run(command="bash scripts/device-checks.sh kernels", carry=[".devpkg"], timeout_s=590)
 #            run(command="bash scripts/device-checks.sh decode", carry=[".devpkg"], timeout_s=590)
@@ -123,6 +132,26 @@ profile() {
   step 560 train-profile bash scripts/device-profile-train.sh
 }
 
+cudnn() {
+  local ok=1
+  : > "$OUT/tests.log"
+  step 200 tests bash scripts/device-tests.sh >> "$OUT/tests.log" 2>&1 || ok=0
+  if [ -f /tmp/flash ]; then
+    step 120 tests-cudnn env ZOO_FLASH_CUDNN=1 /tmp/flash --test-threads 1 --nocapture >> "$OUT/tests.log" 2>&1 || ok=0
+  fi
+  grep -E "^== |^test result|FAILED|panicked|cuDNN [0-9]+:|zoo-kernels:" "$OUT/tests.log" | head -30
+  if [ "$ok" = 1 ]; then
+    step 150 attention-bench python3 scripts/attention-bench.py --zoo /tmp/zoo --out "$OUT/attention-h200.json" \
+      > "$OUT/attention.log" 2>&1
+    tail -4 "$OUT/attention.log"
+    step 260 twins-cudnn env ZOO_FLASH_CUDNN=1 python3 scripts/twin-bench.py --zoo /tmp/zoo --impls zoo-fused,hf,compile \
+      --decode-batches 32 --zoo-decode-kernels rows,split --out "$OUT/twins-cudnn.json" > "$OUT/twins.log" 2>&1
+    tail -30 "$OUT/twins.log"
+  else
+    echo "== benches skipped: a test failed (see tests.log)"
+  fi
+}
+
 case "${1:-all}" in
   kernels) kernels ;;
   decode) decode ;;
@@ -130,6 +159,7 @@ case "${1:-all}" in
   moe) moe ;;
   moe512) moe512 ;;
   profile) profile ;;
+  cudnn) cudnn ;;
   all) kernels; decode; twins ;;
-  *) echo "usage: $0 kernels|decode|twins|moe|moe512|profile|all" >&2; exit 2 ;;
+  *) echo "usage: $0 kernels|decode|twins|moe|moe512|profile|cudnn|all" >&2; exit 2 ;;
 esac

@@ -6,6 +6,14 @@ if [ -z "${ZOO_NCCL_LIB:-}" ]; then
   lib=$(python3 -c "import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], 'lib', 'libnccl.so.2'))" 2> /dev/null) \
     && [ -f "$lib" ] && export ZOO_NCCL_LIB=$lib
 fi
+# cuDNN (zoo's cuDNN attention, ZOO_FLASH_CUDNN=1) from PyTorch's nvidia-cudnn wheel: its folder on
+# the loader's path (libcudnn.so.9 opens its engine libraries by name) and the library itself.
+if [ -z "${ZOO_CUDNN_LIB:-}" ]; then
+  dir=$(python3 -c "import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], 'lib'))" 2> /dev/null) \
+    && [ -f "$dir/libcudnn.so.9" ] && export ZOO_CUDNN_LIB=$dir/libcudnn.so.9 LD_LIBRARY_PATH=$dir:$LD_LIBRARY_PATH
+fi
+# The cuDNN frontend opens the CUDA runtime too; name the CUDA 13 one.
+export CUDNN_FRONTEND_CUDART_LIB_NAME=${CUDNN_FRONTEND_CUDART_LIB_NAME:-libcudart.so.13}
 step() { # seconds name command...
   local s=$1 name=$2; shift 2
   local t0=$SECONDS
@@ -41,6 +49,7 @@ kernel_tests() { # log
   if [ -f /tmp/flash ]; then
     step 90 tests-wmma env ZOO_FLASH_MMA=0 /tmp/flash --test-threads 1 >> "$log" 2>&1 || ok=1
     step 90 tests-mma2 env ZOO_FLASH_MMA=2 /tmp/flash --test-threads 1 >> "$log" 2>&1
+    step 120 tests-cudnn env ZOO_FLASH_CUDNN=1 /tmp/flash --test-threads 1 --nocapture >> "$log" 2>&1
   fi
   return $ok
 }

@@ -47,6 +47,10 @@ fn cases() -> Vec<Case> {
         case(1, 2, 1, 300, 32),
         Case { sinks: 64, ..case(1, 4, 2, 200, 96) },
         case(1, 4, 4, 513, 128),
+        // Prefills of 40 queries after 60 cached keys (the last query meets the last key: cuDNN's
+        // bottom-right causal alignment), with and without a window.
+        Case { tq: 40, tk: 100, q_start: 60, ..case(2, 4, 4, 40, 128) },
+        Case { tq: 40, tk: 100, q_start: 60, window: Some(32), ..case(1, 4, 2, 40, 64) },
     ]
 }
 
@@ -165,8 +169,18 @@ fn flash_kernels_match_the_composition() -> Result<()> {
         return Ok(());
     };
     check(&dev, DType::F32, 1e-5)?;
+    let before = zoo_kernels::attention_cudnn::forward_calls();
     check(&dev, DType::BF16, 2e-2)?;
-    check(&dev, DType::F16, 2e-2)
+    check(&dev, DType::F16, 2e-2)?;
+    // With ZOO_FLASH_CUDNN=1 (scripts/device-lib.sh's kernel_tests runs this test so), cuDNN must
+    // have run the 16-bit cases it can express, not fallen back on all of them.
+    if zoo_kernels::attention::flash_kernel_set() == "cudnn" {
+        let v = zoo_kernels::attention_cudnn::available().map_err(candle_core::Error::Msg)?;
+        let ran = zoo_kernels::attention_cudnn::forward_calls() - before;
+        eprintln!("cuDNN {v}: {ran} forwards");
+        assert!(ran >= 4, "cuDNN ran only {ran} forwards");
+    }
+    Ok(())
 }
 
 /// The decoding cases through the op's CPU loop (their semantics) here in CI.

@@ -99,6 +99,13 @@ impl Env {
         if self.device.is_cuda() {
             d["flash_kernels"] = json!(zoo_kernels::attention::flash_kernel_set());
             d["flash_decode"] = json!(zoo_kernels::attention::decode_kernel());
+            if zoo_kernels::attention::flash_kernel_set() == "cudnn" {
+                // cuDNN's version, or why it could not be opened (then zoo's kernels ran).
+                d["cudnn"] = match zoo_kernels::attention_cudnn::available() {
+                    Ok(v) => json!(v),
+                    Err(why) => json!({ "error": why }),
+                };
+            }
             // Training steps replayed from a CUDA graph where they can be (ZOO_CUDA_GRAPH=1).
             d["cuda_graph"] = json!(zoo_core::graph::enabled());
         }

@@ -70,12 +70,16 @@ impl FlashOpts {
 /// dims), `mma2` (ZOO_FLASH_MMA=2: the same with `ldmatrix` fragment loads, no mask on the tiles
 /// a warp sees whole and `cp.async` double-buffered tile loads; opt-in until its check has passed
 /// on the GPU), `wmma` (ZOO_FLASH_MMA=0) or
-/// `simt` (ZOO_FLASH_TC=0: the CUDA-core kernels). Decoding steps and f32 always take the
+/// `simt` (ZOO_FLASH_TC=0: the CUDA-core kernels), or `cudnn` (ZOO_FLASH_CUDNN=1: cuDNN's fused
+/// attention where it applies, [`crate::attention_cudnn`], the `mma` kernels elsewhere; opt-in
+/// until its check has passed on the GPU). Decoding steps and f32 always take the
 /// CUDA-core kernels. Result JSONs record it beside `kernels`.
 pub fn flash_kernel_set() -> &'static str {
     let var = |name: &str| std::env::var(name).unwrap_or_default();
     if var("ZOO_FLASH_TC") == "0" {
         "simt"
+    } else if var("ZOO_FLASH_CUDNN") == "1" {
+        "cudnn"
     } else {
         match var("ZOO_FLASH_MMA").as_str() {
             "0" => "wmma",
@@ -165,6 +169,9 @@ enum Saved {
     Cpu(Vec<f32>),
     #[cfg(feature = "cuda")]
     Cuda(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>),
+    /// cuDNN's statistics (natural log), and the call that made them.
+    #[cfg(zoo_cudnn)]
+    Cudnn(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, crate::attention_cudnn::Sdpa),
 }
 
 struct Flash {
@@ -173,6 +180,22 @@ struct Flash {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     split: bool,
     lse: Mutex<Option<Saved>>,
+}
+
+#[cfg(zoo_cudnn)]
+impl Flash {
+    /// The cuDNN call for this forward when [`flash_kernel_set`] is `cudnn`, cuDNN is open, and the
+    /// call is a 16-bit prefill or training step cuDNN can express; otherwise `None`, with the
+    /// reason noted once where cuDNN was asked for.
+    fn cudnn_plan(&self, n: &Dims, q: &candle_core::CudaStorage) -> Option<crate::attention_cudnn::Sdpa> {
+        use candle_core::backend::BackendStorage;
+        if self.split || flash_kernel_set() != "cudnn" || n.tq <= DECODE_ROWS || q.dtype() == DType::F32 {
+            return None;
+        }
+        let plan = crate::attention_cudnn::available()
+            .and_then(|_| crate::attention_cudnn::plan(&self.o, n, q.dtype(), q.device.cuda_stream().context().ordinal()));
+        plan.map_err(|why| crate::note_fallback_to("flash attention (cuDNN)", &why, "zoo's mma kernel")).ok()
+    }
 }
 
 pub(crate) struct Dims {
@@ -229,6 +252,16 @@ impl CustomOp3 for Flash {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let n = dims(l1, l2)?;
+        #[cfg(zoo_cudnn)]
+        if let Some(p) = self.cudnn_plan(&n, s1) {
+            match crate::attention_cudnn::forward(&p, (s1, l1), (s2, l2), (s3, l3)) {
+                Ok((out, stats)) => {
+                    *self.lse.lock().unwrap() = Some(Saved::Cudnn(stats, p));
+                    return Ok((out, l1.shape().clone()));
+                }
+                Err(e) => crate::note_fallback_to("flash attention (cuDNN)", &e.to_string(), "zoo's mma kernel"),
+            }
+        }
         let (out, lse) = if self.split {
             cuda::decode(&self.o, &n, [(s1, l1), (s2, l2), (s3, l3)])?
         } else {
@@ -250,18 +283,20 @@ impl CustomOp3 for Flash {
         let (_, hkv, tk, _) = k.dims4()?;
         let n = Dims { b, h, hkv, tq, tk, d };
         let g = grad.contiguous()?;
-        // D_i = rowsum(dO ∘ O) (FlashAttention-2, Alg. 2 line 4).
-        let dlt = (g.to_dtype(DType::F32)? * res.to_dtype(DType::F32)?)?.sum(3)?.contiguous()?;
+        // D_i = rowsum(dO ∘ O) (FlashAttention-2, Alg. 2 line 4); cuDNN makes its own.
+        let dlt = || (g.to_dtype(DType::F32)? * res.to_dtype(DType::F32)?)?.sum(3)?.contiguous();
         let saved = self.lse.lock().unwrap();
         let (dq, dk, dv) = match saved.as_ref() {
             Some(Saved::Cpu(lse)) => {
                 let f = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-                let [dq, dk, dv] = crate::attention_cpu::backward(&self.o, &n, &f(q)?, &f(k)?, &f(v)?, &f(&g)?, lse, &dlt.flatten_all()?.to_vec1()?);
+                let [dq, dk, dv] = crate::attention_cpu::backward(&self.o, &n, &f(q)?, &f(k)?, &f(v)?, &f(&g)?, lse, &dlt()?.flatten_all()?.to_vec1()?);
                 let dev = q.device();
                 (Tensor::from_vec(dq, q.shape(), dev)?, Tensor::from_vec(dk, k.shape(), dev)?, Tensor::from_vec(dv, v.shape(), dev)?)
             }
             #[cfg(feature = "cuda")]
-            Some(Saved::Cuda(lse)) => cuda::backward(&self.o, &n, q, k, v, &g, lse, &dlt)?,
+            Some(Saved::Cuda(lse)) => cuda::backward(&self.o, &n, q, k, v, &g, lse, &dlt()?)?,
+            #[cfg(zoo_cudnn)]
+            Some(Saved::Cudnn(stats, p)) => crate::attention_cudnn::backward(p, q, k, v, res, &g, stats)?,
             None => candle_core::bail!("flash attention: backward before forward"),
         };
         let dt = q.dtype();
@@ -355,7 +390,7 @@ mod cuda {
             return None;
         }
         Some(match set {
-            "mma" if matches!(d, 32 | 64 | 96 | 128) => "mma_",
+            "mma" | "cudnn" if matches!(d, 32 | 64 | 96 | 128) => "mma_",
             "mma2" if matches!(d, 32 | 64 | 96 | 128) => "mma2_",
             _ => "tc_",
         })

@@ -45,6 +45,7 @@
 pub mod adamw;
 pub mod attention;
 mod attention_cpu;
+pub mod attention_cudnn;
 pub mod conv1d;
 mod cpu;
 pub mod cross_entropy;
@@ -196,12 +197,17 @@ pub fn cpu_from_f32(v: Vec<f32>, dt: candle_core::DType) -> candle_core::Result<
 /// Say once per (op, reason) on stderr that a fused kernel did not apply and the composition ran.
 /// Silent where kernels were never expected (CPU, naive mode, a build without CUDA).
 pub fn note_fallback(op: &str, why: &str) {
+    note_fallback_to(op, why, "the composition");
+}
+
+/// [`note_fallback`] where something other than the composition runs instead (`instead`).
+pub fn note_fallback_to(op: &str, why: &str, instead: &str) {
     use std::collections::HashSet;
     use std::sync::Mutex;
     static SEEN: Mutex<Option<HashSet<String>>> = Mutex::new(None);
     let key = format!("{op}: {why}");
     let mut seen = SEEN.lock().unwrap();
     if seen.get_or_insert_with(HashSet::new).insert(key.clone()) {
-        eprintln!("zoo-kernels: {key}; the composition runs");
+        eprintln!("zoo-kernels: {key}; {instead} runs");
     }
 }
