@@ -5,8 +5,16 @@
 set -u
 . "$(dirname "$0")/device-lib.sh"
 rc=0
-for t in .devpkg/tests/*.gz; do
-  exe=/tmp/$(basename "$t" .gz); gunzip -c "$t" > "$exe" && chmod +x "$exe"
+# Each binary gzipped (build-cuda.sh --tests) or xz-compressed (half the size: room for more
+# under the device's 64 MiB; python3's lzma unpacks it, the device has no xz).
+for t in .devpkg/tests/*.gz .devpkg/tests/*.xz; do
+  [ -f "$t" ] || continue
+  exe=/tmp/$(basename "$t" | sed 's/\.\(gz\|xz\)$//')
+  case "$t" in
+    *.xz) python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$t" "$exe" ;;
+    *) gunzip -c "$t" > "$exe" ;;
+  esac
+  chmod +x "$exe"
   echo "== $(basename "$exe")"
   "$exe" --test-threads 1 "$@" || { r=$?; [ $rc = 0 ] && rc=$r; }
 done
