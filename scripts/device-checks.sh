@@ -135,16 +135,16 @@ profile() {
 cudnn() {
   local ok=1
   : > "$OUT/tests.log"
-  step 200 tests bash scripts/device-tests.sh >> "$OUT/tests.log" 2>&1 || ok=0
+  step 150 tests bash scripts/device-tests.sh >> "$OUT/tests.log" 2>&1 || ok=0
   if [ -f /tmp/flash ]; then
-    step 120 tests-cudnn env ZOO_FLASH_CUDNN=1 /tmp/flash --test-threads 1 --nocapture >> "$OUT/tests.log" 2>&1 || ok=0
+    step 100 tests-cudnn env ZOO_FLASH_CUDNN=1 /tmp/flash --test-threads 1 --nocapture >> "$OUT/tests.log" 2>&1 || ok=0
   fi
   grep -E "^== |^test result|FAILED|panicked|cuDNN [0-9]+:|zoo-kernels:" "$OUT/tests.log" | head -30
   if [ "$ok" = 1 ]; then
-    step 150 attention-bench python3 scripts/attention-bench.py --zoo /tmp/zoo --out "$OUT/attention-h200.json" \
+    step 110 attention-bench python3 scripts/attention-bench.py --zoo /tmp/zoo --out "$OUT/attention-h200.json" \
       > "$OUT/attention.log" 2>&1
     tail -4 "$OUT/attention.log"
-    step 260 twins-cudnn env ZOO_FLASH_CUDNN=1 python3 scripts/twin-bench.py --zoo /tmp/zoo --impls zoo-fused,hf,compile \
+    step 210 twins-cudnn env ZOO_FLASH_CUDNN=1 python3 scripts/twin-bench.py --zoo /tmp/zoo --impls zoo-fused,hf,compile \
       --decode-batches 32 --zoo-decode-kernels rows,split --out "$OUT/twins-cudnn.json" > "$OUT/twins.log" 2>&1
     tail -30 "$OUT/twins.log"
   else
