@@ -140,15 +140,16 @@ cudnn() {
     step 100 tests-cudnn env ZOO_FLASH_CUDNN=1 /tmp/flash --test-threads 1 --nocapture >> "$OUT/tests.log" 2>&1 || ok=0
   fi
   grep -E "^== |^test result|FAILED|panicked|cuDNN [0-9]+:|zoo-kernels:" "$OUT/tests.log" | head -30
-  if [ "$ok" = 1 ]; then
+  # The benches run either way (the call's time is spent): a failed test makes the numbers of
+  # the kernels it covers meaningless, and the output says so first.
+  [ "$ok" = 1 ] || echo "== A TEST FAILED (see tests.log): the benches' numbers for the failing kernels mean nothing"
+  if true; then
     step 110 attention-bench python3 scripts/attention-bench.py --zoo /tmp/zoo --out "$OUT/attention-h200.json" \
       > "$OUT/attention.log" 2>&1
     tail -4 "$OUT/attention.log"
     step 210 twins-cudnn env ZOO_FLASH_CUDNN=1 python3 scripts/twin-bench.py --zoo /tmp/zoo --impls zoo-fused,hf,compile \
       --decode-batches 32 --zoo-decode-kernels rows,split --out "$OUT/twins-cudnn.json" > "$OUT/twins.log" 2>&1
     tail -30 "$OUT/twins.log"
-  else
-    echo "== benches skipped: a test failed (see tests.log)"
   fi
 }
 
