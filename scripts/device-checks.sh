@@ -37,8 +37,8 @@
 #                      fails if cuDNN ran on fewer than 4 of the 16-bit cases)
 #   attention-h200.json scripts/attention-bench.py (mma, WMMA, mma2 and cuDNN through zoo's op beside
 #                      SDPA), only if those tests passed
-#   twins-cudnn.json   scripts/twin-bench.py with ZOO_FLASH_CUDNN=1: zoo (fused) against HF and the
-#                      torch.compile twin at the three training shapes, and decode at T = 4096, B = 32
+#   twins-cudnn.json   scripts/twin-bench.py with ZOO_FLASH_CUDNN=1: zoo (fused) against HF (TWIN_IMPLS:
+#                      default zoo-fused,hf; add compile for the torch.compile twin) at the three training shapes, and decode at T = 4096, B = 32
 #                      with both decoding kernels beside the eager twin and HF
 # all: kernels, decode, twins (more than one 600 s call).
 #   device:  run(command="bash scripts/device-checks.sh kernels", carry=[".devpkg"], timeout_s=590)
@@ -135,19 +135,19 @@ profile() {
 cudnn() {
   local ok=1
   : > "$OUT/tests.log"
-  step 150 tests bash scripts/device-tests.sh >> "$OUT/tests.log" 2>&1 || ok=0
+  step 120 tests bash scripts/device-tests.sh >> "$OUT/tests.log" 2>&1 || ok=0
   if [ -f /tmp/flash ]; then
-    step 100 tests-cudnn env ZOO_FLASH_CUDNN=1 /tmp/flash --test-threads 1 --nocapture >> "$OUT/tests.log" 2>&1 || ok=0
+    step 80 tests-cudnn env ZOO_FLASH_CUDNN=1 /tmp/flash --test-threads 1 --nocapture >> "$OUT/tests.log" 2>&1 || ok=0
   fi
   grep -E "^== |^test result|FAILED|panicked|cuDNN [0-9]+:|zoo-kernels:" "$OUT/tests.log" | head -30
   # The benches run either way (the call's time is spent): a failed test makes the numbers of
   # the kernels it covers meaningless, and the output says so first.
   [ "$ok" = 1 ] || echo "== A TEST FAILED (see tests.log): the benches' numbers for the failing kernels mean nothing"
   if true; then
-    step 110 attention-bench python3 scripts/attention-bench.py --zoo /tmp/zoo --out "$OUT/attention-h200.json" \
+    step 100 attention-bench python3 scripts/attention-bench.py --zoo /tmp/zoo --out "$OUT/attention-h200.json" \
       > "$OUT/attention.log" 2>&1
     tail -4 "$OUT/attention.log"
-    step 210 twins-cudnn env ZOO_FLASH_CUDNN=1 python3 scripts/twin-bench.py --zoo /tmp/zoo --impls zoo-fused,hf,compile \
+    step 170 twins-cudnn env ZOO_FLASH_CUDNN=1 python3 scripts/twin-bench.py --zoo /tmp/zoo --impls "${TWIN_IMPLS:-zoo-fused,hf}" \
       --decode-batches 32 --zoo-decode-kernels rows,split --out "$OUT/twins-cudnn.json" > "$OUT/twins.log" 2>&1
     tail -30 "$OUT/twins.log"
   fi
