@@ -34,6 +34,7 @@ use std::sync::OnceLock;
 /// `struct ZooSdpa` of sdpa.cpp: one call's shape and mask.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(not(zoo_cudnn), allow(dead_code))]
 pub(crate) struct Sdpa {
     b: i64,
     h: i64,
@@ -117,6 +118,7 @@ pub fn available() -> std::result::Result<i64, String> {
 
 /// The cuDNN call for these dims and mask, or why cuDNN cannot express it (the caller then runs
 /// our kernels). Head dims and lengths cuDNN itself refuses are found when its graph is built.
+#[cfg_attr(not(zoo_cudnn), allow(dead_code))]
 pub(crate) fn plan(o: &FlashOpts, n: &Dims, dt: DType, device: usize) -> std::result::Result<Sdpa, String> {
     let dtype = match dt {
         DType::BF16 => 0,
