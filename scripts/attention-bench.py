@@ -56,17 +56,21 @@ def main():
     ap.add_argument("--out", default="attention-h200.json")
     a = ap.parse_args()
     shapes = ",".join(f"{b}:{h}:{t}:{d}" for b, h, t, d in SHAPES)
-    def zoo_run(extra_env):
+    def zoo_run(extra_env, required=True):
         z = subprocess.run([a.zoo, "bench-attention", "--device", "cuda:0", "--dtype", "bf16", "--shapes", shapes,
                             "--iters", str(a.iters)], capture_output=True, text=True, env=dict(os.environ, **extra_env))
         if z.returncode != 0:
-            raise SystemExit(f"zoo bench-attention failed: {z.stderr}")
+            if required:
+                raise SystemExit(f"zoo bench-attention failed: {z.stderr}")
+            # An optional kernel set that fails leaves its columns out; the others are still measured.
+            print(f"zoo bench-attention with {extra_env} failed: {z.stderr[-2000:]}", flush=True)
+            return {"shapes": [{} for _ in SHAPES], "device": {"error": z.stderr[-2000:]}}
         return json.loads(z.stdout)
     zoo = zoo_run({})
     # The WMMA kernels (*_tc) and the ldmatrix mma.sync kernels (mma2) beside the default mma.sync
     # ones, in the same command.
-    others = {"fused_wmma": zoo_run({"ZOO_FLASH_MMA": "0"}), "fused_mma2": zoo_run({"ZOO_FLASH_MMA": "2"})}
-    cudnn = zoo_run({"ZOO_FLASH_CUDNN": "1"})
+    others = {"fused_wmma": zoo_run({"ZOO_FLASH_MMA": "0"}, False), "fused_mma2": zoo_run({"ZOO_FLASH_MMA": "2"}, False)}
+    cudnn = zoo_run({"ZOO_FLASH_CUDNN": "1"}, False)
     others["fused_cudnn"] = cudnn
     rows = []
     for n, ((b, h, t, d), zr) in enumerate(zip(SHAPES, zoo["shapes"])):
