@@ -194,7 +194,7 @@ impl Flash {
         }
         let plan = crate::attention_cudnn::available()
             .and_then(|_| crate::attention_cudnn::plan(&self.o, n, q.dtype(), q.device.cuda_stream().context().ordinal()));
-        plan.map_err(|why| crate::note_fallback_to("flash attention (cuDNN)", &why, "zoo's mma kernel")).ok()
+        plan.map_err(|why| crate::note_fallback_to("flash attention (cuDNN)", &why, "zoo's own kernel")).ok()
     }
 }
 
@@ -259,7 +259,7 @@ impl CustomOp3 for Flash {
                     *self.lse.lock().unwrap() = Some(Saved::Cudnn(stats, p));
                     return Ok((out, l1.shape().clone()));
                 }
-                Err(e) => crate::note_fallback_to("flash attention (cuDNN)", &e.to_string(), "zoo's mma kernel"),
+                Err(e) => crate::note_fallback_to("flash attention (cuDNN)", &e.to_string(), "zoo's own kernel"),
             }
         }
         let (out, lse) = if self.split {
