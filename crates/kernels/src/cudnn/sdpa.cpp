@@ -61,10 +61,12 @@ struct Built {
     int64_t workspace = 0;
 };
 
-thread_local std::map<int32_t, cudnnHandle_t> handles;
-thread_local std::map<Key, Built> graphs;
+// Never freed (as the frontend leaks its own statics): destroying plans and handles while the
+// process exits, after the CUDA context may be gone, is how teardown crashes start.
+thread_local std::map<int32_t, cudnnHandle_t> &handles = *new std::map<int32_t, cudnnHandle_t>;
+thread_local std::map<Key, Built> &graphs = *new std::map<Key, Built>;
 // Shapes whose graph cuDNN refused, with its reason: asked again, the reason comes back at once.
-thread_local std::map<Key, std::string> refused;
+thread_local std::map<Key, std::string> &refused = *new std::map<Key, std::string>;
 
 cudnnHandle_t handle_for(int32_t device) {
     auto it = handles.find(device);
