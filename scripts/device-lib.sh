@@ -9,8 +9,26 @@ fi
 # cuDNN (zoo's cuDNN attention, ZOO_FLASH_CUDNN=1) from PyTorch's nvidia-cudnn wheel: its folder on
 # the loader's path (libcudnn.so.9 opens its engine libraries by name) and the library itself.
 if [ -z "${ZOO_CUDNN_LIB:-}" ]; then
-  dir=$(python3 -c "import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], 'lib'))" 2> /dev/null) \
-    && [ -f "$dir/libcudnn.so.9" ] && export ZOO_CUDNN_LIB=$dir/libcudnn.so.9 LD_LIBRARY_PATH=$dir:$LD_LIBRARY_PATH
+  # nvidia/cudnn/lib in the wheel's layout; failing that, wherever under the site-packages that
+  # hold torch a libcudnn.so.9 lies.
+  lib=$(python3 -c "
+import glob, os
+try:
+    import nvidia.cudnn
+    roots = [os.path.join(p, 'lib') for p in nvidia.cudnn.__path__]
+except ImportError:
+    roots = []
+try:
+    import torch
+    roots.append(os.path.dirname(os.path.dirname(torch.__file__)) + '/**')
+except ImportError:
+    pass
+for r in roots:
+    hits = glob.glob(os.path.join(r, 'libcudnn.so.9'), recursive=True)
+    if hits:
+        print(hits[0]); break
+" 2> /dev/null)
+  [ -n "$lib" ] && [ -f "$lib" ] && export ZOO_CUDNN_LIB=$lib LD_LIBRARY_PATH=$(dirname "$lib"):$LD_LIBRARY_PATH
 fi
 # The cuDNN frontend opens the CUDA runtime too; name the CUDA 13 one.
 export CUDNN_FRONTEND_CUDART_LIB_NAME=${CUDNN_FRONTEND_CUDART_LIB_NAME:-libcudart.so.13}
