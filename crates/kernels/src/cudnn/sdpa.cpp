@@ -82,8 +82,16 @@ cudnnHandle_t handle_for(int32_t device) {
     return h;
 }
 
-std::shared_ptr<fe::graph::Tensor_attributes> tensor(fe::graph::Graph &g, const char *name, int64_t uid, int64_t b, int64_t h, int64_t t, int64_t d) {
-    return g.tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid).set_dim({b, h, t, d}).set_stride({h * t * d, t * d, d, 1}));
+using Attrs = std::shared_ptr<fe::graph::Tensor_attributes>;
+
+/// `t` as a contiguous (b, h, rows, d) tensor with this uid.
+Attrs contiguous(Attrs t, int64_t uid, int64_t b, int64_t h, int64_t rows, int64_t d) {
+    t->set_uid(uid).set_dim({b, h, rows, d}).set_stride({h * rows * d, rows * d, d, 1});
+    return t;
+}
+
+Attrs tensor(fe::graph::Graph &g, const char *name, int64_t uid, int64_t b, int64_t h, int64_t t, int64_t d) {
+    return contiguous(g.tensor(fe::graph::Tensor_attributes().set_name(name)), uid, b, h, t, d);
 }
 
 template <class Attrs>
@@ -137,23 +145,19 @@ Built make(const ZooSdpa &p, bool bwd) {
         auto a = fe::graph::SDPA_attributes().set_name("zoo_sdpa").set_generate_stats(true).set_attn_scale(p.scale);
         set_mask(a, p);
         auto [o, stats] = g->sdpa(q, k, v, a);
-        o->set_output(true).set_uid(O).set_dim({p.b, p.h, p.tq, p.d}).set_stride({p.h * p.tq * p.d, p.tq * p.d, p.d, 1});
-        stats->set_output(true).set_uid(STATS).set_data_type(fe::DataType_t::FLOAT).set_dim({p.b, p.h, p.tq, 1}).set_stride({p.h * p.tq, p.tq, 1, 1});
+        contiguous(o, O, p.b, p.h, p.tq, p.d)->set_output(true);
+        contiguous(stats, STATS, p.b, p.h, p.tq, 1)->set_output(true).set_data_type(fe::DataType_t::FLOAT);
     } else {
         auto o = tensor(*g, "O", O, p.b, p.h, p.tq, p.d);
         auto dO = tensor(*g, "dO", DO, p.b, p.h, p.tq, p.d);
-        auto stats = g->tensor(fe::graph::Tensor_attributes()
-                                   .set_name("stats")
-                                   .set_uid(STATS)
-                                   .set_data_type(fe::DataType_t::FLOAT)
-                                   .set_dim({p.b, p.h, p.tq, 1})
-                                   .set_stride({p.h * p.tq, p.tq, 1, 1}));
+        auto stats = tensor(*g, "stats", STATS, p.b, p.h, p.tq, 1);
+        stats->set_data_type(fe::DataType_t::FLOAT);
         auto a = fe::graph::SDPA_backward_attributes().set_name("zoo_sdpa_bwd").set_attn_scale(p.scale);
         set_mask(a, p);
         auto [dq, dk, dv] = g->sdpa_backward(q, k, v, o, dO, stats, a);
-        dq->set_output(true).set_uid(DQ).set_dim({p.b, p.h, p.tq, p.d}).set_stride({p.h * p.tq * p.d, p.tq * p.d, p.d, 1});
-        dk->set_output(true).set_uid(DK).set_dim({p.b, p.hkv, p.tk, p.d}).set_stride({p.hkv * p.tk * p.d, p.tk * p.d, p.d, 1});
-        dv->set_output(true).set_uid(DV).set_dim({p.b, p.hkv, p.tk, p.d}).set_stride({p.hkv * p.tk * p.d, p.tk * p.d, p.d, 1});
+        contiguous(dq, DQ, p.b, p.h, p.tq, p.d)->set_output(true);
+        contiguous(dk, DK, p.b, p.hkv, p.tk, p.d)->set_output(true);
+        contiguous(dv, DV, p.b, p.hkv, p.tk, p.d)->set_output(true);
     }
     check(g->validate(), "validate");
     check(g->build_operation_graph(handle), "build_operation_graph");
@@ -164,6 +168,16 @@ Built make(const ZooSdpa &p, bool bwd) {
     b.graph = g;
     check(g->get_workspace_size(b.workspace), "get_workspace_size");
     return b;
+}
+
+/// Runs `p`'s forward or backward graph on `stream` over the buffers of `pack` (uid -> address).
+void execute(const ZooSdpa &p, bool bwd, void *stream, std::unordered_map<int64_t, void *> &pack, void *workspace) {
+    const Built &b = build(p, bwd);
+    auto handle = handle_for(p.device);
+    if (fe::detail::set_stream(handle, static_cast<cudaStream_t>(stream)) != CUDNN_STATUS_SUCCESS) {
+        throw std::runtime_error("cudnnSetStream failed");
+    }
+    check(b.graph->execute(handle, pack, workspace), "execute");
 }
 
 template <class F>
@@ -211,13 +225,8 @@ int zoo_cudnn_sdpa_prepare(const ZooSdpa *p, int32_t bwd, int64_t *workspace, ch
 int zoo_cudnn_sdpa_fwd(const ZooSdpa *p, void *stream, const void *q, const void *k, const void *v, void *o, float *stats,
                        void *workspace, char *err, size_t len) {
     return guarded(err, len, [&] {
-        const Built &b = build(*p, false);
-        auto handle = handle_for(p->device);
-        if (fe::detail::set_stream(handle, static_cast<cudaStream_t>(stream)) != CUDNN_STATUS_SUCCESS) {
-            throw std::runtime_error("cudnnSetStream failed");
-        }
         std::unordered_map<int64_t, void *> pack = {{Q, const_cast<void *>(q)}, {K, const_cast<void *>(k)}, {V, const_cast<void *>(v)}, {O, o}, {STATS, stats}};
-        check(b.graph->execute(handle, pack, workspace), "execute");
+        execute(*p, false, stream, pack, workspace);
     });
 }
 
@@ -225,15 +234,10 @@ int zoo_cudnn_sdpa_fwd(const ZooSdpa *p, void *stream, const void *q, const void
 int zoo_cudnn_sdpa_bwd(const ZooSdpa *p, void *stream, const void *q, const void *k, const void *v, const void *o, const void *dO,
                        const float *stats, void *dq, void *dk, void *dv, void *workspace, char *err, size_t len) {
     return guarded(err, len, [&] {
-        const Built &b = build(*p, true);
-        auto handle = handle_for(p->device);
-        if (fe::detail::set_stream(handle, static_cast<cudaStream_t>(stream)) != CUDNN_STATUS_SUCCESS) {
-            throw std::runtime_error("cudnnSetStream failed");
-        }
         std::unordered_map<int64_t, void *> pack = {
             {Q, const_cast<void *>(q)}, {K, const_cast<void *>(k)}, {V, const_cast<void *>(v)}, {O, const_cast<void *>(o)},
             {DO, const_cast<void *>(dO)}, {STATS, const_cast<float *>(stats)}, {DQ, dq}, {DK, dk}, {DV, dv}};
-        check(b.graph->execute(handle, pack, workspace), "execute");
+        execute(*p, true, stream, pack, workspace);
     });
 }
 }
