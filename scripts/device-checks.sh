@@ -40,6 +40,8 @@
 #   twins-cudnn.json   scripts/twin-bench.py with ZOO_FLASH_CUDNN=1: zoo (fused) against HF (TWIN_IMPLS:
 #                      default zoo-fused,hf; add compile for the torch.compile twin) at the three training shapes, and decode at T = 4096, B = 32
 #                      with both decoding kernels beside the eager twin and HF
+#   graph-6L.json, graph-8L.json  with CUDNN_GRAPH=1: as decode's, with ZOO_FLASH_CUDNN=1
+#   (CUDNN_TESTS=0 skips the tests, e.g. after device-mqar.sh WITH_TESTS=1 ran them)
 # all: kernels, decode, twins (more than one 600 s call).
 #   device:  run(command="bash scripts/device-checks.sh kernels", carry=[".devpkg"], timeout_s=590)
 #            run(command="bash scripts/device-checks.sh decode", carry=[".devpkg"], timeout_s=590)
@@ -154,6 +156,11 @@ cudnn() {
     step 170 twins-cudnn env ZOO_FLASH_CUDNN=1 python3 scripts/twin-bench.py --zoo /tmp/zoo --impls "${TWIN_IMPLS:-zoo-fused,hf}" \
       --decode-batches 32 --zoo-decode-kernels rows,split --out "$OUT/twins-cudnn.json" > "$OUT/twins.log" 2>&1
     tail -30 "$OUT/twins.log"
+  fi
+  # CUDNN_GRAPH=1: the train step and prefill of the 6L/384 and 8L/512 models as plain launches
+  # and replayed from a CUDA graph, with cuDNN's attention (graph-6L.json, graph-8L.json).
+  if [ "${CUDNN_GRAPH:-0}" = 1 ]; then
+    ( export ZOO_FLASH_CUDNN=1; graph 6 384 6 256 32 6L; graph 8 512 8 1024 4 8L )
   fi
 }
 
