@@ -9,7 +9,8 @@ mma.sync kernels (`fused`), with ZOO_FLASH_MMA=0 (the older WMMA kernels, `fused
 ZOO_FLASH_MMA=2 (the mma.sync kernels with ldmatrix loads and unmasked interior tiles, `fused_mma2`),
 and with ZOO_FLASH_CUDNN=1 (cuDNN's fused attention through zoo's op, `fused_cudnn`; its row says
 in `cudnn` which cuDNN version ran, or why it did not). `sdpa_backend` records which of PyTorch's
-SDPA backends were enabled and the cuDNN PyTorch loaded.
+SDPA backends were enabled and the cuDNN PyTorch loaded; `sdpa_cudnn` and `sdpa_flash` are SDPA held
+to its cuDNN and its FlashAttention-2 backend.
 (results/bench/attention-h200.json from build dc36ff4 predates the switch: there `fused` is WMMA
 and `fused_mma` the mma.sync kernels.)
 
@@ -28,7 +29,14 @@ import torch.nn.functional as F
 SHAPES = [(1, 16, 4096, 128), (4, 16, 2048, 64), (8, 8, 1024, 64)]
 
 
-def sdpa_times(b, h, t, d, iters):
+def sdpa_times(b, h, t, d, iters, backend=None):
+    """SDPA's (forward, forward + backward) seconds; `backend` (a torch.nn.attention.SDPBackend
+    name) forces that backend, so that cuDNN's own speed inside PyTorch can be told from zoo's
+    plumbing around it."""
+    if backend is not None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([getattr(SDPBackend, backend)]):
+            return sdpa_times(b, h, t, d, iters)
     mk = lambda: torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     q, k, v = mk(), mk(), mk()
     w = torch.randn(b, h, t, d, device="cuda", dtype=torch.float32)
@@ -82,6 +90,15 @@ def main():
                 row[label] = z["shapes"][n]["fused"]
         row["sdpa"] = {"fwd_seconds": fwd, "fwd_bwd_seconds": both,
                        "fwd_tflops": flops / fwd / 1e12, "fwd_bwd_tflops": 3.5 * flops / both / 1e12}
+        # PyTorch's SDPA held to one backend: its cuDNN engine beside zoo's use of cuDNN, and
+        # FlashAttention-2.
+        for label, backend in (("sdpa_cudnn", "CUDNN_ATTENTION"), ("sdpa_flash", "FLASH_ATTENTION")):
+            try:
+                f1, b1 = sdpa_times(b, h, t, d, a.iters, backend)
+                row[label] = {"fwd_seconds": f1, "fwd_bwd_seconds": b1,
+                              "fwd_tflops": flops / f1 / 1e12, "fwd_bwd_tflops": 3.5 * flops / b1 / 1e12}
+            except Exception as e:  # a backend this torch build or GPU lacks
+                row[label] = {"error": str(e)[-500:]}
         for impl in ("fused", "fused_wmma", "fused_mma2", "fused_cudnn", "composition"):
             if row.get(impl, {}).get("fwd_seconds"):
                 row[f"{impl}/sdpa"] = {"fwd": fwd / row[impl]["fwd_seconds"],

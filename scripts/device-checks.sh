@@ -150,7 +150,7 @@ cudnn() {
   # The benches run either way (the call's time is spent): a failed test makes the numbers of
   # the kernels it covers meaningless, and the output says so first.
   [ "$ok" = 1 ] || echo "== A TEST FAILED (see tests.log): the benches' numbers for the failing kernels mean nothing"
-  step 100 attention-bench python3 scripts/attention-bench.py --zoo /tmp/zoo --out "$OUT/attention-h200.json" \
+  step 150 attention-bench python3 scripts/attention-bench.py --zoo /tmp/zoo --out "$OUT/attention-h200.json" \
     > "$OUT/attention.log" 2>&1
   tail -4 "$OUT/attention.log"
   # CUDNN_TWINS=0: the attention bench only (the call's time goes to other work).

@@ -296,7 +296,16 @@ impl CustomOp3 for Flash {
             #[cfg(feature = "cuda")]
             Some(Saved::Cuda(lse)) => cuda::backward(&self.o, &n, q, k, v, &g, lse, &dlt()?)?,
             #[cfg(zoo_cudnn)]
-            Some(Saved::Cudnn(stats, p)) => crate::attention_cudnn::backward(p, q, k, v, res, &g, stats)?,
+            Some(Saved::Cudnn(stats, p)) => {
+                if crate::attention_cudnn::backward_through_cudnn(p) {
+                    crate::attention_cudnn::backward(p, q, k, v, res, &g, stats)?
+                } else {
+                    // GQA/MQA: zoo's dK/dV kernel sums the group's query heads in f32 (see
+                    // `backward_through_cudnn`); it takes the LSE in base 2.
+                    let lse = crate::attention_cudnn::lse_base2(q.device(), stats)?;
+                    cuda::backward(&self.o, &n, q, k, v, &g, &lse, &dlt()?)?
+                }
+            }
             None => candle_core::bail!("flash attention: backward before forward"),
         };
         let dt = q.dtype();

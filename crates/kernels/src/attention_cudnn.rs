@@ -202,6 +202,38 @@ pub(crate) fn forward(p: &Sdpa, q: (&CudaStorage, &Layout), k: (&CudaStorage, &L
     Ok((out, stats))
 }
 
+/// Whether the backward of a forward that ran through cuDNN runs through cuDNN too: yes without
+/// GQA/MQA; with a group of query heads per K/V head (`hkv < h`), zoo's own backward kernels (on
+/// cuDNN's LSE, [`lse_base2`]) unless `ZOO_CUDNN_GQA_BWD=1`.
+///
+/// Why: cuDNN frontend's backward graph (`CompositeSDPABackwardNode`,
+/// cudnn_frontend/node/scaled_dot_product_flash_attention.h) computes dK and dV per *query* head in
+/// the inputs' 16-bit type (`dK_fullhead`, `dV_fullhead`) and then sums the group, as
+/// FlashAttention-2's GQA backward does: each head's term is rounded to bf16 before the sum, whose
+/// terms largely cancel. At MQA 8:1 (flash test case 3, bf16) that put dK 2.05e-2 from the f32
+/// composition, over the 2e-2 bound our kernels meet; they sum the group in f32 registers. The
+/// switch keeps cuDNN's faster backward for whoever prefers it.
+#[cfg_attr(not(zoo_cudnn), allow(dead_code))]
+pub(crate) fn backward_through_cudnn(p: &Sdpa) -> bool {
+    p.hkv == p.h || std::env::var("ZOO_CUDNN_GQA_BWD").is_ok_and(|v| v == "1")
+}
+
+/// cuDNN's row statistics (natural log of the scaled scores' sum of exponentials) as the base-2
+/// LSE zoo's backward kernels take (`attention.cu`: m + log2 l over scores · scale · log2 e):
+/// the same number times log2 e.
+#[cfg(zoo_cudnn)]
+pub(crate) fn lse_base2(dev: &Device, stats: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+    let Device::Cuda(dev) = dev else { candle_core::bail!("cuDNN attention: not on CUDA") };
+    let n = stats.len();
+    let t = Tensor::from_storage(candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(stats.clone(), dev.clone())), n, candle_core::op::BackpropOp::none(), false)
+        .affine(std::f64::consts::LOG2_E, 0.0)?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        candle_core::Storage::Cuda(c) if l.start_offset() == 0 && l.is_contiguous() => Ok(c.as_cuda_slice::<f32>()?.clone()),
+        _ => candle_core::bail!("cuDNN attention: LSE conversion gave a non-CUDA or offset tensor"),
+    }
+}
+
 /// dQ, dK, dV through cuDNN from the forward's inputs, its output `o`, the upstream gradient `g`
 /// and the forward's statistics; in the inputs' dtype.
 #[cfg(zoo_cudnn)]
@@ -259,6 +291,18 @@ mod tests {
         assert!(plan(&FlashOpts { n_sink: 4, ..c }, &dims(100, 104), DType::BF16, 0).unwrap_err().contains("sink"));
         assert!(plan(&c, &dims(100, 100), DType::F32, 0).unwrap_err().contains("F32"));
         assert!(plan(&c, &dims(100, 50), DType::BF16, 0).unwrap_err().contains("fewer keys"));
+    }
+
+    /// Without GQA cuDNN differentiates its own forward; with a group of query heads per K/V head
+    /// the backward is zoo's (f32 group sums), unless ZOO_CUDNN_GQA_BWD=1.
+    #[test]
+    fn gqa_backward_leaves_cudnn() {
+        let c = FlashOpts::causal(64);
+        let mha = plan(&c, &Dims { hkv: 8, ..dims(100, 100) }, DType::BF16, 0).unwrap();
+        let gqa = plan(&c, &dims(100, 100), DType::BF16, 0).unwrap();
+        assert!(backward_through_cudnn(&mha));
+        let forced = std::env::var("ZOO_CUDNN_GQA_BWD").is_ok_and(|v| v == "1");
+        assert_eq!(backward_through_cudnn(&gqa), forced);
     }
 
     #[test]
