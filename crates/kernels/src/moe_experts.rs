@@ -85,26 +85,8 @@ const NONE: u32 = u32::MAX;
 
 impl Plan {
     fn new(assignments: &[u32], kept: &[bool], n: usize, k: usize, e: usize) -> Self {
-        let mut start = vec![0usize; e + 1];
-        for (&a, &kp) in assignments.iter().zip(kept) {
-            if kp {
-                start[a as usize + 1] += 1;
-            }
-        }
-        for i in 0..e {
-            start[i + 1] += start[i];
-        }
-        let mut next = start.clone();
-        let mut slots = vec![0u32; start[e]];
-        let mut inv = vec![NONE; n * k];
-        for (s, (&a, &kp)) in assignments.iter().zip(kept).enumerate() {
-            if kp {
-                let r = next[a as usize];
-                next[a as usize] += 1;
-                slots[r] = s as u32;
-                inv[s] = r as u32;
-            }
-        }
+        debug_assert_eq!(assignments.len(), n * k);
+        let ExpertOrder { slots, inv, start, .. } = expert_order(assignments, kept, e, false);
         Plan { slots, inv, start }
     }
 
@@ -116,6 +98,64 @@ impl Plan {
     fn span(&self, e: usize) -> std::ops::Range<usize> {
         self.start[e]..self.start[e + 1]
     }
+}
+
+/// The kept slots of a routing grouped by expert: what [`expert_order`] returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpertOrder {
+    /// The slot of each row ([`NONE_SLOT`] for a padding row).
+    pub slots: Vec<u32>,
+    /// The row of each slot ([`NONE_SLOT`] when the slot is dropped).
+    pub inv: Vec<u32>,
+    /// Expert e's rows begin at `start[e]`; `start[E]` is the row count. Its kept slots are the
+    /// first `lens[e]` of them (the rest, when padded, are padding).
+    pub start: Vec<usize>,
+    /// Kept slots per expert.
+    pub lens: Vec<usize>,
+}
+
+/// The marker of "no slot" / "no row" in an [`ExpertOrder`].
+pub const NONE_SLOT: u32 = NONE;
+
+/// Groups the kept slots (`assignments[a]`: the expert of slot a) by expert with one stable
+/// counting sort (slot order within an expert). `padded`: every expert gets as many rows as the
+/// busiest one (one batched matmul over (E, C, d)); otherwise each expert's rows follow the
+/// previous expert's. The CPU form of the experts here and the MoE crate's dispatch plan both
+/// order their rows with it.
+///
+/// ```
+/// use zoo_kernels::moe_experts::{expert_order, NONE_SLOT as X};
+/// // Slots 0..6 to experts 1, 0, 0, 7 (dropped), 1, 1.
+/// let kept = [true, true, true, false, true, true];
+/// let packed = expert_order(&[1, 0, 0, 7, 1, 1], &kept, 2, false);
+/// assert_eq!((packed.slots, packed.start, packed.lens), (vec![1, 2, 0, 4, 5], vec![0, 2, 5], vec![2, 3]));
+/// let padded = expert_order(&[1, 0, 0, 7, 1, 1], &kept, 2, true);
+/// assert_eq!((padded.slots, padded.inv), (vec![1, 2, X, 0, 4, 5], vec![3, 0, 1, X, 4, 5]));
+/// ```
+pub fn expert_order(assignments: &[u32], kept: &[bool], n_experts: usize, padded: bool) -> ExpertOrder {
+    let mut lens = vec![0usize; n_experts];
+    for (&a, &kp) in assignments.iter().zip(kept) {
+        if kp {
+            lens[a as usize] += 1;
+        }
+    }
+    let cap = lens.iter().copied().max().unwrap_or(0);
+    let mut start = vec![0usize; n_experts + 1];
+    for e in 0..n_experts {
+        start[e + 1] = start[e] + if padded { cap } else { lens[e] };
+    }
+    let mut next = start.clone();
+    let mut slots = vec![NONE; start[n_experts]];
+    let mut inv = vec![NONE; assignments.len()];
+    for (s, (&a, &kp)) in assignments.iter().zip(kept).enumerate() {
+        if kp {
+            let r = next[a as usize];
+            next[a as usize] += 1;
+            slots[r] = s as u32;
+            inv[s] = r as u32;
+        }
+    }
+    ExpertOrder { slots, inv, start, lens }
 }
 
 /// `buf` (rows × width) cut into each expert's rows, for one parallel task per expert.

@@ -73,30 +73,15 @@ impl Plan {
         if k == 0 || !total.is_multiple_of(k) || kept.len() != total {
             zoo_core::candle_core::bail!("dispatch plan: {total} slots, {} kept flags, k = {k}", kept.len());
         }
-        let mut lens = vec![0usize; n_experts];
-        for (a, &e) in assignments.iter().enumerate() {
-            if kept[a] {
-                lens[e as usize] += 1;
-            }
-        }
+        // One stable counting sort by expert (slot order within an expert), shared with the
+        // experts' CPU form; here the "no slot" / "no row" markers are N·k and R.
+        let order = zoo_core::zoo_kernels::moe_experts::expert_order(assignments, kept, n_experts, !packed);
+        let none = zoo_core::zoo_kernels::moe_experts::NONE_SLOT;
+        let (lens, r) = (order.lens, order.start[n_experts]);
         let cap = lens.iter().copied().max().unwrap_or(0);
-        // Counting sort by expert (stable: slots in order within an expert).
-        let mut start = vec![0usize; n_experts];
-        for e in 1..n_experts {
-            start[e] = start[e - 1] + if packed { lens[e - 1] } else { cap };
-        }
-        let r = if packed { lens.iter().sum() } else { cap * n_experts };
         let n = total / k;
-        let mut slots = vec![total as u32; r];
-        let mut inv = vec![r as u32; total];
-        for (a, &e) in assignments.iter().enumerate() {
-            if kept[a] {
-                let row = start[e as usize];
-                start[e as usize] += 1;
-                slots[row] = a as u32;
-                inv[a] = row as u32;
-            }
-        }
+        let slots: Vec<u32> = order.slots.iter().map(|&a| if a == none { total as u32 } else { a }).collect();
+        let inv: Vec<u32> = order.inv.iter().map(|&row| if row == none { r as u32 } else { row }).collect();
         let rows: Vec<u32> = slots.iter().map(|&a| if a as usize == total { n as u32 } else { a / k as u32 }).collect();
         let plan = Plan {
             rows: Tensor::new(rows, dev)?,
