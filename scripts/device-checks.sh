@@ -24,7 +24,7 @@
 #                      and ncu's GPU time by kernel; its CSVs are left out of $OUT, 8 files at most)
 # moe512:
 #   moe-cuda-512.tgz   scripts/moe-bench.sh on configs/moe-bench-512.toml (8 layers, d = 512, T = 512,
-#                      B = 16; 3 rounds; with --cuda-graph: the tiled variant's step replayed from a
+#                      B = 16; MOE_ROUNDS rounds, default 3; with --cuda-graph: the tiled variant's step replayed from a
 #                      graph, the others' capture failing on their host read), the folder
 #                      results/bench/moe-cuda-512
 # profile:
@@ -42,7 +42,9 @@
 #                      with both decoding kernels beside the eager twin and HF
 #   graph-6L.json, graph-8L.json  with CUDNN_GRAPH=1: as decode's, with ZOO_FLASH_CUDNN=1
 #   (CUDNN_TESTS=0 skips the tests, e.g. after device-mqar.sh WITH_TESTS=1 ran them; CUDNN_TWINS=0
-#   the twins)
+#   the twins; CUDNN_BENCH=0 the attention bench)
+#   ncu-cudnn.txt      with CUDNN_NCU=1: ncu's GPU time per kernel of the op's forward + backward
+#                      through cuDNN at 1·16·4096·128
 # all: kernels, decode, twins (more than one 600 s call).
 #   device:  run(command="bash scripts/device-checks.sh kernels", carry=[".devpkg"], timeout_s=590)
 #            run(command="bash scripts/device-checks.sh decode", carry=[".devpkg"], timeout_s=590)
@@ -127,7 +129,7 @@ moe() {
 
 moe512() {
   step 540 moe-bench-512 env ZOO=/tmp/zoo CFG=configs/moe-bench-512.toml T=512 OUT_DIR=/tmp/moe-512/moe-cuda-512 \
-    bash scripts/moe-bench.sh cuda 3 --cuda-graph
+    bash scripts/moe-bench.sh cuda "${MOE_ROUNDS:-3}" --cuda-graph
   tar czf "$OUT/moe-cuda-512.tgz" -C /tmp/moe-512 moe-cuda-512
 }
 
@@ -150,9 +152,21 @@ cudnn() {
   # The benches run either way (the call's time is spent): a failed test makes the numbers of
   # the kernels it covers meaningless, and the output says so first.
   [ "$ok" = 1 ] || echo "== A TEST FAILED (see tests.log): the benches' numbers for the failing kernels mean nothing"
-  step 150 attention-bench python3 scripts/attention-bench.py --zoo /tmp/zoo --out "$OUT/attention-h200.json" \
-    > "$OUT/attention.log" 2>&1
-  tail -4 "$OUT/attention.log"
+  # CUDNN_BENCH=0: no attention bench (it ran in an earlier call).
+  if [ "${CUDNN_BENCH:-1}" = 1 ]; then
+    step 150 attention-bench python3 scripts/attention-bench.py --zoo /tmp/zoo --out "$OUT/attention-h200.json" \
+      > "$OUT/attention.log" 2>&1
+    tail -4 "$OUT/attention.log"
+  fi
+  # CUDNN_NCU=1: ncu's GPU time of every kernel of one forward + backward through cuDNN at
+  # 1·16·4096·128 (`zoo bench-attention --iters 1`: its first 60 kernels are the fused op's three
+  # forwards and three forwards + backwards), to tell cuDNN's own kernels from what the op and
+  # candle's backward add around them (ncu-cudnn.txt).
+  if [ "${CUDNN_NCU:-0}" = 1 ]; then
+    step 120 ncu-cudnn env ZOO_FLASH_CUDNN=1 ncu --print-summary per-kernel --metrics gpu__time_duration.sum -c 60 \
+      /tmp/zoo bench-attention --device cuda:0 --dtype bf16 --shapes 1:16:4096:128 --iters 1 > "$OUT/ncu-cudnn.txt" 2>&1
+    grep -E "^  [A-Za-z_].*\(|gpu__time_duration.sum" "$OUT/ncu-cudnn.txt" | head -60
+  fi
   # CUDNN_TWINS=0: the attention bench only (the call's time goes to other work).
   if [ "${CUDNN_TWINS:-1}" = 1 ]; then
     step 170 twins-cudnn env ZOO_FLASH_CUDNN=1 python3 scripts/twin-bench.py --zoo /tmp/zoo --impls "${TWIN_IMPLS:-zoo-fused,hf}" \

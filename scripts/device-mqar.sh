@@ -50,7 +50,7 @@ fi
 # They start once the pool's MPS daemon is up, so that they are its clients too, and end by 375 s
 # (device-lib.sh's kernel_tests, as device-checks.sh kernels runs them).
 tests=""
-if [ "${WITH_TESTS:-0}" = 1 ] && ls .devpkg/tests/*.gz > /dev/null 2>&1; then
+if [ "${WITH_TESTS:-0}" = 1 ] && ls .devpkg/tests/*.gz .devpkg/tests/*.xz 2> /dev/null | grep -q .; then
   ( exec > /dev/null 2>&1 < /dev/null
     sleep 15
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe
