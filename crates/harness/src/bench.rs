@@ -387,7 +387,7 @@ pub fn bench(cfg: &RunConfig, vocab: usize, env: &Env, o: &BenchOpts, quiet: boo
 }
 
 /// `zoo bench-attention`: median seconds of causal attention at each (B, H, T, d), forward and
-/// forward + backward (loss sum(O ∘ W)), for the fused kernel and the composition (`sdpa` with its
+/// forward + backward (loss sum(O ∘ W), reduced over the head dim and then the rest), for the fused kernel and the composition (`sdpa` with its
 /// mask), in the env's dtype. FLOPs counted as FlashAttention-2 does: forward 4·B·H·T²·d / 2
 /// (causal), forward + backward 3.5× that.
 pub fn attention(shapes: &[(usize, usize, usize, usize)], iters: usize, env: &Env) -> Result<serde_json::Value> {
@@ -414,7 +414,10 @@ pub fn attention(shapes: &[(usize, usize, usize, usize)], iters: usize, env: &En
                     let t0 = std::time::Instant::now();
                     let o = f(q.as_tensor(), k.as_tensor(), v.as_tensor())?;
                     if with_bwd {
-                        let g = (o.to_dtype(DType::F32)? * &w)?.sum_all()?.backward()?;
+                        // Summed over the head dim first: candle's `sum_all` of the B·H·T·d
+                        // products is one block on the GPU (0.6-1 ms at 8M elements, more than
+                        // cuDNN's whole backward), which SDPA's side does not pay.
+                        let g = (o.to_dtype(DType::F32)? * &w)?.sum(3)?.sum_all()?.backward()?;
                         drop(g);
                     }
                     env.sync()?;
