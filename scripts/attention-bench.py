@@ -74,10 +74,12 @@ def main():
             print(f"zoo bench-attention with {extra_env} failed: {z.stderr[-2000:]}", flush=True)
             return {"shapes": [{} for _ in SHAPES], "device": {"error": z.stderr[-2000:]}}
         return json.loads(z.stdout)
-    zoo = zoo_run({})
+    # `fused`: the mma.sync kernels (ZOO_FLASH_CUDNN=0: cuDNN is the default in a build with it).
+    zoo = zoo_run({"ZOO_FLASH_CUDNN": "0"})
     # The WMMA kernels (*_tc) and the ldmatrix mma.sync kernels (mma2) beside the default mma.sync
     # ones, in the same command.
-    others = {"fused_wmma": zoo_run({"ZOO_FLASH_MMA": "0"}, False), "fused_mma2": zoo_run({"ZOO_FLASH_MMA": "2"}, False)}
+    others = {"fused_wmma": zoo_run({"ZOO_FLASH_MMA": "0", "ZOO_FLASH_CUDNN": "0"}, False),
+              "fused_mma2": zoo_run({"ZOO_FLASH_MMA": "2", "ZOO_FLASH_CUDNN": "0"}, False)}
     cudnn = zoo_run({"ZOO_FLASH_CUDNN": "1"}, False)
     others["fused_cudnn"] = cudnn
     rows = []

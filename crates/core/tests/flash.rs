@@ -172,10 +172,19 @@ fn flash_kernels_match_the_composition() -> Result<()> {
     let before = zoo_kernels::attention_cudnn::forward_calls();
     check(&dev, DType::BF16, 2e-2)?;
     check(&dev, DType::F16, 2e-2)?;
-    // With ZOO_FLASH_CUDNN=1 (scripts/device-lib.sh's kernel_tests runs this test so), cuDNN must
-    // have run the 16-bit cases it can express, not fallen back on all of them.
+    // Under the cuDNN kernel set (the default of a build with cuDNN, or ZOO_FLASH_CUDNN=1), cuDNN
+    // must have run the 16-bit cases it can express, not fallen back on all of them; by default a
+    // machine whose cuDNN cannot be opened falls back (and says so), with ZOO_FLASH_CUDNN=1 it fails.
     if zoo_kernels::attention::flash_kernel_set() == "cudnn" {
-        let v = zoo_kernels::attention_cudnn::available().map_err(candle_core::Error::Msg)?;
+        let asked = std::env::var("ZOO_FLASH_CUDNN").is_ok_and(|v| v == "1");
+        let v = match zoo_kernels::attention_cudnn::available() {
+            Ok(v) => v,
+            Err(why) if !asked => {
+                eprintln!("cuDNN not opened ({why}): our kernels ran");
+                return Ok(());
+            }
+            Err(why) => return Err(candle_core::Error::Msg(why)),
+        };
         let ran = zoo_kernels::attention_cudnn::forward_calls() - before;
         eprintln!("cuDNN {v}: {ran} forwards");
         assert!(ran >= 4, "cuDNN ran only {ran} forwards");

@@ -66,19 +66,25 @@ impl FlashOpts {
 }
 
 /// Which attention kernel set 16-bit prefill and training use on CUDA, from the environment:
-/// `mma` (the default: `mma.sync` with register tiles at head dims 32-128, WMMA at other head
-/// dims), `mma2` (ZOO_FLASH_MMA=2: the same with `ldmatrix` fragment loads, no mask on the tiles
-/// a warp sees whole and `cp.async` double-buffered tile loads; opt-in until its check has passed
-/// on the GPU), `wmma` (ZOO_FLASH_MMA=0) or
-/// `simt` (ZOO_FLASH_TC=0: the CUDA-core kernels), or `cudnn` (ZOO_FLASH_CUDNN=1: cuDNN's fused
-/// attention where it applies, [`crate::attention_cudnn`], the `mma` kernels elsewhere; opt-in
-/// until its check has passed on the GPU). Decoding steps and f32 always take the
-/// CUDA-core kernels. Result JSONs record it beside `kernels`.
+/// `cudnn` (the default in a build with cuDNN compiled in, i.e. `scripts/build-cuda.sh`'s; or
+/// ZOO_FLASH_CUDNN=1: cuDNN's fused attention where it applies, [`crate::attention_cudnn`], the
+/// `mma` kernels elsewhere and where the library cannot be opened; ZOO_FLASH_CUDNN=0 turns it off),
+/// `mma` (the default otherwise: `mma.sync` with register tiles at head dims 32-128, WMMA at other
+/// head dims), `mma2` (ZOO_FLASH_MMA=2: the same with `ldmatrix` fragment loads, no mask on the
+/// tiles a warp sees whole and `cp.async` double-buffered tile loads), `wmma` (ZOO_FLASH_MMA=0) or
+/// `simt` (ZOO_FLASH_TC=0: the CUDA-core kernels). Naming ZOO_FLASH_MMA picks our kernels over the
+/// default cuDNN. Decoding steps and f32 always take the CUDA-core kernels. Result JSONs record it
+/// beside `kernels`.
 pub fn flash_kernel_set() -> &'static str {
     let var = |name: &str| std::env::var(name).unwrap_or_default();
+    let cudnn = match var("ZOO_FLASH_CUDNN").as_str() {
+        "1" => true,
+        "0" => false,
+        _ => cfg!(zoo_cudnn) && std::env::var_os("ZOO_FLASH_MMA").is_none(),
+    };
     if var("ZOO_FLASH_TC") == "0" {
         "simt"
-    } else if var("ZOO_FLASH_CUDNN") == "1" {
+    } else if cudnn {
         "cudnn"
     } else {
         match var("ZOO_FLASH_MMA").as_str() {

@@ -18,8 +18,9 @@
 //!   tensors plus one for the norm, in place, instead of about twenty launches per parameter tensor.
 //! - [`attention`]: tiled online-softmax attention forward and backward (FlashAttention-2's
 //!   algorithm on CUDA cores, f32 sums) with causal positions, windows, sinks and GQA; on the CPU
-//!   its blocked form (`attention_cpu`). With `ZOO_FLASH_CUDNN=1`, 16-bit prefill and training
-//!   calls cuDNN expresses run cuDNN's fused SDPA instead ([`attention_cudnn`], opened at run time).
+//!   its blocked form (`attention_cpu`). In a build with cuDNN compiled in (scripts/build-cuda.sh),
+//!   16-bit prefill and training calls cuDNN expresses run cuDNN's fused SDPA instead
+//!   ([`attention_cudnn`], opened at run time; `ZOO_FLASH_CUDNN=0` keeps our kernels).
 //! - [`cross_entropy`]: the loss per row from its log-sum-exp, the gradient written once (no
 //!   f32 softmax of the (B·T, V) logits kept).
 //! - [`linear_scan`]: the gated linear recurrence of GLA, RetNet, Lightning and linear attention,
