@@ -337,7 +337,9 @@ pub struct DecodePlan {
 /// the merge costs more than it spreads.
 pub const DECODE_MIN_CHUNK: usize = 64;
 
-/// The split of a decoding step's keys over about `target_blocks` blocks (4 per SM): the keys
+/// The split of a decoding step's keys over about `target_blocks` blocks (16 per SM, 4 warps each:
+/// a warp has one key row in flight ahead of the one it uses, so memory-level parallelism comes
+/// from the number of warps; at 4 per SM a B = 32, T = 4096 step read its cache at ~0.35 TB/s): the keys
 /// the queries at positions `q_start..q_start + tq` may see (FlashAttention's `key_range`),
 /// cut into chunks of at least [`DECODE_MIN_CHUNK`].
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -450,6 +452,8 @@ mod cuda {
 
     /// Warps per block of the split-KV kernels (attention.cu: DEC_WARPS).
     const DEC_WARPS: usize = 4;
+    /// Blocks per SM the split-KV kernel's split count aims at.
+    const DEC_BLOCKS_PER_SM: usize = 16;
 
     /// Streaming multiprocessors of the device (for the split count), read once.
     fn sm_count(dev: &candle_core::CudaDevice) -> usize {
@@ -474,7 +478,7 @@ mod cuda {
             }
         };
         let ((kb, kh, kr), (vb, vh, vr)) = (strides(k.1)?, strides(v.1)?);
-        let plan = super::decode_plan(o, n, DEC_WARPS * sm_count(&dev));
+        let plan = super::decode_plan(o, n, DEC_BLOCKS_PER_SM * sm_count(&dev));
         let dp = DecParams {
             p: params(o, n)?,
             kb,

@@ -1345,6 +1345,10 @@ __device__ void dec_split(const T* __restrict__ q, const T* __restrict__ k, cons
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int split = blockIdx.x, bk = blockIdx.y, b = bk / p.Hkv, hk = bk % p.Hkv;
     const int G = p.H / p.Hkv, rows = G * p.Tq, r0 = blockIdx.z * R;
+    // Live rows of this block: with one query of a plain multi-head model (G = Tq = 1) only the
+    // first of its R rows; the others are skipped per key, not paid for with a dot product and a
+    // warp reduction each.
+    const int n_live = min(R, rows - r0);
     const float qscale = p.scale * LOG2E;
     float qr[R][E], acc[R][E], m[R], l[R];
     int qpos[R];
@@ -1383,6 +1387,7 @@ __device__ void dec_split(const T* __restrict__ q, const T* __restrict__ k, cons
         }
 #pragma unroll
         for (int r = 0; r < R; r++) {
+            if (r >= n_live) break;
             float s = 0.f;
 #pragma unroll
             for (int j = 0; j < E; j++) s += qr[r][j] * kc[j];
