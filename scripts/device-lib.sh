@@ -61,18 +61,21 @@ zoo_binary() {
 # with the WMMA (ZOO_FLASH_MMA=0) and the ldmatrix mma.sync (=2) attention kernels, all appended
 # to LOG. Fails where the default or the WMMA kernels' tests fail; mma2 is opt-in: its failure is
 # reported (a bench's fused_mma2 numbers then mean nothing) but does not fail the call.
+# A test binary of .devpkg/tests (gzipped by build-cuda.sh --tests, or xz-compressed: half the
+# size; python3's lzma unpacks it, the device has no xz) unpacked to DST, executable.
+unpack_test() { # src dst
+  case "$1" in
+    *.xz) python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$1" "$2" ;;
+    *) gunzip -c "$1" > "$2" ;;
+  esac && chmod +x "$2"
+}
 # KERNEL_TESTS=cudnn: only the flash tests with ZOO_FLASH_CUDNN=1 (the cuDNN path's check, when
 # nothing else changed since the full set last passed).
 kernel_tests() { # log
   local log=$1 ok=0
   if [ "${KERNEL_TESTS:-all}" = cudnn ]; then
-    for t in .devpkg/tests/flash-*.xz .devpkg/tests/flash.xz .devpkg/tests/flash*.gz; do
-      [ -f "$t" ] || continue
-      case "$t" in
-        *.xz) python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$t" /tmp/flash ;;
-        *) gunzip -c "$t" > /tmp/flash ;;
-      esac
-      chmod +x /tmp/flash && break
+    for t in .devpkg/tests/flash.xz .devpkg/tests/flash.gz; do
+      [ -f "$t" ] && unpack_test "$t" /tmp/flash && break
     done
     step 150 tests-cudnn env ZOO_FLASH_CUDNN=1 /tmp/flash --test-threads 1 --nocapture >> "$log" 2>&1 || ok=1
     return $ok

@@ -10,11 +10,7 @@ rc=0
 for t in .devpkg/tests/*.gz .devpkg/tests/*.xz; do
   [ -f "$t" ] || continue
   exe=/tmp/$(basename "$t" | sed 's/\.\(gz\|xz\)$//')
-  case "$t" in
-    *.xz) python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$t" "$exe" ;;
-    *) gunzip -c "$t" > "$exe" ;;
-  esac
-  chmod +x "$exe"
+  unpack_test "$t" "$exe"
   echo "== $(basename "$exe")"
   "$exe" --test-threads 1 "$@" || { r=$?; [ $rc = 0 ] && rc=$r; }
 done
