@@ -8,29 +8,33 @@
 #     below part 1's step time, the step waits on the host (launches, the expert lengths read back).
 # Output: $OUT/profile-moe.txt and the ncu CSVs. Carry .devpkg (zoo.xz or zoo.gz).
 #   device:  run(command="bash scripts/device-profile-moe.sh", carry=[".devpkg"], timeout_s=400)
-# usage: scripts/device-profile-moe.sh [STEPS]
+# CFG picks another bench config (e.g. configs/moe-bench-512.toml: 8 layers, d 512, 8192 tokens a
+# step, where E8 k2 grouped trains at 0.33x dense on the H100) and VARIANTS its variants.
+# usage: [CFG=...] [VARIANTS="a b"] scripts/device-profile-moe.sh [STEPS]
 set -u
 steps=${1:-100}
+cfg=${CFG:-configs/moe-bench.toml}
+variants=${VARIANTS:-dense_active e8k2_grouped e8k2_tiled}
 . "$(dirname "$0")/device-lib.sh"
 zoo_binary
 out=${OUT:-/tmp/out}; mkdir -p "$out"; log=$out/profile-moe.txt
 # configs/moe-bench.toml trains 1 step; these copies train N steps, evaluating never.
-mk() { sed -e "s/^steps = .*/steps = $1/" -e 's/^experiment = .*/experiment = "prof-moe"/' configs/moe-bench.toml > "$2"; }
+mk() { sed -e "s/^steps = .*/steps = $1/" -e 's/^experiment = .*/experiment = "prof-moe"/' "$cfg" > "$2"; }
 secs() { python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(round(j['throughput']['train_seconds'], 3))" "$1"; }
-index() { /tmp/zoo run configs/moe-bench.toml --dry-run | grep -n "^$1__" | cut -d: -f1 | awk '{print $1 - 1}'; }
-nruns=$(/tmp/zoo run configs/moe-bench.toml --dry-run | grep -c "__")
+index() { /tmp/zoo run "$cfg" --dry-run | grep -n "^$1__" | cut -d: -f1 | awk '{print $1 - 1}'; }
+nruns=$(/tmp/zoo run "$cfg" --dry-run | grep -c "__")
 mk 10 /tmp/moe-warm.toml
 /tmp/zoo run /tmp/moe-warm.toml --device cuda:0 --dtype bf16 --shard 0/$nruns -q --results-dir /tmp/moe-warm --runs-dir /tmp/moe-warm/runs > /dev/null 2>> "$log"
 mk "$steps" /tmp/moe-prof.toml
 echo "## 1. one process alone, $steps steps (train_seconds; ms per step)" | tee -a "$log"
-for v in dense_active e8k2_grouped e8k2_tiled; do
+for v in $variants; do
   i=$(index $v); rd=/tmp/moe-r1-$v; rm -rf $rd
   /tmp/zoo run /tmp/moe-prof.toml --device cuda:0 --dtype bf16 --shard $i/$nruns -q --results-dir $rd --runs-dir $rd/runs > /dev/null 2>> "$log"
   s=$(secs "$(ls $rd/prof-moe/*.json)")
   echo "$v: $s s, $(python3 -c "print(round(1000*$s/$steps, 2))") ms/step" | tee -a "$log"
 done
 echo "## 2. GPU time by kernel, per step (ncu; 6 steps minus 3)" | tee -a "$log"
-for v in dense_active e8k2_grouped e8k2_tiled; do
+for v in $variants; do
   i=$(index $v)
   for n in 3 6; do
     mk $n /tmp/moe-p$n.toml; rd=/tmp/moe-r2-$v-$n; rm -rf $rd
