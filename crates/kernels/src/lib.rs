@@ -56,6 +56,7 @@ pub mod cuda_addr;
 pub mod delta_scan;
 pub mod embedding;
 pub mod linear_scan;
+pub mod moe_dispatch;
 pub mod moe_experts;
 pub mod moe_plan;
 pub mod rms_norm;

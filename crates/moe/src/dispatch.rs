@@ -18,6 +18,11 @@
 //! (`results/bench/moe-cuda`). [`Dispatch::Looped`](crate::Dispatch) keeps that composition as the
 //! reference the tests compare with.
 //!
+//! On CUDA (fused mode) both passes of both ops run as `zoo_kernels::moe_dispatch`'s two gather
+//! kernels (`gather_sum`, `gather_dot`: one pass each, f32 sums) in place of the `cat` of a zero
+//! row, `index_select`, `broadcast_mul` and `sum` of the composition below, which stays the CPU
+//! path and the reference ([`Plan::with_ops`] picks either on any device, for the tests).
+//!
 //! The custom backward is attached by [`zoo_core::grad::with_grad`]: an op whose forward copies a
 //! value computed from detached inputs, and whose backward is a closure over tensors.
 //!
@@ -40,6 +45,7 @@
 
 use zoo_core::candle_core::{Device, Result, Tensor, D};
 use zoo_core::grad::{with_grad, with_grad2};
+use zoo_core::zoo_kernels::moe_dispatch::{self as ops, Weights};
 
 /// The sorted (and padded) rows of one routing.
 #[derive(Clone)]
@@ -54,6 +60,14 @@ pub struct Plan {
     k: usize,
     r: usize,
     cap: usize,
+    /// Gather and combine as `zoo_kernels::moe_dispatch`'s ops (else the composition).
+    ops: bool,
+}
+
+/// Whether a plan on `dev` moves its rows with `zoo_kernels::moe_dispatch` by default: where its
+/// kernels run (CUDA, fused mode, a CUDA build).
+fn ops_by_default(dev: &Device) -> bool {
+    zoo_core::zoo_kernels::unavailable(dev).is_none()
 }
 
 impl Plan {
@@ -91,6 +105,7 @@ impl Plan {
             k,
             r,
             cap,
+            ops: ops_by_default(dev),
         };
         Ok((plan, lens))
     }
@@ -103,7 +118,21 @@ impl Plan {
         if slots.dim(0)? != r || inv.dim(0)? != n * k {
             zoo_core::candle_core::bail!("dispatch plan: {r} rows, {} slots of rows, {} slots for {n} tokens, k = {k}", slots.dim(0)?, inv.dim(0)?);
         }
-        Ok(Plan { rows, slots, inv, n, k, r, cap })
+        let ops = ops_by_default(rows.device());
+        Ok(Plan { rows, slots, inv, n, k, r, cap, ops })
+    }
+
+    /// Whether the ops move rows of `t` (f32, bf16, f16; else the composition).
+    fn ops_for(&self, t: &Tensor) -> bool {
+        use zoo_core::candle_core::DType;
+        self.ops && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    }
+
+    /// The same plan moving its rows with `zoo_kernels::moe_dispatch`'s ops (`true`: their CPU
+    /// form on the CPU, their kernels on CUDA) or with the composition (`false`).
+    pub fn with_ops(mut self, ops: bool) -> Self {
+        self.ops = ops;
+        self
     }
 
     /// Rows per expert when padded (the busiest expert's count).
@@ -124,6 +153,10 @@ impl Plan {
 
     /// Σ_j ys[inv[t·k + j]] (weighted by w (N, k) when given): (N, d).
     fn sum_slots(&self, ys: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+        if self.ops_for(ys) {
+            let w = w.map(|w| w.flatten_all()).transpose()?;
+            return ops::gather_sum(ys, &self.inv, self.k, w.as_ref().map_or(Weights::None, Weights::Slot));
+        }
         let d = ys.dim(1)?;
         let picked = self.padded(ys)?.index_select(&self.inv, 0)?.reshape((self.n, self.k, d))?;
         let picked = match w {
@@ -135,7 +168,11 @@ impl Plan {
 
     /// The tokens of the rows: x (N, d) -> (R, d), differentiable in x.
     pub fn gather(&self, x: &Tensor) -> Result<Tensor> {
-        let value = self.padded(&x.detach())?.index_select(&self.rows, 0)?;
+        let value = if self.ops_for(x) {
+            ops::gather_sum(&x.detach(), &self.rows, 1, Weights::None)?
+        } else {
+            self.padded(&x.detach())?.index_select(&self.rows, 0)?
+        };
         let me = self.clone();
         with_grad(&value, x, move |g| me.sum_slots(g, None))
     }
@@ -157,6 +194,13 @@ impl Plan {
         let value = self.sum_slots(&ys.detach(), Some(&w.detach()))?;
         let (me, ys_, w_) = (self.clone(), ys.detach(), w.detach());
         with_grad2(&value, ys, &w, move |g| {
+            if me.ops_for(g) {
+                // dys[r] = w[slots[r]] · dy[rows[r]]; dw[t, j] = ⟨dy[t], ys[inv[t·k + j]]⟩.
+                let w_flat = w_.flatten_all()?;
+                let dys = ops::gather_sum(g, &me.rows, 1, Weights::Indexed(&w_flat, &me.slots))?;
+                let dw = ops::gather_dot(g, &ys_, &me.inv, me.k)?.reshape((me.n, me.k))?;
+                return Ok((dys, dw));
+            }
             let w_pad = Tensor::cat(&[&w_.flatten_all()?, &Tensor::zeros(1, w_.dtype(), w_.device())?], 0)?;
             let w_rows = w_pad.index_select(&me.slots, 0)?.unsqueeze(1)?;
             let dys = me.padded(g)?.index_select(&me.rows, 0)?.broadcast_mul(&w_rows)?;

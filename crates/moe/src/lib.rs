@@ -496,8 +496,19 @@ impl Moe {
     /// [`Moe::grouped`] as candle ops (the reference of `zoo_kernels::moe_experts`, and what
     /// runs on CUDA and in naive mode).
     pub fn grouped_composition(&self, x: &Tensor, r: &Routing, batched: bool) -> Result<Tensor> {
+        self.grouped_moving(x, r, batched, None)
+    }
+
+    /// [`Moe::grouped_composition`] with the rows moved by `zoo_kernels::moe_dispatch`'s ops
+    /// (`Some(true)`), by candle ops (`Some(false)`) or by the device's default (`None`: the
+    /// kernels on CUDA in fused mode): the tests compare them on any device.
+    pub fn grouped_moving(&self, x: &Tensor, r: &Routing, batched: bool, ops: Option<bool>) -> Result<Tensor> {
         let (e, k) = (self.experts.len(), r.experts.dim(1)?);
         let (plan, lens) = dispatch::Plan::new(&r.assignments, &r.kept, k, e, !batched, x.device())?;
+        let plan = match ops {
+            Some(o) => plan.with_ops(o),
+            None => plan,
+        };
         if plan.rows() == 0 {
             return x.zeros_like();
         }

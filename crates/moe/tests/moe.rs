@@ -72,6 +72,24 @@ fn aux_loss_z_loss_and_bias_update_by_hand() -> Result<()> {
 /// gradient reaches the router and every expert that received tokens.
 #[test]
 fn grouped_dispatch_equals_the_loop() -> Result<()> {
+    grouped_equals_loop(&Device::Cpu)
+}
+
+/// The same on CUDA (f32), where grouped dispatch's rows move through `zoo_kernels::moe_dispatch`'s
+/// kernels by default: skipped without a CUDA device (the GPU machine runs it from the CUDA build's
+/// test binary).
+#[test]
+fn grouped_dispatch_equals_the_loop_on_cuda() -> Result<()> {
+    match Device::new_cuda(0) {
+        Ok(dev) => grouped_equals_loop(&dev),
+        Err(_) => {
+            eprintln!("skipped: no CUDA device in this build or machine");
+            Ok(())
+        }
+    }
+}
+
+fn grouped_equals_loop(dev: &Device) -> Result<()> {
     for text in [
         "n_experts = 4, top_k = 2",
         "n_experts = 5, top_k = 1, score = \"sigmoid\", renormalize = false",
@@ -81,10 +99,10 @@ fn grouped_dispatch_equals_the_loop() -> Result<()> {
         "n_experts = 4, top_k = 2, routing = { type = \"expert_choice\" }",
     ] {
         let cfg: MoeConfig = examples_from_toml(&[text]).remove(0);
-        let store = ParamStore::new(3, DType::F32, &Device::Cpu);
+        let store = ParamStore::new(3, DType::F32, dev);
         let ctx = BuildCtx { d_model: 8, n_layers: 1, layer: 0, max_seq_len: 16, kind_layer: 0, kind_layers: 1 };
         let moe = Moe::new(&cfg, &ctx, &store.root())?;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (20, 8), &Device::Cpu)?)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (20, 8), &Device::Cpu)?.to_device(dev)?)?;
         let route = || -> Result<_> {
             let mut r = moe.router.route(x.as_tensor())?;
             if let Some(c) = cfg.capacity_factor {
@@ -96,16 +114,18 @@ fn grouped_dispatch_equals_the_loop() -> Result<()> {
         if cfg.capacity_factor.is_some() {
             assert!(r.dropped_fraction() > 0.0, "{text}: the capacity drops nothing");
         }
-        let dy = Tensor::randn(0f32, 1.0, (20, 8), &Device::Cpu)?;
+        let dy = Tensor::randn(0f32, 1.0, (20, 8), &Device::Cpu)?.to_device(dev)?;
         let mut outs = Vec::new();
         // The loop (the reference), then grouped with packed rows (the CPU path: its CPU form
-        // `zoo_kernels::moe_experts`, and its composition) and padded, batched rows (the CUDA path).
-        for how in [None, Some((false, true)), Some((false, false)), Some((true, false))] {
+        // `zoo_kernels::moe_experts`) and, packed and padded (the CUDA path: rows per expert as
+        // one batched matmul), the rows moved by candle ops and by `zoo_kernels::moe_dispatch`
+        // (its CPU form here, its kernels on CUDA).
+        for how in [None, Some((false, None)), Some((false, Some(false))), Some((true, Some(false))), Some((false, Some(true))), Some((true, Some(true)))] {
             let r = route()?;
             let y = match how {
                 None => moe.dispatch(x.as_tensor(), &r, Dispatch::Looped)?,
-                Some((batched, true)) => moe.grouped(x.as_tensor(), &r, batched)?,
-                Some((batched, false)) => moe.grouped_composition(x.as_tensor(), &r, batched)?,
+                Some((batched, None)) => moe.grouped(x.as_tensor(), &r, batched)?,
+                Some((batched, ops)) => moe.grouped_moving(x.as_tensor(), &r, batched, ops)?,
             };
             let g = (&y * &dy)?.sum_all()?.backward()?;
             let grads: Vec<(String, Option<Tensor>)> =
