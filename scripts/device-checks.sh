@@ -12,7 +12,7 @@
 #                      (the fused tests include the CUDA-graph training test)
 # decode:
 #   decode-h200.json   decode alone at T = 4096, B = 1 and 32 with zoo's two decoding kernels
-#                      (ZOO_FLASH_DECODE=rows, the default, and =split) beside the eager twin and HF
+#                      (ZOO_FLASH_DECODE=split, the default since stop 36, and =rows) beside the eager twin and HF
 #   graph-6L.json, graph-8L.json  `zoo bench --cuda-graph` of the 6L/384 twin model at 256 x 32 and
 #                      the 8L/512 one at 1024 x 4: the train step and prefill as plain launches and
 #                      as a replayed CUDA graph (or why the capture failed)

@@ -5,7 +5,8 @@
 # medians over rounds within one command's output only.
 # usage: scripts/moe-bench.sh cpu|cuda [ROUNDS] [extra zoo bench args]
 # Environment: CFG (default configs/moe-bench.toml), T (sequence length, default 128), BATCH
-# (default 16), OUT_DIR (default results/bench/moe-<device>, with -512 for configs/moe-bench-512.toml).
+# (default 16), OUT_DIR (default results/bench/moe-<device>, with -512 for configs/moe-bench-512.toml),
+# VARIANTS (a space-separated subset of the config's variants; default all).
 set -eu
 dev=${1:-cpu}; rounds=${2:-3}; shift 2 || shift $#
 ZOO=${ZOO:-target/release/zoo}
@@ -19,6 +20,7 @@ names=$("$ZOO" run "$cfg" --dry-run | head -n -1 | sed 's/__.*//')
 for r in $(seq 1 "$rounds"); do
   i=0
   for n in $names; do
+    if [ -n "${VARIANTS:-}" ] && ! echo " $VARIANTS " | grep -q " $n "; then i=$((i + 1)); continue; fi
     # shellcheck disable=SC2086
     "$ZOO" bench "$cfg" --run-index "$i" --seq-lens "$T" --batch "$BATCH" --warmup 2 --iters 10 --decode-tokens 16 \
       $args -q --out "$out/$n-r$r.json" "$@" > /dev/null

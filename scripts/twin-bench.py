@@ -254,8 +254,8 @@ def bench_decode(kind, layers, d, h, t, b, a):
 def bench_zoo_decode(layers, d, h, t, b, a, kernel="rows"):
     """zoo's decode at (t, b): `zoo bench --skip-train` (prefill, then greedy decode with the
     preallocated cache); weights_bytes = zoo's parameters as held (f32), kv_bytes as the twins' (bf16).
-    kernel: zoo's decoding attention kernel (ZOO_FLASH_DECODE): rows (impl zoo-fused) or split
-    (the split-KV kernel, impl zoo-fused-split)."""
+    kernel: zoo's decoding attention kernel (ZOO_FLASH_DECODE): rows (impl zoo-fused; the default
+    before stop 36) or split (the split-KV kernel, impl zoo-fused-split; the default since)."""
     cfg = zoo_config(layers, d, h)
     n = a.decode_tokens
     impl = "zoo-fused" if kernel == "rows" else f"zoo-fused-{kernel}"
@@ -317,8 +317,9 @@ def main():
     ap.add_argument("--impls", default="zoo-fused,zoo-naive,hf,eager,compile")
     ap.add_argument("--decode-batches", default="1,32",
                     help="decode alone at T = 4096 on the 8L-512 model for these batch sizes ('' skips)")
-    ap.add_argument("--zoo-decode-kernels", default="rows",
-                    help="zoo's decoding attention kernels to bench in the decode section (rows, split)")
+    ap.add_argument("--zoo-decode-kernels", default="split",
+                    help="zoo's decoding attention kernels to bench in the decode section (split, zoo's "
+                         "default since stop 36; rows)")
     ap.add_argument("--out", default="twins-h200.json")
     a = ap.parse_args()
     impls = a.impls.split(",")

@@ -264,11 +264,11 @@ impl Attention {
             KeyPositions::List(_) => None,
         };
         if let (Some(k_start), None) = (kernel_start, probe.as_ref()) {
-            // One query over a long cache: the default decoding kernel gives each (batch, head)
-            // one block that walks every key, and candle's matmuls spread the work better (H200,
-            // 8L/512, B = 4: 393 tok/s with the kernel against 649 without at T = 4096; 832
-            // against 634 at T = 1024; results/bench/twins-h200.json). The split-KV kernel
-            // (ZOO_FLASH_DECODE=split) spreads the keys over many blocks and takes every length.
+            // One query over a long cache: the split-KV kernel (the default) spreads the keys
+            // over many blocks and takes every length. The per-row kernel (ZOO_FLASH_DECODE=rows)
+            // gives each (batch, head) one block that walks every key, and candle's matmuls
+            // spread the work better (H200, 8L/512, B = 4: 393 tok/s with the kernel against 649
+            // without at T = 4096; 832 against 634 at T = 1024; results/bench/twins-h200.json).
             // On the CPU the op's CPU form takes every length (it reads the cache in place).
             let long_decode = q.device().is_cuda()
                 && q.dim(2)? == 1

@@ -96,14 +96,16 @@ pub fn flash_kernel_set() -> &'static str {
 }
 
 /// Which kernel a decoding step (at most [`DECODE_ROWS`] queries) takes on CUDA, from the
-/// environment: `rows` (the default: the CUDA-core forward, one block per 16 query rows of a
-/// head, walking every key) or `split` (ZOO_FLASH_DECODE=split: the split-KV kernel, the keys cut
-/// into chunks over many blocks, Flash-Decoding; it reads K and V in place from a narrowed cache
-/// view; opt-in until its check has passed on the GPU). Result JSONs record it as `flash_decode`.
+/// environment: `split` (the default since stop 36: the split-KV kernel, the keys cut into chunks
+/// over many blocks, Flash-Decoding; it reads K and V in place from a narrowed cache view) or
+/// `rows` (ZOO_FLASH_DECODE=rows: the CUDA-core forward, one block per 16 query rows of a head,
+/// walking every key). On an H100 (8L/512, T = 4096, `results/bench/decode-h100-split.json`) split
+/// decoded 467 / 8432 tok/s at B = 1 / 32 against rows' 253 / 2180. Result JSONs record it as
+/// `flash_decode`.
 pub fn decode_kernel() -> &'static str {
     match std::env::var("ZOO_FLASH_DECODE").as_deref() {
-        Ok("split") => "split",
-        _ => "rows",
+        Ok("rows") => "rows",
+        _ => "split",
     }
 }
 
