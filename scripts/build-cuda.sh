@@ -69,8 +69,12 @@ echo "built .devbin/zoo and $PKG/zoo.gz (carry $PKG to the device: gunzip -c $PK
 if [ "${1:-}" = --tests ]; then
   rm -rf "$PKG/tests" && mkdir -p "$PKG/tests"
   for pt in ${ZOO_CUDA_TESTS:-zoo-core:fused zoo-kernels:embedding zoo-core:flash}; do
-    cargo test --release --features cuda -p "${pt%%:*}" --test "${pt#*:}" --target-dir target-cuda --no-run \
-      --message-format=json 2> /dev/null | grep -o '"executable":"[^"]*"' | cut -d'"' -f4
+    # A crate without a `cuda` feature of its own (zoo-moe) gets CUDA through zoo-core's.
+    for feat in cuda zoo-core/cuda; do
+      exe=$(cargo test --release --features "$feat" -p "${pt%%:*}" --test "${pt#*:}" --target-dir target-cuda --no-run \
+        --message-format=json 2> /dev/null | grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
+      [ -n "$exe" ] && echo "$exe" && break
+    done
   done | while read -r exe; do
       name=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
       strip -o "$PKG/tests/$name" "$exe" && gzip -9 -f "$PKG/tests/$name"
