@@ -99,6 +99,8 @@ impl Env {
         if self.device.is_cuda() {
             d["flash_kernels"] = json!(zoo_kernels::attention::flash_kernel_set());
             d["flash_decode"] = json!(zoo_kernels::attention::decode_kernel());
+            // How grouped MoE dispatch moves its rows (ZOO_MOE_DISPATCH_KERNELS=1: the gather kernels).
+            d["moe_dispatch"] = json!(if zoo_kernels::moe_dispatch::enabled() { "kernels" } else { "composition" });
             if zoo_kernels::attention::flash_kernel_set() == "cudnn" {
                 // cuDNN's version, or why it could not be opened (then zoo's kernels ran).
                 d["cudnn"] = match zoo_kernels::attention_cudnn::available() {

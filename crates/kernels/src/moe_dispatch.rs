@@ -8,7 +8,8 @@
 //!   combine (and the gather's backward).
 //! - [`gather_dot`]: `out[i] = ⟨a[i / k], b[idx[i]]⟩`, the gradient of the combine's weights.
 //!
-//! On CUDA each is one kernel (`src/cuda/moe_dispatch.cu`, f32 sums) in place of candle's
+//! On CUDA each is one kernel (`src/cuda/moe_dispatch.cu`, f32 sums; not yet run on a GPU, so
+//! zoo-moe takes them only with `ZOO_MOE_DISPATCH_KERNELS=1`, [`enabled`]) in place of candle's
 //! `cat` (a zero row for the padding index) + `index_select` + `broadcast_mul` + `sum`: in an
 //! `ncu` trace of an E8 k2 LM step (8 layers, d 512, 8192 tokens, H100) those four took 47 of the
 //! 79 ms of GPU time that the MoE run spent beyond its dense twin's over 3 steps and 2 evaluations.
@@ -42,6 +43,14 @@ pub enum Weights<'a> {
     Slot(&'a Tensor),
     /// Term (i, j) is scaled by `w[widx[i·m + j]]`, or dropped when that index is past w's end.
     Indexed(&'a Tensor, &'a Tensor),
+}
+
+/// Whether zoo-moe's dispatch moves its rows with these ops on CUDA: opt-in
+/// (`ZOO_MOE_DISPATCH_KERNELS=1`) until their GPU check (`gathers_match_the_composition_on_cuda`,
+/// zoo-moe's `grouped_dispatch_equals_the_loop_on_cuda`) has passed; written in stop 36, whose
+/// device time ran out before they could run. Result JSONs record it as `moe_dispatch`.
+pub fn enabled() -> bool {
+    std::env::var("ZOO_MOE_DISPATCH_KERNELS").as_deref() == Ok("1")
 }
 
 /// Why the kernels cannot run on `src` (`None`: they can): naive mode, a build without CUDA, a

@@ -18,8 +18,9 @@
 //! (`results/bench/moe-cuda`). [`Dispatch::Looped`](crate::Dispatch) keeps that composition as the
 //! reference the tests compare with.
 //!
-//! On CUDA (fused mode) both passes of both ops run as `zoo_kernels::moe_dispatch`'s two gather
-//! kernels (`gather_sum`, `gather_dot`: one pass each, f32 sums) in place of the `cat` of a zero
+//! On CUDA (fused mode, with `ZOO_MOE_DISPATCH_KERNELS=1` until their GPU check has passed) both
+//! passes of both ops run as `zoo_kernels::moe_dispatch`'s two gather kernels (`gather_sum`,
+//! `gather_dot`: one pass each, f32 sums) in place of the `cat` of a zero
 //! row, `index_select`, `broadcast_mul` and `sum` of the composition below, which stays the CPU
 //! path and the reference ([`Plan::with_ops`] picks either on any device, for the tests).
 //!
@@ -65,9 +66,10 @@ pub struct Plan {
 }
 
 /// Whether a plan on `dev` moves its rows with `zoo_kernels::moe_dispatch` by default: where its
-/// kernels run (CUDA, fused mode, a CUDA build).
+/// kernels run (CUDA, fused mode, a CUDA build) and are switched on (`ZOO_MOE_DISPATCH_KERNELS=1`:
+/// opt-in until their GPU check has passed).
 fn ops_by_default(dev: &Device) -> bool {
-    zoo_core::zoo_kernels::unavailable(dev).is_none()
+    zoo_core::zoo_kernels::unavailable(dev).is_none() && ops::enabled()
 }
 
 impl Plan {
