@@ -133,13 +133,31 @@ pub const NONE_SLOT: u32 = NONE;
 /// assert_eq!((padded.slots, padded.inv), (vec![1, 2, X, 0, 4, 5], vec![3, 0, 1, X, 4, 5]));
 /// ```
 pub fn expert_order(assignments: &[u32], kept: &[bool], n_experts: usize, padded: bool) -> ExpertOrder {
+    order_by_expert(assignments, kept, n_experts, padded.then_some(1))
+}
+
+/// [`expert_order`] padded, with the common capacity (the busiest expert's count) rounded up to a
+/// multiple of `multiple` (≥ 1): fewer distinct shapes for the batched expert matmuls when the
+/// routing changes from step to step.
+///
+/// ```
+/// use zoo_kernels::moe_experts::expert_order_padded_to;
+/// let o = expert_order_padded_to(&[1, 0, 0, 1, 1], &[true; 5], 2, 4);
+/// assert_eq!((o.start, o.lens), (vec![0, 4, 8], vec![2, 3])); // capacity 3 rounded to 4
+/// ```
+pub fn expert_order_padded_to(assignments: &[u32], kept: &[bool], n_experts: usize, multiple: usize) -> ExpertOrder {
+    order_by_expert(assignments, kept, n_experts, Some(multiple.max(1)))
+}
+
+fn order_by_expert(assignments: &[u32], kept: &[bool], n_experts: usize, pad_multiple: Option<usize>) -> ExpertOrder {
+    let padded = pad_multiple.is_some();
     let mut lens = vec![0usize; n_experts];
     for (&a, &kp) in assignments.iter().zip(kept) {
         if kp {
             lens[a as usize] += 1;
         }
     }
-    let cap = lens.iter().copied().max().unwrap_or(0);
+    let cap = lens.iter().copied().max().unwrap_or(0).div_ceil(pad_multiple.unwrap_or(1)) * pad_multiple.unwrap_or(1);
     let mut start = vec![0usize; n_experts + 1];
     for e in 0..n_experts {
         start[e + 1] = start[e] + if padded { cap } else { lens[e] };

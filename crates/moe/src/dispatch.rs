@@ -65,6 +65,16 @@ pub struct Plan {
     ops: bool,
 }
 
+/// The multiple the padded capacity is rounded up to (`ZOO_MOE_CAP_MULTIPLE`, default 1: none).
+/// A hypothesis to measure, not a measured gain: when the routing changes from step to step (`zoo
+/// run`), so does the busiest expert's count, and with it the shapes of the batched expert
+/// matmuls, and cuBLAS picks a kernel for every new shape; rounding (e.g. to 64) bounds the number
+/// of shapes for at most `multiple − 1` padding rows per expert. Stop 36 saw `zoo run` take 109 ms
+/// a step for an E8 k2 LM that `zoo bench` (the same batch every step) times at 46 ms.
+pub fn capacity_multiple() -> usize {
+    std::env::var("ZOO_MOE_CAP_MULTIPLE").ok().and_then(|v| v.parse().ok()).filter(|&m: &usize| m >= 1).unwrap_or(1)
+}
+
 /// Whether a plan on `dev` moves its rows with `zoo_kernels::moe_dispatch` by default: where its
 /// kernels run (CUDA, fused mode, a CUDA build) and are switched on (`ZOO_MOE_DISPATCH_KERNELS=1`:
 /// opt-in until their GPU check has passed).
@@ -91,10 +101,16 @@ impl Plan {
         }
         // One stable counting sort by expert (slot order within an expert), shared with the
         // experts' CPU form; here the "no slot" / "no row" markers are N·k and R.
-        let order = zoo_core::zoo_kernels::moe_experts::expert_order(assignments, kept, n_experts, !packed);
+        use zoo_core::zoo_kernels::moe_experts::{expert_order, expert_order_padded_to};
+        let order = if packed {
+            expert_order(assignments, kept, n_experts, false)
+        } else {
+            expert_order_padded_to(assignments, kept, n_experts, capacity_multiple())
+        };
         let none = zoo_core::zoo_kernels::moe_experts::NONE_SLOT;
         let (lens, r) = (order.lens, order.start[n_experts]);
-        let cap = lens.iter().copied().max().unwrap_or(0);
+        // Padded: every expert's rows span the (rounded) capacity; packed: the busiest count.
+        let cap = if packed { lens.iter().copied().max().unwrap_or(0) } else { order.start[1] - order.start[0] };
         let n = total / k;
         let slots: Vec<u32> = order.slots.iter().map(|&a| if a == none { total as u32 } else { a }).collect();
         let inv: Vec<u32> = order.inv.iter().map(|&row| if row == none { r as u32 } else { row }).collect();

@@ -617,3 +617,36 @@ fn tiled_dispatch_refuses_what_it_cannot_keep_on_the_device() {
         assert!(err.starts_with(field), "{line}: {err}");
     }
 }
+
+/// `ZOO_MOE_CAP_MULTIPLE` rounds the padded capacity up (more padding rows, fewer distinct matmul
+/// shapes) without changing what the gather and combine give, or their gradients.
+#[test]
+fn rounded_capacity_pads_without_changing_the_result() -> Result<()> {
+    use zoo_moe::dispatch::Plan;
+    let dev = Device::Cpu;
+    // 3 tokens, k = 2, experts 1, 0, 0, 1, 1, 2: expert 1 is the busiest with 3 slots.
+    let (a, kept) = ([1u32, 0, 0, 1, 1, 2], [true; 6]);
+    let (plain, _) = Plan::new(&a, &kept, 2, 3, false, &dev)?;
+    // Only this test sets the variable; a test reading it meanwhile pads more and gets the same sums.
+    std::env::set_var("ZOO_MOE_CAP_MULTIPLE", "16");
+    let rounded = Plan::new(&a, &kept, 2, 3, false, &dev);
+    std::env::remove_var("ZOO_MOE_CAP_MULTIPLE");
+    let (rounded, _) = rounded?;
+    assert_eq!((plain.capacity(), plain.rows()), (3, 9));
+    assert_eq!((rounded.capacity(), rounded.rows()), (16, 48));
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4), &dev)?)?;
+    let w = Var::from_tensor(&Tensor::rand(0f32, 1.0, (3, 2), &dev)?)?;
+    let dy = Tensor::randn(0f32, 1.0, (3, 4), &dev)?;
+    let mut outs = Vec::new();
+    for p in [&plain, &rounded] {
+        let xs = p.gather(x.as_tensor())?;
+        let y = p.combine(&(xs.sqr()? * 3.0)?, w.as_tensor())?;
+        let g = (&y * &dy)?.sum_all()?.backward()?;
+        outs.push([y, g.get(x.as_tensor()).unwrap().clone(), g.get(w.as_tensor()).unwrap().clone()]);
+    }
+    for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
+        let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(d < 1e-6, "output / dx / dw ({i}) differs by {d}");
+    }
+    Ok(())
+}
