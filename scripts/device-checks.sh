@@ -45,6 +45,14 @@
 #   the twins; CUDNN_BENCH=0 the attention bench)
 #   ncu-cudnn.txt      with CUDNN_NCU=1: ncu's GPU time per kernel of the op's forward + backward
 #                      through cuDNN at 1·16·4096·128
+# moe-dispatch: stop 36's MoE changes, written after its device time ran out (about 5 minutes):
+#   tests.log          the CUDA test binaries .devpkg/tests/moe_dispatch and moe (zoo-kernels' gather
+#                      kernels against the composition; zoo-moe's grouped_dispatch_equals_the_loop_on_cuda),
+#                      from `ZOO_CUDA_TESTS="zoo-kernels:moe_dispatch zoo-moe:moe" scripts/build-cuda.sh --tests`
+#   moe-dispatch.tgz   moe-bench.sh on configs/moe-bench-512.toml, dense and E8 k2 grouped, 3 rounds
+#                      alternating without (plain/) and with (kernels/) ZOO_MOE_DISPATCH_KERNELS=1;
+#                      medians printed
+#   profile-cap-*.txt  zoo run's ms per step of the same two, ZOO_MOE_CAP_MULTIPLE unset (1) and 64
 # all: kernels, decode, twins (more than one 600 s call).
 #   device:  run(command="bash scripts/device-checks.sh kernels", carry=[".devpkg"], timeout_s=590)
 #            run(command="bash scripts/device-checks.sh decode", carry=[".devpkg"], timeout_s=590)
@@ -180,6 +188,36 @@ cudnn() {
   fi
 }
 
+moe_dispatch() {
+  : > "$OUT/tests.log"
+  for t in moe_dispatch moe; do
+    for f in .devpkg/tests/$t.xz .devpkg/tests/$t.gz; do [ -f "$f" ] && unpack_test "$f" /tmp/t-$t && break; done
+    [ -x /tmp/t-$t ] && step 60 "test $t" /tmp/t-$t --test-threads 1 >> "$OUT/tests.log" 2>&1
+  done
+  grep -E "on_cuda|^test result|panicked|FAILED" "$OUT/tests.log"
+  for r in 1 2 3; do
+    for mode in plain kernels; do
+      k=0; [ "$mode" = kernels ] && k=1
+      step 90 "bench $mode round $r" env ZOO_MOE_DISPATCH_KERNELS=$k ZOO=/tmp/zoo CFG=configs/moe-bench-512.toml T=512 \
+        VARIANTS="dense_active e8k2_grouped" FIRST_ROUND=$r OUT_DIR=/tmp/moe-dispatch/$mode bash scripts/moe-bench.sh cuda 1 > /dev/null
+    done
+  done
+  tar czf "$OUT/moe-dispatch.tgz" -C /tmp moe-dispatch
+  python3 - <<'PY'
+import glob, json, statistics
+for mode in ("plain", "kernels"):
+    for v in ("dense_active", "e8k2_grouped"):
+        ms = [json.load(open(f))["rows"][0]["train_step_s"] * 1000 for f in glob.glob(f"/tmp/moe-dispatch/{mode}/{v}-r*.json")]
+        if ms:
+            print(f"{mode} {v}: train step median {statistics.median(ms):.2f} ms over {len(ms)} rounds ({min(ms):.2f}-{max(ms):.2f})")
+PY
+  for m in 1 64; do
+    step 120 "profile cap $m" env ZOO_MOE_CAP_MULTIPLE=$m PART=1 CFG=configs/moe-bench-512.toml VARIANTS="dense_active e8k2_grouped" \
+      OUT=/tmp/prof-cap-$m bash scripts/device-profile-moe.sh 50 > /dev/null
+    cp /tmp/prof-cap-$m/profile-moe.txt "$OUT/profile-cap-$m.txt" && cat "$OUT/profile-cap-$m.txt"
+  done
+}
+
 case "${1:-all}" in
   kernels) kernels ;;
   decode) decode ;;
@@ -188,6 +226,7 @@ case "${1:-all}" in
   moe512) moe512 ;;
   profile) profile ;;
   cudnn) cudnn ;;
+  moe-dispatch) moe_dispatch ;;
   all) kernels; decode; twins ;;
-  *) echo "usage: $0 kernels|decode|twins|moe|moe512|profile|cudnn|all" >&2; exit 2 ;;
+  *) echo "usage: $0 kernels|decode|twins|moe|moe512|profile|cudnn|moe-dispatch|all" >&2; exit 2 ;;
 esac

@@ -10,7 +10,7 @@
 #   device:  run(command="bash scripts/device-profile-moe.sh", carry=[".devpkg"], timeout_s=400)
 # CFG picks another bench config (e.g. configs/moe-bench-512.toml: 8 layers, d 512, 8192 tokens a
 # step, where E8 k2 grouped trains at 0.33x dense on the H100) and VARIANTS its variants.
-# usage: [CFG=...] [VARIANTS="a b"] scripts/device-profile-moe.sh [STEPS]
+# usage: [CFG=...] [VARIANTS="a b"] [PART=1] scripts/device-profile-moe.sh [STEPS]
 set -u
 steps=${1:-100}
 cfg=${CFG:-configs/moe-bench.toml}
@@ -33,6 +33,8 @@ for v in $variants; do
   s=$(secs "$(ls $rd/prof-moe/*.json)")
   echo "$v: $s s, $(python3 -c "print(round(1000*$s/$steps, 2))") ms/step" | tee -a "$log"
 done
+# PART=1: the step times only (no ncu).
+[ "${PART:-all}" = 1 ] && exit 0
 echo "## 2. GPU time by kernel, per step (ncu; 6 steps minus 3)" | tee -a "$log"
 for v in $variants; do
   i=$(index $v)

@@ -6,7 +6,8 @@
 # usage: scripts/moe-bench.sh cpu|cuda [ROUNDS] [extra zoo bench args]
 # Environment: CFG (default configs/moe-bench.toml), T (sequence length, default 128), BATCH
 # (default 16), OUT_DIR (default results/bench/moe-<device>, with -512 for configs/moe-bench-512.toml),
-# VARIANTS (a space-separated subset of the config's variants; default all).
+# VARIANTS (a space-separated subset of the config's variants; default all), FIRST_ROUND (the
+# first round's number, default 1: calls that alternate with other settings number on).
 set -eu
 dev=${1:-cpu}; rounds=${2:-3}; shift 2 || shift $#
 ZOO=${ZOO:-target/release/zoo}
@@ -17,7 +18,8 @@ T=${T:-128}; BATCH=${BATCH:-16}
 args=""; [ "$dev" = cuda ] && args="--device cuda:0 --dtype bf16"
 mkdir -p "$out"
 names=$("$ZOO" run "$cfg" --dry-run | head -n -1 | sed 's/__.*//')
-for r in $(seq 1 "$rounds"); do
+first=${FIRST_ROUND:-1}
+for r in $(seq "$first" $((first + rounds - 1))); do
   i=0
   for n in $names; do
     if [ -n "${VARIANTS:-}" ] && ! echo " $VARIANTS " | grep -q " $n "; then i=$((i + 1)); continue; fi
