@@ -25,8 +25,9 @@ rng = np.random.default_rng(0)
 
 def plan(b, h, hkv, tq, tk, d, q_start, k_start, n_sink, window, target):
     """decode_plan (attention.rs), line by line."""
-    r = 4 if d >= 192 else 8
-    groups = -(-(h // hkv * tq) // r)
+    rows = h // hkv * tq
+    r = min(1 << (max(rows, 1) - 1).bit_length(), 4 if d >= 192 else 8)  # next power of two, capped
+    groups = -(-rows // r)
     keys = tk - n_sink
     qlo, qhi = q_start, q_start + tq - 1
     lo = max(0, qlo - window + 1 - k_start) if window else 0

@@ -53,6 +53,11 @@
 #                      alternating without (plain/) and with (kernels/) ZOO_MOE_DISPATCH_KERNELS=1;
 #                      medians printed
 #   profile-cap-*.txt  zoo run's ms per step of the same two, ZOO_MOE_CAP_MULTIPLE unset (1) and 64
+# decode-fit: stop 36's fitted rows per block of the split-KV kernel (ZOO_FLASH_DEC_ROWS=fit), written
+#   after its device time ran out (about 4 minutes):
+#   tests-fit.log      the flash tests (.devpkg/tests/flash) under ZOO_FLASH_DEC_ROWS=fit
+#   decode-fit.json    scripts/twin-bench.py decode alone at T = 4096, B = 1 and 32: split (8 rows a
+#                      block) and split-fit beside the eager twin and HF
 # all: kernels, decode, twins (more than one 600 s call).
 #   device:  run(command="bash scripts/device-checks.sh kernels", carry=[".devpkg"], timeout_s=590)
 #            run(command="bash scripts/device-checks.sh decode", carry=[".devpkg"], timeout_s=590)
@@ -188,6 +193,15 @@ cudnn() {
   fi
 }
 
+decode_fit() {
+  for f in .devpkg/tests/flash.xz .devpkg/tests/flash.gz; do [ -f "$f" ] && unpack_test "$f" /tmp/flash && break; done
+  step 90 tests-fit env ZOO_FLASH_DEC_ROWS=fit /tmp/flash --test-threads 1 > "$OUT/tests-fit.log" 2>&1
+  grep -E "^test |^test result|panicked" "$OUT/tests-fit.log"
+  step 200 decode-fit python3 scripts/twin-bench.py --zoo /tmp/zoo --impls none --decode-batches 1,32 \
+    --zoo-decode-kernels split,split-fit --out "$OUT/decode-fit.json" > "$OUT/decode-fit.log" 2>&1
+  python3 -c "import json,sys; [print(r['impl'], r['batch'], round(r.get('decode_tokens_per_s', 0), 1), r.get('error', '')) for r in json.load(open(sys.argv[1]))['decode']['rows']]" "$OUT/decode-fit.json"
+}
+
 moe_dispatch() {
   : > "$OUT/tests.log"
   for t in moe_dispatch moe; do
@@ -227,6 +241,7 @@ case "${1:-all}" in
   profile) profile ;;
   cudnn) cudnn ;;
   moe-dispatch) moe_dispatch ;;
+  decode-fit) decode_fit ;;
   all) kernels; decode; twins ;;
-  *) echo "usage: $0 kernels|decode|twins|moe|moe512|profile|cudnn|moe-dispatch|all" >&2; exit 2 ;;
+  *) echo "usage: $0 kernels|decode|twins|moe|moe512|profile|cudnn|moe-dispatch|decode-fit|all" >&2; exit 2 ;;
 esac

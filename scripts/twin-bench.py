@@ -255,7 +255,8 @@ def bench_zoo_decode(layers, d, h, t, b, a, kernel="rows"):
     """zoo's decode at (t, b): `zoo bench --skip-train` (prefill, then greedy decode with the
     preallocated cache); weights_bytes = zoo's parameters as held (f32), kv_bytes as the twins' (bf16).
     kernel: zoo's decoding attention kernel (ZOO_FLASH_DECODE): rows (impl zoo-fused; the default
-    before stop 36) or split (the split-KV kernel, impl zoo-fused-split; the default since)."""
+    before stop 36), split (the split-KV kernel, impl zoo-fused-split; the default since) or
+    split-fit (split with ZOO_FLASH_DEC_ROWS=fit: blocks of as many query rows as a kv head has)."""
     cfg = zoo_config(layers, d, h)
     n = a.decode_tokens
     impl = "zoo-fused" if kernel == "rows" else f"zoo-fused-{kernel}"
@@ -267,7 +268,8 @@ def bench_zoo_decode(layers, d, h, t, b, a, kernel="rows"):
         r = subprocess.run([a.zoo, "bench", path, "--device", "cuda:0", "--dtype", "bf16", "--seq-lens", str(t),
                             "--batch", str(b), "--warmup", str(a.warmup), "--iters", str(a.iters), "--skip-train",
                             "--decode-tokens", str(n), "--out", out, "-q"], capture_output=True, text=True,
-                           env=dict(os.environ, ZOO_FLASH_DECODE=kernel))
+                           env=dict(os.environ, ZOO_FLASH_DECODE=kernel.split("-")[0],
+                                    ZOO_FLASH_DEC_ROWS="fit" if kernel.endswith("-fit") else "8"))
         if r.returncode != 0:
             row["error"] = r.stderr.strip()[-400:]
         else:
@@ -319,7 +321,7 @@ def main():
                     help="decode alone at T = 4096 on the 8L-512 model for these batch sizes ('' skips)")
     ap.add_argument("--zoo-decode-kernels", default="split",
                     help="zoo's decoding attention kernels to bench in the decode section (split, zoo's "
-                         "default since stop 36; rows)")
+                         "default since stop 36; rows; split-fit)")
     ap.add_argument("--out", default="twins-h200.json")
     a = ap.parse_args()
     impls = a.impls.split(",")

@@ -99,6 +99,8 @@ impl Env {
         if self.device.is_cuda() {
             d["flash_kernels"] = json!(zoo_kernels::attention::flash_kernel_set());
             d["flash_decode"] = json!(zoo_kernels::attention::decode_kernel());
+            // The split-KV kernel's rows per block: fitted to a kv head's rows, or 8 (ZOO_FLASH_DEC_ROWS).
+            d["flash_decode_rows"] = json!(if zoo_kernels::attention::decode_rows_fit() { "fit" } else { "8" });
             // How grouped MoE dispatch moves its rows (ZOO_MOE_DISPATCH_KERNELS=1: the gather kernels).
             d["moe_dispatch"] = json!(if zoo_kernels::moe_dispatch::enabled() { "kernels" } else { "composition" });
             if zoo_kernels::attention::flash_kernel_set() == "cudnn" {

@@ -109,6 +109,17 @@ pub fn decode_kernel() -> &'static str {
     }
 }
 
+/// Whether the split-KV kernel's blocks hold only as many query rows as a kv head has (the
+/// smallest of 1, 2, 4, 8), `ZOO_FLASH_DEC_ROWS=fit`, or always 8 (4 at head dims ≥ 192), the
+/// default and the form checked on the GPU. Stop 36 wrote the fitted form after its device time
+/// ran out: at head dim 64 in bf16 ptxas gives the kernel 32 registers a thread with one row and
+/// 92 with eight, so a one-query step of a plain multi-head model (one live row per block) could
+/// keep 16 blocks of 4 warps per SM where eight rows' registers allow 5. Opt-in until its flash
+/// tests have passed on the GPU (`split_kv_decoding_matches_the_composition` under the switch).
+pub fn decode_rows_fit() -> bool {
+    std::env::var("ZOO_FLASH_DEC_ROWS").as_deref() == Ok("fit")
+}
+
 /// Query rows up to which a forward is a decoding step (the CUDA-core kernels' rows per block).
 pub const DECODE_ROWS: usize = 16;
 
@@ -324,7 +335,8 @@ impl CustomOp3 for Flash {
 /// How the split-KV decoding kernel cuts the keys (attention.cu, `dec_split`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodePlan {
-    /// Query rows (heads of a GQA group × queries) per block: 8, or 4 at head dims ≥ 192.
+    /// Query rows (heads of a GQA group × queries) per block: the smallest of 1, 2, 4, 8 (at head
+    /// dims ≥ 192 at most 4) that holds a kv head's rows, a template parameter of the kernel.
     pub rows_per_block: usize,
     /// The first non-sink key column any of the queries may see.
     pub c_lo: usize,
@@ -344,10 +356,14 @@ pub const DECODE_MIN_CHUNK: usize = 64;
 /// from the number of warps; at 4 per SM a B = 32, T = 4096 step read its cache at ~0.35 TB/s): the keys
 /// the queries at positions `q_start..q_start + tq` may see (FlashAttention's `key_range`),
 /// cut into chunks of at least [`DECODE_MIN_CHUNK`].
+/// With `fit_rows` ([`decode_rows_fit`]) a block holds the smallest power of two of rows (1, 2, 4,
+/// 8) that takes a kv head's rows, else always 8 (4 at head dims ≥ 192).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn decode_plan(o: &FlashOpts, n: &Dims, target_blocks: usize) -> DecodePlan {
-    let rows_per_block = if n.d >= 192 { 4 } else { 8 };
-    let groups = (n.h / n.hkv * n.tq).div_ceil(rows_per_block);
+fn decode_plan(o: &FlashOpts, n: &Dims, target_blocks: usize, fit_rows: bool) -> DecodePlan {
+    let rows = n.h / n.hkv * n.tq;
+    let most = if n.d >= 192 { 4 } else { 8 };
+    let rows_per_block = if fit_rows { rows.max(1).next_power_of_two().min(most) } else { most };
+    let groups = rows.div_ceil(rows_per_block);
     let keys = n.tk - o.n_sink;
     let (qlo, qhi) = (o.q_start as i64, (o.q_start + n.tq) as i64 - 1);
     let lo = o.window.map_or(0, |w| qlo - w as i64 + 1 - o.k_start as i64).max(0);
@@ -480,7 +496,7 @@ mod cuda {
             }
         };
         let ((kb, kh, kr), (vb, vh, vr)) = (strides(k.1)?, strides(v.1)?);
-        let plan = super::decode_plan(o, n, DEC_BLOCKS_PER_SM * sm_count(&dev));
+        let plan = super::decode_plan(o, n, DEC_BLOCKS_PER_SM * sm_count(&dev), super::decode_rows_fit());
         let dp = DecParams {
             p: params(o, n)?,
             kb,
@@ -495,7 +511,7 @@ mod cuda {
             splits: plan.splits as i32,
         };
         let s = suffix(dt)?;
-        let fs = dev.get_or_load_custom_func(&format!("zoo_flash_dec_split_{s}_{}", n.d), MODULE, PTX)?;
+        let fs = dev.get_or_load_custom_func(&format!("zoo_flash_dec_split_{s}_{}_r{}", n.d, plan.rows_per_block), MODULE, PTX)?;
         let fc = dev.get_or_load_custom_func(&format!("zoo_flash_dec_combine_{s}_{}", n.d), MODULE, PTX)?;
         let total = n.b * n.h * n.tq;
         let len = total * n.d;
@@ -699,27 +715,35 @@ mod tests {
     fn decode_plan_covers_the_visible_keys_once() {
         let at = |q_start: usize, window: Option<usize>, n_sink: usize| FlashOpts { q_start, window, n_sink, ..FlashOpts::causal(64) };
         // One query at position 4095 over 4096 keys, 8 heads, 528 blocks wanted: 64 chunks of 64.
-        let p = decode_plan(&at(4095, None, 0), &dims(1, 8, 8, 1, 4096, 64), 528);
-        assert_eq!(p, DecodePlan { rows_per_block: 8, c_lo: 0, n_cols: 4096, chunk: 64, splits: 64 });
+        let p = decode_plan(&at(4095, None, 0), &dims(1, 8, 8, 1, 4096, 64), 528, true);
+        // One row per kv head (no GQA, one query): blocks of one row (fitted).
+        assert_eq!(p, DecodePlan { rows_per_block: 1, c_lo: 0, n_cols: 4096, chunk: 64, splits: 64 });
         // B = 32: 256 blocks before splitting, so 3 splits (of 1366, 1366, 1364 keys).
-        let p = decode_plan(&at(4095, None, 0), &dims(32, 8, 8, 1, 4096, 64), 528);
+        let p = decode_plan(&at(4095, None, 0), &dims(32, 8, 8, 1, 4096, 64), 528, true);
         assert_eq!((p.chunk, p.splits), (1366, 3));
         // GQA 8:1 with 2 queries: 16 rows, 2 groups of 8 per kv head; head dim 256: groups of 4.
-        assert_eq!(decode_plan(&at(10, None, 0), &dims(1, 8, 1, 2, 12, 64), 528).splits, 1);
-        assert_eq!(decode_plan(&at(10, None, 0), &dims(1, 8, 1, 2, 12, 256), 528).rows_per_block, 4);
+        assert_eq!(decode_plan(&at(10, None, 0), &dims(1, 8, 1, 2, 12, 64), 528, true).splits, 1);
+        assert_eq!(decode_plan(&at(10, None, 0), &dims(1, 8, 1, 2, 12, 256), 528, true).rows_per_block, 4);
+        assert_eq!(decode_plan(&at(10, None, 0), &dims(1, 8, 1, 2, 12, 64), 528, true).rows_per_block, 8);
+        // GQA 4:1 with one query: 4 rows; 3 queries of a plain model: 3 rows in a block of 4.
+        assert_eq!(decode_plan(&at(10, None, 0), &dims(1, 8, 2, 1, 12, 64), 528, true).rows_per_block, 4);
+        assert_eq!(decode_plan(&at(10, None, 0), &dims(1, 8, 8, 3, 12, 64), 528, true).rows_per_block, 4);
+        // Without fitting (the default), always 8 rows (4 at head dims >= 192).
+        assert_eq!(decode_plan(&at(10, None, 0), &dims(1, 8, 8, 1, 12, 64), 528, false).rows_per_block, 8);
+        assert_eq!(decode_plan(&at(10, None, 0), &dims(1, 8, 8, 1, 12, 192), 528, false).rows_per_block, 4);
         // A window of 1000 at position 4095 with 4 sinks: columns 0..4 and 4 + 3096 .. 4 + 4096.
-        let p = decode_plan(&at(4095, Some(1000), 4), &dims(1, 8, 8, 1, 4 + 4096, 64), 528);
+        let p = decode_plan(&at(4095, Some(1000), 4), &dims(1, 8, 8, 1, 4 + 4096, 64), 528, true);
         assert_eq!((p.c_lo, p.n_cols), (4 + 3096, 4 + 1000));
         assert_eq!(p.splits, (p.n_cols).div_ceil(p.chunk));
         assert!(p.chunk >= DECODE_MIN_CHUNK && (p.splits - 1) * p.chunk < p.n_cols);
         // Keys after the queries (k_start beyond): only the sinks are visible; none at all: one empty split.
         let late = FlashOpts { k_start: 100, ..at(50, None, 2) };
-        assert_eq!(decode_plan(&late, &dims(1, 2, 2, 1, 2 + 30, 32), 528).n_cols, 2);
+        assert_eq!(decode_plan(&late, &dims(1, 2, 2, 1, 2 + 30, 32), 528, true).n_cols, 2);
         let none = FlashOpts { k_start: 100, ..at(50, None, 0) };
-        let p = decode_plan(&none, &dims(1, 2, 2, 1, 30, 32), 528);
+        let p = decode_plan(&none, &dims(1, 2, 2, 1, 30, 32), 528, true);
         assert_eq!((p.n_cols, p.chunk, p.splits), (0, 0, 1));
         // Queries at 5..=9 over keys from position 0 in a cache of 20: keys 0..=9 only.
-        let p = decode_plan(&at(5, None, 0), &dims(1, 4, 2, 5, 20, 64), 528);
+        let p = decode_plan(&at(5, None, 0), &dims(1, 4, 2, 5, 20, 64), 528, true);
         assert_eq!((p.c_lo, p.n_cols, p.splits), (0, 10, 1));
     }
 }

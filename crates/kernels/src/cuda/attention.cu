@@ -1324,8 +1324,11 @@ struct DecParams {
     int chunk, splits;     // virtual columns per split, and their number
 };
 
-// Rows per block at head dim D (the registers of R rows of q and of the accumulator per lane).
-template <int D> struct DecRows { static constexpr int R = D >= 192 ? 4 : 8; };
+// Rows per block R, a template parameter: 1, 2, 4 or 8 (at head dims >= 192 at most 4: the
+// registers of R rows of q and of the accumulator per lane), the smallest that holds a kv head's
+// G * Tq rows (decode_plan in attention.rs). Registers set the occupancy: with R = 8 a block held
+// 8 rows of q and of the accumulator whatever the number of live rows, and a one-query step of a
+// plain multi-head model (one live row) kept about 20 warps per SM where R = 1 fits far more.
 
 template <typename T, int D>
 __device__ __forceinline__ void dec_load(float* dst, const T* row, int lane) {
@@ -1335,10 +1338,10 @@ __device__ __forceinline__ void dec_load(float* dst, const T* row, int lane) {
 
 // grid (splits, B * Hkv, ceil(G * Tq / R)), DEC_WARPS * 32 threads. part_o (splits, B * H * Tq, D)
 // f32, part_ml (splits, B * H * Tq, 2) f32, rows in (b, hk, g, i) order (= (b, h, i)).
-template <typename T, int D>
+template <typename T, int D, int R>
 __device__ void dec_split(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                           float* __restrict__ part_o, float* __restrict__ part_ml, DecParams dp) {
-    constexpr int E = D / 32, R = DecRows<D>::R;
+    constexpr int E = D / 32;
     const Params& p = dp.p;
     __shared__ float s_acc[DEC_WARPS][R][D];
     __shared__ float s_m[DEC_WARPS][R], s_l[DEC_WARPS][R];
@@ -1468,18 +1471,25 @@ __device__ void dec_combine(const float* __restrict__ part_o, const float* __res
     if (lane == 0) lse[row] = sum > 0.f ? mx + log2f(sum) : -INFINITY;
 }
 
-#define DEC_KERNELS(T, NAME, D)                                                                           \
-    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) zoo_flash_dec_split_##NAME##_##D(       \
+#define DEC_SPLIT(T, NAME, D, R)                                                                          \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) zoo_flash_dec_split_##NAME##_##D##_r##R( \
         const T* q, const T* k, const T* v, float* part_o, float* part_ml, DecParams dp) {                \
-        dec_split<T, D>(q, k, v, part_o, part_ml, dp);                                                    \
-    }                                                                                                     \
+        dec_split<T, D, R>(q, k, v, part_o, part_ml, dp);                                                 \
+    }
+#define DEC_COMBINE(T, NAME, D)                                                                           \
     extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) zoo_flash_dec_combine_##NAME##_##D(     \
         const float* part_o, const float* part_ml, T* o, float* lse, DecParams dp) {                      \
         dec_combine<T, D>(part_o, part_ml, o, lse, dp);                                                   \
     }
+// Head dims up to 128 take R = 1, 2, 4, 8; 192 and 256 up to 4.
+#define DEC_KERNELS(T, NAME, D)                                                                           \
+    DEC_SPLIT(T, NAME, D, 1) DEC_SPLIT(T, NAME, D, 2) DEC_SPLIT(T, NAME, D, 4) DEC_SPLIT(T, NAME, D, 8)    \
+    DEC_COMBINE(T, NAME, D)
+#define DEC_KERNELS_WIDE(T, NAME, D)                                                                      \
+    DEC_SPLIT(T, NAME, D, 1) DEC_SPLIT(T, NAME, D, 2) DEC_SPLIT(T, NAME, D, 4) DEC_COMBINE(T, NAME, D)
 #define DEC_ALL(T, NAME)                                                                                  \
     DEC_KERNELS(T, NAME, 32) DEC_KERNELS(T, NAME, 64) DEC_KERNELS(T, NAME, 96)                            \
-    DEC_KERNELS(T, NAME, 128) DEC_KERNELS(T, NAME, 192) DEC_KERNELS(T, NAME, 256)
+    DEC_KERNELS(T, NAME, 128) DEC_KERNELS_WIDE(T, NAME, 192) DEC_KERNELS_WIDE(T, NAME, 256)
 DEC_ALL(float, f32)
 DEC_ALL(__nv_bfloat16, bf16)
 DEC_ALL(__half, f16)
