@@ -3,7 +3,8 @@ their launch plan (`decode_plan` in crates/kernels/src/attention.rs), before the
 
 The kernels are emulated with their own index expressions: the plan's virtual columns (sink slots,
 then the keys from c_lo that some query may see), one block per (split, batch x kv head, group of
-R rows), rows r = g * Tq + i of a kv head (query head hk * G + g, query i), the 4 warps taking the
+R rows; R is 8, 4 at head dims >= 192, or with ZOO_FLASH_DEC_ROWS=fit the smallest power of two
+that holds a kv head's rows: every case runs both ways), rows r = g * Tq + i of a kv head (query head hk * G + g, query i), the 4 warps taking the
 chunk's keys u = first + warp, + 4, ..., lanes over the head dim (element j * 32 + lane), a
 per-warp online softmax in base 2, the warps merged through "shared memory", the block's
 unnormalised O and (max, sum) written to the workspaces at (split, row), and the combine merging
@@ -20,13 +21,16 @@ nothing about the GPU itself (races, launch limits, the asm): crates/core/tests/
 import numpy as np
 
 DEC_WARPS, MIN_CHUNK, LOG2E = 4, 64, 1.4426950408889634
+FIT = False  # decode_plan's fit_rows (main runs every case both ways)
 rng = np.random.default_rng(0)
 
 
 def plan(b, h, hkv, tq, tk, d, q_start, k_start, n_sink, window, target):
     """decode_plan (attention.rs), line by line."""
     rows = h // hkv * tq
-    r = min(1 << (max(rows, 1) - 1).bit_length(), 4 if d >= 192 else 8)  # next power of two, capped
+    most = 4 if d >= 192 else 8
+    # ZOO_FLASH_DEC_ROWS=fit: the next power of two of the rows, capped; the default: always `most`.
+    r = min(1 << (max(rows, 1) - 1).bit_length(), most) if FIT else most
     groups = -(-rows // r)
     keys = tk - n_sink
     qlo, qhi = q_start, q_start + tq - 1
@@ -187,10 +191,12 @@ def run(case, mutate=None):
 
 
 def main():
-    for case in CASES:
-        eo, el, splits = run(case)
-        print(f"{case}: {splits} splits, O error {eo:.1e}, LSE error {el:.1e}")
-        assert eo < 1e-12 and el < 1e-12, case
+    global FIT
+    for FIT in (False, True):
+        for case in CASES:
+            eo, el, splits = run(case)
+            print(f"{case}{' fit' if FIT else ''}: {splits} splits, O error {eo:.1e}, LSE error {el:.1e}")
+            assert eo < 1e-12 and el < 1e-12, case
     # The check fails when an index is wrong.
     for mutate, case in [("col", CASES[2]), ("combine", CASES[4])]:
         eo, el, _ = run(case, mutate)
