@@ -335,8 +335,9 @@ impl CustomOp3 for Flash {
 /// How the split-KV decoding kernel cuts the keys (attention.cu, `dec_split`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodePlan {
-    /// Query rows (heads of a GQA group × queries) per block: the smallest of 1, 2, 4, 8 (at head
-    /// dims ≥ 192 at most 4) that holds a kv head's rows, a template parameter of the kernel.
+    /// Query rows (heads of a GQA group × queries) per block, a template parameter of the kernel:
+    /// 8 (4 at head dims ≥ 192), or with [`decode_rows_fit`] the smallest of 1, 2, 4, 8 (at most
+    /// 4 there) that holds a kv head's rows.
     pub rows_per_block: usize,
     /// The first non-sink key column any of the queries may see.
     pub c_lo: usize,

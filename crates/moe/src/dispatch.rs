@@ -153,7 +153,8 @@ impl Plan {
         self
     }
 
-    /// Rows per expert when padded (the busiest expert's count).
+    /// Rows per expert when padded: the busiest expert's count, rounded up to a multiple of
+    /// [`capacity_multiple`].
     pub fn capacity(&self) -> usize {
         self.cap
     }
