@@ -6,22 +6,15 @@ Where scripts/ncu-step-diff.py needs two step counts of one job, this needs one 
 
     python3 scripts/ncu-diff.py BASE.csv OTHER.csv [N]      (default 30)
 """
-import collections
-import csv
+import importlib.util
+import os
 import sys
 
-
-def load(p):
-    rows = list(csv.reader(open(p)))
-    s = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
-    h = rows[s]; ki = h.index("Kernel Name"); vi = h.index("Metric Value"); ui = h.index("Metric Unit")
-    t = collections.Counter(); c = collections.Counter()
-    for r in rows[s + 1:]:
-        if len(r) != len(h): continue
-        v = float(r[vi].replace(",", "")); u = r[ui]
-        v = v / 1000 if u in ("ns", "nsecond") else v * 1000 if u in ("ms", "msecond") else v  # µs
-        name = r[ki].split("(")[0][:70]; t[name] += v; c[name] += 1
-    return t, c
+# The CSV reader (kernel name -> µs and launches) is ncu-step-diff.py's.
+_spec = importlib.util.spec_from_file_location("ncu_step_diff", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ncu-step-diff.py"))
+_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_mod)
+load = _mod.load
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ def load(p):
     return t, c
 
 
-steps = float(sys.argv[3]) if len(sys.argv) > 3 else 3.0
-t1, c1 = load(sys.argv[1]); t2, c2 = load(sys.argv[2])
-tot = sum(t2.values()) - sum(t1.values()); n = sum(c2.values()) - sum(c1.values())
-print(f"per step: {n / steps:.0f} kernels, {tot / steps / 1000:.2f} ms of GPU time")
-d = {k: (t2[k] - t1[k]) / steps for k in t2}
-for k, v in sorted(d.items(), key=lambda x: -x[1])[:25]:
-    print(f"  {v / 1000:8.3f} ms  {(c2[k] - c1[k]) / steps:6.0f}x  {k}")
+if __name__ == "__main__":
+    steps = float(sys.argv[3]) if len(sys.argv) > 3 else 3.0
+    t1, c1 = load(sys.argv[1]); t2, c2 = load(sys.argv[2])
+    tot = sum(t2.values()) - sum(t1.values()); n = sum(c2.values()) - sum(c1.values())
+    print(f"per step: {n / steps:.0f} kernels, {tot / steps / 1000:.2f} ms of GPU time")
+    d = {k: (t2[k] - t1[k]) / steps for k in t2}
+    for k, v in sorted(d.items(), key=lambda x: -x[1])[:25]:
+        print(f"  {v / 1000:8.3f} ms  {(c2[k] - c1[k]) / steps:6.0f}x  {k}")
