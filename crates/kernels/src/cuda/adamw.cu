@@ -10,6 +10,7 @@
 // f32 master weights, moments and gradients; the update is computed in f32 like the composition
 // in zoo-core's optim.rs (the reference it is tested against).
 #include <stdint.h>
+#include "warp.cuh"
 
 #define MAXT 48
 
@@ -24,11 +25,6 @@ struct TensorList {
     uint32_t first;
     uint32_t count;
 };
-
-__device__ __forceinline__ float warp_sum(float x) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
 
 extern "C" __global__ void zoo_sumsq_f32(const TensorList tl, float* __restrict__ partials) {
     const uint32_t t = blockIdx.y;

@@ -12,6 +12,7 @@
 // with shuffles), ROWS = 16 rows per block of 128 threads. K/V (or Q/dO) tiles of BC rows are staged
 // in shared memory as f32. Scores are kept in base 2 (scaled by log2 e) so that exp2 serves.
 #include "convert.cuh"
+#include "warp.cuh"
 #include <stdint.h>
 
 #define TPR 8
@@ -308,17 +309,6 @@ ALL_DIMS(__half, f16)
 #define TC_WARPS 4
 #define TC_BR (16 * TC_WARPS)
 #define TC_BC 64
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
-    return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
-    return x;
-}
 
 // Rows first .. first + n of a row-major (rows x D) matrix into dst (n x D); rows at or beyond
 // `limit` are zero. 16-byte vectors: D is a multiple of 8 and src 16-byte aligned.

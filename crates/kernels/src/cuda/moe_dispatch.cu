@@ -3,12 +3,7 @@
 // broadcast_mul + sum. f32 sums, j in ascending order (the result does not depend on the launch);
 // elements f32, bf16 or f16.
 #include "convert.cuh"
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
+#include "warp.cuh"
 
 // out (M, d): out[i, x] = sum_j c_ij src[idx[i m + j], x] over the j whose index is below n_src;
 // c_ij = 1 (mode 0), w[i m + j] (mode 1), or w[widx[i m + j]], 0 when that is not below n_w (mode 2).

@@ -2,13 +2,9 @@
 // warp per row for the forward and dx (x, y, g, dx of the element type T; gain and the saved
 // r = 1/sqrt(mean(x²) + eps) in f32), and the gain's gradient as per-chunk column sums.
 #include "convert.cuh"
+#include "warp.cuh"
 
 #define NORM_THREADS 256
-
-__device__ __forceinline__ float warp_sum(float x) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
-    return x;
-}
 
 template <typename T>
 __device__ void norm_fwd(const T* __restrict__ x, const float* __restrict__ gain, T* __restrict__ y, float* __restrict__ r,
