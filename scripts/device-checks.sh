@@ -194,7 +194,7 @@ cudnn() {
 }
 
 decode_fit() {
-  for f in .devpkg/tests/flash.xz .devpkg/tests/flash.gz; do [ -f "$f" ] && unpack_test "$f" /tmp/flash && break; done
+  unpack_named flash /tmp/flash
   step 90 tests-fit env ZOO_FLASH_DEC_ROWS=fit /tmp/flash --test-threads 1 > "$OUT/tests-fit.log" 2>&1
   grep -E "^test |^test result|panicked" "$OUT/tests-fit.log"
   step 200 decode-fit python3 scripts/twin-bench.py --zoo /tmp/zoo --impls none --decode-batches 1,32 \
@@ -205,8 +205,7 @@ decode_fit() {
 moe_dispatch() {
   : > "$OUT/tests.log"
   for t in moe_dispatch moe; do
-    for f in .devpkg/tests/$t.xz .devpkg/tests/$t.gz; do [ -f "$f" ] && unpack_test "$f" /tmp/t-$t && break; done
-    [ -x /tmp/t-$t ] && step 60 "test $t" /tmp/t-$t --test-threads 1 >> "$OUT/tests.log" 2>&1
+    unpack_named "$t" /tmp/t-$t && step 60 "test $t" /tmp/t-$t --test-threads 1 >> "$OUT/tests.log" 2>&1
   done
   grep -E "on_cuda|^test result|panicked|FAILED" "$OUT/tests.log"
   for r in 1 2 3; do

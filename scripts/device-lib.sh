@@ -57,10 +57,6 @@ zoo_binary() {
   fi
   chmod +x /tmp/zoo
 }
-# The CUDA test binaries of .devpkg/tests (scripts/device-tests.sh), then the flash tests again
-# with the WMMA (ZOO_FLASH_MMA=0) and the ldmatrix mma.sync (=2) attention kernels, all appended
-# to LOG. Fails where the default or the WMMA kernels' tests fail; mma2 is opt-in: its failure is
-# reported (a bench's fused_mma2 numbers then mean nothing) but does not fail the call.
 # A test binary of .devpkg/tests (gzipped by build-cuda.sh --tests, or xz-compressed: half the
 # size; python3's lzma unpacks it, the device has no xz) unpacked to DST, executable.
 unpack_test() { # src dst
@@ -69,14 +65,24 @@ unpack_test() { # src dst
     *) gunzip -c "$1" > "$2" ;;
   esac && chmod +x "$2"
 }
+# The test binary NAME of .devpkg/tests (NAME.xz or NAME.gz) unpacked to DST; fails when neither is there.
+unpack_named() { # name dst
+  local f
+  for f in ".devpkg/tests/$1.xz" ".devpkg/tests/$1.gz"; do
+    [ -f "$f" ] && { unpack_test "$f" "$2"; return; }
+  done
+  return 1
+}
+# The CUDA test binaries of .devpkg/tests (scripts/device-tests.sh), then the flash tests again
+# with the WMMA (ZOO_FLASH_MMA=0) and the ldmatrix mma.sync (=2) attention kernels, all appended
+# to LOG. Fails where the default or the WMMA kernels' tests fail; mma2 is opt-in: its failure is
+# reported (a bench's fused_mma2 numbers then mean nothing) but does not fail the call.
 # KERNEL_TESTS=cudnn: only the flash tests with ZOO_FLASH_CUDNN=1 (the cuDNN path's check, when
 # nothing else changed since the full set last passed).
 kernel_tests() { # log
   local log=$1 ok=0
   if [ "${KERNEL_TESTS:-all}" = cudnn ]; then
-    for t in .devpkg/tests/flash.xz .devpkg/tests/flash.gz; do
-      [ -f "$t" ] && unpack_test "$t" /tmp/flash && break
-    done
+    unpack_named flash /tmp/flash
     step 150 tests-cudnn env ZOO_FLASH_CUDNN=1 /tmp/flash --test-threads 1 --nocapture >> "$log" 2>&1 || ok=1
     return $ok
   fi

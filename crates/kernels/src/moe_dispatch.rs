@@ -53,17 +53,9 @@ pub fn enabled() -> bool {
     std::env::var("ZOO_MOE_DISPATCH_KERNELS").as_deref() == Ok("1")
 }
 
-/// Why the kernels cannot run on `src` (`None`: they can): naive mode, a build without CUDA, a
-/// tensor not on CUDA (on the CPU the composition runs: zoo-moe's CPU path has its own op,
-/// [`crate::moe_experts`]), or a dtype other than f32, bf16, f16.
-pub fn unsupported(src: &Tensor) -> Option<String> {
-    if let Some(why) = crate::unavailable(src.device()) {
-        return Some(why);
-    }
-    if !matches!(src.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-        return Some(format!("dtype {:?}", src.dtype()));
-    }
-    None
+/// Whether the ops (CPU form and kernels) take elements of `dt`: f32, bf16, f16.
+pub fn supports(dt: DType) -> bool {
+    matches!(dt, DType::F32 | DType::BF16 | DType::F16)
 }
 
 fn check_idx(idx: &Tensor, op: &str) -> Result<usize> {

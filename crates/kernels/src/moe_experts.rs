@@ -150,14 +150,14 @@ pub fn expert_order_padded_to(assignments: &[u32], kept: &[bool], n_experts: usi
 }
 
 fn order_by_expert(assignments: &[u32], kept: &[bool], n_experts: usize, pad_multiple: Option<usize>) -> ExpertOrder {
-    let padded = pad_multiple.is_some();
+    let (padded, multiple) = (pad_multiple.is_some(), pad_multiple.unwrap_or(1));
     let mut lens = vec![0usize; n_experts];
     for (&a, &kp) in assignments.iter().zip(kept) {
         if kp {
             lens[a as usize] += 1;
         }
     }
-    let cap = lens.iter().copied().max().unwrap_or(0).div_ceil(pad_multiple.unwrap_or(1)) * pad_multiple.unwrap_or(1);
+    let cap = lens.iter().copied().max().unwrap_or(0).div_ceil(multiple) * multiple;
     let mut start = vec![0usize; n_experts + 1];
     for e in 0..n_experts {
         start[e + 1] = start[e] + if padded { cap } else { lens[e] };

@@ -140,10 +140,9 @@ impl Plan {
         Ok(Plan { rows, slots, inv, n, k, r, cap, ops })
     }
 
-    /// Whether the ops move rows of `t` (f32, bf16, f16; else the composition).
+    /// Whether the ops move rows of `t` (a dtype they take; else the composition).
     fn ops_for(&self, t: &Tensor) -> bool {
-        use zoo_core::candle_core::DType;
-        self.ops && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        self.ops && ops::supports(t.dtype())
     }
 
     /// The same plan moving its rows with `zoo_kernels::moe_dispatch`'s ops (`true`: their CPU

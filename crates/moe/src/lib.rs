@@ -501,7 +501,8 @@ impl Moe {
 
     /// [`Moe::grouped_composition`] with the rows moved by `zoo_kernels::moe_dispatch`'s ops
     /// (`Some(true)`), by candle ops (`Some(false)`) or by the device's default (`None`: the
-    /// kernels on CUDA in fused mode): the tests compare them on any device.
+    /// kernels on CUDA in fused mode with `ZOO_MOE_DISPATCH_KERNELS=1`): the tests compare them on
+    /// any device.
     pub fn grouped_moving(&self, x: &Tensor, r: &Routing, batched: bool, ops: Option<bool>) -> Result<Tensor> {
         let (e, k) = (self.experts.len(), r.experts.dim(1)?);
         let (plan, lens) = dispatch::Plan::new(&r.assignments, &r.kept, k, e, !batched, x.device())?;
