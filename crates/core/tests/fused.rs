@@ -431,20 +431,25 @@ fn graph_replayed_steps_train_as_the_eager_steps() -> anyhow::Result<()> {
 
 /// The MoE grouping kernel (`zoo_kernels::moe_plan`, used by tiled dispatch) equals its CPU form
 /// field by field: routings of 1 to 10000 slots over 1 to 64 experts, k from 1 to 8, tiles of 16
-/// and 64, spread and skewed (every slot to one expert, experts without slots).
+/// and 64, spread and skewed (every slot to one expert, experts without slots); and the plan under
+/// a capacity (`plan_capacity`, the tile as the capacity: slots dropped wherever an expert has
+/// more than 16 or 64).
 #[test]
 fn moe_plan_kernel_matches_the_cpu_form() -> Result<()> {
     let Some(dev) = cuda() else { return Ok(()) };
-    use zoo_kernels::moe_plan::plan;
-    for (tokens, e, k, tile, skew) in
+    use zoo_kernels::moe_plan::{plan, plan_capacity};
+    for ((tokens, e, k, tile, skew), capped) in
         [(1, 1, 1, 16, false), (37, 4, 2, 64, false), (2048, 8, 2, 64, false), (5000, 64, 2, 16, false), (300, 16, 8, 64, true), (1100, 3, 1, 16, true)]
+            .into_iter()
+            .flat_map(|c| [(c, false), (c, true)])
     {
         let s: usize = tokens * k;
         let experts: Vec<u32> = (0..s)
             .map(|i: usize| if skew && i % 7 != 0 { 1 % e as u32 } else { ((i.wrapping_mul(2654435761) >> 7) % e) as u32 })
             .collect();
-        let cpu = plan(&Tensor::new(experts.clone(), &Device::Cpu)?, e, k, tile)?;
-        let gpu = plan(&Tensor::new(experts, &dev)?, e, k, tile)?;
+        let make = |t: &Tensor| if capped { plan_capacity(t, e, k, tile) } else { plan(t, e, k, tile) };
+        let cpu = make(&Tensor::new(experts.clone(), &Device::Cpu)?)?;
+        let gpu = make(&Tensor::new(experts, &dev)?)?;
         assert_eq!(cpu.tiles, gpu.tiles);
         for (name, a, b) in [
             ("rows", &cpu.rows, &gpu.rows),
@@ -453,7 +458,7 @@ fn moe_plan_kernel_matches_the_cpu_form() -> Result<()> {
             ("tile_expert", &cpu.tile_expert, &gpu.tile_expert),
             ("counts", &cpu.counts, &gpu.counts),
         ] {
-            assert_eq!(a.to_vec1::<u32>()?, b.to_vec1::<u32>()?, "{tokens} tokens, E {e}, k {k}, tile {tile}: {name}");
+            assert_eq!(a.to_vec1::<u32>()?, b.to_vec1::<u32>()?, "{tokens} tokens, E {e}, k {k}, tile {tile}, capacity {capped}: {name}");
         }
     }
     Ok(())

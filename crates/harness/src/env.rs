@@ -99,9 +99,9 @@ impl Env {
         if self.device.is_cuda() {
             d["flash_kernels"] = json!(zoo_kernels::attention::flash_kernel_set());
             d["flash_decode"] = json!(zoo_kernels::attention::decode_kernel());
-            // The split-KV kernel's rows per block: fitted to a kv head's rows, or 8 (ZOO_FLASH_DEC_ROWS).
+            // The split-KV kernel's rows per block: fitted to a kv head's rows (the default), or 8 (ZOO_FLASH_DEC_ROWS=8).
             d["flash_decode_rows"] = json!(if zoo_kernels::attention::decode_rows_fit() { "fit" } else { "8" });
-            // How grouped MoE dispatch moves its rows (ZOO_MOE_DISPATCH_KERNELS=1: the gather kernels).
+            // How grouped MoE dispatch moves its rows (the gather kernels unless ZOO_MOE_DISPATCH_KERNELS=0).
             d["moe_dispatch"] = json!(if zoo_kernels::moe_dispatch::enabled() { "kernels" } else { "composition" });
             if zoo_kernels::attention::flash_kernel_set() == "cudnn" {
                 // cuDNN's version, or why it could not be opened (then zoo's kernels ran).

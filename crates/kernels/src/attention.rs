@@ -110,14 +110,15 @@ pub fn decode_kernel() -> &'static str {
 }
 
 /// Whether the split-KV kernel's blocks hold only as many query rows as a kv head has (the
-/// smallest of 1, 2, 4, 8), `ZOO_FLASH_DEC_ROWS=fit`, or always 8 (4 at head dims ≥ 192), the
-/// default and the form checked on the GPU. Stop 36 wrote the fitted form after its device time
-/// ran out: at head dim 64 in bf16 ptxas gives the kernel 32 registers a thread with one row and
-/// 92 with eight, so a one-query step of a plain multi-head model (one live row per block) could
-/// keep 16 blocks of 4 warps per SM where eight rows' registers allow 5. Opt-in until its flash
-/// tests have passed on the GPU (`split_kv_decoding_matches_the_composition` under the switch).
+/// smallest of 1, 2, 4, 8): the default since stop 37, or always 8 (4 at head dims ≥ 192) with
+/// `ZOO_FLASH_DEC_ROWS=8`. At head dim 64 in bf16 ptxas gives the kernel 32 registers a thread with
+/// one row and 92 with eight, so a one-query step of a plain multi-head model (one live row per
+/// block) keeps 16 blocks of 4 warps per SM where eight rows' registers allow 5. Checked on an H100
+/// in stop 37: the flash tests under it (`split_kv_decoding_matches_the_composition` included), and
+/// decode of the 8L/512 twin at T 4096 (`results/bench/decode-h100-fit.json`): B = 32 10744 tok/s
+/// against 8447 with 8 rows, B = 1 375 against 309.
 pub fn decode_rows_fit() -> bool {
-    std::env::var("ZOO_FLASH_DEC_ROWS").as_deref() == Ok("fit")
+    std::env::var("ZOO_FLASH_DEC_ROWS").as_deref() != Ok("8")
 }
 
 /// Query rows up to which a forward is a decoding step (the CUDA-core kernels' rows per block).

@@ -8,8 +8,8 @@
 //!   combine (and the gather's backward).
 //! - [`gather_dot`]: `out[i] = ⟨a[i / k], b[idx[i]]⟩`, the gradient of the combine's weights.
 //!
-//! On CUDA each is one kernel (`src/cuda/moe_dispatch.cu`, f32 sums; not yet run on a GPU, so
-//! zoo-moe takes them only with `ZOO_MOE_DISPATCH_KERNELS=1`, [`enabled`]) in place of candle's
+//! On CUDA each is one kernel (`src/cuda/moe_dispatch.cu`, f32 sums; zoo-moe's default there,
+//! [`enabled`]) in place of candle's
 //! `cat` (a zero row for the padding index) + `index_select` + `broadcast_mul` + `sum`: in an
 //! `ncu` trace of an E8 k2 LM step (8 layers, d 512, 8192 tokens, H100) those four took 47 of the
 //! 79 ms of GPU time that the MoE run spent beyond its dense twin's over 3 steps and 2 evaluations.
@@ -45,12 +45,14 @@ pub enum Weights<'a> {
     Indexed(&'a Tensor, &'a Tensor),
 }
 
-/// Whether zoo-moe's dispatch moves its rows with these ops on CUDA: opt-in
-/// (`ZOO_MOE_DISPATCH_KERNELS=1`) until their GPU check (`gathers_match_the_composition_on_cuda`,
-/// zoo-moe's `grouped_dispatch_equals_the_loop_on_cuda`) has passed; written in stop 36, whose
-/// device time ran out before they could run. Result JSONs record it as `moe_dispatch`.
+/// Whether zoo-moe's dispatch moves its rows with these ops on CUDA: the default since stop 37
+/// (`ZOO_MOE_DISPATCH_KERNELS=0` opts out), when zoo-moe's `grouped_dispatch_equals_the_loop_on_cuda`
+/// (every one of their five uses, forward and backward, against the per-expert loop, dropped
+/// slots included) passed on an H100 and the E8 k2 LM's train step of `configs/moe-bench-512.toml`
+/// took 45.4 ms against 47.2 with the composition (medians of 3 alternating rounds). Result JSONs
+/// record it as `moe_dispatch`.
 pub fn enabled() -> bool {
-    std::env::var("ZOO_MOE_DISPATCH_KERNELS").as_deref() == Ok("1")
+    std::env::var("ZOO_MOE_DISPATCH_KERNELS").as_deref() != Ok("0")
 }
 
 /// Whether the ops (CPU form and kernels) take elements of `dt`: f32, bf16, f16.

@@ -9,8 +9,10 @@ fn indices(len: usize, n: usize, seed: usize) -> Vec<u32> {
     (0..len).map(|i| ((i * 7919 + seed * 104729) % (n + 1)) as u32).collect()
 }
 
+/// Largest |a − b| over max |b|, compared on the CPU (a may be on the GPU, b is the CPU reference).
 fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let (a, b) = (a.to_dtype(DType::F32)?.flatten_all()?, b.to_dtype(DType::F32)?.flatten_all()?);
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
     let scale = b.abs()?.max(0)?.to_scalar::<f32>()?.max(1e-20);
     Ok((a - b)?.abs()?.max(0)?.to_scalar::<f32>()? / scale)
 }

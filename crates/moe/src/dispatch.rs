@@ -18,7 +18,7 @@
 //! (`results/bench/moe-cuda`). [`Dispatch::Looped`](crate::Dispatch) keeps that composition as the
 //! reference the tests compare with.
 //!
-//! On CUDA (fused mode, with `ZOO_MOE_DISPATCH_KERNELS=1` until their GPU check has passed) both
+//! On CUDA (fused mode; `ZOO_MOE_DISPATCH_KERNELS=0` opts out) both
 //! passes of both ops run as `zoo_kernels::moe_dispatch`'s two gather kernels (`gather_sum`,
 //! `gather_dot`: one pass each, f32 sums) in place of the `cat` of a zero
 //! row, `index_select`, `broadcast_mul` and `sum` of the composition below, which stays the CPU
@@ -76,8 +76,7 @@ pub fn capacity_multiple() -> usize {
 }
 
 /// Whether a plan on `dev` moves its rows with `zoo_kernels::moe_dispatch` by default: where its
-/// kernels run (CUDA, fused mode, a CUDA build) and are switched on (`ZOO_MOE_DISPATCH_KERNELS=1`:
-/// opt-in until their GPU check has passed).
+/// kernels run (CUDA, fused mode, a CUDA build) and are not switched off (`ZOO_MOE_DISPATCH_KERNELS=0`).
 fn ops_by_default(dev: &Device) -> bool {
     zoo_core::zoo_kernels::unavailable(dev).is_none() && ops::enabled()
 }

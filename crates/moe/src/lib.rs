@@ -68,8 +68,11 @@ pub enum Dispatch {
     /// `zoo_kernels::moe_plan`), and the experts run as three batched matmuls over the tiles,
     /// each tile with its expert's weights (gathered per tile). The shapes do not depend on the
     /// routing (a static bound of `ceil(N·k / tile) + E` tiles), so the step can be captured into
-    /// a CUDA graph. Token choice without noise, selection bias or capacity only (the config
-    /// says so otherwise).
+    /// a CUDA graph. With `capacity_factor` every expert holds exactly `ceil(cf · N·k / E)` rows
+    /// instead (`zoo_kernels::moe_plan::plan_capacity`: the slots past it dropped, as grouped
+    /// dispatch drops them), and the experts run as one batched matmul over (E, cap, d) with their
+    /// weights read in place, no per-tile copies. Token choice without noise or selection bias
+    /// only (the config says so otherwise).
     Tiled,
 }
 
@@ -198,8 +201,6 @@ impl MoeConfig {
         if self.dispatch == Dispatch::Tiled {
             let why = if self.routing != Selection::TokenChoice {
                 Some("routing: tiled dispatch takes token choice")
-            } else if self.capacity_factor.is_some() {
-                Some("capacity_factor: tiled dispatch is dropless")
             } else if !matches!(self.noise, Noise::None) {
                 Some("noise: tiled dispatch routes without noise")
             } else if matches!(self.balance, Balance::Bias { .. }) {
@@ -422,8 +423,8 @@ impl Moe {
             Tensor::new(&[cv as f32], host)?,
             Tensor::new(&[max_load as f32], host)?,
             &r.scores,
-            r.dropped_fraction() as f32,
-            r.active_per_token() as f32,
+            Tensor::new(&[r.dropped_fraction() as f32], host)?,
+            Tensor::new(&[r.active_per_token() as f32], host)?,
         )?;
         Ok(FfnOut { y, aux_loss: aux, stats })
     }
@@ -435,6 +436,8 @@ impl Moe {
         let (n, k, e) = (flat.dim(0)?, self.cfg.top_k, self.experts.len());
         let r = self.router.route_on_device(flat)?;
         let tile = tile_for(n * k, e);
+        // Under a capacity factor every expert holds `cap` rows (`Routing::apply_capacity`'s rule).
+        let cap = self.cfg.capacity_factor.map(|cf| router::capacity(cf, n * k, e));
         let experts = r.experts.flatten_all()?;
         let (y, counts) = if cpu_form && zoo_kernels::moe_experts::unsupported(flat, &self.experts.w1).is_none() {
             // On the CPU the experts' indices are on the host already: grouped dispatch's CPU form
@@ -442,21 +445,39 @@ impl Moe {
             // and the counts are read off the indices (no tile plan is made).
             let assignments = experts.to_vec1::<u32>()?;
             let mut counts = vec![0u32; e];
-            assignments.iter().for_each(|&a| counts[a as usize] += 1);
+            let kept: Vec<bool> = assignments
+                .iter()
+                .map(|&a| {
+                    counts[a as usize] += 1;
+                    cap.is_none_or(|c| counts[a as usize] as usize <= c)
+                })
+                .collect();
             let b = &self.experts;
-            let y = zoo_kernels::moe_experts::experts_swiglu(flat, &b.w1, &b.w3, &b.w2, &r.weights, &assignments, &vec![true; n * k])?;
+            let y = zoo_kernels::moe_experts::experts_swiglu(flat, &b.w1, &b.w3, &b.w2, &r.weights, &assignments, &kept)?;
             (y, Tensor::new(counts, flat.device())?)
+        } else if let Some(c) = cap {
+            // A capacity: every shape is fixed, so the experts run as one batched matmul over
+            // (E, cap, d), their weights read in place.
+            let p = zoo_kernels::moe_plan::plan_capacity(&experts, e, k, c)?;
+            let plan = dispatch::Plan::from_parts(p.rows.clone(), p.slots.clone(), p.inv.clone(), n, k, c)?;
+            let xs = plan.gather(flat)?.reshape((e, c, ()))?;
+            let ys = self.experts.all(&xs)?.reshape((e * c, ()))?;
+            (plan.combine(&ys, &r.weights)?, p.counts)
         } else {
             let p = zoo_kernels::moe_plan::plan(&experts, e, k, tile)?;
             let plan = dispatch::Plan::from_parts(p.rows.clone(), p.slots.clone(), p.inv.clone(), n, k, tile)?;
             let ys = self.experts.tiles(&plan.gather(flat)?, &p.tile_expert, tile)?;
             (plan.combine(&ys, &r.weights)?, p.counts)
         };
-        // Each expert's share of the assignments, and from it what the host path counts.
-        let share = {
-            let c = counts.to_dtype(DType::F32)?;
-            c.broadcast_div(&c.sum_all()?.maximum(1.0)?)?.detach()
+        // Each expert's kept slots (all of them when dropless), its share of them, and from it
+        // what the host path counts.
+        let routed = counts.to_dtype(DType::F32)?;
+        let kept = match cap {
+            Some(c) => routed.minimum(c as f64)?,
+            None => routed.clone(),
         };
+        let kept_total = kept.sum_all()?;
+        let share = kept.broadcast_div(&kept_total.maximum(1.0)?)?.detach();
         let balance = match self.cfg.balance {
             Balance::AuxLoss { alpha } => Some(router::aux_loss_of(&r.scores, &share, alpha)?),
             _ => None,
@@ -465,7 +486,9 @@ impl Moe {
         let mean = 1.0 / e as f64;
         let cv = ((share.affine(1.0, -mean)?.sqr()?.mean_all()?.sqrt()?) / mean)?.reshape(1)?;
         let max_load = (share.max(0)? / mean)?.reshape(1)?;
-        Ok((y, aux, layer_stats(share, cv, max_load, &r.scores, 0.0, k as f32)?))
+        let dropped = (1.0 - (&kept_total / (n * k).max(1) as f64)?)?.reshape(1)?;
+        let active = (kept_total / n.max(1) as f64)?.reshape(1)?;
+        Ok((y, aux, layer_stats(share, cv, max_load, &r.scores, dropped, active)?))
     }
 
     /// The balance loss (when given) plus the router z-loss of `logits` (when configured).
@@ -501,7 +524,7 @@ impl Moe {
 
     /// [`Moe::grouped_composition`] with the rows moved by `zoo_kernels::moe_dispatch`'s ops
     /// (`Some(true)`), by candle ops (`Some(false)`) or by the device's default (`None`: the
-    /// kernels on CUDA in fused mode with `ZOO_MOE_DISPATCH_KERNELS=1`): the tests compare them on
+    /// kernels on CUDA in fused mode unless `ZOO_MOE_DISPATCH_KERNELS=0`): the tests compare them on
     /// any device.
     pub fn grouped_moving(&self, x: &Tensor, r: &Routing, batched: bool, ops: Option<bool>) -> Result<Tensor> {
         let (e, k) = (self.experts.len(), r.experts.dim(1)?);
@@ -527,15 +550,14 @@ impl Moe {
 /// A layer's statistics, from its load shares (E,), their coefficient of variation and busiest
 /// share over the mean (each (1,)), its scores (N, E) (for the router entropy), the dropped
 /// fraction and the active experts per token: the names and shapes results carry, in one place.
-fn layer_stats(load: Tensor, cv: Tensor, max_load: Tensor, scores: &Tensor, dropped: f32, active: f32) -> Result<Vec<Stat>> {
-    let host = &zoo_core::candle_core::Device::Cpu;
+fn layer_stats(load: Tensor, cv: Tensor, max_load: Tensor, scores: &Tensor, dropped: Tensor, active: Tensor) -> Result<Vec<Stat>> {
     Ok(vec![
         Stat::new("load", StatShape::PerExpert, load),
         Stat::new("load_cv", StatShape::Scalar, cv),
         Stat::new("max_load", StatShape::Scalar, max_load),
         Stat::new("router_entropy", StatShape::Scalar, router::entropy(scores)?.to_dtype(DType::F32)?.detach()),
-        Stat::new("dropped_fraction", StatShape::Scalar, Tensor::new(&[dropped], host)?),
-        Stat::new("active_experts", StatShape::Scalar, Tensor::new(&[active], host)?),
+        Stat::new("dropped_fraction", StatShape::Scalar, dropped),
+        Stat::new("active_experts", StatShape::Scalar, active),
     ])
 }
 

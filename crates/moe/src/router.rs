@@ -199,7 +199,7 @@ impl Routing {
     /// (the token keeps only its residual path for that slot).
     pub fn apply_capacity(&mut self, factor: f64) -> Result<()> {
         let e = self.load.len();
-        let cap = (factor * self.kept.len() as f64 / e as f64).ceil() as usize;
+        let cap = capacity(factor, self.kept.len(), e);
         let mut count = vec![0usize; e];
         for (a, &x) in self.assignments.iter().enumerate() {
             let x = x as usize;
@@ -209,6 +209,12 @@ impl Routing {
         self.load = count.iter().map(|&c| c.min(cap) as f64).collect();
         Ok(())
     }
+}
+
+/// Rows per expert under a capacity factor: `ceil(factor · slots / experts)` (Switch Transformer
+/// §2.2), the rule of [`Routing::apply_capacity`] and of tiled dispatch's capacity plan.
+pub fn capacity(factor: f64, slots: usize, experts: usize) -> usize {
+    (factor * slots as f64 / experts.max(1) as f64).ceil() as usize
 }
 
 pub struct Router {

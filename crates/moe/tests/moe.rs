@@ -527,26 +527,46 @@ fn the_bias_update_sums_loads_over_ranks() -> Result<()> {
 }
 
 /// Tiled dispatch (routing, grouping and statistics kept on the device; the experts over tiles of
-/// rows, `zoo_kernels::moe_plan`'s CPU form here), both as it runs on CUDA (the tiles composition)
-/// and as on the CPU (grouped dispatch's CPU form), equals the per-expert loop: outputs and every
+/// rows, or under a capacity one batch of (E, cap) rows; `zoo_kernels::moe_plan`'s CPU form here),
+/// both as it runs on CUDA (the tiles composition) and as on the CPU (grouped dispatch's CPU
+/// form), equals the per-expert loop: outputs and every
 /// parameter and input gradient to 1e-5 in f32, and the same auxiliary losses and statistics.
 #[test]
 fn tiled_dispatch_equals_the_loop() -> Result<()> {
+    tiled_equals_loop(&Device::Cpu)
+}
+
+/// [`tiled_dispatch_equals_the_loop`] on CUDA (`zoo_kernels::moe_plan`'s kernel, the gather
+/// kernels, the batched experts), in a CUDA build on a GPU.
+#[test]
+fn tiled_dispatch_equals_the_loop_on_cuda() -> Result<()> {
+    match Device::new_cuda(0) {
+        Ok(dev) => tiled_equals_loop(&dev),
+        Err(_) => {
+            eprintln!("skipped: no CUDA device in this build or machine");
+            Ok(())
+        }
+    }
+}
+
+fn tiled_equals_loop(dev: &Device) -> Result<()> {
     for text in [
         r#"balance = { type = "aux_loss", alpha = 0.01 }, z_loss = 0.001"#,
         r#"score = "sigmoid", renormalize = false"#,
         r#"shared_experts = 1, shared_gate = true, activation = "tanh""#,
+        // Under a capacity (the static-shape plan; 0.5 drops slots at both (E, k) below)
+        r#"capacity_factor = 0.5, balance = { type = "aux_loss", alpha = 0.01 }"#,
     ] {
         let ctx = BuildCtx { d_model: 8, n_layers: 1, layer: 0, max_seq_len: 16, kind_layer: 0, kind_layers: 1 };
-        let x = Tensor::randn(0f32, 1.0, (2, 10, 8), &Device::Cpu)?;
-        let dy = Tensor::randn(0f32, 1.0, (2, 10, 8), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 10, 8), &Device::Cpu)?.to_device(dev)?;
+        let dy = Tensor::randn(0f32, 1.0, (2, 10, 8), &Device::Cpu)?.to_device(dev)?;
         let mut outs = Vec::new();
         for (e, k) in [(4, 2), (5, 1)] {
             for (dispatch, cpu_form) in [("looped", true), ("tiled", false), ("tiled", true)] {
                 let line = format!("n_experts = {e}, top_k = {k}, dispatch = \"{dispatch}\", {text}");
                 let cfg: MoeConfig = examples_from_toml(&[line.as_str()]).remove(0);
                 cfg.validate().unwrap();
-                let store = ParamStore::new(3, DType::F32, &Device::Cpu);
+                let store = ParamStore::new(3, DType::F32, dev);
                 let moe = Moe::new(&cfg, &ctx, &store.root())?;
                 let xv = Var::from_tensor(&x)?;
                 let out = moe.forward_with(xv.as_tensor(), cpu_form)?;
@@ -567,6 +587,10 @@ fn tiled_dispatch_equals_the_loop() -> Result<()> {
                 outs.push((format!("{line} (CPU form: {cpu_form})"), out.y, aux, grads, stats));
             }
             let looped = outs.remove(0);
+            if text.contains("capacity_factor") {
+                let dropped = looped.4.iter().find(|(n, _)| n == "dropped_fraction").map(|(_, v)| v[0]);
+                assert!(dropped.is_some_and(|d| d > 0.0), "{}: the capacity drops nothing ({dropped:?})", looped.0);
+            }
             for tiled in outs.drain(..) {
                 let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
                     let scale = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-20);
@@ -601,12 +625,11 @@ fn tiled_dispatch_equals_the_loop() -> Result<()> {
     Ok(())
 }
 
-/// Tiled dispatch takes token choice without noise, capacity or selection bias; the config says
-/// which field stands in the way.
+/// Tiled dispatch takes token choice without noise or selection bias; the config says which
+/// field stands in the way.
 #[test]
 fn tiled_dispatch_refuses_what_it_cannot_keep_on_the_device() {
     for (text, field) in [
-        (r#"capacity_factor = 1.0"#, "capacity_factor"),
         (r#"noise = { type = "jitter", eps = 0.01 }"#, "noise"),
         (r#"balance = { type = "bias", gamma = 0.001 }"#, "balance"),
         (r#"routing = { type = "expert_choice" }"#, "routing"),

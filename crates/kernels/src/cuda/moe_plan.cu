@@ -8,6 +8,9 @@
 //   inv[S]         row of each slot
 //   tile_expert[T] expert of each tile (0 for a tile past the last expert's: its rows are padding)
 //   counts[E]      slots per expert
+// With cap > 0 (a capacity: GShard's / Switch's token dropping) every expert gets exactly cap rows
+// (tile = cap, T = E): its first cap slots in slot order, the rest dropped (inv = R), as the host's
+// `Routing::apply_capacity` keeps them.
 // One block of 1024 threads: counts by shared-memory atomics (order-free), the padded offsets by
 // one thread, then each chunk of 1024 slots ranked within its expert in slot order (a warp's
 // equal experts by __match_any_sync, the warps before it from a shared table), so the plan is
@@ -15,7 +18,7 @@
 #include <stdint.h>
 
 extern "C" __global__ void __launch_bounds__(1024) zoo_moe_plan(const uint32_t* __restrict__ experts, uint32_t S, uint32_t E,
-                                                                uint32_t k, uint32_t tile, uint32_t T,
+                                                                uint32_t k, uint32_t tile, uint32_t T, uint32_t cap,
                                                                 uint32_t* __restrict__ rows, uint32_t* __restrict__ slots,
                                                                 uint32_t* __restrict__ inv, uint32_t* __restrict__ tile_expert,
                                                                 uint32_t* __restrict__ counts) {
@@ -33,7 +36,7 @@ extern "C" __global__ void __launch_bounds__(1024) zoo_moe_plan(const uint32_t* 
     __syncthreads();
     if (tid == 0) {
         off[0] = 0;
-        for (uint32_t e = 0; e < E; e++) off[e + 1] = off[e] + (cnt[e] + tile - 1) / tile * tile;
+        for (uint32_t e = 0; e < E; e++) off[e + 1] = off[e] + (cap ? cap : (cnt[e] + tile - 1) / tile * tile);
     }
     __syncthreads();
     for (uint32_t e = tid; e < E; e += nth) counts[e] = cnt[e];
@@ -57,10 +60,15 @@ extern "C" __global__ void __launch_bounds__(1024) zoo_moe_plan(const uint32_t* 
         if (valid) {
             uint32_t before = 0;
             for (uint32_t w = 0; w < warp; w++) before += wc[w * E + e];
-            const uint32_t row = off[e] + run[e] + before + lrank;
-            rows[row] = a / k;
-            slots[row] = a;
-            inv[a] = row;
+            const uint32_t rank = run[e] + before + lrank;
+            if (cap && rank >= cap) {
+                inv[a] = R;  // dropped: past its expert's capacity
+            } else {
+                const uint32_t row = off[e] + rank;
+                rows[row] = a / k;
+                slots[row] = a;
+                inv[a] = row;
+            }
         }
         __syncthreads();
         for (uint32_t x = tid; x < E; x += nth) {
