@@ -45,7 +45,7 @@
 #   the twins; CUDNN_BENCH=0 the attention bench)
 #   ncu-cudnn.txt      with CUDNN_NCU=1: ncu's GPU time per kernel of the op's forward + backward
 #                      through cuDNN at 1·16·4096·128
-# moe-dispatch: stop 36's MoE changes, written after its device time ran out (about 5 minutes):
+# moe-dispatch: stop 36's MoE changes, run in stop 37 (about 2 minutes):
 #   tests.log          the CUDA test binaries .devpkg/tests/moe_dispatch and moe (zoo-kernels' gather
 #                      kernels against the composition; zoo-moe's grouped_dispatch_equals_the_loop_on_cuda),
 #                      from `ZOO_CUDA_TESTS="zoo-kernels:moe_dispatch zoo-moe:moe" scripts/build-cuda.sh --tests`
@@ -53,8 +53,8 @@
 #                      alternating without (plain/) and with (kernels/) ZOO_MOE_DISPATCH_KERNELS=1;
 #                      medians printed
 #   profile-cap-*.txt  zoo run's ms per step of the same two, ZOO_MOE_CAP_MULTIPLE unset (1) and 64
-# decode-fit: stop 36's fitted rows per block of the split-KV kernel (ZOO_FLASH_DEC_ROWS=fit), written
-#   after its device time ran out (about 4 minutes):
+# decode-fit: the split-KV kernel with 8 rows a block (split) against rows fitted to a kv head's
+#   (split-fit, ZOO_FLASH_DEC_ROWS=fit, the default since stop 37, when this ran; about 2 minutes):
 #   tests-fit.log      the flash tests (.devpkg/tests/flash) under ZOO_FLASH_DEC_ROWS=fit
 #   decode-fit.json    scripts/twin-bench.py decode alone at T = 4096, B = 1 and 32: split (8 rows a
 #                      block) and split-fit beside the eager twin and HF

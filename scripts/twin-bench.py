@@ -255,8 +255,9 @@ def bench_zoo_decode(layers, d, h, t, b, a, kernel="rows"):
     """zoo's decode at (t, b): `zoo bench --skip-train` (prefill, then greedy decode with the
     preallocated cache); weights_bytes = zoo's parameters as held (f32), kv_bytes as the twins' (bf16).
     kernel: zoo's decoding attention kernel (ZOO_FLASH_DECODE): rows (impl zoo-fused; the default
-    before stop 36), split (the split-KV kernel, impl zoo-fused-split; the default since) or
-    split-fit (split with ZOO_FLASH_DEC_ROWS=fit: blocks of as many query rows as a kv head has)."""
+    before stop 36), split (the split-KV kernel with 8 query rows a block, ZOO_FLASH_DEC_ROWS=8, impl
+    zoo-fused-split; the default in stop 36) or split-fit (split with blocks of as many query rows
+    as a kv head has, impl zoo-fused-split-fit; the default since stop 37)."""
     cfg = zoo_config(layers, d, h)
     n = a.decode_tokens
     impl = "zoo-fused" if kernel == "rows" else f"zoo-fused-{kernel}"
@@ -319,9 +320,9 @@ def main():
     ap.add_argument("--impls", default="zoo-fused,zoo-naive,hf,eager,compile")
     ap.add_argument("--decode-batches", default="1,32",
                     help="decode alone at T = 4096 on the 8L-512 model for these batch sizes ('' skips)")
-    ap.add_argument("--zoo-decode-kernels", default="split",
-                    help="zoo's decoding attention kernels to bench in the decode section (split, zoo's "
-                         "default since stop 36; rows; split-fit)")
+    ap.add_argument("--zoo-decode-kernels", default="split-fit",
+                    help="zoo's decoding attention kernels to bench in the decode section (split-fit, zoo's "
+                         "default since stop 37; split, 8 rows a block; rows)")
     ap.add_argument("--out", default="twins-h200.json")
     a = ap.parse_args()
     impls = a.impls.split(",")

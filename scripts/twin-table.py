@@ -96,7 +96,7 @@ def render(path):
                 "| B | impl | decode tok/s | / eager | / HF | peak | peak / (weights + KV) |", "|---|---|---|---|---|---|---|"]
         for b in sorted({r["batch"] for r in dec["rows"]}):
             by = {r["impl"]: r for r in dec["rows"] if r["batch"] == b}
-            for impl in ["zoo-fused", "zoo-fused-split", "eager", "hf"]:
+            for impl in ["zoo-fused", "zoo-fused-split", "zoo-fused-split-fit", "eager", "hf"]:
                 r = by.get(impl)
                 if r is None:
                     continue
