@@ -3,7 +3,8 @@
 //! each expert's slots in slot order, its rows starting at a multiple of `tile` and padded to the
 //! next one, so that every tile of rows belongs to one expert and the experts run as one batched
 //! matmul over tiles. The number of tiles is the static bound `ceil(S / tile) + E` (S = N·k
-//! slots), so no shape depends on the routing.
+//! slots), so no shape depends on the routing. [`plan_capacity`] gives every expert exactly one
+//! tile of `cap` rows instead, dropping the slots past it (token dropping under a capacity factor).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -28,7 +29,7 @@ pub struct MoePlan {
     pub rows: Tensor,
     /// (R,) the slot of each row, S for a padding row.
     pub slots: Tensor,
-    /// (S,) the row of each slot.
+    /// (S,) the row of each slot (R for a slot dropped by [`plan_capacity`]).
     pub inv: Tensor,
     /// (tiles,) the expert of each tile (0 for the tiles past the last expert's rows: all padding).
     pub tile_expert: Tensor,

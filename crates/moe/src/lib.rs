@@ -474,7 +474,7 @@ impl Moe {
         let routed = counts.to_dtype(DType::F32)?;
         let kept = match cap {
             Some(c) => routed.minimum(c as f64)?,
-            None => routed.clone(),
+            None => routed,
         };
         let kept_total = kept.sum_all()?;
         let share = kept.broadcast_div(&kept_total.maximum(1.0)?)?.detach();
