@@ -80,8 +80,13 @@ fn grouped_dispatch_equals_the_loop() -> Result<()> {
 /// test binary).
 #[test]
 fn grouped_dispatch_equals_the_loop_on_cuda() -> Result<()> {
+    on_cuda(grouped_equals_loop)
+}
+
+/// `check` on the first CUDA device; skipped (passing) without one in this build or machine.
+fn on_cuda(check: impl FnOnce(&Device) -> Result<()>) -> Result<()> {
     match Device::new_cuda(0) {
-        Ok(dev) => grouped_equals_loop(&dev),
+        Ok(dev) => check(&dev),
         Err(_) => {
             eprintln!("skipped: no CUDA device in this build or machine");
             Ok(())
@@ -540,13 +545,7 @@ fn tiled_dispatch_equals_the_loop() -> Result<()> {
 /// kernels, the batched experts), in a CUDA build on a GPU.
 #[test]
 fn tiled_dispatch_equals_the_loop_on_cuda() -> Result<()> {
-    match Device::new_cuda(0) {
-        Ok(dev) => tiled_equals_loop(&dev),
-        Err(_) => {
-            eprintln!("skipped: no CUDA device in this build or machine");
-            Ok(())
-        }
-    }
+    on_cuda(tiled_equals_loop)
 }
 
 fn tiled_equals_loop(dev: &Device) -> Result<()> {
