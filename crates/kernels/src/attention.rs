@@ -730,7 +730,7 @@ mod tests {
         // GQA 4:1 with one query: 4 rows; 3 queries of a plain model: 3 rows in a block of 4.
         assert_eq!(decode_plan(&at(10, None, 0), &dims(1, 8, 2, 1, 12, 64), 528, true).rows_per_block, 4);
         assert_eq!(decode_plan(&at(10, None, 0), &dims(1, 8, 8, 3, 12, 64), 528, true).rows_per_block, 4);
-        // Without fitting (the default), always 8 rows (4 at head dims >= 192).
+        // Without fitting (ZOO_FLASH_DEC_ROWS=8), always 8 rows (4 at head dims >= 192).
         assert_eq!(decode_plan(&at(10, None, 0), &dims(1, 8, 8, 1, 12, 64), 528, false).rows_per_block, 8);
         assert_eq!(decode_plan(&at(10, None, 0), &dims(1, 8, 8, 1, 12, 192), 528, false).rows_per_block, 4);
         // A window of 1000 at position 4095 with 4 sinks: columns 0..4 and 4 + 3096 .. 4 + 4096.

@@ -66,11 +66,13 @@ pub struct Plan {
 }
 
 /// The multiple the padded capacity is rounded up to (`ZOO_MOE_CAP_MULTIPLE`, default 1: none).
-/// A hypothesis to measure, not a measured gain: when the routing changes from step to step (`zoo
-/// run`), so does the busiest expert's count, and with it the shapes of the batched expert
-/// matmuls, and cuBLAS picks a kernel for every new shape; rounding (e.g. to 64) bounds the number
-/// of shapes for at most `multiple − 1` padding rows per expert. Stop 36 saw `zoo run` take 109 ms
-/// a step for an E8 k2 LM that `zoo bench` (the same batch every step) times at 46 ms.
+/// A hypothesis, no measured gain: when the routing changes from step to step (`zoo run`), so
+/// does the busiest expert's count, and with it the shapes of the batched expert matmuls, and
+/// cuBLAS picks a kernel for every new shape; rounding (e.g. to 64) bounds the number of shapes
+/// for at most `multiple − 1` padding rows per expert. Stop 36 saw `zoo run` take 109 ms a step
+/// for an E8 k2 LM that `zoo bench` (the same batch every step) times at 46 ms; in stop 37, on
+/// another H100, `zoo run` took 51.8 ms unrounded and 46.4 at 64, one run each, inside the dense
+/// runs' spread (`results/bench/moe-zoo-run-cap`).
 pub fn capacity_multiple() -> usize {
     std::env::var("ZOO_MOE_CAP_MULTIPLE").ok().and_then(|v| v.parse().ok()).filter(|&m: &usize| m >= 1).unwrap_or(1)
 }

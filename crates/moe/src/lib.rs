@@ -444,16 +444,10 @@ impl Moe {
             // does the same sums as the tiles without their padding and per-tile weight copies,
             // and the counts are read off the indices (no tile plan is made).
             let assignments = experts.to_vec1::<u32>()?;
-            let mut counts = vec![0u32; e];
-            let kept: Vec<bool> = assignments
-                .iter()
-                .map(|&a| {
-                    counts[a as usize] += 1;
-                    cap.is_none_or(|c| counts[a as usize] as usize <= c)
-                })
-                .collect();
+            let (kept, counts) = router::keep_first(&assignments, e, cap.unwrap_or(usize::MAX));
             let b = &self.experts;
             let y = zoo_kernels::moe_experts::experts_swiglu(flat, &b.w1, &b.w3, &b.w2, &r.weights, &assignments, &kept)?;
+            let counts: Vec<u32> = counts.into_iter().map(|c| c as u32).collect();
             (y, Tensor::new(counts, flat.device())?)
         } else if let Some(c) = cap {
             // A capacity: every shape is fixed, so the experts run as one batched matmul over

@@ -200,15 +200,27 @@ impl Routing {
     pub fn apply_capacity(&mut self, factor: f64) -> Result<()> {
         let e = self.load.len();
         let cap = capacity(factor, self.kept.len(), e);
-        let mut count = vec![0usize; e];
-        for (a, &x) in self.assignments.iter().enumerate() {
-            let x = x as usize;
-            self.kept[a] = count[x] < cap;
-            count[x] += 1;
-        }
+        let (kept, count) = keep_first(&self.assignments, e, cap);
+        self.kept = kept;
         self.load = count.iter().map(|&c| c.min(cap) as f64).collect();
         Ok(())
     }
+}
+
+/// Each expert's first `cap` assignments in slot order kept (Switch Transformer §2.2: earlier
+/// tokens first), the rest dropped: the keep flags and every expert's routed count (dropped ones
+/// included). The rule of [`Routing::apply_capacity`] and of tiled dispatch's CPU form.
+pub fn keep_first(assignments: &[u32], n_experts: usize, cap: usize) -> (Vec<bool>, Vec<usize>) {
+    let mut count = vec![0usize; n_experts];
+    let kept = assignments
+        .iter()
+        .map(|&x| {
+            let c = &mut count[x as usize];
+            *c += 1;
+            *c <= cap
+        })
+        .collect();
+    (kept, count)
 }
 
 /// Rows per expert under a capacity factor: `ceil(factor · slots / experts)` (Switch Transformer
