@@ -49,8 +49,9 @@ pub enum Weights<'a> {
 /// (`ZOO_MOE_DISPATCH_KERNELS=0` opts out), when zoo-moe's `grouped_dispatch_equals_the_loop_on_cuda`
 /// (every one of their five uses, forward and backward, against the per-expert loop, dropped
 /// slots included) passed on an H100 and the E8 k2 LM's train step of `configs/moe-bench-512.toml`
-/// took 45.4 ms against 47.2 with the composition (medians of 3 alternating rounds). Result JSONs
-/// record it as `moe_dispatch`.
+/// took 45.4 ms against 47.2 with the composition (medians of 3 alternating rounds,
+/// `results/bench/moe-dispatch-ab-93165cf`; on another H100 34.2 against 41.9,
+/// `results/bench/moe-dispatch-ab`). Result JSONs record it as `moe_dispatch`.
 pub fn enabled() -> bool {
     std::env::var("ZOO_MOE_DISPATCH_KERNELS").as_deref() != Ok("0")
 }
