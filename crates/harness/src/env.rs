@@ -110,6 +110,11 @@ impl Env {
                     Err(why) => json!({ "error": why }),
                 };
             }
+            // How the embedding's gradient is summed: sorted by id (deterministic, the default) or
+            // atomic (ZOO_EMBEDDING_BWD=atomic); and whether cuDNN's attention backward runs its
+            // deterministic algorithm (ZOO_DETERMINISTIC=1).
+            d["embedding_bwd"] = json!(if zoo_kernels::embedding::atomic_backward() { "atomic" } else { "sorted" });
+            d["deterministic"] = json!(zoo_kernels::deterministic());
             // Training steps replayed from a CUDA graph where they can be (ZOO_CUDA_GRAPH=1).
             d["cuda_graph"] = json!(zoo_core::graph::enabled());
         }

@@ -47,6 +47,8 @@ pub(crate) struct Sdpa {
     window: i64,
     scale: f32,
     device: i32,
+    /// 1: the backward's deterministic algorithm ([`crate::deterministic`]).
+    deterministic: i32,
 }
 
 #[cfg(zoo_cudnn)]
@@ -152,6 +154,7 @@ pub(crate) fn plan(o: &FlashOpts, n: &Dims, dt: DType, device: usize) -> std::re
         window: o.window.map_or(0, |w| w as i64),
         scale: o.scale as f32,
         device: device as i32,
+        deterministic: i32::from(crate::deterministic()),
     })
 }
 

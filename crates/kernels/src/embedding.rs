@@ -2,10 +2,15 @@
 //!
 //! The composition is candle's `index_select`, whose backward `index_add` runs on CUDA as d
 //! threads that each walk all N ids: 36 ms of a 87 ms MQAR training step (N = 65,536 tokens,
-//! d = 128, H200; one `ncu` trace). The op here scatters one row per block with `atomicAdd`
-//! (float addition order, and so the last bits of dW, may vary between runs). An id outside the
-//! table is an error on CPU; on CUDA the kernel cannot raise one and gives a zero row (and no
-//! gradient): zoo's tasks and tokenizers only produce ids below the model's vocabulary size.
+//! d = 128, H200; one `ncu` trace). On CUDA the backward here sorts the positions by id (a stable
+//! radix sort) and sums each id's gradient rows in ascending position, in pieces of 32 rows and
+//! then the pieces in order: the same bits on every run, so a CUDA training run repeats itself
+//! (with cuDNN's attention under [`crate::deterministic`]). Its first form scattered the rows with
+//! `atomicAdd`, whose addition order, and so dW's last bits, varied run to run (issue 9's GLA at
+//! d 256 gave 91.0% and 56.4% recall in two runs of one seed); `ZOO_EMBEDDING_BWD=atomic` still
+//! runs it. An id outside the table is an error on CPU; on CUDA the kernel cannot raise one and
+//! gives a zero row (and no gradient): zoo's tasks and tokenizers only produce ids below the
+//! model's vocabulary size.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -33,6 +38,12 @@ pub fn embedding(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
     } else {
         w.embedding(ids)
     }
+}
+
+/// Whether the CUDA backward scatters with `atomicAdd` (`ZOO_EMBEDDING_BWD=atomic`) instead of the
+/// sorted, deterministic sum (the default). Result JSONs record it as `embedding_bwd`.
+pub fn atomic_backward() -> bool {
+    std::env::var("ZOO_EMBEDDING_BWD").as_deref() == Ok("atomic")
 }
 
 /// The op itself, on any device (its CPU form is a plain loop: the semantics, tested against
@@ -130,7 +141,11 @@ impl CustomOp2 for Scatter {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let n = l1.shape().elem_count();
-        let out = cuda::launch("zoo_embedding_bwd_f32", s1, l1, s2, l2, n, self.vocab, self.d, true)?;
+        let out = if atomic_backward() {
+            cuda::launch("zoo_embedding_bwd_f32", s1, l1, s2, l2, n, self.vocab, self.d, true)?
+        } else {
+            cuda::sorted_grad(s1, l1, s2, l2, n, self.vocab, self.d)?
+        };
         Ok((out, Shape::from((self.vocab, self.d))))
     }
 }
@@ -174,5 +189,122 @@ mod cuda {
         // (scatter) or n·d (lookup); the kernels index within those bounds.
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+
+    /// Rows of gradient summed per id in a piece.
+    const PIECE: usize = 32;
+    /// Keys per radix-sort tile (one warp walks a tile).
+    const TILE: usize = 1024;
+
+    /// The deterministic dW (embedding.cu's second half): count the ids, sort the positions by id
+    /// (8-bit digits, as many passes as V needs), sum each id's rows in pieces, then the pieces.
+    pub fn sorted_grad(
+        ids: &CudaStorage,
+        ids_l: &Layout,
+        g: &CudaStorage,
+        g_l: &Layout,
+        n: usize,
+        vocab: usize,
+        d: usize,
+    ) -> Result<CudaStorage> {
+        let (Some((i0, i1)), Some((s0, s1))) = (ids_l.contiguous_offsets(), g_l.contiguous_offsets()) else {
+            candle_core::bail!("embedding: inputs must be contiguous");
+        };
+        if n >= u32::MAX as usize || vocab >= u32::MAX as usize {
+            candle_core::bail!("embedding: {n} ids or {vocab} rows do not fit the kernels' u32 counts");
+        }
+        let dev = g.device.clone();
+        let ids = ids.as_cuda_slice::<u32>()?.slice(i0..i1);
+        let g = g.as_cuda_slice::<f32>()?.slice(s0..s1);
+        let out = unsafe { dev.alloc::<f32>(vocab * d)? };
+        let load = |name: &str| dev.get_or_load_custom_func(name, "zoo_embedding", PTX);
+        let (n32, v32, d32) = (n as u32, vocab as u32, d as u32);
+        let grid = |work: usize, per: usize| LaunchConfig {
+            grid_dim: (work.div_ceil(per).clamp(1, 65_535) as u32, 1, 1),
+            block_dim: (per as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        // Counts over V + 1 buckets (the last: ids past the table), their offsets and the pieces'.
+        let counts = dev.alloc_zeros::<u32>(vocab + 1)?;
+        let offsets = unsafe { dev.alloc::<u32>(vocab + 2)? };
+        let poffsets = unsafe { dev.alloc::<u32>(vocab + 2)? };
+        // SAFETY (every launch below): each kernel reads and writes within the lengths allocated
+        // here for (n, vocab, d), as embedding.cu's comments give them.
+        if n > 0 {
+            let f = load("zoo_emb_count")?;
+            let mut b = f.builder();
+            b.arg(&ids).arg(&counts).arg(&n32).arg(&v32);
+            unsafe { b.launch(grid(n, 256)) }.w()?;
+        }
+        let m = (vocab + 1) as u32;
+        for (dst, piece) in [(&offsets, 0u32), (&poffsets, PIECE as u32)] {
+            let f = load("zoo_emb_scan")?;
+            let mut b = f.builder();
+            b.arg(&counts).arg(dst).arg(&m).arg(&piece);
+            unsafe { b.launch(one) }.w()?;
+        }
+        // The stable sort of positions by id: keys in [0, V], so ceil(bits(V) / 8) passes.
+        let tiles = n.div_ceil(TILE).max(1);
+        let bits = (u32::BITS - v32.leading_zeros()).max(1);
+        let passes = bits.div_ceil(8);
+        let hist = unsafe { dev.alloc::<u32>(256 * tiles)? };
+        let base = unsafe { dev.alloc::<u32>(256 * tiles + 1)? };
+        let mut keys = [unsafe { dev.alloc::<u32>(n.max(1))? }, unsafe { dev.alloc::<u32>(n.max(1))? }];
+        let mut vals = [unsafe { dev.alloc::<u32>(n.max(1))? }, unsafe { dev.alloc::<u32>(n.max(1))? }];
+        let tile_cfg = |threads: u32| LaunchConfig { grid_dim: (tiles as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        for pass in 0..passes {
+            let (shift, first) = (8 * pass, u32::from(pass == 0));
+            let (src, dst) = ((pass % 2) as usize, ((pass + 1) % 2) as usize);
+            let (keys_in, keys_out) = split(&mut keys, src, dst);
+            let (vals_in, vals_out) = split(&mut vals, src, dst);
+            let f = load("zoo_emb_hist")?;
+            let mut b = f.builder();
+            if pass == 0 { b.arg(&ids) } else { b.arg(&*keys_in) };
+            b.arg(&hist).arg(&n32).arg(&v32).arg(&shift).arg(&first);
+            unsafe { b.launch(tile_cfg(256)) }.w()?;
+            let (hm, zero) = ((256 * tiles) as u32, 0u32);
+            let f = load("zoo_emb_scan")?;
+            let mut b = f.builder();
+            b.arg(&hist).arg(&base).arg(&hm).arg(&zero);
+            unsafe { b.launch(one) }.w()?;
+            let f = load("zoo_emb_scatter")?;
+            let mut b = f.builder();
+            // The first pass reads the ids and takes the positions as values (a null pointer).
+            let null = 0u64;
+            if pass == 0 { b.arg(&ids).arg(&null) } else { b.arg(&*keys_in).arg(&*vals_in) };
+            b.arg(&base).arg(keys_out).arg(vals_out).arg(&n32).arg(&v32).arg(&shift).arg(&first);
+            unsafe { b.launch(tile_cfg(32)) }.w()?;
+        }
+        let pos = &vals[(passes % 2) as usize];
+        // Pieces: at most N / PIECE + min(V, N) of them.
+        let bound = n.div_ceil(PIECE) + vocab.min(n);
+        let pieces = unsafe { dev.alloc::<u32>(2 * bound.max(1))? };
+        let partial = unsafe { dev.alloc::<f32>(bound.max(1) * d)? };
+        let f = load("zoo_emb_pieces")?;
+        let mut b = f.builder();
+        b.arg(&offsets).arg(&poffsets).arg(&pieces).arg(&v32);
+        unsafe { b.launch(grid(vocab, 256)) }.w()?;
+        let threads = (d.div_ceil(32) * 32).clamp(32, 256);
+        let rows = |work: usize| LaunchConfig {
+            grid_dim: (work.clamp(1, 65_535) as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = load("zoo_emb_piece_sum")?;
+        let mut b = f.builder();
+        b.arg(&pieces).arg(&offsets).arg(&poffsets).arg(pos).arg(&g).arg(&partial).arg(&v32).arg(&d32);
+        unsafe { b.launch(rows(bound)) }.w()?;
+        let f = load("zoo_emb_row_sum")?;
+        let mut b = f.builder();
+        b.arg(&poffsets).arg(&partial).arg(&out).arg(&v32).arg(&d32);
+        unsafe { b.launch(rows(vocab)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+
+    /// Two distinct elements of a two-element array, the first shared, the second mutable.
+    fn split<T>(a: &mut [T; 2], src: usize, dst: usize) -> (&T, &mut T) {
+        let [x, y] = a;
+        if src == 0 && dst == 1 { (x, y) } else { (y, x) }
     }
 }

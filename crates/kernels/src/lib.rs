@@ -38,8 +38,8 @@
 //!   weighted combine, forward and backward, one parallel task per expert.
 //! - [`skinny`] (CPU only): `x Wᵀ` for a decoding step's few rows, reading each row of W once
 //!   instead of packing W for `gemm`.
-//! - [`embedding`]: the token lookup with a scatter (atomicAdd) backward in place of candle's
-//!   `index_add`.
+//! - [`embedding`]: the token lookup with a sorted, deterministic backward (a radix sort of the
+//!   positions by id, then each id's rows summed in order) in place of candle's `index_add`.
 //!
 //! The CUDA sources (`src/cuda/*.cu`) are compiled to PTX by `build.rs` with the nvcc on PATH
 //! (scripts/build-cuda.sh) and loaded once per device.
@@ -110,6 +110,14 @@ pub fn mode() -> Kernels {
 
 pub fn set_mode(k: Kernels) {
     MODE.store(if k == Kernels::Naive { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// `ZOO_DETERMINISTIC=1`: CUDA training repeats itself bit for bit. zoo's own kernels and the
+/// embedding's sorted backward are deterministic anyway; this switch adds cuDNN's deterministic
+/// attention backward (dQ without atomics, through a workspace of B·H·Tq·Tk 16-bit scores), which
+/// cuDNN otherwise leaves out. Result JSONs record it as `deterministic`.
+pub fn deterministic() -> bool {
+    std::env::var("ZOO_DETERMINISTIC").as_deref() == Ok("1")
 }
 
 /// Whether this build carries the CUDA kernels.

@@ -50,12 +50,25 @@ pub fn run_accum(
     ckpt: Option<(&std::path::Path, Option<usize>, bool)>,
     accum: usize,
 ) -> anyhow::Result<Outcome> {
+    run_dtype(dev, comm, ckpt, accum, DType::F32)
+}
+
+/// [`run_accum`] with activations in `dtype` (bf16 on CUDA: cuDNN's attention where it is compiled
+/// in) and a model wide enough for 16-bit attention kernels (head dim 16).
+pub fn run_dtype(
+    dev: &Device,
+    comm: Option<Arc<dyn Comm>>,
+    ckpt: Option<(&std::path::Path, Option<usize>, bool)>,
+    accum: usize,
+    dtype: DType,
+) -> anyhow::Result<Outcome> {
     let dev = dev.clone();
     let store = ParamStore::new(3, DType::F32, &dev);
+    let d_model = if dtype == DType::F32 { 16 } else { 32 };
     let shape =
-        LmShape { vocab_size: 32, d_model: 16, n_layers: 2, tie_embeddings: true, norm_eps: 1e-5, max_seq_len: 32 };
+        LmShape { vocab_size: 32, d_model, n_layers: 2, tie_embeddings: true, norm_eps: 1e-5, max_seq_len: 32 };
     let attn: AttentionConfig = examples_from_toml(&["n_heads = 2"]).remove(0);
-    let model = Lm::new(&shape, DType::F32, &store.root(), |ctx, pb| {
+    let model = Lm::new(&shape, dtype, &store.root(), |ctx, pb| {
         let m: Box<dyn Mixer> = Box::new(Attention::new(&attn, ctx, &pb.pp("mixer"))?);
         Ok((m, None::<Box<dyn FeedForward>>))
     })?;

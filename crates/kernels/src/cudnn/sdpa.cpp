@@ -35,6 +35,7 @@ struct ZooSdpa {
     int64_t window;
     float scale;
     int32_t device;
+    int32_t deterministic;  // 1: the backward's deterministic algorithm (dQ without atomics)
 };
 }
 
@@ -48,12 +49,12 @@ void write_err(char *err, size_t len, const std::string &msg) {
     }
 }
 
-using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int32_t, int32_t, int64_t, uint32_t, int32_t, bool>;
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int32_t, int32_t, int64_t, uint32_t, int32_t, bool, int32_t>;
 
 Key key_of(const ZooSdpa &p, bool bwd) {
     uint32_t sbits;
     std::memcpy(&sbits, &p.scale, 4);
-    return Key{p.b, p.h, p.hkv, p.tq, p.tk, p.d, p.dtype, p.align, p.window, sbits, p.device, bwd};
+    return Key{p.b, p.h, p.hkv, p.tq, p.tk, p.d, p.dtype, p.align, p.window, sbits, p.device, bwd, bwd ? p.deterministic : 0};
 }
 
 struct Built {
@@ -153,6 +154,7 @@ Built make(const ZooSdpa &p, bool bwd) {
         auto stats = tensor(*g, "stats", STATS, p.b, p.h, p.tq, 1);
         stats->set_data_type(fe::DataType_t::FLOAT);
         auto a = fe::graph::SDPA_backward_attributes().set_name("zoo_sdpa_bwd").set_attn_scale(p.scale);
+        a.set_deterministic_algorithm(p.deterministic != 0);
         set_mask(a, p);
         auto [dq, dk, dv] = g->sdpa_backward(q, k, v, o, dO, stats, a);
         contiguous(dq, DQ, p.b, p.h, p.tq, p.d)->set_output(true);
