@@ -433,8 +433,10 @@ fn graph_replayed_steps_train_as_the_eager_steps() -> anyhow::Result<()> {
 }
 
 /// bf16 training on CUDA repeats itself bit for bit under `ZOO_DETERMINISTIC=1`: the tiny attention
-/// LM at d 32 (its attention through cuDNN where the build has it, whose backward is then asked
-/// for its deterministic algorithm), two runs of one seed, parameters and losses compared by bits.
+/// LM at d 64 (head dim 32: its attention through cuDNN where the build has it, whose backward is
+/// then asked for its deterministic algorithm), two runs of one seed, parameters and losses
+/// compared by bits. Where cuDNN can be opened its attention must have run, so that the test is
+/// not passed by the composition.
 /// Without the switch it prints how far two runs drift (cuDNN's default backward adds dQ with
 /// atomics), for the record, and asserts nothing about that.
 #[cfg(feature = "cuda")]
@@ -447,8 +449,13 @@ fn bf16_training_repeats_under_zoo_deterministic() -> anyhow::Result<()> {
     };
     let _g = MODE.lock().unwrap();
     zoo_core::zoo_kernels::set_mode(zoo_core::zoo_kernels::Kernels::Fused);
+    let cudnn = zoo_core::zoo_kernels::attention_cudnn::available().is_ok();
+    let calls = zoo_core::zoo_kernels::attention_cudnn::forward_calls();
     let run = || common::dist_run::run_dtype(&dev, None, None, 1, DType::BF16);
     let (a, la) = run()?;
+    if cudnn {
+        assert!(zoo_core::zoo_kernels::attention_cudnn::forward_calls() > calls, "cuDNN is open but its attention did not run");
+    }
     let (b, lb) = run()?;
     eprintln!(
         "default: two bf16 runs differ by {} (flash kernels: {})",

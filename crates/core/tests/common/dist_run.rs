@@ -53,8 +53,9 @@ pub fn run_accum(
     run_dtype(dev, comm, ckpt, accum, DType::F32)
 }
 
-/// [`run_accum`] with activations in `dtype` (bf16 on CUDA: cuDNN's attention where it is compiled
-/// in) and a model wide enough for 16-bit attention kernels (head dim 16).
+/// [`run_accum`] with activations in `dtype`; for 16-bit runs the model is wide enough (d 64, head
+/// dim 32) for the attention kernels, cuDNN's where the build has it (at head dim 8 or 16 the
+/// composition runs).
 pub fn run_dtype(
     dev: &Device,
     comm: Option<Arc<dyn Comm>>,
@@ -64,7 +65,7 @@ pub fn run_dtype(
 ) -> anyhow::Result<Outcome> {
     let dev = dev.clone();
     let store = ParamStore::new(3, DType::F32, &dev);
-    let d_model = if dtype == DType::F32 { 16 } else { 32 };
+    let d_model = if dtype == DType::F32 { 16 } else { 64 };
     let shape =
         LmShape { vocab_size: 32, d_model, n_layers: 2, tie_embeddings: true, norm_eps: 1e-5, max_seq_len: 32 };
     let attn: AttentionConfig = examples_from_toml(&["n_heads = 2"]).remove(0);
