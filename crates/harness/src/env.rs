@@ -115,6 +115,9 @@ impl Env {
             // deterministic algorithm (ZOO_DETERMINISTIC=1).
             d["embedding_bwd"] = json!(if zoo_kernels::embedding::atomic_backward() { "atomic" } else { "sorted" });
             d["deterministic"] = json!(zoo_kernels::deterministic());
+            // The linear mixers' training recurrence: the fused scan, or the chunked composition
+            // (ZOO_LINEAR_SCAN=chunked).
+            d["linear_scan"] = json!(if zoo_linear_attention::chunked_forced() { "chunked" } else { "scan" });
             // Training steps replayed from a CUDA graph where they can be (ZOO_CUDA_GRAPH=1).
             d["cuda_graph"] = json!(zoo_core::graph::enabled());
         }

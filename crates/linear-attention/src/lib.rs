@@ -66,8 +66,9 @@ pub(crate) fn recur(
     cache: Option<&mut LayerState>,
     chunk: usize,
 ) -> Result<Tensor> {
-    // Training and scoring (no state kept) on CUDA: the fused scan, one kernel per pass.
-    if cache.is_none() {
+    // Training and scoring (no state kept) on CUDA: the fused scan, one kernel per pass, unless
+    // `ZOO_LINEAR_SCAN=chunked` asks for the chunked composition (to compare the two at long T).
+    if cache.is_none() && !chunked_forced() {
         match zoo_core::zoo_kernels::linear_scan::unsupported(q, k, v, g) {
             None => return zoo_core::zoo_kernels::linear_scan::linear_scan(q, k, v, g),
             Some(why) if q.device().is_cuda() && zoo_core::zoo_kernels::mode() == zoo_core::zoo_kernels::Kernels::Fused => {
@@ -83,6 +84,14 @@ pub(crate) fn recur(
             kernel::chunked(q, k, v, g, s0, chunk)
         }
     })
+}
+
+/// `ZOO_LINEAR_SCAN=chunked`: training and scoring run the chunked composition on CUDA too, in
+/// place of the fused scan (whose work per step is one pass over time on B·H·d_v threads: at batch
+/// 1 and long T it is slower than softmax attention, `results/crossover-h100`). Result JSONs record
+/// it as `linear_scan`.
+pub fn chunked_forced() -> bool {
+    std::env::var("ZOO_LINEAR_SCAN").as_deref() == Ok("chunked")
 }
 
 /// The state protocol of every recurrent mixer here: `run(S_0, decode)` returns (o, S_T); the
