@@ -590,7 +590,7 @@ pub fn validate(c: &RunConfig) -> Result<()> {
 /// linear mixers' wider projections), and the bytes of a training step: f32 weights, gradients and
 /// two AdamW moments (16 bytes per parameter) plus activations (~40 d floats per token and layer,
 /// 3 vocab-wide f32 tensors per token for the loss, and 3 f32 T×T score tensors per head and layer
-/// where a layer has heads).
+/// where a layer has softmax attention's heads).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Footprint {
     pub params: f64,
@@ -647,10 +647,16 @@ impl RunConfig {
     }
 
     /// The most heads any layer's mixer has (0 without heads).
+    /// The most heads of any layer that may form T×T attention scores: softmax attention, gated
+    /// attention, mixture-of-head attention, and Based (its sliding-window attention, when the
+    /// composition runs). The linear mixers' `n_heads` do not count: their chunked form holds
+    /// C×C blocks and their scan nothing T-squared (counting them refused linear-lm's linear model
+    /// at batch 16, T 8192 on an H100 with an estimate of 212 GiB; it peaks at 4.0 GiB at batch 4).
     fn max_heads(&self) -> f64 {
         self.layer_mixers()
             .unwrap_or_default()
             .iter()
+            .filter(|mx| matches!(mx.kind().as_str(), "attention" | "gated_attention" | "moh" | "based"))
             .filter_map(|mx| max_field(&serde_json::to_value(mx).ok()?, "n_heads"))
             .fold(0.0, f64::max)
     }

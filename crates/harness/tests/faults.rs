@@ -319,6 +319,32 @@ fn kv_settings_come_from_one_place() {
     }
 }
 
+/// The linear mixers form no T×T scores, so their footprint has no term in T²: linear-lm's
+/// linear-attention model at batch 16, T 8192 fits an H100 (it was refused at an estimated 212
+/// GiB), while its softmax model there is still charged for its scores. The estimate stays above
+/// what the linear model took on an H100 at batch 4, T 8192 (`results/bench/linear-scan-chunked-b4`:
+/// 4.0 GiB peak through the chunked composition, 2.7 through the scan).
+#[test]
+fn linear_mixers_are_not_charged_for_attention_scores() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    // The corpus (scripts/fetch-data.sh) by its absolute path: the tests run in crates/harness.
+    let corpus = root.join("data/shakespeare.txt").canonicalize().expect("data/shakespeare.txt (scripts/fetch-data.sh)");
+    let text = std::fs::read_to_string(root.join("configs/linear-lm.toml"))
+        .unwrap()
+        .replace("\"data/shakespeare.txt\"", &format!("{:?}", corpus.display().to_string()));
+    let runs = config::plan(&text, &root).unwrap();
+    let pick = |label: &str| runs.iter().find(|r| r.id.starts_with(label)).unwrap();
+    let (softmax, linear) = (pick("transformer__"), pick("linear__"));
+    let vocab = zoo_harness::vocab_size(&linear.config).unwrap();
+    let h100 = 79.2 * (1u64 << 30) as f64;
+    let lin = linear.config.footprint_at(vocab, 16, 8192);
+    assert!(lin.check(h100, "bench").is_ok(), "{lin:?}");
+    let soft = softmax.config.footprint_at(vocab, 16, 8192);
+    assert!(soft.activation_bytes > 10.0 * lin.activation_bytes, "{soft:?} against {lin:?}");
+    let measured_b4 = 4006.0 * (1u64 << 20) as f64;
+    assert!(linear.config.footprint_at(vocab, 4, 8192).total() > measured_b4);
+}
+
 /// Seeded config fuzzer: every `key = value` line of the base config is dropped, duplicated,
 /// retyped, scaled by 1e9, set to NaN, zero or a negative number, alone and in pairs. No mutation
 /// panics; each rejected config's error names a field (a dotted path or a backquoted key); each
