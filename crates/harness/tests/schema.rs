@@ -45,30 +45,76 @@ fn a_broken_result_names_file_and_field() {
     assert!(e.contains("x/run.json") && e.contains("missing field"), "{e}");
 }
 
+/// Committed results known to be stale, each with why; the test fails if one of them is no longer
+/// stale (rerun: take it off) or if any other result is.
+///
+/// linear-lm's 15 linear-mixer runs (GPU, builds c0547cc / b0e532d) predate issue 9's
+/// layer options: their recorded configs have no `expand_k`, `expand_v`, `output_gate` (and for
+/// RetNet `norm`, `short_conv`). The values the config resolves to now (1.0, 1.0, swish or none,
+/// group_norm, 0) are the behaviour those layers had hard-wired, but the layers' code changed since
+/// (issue 9), so `zoo run configs/linear-lm.toml` reruns them; the rerun needs about two GPU calls.
+/// Until this test planned configs from the repository root (stop 38) every text-data config
+/// failed to plan here and was skipped without a word, so this went unseen.
+const KNOWN_STALE: &[(&str, &str)] = &[
+    ("linear-lm", "retnet__lr-0.002__seed-"),
+    ("linear-lm", "gla__lr-0.002__seed-"),
+    ("linear-lm", "deltanet__lr-0.002__seed-"),
+    ("linear-lm", "hybrid_gla_1to1__lr-0.002__seed-"),
+    ("linear-lm", "hybrid_gla_3to1__lr-0.002__seed-"),
+];
+
 /// `zoo run` trusts a committed result only if it was made from the run's resolved config: every
-/// committed result of every config in `configs/` still is (editing a config invalidates them).
+/// committed result of every config in `configs/` still is (editing a config invalidates them),
+/// but for [`KNOWN_STALE`]. Every run config must plan (from the repository root, as `zoo` runs).
 #[test]
 fn committed_results_match_their_configs() {
     use zoo_harness::runner::{existing_result, result_path, Existing};
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    // Paths in configs (data, pretrained models) are relative to the repository root, where `zoo`
+    // runs; the tests run in crates/harness. No other test of this file reads a relative path.
+    std::env::set_current_dir(&root).unwrap();
     let mut checked = 0;
     let mut stale = Vec::new();
+    let mut unplanned = Vec::new();
+    let mut known_stale = 0;
     for f in std::fs::read_dir(root.join("configs")).unwrap().flatten() {
         // Experiment configs only (configs/references/ holds published numbers, not runs).
         if !f.path().is_file() {
             continue;
         }
         let text = std::fs::read_to_string(f.path()).unwrap();
-        let Ok(runs) = zoo_harness::config::plan(&text, &root) else { continue };
+        // Model configs for `zoo eval` / `generate` (no `experiment`, a `[kv]` section) and
+        // `zoo gate-stats`'s are not run configs.
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        if !table.contains_key("experiment") || !table.contains_key("train") {
+            continue;
+        }
+        let runs = match zoo_harness::config::plan(&text, &root) {
+            Ok(runs) => runs,
+            Err(e) => {
+                unplanned.push(format!("{}: {e:#}", f.path().display()));
+                continue;
+            }
+        };
         for run in runs {
             match existing_result(&run, &result_path(&root.join("results"), &run)) {
                 Existing::Valid => checked += 1,
                 Existing::Missing => {}
-                Existing::Stale(why) => stale.push(format!("{}: {why}", run.id)),
+                Existing::Stale(why) => {
+                    let known = KNOWN_STALE.iter().any(|(e, p)| *e == run.config.experiment && run.id.starts_with(p));
+                    if known {
+                        known_stale += 1;
+                    } else {
+                        stale.push(format!("{}: {why}", run.id));
+                    }
+                }
             }
         }
     }
-    println!("{checked} trusted, {} stale", stale.len());
+    println!("{checked} trusted, {} stale, {known_stale} known stale", stale.len());
+    assert!(unplanned.is_empty(), "configs that no longer plan: {unplanned:#?}");
     assert!(stale.is_empty(), "{stale:#?}");
+    // Three seeds of each known-stale run: all still stale, or the list is out of date.
+    assert_eq!(known_stale, 3 * KNOWN_STALE.len(), "KNOWN_STALE lists results that are no longer stale");
     assert!(checked > 50, "only {checked} results checked");
 }
