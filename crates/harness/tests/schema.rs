@@ -45,23 +45,14 @@ fn a_broken_result_names_file_and_field() {
     assert!(e.contains("x/run.json") && e.contains("missing field"), "{e}");
 }
 
-/// Committed results known to be stale, each with why; the test fails if one of them is no longer
-/// stale (rerun: take it off) or if any other result is.
+/// Committed results known to be stale, as (experiment, run-id prefix), each documented here; the
+/// test fails if one of them is no longer stale (rerun: take it off) or if any other result is.
 ///
-/// linear-lm's 15 linear-mixer runs (GPU, builds c0547cc / b0e532d) predate issue 9's
-/// layer options: their recorded configs have no `expand_k`, `expand_v`, `output_gate` (and for
-/// RetNet `norm`, `short_conv`). The values the config resolves to now (1.0, 1.0, swish or none,
-/// group_norm, 0) are the behaviour those layers had hard-wired, but the layers' code changed since
-/// (issue 9), so `zoo run configs/linear-lm.toml` reruns them; the rerun needs about two GPU calls.
-/// Until this test planned configs from the repository root (stop 38) every text-data config
-/// failed to plan here and was skipped without a word, so this went unseen.
-const KNOWN_STALE: &[(&str, &str)] = &[
-    ("linear-lm", "retnet__lr-0.002__seed-"),
-    ("linear-lm", "gla__lr-0.002__seed-"),
-    ("linear-lm", "deltanet__lr-0.002__seed-"),
-    ("linear-lm", "hybrid_gla_1to1__lr-0.002__seed-"),
-    ("linear-lm", "hybrid_gla_3to1__lr-0.002__seed-"),
-];
+/// Empty since stop 38. Until then this test skipped, without a word, every config that did not
+/// plan from crates/harness, which is every text-data config (their paths are relative to the
+/// repository root): planned from the root, it found linear-lm's 15 linear-mixer runs stale
+/// (recorded before issue 9's layer options), and they were rerun on an H100 (clean abc02fe).
+const KNOWN_STALE: &[(&str, &str)] = &[];
 
 /// `zoo run` trusts a committed result only if it was made from the run's resolved config: every
 /// committed result of every config in `configs/` still is (editing a config invalidates them),
