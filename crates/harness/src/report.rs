@@ -123,9 +123,18 @@ impl<'a> Column<'a> {
     }
 }
 
-/// Mean ± std over a row's runs of one number per run.
+/// Mean ± std over a row's runs of one number per run; where only some of the row's runs have the
+/// number (results written before a metric existed), the cell says how many: "0.0000 (1 of 3)".
 fn over_runs<'a>(head: impl Into<String>, f: impl Fn(&RunResult) -> Option<f64> + 'a) -> Column<'a> {
-    Column::new(head, move |g: &Group| fmt_ms(&g.runs.iter().filter_map(|r| f(r)).collect::<Vec<_>>()))
+    Column::new(head, move |g: &Group| {
+        let xs: Vec<f64> = g.runs.iter().filter_map(|r| f(r)).collect();
+        let cell = fmt_ms(&xs);
+        if !xs.is_empty() && xs.len() < g.runs.len() {
+            format!("{cell} ({} of {})", xs.len(), g.runs.len())
+        } else {
+            cell
+        }
+    })
 }
 
 /// The table's columns for these results: identity, every metric (primary first), the p-value

@@ -701,9 +701,13 @@ fn report_sets_a_reference_beside_the_runs() {
     let mut other = res.clone();
     other["seed"] = 7.into();
     other["env"]["device"]["name"] = "A GPU".into();
+    // A result written before a metric existed: the row's cell says it covers 1 of the 2 runs.
+    let spikes = res["metrics"]["loss_spikes,robust"].as_f64().expect("the robust spike count");
+    other["metrics"].as_object_mut().unwrap().remove("loss_spikes,robust");
     std::fs::write(results.join("other-device.json"), serde_json::to_string(&other).unwrap()).unwrap();
     let md = zoo_harness::report::report(&results).unwrap();
     assert!(md.contains(&format!("Devices: A GPU (1 run), {name} (1 run),")), "{md}");
+    assert!(md.contains(&format!("| {spikes:.4} (1 of 2) |")), "{md}");
 }
 
 /// `zoo report` on a folder of press evaluations: one row per press, one column per ratio, the
