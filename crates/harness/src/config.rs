@@ -646,7 +646,6 @@ impl RunConfig {
         v * d * if m.tie_embeddings { 1.0 } else { 2.0 } + l * 16.0 * d * d
     }
 
-    /// The most heads any layer's mixer has (0 without heads).
     /// The most heads of any layer that may form T×T attention scores: softmax attention, gated
     /// attention, mixture-of-head attention, and Based (its sliding-window attention, when the
     /// composition runs). The linear mixers' `n_heads` do not count: their chunked form holds

@@ -152,7 +152,7 @@ impl CustomOp2 for Scatter {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, Layout, Result};
 
@@ -172,23 +172,36 @@ mod cuda {
         d: usize,
         scatter: bool,
     ) -> Result<CudaStorage> {
-        let (Some((i0, i1)), Some((s0, s1))) = (ids_l.contiguous_offsets(), src_l.contiguous_offsets()) else {
-            candle_core::bail!("embedding: inputs must be contiguous");
-        };
         let dev = src.device.clone();
-        let ids = ids.as_cuda_slice::<u32>()?.slice(i0..i1);
-        let src = src.as_cuda_slice::<f32>()?.slice(s0..s1);
+        let (ids, src) = views(ids, ids_l, src, src_l)?;
         let out = if scatter { dev.alloc_zeros::<f32>(vocab * d)? } else { unsafe { dev.alloc::<f32>(n * d)? } };
         let f = dev.get_or_load_custom_func(func, "zoo_embedding", PTX)?;
-        let threads = (d.div_ceil(32) * 32).clamp(32, 256) as u32;
-        let cfg = LaunchConfig { grid_dim: (n.clamp(1, 65_535) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let (n32, d32, v32) = (n as u32, d as u32, vocab as u32);
         let mut b = f.builder();
         b.arg(&ids).arg(&src).arg(&out).arg(&n32).arg(&d32).arg(&v32);
         // SAFETY: ids holds n u32, src n·d (scatter) or vocab·d (lookup) f32, out vocab·d
         // (scatter) or n·d (lookup); the kernels index within those bounds.
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(row_cfg(n, d)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+
+    /// The two inputs' contiguous elements: the u32 ids and the f32 rows (the table or the gradient).
+    fn views<'a>(
+        ids: &'a CudaStorage,
+        ids_l: &Layout,
+        src: &'a CudaStorage,
+        src_l: &Layout,
+    ) -> Result<(CudaView<'a, u32>, CudaView<'a, f32>)> {
+        let (Some((i0, i1)), Some((s0, s1))) = (ids_l.contiguous_offsets(), src_l.contiguous_offsets()) else {
+            candle_core::bail!("embedding: inputs must be contiguous");
+        };
+        Ok((ids.as_cuda_slice::<u32>()?.slice(i0..i1), src.as_cuda_slice::<f32>()?.slice(s0..s1)))
+    }
+
+    /// A block per row (grid-striding past 65,535 rows), its threads over the row's d columns.
+    fn row_cfg(rows: usize, d: usize) -> LaunchConfig {
+        let threads = (d.div_ceil(32) * 32).clamp(32, 256) as u32;
+        LaunchConfig { grid_dim: (rows.clamp(1, 65_535) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
     }
 
     /// Rows of gradient summed per id in a piece.
@@ -207,15 +220,11 @@ mod cuda {
         vocab: usize,
         d: usize,
     ) -> Result<CudaStorage> {
-        let (Some((i0, i1)), Some((s0, s1))) = (ids_l.contiguous_offsets(), g_l.contiguous_offsets()) else {
-            candle_core::bail!("embedding: inputs must be contiguous");
-        };
         if n >= u32::MAX as usize || vocab >= u32::MAX as usize {
             candle_core::bail!("embedding: {n} ids or {vocab} rows do not fit the kernels' u32 counts");
         }
         let dev = g.device.clone();
-        let ids = ids.as_cuda_slice::<u32>()?.slice(i0..i1);
-        let g = g.as_cuda_slice::<f32>()?.slice(s0..s1);
+        let (ids, g) = views(ids, ids_l, g, g_l)?;
         let out = unsafe { dev.alloc::<f32>(vocab * d)? };
         let load = |name: &str| dev.get_or_load_custom_func(name, "zoo_embedding", PTX);
         let (n32, v32, d32) = (n as u32, vocab as u32, d as u32);
@@ -260,7 +269,7 @@ mod cuda {
             let (vals_in, vals_out) = split(&mut vals, src, dst);
             let f = load("zoo_emb_hist")?;
             let mut b = f.builder();
-            if pass == 0 { b.arg(&ids) } else { b.arg(&*keys_in) };
+            if pass == 0 { b.arg(&ids) } else { b.arg(keys_in) };
             b.arg(&hist).arg(&n32).arg(&v32).arg(&shift).arg(&first);
             unsafe { b.launch(tile_cfg(256)) }.w()?;
             let (hm, zero) = ((256 * tiles) as u32, 0u32);
@@ -272,7 +281,7 @@ mod cuda {
             let mut b = f.builder();
             // The first pass reads the ids and takes the positions as values (a null pointer).
             let null = 0u64;
-            if pass == 0 { b.arg(&ids).arg(&null) } else { b.arg(&*keys_in).arg(&*vals_in) };
+            if pass == 0 { b.arg(&ids).arg(&null) } else { b.arg(keys_in).arg(vals_in) };
             b.arg(&base).arg(keys_out).arg(vals_out).arg(&n32).arg(&v32).arg(&shift).arg(&first);
             unsafe { b.launch(tile_cfg(32)) }.w()?;
         }
@@ -285,20 +294,14 @@ mod cuda {
         let mut b = f.builder();
         b.arg(&offsets).arg(&poffsets).arg(&pieces).arg(&v32);
         unsafe { b.launch(grid(vocab, 256)) }.w()?;
-        let threads = (d.div_ceil(32) * 32).clamp(32, 256);
-        let rows = |work: usize| LaunchConfig {
-            grid_dim: (work.clamp(1, 65_535) as u32, 1, 1),
-            block_dim: (threads as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let f = load("zoo_emb_piece_sum")?;
         let mut b = f.builder();
         b.arg(&pieces).arg(&offsets).arg(&poffsets).arg(pos).arg(&g).arg(&partial).arg(&v32).arg(&d32);
-        unsafe { b.launch(rows(bound)) }.w()?;
+        unsafe { b.launch(row_cfg(bound, d)) }.w()?;
         let f = load("zoo_emb_row_sum")?;
         let mut b = f.builder();
         b.arg(&poffsets).arg(&partial).arg(&out).arg(&v32).arg(&d32);
-        unsafe { b.launch(rows(vocab)) }.w()?;
+        unsafe { b.launch(row_cfg(vocab, d)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 

@@ -86,10 +86,10 @@ pub(crate) fn recur(
     })
 }
 
-/// `ZOO_LINEAR_SCAN=chunked`: training and scoring run the chunked composition on CUDA too, in
-/// place of the fused scan (whose work per step is one pass over time on B·H·d_v threads: at batch
-/// 1 and long T it is slower than softmax attention, `results/crossover-h100`). Result JSONs record
-/// it as `linear_scan`.
+/// `ZOO_LINEAR_SCAN=chunked`: training and scoring run the chunked composition on every device, in
+/// place of the fused scan and its CPU form (the scan's work per step is one pass over time on
+/// B·H·d_v threads: at batch 1 and long T it is slower than softmax attention,
+/// `results/crossover-h100`). CUDA result JSONs record it as `linear_scan`.
 pub fn chunked_forced() -> bool {
     std::env::var("ZOO_LINEAR_SCAN").as_deref() == Ok("chunked")
 }
